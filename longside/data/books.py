@@ -2,7 +2,7 @@
 
 What a chapter is, per source:
 - Shakespeare's plays: acts (a Prologue or Induction before Act I is its own chapter;
-  scenes stay inside their act). Poems: the Sonnets and The Passionate Pilgrim one
+  scenes stay inside their act; the list of persons opens the first chapter). Poems: the Sonnets and The Passionate Pilgrim one
   chapter per numbered poem; Lucrece its dedication, argument and poem; The Phoenix and
   the Turtle the poem and its Threnos; A Lover's Complaint is one poem, one chapter.
 - Milton: his own divisions (Paradise Lost and Regained by book; this Paradise Lost is
@@ -27,6 +27,9 @@ from longside.data.chapters import clean_text, compile_patterns, merge_same_titl
 from longside.errors import DataError
 
 Book = dict  # {book_id, source, title, chapters}
+
+# Bump when parsing changes, so `prepare` rebuilds books made by older code.
+PARSER_VERSION = 2
 
 _ROMAN = {"I": 1, "II": 2, "III": 3, "IV": 4, "V": 5}
 _ORDINAL = {"FIRST": 1, "SECOND": 2, "THIRD": 3, "FOURTH": 4, "FIFTH": 5}
@@ -73,18 +76,21 @@ def parse_play(text: str) -> list[dict[str, str]]:
     first_act = next((i for i, line in enumerate(lines) if act_title(line.strip())), None)
     if first_act is None:
         return []
-    chapters: list[dict[str, str]] = []
-    # A Prologue or Induction before Act I is part of the play; the cast list is not.
-    prelude_at = next((i for i in range(first_act) if _PRELUDE.fullmatch(lines[i].strip())), None)
-    if prelude_at is not None:
-        prelude = clean_text("\n".join(lines[prelude_at + 1:first_act]))
-        if prelude:
-            title = _PRELUDE.fullmatch(lines[prelude_at].strip()).group(2).title()
-            chapters.append({"title": title, "text": prelude})
     acts = split_chapters("\n".join(lines[first_act:]), lambda line: act_title(line) is not None)
     for act in acts:
         act["title"] = act_title(act["title"])
-    return chapters + merge_same_titles(acts)
+    acts = merge_same_titles(acts)
+    # What precedes Act I is printed with the play: the list of persons and the setting
+    # open the first chapter, which is a Prologue or Induction when the play has one.
+    prelude_at = next((i for i in range(first_act) if _PRELUDE.fullmatch(lines[i].strip())), None)
+    persons = clean_text("\n".join(lines[:prelude_at if prelude_at is not None else first_act]))
+    if prelude_at is not None:
+        prelude = clean_text("\n".join(lines[prelude_at + 1:first_act]))
+        title = _PRELUDE.fullmatch(lines[prelude_at].strip()).group(2).title()
+        acts.insert(0, {"title": title, "text": prelude})
+    if persons and acts:
+        acts[0]["text"] = persons + "\n\n" + acts[0]["text"]
+    return acts
 
 
 def _drop_title_block(text: str) -> str:
@@ -122,14 +128,14 @@ _MILTON: dict[str, tuple[Callable[[str], bool], str | None]] = {
     "lallegro_il_penseroso_comus_and_lycidas": (_headings(r"L'ALLEGRO|IL PENSEROSO|COMUS|LYCIDAS"), None),
     "comus": (_headings(r"INTRODUCTION\.|COMUS\.|NOTES\.|INDEX TO THE NOTES\."), None),
     "poemata": (_headings(r"[0-9]\. [A-Z][A-Z ]+", r"Appendix: .*", r"Complimentary Pieces Addressed to the Author\."),
-                None),
+                None),  # the POEMATA line between the first two is a title, kept in the text
     "poetical_works": (_headings(r"PREFACE by .*", r"MISCELLANEOUS POEMS\.", r"L'ALLEGRO\.", r"IL PENSEROSO\.",
                                  r"SONNETS\.", r"ARCADES\.", r"LYCIDAS\.", r"A MASKE",
                                  r"POEMS ADDED IN THE 1673 EDITION\.", r"SAMSON AGONISTES", r"APPENDIX\."), None),
     "areopagitica": (_headings(r"(?!)"), "Areopagitica"),  # one speech
 }
 # Where the text proper starts, for files whose contents list repeats the headings.
-_MILTON_BEGIN = {"poemata": re.compile(r"^POEMATA\s*$", re.M)}
+_MILTON_BEGIN = {"poemata": re.compile(r"^\s*MacDonald \(I876\)\.\s*$", re.M)}
 # Chapters that are apparatus, not text.
 _DROP_TITLES = re.compile(r"(?i)index to the notes\.?")
 # File stem -> book id stem, where the file name is unwieldy.

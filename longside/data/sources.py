@@ -129,8 +129,11 @@ def _apt_download(packages: tuple[str, ...], dest: Path) -> None:
             "-o", "Debug::NoLocking=1", "-q"]
     if os.geteuid() == 0:  # downloading as root: apt would try (and warn) to drop to _apt
         opts += ["-o", "APT::Sandbox::User=root"]
-    _run(["apt-get", *opts, "update"], "apt-get update (private package lists)")
-    _run(["apt-get", *opts, "download", *packages], "apt-get download " + " ".join(packages), cwd=dest)
+    try:
+        _run(["apt-get", *opts, "update"], "apt-get update (private package lists)")
+        _run(["apt-get", *opts, "download", *packages], "apt-get download " + " ".join(packages), cwd=dest)
+    finally:  # the lists and caches (~20 MB) are only needed for this one download
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def _dpkg_extract(deb: Path, dest: Path) -> None:
