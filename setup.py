@@ -1,0 +1,33 @@
+"""Builds the NF4 CPU kernel (kernels/nf4_cpu.c) as `longside.kernels._nf4_cpu`.
+
+Package metadata lives in pyproject.toml; this file only adds the C extension. It is a
+plain shared library (no Python or torch headers) loaded with ctypes by kernels/cpu.py.
+The AVX2 code is compiled per function (`target("avx2,fma")`) and chosen at run time, so
+the library also runs on CPUs without AVX2.
+"""
+
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+class _PlainLibrary(build_ext):
+    """Build the ctypes library without the `PyInit_` export check of a Python module."""
+
+    def get_export_symbols(self, ext):
+        return []
+
+
+_openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+setup(
+    ext_modules=[
+        Extension(
+            "longside.kernels._nf4_cpu",
+            sources=["kernels/nf4_cpu.c"],
+            extra_compile_args=["-O3", "-std=c11", *_openmp],
+            extra_link_args=_openmp,
+        )
+    ],
+    cmdclass={"build_ext": _PlainLibrary},
+)
