@@ -53,6 +53,7 @@ class BackboneSpec:
     head_dim: int
     vocab_size: int
     max_positions: int
+    intermediate_size: int
 
 
 @dataclass
@@ -66,6 +67,9 @@ class BackboneOutput:
         head reads).
     memory_keys, memory_values: `[B, T, H_kv, D]` of the memory layer (keys pre-rotary),
         or None when no memory layer was asked for.
+    memory_queries: `[B, T, H_q, D]` the memory layer's own pre-rotary queries.
+    memory_attn: `[B, T, H_q, D]` the memory layer's local attention output, before its
+        output projection (what `Backbone.attn_output` maps back to the residual stream).
     cache: the backbone's key/value cache when `use_cache=True`, else None.
     """
 
@@ -73,6 +77,8 @@ class BackboneOutput:
     last_hidden: torch.Tensor
     memory_keys: torch.Tensor | None = None
     memory_values: torch.Tensor | None = None
+    memory_queries: torch.Tensor | None = None
+    memory_attn: torch.Tensor | None = None
     cache: Any = None
 
 
@@ -111,6 +117,8 @@ class Backbone:
             head_dim=getattr(cfg, "head_dim", None) or hidden // heads,
             vocab_size=cfg.vocab_size,
             max_positions=getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions"),
+            intermediate_size=getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None)
+            or 4 * hidden,
         )
 
     def __repr__(self) -> str:
@@ -141,6 +149,24 @@ class Backbone:
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def attn_output(self, layer: int, attn: torch.Tensor) -> torch.Tensor:
+        """Frozen output projection of block `layer`: `[..., H_q*D]` -> `[..., d]`."""
+        return self._parts.out_proj(self._parts.layers[layer])(attn)
+
+    def rotate(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Apply the backbone's rotary embedding to pre-rotary `[B, T, H, D]` at `[B, T]` positions.
+
+        Llama-style families only (GPT-2 has no rotary embedding and returns `x`)."""
+        rot = getattr(self._parts.base, "rotary_emb", None)
+        if rot is None:
+            return x
+        with torch.no_grad():
+            cos, sin = rot(x, position_ids)
+        cos, sin = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
 
     # -- one segment ---------------------------------------------------------------
     def encode(self, input_ids: torch.Tensor, memory_layer: int | None = None, *,
@@ -193,13 +219,15 @@ class Backbone:
         finally:
             for h in handles:
                 h.remove()
-        new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        new_cache = getattr(out, self._parts.cache_kw, None) if use_cache else None
         return BackboneOutput(
             hidden_states=hidden,  # type: ignore[arg-type]
             last_hidden=out.last_hidden_state,
             memory_keys=kv.get("k"),
             memory_values=kv.get("v"),
-            cache=new_cache if use_cache else None,
+            memory_queries=kv.get("q"),
+            memory_attn=kv.get("a"),
+            cache=new_cache,
         )
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -223,40 +251,56 @@ class _Parts:
     text_config: Any
     cache_kw: str
     hook_kv: Any = field(repr=False)
+    out_proj: Any = field(repr=False)
+
+
+def _grab_attn(proj: nn.Module, kv: dict, spec: BackboneSpec):
+    """Pre-hook on an output projection: its input is the attention output `[B, T, H_q*D]`."""
+    def hook(_m, args):
+        a = args[0]
+        kv["a"] = a.reshape(*a.shape[:2], spec.num_heads, spec.head_dim).float()
+    return proj.register_forward_pre_hook(hook)
 
 
 def _hook_kv_proj(layer: nn.Module, kv: dict, spec: BackboneSpec) -> list:
-    """Llama-like: k_proj / v_proj outputs `[B, T, H_kv*D]` are pre-rotary."""
+    """Llama-like: q_proj / k_proj / v_proj outputs `[B, T, H*D]` are pre-rotary."""
     attn = layer.self_attn
 
-    def put(name):
+    def put(name, heads):
         def hook(_m, _a, out):
-            kv[name] = out.reshape(*out.shape[:2], spec.num_kv_heads, spec.head_dim).float()
+            kv[name] = out.reshape(*out.shape[:2], heads, spec.head_dim).float()
         return hook
 
-    return [attn.k_proj.register_forward_hook(put("k")), attn.v_proj.register_forward_hook(put("v"))]
+    return [attn.q_proj.register_forward_hook(put("q", spec.num_heads)),
+            attn.k_proj.register_forward_hook(put("k", spec.num_kv_heads)),
+            attn.v_proj.register_forward_hook(put("v", spec.num_kv_heads)),
+            _grab_attn(attn.o_proj, kv, spec)]
 
 
 def _hook_kv_gemma(layer: nn.Module, kv: dict, spec: BackboneSpec) -> list:
     """Gemma 3: the key is k_proj then k_norm (`[B, H, T, D]`), still before rotary."""
     attn = layer.self_attn
 
-    def key(_m, _a, out):
-        kv["k"] = out.transpose(1, 2).float()
+    def normed(name):
+        def hook(_m, _a, out):
+            kv[name] = out.transpose(1, 2).float()
+        return hook
 
     def value(_m, _a, out):
         kv["v"] = out.reshape(*out.shape[:2], spec.num_kv_heads, spec.head_dim).float()
 
-    return [attn.k_norm.register_forward_hook(key), attn.v_proj.register_forward_hook(value)]
+    return [attn.q_norm.register_forward_hook(normed("q")), attn.k_norm.register_forward_hook(normed("k")),
+            attn.v_proj.register_forward_hook(value), _grab_attn(attn.o_proj, kv, spec)]
 
 
 def _hook_kv_gpt2(layer: nn.Module, kv: dict, spec: BackboneSpec) -> list:
     """GPT-2: fused c_attn gives `[B, T, 3d]`; keys and values are its 2nd and 3rd thirds."""
     def hook(_m, _a, out):
-        _, k, v = out.split(spec.hidden_size, dim=-1)
+        q, k, v = out.split(spec.hidden_size, dim=-1)
+        kv["q"] = q.reshape(*q.shape[:2], spec.num_heads, spec.head_dim).float()
         kv["k"] = k.reshape(*k.shape[:2], spec.num_kv_heads, spec.head_dim).float()
         kv["v"] = v.reshape(*v.shape[:2], spec.num_kv_heads, spec.head_dim).float()
-    return [layer.attn.c_attn.register_forward_hook(hook)]
+    return [layer.attn.c_attn.register_forward_hook(hook), _grab_attn(layer.attn.c_proj, kv, spec)]
 
 
 def _family_parts(model: nn.Module) -> _Parts:
@@ -264,14 +308,15 @@ def _family_parts(model: nn.Module) -> _Parts:
     if family == "gpt2":
         base = model.transformer
         return _Parts(base, base.h, base.wte, base.ln_f, model.lm_head, model.config,
-                      "past_key_values", _hook_kv_gpt2)
+                      "past_key_values", _hook_kv_gpt2,
+                      lambda layer: layer.attn.c_proj)
     base = model.model
     if family == "gemma3":  # multimodal wrapper: use its language model
         base = getattr(base, "language_model", base)
     text_config = model.config.get_text_config()
     hook = _hook_kv_gemma if family.startswith("gemma3") else _hook_kv_proj
     return _Parts(base, base.layers, base.embed_tokens, base.norm, model.get_output_embeddings(),
-                  text_config, "cache", hook)
+                  text_config, "cache", hook, lambda layer: layer.self_attn.o_proj)
 
 
 # ---------------------------------------------------------------------------------

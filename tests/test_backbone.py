@@ -183,3 +183,24 @@ def test_interrupted_conversion_is_not_loaded(tmp_path, monkeypatch):
     assert calls
     assert not [p for p in (tmp_path / "backbones").iterdir() if not p.name.startswith(".")]
     assert not list((tmp_path / "backbones").iterdir())
+
+
+@pytest.mark.parametrize("make", [_tiny_llama, _tiny_gpt2])
+def test_memory_layer_queries_and_attention(make):
+    """Captured queries and attention output reproduce the layer's attention exactly."""
+    bb = Backbone(make(), tokenizer=None, name="tiny", fingerprint="0")
+    ids = torch.randint(0, 128, (2, 7))
+    out = bb.encode(ids, memory_layer=1)
+    s = bb.spec
+    assert out.memory_queries.shape == (2, 7, s.num_heads, s.head_dim)
+    assert out.memory_attn.shape == (2, 7, s.num_heads, s.head_dim)
+    pos = torch.arange(7).expand(2, 7)
+    q = bb.rotate(out.memory_queries, pos).transpose(1, 2)
+    k = bb.rotate(out.memory_keys, pos).transpose(1, 2)
+    v = out.memory_values.transpose(1, 2)
+    rep = s.num_heads // s.num_kv_heads
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    assert torch.allclose(a, out.memory_attn, atol=1e-5)
+    # the output projection maps it back into the residual stream: h2 - h1 = attn + mlp
+    assert bb.attn_output(1, a.flatten(2)).shape == (2, 7, s.hidden_size)

@@ -1,0 +1,66 @@
+"""`SideNetConfig`: every choice of the side network and its memory, with defaults that work."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from longside.errors import CheckpointError
+
+
+@dataclass
+class SideNetConfig:
+    """How the side network is shaped, initialised and wired to the memory.
+
+    Widths: the side network runs at `hidden_size / reduction` with the backbone's number
+    of query and key/value heads (each head `head_dim / reduction` wide), so structured
+    pruning can copy whole heads of the backbone.
+    """
+
+    reduction: int = 4  # r: side width d/r (576/4 = 144 for SmolLM2)
+    layer_stride: int = 3  # side layer j reads the output of backbone block stride*(j+1)-1
+    init: str = "prune"  # "prune" (LST: structured pruning of the backbone) or "random"
+    downsample: str = "prune"  # "prune" (fixed selection), "avgpool", "adapter" (QST d->16->d/r)
+    adapter_rank: int = 16
+    gate_init: float = 0.0  # per-layer gates z_j: mix = (1 - s(z)) * down(h) + s(z) * side
+    # memory
+    memory_layer: int = 15  # backbone block whose pre-rotary keys/values are cached
+    memory_attention: str = "gated"  # "gated" (two softmaxes, per-head gate) or "joint"
+    memory_gate_init: float = 0.0  # LongMem: g = 0, so s(g) = 0.5
+    chunk_size: int = 4
+    k_chunks: int = 16
+    capacity_tokens: int = 65536
+    index: str = "flat"
+    window: int = 1024  # local segment length in tokens
+    # provenance (filled by LongSideModel)
+    backbone: str = "smollm2-135m"
+    backbone_fingerprint: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.init not in ("prune", "random"):
+            raise CheckpointError(f"init must be 'prune' or 'random', not {self.init!r}")
+        if self.downsample not in ("prune", "avgpool", "adapter"):
+            raise CheckpointError(f"downsample must be 'prune', 'avgpool' or 'adapter', not {self.downsample!r}")
+        if self.memory_attention not in ("gated", "joint"):
+            raise CheckpointError(f"memory_attention must be 'gated' or 'joint', not {self.memory_attention!r}")
+        if self.reduction < 1 or self.layer_stride < 1 or self.k_chunks < 1 or self.chunk_size < 1:
+            raise CheckpointError("reduction, layer_stride, k_chunks and chunk_size must be >= 1")
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "SideNetConfig":
+        try:
+            raw = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"no side-network config at {path}") from None
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from None
+        known = {f.name for f in fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise CheckpointError(f"{path} has unknown fields {sorted(unknown)}: written by a newer longside?")
+        return cls(**raw)

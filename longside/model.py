@@ -1,0 +1,213 @@
+"""`LongSideModel`: frozen backbone + side network + one memory bank per sequence.
+
+    model = LongSideModel.from_pretrained()          # the shipped SmolLM2 checkpoint
+    for segment in segments:                         # [B, <= window] token ids, in order
+        out = model(segment, labels=segment)         # reads memory, then writes the segment
+    model.reset_memory()                             # new documents
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from longside.backbone import Backbone, load_backbone
+from longside.config import SideNetConfig
+from longside.errors import CheckpointError, LongsideError
+from longside.paths import atomic_dir
+from longside.side_network import SideNetwork, memory_inputs
+
+SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoints" / "smollm2-135m"
+_WEIGHTS = "side_model.safetensors"
+_CONFIG = "side_config.json"
+
+
+@dataclass
+class LongSideOutput:
+    """logits `[B, T, V]` float32; loss: mean next-token cross-entropy when labels are given
+    (labels `[B, T]` aligned with the input, -100 ignored, shifted inside)."""
+
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None = None
+    n_tokens: int = 0
+
+
+class LongSideModel(nn.Module):
+    """A frozen backbone with a trainable side network and a per-sequence memory bank.
+
+    Only `side` holds trainable parameters; the backbone runs under `no_grad`, so the
+    training graph holds side-network activations only.
+    """
+
+    def __init__(self, backbone: Backbone, config: SideNetConfig | None = None, side: SideNetwork | None = None):
+        super().__init__()
+        config = config or SideNetConfig()
+        config.backbone = config.backbone if config.backbone_fingerprint else backbone.name
+        if config.backbone_fingerprint and config.backbone_fingerprint != backbone.fingerprint:
+            raise CheckpointError(
+                f"this side network was trained on backbone {config.backbone!r} with fingerprint "
+                f"{config.backbone_fingerprint}, but the loaded backbone {backbone.name!r} has "
+                f"{backbone.fingerprint}; load the backbone it was trained with")
+        config.backbone_fingerprint = backbone.fingerprint
+        self.backbone = backbone  # a plain attribute: not a submodule, never in state_dict
+        self.config = config
+        self.side = side if side is not None else SideNetwork(config, backbone.spec, backbone)
+        self._memory = None
+        self._memory_batch = 0
+
+    # -- memory ------------------------------------------------------------------------
+    @property
+    def memory(self):
+        """The `BatchMemory` (one bank per sequence), created on first use."""
+        if self._memory is None:
+            self._make_memory(1)
+        return self._memory
+
+    def _make_memory(self, batch: int) -> None:
+        from longside.memory_bank import BatchMemory
+
+        spec = self.backbone.spec
+        self._memory = BatchMemory(
+            batch, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+            chunk_size=self.config.chunk_size, capacity_tokens=self.config.capacity_tokens,
+            index=self.config.index, owner=self.backbone.owner_id(self.config.memory_layer))
+        self._memory_batch = batch
+
+    def reset_memory(self, rows: list[int] | None = None) -> None:
+        """Forget everything (or only `rows`), e.g. at document boundaries."""
+        if self._memory is not None:
+            self._memory.reset(rows)
+
+    # -- forward -----------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
+                use_memory: bool = True, write_memory: bool = True, return_logits: bool = True) -> LongSideOutput:
+        """One segment `input_ids [B, T]` (T <= window): read memory, predict, write the segment.
+
+        The segment never retrieves itself: it is written after it is read."""
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise LongsideError(f"input_ids must be a non-empty [batch, tokens] tensor, got {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if T > self.config.window:
+            raise LongsideError(f"segment of {T} tokens exceeds the window of {self.config.window}; "
+                                "split the text into segments (or use memorize / generate)")
+        if (use_memory or write_memory) and (self._memory is None or self._memory_batch != B):
+            if self._memory is not None and len(self._memory.banks[0]) > 0:
+                raise LongsideError(f"memory holds sequences for batch size {self._memory_batch}, got {B}; "
+                                    "call reset_memory() or keep the batch size")
+            self._make_memory(B)
+        layer = self.config.memory_layer
+        out = self.backbone.encode(input_ids.to(self.backbone.device), memory_layer=layer)
+        mem = None
+        if use_memory:
+            k = self.config.k_chunks
+            mem = memory_inputs(self.backbone, out, layer, lambda q: self._memory.search(q, k))
+        h, _ = self.side(out.hidden_states, mem)
+        loss, n = None, 0
+        logits = None
+        if labels is not None:
+            loss, n = self._loss(h, labels)
+        if return_logits:
+            logits = self.backbone.lm_head(self.backbone.final_norm(h))
+        if write_memory:
+            self._memory.add(out.memory_keys, out.memory_values)
+        return LongSideOutput(logits=logits, loss=loss, n_tokens=n)
+
+    def _loss(self, h: torch.Tensor, labels: torch.Tensor, block: int = 256):
+        """Next-token cross-entropy, in blocks of tokens so the `[B, T, V]` logits of a long
+        segment are never all alive at once during backward."""
+        target = labels[:, 1:].to(h.device)
+        hs = self.backbone.final_norm(h[:, :-1])
+        total = h.new_zeros(())
+        n = int((target != -100).sum())
+        for i in range(0, hs.shape[1], block):
+            lg = self.backbone.lm_head(hs[:, i:i + block])
+            total = total + F.cross_entropy(lg.flatten(0, 1), target[:, i:i + block].flatten(),
+                                            ignore_index=-100, reduction="sum")
+        return total / max(n, 1), n
+
+    # -- save / load -------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype = torch.float16) -> None:
+        """Side weights (safetensors, `dtype`) + config JSON; the backbone by name and hash."""
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous()
+                   for k, v in self.side.state_dict().items()}
+        with atomic_dir(path) as tmp:
+            save_file(tensors, str(tmp / _WEIGHTS), metadata={"format": "longside-side-v1"})
+            self.config.to_json(tmp / _CONFIG)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, backbone: Backbone | str | None = None,
+                        quantize: str | None = None) -> "LongSideModel":
+        """Load a checkpoint directory (default: the one shipped with longside)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(path) if path is not None else SHIPPED_CHECKPOINT
+        if not (path / _CONFIG).exists() or not (path / _WEIGHTS).exists():
+            raise CheckpointError(f"{path} is not a longside checkpoint (needs {_CONFIG} and {_WEIGHTS}); "
+                                  "train one with `longside train` or omit the path for the shipped one")
+        config = SideNetConfig.from_json(path / _CONFIG)
+        if not isinstance(backbone, Backbone):
+            backbone = load_backbone(backbone or config.backbone, quantize=quantize)
+        model = cls(backbone, config)
+        try:
+            state = load_file(str(path / _WEIGHTS))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path / _WEIGHTS} is corrupt or truncated ({e}); re-train or re-copy it") from None
+        target = model.side.state_dict()
+        missing, extra = set(target) - set(state), set(state) - set(target)
+        if missing or extra:
+            raise CheckpointError(f"{path} does not match this side network (missing {sorted(missing)[:3]}, "
+                                  f"unexpected {sorted(extra)[:3]}): saved by another longside version?")
+        model.side.load_state_dict({k: v.float() for k, v in state.items()})
+        return model
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.side.parameters() if p.requires_grad]
+
+    # -- generation and memory helpers (thin: the work is in generate.py / memorize.py) --
+    def generate(self, prompt, max_new_tokens: int = 128, **kwargs):
+        """Generate with incremental decoding and memory; see `longside.generate.generate`."""
+        from longside.generate import generate
+        return generate(self, prompt, max_new_tokens, **kwargs)
+
+    def stream(self, prompt: str, max_new_tokens: int = 128, **kwargs):
+        """Yield generated text pieces; see `longside.generate.stream`."""
+        from longside.generate import stream
+        return stream(self, prompt, max_new_tokens, **kwargs)
+
+    def memorize(self, source, *, row: int | None = None, progress: bool = True) -> int:
+        """Read text / a file / an iterable of those into memory; see `longside.memorize.memorize`."""
+        from longside.memorize import memorize
+        return memorize(self, source, row=row, progress=progress)
+
+    def init_memory(self, batch_size: int = 1) -> None:
+        """A fresh, empty memory with one bank per sequence of a `batch_size` batch."""
+        from longside.memorize import init_memory
+        init_memory(self, batch_size)
+
+    def save_memory(self, path: str | Path, row: int = 0) -> None:
+        """Write memory row `row` to one file (atomic, checksummed)."""
+        from longside.memorize import save_memory
+        save_memory(self, path, row)
+
+    def load_memory(self, path: str | Path, row: int = 0) -> None:
+        """Replace memory row `row` by a saved bank; refuses one from another backbone."""
+        from longside.memorize import load_memory
+        load_memory(self, path, row)
+
+
+def state_hash(model: LongSideModel) -> str:
+    """Short hash of the side weights (for provenance in reports)."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.side.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+

@@ -1,0 +1,48 @@
+"""`longside train`: train the side network with the backbone frozen."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from longside.errors import LongsideError
+
+
+def main(argv: list[str]) -> int:
+    from longside.train import PRESETS, TrainConfig, preset, train
+
+    p = argparse.ArgumentParser(prog="longside train", description=__doc__)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)} (default smollm2-135m)")
+    src.add_argument("--config", help="a JSON file of TrainConfig fields (side network under \"side\")")
+    p.add_argument("--out", help="checkpoint directory (default from the preset)")
+    p.add_argument("--resume", help="a checkpoint directory written by a previous run")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--max-minutes", type=float, help="stop (and save) after this much wall time")
+    p.add_argument("--ship", help="also write the final side weights (fp16) to this directory")
+    p.add_argument("--json", help="write the final metrics here")
+    args = p.parse_args(argv)
+    overrides = {}
+    if args.out:
+        overrides["out"] = args.out
+    if args.max_steps:
+        overrides["max_steps"] = args.max_steps
+    if args.config:
+        try:
+            cfg = TrainConfig.from_dict({**json.loads(Path(args.config).read_text()), **overrides})
+        except FileNotFoundError:
+            raise LongsideError(f"no config file at {args.config}") from None
+        except json.JSONDecodeError as e:
+            raise LongsideError(f"{args.config} is not valid JSON: {e}") from None
+    else:
+        cfg = preset(args.preset or "smollm2-135m", **overrides)
+    result = train(cfg, resume=args.resume, max_minutes=args.max_minutes)
+    if args.ship:
+        from longside.model import LongSideModel
+
+        LongSideModel.from_pretrained(Path(cfg.out) / "model").save_pretrained(args.ship)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,116 @@
+import pytest
+import torch
+
+from longside.backbone import Backbone
+from longside.config import SideNetConfig
+from longside.errors import CheckpointError, LongsideError
+from longside.model import LongSideModel
+
+
+def _tiny_backbone(layers=4):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    return Backbone(LlamaForCausalLM(cfg), None, "tiny", "f" * 16)
+
+
+def _cfg(**kw):
+    base = dict(reduction=2, layer_stride=1, memory_layer=1, k_chunks=2, chunk_size=4, window=16,
+                capacity_tokens=256)
+    return SideNetConfig(**{**base, **kw})
+
+
+def test_forward_reads_then_writes_and_init_is_backbone():
+    bb = _tiny_backbone()
+    model = LongSideModel(bb, _cfg())
+    ids = torch.randint(0, 96, (2, 16))
+    out = model(ids, labels=ids)
+    assert out.logits.shape == (2, 16, 96) and out.loss.ndim == 0 and out.n_tokens == 30
+    assert model.memory.lengths() == [16, 16]
+    out2 = model(ids, labels=ids)  # now memory is not empty, the side output still starts at zero
+    assert torch.allclose(out2.logits, bb.logits(ids), atol=1e-5)
+    model.reset_memory([0])
+    assert model.memory.lengths() == [0, 32]
+
+
+def test_rows_never_read_each_other():
+    bb = _tiny_backbone()
+    model = LongSideModel(bb, _cfg())
+    with torch.no_grad():
+        model.side.up.weight.normal_(0, 0.5)
+    a, b = torch.randint(0, 96, (1, 16)), torch.randint(0, 96, (1, 16))
+    q = torch.randint(0, 96, (1, 16))
+    model(torch.cat([a, b]))  # row 0 memorises a, row 1 memorises b
+    both = model(torch.cat([q, q]), write_memory=False).logits
+    solo = LongSideModel(bb, _cfg(), side=model.side)
+    solo(a)
+    alone = solo(q, write_memory=False).logits
+    assert torch.allclose(both[0], alone[0], atol=1e-5)
+    assert not torch.allclose(both[0], both[1], atol=1e-4)
+
+
+def test_bad_input():
+    model = LongSideModel(_tiny_backbone(), _cfg())
+    with pytest.raises(LongsideError, match="exceeds the window"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(LongsideError, match="non-empty"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    model(torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(LongsideError, match="batch size"):
+        model(torch.zeros(3, 4, dtype=torch.long))
+
+
+def test_no_gradient_reaches_the_backbone():
+    bb = _tiny_backbone()
+    model = LongSideModel(bb, _cfg())
+    with torch.no_grad():
+        model.side.up.weight.normal_(0, 0.1)
+    ids = torch.randint(0, 96, (1, 16))
+    model(ids)
+    model(ids, labels=ids).loss.backward()
+    assert not any(p.requires_grad or p.grad is not None for p in bb.model.parameters())
+    assert all(p.grad is not None for p in model.trainable_parameters())
+
+
+def _saved_bytes(layers: int) -> int:
+    """Bytes autograd keeps for backward in one training step of the same side network."""
+    bb = _tiny_backbone(layers)
+    model = LongSideModel(bb, _cfg(layer_stride=layers // 4, memory_layer=layers // 2))
+    ids = torch.randint(0, 96, (1, 16))
+    model(ids)
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, labels=ids, return_logits=False).loss.backward()
+    return total
+
+
+def test_training_memory_independent_of_backbone_depth():
+    """A 16-block backbone costs the side network's graph no more than a 4-block one."""
+    assert _saved_bytes(16) == _saved_bytes(4)
+
+
+def test_save_load_roundtrip_and_refusals(tmp_path):
+    bb = _tiny_backbone()
+    model = LongSideModel(bb, _cfg())
+    with torch.no_grad():
+        model.side.up.weight.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "ck", dtype=torch.float32)
+    again = LongSideModel.from_pretrained(tmp_path / "ck", backbone=bb)
+    ids = torch.randint(0, 96, (1, 12))
+    assert torch.equal(model(ids, write_memory=False).logits, again(ids, write_memory=False).logits)
+    other = Backbone(bb.model, None, "tiny", "0" * 16)
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        LongSideModel.from_pretrained(tmp_path / "ck", backbone=other)
+    with pytest.raises(CheckpointError, match="not a longside checkpoint"):
+        LongSideModel.from_pretrained(tmp_path / "nothing", backbone=bb)
+    w = tmp_path / "ck" / "side_model.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        LongSideModel.from_pretrained(tmp_path / "ck", backbone=bb)

@@ -1,0 +1,132 @@
+import pytest
+import torch
+
+from longside.backbone import Backbone
+from longside.config import SideNetConfig
+from longside.errors import CheckpointError
+from longside.side_network import SideNetwork, memory_inputs
+
+
+def _tiny(layers=4, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(seed)
+    return Backbone(LlamaForCausalLM(cfg), None, "tiny", "f" * 16)
+
+
+def _brute_retrieve(keys, values, slots=8, valid=None):
+    """Exact top-`slots` tokens over `keys/values [B, S, G, D]` (a stand-in bank)."""
+    def retrieve(q):
+        B, T, H, D = q.shape
+        rep = H // keys.shape[2]
+        K = keys.repeat_interleave(rep, 2).permute(0, 2, 1, 3)  # B H S D
+        V = values.repeat_interleave(rep, 2).permute(0, 2, 1, 3)
+        idx = torch.einsum("bthd,bhsd->bths", q, K).topk(slots, -1).indices
+        gk = torch.stack([K[b, h][idx[b, :, h]] for b in range(B) for h in range(H)]).view(B, H, T, slots, D)
+        gv = torch.stack([V[b, h][idx[b, :, h]] for b in range(B) for h in range(H)]).view(B, H, T, slots, D)
+        mask = torch.ones(B, T, H, slots, dtype=torch.bool) if valid is None else valid.expand(B, T, H, slots)
+        return gk.transpose(1, 2), gv.transpose(1, 2), mask
+    return retrieve
+
+
+def _side(bb, **kw):
+    cfg = SideNetConfig(reduction=2, layer_stride=1, memory_layer=1, k_chunks=2, chunk_size=4, **kw)
+    return SideNetwork(cfg, bb.spec, bb)
+
+
+@pytest.mark.parametrize("init,down", [("prune", "prune"), ("random", "avgpool"), ("random", "adapter"),
+                                       ("prune", "adapter")])
+@pytest.mark.parametrize("mode", ["gated", "joint"])
+def test_init_equals_backbone_and_shapes(init, down, mode):
+    bb = _tiny()
+    side = _side(bb, init=init, downsample=down, memory_attention=mode)
+    past = bb.encode(torch.randint(0, 96, (2, 12)), memory_layer=1)
+    out = bb.encode(torch.randint(0, 96, (2, 10)), memory_layer=1)
+    mem = memory_inputs(bb, out, 1, _brute_retrieve(past.memory_keys, past.memory_values))
+    h, caches = side(out.hidden_states, mem)
+    assert h.shape == (2, 10, 64) and len(caches) == len(side.blocks) == 4
+    assert torch.equal(h, out.hidden_states[-1])  # the side contribution starts at zero
+    assert side.reader(torch.zeros(2, 10, 32), mem).abs().sum() > 0  # memory does reach the side stream
+
+
+def test_gates_are_parameters_that_train_and_save():
+    bb = _tiny()
+    side = _side(bb)
+    names = dict(side.named_parameters())
+    for name in ("gates", "final_gate", "reader.gate"):
+        assert name in names and names[name].requires_grad
+        assert name in side.state_dict()
+    with torch.no_grad():
+        side.up.weight.normal_(0, 0.1)
+    past = bb.encode(torch.randint(0, 96, (1, 12)), memory_layer=1)
+    out = bb.encode(torch.randint(0, 96, (1, 10)), memory_layer=1)
+    mem = memory_inputs(bb, out, 1, _brute_retrieve(past.memory_keys, past.memory_values))
+    h, _ = side(out.hidden_states, mem)
+    bb.lm_head(bb.final_norm(h)).logsumexp(-1).sum().backward()
+    for name in ("gates", "final_gate", "reader.gate", "reader.q_delta.weight", "blocks.0.q.weight"):
+        assert names[name].grad is not None and names[name].grad.abs().sum() > 0, name
+
+
+def test_masked_slots_are_ignored():
+    bb = _tiny()
+    side = _side(bb)
+    past = bb.encode(torch.randint(0, 96, (1, 12)), memory_layer=1)
+    out = bb.encode(torch.randint(0, 96, (1, 6)), memory_layer=1)
+    x = torch.randn(1, 6, 32)
+    none_valid = torch.zeros(1, 1, 1, 8, dtype=torch.bool)
+    mem = memory_inputs(bb, out, 1, _brute_retrieve(past.memory_keys, past.memory_values, valid=none_valid))
+    assert torch.equal(side.reader(x, mem), torch.zeros(1, 6, 32))
+    # half the slots valid: garbage in the masked half changes nothing
+    half = torch.tensor([True] * 4 + [False] * 4).view(1, 1, 1, 8)
+    base = _brute_retrieve(past.memory_keys, past.memory_values, valid=half)
+
+    def noisy(q):
+        k, v, m = base(q)
+        return k.masked_fill(~m[..., None], 1e4), v.masked_fill(~m[..., None], -1e4), m
+    a = side.reader(x, memory_inputs(bb, out, 1, base))
+    b = side.reader(x, memory_inputs(bb, out, 1, noisy))
+    assert torch.allclose(a, b) and a.abs().sum() > 0
+
+
+def test_cache_matches_full_segment():
+    bb = _tiny()
+    side = _side(bb)
+    with torch.no_grad():
+        side.up.weight.normal_(0, 0.1)
+    out = bb.encode(torch.randint(0, 96, (1, 9)), memory_layer=1)
+    full, _ = side(out.hidden_states, None)
+    first, caches = side([h[:, :5] for h in out.hidden_states], None)
+    rest, _ = side([h[:, 5:] for h in out.hidden_states], None, start=5, caches=caches)
+    assert torch.allclose(torch.cat([first, rest], 1), full, atol=1e-5)
+
+
+def test_bad_configs():
+    bb = _tiny()
+    with pytest.raises(CheckpointError, match="reduction"):
+        SideNetwork(SideNetConfig(reduction=3, memory_layer=1), bb.spec, bb)
+    with pytest.raises(CheckpointError, match="memory_layer"):
+        SideNetwork(SideNetConfig(reduction=2, memory_layer=9), bb.spec, bb)
+    with pytest.raises(CheckpointError, match="memory_attention"):
+        SideNetConfig(memory_attention="both")
+    from transformers import GPT2Config, GPT2LMHeadModel
+    gpt2 = Backbone(GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4)), None, "g", "0")
+    with pytest.raises(CheckpointError, match="Llama-family"):
+        SideNetwork(SideNetConfig(reduction=2, memory_layer=1), gpt2.spec, gpt2)
+    side = SideNetwork(SideNetConfig(reduction=2, memory_layer=1, init="random", downsample="adapter"),
+                       gpt2.spec, gpt2)  # other families: random init, trainable adapters
+    out = gpt2.encode(torch.randint(0, 96, (1, 5)), memory_layer=1)
+    assert side(out.hidden_states, None)[0].shape == (1, 5, 64)
+
+
+def test_prune_init_copies_backbone_weights():
+    bb = _tiny()
+    side = _side(bb)
+    src = bb.model.model.layers[1]  # side layer 0 reads h[1] and starts as block 1
+    keep = side.keep
+    assert torch.equal(side.blocks[0].attn_norm.weight, src.input_layernorm.weight[keep])
+    # every row of the side gate projection is a row of the backbone's, cut to the kept dims
+    rows = src.mlp.gate_proj.weight[:, keep]
+    for r in side.blocks[0].gate.weight:
+        assert (rows - r).abs().sum(1).min() == 0
