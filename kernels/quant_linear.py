@@ -93,6 +93,12 @@ class QuantLinear(nn.Module):
         return NF4Weight(self.qweight, self.absmax, shape, self.blocksize, absmax_code=self.absmax_code,
                          absmax_scale=self.absmax_scale, absmax_offset=self.absmax_offset)
 
+    def dequantize(self) -> torch.Tensor:
+        """The weight as float32 `[out_features, in_features]` (e.g. to prune a side network from)."""
+        from longside.kernels.ops import dequantize
+
+        return dequantize(self.nf4_weight(), self.absmax_fp32 if self.double_quant else self.absmax)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         absmax = self.absmax_fp32 if self.double_quant else self.absmax
         y = _MatmulNF4.apply(x, self.nf4_weight(), absmax)

@@ -19,3 +19,7 @@ class DataError(LongsideError):
 
 class CheckpointError(LongsideError):
     """A side-network checkpoint is missing, corrupt or made for another backbone."""
+
+
+class SessionError(LongsideError):
+    """A saved chat session is corrupt, from another version, or for another model."""

@@ -253,3 +253,12 @@ def test_quick_benchmark_writes_well_formed_json(tmp_path):
         assert set(r) >= {"op", "m", "n", "k", "ours_ms", "fp32_ms", "bnb_ms", "ours_gbps"}
         assert r["ours_ms"] > 0 and r["fp32_ms"] > 0 and r["ours_gbps"] > 0
         assert r["max_abs_err"] <= r["tolerance"]
+
+
+def test_quant_linear_dequantize_matches_reference():
+    from longside.kernels import QuantLinear, dequantize_nf4
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 48, bias=False)
+    q = QuantLinear.from_linear(lin)
+    assert torch.equal(q.dequantize(), dequantize_nf4(q.nf4_weight()))

@@ -1,0 +1,159 @@
+"""Reading text into memory, and the memory helpers a user expects on the model.
+
+Memory holds the memory layer's pre-rotary keys/values, which only the frozen backbone
+computes: memorizing needs neither the side network nor the blocks above the memory
+layer, so `encode_memory` stops the backbone right after that layer (about half the
+cost of a full pass for SmolLM2's layer 15 of 30). Text is cut into segments of
+`config.window` tokens, each encoded from position 0, exactly as training writes memory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from longside.errors import LongsideError, MemoryBankError
+
+if TYPE_CHECKING:
+    from longside.backbone import Backbone
+    from longside.model import LongSideModel
+
+
+class _Enough(Exception):
+    """Raised from a hook once the memory layer has run: nothing above it is needed."""
+
+
+@torch.no_grad()
+def encode_memory(backbone: "Backbone", ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-rotary keys and values of block `layer` for one segment `ids [B, T]` (from
+    position 0), running the backbone only up to that block -> two `[B, T, G, D]` float32.
+
+    Equal to `backbone.encode(ids, layer).memory_keys/values`."""
+    parts = backbone._parts
+    kv: dict[str, torch.Tensor] = {}
+    handles = parts.hook_kv(parts.layers[layer], kv, backbone.spec)
+
+    def stop(*_):
+        raise _Enough
+
+    handles.append(parts.layers[layer].register_forward_hook(stop))
+    try:
+        parts.base(input_ids=ids.to(backbone.device), use_cache=False)
+    except _Enough:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return kv["k"], kv["v"]
+
+
+def read_texts(source) -> Iterator[tuple[str, str]]:
+    """(name, text) for each text of `source`: a string of text, a path (a `Path`, or a
+    string naming an existing file with no newline in it), or an iterable of those."""
+    if isinstance(source, (str, os.PathLike)):
+        source = [source]
+    for i, item in enumerate(source):
+        if isinstance(item, os.PathLike) or (isinstance(item, str) and _names_a_file(item)):
+            path = Path(item)
+            try:
+                yield str(path), path.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                raise LongsideError(f"no file {path} to memorize; check the path") from None
+            except UnicodeDecodeError as e:
+                raise LongsideError(f"{path} is not UTF-8 text ({e}); convert it to UTF-8 first") from None
+            except OSError as e:
+                raise LongsideError(f"cannot read {path}: {e}") from None
+        elif isinstance(item, str):
+            yield f"text {i + 1}", item
+        else:
+            raise LongsideError(f"memorize takes text, a path or an iterable of those, not {type(item).__name__}")
+
+
+def _names_a_file(text: str) -> bool:
+    """True if `text` is the path of an existing file (one line, not too long for a name)."""
+    if "\n" in text or len(text) > 4096:
+        return False
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # e.g. a component longer than the file system allows
+        return False
+
+
+def tokenize(tokenizer, text: str) -> list[int]:
+    """Token ids of a (possibly book-long) text, without special tokens or length warnings."""
+    from longside.backbone import _quiet
+
+    with _quiet():
+        return tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+
+
+def memorize(model: "LongSideModel", source, *, row: int | None = None, progress: bool = True) -> int:
+    """Read `source` (text, a file path, or an iterable of those) into memory.
+
+    Each text is cut into segments of `model.config.window` tokens whose memory-layer
+    keys/values are appended to the memory bank of `row` (every row when None). Returns
+    the number of tokens written. The local window of an ongoing generation or chat is
+    not touched: memorized text sits in memory, before whatever the window holds.
+    """
+    from longside.window import prepare_memory
+
+    if model._memory is None:
+        prepare_memory(model, 1)
+    banks = model.memory.banks
+    if row is not None and not 0 <= row < len(banks):
+        raise LongsideError(f"row {row} out of range: memory has {len(banks)} row(s); "
+                            f"call model.init_memory(batch_size) first")
+    targets = list(range(len(banks))) if row is None else [row]
+    texts = [(name, tokenize(model.backbone.tokenizer, text)) for name, text in read_texts(source)]
+    total = sum(len(ids) for _, ids in texts)
+    if total == 0:
+        raise LongsideError("nothing to memorize: the text is empty")
+    W, layer = model.config.window, model.config.memory_layer
+    with tqdm(total=total, unit="tok", desc="memorize", disable=not progress, leave=False) as bar:
+        for name, ids in texts:
+            bar.set_postfix_str(name[-40:], refresh=False)
+            for a in range(0, len(ids), W):
+                seg = torch.tensor([ids[a:a + W]])
+                k, v = encode_memory(model.backbone, seg, layer)
+                for r in targets:
+                    banks[r].add(k[0], v[0])
+                bar.update(seg.shape[1])
+    return total
+
+
+def init_memory(model: "LongSideModel", batch_size: int = 1) -> None:
+    """A fresh, empty memory with one bank per sequence of a `batch_size` batch."""
+    if batch_size < 1:
+        raise LongsideError(f"batch_size must be >= 1, got {batch_size}")
+    model._make_memory(batch_size)
+
+
+def save_memory(model: "LongSideModel", path: str | os.PathLike, row: int = 0) -> None:
+    """Write the memory bank of `row` to one file (atomic, checksummed; see memory_bank)."""
+    banks = model.memory.banks
+    if not 0 <= row < len(banks):
+        raise LongsideError(f"row {row} out of range: memory has {len(banks)} row(s)")
+    banks[row].save(path)
+
+
+def load_memory(model: "LongSideModel", path: str | os.PathLike, row: int = 0) -> None:
+    """Replace the memory of `row` by a bank saved with `save_memory`.
+
+    Refuses (MemoryBankError) a bank written by another backbone or memory layer, whose
+    keys would be meaningless to this model, and a corrupt or truncated file (the
+    current memory is kept then)."""
+    from longside.memory_bank import MemoryBank
+
+    owner = model.backbone.owner_id(model.config.memory_layer)
+    bank = MemoryBank.load(path, expect_owner=owner, device=model.backbone.device)
+    if bank.chunk_size != model.config.chunk_size:
+        raise MemoryBankError(f"{path} stores chunks of {bank.chunk_size} tokens but this model reads chunks "
+                              f"of {model.config.chunk_size}; memorize the text again with this model")
+    banks = model.memory.banks
+    if not 0 <= row < len(banks):
+        raise LongsideError(f"row {row} out of range: memory has {len(banks)} row(s)")
+    banks[row] = bank

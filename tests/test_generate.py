@@ -1,0 +1,302 @@
+"""Generation: incremental decoding equals the training forward, memory moves at window
+overflow, HF-style arguments, stop strings, streaming, batch isolation, memory helpers.
+
+Uses the real SmolLM2 backbone with a 64-token window and a perturbed (non-zero) side
+output, so the side network and its memory read change the logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longside.config import SideNetConfig
+from longside.errors import LongsideError, MemoryBankError
+from longside.memorize import encode_memory
+from longside.model import LongSideModel
+from longside.sampling import SamplingConfig, TextPieces, process_logits
+from longside.window import LocalWindow
+
+W = 64
+
+
+def make_model(backbone, mode: str = "gated", std: float = 0.01) -> LongSideModel:
+    model = LongSideModel(backbone, SideNetConfig(window=W, capacity_tokens=4096, memory_attention=mode))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # an untrained side network adds exactly zero; make it matter
+        model.side.up.weight.copy_(torch.randn(model.side.up.weight.shape, generator=g) * std)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model(smollm2):
+    return make_model(smollm2)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_memory(request):
+    if "model" in request.fixturenames:
+        request.getfixturevalue("model").init_memory(1)
+
+
+def ids_of(n: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
+    return torch.randint(100, 5000, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+# -- incremental decoding -------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["gated", "joint"])
+def test_incremental_logits_match_full_segments(smollm2, mode):
+    model = make_model(smollm2, mode)
+    ids = ids_of(W + 16, batch=2)
+    model.init_memory(2)
+    full = torch.cat([model(ids[:, :W]).logits, model(ids[:, W:]).logits], 1)  # read, then write
+    model.init_memory(2)
+    no_mem = model(ids[:, W:], use_memory=False, write_memory=False).logits
+    window = LocalWindow(model, 2)
+    # pieces of 9 tokens (a cached prefix and a causal block), then one token at a time
+    # across the segment boundary
+    cuts = [0, 5, *range(14, W - 4, 9), *range(W - 4, ids.shape[1] + 1)]
+    inc = torch.cat([window.feed(ids[:, a:b], all_logits=True) for a, b in zip(cuts, cuts[1:])], 1)
+    # float32 over 30 backbone blocks: the bare backbone alone differs by ~7e-5 between
+    # cached one-token steps and a whole-segment pass
+    torch.testing.assert_close(inc, full, atol=1e-4, rtol=1e-5)
+    # the second segment really read memory (far above the float noise)
+    assert (full[:, W:] - no_mem).abs().max() > 1e-3
+
+
+def test_greedy_equals_transformers_generate_when_side_is_silent(smollm2):
+    model = LongSideModel(smollm2, SideNetConfig(window=W, capacity_tokens=4096))  # up == 0: the backbone
+    ids = smollm2.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    ours = model.generate(ids, 12)
+    ref = smollm2.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                 pad_token_id=smollm2.tokenizer.eos_token_id)
+    assert torch.equal(ours, ref)
+
+
+# -- memory moves at window overflow --------------------------------------------------------
+def test_memory_written_only_when_the_segment_fills(model):
+    window = LocalWindow(model, 1)
+    window.feed(ids_of(W - 1))
+    assert window.n == W - 1 and len(model.memory.banks[0]) == 0
+    window.feed(ids_of(1, seed=2))
+    assert window.n == 0 and len(model.memory.banks[0]) == W and window.segments_written == 1
+    keys = window.keys
+    assert keys.shape[1] == 0  # the local caches restarted empty
+    window.feed(ids_of(10, seed=3))
+    assert window.n == 10 and len(model.memory.banks[0]) == W
+
+
+def test_memory_holds_the_segment_keys(model, smollm2):
+    ids = ids_of(W)
+    LocalWindow(model, 1).feed(ids)
+    k, _ = encode_memory(smollm2, ids, model.config.memory_layer)
+    ref = smollm2.encode(ids, memory_layer=model.config.memory_layer)
+    torch.testing.assert_close(k, ref.memory_keys)
+    got, _, mask = model.memory.banks[0].search(ref.memory_queries[0, :1], 1)
+    assert mask.any()
+
+
+def test_long_prompt_is_read_segment_by_segment(model):
+    out = model.generate(ids_of(2 * W + 10), 3)
+    assert out.shape == (1, 2 * W + 13)
+    assert len(model.memory.banks[0]) == 2 * W  # two full segments; the partial one stays local
+
+
+def test_generation_crossing_a_boundary_writes_once(model):
+    model.generate(ids_of(W - 3), 8, eos_token_id=[])
+    assert len(model.memory.banks[0]) == W
+
+
+# -- arguments ----------------------------------------------------------------------------------
+def test_sampling_is_reproducible_with_a_seed(model):
+    kw = dict(do_sample=True, temperature=1.3, top_k=50, top_p=0.95, eos_token_id=[])
+    a = model.generate(ids_of(8), 6, seed=3, **kw)
+    b = model.generate(ids_of(8), 6, seed=3, **kw)
+    c = model.generate(ids_of(8), 6, seed=4, **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(model.generate(ids_of(8), 6, do_sample=True, top_k=1, seed=5),
+                       model.generate(ids_of(8), 6))
+
+
+def test_logits_processing_matches_transformers():
+    from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 500, generator=g) * 3
+    seen = torch.randint(0, 500, (3, 20), generator=g)
+    cfg = SamplingConfig(do_sample=True, temperature=0.7, top_k=40, top_p=0.8, repetition_penalty=1.3)
+    ref = RepetitionPenaltyLogitsProcessor(1.3)(seen, logits.clone())
+    for proc in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(40), TopPLogitsWarper(0.8)):
+        ref = proc(seen, ref)
+    ours = process_logits(logits, seen, cfg)
+    assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+    torch.testing.assert_close(ours[~torch.isinf(ours)], ref[~torch.isinf(ref)])
+
+
+def test_repetition_penalty_changes_greedy_output(model):
+    plain = model.generate("the the the the the", 8, eos_token_id=[])
+    penal = model.generate("the the the the the", 8, eos_token_id=[], repetition_penalty=2.0)
+    assert "the the" not in penal.lower() and plain != penal
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=0.0), dict(top_p=0.0), dict(top_k=-1),
+                                 dict(repetition_penalty=0.0)])
+def test_bad_sampling_arguments_are_refused(model, bad):
+    with pytest.raises(LongsideError):
+        model.generate("hi", 2, do_sample=True, **bad)
+
+
+def test_bad_prompts_are_refused(model):
+    with pytest.raises(LongsideError, match="max_new_tokens"):
+        model.generate("hi", 0)
+    with pytest.raises(LongsideError, match="same number of tokens"):
+        model.generate(["short", "a much longer prompt than the first"], 2)
+    with pytest.raises(LongsideError, match="empty"):
+        model.generate("", 2)
+
+
+def test_eos_ends_generation(model):
+    free = model.generate(ids_of(6), 6, eos_token_id=[])
+    eos = int(free[0, 6 + 2])  # make the third new token the end-of-sequence id
+    stopped = model.generate(ids_of(6), 6, eos_token_id=eos)
+    assert torch.equal(stopped, free[:, :6 + 3])
+
+
+# -- stop strings and streaming --------------------------------------------------------------------
+def test_stop_string_cuts_the_text(model):
+    text = model.generate("Once upon a time", 24, eos_token_id=[])
+    word = text.split()[3]
+    cut = model.generate("Once upon a time", 24, eos_token_id=[], stop=[word, "zzzz-never"])
+    assert cut == text[:text.index(word)]
+
+
+def test_stream_pieces_join_to_the_generated_text(model):
+    text = model.generate("My favourite book is", 20)
+    pieces = list(model.stream("My favourite book is", 20))
+    assert len(pieces) > 3 and "".join(pieces) == text
+
+
+def test_streamed_pieces_never_show_a_stop_string(smollm2):
+    tok = smollm2.tokenizer
+    ids = tok("Hello, world. Stop here: END of it", add_special_tokens=False).input_ids
+    pieces = TextPieces(tok, ["END"])
+    shown = [pieces.push(i) for i in ids]
+    assert pieces.stopped and "".join(shown) == "Hello, world. Stop here: "
+    assert not any("E" in s for s in shown)
+    utf = TextPieces(tok)
+    out = "".join(utf.push(i) for i in tok("naïve café ☕", add_special_tokens=False).input_ids) + utf.finish()
+    assert out == "naïve café ☕"
+
+
+def test_hf_streamer_receives_prompt_then_each_token(model):
+    class Recorder:
+        def __init__(self):
+            self.calls, self.ended = [], False
+
+        def put(self, value):
+            self.calls.append(value.clone())
+
+        def end(self):
+            self.ended = True
+
+    rec = Recorder()
+    out = model.generate(ids_of(5), 4, streamer=rec, eos_token_id=[])
+    assert rec.ended and torch.equal(rec.calls[0], out[:, :5])
+    assert torch.equal(torch.cat([c.view(-1) for c in rec.calls[1:]]), out[0, 5:])
+    with pytest.raises(LongsideError, match="batch size 1"):
+        model.generate(ids_of(5, batch=2), 2, streamer=rec)
+
+
+# -- batch isolation ------------------------------------------------------------------------
+def test_batch_rows_read_only_their_own_memory(smollm2):
+    model = make_model(smollm2, std=0.1)  # a louder side network: memories differ visibly
+    book_a, book_b = ids_of(2 * W, seed=10), ids_of(2 * W, seed=11)
+    prompt = ids_of(12, seed=12)
+
+    def alone(book):
+        model.init_memory(1)
+        LocalWindow(model, 1).feed(book)  # two full segments -> memory
+        return LocalWindow(model, 1, write_memory=False).feed(prompt, all_logits=True)
+
+    ref_a, ref_b = alone(book_a), alone(book_b)
+    model.init_memory(2)
+    LocalWindow(model, 2).feed(torch.cat([book_a, book_b]))
+    both = LocalWindow(model, 2, write_memory=False).feed(prompt.expand(2, -1), all_logits=True)
+    torch.testing.assert_close(both[0], ref_a[0], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(both[1], ref_b[0], atol=1e-4, rtol=1e-5)
+    assert (ref_a - ref_b).abs().max() > 2e-3  # the memories differ far beyond the tolerance above
+    texts = model.generate(["Tell me a story", "Tell me a story"], 3)
+    assert len(texts) == 2 and model.memory.lengths() == [2 * W, 2 * W]
+
+
+def test_memorize_into_one_row(model, tmp_path):
+    model.init_memory(2)
+    path = tmp_path / "notes.txt"
+    path.write_text("The secret password is swordfish. " * 20)
+    n = model.memorize(path, row=1, progress=False)
+    assert n > 0 and model.memory.lengths() == [0, n]
+    model.memorize(["one text", "another text"], progress=False)  # every row
+    assert model.memory.lengths()[0] > 0
+    with pytest.raises(LongsideError, match="out of range"):
+        model.memorize("x", row=5)
+    with pytest.raises(LongsideError, match="empty"):
+        model.memorize("")
+
+
+# -- memory persistence -------------------------------------------------------------------------
+def test_save_and_load_memory(model, tmp_path):
+    model.memorize("It was a truth universally acknowledged. " * 30, progress=False)
+    q = torch.randn(3, 9, 64)
+    before = model.memory.banks[0].search(q, 4)
+    model.save_memory(tmp_path / "m.lsmb")
+    model.init_memory(1)
+    model.load_memory(tmp_path / "m.lsmb")
+    after = model.memory.banks[0].search(q, 4)
+    for x, y in zip(before, after):
+        assert torch.equal(x, y)
+
+
+def test_load_memory_refuses_another_backbone(model, tmp_path):
+    from longside.memory_bank import MemoryBank
+    spec = model.backbone.spec
+    alien = MemoryBank(spec.num_kv_heads, spec.head_dim, owner="gpt2:0123:layer5")
+    alien.add(torch.randn(8, spec.num_kv_heads, spec.head_dim), torch.randn(8, spec.num_kv_heads, spec.head_dim))
+    alien.save(tmp_path / "alien.lsmb")
+    model.memorize("kept", progress=False)
+    with pytest.raises(MemoryBankError, match="gpt2"):
+        model.load_memory(tmp_path / "alien.lsmb")
+    assert len(model.memory.banks[0]) > 0  # what was there is kept
+
+
+# -- command line -------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_generate_cli_memorizes_and_streams(tmp_path):
+    import os
+    import subprocess
+    import sys
+    notes = tmp_path / "notes.txt"
+    notes.write_text("The lighthouse keeper is called Morwenna. " * 5)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "longside", "generate", "--prompt", "Who keeps the lighthouse?",
+                          "--chat", "--memorize", str(notes), "--max-new-tokens", "6"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "memorized" in run.stderr
+    assert run.stdout.strip()
+    bad = subprocess.run([sys.executable, "-m", "longside", "generate", "--prompt", "x", "--backbone-only",
+                          "--memorize", str(notes)], capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and "--backbone-only" in bad.stderr
+
+
+@pytest.mark.slow
+def test_bench_generate_writes_the_schema(tmp_path):
+    import json
+    from longside.bench_generate import main
+    out = tmp_path / "b.json"
+    assert main(["--quick", "--rows", "longside-nf4", "--prompt-tokens", "16", "--new-tokens", "2",
+                 "--threads", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    assert [r["memory_tokens"] for r in rows] == [0, 16384, 65536]
+    for r in rows:
+        assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 and r["rss_mb"] > 0
+    assert report["summary"]["decode_64k_memory_over_no_memory"] is not None
