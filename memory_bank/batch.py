@@ -1,0 +1,78 @@
+"""`BatchMemory`: one MemoryBank per row of a batch, so rows never read each other.
+
+LongMem shares one bank across the batch, so a row retrieves other documents' text.
+Here row b writes to and searches only bank b; `reset(rows)` clears the banks of rows
+that start a new document.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from longside.errors import MemoryBankError
+
+from .bank import MemoryBank
+
+
+class BatchMemory:
+    """`batch_size` independent banks built with the same `bank_kwargs` (see MemoryBank)."""
+
+    def __init__(self, batch_size: int, **bank_kwargs: Any):
+        if batch_size < 1:
+            raise MemoryBankError(f"batch_size must be >= 1, got {batch_size}")
+        self.banks = [MemoryBank(**bank_kwargs) for _ in range(batch_size)]
+
+    def __len__(self) -> int:
+        return len(self.banks)
+
+    def __getitem__(self, row: int) -> MemoryBank:
+        return self.banks[row]
+
+    def _check_batch(self, t: torch.Tensor, name: str) -> None:
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[0] != len(self.banks):
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise MemoryBankError(f"{name} must be [B={len(self.banks)}, T, H, D], got {shape}")
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """`keys, values [B, T, H_kv, D]`: row b goes to bank b."""
+        self._check_batch(keys, "keys")
+        self._check_batch(values, "values")
+        for bank, k, v in zip(self.banks, keys, values):
+            bank.add(k, v)
+
+    def search(self, queries: torch.Tensor, k_chunks: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`queries [B, T, H_q, D]` -> keys, values `[B, T, H_q, k_chunks*chunk_size, D]`
+        float32 and mask `[B, T, H_q, k_chunks*chunk_size]` bool; row b from bank b."""
+        self._check_batch(queries, "queries")
+        B, T, Hq, D = queries.shape
+        first = self.banks[0]
+        first._check_queries(queries[0], k_chunks)
+        L = k_chunks * first.chunk_size
+        keys = torch.empty(B, T, Hq, L, D, dtype=torch.float32, device=first.device)
+        values = torch.empty_like(keys)
+        mask = torch.empty(B, T, Hq, L, dtype=torch.bool, device=first.device)
+        for b, bank in enumerate(self.banks):  # written in place: no stacking copy
+            bank._search_into(queries[b], k_chunks, keys[b], values[b], mask[b])
+        return keys, values, mask
+
+    def reset(self, rows: Iterable[int] | torch.Tensor | None = None) -> None:
+        """Clear the banks of `rows` (all rows when None): a new document starts there.
+        A bool tensor `[B]` selects the rows where it is True."""
+        if rows is None:
+            rows = range(len(self.banks))
+        elif isinstance(rows, torch.Tensor) and rows.dtype == torch.bool:
+            rows = rows.nonzero().flatten().tolist()
+        for r in (int(r) for r in rows):
+            if not 0 <= r < len(self.banks):
+                raise MemoryBankError(f"row {r} out of range for batch of {len(self.banks)}")
+            self.banks[r].clear()
+
+    def lengths(self) -> list[int]:
+        """Tokens stored per row."""
+        return [len(b) for b in self.banks]
+
+    def stats(self) -> list[dict]:
+        return [b.stats() for b in self.banks]
