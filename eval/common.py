@@ -1,0 +1,302 @@
+"""What every evaluation shares: loading the model, scoring text after a long prefix,
+reading data arguments, and writing the JSON report and plot.
+
+The central helper is `score_after_prefix`. A longside model only sees its local window
+directly; everything older must come through memory. To score a continuation after a
+long prefix it therefore (1) writes the early part of the prefix into memory, one
+window-sized segment at a time, (2) keeps the last part of the prefix local, and (3)
+scores `[local prefix + candidate]` in one forward that reads but does not write memory,
+so every candidate sees exactly the same memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from longside.backbone import Backbone
+from longside.errors import LongsideError
+
+
+class EvalError(LongsideError):
+    """An evaluation was asked for something it cannot do (bad sizes, unusable data)."""
+
+
+# -- model ---------------------------------------------------------------------------------
+
+
+def load_model(model_dir: str | Path | None = None, backbone: Backbone | None = None):
+    """`(model, info)`: a checkpoint directory, else the shipped one, else an untrained model.
+
+    An explicit `model_dir` that is not a checkpoint raises `CheckpointError`. With no
+    directory and no shipped checkpoint, the side network is untrained, whose logits equal
+    the backbone's exactly; `info["trained"]` is False and `info["note"]` says so, so a
+    report can never be mistaken for the trained model's.
+    """
+    from longside.model import SHIPPED_CHECKPOINT, LongSideModel
+    from longside.backbone import load_backbone
+
+    note = None
+    if model_dir is None and not (SHIPPED_CHECKPOINT / "side_config.json").exists():
+        model = LongSideModel(backbone if backbone is not None else load_backbone("smollm2-135m"))
+        checkpoint = None
+        note = (f"no checkpoint at {SHIPPED_CHECKPOINT}: untrained side network, whose logits "
+                "equal the bare backbone's; these numbers are baselines, not longside's")
+    else:
+        checkpoint = Path(model_dir) if model_dir is not None else SHIPPED_CHECKPOINT
+        model = LongSideModel.from_pretrained(checkpoint, backbone=backbone)
+    model.eval()
+    return model, model_info(model, checkpoint, trained=checkpoint is not None, note=note)
+
+
+def model_info(model, checkpoint: str | Path | None, trained: bool, note: str | None = None) -> dict:
+    """Identifiers of a model for a report: checkpoint, side-weight hash, backbone."""
+    from longside.model import state_hash
+
+    return {"checkpoint": str(checkpoint) if checkpoint is not None else None,
+            "trained": trained,
+            "side_state_hash": state_hash(model),
+            "side_config": dataclasses.asdict(model.config),
+            "backbone": model.backbone.name,
+            "backbone_fingerprint": model.backbone.fingerprint,
+            "note": note}
+
+
+def with_capacity(model, capacity_tokens: int):
+    """The same side network (shared, not copied) with a memory of another capacity."""
+    from longside.model import LongSideModel
+
+    if capacity_tokens < model.config.chunk_size:
+        raise EvalError(f"memory capacity {capacity_tokens} is below one chunk ({model.config.chunk_size} tokens)")
+    config = dataclasses.replace(model.config, capacity_tokens=capacity_tokens)
+    return LongSideModel(model.backbone, config, side=model.side).eval()
+
+
+def eval_window(model, window: int | None) -> int:
+    """The local window an evaluation uses: `window`, at most the model's own (default)."""
+    limit = model.config.window
+    if window is None:
+        return limit
+    if not 2 <= window <= limit:
+        raise EvalError(f"window {window} must be between 2 and the model's window {limit}")
+    return window
+
+
+# -- scoring -------------------------------------------------------------------------------
+
+
+@dataclass
+class Continuation:
+    """How a model scores one candidate: summed log-probability over its tokens, the
+    token count, and whether every token is the argmax given the true previous ones
+    (which is exactly when greedy decoding would produce the candidate)."""
+
+    logprob: float
+    n_tokens: int
+    greedy: bool
+
+    @property
+    def mean_logprob(self) -> float:
+        return self.logprob / self.n_tokens
+
+
+def _continuation(logits: torch.Tensor, targets: torch.Tensor) -> Continuation:
+    """`logits [n, V]` at the positions that predict `targets [n]`."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, targets[:, None])[:, 0]
+    return Continuation(float(picked.sum()), len(targets), bool((logits.argmax(-1) == targets).all()))
+
+
+def memorize(model, ids: Sequence[int], window: int) -> int:
+    """Write `ids` into the model's memory in window-sized segments, oldest first.
+    Returns the number of segments written."""
+    n = 0
+    with torch.no_grad():
+        for start in range(0, len(ids), window):
+            model(torch.tensor([list(ids[start:start + window])]), use_memory=True,
+                  write_memory=True, return_logits=False)
+            n += 1
+    return n
+
+
+def score_after_prefix(model, prefix: Sequence[int], candidates: Sequence[Sequence[int]], *,
+                       window: int, use_memory: bool = True) -> list[Continuation]:
+    """Score each candidate after `prefix` with a longside model.
+
+    The last `window - len(longest candidate)` prefix tokens stay local; with
+    `use_memory`, everything before them is written to a freshly reset memory first.
+    Without it the earlier prefix is simply not seen (the "memory off" row).
+    """
+    longest = max(len(c) for c in candidates)
+    local_len = window - longest
+    if local_len < 1 or min(len(c) for c in candidates) < 1:
+        raise EvalError(f"candidates of up to {longest} tokens leave no room for context in a "
+                        f"window of {window}; use shorter candidates or a larger window")
+    split = max(0, len(prefix) - local_len)
+    local = list(prefix[split:])
+    model.reset_memory()
+    if use_memory:
+        memorize(model, prefix[:split], window)
+    scores = []
+    with torch.no_grad():
+        for cand in candidates:
+            ids = torch.tensor([local + list(cand)])
+            logits = model(ids, use_memory=use_memory, write_memory=False).logits[0]
+            scores.append(_continuation(logits[len(local) - 1:-1], ids[0, len(local):]))
+    model.reset_memory()
+    return scores
+
+
+def backbone_hidden_logits(backbone: Backbone, ids: Sequence[int], start: int, block: int = 1024) -> torch.Tensor:
+    """Bare-backbone logits `[len(ids) - start, V]` for positions `start..end` of `ids`,
+    computed in blocks so an 8k context never holds all 8k x V logits at once."""
+    out = backbone.encode(torch.tensor([list(ids)]))
+    hidden = out.last_hidden[0, start:]
+    with torch.no_grad():
+        return torch.cat([backbone.lm_head(hidden[i:i + block]) for i in range(0, len(hidden), block)])
+
+
+def score_backbone(backbone: Backbone, prefix: Sequence[int], candidates: Sequence[Sequence[int]], *,
+                   context: int) -> list[Continuation]:
+    """Score each candidate after the last `context - len(longest)` prefix tokens with
+    the bare backbone (its attention over that context; nothing older is seen)."""
+    longest = max(len(c) for c in candidates)
+    local_len = context - longest
+    if local_len < 1:
+        raise EvalError(f"candidates of {longest} tokens do not fit a context of {context}")
+    local = list(prefix[-local_len:]) if prefix else []
+    if not local:
+        raise EvalError("an empty prefix cannot be scored against")
+    scores = []
+    for cand in candidates:
+        ids = local + list(cand)
+        logits = backbone_hidden_logits(backbone, ids, len(local) - 1)[:-1]
+        scores.append(_continuation(logits, torch.tensor(list(cand))))
+    return scores
+
+
+# -- data ----------------------------------------------------------------------------------
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of `text`, without special tokens (texts are concatenated freely)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def load_book_data(data: str | Path | None, split: str = "test"):
+    """Books from `--data`: the prepared corpus split by default, else a `.txt` file or
+    folder, a `.jsonl` of `{title, chapters}` / `{title, text}`, or a `datasets` folder.
+    Returns `(records, identifier)`; each record has `title` and `chapters`."""
+    from longside.data import load_books, load_jsonl, load_local_dataset, load_text_books
+
+    if data is None:
+        books = load_books(split)
+        return [dict(b) for b in books], f"prepared:{split}"
+    path = Path(data)
+    if path.suffix == ".jsonl":
+        rows = load_jsonl(path)
+    elif path.is_dir() and not any(path.rglob("*.txt")):
+        rows = load_local_dataset(path)
+        if hasattr(rows, "keys"):  # a DatasetDict: take the requested split, else the first
+            rows = rows[split] if split in rows else rows[next(iter(rows.keys()))]
+    else:
+        rows = load_text_books(path)
+    books = []
+    for i, row in enumerate(rows):
+        row = dict(row)
+        if "chapters" not in row:
+            if "text" not in row:
+                raise EvalError(f"{path}: record {i} has neither 'chapters' nor 'text'")
+            row["chapters"] = [{"title": row.get("title", ""), "text": row["text"]}]
+        row.setdefault("title", row.get("book_id", f"book {i}"))
+        books.append(row)
+    if not books:
+        raise EvalError(f"{path} holds no books")
+    return books, str(path)
+
+
+def book_chapters(tokenizer, book: dict) -> list[list[int]]:
+    """Token ids per chapter; each chapter ends with a blank line, so the text before a
+    chapter break ends where a reader's eye would."""
+    return [encode(tokenizer, ch["text"].strip() + "\n\n") for ch in book["chapters"] if ch["text"].strip()]
+
+
+# -- reporting -----------------------------------------------------------------------------
+
+
+def git_commit() -> str | None:
+    """`git rev-parse HEAD` of the source tree, or None outside a repository."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def report(evaluation: str, config: Any, info: dict, data: Any, results: dict, started: float) -> dict:
+    """The report every evaluation returns and writes as JSON."""
+    return {"evaluation": evaluation,
+            "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config,
+            "model": info, "data": data, "git_commit": git_commit(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "elapsed_s": round(time.time() - started, 1), "results": results}
+
+
+def write_json(result: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, sort_keys=False) + "\n")
+    return path
+
+
+def pyplot():
+    """`matplotlib.pyplot` on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(plt, fig, path: str | Path) -> Path:
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise EvalError(f"--plot wants a .png path, got {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fig.get_layout_engine() is None:  # figures with a colorbar bring their own layout
+        fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def title_of(result: dict) -> str:
+    """A plot subtitle naming the model, so a plot of the untrained fallback says so."""
+    m = result["model"]
+    what = f"checkpoint {m['side_state_hash']}" if m["trained"] else "UNTRAINED side network (= backbone)"
+    return f"{m['backbone']} + longside, {what}"
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    xs = list(values)
+    if not xs:
+        return float("nan"), float("nan")
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, 0.0
+    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
+
+
+__all__ = ["Continuation", "EvalError", "backbone_hidden_logits", "book_chapters", "encode", "eval_window",
+           "load_book_data", "load_model", "mean_std", "memorize", "model_info", "pyplot", "report", "save_figure",
+           "score_after_prefix", "score_backbone", "title_of", "with_capacity", "write_json"]

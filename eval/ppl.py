@@ -1,0 +1,190 @@
+"""`longside eval ppl`: perplexity of long held-out books, streamed in segments.
+
+Each book is read once per row, in window-sized segments in order. Every token but the
+first is scored exactly once in every row (the last position of a segment predicts the
+first token of the next one), so rows are comparable token for token. Rows:
+
+- `backbone@W`: the bare backbone, each segment on its own (what longside sees locally).
+- `backbone@native`: the bare backbone at its native context (8k for SmolLM2), sliding
+  with a stride: each scored token sees at least `context - stride` earlier tokens.
+- `longside memory 0`: the side network with memory off (no reads, no writes).
+- `longside memory M`: memory on with a bank of capacity M tokens (oldest evicted first).
+
+Perplexities are also bucketed by the scored token's position in the book, since memory
+can only help where there is history to remember.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from longside.eval.common import (EvalError, backbone_hidden_logits, book_chapters, eval_window, load_book_data, pyplot,
+                         report, save_figure, title_of, with_capacity)
+
+
+@dataclass
+class PplConfig:
+    """What `ppl` measures. `None` sizes mean "the model's/backbone's own"."""
+
+    window: int | None = None  # local segment length (default: the model's window)
+    native_context: int | None = None  # bare backbone's long context (default: its max positions)
+    native_stride: int | None = None  # tokens scored per long-context forward (default: context / 2)
+    memory_tokens: tuple[int, ...] = (4096, 16384, 65536)  # capacities of the memory-on rows
+    buckets: tuple[int, ...] = (0, 1024, 4096, 16384, 65536)  # lower edges of position buckets
+    # per book: 128k lets the 64k memory fill, then be used for another 64k (None: whole book)
+    max_tokens: int | None = 131072
+    max_books: int | None = None
+    seed: int = 0  # recorded only: this evaluation draws nothing at random
+
+    @classmethod
+    def quick(cls) -> "PplConfig":
+        return cls(window=256, memory_tokens=(512,), buckets=(0, 256, 512), max_tokens=1024, max_books=1)
+
+
+def _segmented_nll(tokens: torch.Tensor, window: int, logits_of, bar) -> torch.Tensor:
+    """NLL of tokens 1..N-1 (entry i is token i+1), reading the book in window-sized segments
+    in order; `logits_of(segment [1, T]) -> [T, V]` may keep state (memory) between calls."""
+    n = len(tokens)
+    nll = torch.empty(n - 1)
+    for a in range(0, n - 1, window):
+        seg = tokens[a:a + window]
+        targets = tokens[a + 1:a + 1 + len(seg)]
+        logits = logits_of(seg[None])
+        nll[a:a + len(targets)] = F.cross_entropy(logits[:len(targets)].float(), targets, reduction="none")
+        bar.update(1)
+    return nll
+
+
+def _strided_nll(backbone, tokens: torch.Tensor, context: int, stride: int, bar) -> torch.Tensor:
+    """NLL of tokens 1..N-1 with the bare backbone over a sliding context: each forward
+    reads up to `context` tokens and scores its last `stride` ones."""
+    n = len(tokens)
+    nll = torch.empty(n - 1)
+    for t0 in range(1, n, stride):
+        t1 = min(t0 + stride, n)
+        b = max(0, t1 - context)
+        logits = backbone_hidden_logits(backbone, tokens[b:t1].tolist(), t0 - 1 - b)[:-1]
+        nll[t0 - 1:t1 - 1] = F.cross_entropy(logits.float(), tokens[t0:t1], reduction="none")
+        bar.update(1)
+    return nll
+
+
+def _longside_logits(model, memory: bool):
+    """Segment -> logits of a longside model that reads, then writes, memory when `memory`."""
+    def logits_of(seg: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(seg, use_memory=memory, write_memory=memory).logits[0]
+    return logits_of
+
+
+def _buckets(nll: torch.Tensor, edges: tuple[int, ...]) -> list[dict]:
+    """Sum and count of NLL per position bucket (position of the scored token)."""
+    pos = torch.arange(1, len(nll) + 1)
+    out = []
+    for i, lo in enumerate(edges):
+        hi = edges[i + 1] if i + 1 < len(edges) else None
+        sel = (pos >= lo) & (pos < hi) if hi is not None else pos >= lo
+        out.append({"lo": lo, "hi": hi, "nll_sum": float(nll[sel].sum()), "n_tokens": int(sel.sum())})
+    return out
+
+
+def _ppl(nll_sum: float, n: int) -> float | None:
+    return math.exp(nll_sum / n) if n else None
+
+
+def run(model, info: dict, config: PplConfig, data=None) -> dict:
+    """Run the perplexity evaluation; returns the report (see module docstring)."""
+    started = time.time()
+    window = eval_window(model, config.window)
+    backbone = model.backbone
+    context = config.native_context or backbone.spec.max_positions
+    stride = config.native_stride or context // 2
+    if not 1 <= stride < context or context > backbone.spec.max_positions:
+        raise EvalError(f"native stride {stride} must be below the native context {context}, itself at most "
+                        f"the backbone's {backbone.spec.max_positions} positions")
+    if list(config.buckets) != sorted(set(config.buckets)) or config.buckets[0] != 0:
+        raise EvalError(f"buckets must be increasing lower edges starting at 0, got {config.buckets}")
+    books, data_id = load_book_data(data, "test")
+    books = books[:config.max_books] if config.max_books else books
+    streams = []
+    for book in books:
+        ids = [t for ch in book_chapters(backbone.tokenizer, book) for t in ch][:config.max_tokens or None]
+        if len(ids) < 2:
+            raise EvalError(f"book {book['title']!r} has fewer than 2 tokens")
+        streams.append((book["title"], torch.tensor(ids)))
+
+    # (name, description, longside model or None for the bare backbone, memory on)
+    rows: list[tuple[str, dict, object, bool]] = [
+        (f"backbone@{window}", {"kind": "backbone", "context": window, "memory_tokens": 0}, None, False),
+        (f"backbone@{context}", {"kind": "backbone", "context": context, "stride": stride, "memory_tokens": 0},
+         None, False),
+        ("longside memory 0", {"kind": "longside", "context": window, "memory_tokens": 0}, model, False),
+    ]
+    for cap in config.memory_tokens:
+        rows.append((f"longside memory {cap}", {"kind": "longside", "context": window, "memory_tokens": cap},
+                     with_capacity(model, cap), True))
+
+    results: dict = {"rows": {}, "books": [{"title": t, "tokens": len(ids)} for t, ids in streams],
+                     "tokens_scored": sum(len(ids) - 1 for _, ids in streams)}
+    for name, desc, m, memory in rows:
+        native = "stride" in desc
+        per_book, totals = {}, None
+        steps = sum(math.ceil((len(ids) - 1) / (stride if native else window)) for _, ids in streams)
+        with tqdm(total=steps, desc=f"ppl {name}", unit="seg", leave=False) as bar:
+            for title, ids in streams:
+                if native:
+                    nll = _strided_nll(backbone, ids, context, stride, bar)
+                elif m is None:
+                    nll = _segmented_nll(ids, window, lambda seg: backbone_hidden_logits(
+                        backbone, seg[0].tolist(), 0), bar)
+                else:
+                    m.reset_memory()  # every book starts with an empty memory
+                    nll = _segmented_nll(ids, window, _longside_logits(m, memory), bar)
+                per_book[title] = _ppl(float(nll.sum()), len(nll))
+                b = _buckets(nll, config.buckets)
+                totals = b if totals is None else [
+                    {**t, "nll_sum": t["nll_sum"] + x["nll_sum"], "n_tokens": t["n_tokens"] + x["n_tokens"]}
+                    for t, x in zip(totals, b)]
+        nll_sum = sum(t["nll_sum"] for t in totals)
+        n = sum(t["n_tokens"] for t in totals)
+        results["rows"][name] = {**desc, "ppl": _ppl(nll_sum, n), "n_tokens": n, "per_book": per_book,
+                                 "buckets": [{"lo": t["lo"], "hi": t["hi"], "n_tokens": t["n_tokens"],
+                                              "ppl": _ppl(t["nll_sum"], t["n_tokens"])} for t in totals]}
+    cfg = dataclasses.replace(config, window=window, native_context=context, native_stride=stride)
+    return report("ppl", cfg, info, {"books": data_id, "titles": [t for t, _ in streams]}, results, started)
+
+
+def plot(result: dict, path) -> None:
+    """Perplexity per position bucket, one line per row."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, row in result["results"]["rows"].items():
+        labels = [f"{b['lo']}-{b['hi'] or 'end'}" for b in row["buckets"]]
+        ppl = [b["ppl"] if b["ppl"] is not None else float("nan") for b in row["buckets"]]
+        ax.plot(labels, ppl, marker="o", label=f"{name} ({row['ppl']:.2f})")
+    ax.set_xlabel("position of the scored token in the book (tokens)")
+    ax.set_ylabel("perplexity")
+    ax.set_title("held-out book perplexity by position\n" + title_of(result), fontsize=9)
+    ax.legend(fontsize=8)
+    save_figure(plt, fig, path)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--window", type=int, help="local segment length (default: the model's window)")
+    p.add_argument("--memory-tokens", type=int, nargs="+", help="memory capacities (default 4096 16384 65536)")
+    p.add_argument("--buckets", type=int, nargs="+", help="lower edges of position buckets, from 0")
+    p.add_argument("--max-tokens", type=int, help="tokens per book (default 131072; 0: whole book)")
+    p.add_argument("--max-books", type=int)
+    p.add_argument("--native-context", type=int, help="bare backbone long context (default: its max positions)")
+    p.add_argument("--native-stride", type=int, help="tokens scored per long-context forward (default: half)")
+
+
+__all__ = ["PplConfig", "add_arguments", "plot", "run"]

@@ -1,0 +1,262 @@
+"""The evaluations, each run small on real data with the real SmolLM2.
+
+A side network with a 128-token window keeps every run to a few dozen short forwards.
+Tests check that reports are well formed (keys, counts, ranges) and that the scoring is
+consistent, never what score a model gets. One consistency check is exact: an untrained
+side network's logits equal the backbone's, so its rows must equal the backbone's row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from longside.config import SideNetConfig
+from longside.eval import chapterbreak, cli, common, icl, passkey, ppl
+from longside.eval.common import EvalError
+from longside.model import LongSideModel
+
+W = 128
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread while these tests run: the forwards here are small, and on a
+    shared 2-core machine two spinning OpenMP threads measured ~5-10x slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def small(smollm2):
+    """An untrained side network with a 128-token window, and its report identifiers."""
+    model = LongSideModel(smollm2, SideNetConfig(window=W))
+    return model, common.model_info(model, None, trained=False, note="test model")
+
+
+def _check_report(result: dict, evaluation: str) -> None:
+    assert result["evaluation"] == evaluation
+    assert set(result) >= {"config", "model", "data", "git_commit", "results", "elapsed_s"}
+    assert result["model"]["backbone"] == "smollm2-135m"
+    assert len(result["model"]["side_state_hash"]) == 16
+    assert result["config"]["window"] == W
+    json.dumps(result)  # JSON-ready as it is
+
+
+def _png(path) -> None:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- the shared scoring helper ---------------------------------------------------------------
+
+def test_score_after_prefix_matches_backbone_and_restores_memory(small):
+    model, _ = small
+    tok = model.backbone.tokenizer
+    prefix = common.encode(tok, "It is a truth universally acknowledged, that a single man in possession "
+                                "of a good fortune, must be in want of a wife. " * 12)
+    cands = [common.encode(tok, " However little known"), common.encode(tok, " The cat sat on the mat")]
+    assert len(prefix) > W  # so part of it goes to memory
+    with_mem = common.score_after_prefix(model, prefix, cands, window=W)
+    bare = common.score_backbone(model.backbone, prefix, cands, context=W)
+    for a, b in zip(with_mem, bare):  # untrained side network == backbone, at the same local context
+        assert a.n_tokens == b.n_tokens
+        assert a.logprob == pytest.approx(b.logprob, rel=1e-4, abs=1e-3)
+        assert a.logprob < 0
+    assert len(model.memory.banks[0]) == 0  # the helper leaves no memory behind
+    with pytest.raises(EvalError, match="no room"):
+        common.score_after_prefix(model, prefix, [list(range(W))], window=W)
+    with pytest.raises(EvalError, match="window"):
+        common.eval_window(model, W + 1)
+
+
+# -- perplexity ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ppl_report(small):
+    model, info = small
+    config = ppl.PplConfig(window=W, memory_tokens=(256,), buckets=(0, 128, 256), max_tokens=384, max_books=1,
+                           native_context=512, native_stride=256)
+    return ppl.run(model, info, config)
+
+
+def test_ppl_report(ppl_report, tmp_path):
+    _check_report(ppl_report, "ppl")
+    res = ppl_report["results"]
+    assert res["tokens_scored"] == 383
+    assert list(res["rows"]) == [f"backbone@{W}", "backbone@512", "longside memory 0", "longside memory 256"]
+    for row in res["rows"].values():
+        assert row["n_tokens"] == 383
+        assert sum(b["n_tokens"] for b in row["buckets"]) == 383
+        assert [b["lo"] for b in row["buckets"]] == [0, 128, 256]
+        assert 1 < row["ppl"] < 1e5 and math.isfinite(row["ppl"])
+    local = res["rows"][f"backbone@{W}"]["ppl"]
+    assert res["rows"]["longside memory 0"]["ppl"] == pytest.approx(local, rel=1e-4)
+    assert res["rows"]["longside memory 256"]["ppl"] == pytest.approx(local, rel=1e-4)
+    # the first segment sees the same tokens whatever the context: identical first bucket
+    assert res["rows"]["backbone@512"]["buckets"][0]["ppl"] == pytest.approx(
+        res["rows"][f"backbone@{W}"]["buckets"][0]["ppl"], rel=1e-4)
+    ppl.plot(ppl_report, tmp_path / "ppl.png")
+    _png(tmp_path / "ppl.png")
+
+
+def test_ppl_rejects_bad_buckets(small):
+    model, info = small
+    with pytest.raises(EvalError, match="buckets"):
+        ppl.run(model, info, ppl.PplConfig(window=W, buckets=(5, 100)))
+
+
+# -- ChapterBreak ---------------------------------------------------------------------------
+
+def test_book_items_are_real_chapter_breaks(smollm2):
+    from longside.data import load_books
+
+    book = dict(load_books("test")[5])
+    config = chapterbreak.ChapterBreakConfig(prefix_tokens=(256, 1024), candidate_tokens=32, items_per_book=3)
+    items = chapterbreak.book_items(smollm2.tokenizer, [book], config)
+    chapters = common.book_chapters(smollm2.tokenizer, book)
+    assert len(items) == 3
+    for it in items:
+        i = it["chapter"]
+        assert it["candidates"][it["label"]] == chapters[i][:32]  # the true next chapter's opening
+        assert it["prefix"] == [t for ch in chapters[:i] for t in ch][-1024:]  # ends at the break
+        openings = {tuple(ch[:32]) for ch in chapters[i + 1:]}
+        others = [c for j, c in enumerate(it["candidates"]) if j != it["label"]]
+        assert len(others) == 5 and all(tuple(c) in openings for c in others)  # later chapters only
+
+
+def test_chapterbreak_report(small, tmp_path):
+    model, info = small
+    config = chapterbreak.ChapterBreakConfig(window=W, prefix_tokens=(256, 512), candidate_tokens=32,
+                                             items_per_book=1, max_items=1, max_books=1, native_context=256)
+    result = chapterbreak.run(model, info, config)
+    _check_report(result, "chapterbreak")
+    res = result["results"]
+    assert res["chance"] == pytest.approx(1 / 6)
+    assert res["n_items"] == 1 and list(res["by_prefix_tokens"]) == ["256", "512"]
+    rows = {f"backbone@{W}", "backbone@256", "longside memory off", "longside memory"}
+    for length, entry in res["by_prefix_tokens"].items():
+        assert entry["n_items"] == 1 and set(entry["rows"]) == rows
+        for name, row in entry["rows"].items():
+            if name == "backbone@256" and length == "512":  # the prefix does not fit its context
+                assert row == {"n_items": 0, "correct": 0, "accuracy": None}
+            else:
+                assert row["accuracy"] in (0.0, 1.0) and row["correct"] == row["accuracy"]
+    item = res["items"][0]
+    assert 0 <= item["label"] < 6 and item["prefix_tokens"] == 512
+    # untrained side network == backbone at the same window
+    assert item["predicted"]["longside memory"] == item["predicted"]["longside memory off"]
+    chapterbreak.plot(result, tmp_path / "cb.png")
+    _png(tmp_path / "cb.png")
+
+
+def test_chapterbreak_reads_the_original_json(smollm2, tmp_path):
+    path = tmp_path / "chapterbreak_ctx_512.json"
+    ex = {"ctx": "She left the room. " * 40, "pos": "Morning came.", "negs": [f"Chapter text {i}." for i in range(5)]}
+    path.write_text(json.dumps({"ao3": {"w1": [ex]}, "pg19": {"w2": [ex, ex]}}))
+    config = chapterbreak.ChapterBreakConfig(candidate_tokens=4, subset="pg19")
+    items = chapterbreak.json_items(smollm2.tokenizer, path, config)
+    assert len(items) == 2
+    for it in items:
+        assert len(it["candidates"]) == 6 and all(len(c) <= 4 for c in it["candidates"])
+        assert it["candidates"][it["label"]] == common.encode(smollm2.tokenizer, "Morning came.")[:4]
+
+
+# -- ICL ------------------------------------------------------------------------------------
+
+def test_icl_report(small, tmp_path):
+    model, info = small
+    config = icl.IclConfig(window=W, tasks=("mr2", "source4"), k_window=2, n_memory=8, n_test=2, seeds=2)
+    result = icl.run(model, info, config)
+    _check_report(result, "icl")
+    res = result["results"]
+    assert list(res["tasks"]) == ["mr2", "source4"]
+    assert res["chance"] == {"mr2": 0.5, "source4": 0.25}
+    for task in res["tasks"].values():
+        assert task["n_test"] == 2 and task["window_demo_tokens"] <= W
+        assert set(task["rows"]) == set(icl.ROWS)
+        for row in task["rows"].values():
+            for p in icl.PROTOCOLS:
+                assert len(row[p]["per_seed"]) == 2
+                assert all(a in (0.0, 0.5, 1.0) for a in row[p]["per_seed"])
+                assert row[p]["std"] >= 0
+            assert all(o <= lab for o, lab in zip(row["open"]["per_seed"], row["label"]["per_seed"]))
+        assert task["rows"]["longside memory"] == task["rows"]["backbone k-shot"]  # untrained == backbone
+    for row in res["average"].values():
+        assert 0 <= row["label"]["mean"] <= 1
+    icl.plot(result, tmp_path / "icl.png")
+    _png(tmp_path / "icl.png")
+
+
+def test_icl_refuses_demonstrations_that_cannot_fit(small):
+    model, info = small
+    with pytest.raises(EvalError, match="k-window"):
+        icl.run(model, info, icl.IclConfig(window=W, tasks=("mr2",), k_window=20, n_memory=1, n_test=1, seeds=1))
+
+
+# -- passkey --------------------------------------------------------------------------------
+
+def test_passkey_report(small, tmp_path):
+    model, info = small
+    config = passkey.PasskeyConfig(window=W, lengths=(256,), depths=(0.0, 1.0), trials=1, filler="repeat")
+    result = passkey.run(model, info, config)
+    _check_report(result, "passkey")
+    res = result["results"]
+    assert res["rows"] == ["longside memory", f"backbone@{W}"]
+    assert len(res["trials"]) == 2
+    deep, shallow = res["trials"]
+    assert not deep["needle_in_window"] and shallow["needle_in_window"]
+    assert len(deep["key"]) == 5 and deep["key"].isdigit()
+    for r in res["rows"]:
+        assert set(res["accuracy"][r]["256"]) == {"0.0", "1.0"}
+        assert 0 <= res["overall"][r] <= 1
+    assert result["config"]["memory_tokens"] >= 256
+    passkey.plot(result, tmp_path / "pk.png")
+    _png(tmp_path / "pk.png")
+
+
+def test_passkey_book_filler_places_the_needle(small):
+    model, info = small
+    config = passkey.PasskeyConfig(window=W, lengths=(200,), depths=(0.5,), trials=1, filler="book", seed=3)
+    trial = passkey.run(model, info, config)["results"]["trials"][0]
+    assert trial["length"] == 200 and 0 < trial["needle_at"] < 200
+
+
+# -- the command line -----------------------------------------------------------------------
+
+def _args(name: str, argv: list[str]) -> argparse.Namespace:
+    return cli.build_parser().parse_args([name, *argv])
+
+
+def test_cli_configs_take_quick_defaults_and_overrides():
+    cfg = cli.make_config("passkey", _args("passkey", ["--quick", "--lengths", "300", "--long", "--seed", "4"]))
+    assert cfg.lengths == (300, 131072, 262144) and cfg.seed == 4 and cfg.trials == passkey.PasskeyConfig.quick().trials
+    cfg = cli.make_config("ppl", _args("ppl", ["--memory-tokens", "4096"]))
+    assert cfg.memory_tokens == (4096,) and cfg.window is None
+    assert cli.make_config("icl", _args("all", ["--quick"])) == icl.IclConfig.quick()
+
+
+def test_cli_rejects_bad_input(tmp_path):
+    with pytest.raises(EvalError, match="does not exist"):
+        cli.main(["ppl", "--data", str(tmp_path / "missing")])
+    with pytest.raises(EvalError, match="png"):
+        cli._plot_path(str(tmp_path / "x.pdf"), "ppl", False)
+    from longside.errors import CheckpointError
+    with pytest.raises(CheckpointError):
+        common.load_model(tmp_path, backbone=object())
+
+
+@pytest.mark.slow
+def test_eval_all_quick_end_to_end(tmp_path):
+    """`longside eval all --quick` with the default model, as a user runs it."""
+    out = tmp_path / "all.json"
+    assert cli.main(["all", "--quick", "--json", str(out), "--plot", str(tmp_path / "q.png")]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["reports"]) == {"ppl", "chapterbreak", "icl", "passkey"}
+    for name in report["reports"]:
+        _png(tmp_path / f"q_{name}.png")
