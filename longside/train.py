@@ -68,7 +68,8 @@ PRESETS: dict[str, dict] = {
     # block 15, 1024-token segments. Sized for this 2-core CPU (see README for wall time).
     "smollm2-135m": {"out": "runs/smollm2-135m", "max_steps": 1200, "warmup_steps": 30,
                      "synthetic_share": 0.5, "synthetic_max_segments": 4, "max_book_segments": 16,
-                     "eval_every": 200, "save_every": 50, "side": {"memory_attention": "joint"}},
+                     "eval_every": 300, "eval_segments": 4, "save_every": 50,
+                     "side": {"memory_attention": "joint"}},
     # A few steps on short segments: for tests and smoke runs.
     "tiny": {"segment": 64, "max_steps": 6, "warmup_steps": 2, "eval_every": 3, "eval_segments": 2,
              "save_every": 3, "synthetic_max_segments": 3, "max_book_segments": 4,
