@@ -114,3 +114,16 @@ def test_save_load_roundtrip_and_refusals(tmp_path):
     w.write_bytes(w.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="corrupt"):
         LongSideModel.from_pretrained(tmp_path / "ck", backbone=bb)
+
+
+def test_shipped_checkpoint_is_the_default(smollm2):
+    """The trained SmolLM2 side network ships in the package and loads by default."""
+    from longside.model import SHIPPED_CHECKPOINT
+
+    assert (SHIPPED_CHECKPOINT / "side_config.json").exists(), "the shipped checkpoint is missing"
+    model = LongSideModel.from_pretrained(backbone=smollm2)
+    assert model.config.backbone_fingerprint == smollm2.fingerprint
+    assert model.side.up.weight.abs().sum() > 0  # trained: the side network is no longer silent
+    ids = smollm2.tokenizer("It is a truth universally acknowledged", return_tensors="pt").input_ids
+    out = model(ids, write_memory=False)
+    assert not torch.allclose(out.logits, smollm2.logits(ids), atol=1e-3)
