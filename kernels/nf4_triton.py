@@ -27,6 +27,20 @@ FUSED_MAX_M = 16
 
 
 @triton.jit
+def _load_tiles(x_ptr, packed_ptr, absmax_ptr, code_ptr, offs_m, offs_n, offs_k, M, N, K, stride_xm,
+                BLOCKSIZE: tl.constexpr):
+    """The dequantized weight tile `[BLOCK_N, BLOCK_K]` (fp32) and the x tile `[BLOCK_M, BLOCK_K]`."""
+    w_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    e = offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
+    byte = tl.load(packed_ptr + e // 2, mask=w_mask, other=0).to(tl.int32)
+    idx = tl.where(e % 2 == 0, byte >> 4, byte & 0xF)
+    w = tl.load(code_ptr + idx) * tl.load(absmax_ptr + e // BLOCKSIZE, mask=w_mask, other=0.0)
+    x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
+    return w, x
+
+
+@triton.jit
 def _nf4_fused_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
                       BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr):
@@ -38,13 +52,8 @@ def _nf4_fused_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, y_ptr, M, N, K, s
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        w_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)  # dequantized W tile [BLOCK_N, BLOCK_K]
-        e = offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
-        byte = tl.load(packed_ptr + e // 2, mask=w_mask, other=0).to(tl.int32)
-        idx = tl.where(e % 2 == 0, byte >> 4, byte & 0xF)
-        w = tl.load(code_ptr + idx) * tl.load(absmax_ptr + e // BLOCKSIZE, mask=w_mask, other=0.0)
-        x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
+        w, x = _load_tiles(x_ptr, packed_ptr, absmax_ptr, code_ptr, offs_m, offs_n, offs_k, M, N, K,
+                           stride_xm, BLOCKSIZE)
         acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
     y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
@@ -62,13 +71,8 @@ def _nf4_tiled_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, y_ptr, M, N, K, s
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        w_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)  # dequantized W tile [BLOCK_N, BLOCK_K]
-        e = offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
-        byte = tl.load(packed_ptr + e // 2, mask=w_mask, other=0).to(tl.int32)
-        idx = tl.where(e % 2 == 0, byte >> 4, byte & 0xF)
-        w = tl.load(code_ptr + idx) * tl.load(absmax_ptr + e // BLOCKSIZE, mask=w_mask, other=0.0)
-        x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
+        w, x = _load_tiles(x_ptr, packed_ptr, absmax_ptr, code_ptr, offs_m, offs_n, offs_k, M, N, K,
+                           stride_xm, BLOCKSIZE)
         if IEEE:
             acc += tl.dot(x, tl.trans(w), input_precision="ieee")
         else:

@@ -341,7 +341,7 @@ def load_backbone(name_or_path: str | os.PathLike = "smollm2-135m", *, dtype: to
     model, tokenizer = _from_dir(model_dir, dtype)
     backbone = Backbone(model, tokenizer, name, fingerprint)
     if quantize:
-        backbone.quantization = _quantize(backbone, quantize)
+        quantize_backbone(backbone, quantize)
     return backbone
 
 
@@ -511,11 +511,15 @@ def _from_dir(model_dir: Path, dtype: torch.dtype):
     return model, tokenizer
 
 
-def _quantize(backbone: Backbone, kind: str) -> dict:
+def quantize_backbone(backbone: Backbone, kind: str = "nf4", progress: bool = False) -> dict:
+    """Swap the backbone's decoder linear layers for 4-bit `QuantLinear`s, in place; the
+    report (bytes before/after) is kept as `backbone.quantization`."""
     if kind != "nf4":
         raise BackboneError(f"unknown quantization {kind!r}; longside supports 'nf4'")
     from longside.kernels import quantize_model
-    return quantize_model(backbone.model)
+
+    backbone.quantization = quantize_model(backbone.model, progress=progress)
+    return backbone.quantization
 
 
 @contextlib.contextmanager
@@ -540,4 +544,5 @@ def _quiet() -> Iterator[None]:
             os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = prev
 
 
-__all__ = ["Backbone", "BackboneOutput", "BackboneSpec", "load_backbone", "load_tokenizer"]
+__all__ = ["Backbone", "BackboneOutput", "BackboneSpec", "load_backbone", "load_tokenizer",
+           "quantize_backbone"]

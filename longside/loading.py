@@ -17,12 +17,12 @@ def load_model(path: str | os.PathLike | None = None, *, quantize: str | None = 
     (its logits equal the backbone's until trained; the note says so). `config` overrides
     `SideNetConfig` fields of the untrained model (e.g. `window=256`).
     """
-    from longside.backbone import load_backbone
+    from longside.backbone import load_backbone, quantize_backbone
     from longside.config import SideNetConfig
     from longside.model import SHIPPED_CHECKPOINT, LongSideModel
 
     # The side network is built (pruned) from full-precision weights, then the backbone is
-    # quantized: pruning reads weights that a QuantLinear does not expose as `.weight`.
+    # quantized, so an untrained model's pruned init does not depend on the quantization.
     if path is not None:
         if not Path(path).is_dir():
             raise CheckpointError(f"no checkpoint directory at {path}; pass one saved by "
@@ -38,13 +38,3 @@ def load_model(path: str | os.PathLike | None = None, *, quantize: str | None = 
         quantize_backbone(model.backbone, quantize)
         note += f", {quantize} backbone"
     return model, note
-
-
-def quantize_backbone(backbone, kind: str = "nf4", progress: bool = False) -> dict:
-    """Swap the backbone's decoder linear layers for 4-bit `QuantLinear`s, in place."""
-    if kind != "nf4":
-        raise CheckpointError(f"unknown quantization {kind!r}; longside supports 'nf4'")
-    from longside.kernels import quantize_model
-
-    backbone.quantization = quantize_model(backbone.model, progress=progress)
-    return backbone.quantization

@@ -47,7 +47,8 @@ class LongSideModel(nn.Module):
     def __init__(self, backbone: Backbone, config: SideNetConfig | None = None, side: SideNetwork | None = None):
         super().__init__()
         config = config or SideNetConfig()
-        config.backbone = config.backbone if config.backbone_fingerprint else backbone.name
+        if not config.backbone_fingerprint:  # a new side network: record what it is built on
+            config.backbone = backbone.name
         if config.backbone_fingerprint and config.backbone_fingerprint != backbone.fingerprint:
             raise CheckpointError(
                 f"this side network was trained on backbone {config.backbone!r} with fingerprint "
