@@ -230,17 +230,23 @@ def _longside_row(name: str, mem: int, quick: bool):
         ids, source = _texts(real, tok)
         t = time.perf_counter()
         W, layer = model.config.window, model.config.memory_layer
-        keys, values = [], []
+        keys, values, hidden, tokens = [], [], [], []
         for a in range(0, real, W):
-            k, v = encode_memory(model.backbone, torch.tensor([ids[a:a + W]]), layer)
-            bank.add(k[0], v[0])
+            seg = torch.tensor([ids[a:a + W]])
+            k, v, h = encode_memory(model.backbone, seg, layer, model.token_layer)
+            tok_kw = {} if h is None else {"token_keys": h[0], "token_ids": seg[0]}
+            bank.add(k[0], v[0], **tok_kw)
             keys.append(k[0])
             values.append(v[0])
+            hidden.append(None if h is None else h[0])
+            tokens.append(seg[0])
         extra["memorize_tokens_per_s"] = round(real / (time.perf_counter() - t), 1)
-        k_all, v_all = torch.cat(keys), torch.cat(values)
+        k_all, v_all, ids_all = torch.cat(keys), torch.cat(values), torch.cat(tokens)
+        h_all = None if hidden[0] is None else torch.cat(hidden)
         while len(bank) < mem:  # --quick: repeat the real keys up to the row's size
             take = min(mem - len(bank), k_all.shape[0])
-            bank.add(k_all[:take], v_all[:take])
+            tok_kw = {} if h_all is None else {"token_keys": h_all[:take], "token_ids": ids_all[:take]}
+            bank.add(k_all[:take], v_all[:take], **tok_kw)
         extra["memory_fill"] = (f"{real} tokens of {source} memorized" if real == mem else
                                 f"{real} tokens of {source} memorized, repeated to {len(bank)}")
     extra["model_note"] = note

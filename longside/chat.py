@@ -31,7 +31,7 @@ import torch
 
 from longside.errors import LongsideError, MemoryBankError, SessionError
 from longside.generate import _generator, decode_loop, eos_ids
-from longside.memorize import init_memory, memorize, tokenize
+from longside.memorize import check_token_memory, init_memory, memorize, tokenize
 from longside.paths import atomic_dir
 from longside.sampling import SamplingConfig, TextPieces
 from longside.window import LocalWindow, prepare_memory
@@ -155,6 +155,7 @@ class ChatSession:
                                "replaced); the session cannot be resumed")
         try:
             bank = MemoryBank.load(path / _MEMORY, expect_owner=body["owner"], device=model.backbone.device)
+            check_token_memory(model, bank, path / _MEMORY)
         except MemoryBankError as e:
             raise SessionError(f"session {path}: {e}") from None
         init_memory(model, 1)  # the session's memory replaces whatever the model held

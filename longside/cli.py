@@ -19,6 +19,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("longside.chat_cli", "chat with a model that remembers what it read"),
     "data": ("longside.data.cli", "prepare and inspect the corpora (prepare, stats)"),
     "train": ("longside.train_cli", "train the side network"),
+    "fit-cache": ("longside.fit_cache_cli", "fit the token cache's gate on validation books"),
     "eval": ("longside.eval.cli", "evaluations: ppl, chapterbreak, icl, passkey, all"),
 }
 _BENCHES: dict[str, tuple[str, str]] = {

@@ -33,6 +33,10 @@ class SideNetConfig:
     capacity_tokens: int = 65536
     index: str = "flat"
     window: int = 1024  # local segment length in tokens
+    # token cache (longside/token_cache.py): (hidden state, next token) pairs of the same text
+    token_cache: bool = True
+    token_depth: float = 0.83  # keys are hidden_states[round(token_depth * N)]: block 25 of SmolLM2's 30
+    token_k: int = 64  # neighbours that vote
     # provenance (filled by LongSideModel)
     backbone: str = "smollm2-135m"
     backbone_fingerprint: str = ""
@@ -47,6 +51,13 @@ class SideNetConfig:
             raise CheckpointError(f"memory_attention must be 'gated' or 'joint', not {self.memory_attention!r}")
         if self.reduction < 1 or self.layer_stride < 1 or self.k_chunks < 1 or self.chunk_size < 1:
             raise CheckpointError("reduction, layer_stride, k_chunks and chunk_size must be >= 1")
+        if not 0.0 < self.token_depth <= 1.0 or self.token_k < 1:
+            raise CheckpointError(f"token_depth must lie in (0, 1] and token_k be >= 1, got "
+                                  f"{self.token_depth}, {self.token_k}")
+
+    def token_layer(self, num_layers: int) -> int:
+        """Index into `hidden_states` (0 = embeddings, i = output of block i-1) of the token-cache keys."""
+        return max(1, min(num_layers, round(self.token_depth * num_layers)))
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
@@ -59,6 +70,8 @@ class SideNetConfig:
             raise CheckpointError(f"no side-network config at {path}") from None
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from None
+        if isinstance(raw, dict):
+            raw.setdefault("token_cache", False)  # checkpoints from before the token cache have none
         known = {f.name for f in fields(cls)}
         unknown = set(raw) - known
         if unknown:

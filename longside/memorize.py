@@ -1,9 +1,9 @@
 """Reading text into memory, and the memory helpers a user expects on the model.
 
-Memory holds the memory layer's pre-rotary keys/values, which only the frozen backbone
-computes: memorizing needs neither the side network nor the blocks above the memory
-layer, so `encode_memory` stops the backbone right after that layer (about half the
-cost of a full pass for SmolLM2's layer 15 of 30). Text is cut into segments of
+Memory holds the memory layer's pre-rotary keys/values and the token cache's hidden
+states, which only the frozen backbone computes: memorizing needs neither the side
+network nor the blocks above the deeper of the two layers, so `encode_memory` stops the
+backbone there (block 25 of SmolLM2's 30 with the token cache, block 15 without). Text is cut into segments of
 `config.window` tokens, each encoded from position 0, exactly as training writes memory.
 """
 
@@ -28,19 +28,26 @@ class _Enough(Exception):
 
 
 @torch.no_grad()
-def encode_memory(backbone: "Backbone", ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_memory(backbone: "Backbone", ids: torch.Tensor, layer: int, token_layer: int | None = None):
     """Pre-rotary keys and values of block `layer` for one segment `ids [B, T]` (from
-    position 0), running the backbone only up to that block -> two `[B, T, G, D]` float32.
+    position 0), running the backbone only as far as needed -> two `[B, T, G, D]` float32,
+    plus, with `token_layer`, `hidden_states[token_layer]` `[B, T, d]` (else None).
 
-    Equal to `backbone.encode(ids, layer).memory_keys/values`."""
+    Equal to `backbone.encode(ids, layer)`'s `memory_keys`, `memory_values`, `hidden_states[token_layer]`."""
     parts = backbone._parts
     kv: dict[str, torch.Tensor] = {}
     handles = parts.hook_kv(parts.layers[layer], kv, backbone.spec)
+    last = layer if token_layer is None else max(layer, token_layer - 1)
+
+    def grab(_m, _args, out):
+        kv["h"] = out[0] if isinstance(out, tuple) else out
 
     def stop(*_):
         raise _Enough
 
-    handles.append(parts.layers[layer].register_forward_hook(stop))
+    if token_layer is not None:  # hidden_states[i] is the output of block i - 1
+        handles.append(parts.layers[token_layer - 1].register_forward_hook(grab))
+    handles.append(parts.layers[last].register_forward_hook(stop))
     try:
         parts.base(input_ids=ids.to(backbone.device), use_cache=False)
     except _Enough:
@@ -48,7 +55,7 @@ def encode_memory(backbone: "Backbone", ids: torch.Tensor, layer: int) -> tuple[
     finally:
         for h in handles:
             h.remove()
-    return kv["k"], kv["v"]
+    return kv["k"], kv["v"], kv.get("h")
 
 
 def read_texts(source) -> Iterator[tuple[str, str]]:
@@ -118,9 +125,12 @@ def memorize(model: "LongSideModel", source, *, row: int | None = None, progress
             bar.set_postfix_str(name[-40:], refresh=False)
             for a in range(0, len(ids), W):
                 seg = torch.tensor([ids[a:a + W]])
-                k, v = encode_memory(model.backbone, seg, layer)
+                k, v, h = encode_memory(model.backbone, seg, layer, model.token_layer)
                 for r in targets:
-                    banks[r].add(k[0], v[0])
+                    if h is None:
+                        banks[r].add(k[0], v[0])
+                    else:
+                        banks[r].add(k[0], v[0], token_keys=h[0], token_ids=seg[0])
                 bar.update(seg.shape[1])
     return total
 
@@ -153,7 +163,18 @@ def load_memory(model: "LongSideModel", path: str | os.PathLike, row: int = 0) -
     if bank.chunk_size != model.config.chunk_size:
         raise MemoryBankError(f"{path} stores chunks of {bank.chunk_size} tokens but this model reads chunks "
                               f"of {model.config.chunk_size}; memorize the text again with this model")
+    check_token_memory(model, bank, path)
     banks = model.memory.banks
     if not 0 <= row < len(banks):
         raise LongsideError(f"row {row} out of range: memory has {len(banks)} row(s)")
     banks[row] = bank
+
+
+def check_token_memory(model: "LongSideModel", bank, path) -> None:
+    """Refuse a bank whose token memory does not fit the model's token cache."""
+    want = model.token_layer
+    have = bank.token_layer if bank.tokens is not None else None
+    if have != want or (bank.tokens is not None and bank.tokens.dim != model.backbone.spec.hidden_size):
+        raise MemoryBankError(
+            f"{path} keeps a token memory at hidden state {have}, but this model's token cache reads "
+            f"{want} (None = no token memory); memorize the text again with this model")

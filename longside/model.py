@@ -74,12 +74,31 @@ class LongSideModel(nn.Module):
     def _make_memory(self, batch: int) -> None:
         from longside.memory_bank import BatchMemory
 
-        spec = self.backbone.spec
+        spec, cfg = self.backbone.spec, self.config
         self._memory = BatchMemory(
             batch, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
-            chunk_size=self.config.chunk_size, capacity_tokens=self.config.capacity_tokens,
-            index=self.config.index, owner=self.backbone.owner_id(self.config.memory_layer))
+            chunk_size=cfg.chunk_size, capacity_tokens=cfg.capacity_tokens,
+            index=cfg.index, owner=self.backbone.owner_id(cfg.memory_layer),
+            token_dim=spec.hidden_size if cfg.token_cache else None,
+            token_layer=self.token_layer if cfg.token_cache else None)
         self._memory_batch = batch
+
+    @property
+    def token_layer(self) -> int | None:
+        """Which `hidden_states` entry keys the token cache (None: no token cache)."""
+        return self.config.token_layer(self.backbone.spec.num_layers) if self.config.token_cache else None
+
+    def token_keys(self, out) -> torch.Tensor | None:
+        """The token-cache keys `[B, T, d]` of a `BackboneOutput` (None without a token cache)."""
+        return out.hidden_states[self.token_layer] if self.config.token_cache else None
+
+    def search_tokens(self, keys: torch.Tensor | None):
+        """Token-cache neighbours `(sims, next ids)`, each `[B, T, k]`, or None when there
+        is no token cache or nothing stored yet."""
+        if keys is None or self._memory is None:
+            return None
+        sims, nxt = self._memory.search_tokens(keys, self.config.token_k)
+        return (sims, nxt) if sims.shape[-1] else None
 
     def reset_memory(self, rows: list[int] | None = None) -> None:
         """Forget everything (or only `rows`), e.g. at document boundaries."""
@@ -111,26 +130,48 @@ class LongSideModel(nn.Module):
             mem = memory_inputs(self.backbone, out, layer, lambda q: self._memory.search(q, k))
         runner = self.side if self._side_runner is None else self._side_runner
         h, _ = runner(out.hidden_states, mem)
+        tok_keys = self.token_keys(out)
+        hits = self.search_tokens(tok_keys) if use_memory else None
         loss, n = None, 0
         logits = None
         if labels is not None:
-            loss, n = self._loss(h, labels)
+            loss, n = self._loss(h, labels, hits)
         if return_logits:
-            logits = self.backbone.lm_head(self.backbone.final_norm(h))
+            logits = self.output(h, hits)
         if write_memory:
-            self._memory.add(out.memory_keys, out.memory_values)
+            self._memory.add(out.memory_keys, out.memory_values, token_keys=tok_keys,
+                             token_ids=input_ids if tok_keys is not None else None)
         return LongSideOutput(logits=logits, loss=loss, n_tokens=n)
 
-    def _loss(self, h: torch.Tensor, labels: torch.Tensor, block: int = 256):
+    def output(self, h: torch.Tensor, hits=None, block: int = 256) -> torch.Tensor:
+        """Final states `h [B, T, d]` -> logits `[B, T, V]` float32; with token-cache `hits`
+        (`search_tokens`), the logits of the cache-mixed distribution (see
+        `TokenCacheReader.mix`: unchanged where the cache is silent)."""
+        bb = self.backbone
+        if hits is None or self.side.token_reader is None:
+            return bb.lm_head(bb.final_norm(h))
+        sims, nxt = hits
+        B, T, _ = h.shape
+        out = []
+        for i in range(0, T, block):  # blocks keep the dense [tokens, V] cache tensors small
+            lg = bb.lm_head(bb.final_norm(h[:, i:i + block]))
+            t = lg.shape[1]
+            out.append(self.side.token_reader.mix(lg.flatten(0, 1), sims[:, i:i + t].flatten(0, 1),
+                                                  nxt[:, i:i + t].flatten(0, 1)).view(B, t, -1))
+        return torch.cat(out, 1)
+
+    def _loss(self, h: torch.Tensor, labels: torch.Tensor, hits=None, block: int = 256):
         """Next-token cross-entropy, in blocks of tokens so the `[B, T, V]` logits of a long
         segment are never all alive at once during backward."""
         target = labels[:, 1:].to(h.device)
-        hs = self.backbone.final_norm(h[:, :-1])
         total = h.new_zeros(())
         n = int((target != -100).sum())
-        for i in range(0, hs.shape[1], block):
-            lg = self.backbone.lm_head(hs[:, i:i + block])
-            total = total + F.cross_entropy(lg.flatten(0, 1), target[:, i:i + block].flatten(),
+        T = h.shape[1] - 1
+        for i in range(0, T, block):
+            j = min(i + block, T)
+            part = None if hits is None else (hits[0][:, i:j], hits[1][:, i:j])
+            lg = self.output(h[:, i:j], part, block)
+            total = total + F.cross_entropy(lg.flatten(0, 1), target[:, i:j].flatten(),
                                             ignore_index=-100, reduction="sum")
         return total / max(n, 1), n
 

@@ -26,6 +26,7 @@ from torch import nn
 from longside.backbone import Backbone, BackboneOutput, BackboneSpec
 from longside.config import SideNetConfig
 from longside.errors import CheckpointError, LongsideError
+from longside.token_cache import TokenCacheReader
 
 
 class RMSNorm(nn.Module):
@@ -222,6 +223,7 @@ class SideNetwork(nn.Module):
                                               spec.intermediate_size // r) for _ in self.layer_map)
         self.reader = MemoryReader(s, spec, config.memory_attention, config.memory_gate_init,
                                    self._into_side_init(config.downsample, d, s, keep))
+        self.token_reader = TokenCacheReader() if config.token_cache else None
         self.norm = RMSNorm(s)
         self.up = nn.Linear(s, d, bias=False)
         self.final_gate = nn.Parameter(torch.zeros(()))

@@ -50,7 +50,9 @@ class LocalWindow:
 
     Attributes: `n` (tokens in the current segment), `ids [B, n]` (their token ids),
     `keys, values [B, n, G, D]` (the memory layer's pre-rotary keys/values, written to
-    memory when the segment fills), `segments_written`.
+    memory when the segment fills), `token_keys [B, n, d]` (the token cache's keys, or
+    None), `segments_written`. With a token cache the returned logits are those of the
+    cache-mixed distribution (see `LongSideModel.output`).
     """
 
     def __init__(self, model: "LongSideModel", batch_size: int = 1, *, use_memory: bool = True,
@@ -77,6 +79,7 @@ class LocalWindow:
         self.ids = torch.zeros(B, 0, dtype=torch.long, device=dev)
         self.keys = torch.zeros(B, 0, spec.num_kv_heads, spec.head_dim, device=dev)
         self.values = torch.zeros_like(self.keys)
+        self.token_keys = torch.zeros(B, 0, spec.hidden_size, device=dev) if self.model.config.token_cache else None
 
     @property
     def n(self) -> int:
@@ -89,7 +92,8 @@ class LocalWindow:
     def flush(self) -> None:
         """Write the current (possibly partial) segment to memory and start a new one."""
         if self.n and self.write_memory:
-            self.model.memory.add(self.keys, self.values)
+            self.model.memory.add(self.keys, self.values, token_keys=self.token_keys,
+                                  token_ids=self.ids if self.token_keys is not None else None)
             self.segments_written += 1
         self._restart()
 
@@ -129,6 +133,11 @@ class LocalWindow:
         # the side blocks see every new token (their caches need it); the LM head only
         # the positions whose logits are wanted
         h, self.side_caches = model.side(out.hidden_states, mem, start=start, caches=self.side_caches)
+        tok_keys = model.token_keys(out)
+        if tok_keys is not None:
+            self.token_keys = torch.cat([self.token_keys, tok_keys], 1)
         if not all_logits:
-            h = h[:, -1]
-        return bb.lm_head(bb.final_norm(h))
+            h, tok_keys = h[:, -1:], None if tok_keys is None else tok_keys[:, -1:]
+        hits = model.search_tokens(tok_keys) if self.use_memory else None
+        logits = model.output(h, hits)
+        return logits if all_logits else logits[:, -1]

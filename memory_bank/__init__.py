@@ -8,5 +8,6 @@ from .bank import MemoryBank
 from .batch import BatchMemory
 from .eviction import FIFO, EvictionPolicy, KeepMostRetrieved
 from .persist import FORMAT_VERSION
+from .token_memory import TokenMemory
 
-__all__ = ["MemoryBank", "BatchMemory", "EvictionPolicy", "FIFO", "KeepMostRetrieved", "FORMAT_VERSION"]
+__all__ = ["MemoryBank", "BatchMemory", "EvictionPolicy", "FIFO", "KeepMostRetrieved", "FORMAT_VERSION", "TokenMemory"]

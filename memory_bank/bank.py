@@ -48,6 +48,7 @@ from longside.errors import MemoryBankError
 
 from .eviction import EvictionPolicy, SlotQueue, make_policy
 from .ivf import IVFIndexes
+from .token_memory import TokenMemory
 
 INDEXES = ("flat", "ivf", "hnsw")
 CHUNK_KEYS = ("mean", "last")
@@ -71,6 +72,10 @@ class MemoryBank:
             "smollm2-135m:<sha>:layer15"; `load(expect_owner=...)` checks it.
         nlist, nprobe, ef_search, ivf_codes, rerank, train_min_chunks: IVF settings
             (defaults scale with capacity; see ivf.py).
+        token_dim, token_layer: when set, the bank also keeps a `TokenMemory` of
+            (hidden state of width token_dim at backbone depth token_layer, next token)
+            pairs of the same text, with the same capacity in tokens (`add(...,
+            token_keys=, token_ids=)`, `search_tokens`).
     """
 
     def __init__(self, num_kv_heads: int, head_dim: int, chunk_size: int = 4,
@@ -79,7 +84,8 @@ class MemoryBank:
                  chunk_key: str = "mean", eviction: str | EvictionPolicy = "fifo",
                  owner: str | None = None, *, nlist: int | None = None, nprobe: int | None = None,
                  ef_search: int = 64, ivf_codes: str = "sq8", rerank: int = 2,
-                 train_min_chunks: int | None = None):
+                 train_min_chunks: int | None = None, token_dim: int | None = None,
+                 token_layer: int | None = None):
         if num_kv_heads < 1 or head_dim < 1:
             raise MemoryBankError(f"num_kv_heads and head_dim must be >= 1, got {num_kv_heads}, {head_dim}")
         if not 1 <= chunk_size <= 255:
@@ -122,6 +128,9 @@ class MemoryBank:
         self._evicted_chunks = 0
         self._dropped_tokens = 0
 
+        self.token_layer = token_layer
+        self.tokens = TokenMemory(token_dim, self.capacity_tokens, dtype, self.device) if token_dim else None
+
         self._ivf: IVFIndexes | None = None
         self.train_min_chunks = 0
         if index != "flat":
@@ -163,8 +172,10 @@ class MemoryBank:
         self._ivf.ef_search = value
 
     # -- writing -----------------------------------------------------------------------
-    def add(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Append `keys, values [T, H_kv, D]` (any float dtype; stored in `dtype`).
+    def add(self, keys: torch.Tensor, values: torch.Tensor, token_keys: torch.Tensor | None = None,
+            token_ids: torch.Tensor | None = None) -> None:
+        """Append `keys, values [T, H_kv, D]` (any float dtype; stored in `dtype`), and, in a
+        bank with a token memory, the same tokens' `token_keys [T, token_dim]` and ids `[T]`.
 
         Keys are the memory layer's pre-rotary keys. The first tokens top up the partial
         last chunk; the rest form new chunks (the last may be partial). Past capacity the
@@ -172,11 +183,18 @@ class MemoryBank:
         chunks are kept.
         """
         self._check_kv(keys, values)
+        if (self.tokens is not None) != (token_keys is not None and token_ids is not None):
+            raise MemoryBankError("pass token_keys and token_ids exactly when the bank has a token memory "
+                                  f"(token_dim={self.tokens.dim if self.tokens else None})")
         T = keys.shape[0]
         if T == 0:
             return
+        if self.tokens is not None and token_keys.shape[0] != T:
+            raise MemoryBankError(f"token_keys hold {token_keys.shape[0]} tokens, keys {T}")
         S = self.chunk_size
         with self._lock:
+            if self.tokens is not None:
+                self.tokens.add(token_keys, token_ids)
             keys = keys.detach().to(self.device, self.dtype)
             values = values.detach().to(self.device, self.dtype)
             pos = 0
@@ -301,6 +319,8 @@ class MemoryBank:
             self._reset()
 
     def _reset(self) -> None:
+        if self.tokens is not None:
+            self.tokens.clear()
         self._queue.clear()
         self._nfree = 0
         self._used = 0
@@ -311,6 +331,14 @@ class MemoryBank:
             self._ivf.reset()
 
     # -- reading -----------------------------------------------------------------------
+    def search_tokens(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest stored contexts of the token memory: `queries [T, token_dim]` ->
+        similarities `[T, k']` float32 and next-token ids `[T, k']` (see TokenMemory)."""
+        if self.tokens is None:
+            raise MemoryBankError("this bank keeps no token memory (built without token_dim)")
+        with self._lock:
+            return self.tokens.search(queries, k)
+
     def search(self, queries: torch.Tensor, k_chunks: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-`k_chunks` chunks per query token and query head.
@@ -427,7 +455,8 @@ class MemoryBank:
         H, S, D = self.num_kv_heads, self.chunk_size, self.head_dim
         es = self._keys.element_size()
         per_slot = 2 * H * S * D * es + H * D * es + 1 + 4 + 8 + 8  # kv, chunk key, fill, hits, queue, free
-        return self._used * per_slot + (self._ivf.nbytes() if self._ivf else 0)
+        return (self._used * per_slot + (self._ivf.nbytes() if self._ivf else 0)
+                + (self.tokens.nbytes() if self.tokens is not None else 0))
 
     def stats(self) -> dict[str, Any]:
         """Sizes and counters, JSON-serialisable."""
@@ -447,6 +476,7 @@ class MemoryBank:
                 "bytes": self.nbytes(),
                 "bytes_per_token": self.nbytes() / self._tokens if self._tokens else None,
                 "owner": self.owner,
+                "token_memory": len(self.tokens) if self.tokens is not None else None,
             }
 
     def config(self) -> dict[str, Any]:
@@ -456,6 +486,8 @@ class MemoryBank:
                    dtype=str(self.dtype).removeprefix("torch."), chunk_key=self.chunk_key,
                    eviction=self.policy.name, eviction_config=self.policy.config(),
                    owner=self.owner, rerank=self.rerank)
+        if self.tokens is not None:
+            cfg.update(token_dim=self.tokens.dim, token_layer=self.token_layer)
         if self._ivf is not None:
             cfg.update(nlist=self._ivf.nlist, nprobe=self._ivf.nprobe, ef_search=self._ivf.ef_search,
                        ivf_codes=self._ivf.codes, train_min_chunks=self.train_min_chunks)

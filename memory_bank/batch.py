@@ -35,12 +35,28 @@ class BatchMemory:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise MemoryBankError(f"{name} must be [B={len(self.banks)}, T, H, D], got {shape}")
 
-    def add(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """`keys, values [B, T, H_kv, D]`: row b goes to bank b."""
+    def add(self, keys: torch.Tensor, values: torch.Tensor, token_keys: torch.Tensor | None = None,
+            token_ids: torch.Tensor | None = None) -> None:
+        """`keys, values [B, T, H_kv, D]`: row b goes to bank b; with token memories also
+        `token_keys [B, T, token_dim]` and `token_ids [B, T]`."""
         self._check_batch(keys, "keys")
         self._check_batch(values, "values")
-        for bank, k, v in zip(self.banks, keys, values):
-            bank.add(k, v)
+        for b, (bank, k, v) in enumerate(zip(self.banks, keys, values)):
+            if token_keys is None:
+                bank.add(k, v)
+            else:
+                bank.add(k, v, token_keys=token_keys[b], token_ids=token_ids[b])
+
+    def search_tokens(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`queries [B, T, token_dim]` -> similarities `[B, T, k']` float32 and next-token
+        ids `[B, T, k']`, k' the largest row's min(k, stored pairs); row b from bank b.
+        Rows with fewer pairs are padded with similarity -inf and id 0."""
+        hits = [bank.search_tokens(q, k) for bank, q in zip(self.banks, queries)]
+        kk = max(s.shape[1] for s, _ in hits)
+        pad = [kk - s.shape[1] for s, _ in hits]
+        sims = torch.stack([torch.nn.functional.pad(s, (0, p), value=float("-inf")) for (s, _), p in zip(hits, pad)])
+        nxt = torch.stack([torch.nn.functional.pad(n, (0, p), value=0) for (_, n), p in zip(hits, pad)])
+        return sims, nxt
 
     def search(self, queries: torch.Tensor, k_chunks: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

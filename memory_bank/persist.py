@@ -68,6 +68,8 @@ def save_bank(bank: "MemoryBank", path: Path) -> None:
         "queue": bank._queue.items().view(np.uint8),
         "free": bank._free[:bank._nfree].copy().view(np.uint8),
     }
+    if bank.tokens is not None:
+        arrays.update({k: _raw(v) for k, v in bank.tokens.arrays().items()})
     if bank._ivf is not None and bank._ivf.trained:
         for h, blob in enumerate(bank._ivf.serialize()):
             arrays[f"ivf{h}"] = blob
@@ -75,7 +77,8 @@ def save_bank(bank: "MemoryBank", path: Path) -> None:
         "config": bank.config(),
         "owner": bank.owner,
         "state": {"used": used, "partial": bank._partial, "tokens": bank._tokens,
-                  "evicted_chunks": bank._evicted_chunks, "dropped_tokens": bank._dropped_tokens},
+                  "evicted_chunks": bank._evicted_chunks, "dropped_tokens": bank._dropped_tokens,
+                  "token_memory": bank.tokens.state() if bank.tokens is not None else None},
         "arrays": [[name, int(a.nbytes)] for name, a in arrays.items()],
     }
     head = json.dumps(header).encode()
@@ -170,6 +173,14 @@ def load_bank(cls: type, path: Path, *, expect_owner: str | None, device, evicti
     bank._tokens = state["tokens"]
     bank._evicted_chunks = state["evicted_chunks"]
     bank._dropped_tokens = state["dropped_tokens"]
+    if bank.tokens is not None:
+        tm = bank.tokens
+        n = int((state.get("token_memory") or {}).get("size", -1))
+        if n < 0 or not {"token_keys", "token_next", "token_pending"} <= set(arrays):
+            raise _corrupt(path, "token memory declared but missing")
+        tm.restore(state["token_memory"], {"token_keys": tensor("token_keys", dtype, (n, tm.dim)),
+                                           "token_next": tensor("token_next", torch.int64, (n,)),
+                                           "token_pending": tensor("token_pending", dtype, (tm.dim,))})
     if bank._ivf is not None and "ivf0" in arrays:
         bank._ivf.load_serialized([np.frombuffer(arrays[f"ivf{h}"], dtype=np.uint8) for h in range(H)])
     return bank

@@ -35,8 +35,11 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def small(smollm2):
-    """An untrained side network with a 128-token window, and its report identifiers."""
-    model = LongSideModel(smollm2, SideNetConfig(window=W))
+    """An untrained side network with a 128-token window, and its report identifiers.
+
+    Without the token cache, so its scores equal the bare backbone's exactly (the checks
+    below rely on that; the token cache is tested in test_model.py)."""
+    model = LongSideModel(smollm2, SideNetConfig(window=W, token_cache=False))
     return model, common.model_info(model, None, trained=False, note="test model")
 
 

@@ -88,9 +88,10 @@ def test_memory_written_only_when_the_segment_fills(model):
 def test_memory_holds_the_segment_keys(model, smollm2):
     ids = ids_of(W)
     LocalWindow(model, 1).feed(ids)
-    k, _ = encode_memory(smollm2, ids, model.config.memory_layer)
+    k, _, h = encode_memory(smollm2, ids, model.config.memory_layer, model.token_layer)
     ref = smollm2.encode(ids, memory_layer=model.config.memory_layer)
     torch.testing.assert_close(k, ref.memory_keys)
+    torch.testing.assert_close(h, ref.hidden_states[model.token_layer])
     got, _, mask = model.memory.banks[0].search(ref.memory_queries[0, :1], 1)
     assert mask.any()
 

@@ -24,7 +24,7 @@ def _cfg(**kw):
 
 def test_forward_reads_then_writes_and_init_is_backbone():
     bb = _tiny_backbone()
-    model = LongSideModel(bb, _cfg())
+    model = LongSideModel(bb, _cfg(token_cache=False))
     ids = torch.randint(0, 96, (2, 16))
     out = model(ids, labels=ids)
     assert out.logits.shape == (2, 16, 96) and out.loss.ndim == 0 and out.n_tokens == 30
@@ -33,6 +33,32 @@ def test_forward_reads_then_writes_and_init_is_backbone():
     assert torch.allclose(out2.logits, bb.logits(ids), atol=1e-5)
     model.reset_memory([0])
     assert model.memory.lengths() == [0, 32]
+
+
+def test_token_cache_starts_as_the_backbone_and_copies_repeated_text():
+    bb = _tiny_backbone()
+    model = LongSideModel(bb, _cfg())
+    ids = torch.randint(0, 96, (1, 16))
+    first = model(ids, labels=ids)  # empty memory: the backbone's distribution exactly
+    torch.testing.assert_close(first.logits, bb.logits(ids), atol=1e-5, rtol=0)
+    assert len(model.memory.banks[0].tokens) == 15  # the 16th token waits for its successor
+    again = model(ids, labels=ids)  # same text again: every context is stored, with its next token
+    lp = torch.log_softmax(again.logits, -1)
+    mixed = again.logits != bb.logits(ids)
+    assert mixed.any() and torch.allclose(lp.exp().sum(-1), torch.ones(1, 16), atol=1e-4)
+    assert again.loss < first.loss - 0.1
+    off = model(ids, labels=ids, use_memory=False)
+    torch.testing.assert_close(off.loss, first.loss)
+
+
+def test_token_cache_gate_trains():
+    model = LongSideModel(_tiny_backbone(), _cfg())
+    ids = torch.randint(0, 96, (1, 16))
+    model(ids)
+    model(ids, labels=ids).loss.backward()
+    reader = model.side.token_reader
+    assert reader.gate.grad is not None and reader.gate.grad.abs().sum() > 0
+    assert "token_reader.gate" in model.side.state_dict()
 
 
 def test_rows_never_read_each_other():
@@ -127,3 +153,30 @@ def test_shipped_checkpoint_is_the_default(smollm2):
     ids = smollm2.tokenizer("It is a truth universally acknowledged", return_tensors="pt").input_ids
     out = model(ids, write_memory=False)
     assert not torch.allclose(out.logits, smollm2.logits(ids), atol=1e-3)
+
+
+def test_fit_token_cache_learns_to_trust_a_cache_that_repeats():
+    import numpy as np
+
+    from longside.token_cache import fit_token_cache
+
+    model = LongSideModel(_tiny_backbone(), _cfg())
+    rng = np.random.default_rng(0)
+    books = [np.tile(rng.integers(0, 96, 24), 6) for _ in range(2)]  # text that repeats itself
+    before = model.side.token_reader.gate.detach().clone()
+    report = fit_token_cache(model, books, segments=6, steps=60, progress=False)
+    assert report["tokens"] == 2 * 5 * 15
+    assert report["ppl_with_cache"] < 0.5 * report["ppl_model"]
+    assert not torch.equal(before, model.side.token_reader.gate.detach())
+
+
+def test_load_memory_refuses_a_bank_without_token_memory(tmp_path):
+    from longside.errors import MemoryBankError
+
+    bb = _tiny_backbone()
+    plain = LongSideModel(bb, _cfg(token_cache=False))
+    plain(torch.randint(0, 96, (1, 16)))
+    plain.save_memory(tmp_path / "m.bank")
+    model = LongSideModel(bb, _cfg())
+    with pytest.raises(MemoryBankError, match="memorize the text again"):
+        model.load_memory(tmp_path / "m.bank")

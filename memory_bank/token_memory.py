@@ -1,0 +1,109 @@
+"""`TokenMemory`: a per-token memory of (context vector, next token) pairs.
+
+The key/value bank (bank.py) feeds memory attention; this one feeds a copy distribution
+at the output (a continuous cache / kNN-LM over the sequence's own past): token t of the
+memorized text is stored as its unit-norm hidden state h_t and the token that followed
+it, x_{t+1}. A query h finds the k most similar stored contexts, and their next tokens,
+weighted by similarity, vote for the next token (see longside/token_cache.py).
+
+The next token of the newest stored token is not known until more text arrives, so
+that token is held back ("pending") and stored by the next `add`. Storage is a ring
+buffer: past capacity the oldest pairs are overwritten (FIFO). Search is exact (one
+matrix product and a top-k). The arrays persist inside the owning MemoryBank's file.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from longside.errors import MemoryBankError
+
+
+class TokenMemory:
+    """Up to `capacity` (unit vector `[dim]`, next token id) pairs, oldest overwritten first.
+
+    Keys are stored in `dtype` (fp16 by default: 64k tokens x 576 dims = 75 MB)."""
+
+    def __init__(self, dim: int, capacity: int, dtype: torch.dtype = torch.float16,
+                 device: str | torch.device = "cpu"):
+        if dim < 1 or capacity < 1:
+            raise MemoryBankError(f"token memory needs dim >= 1 and capacity >= 1, got {dim}, {capacity}")
+        self.dim, self.capacity, self.dtype, self.device = dim, capacity, dtype, torch.device(device)
+        self._keys = torch.empty(capacity, dim, dtype=dtype, device=self.device)
+        self._next = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)
+        self._pending = torch.zeros(dim, dtype=dtype, device=self.device)
+        self._has_pending = False
+        self._size = 0  # pairs stored
+        self._head = 0  # slot the next pair goes to
+
+    def __len__(self) -> int:
+        return self._size
+
+    def clear(self) -> None:
+        self._size, self._head, self._has_pending = 0, 0, False
+
+    def add(self, keys: torch.Tensor, ids: torch.Tensor) -> None:
+        """Append tokens in text order: `keys [T, dim]` (normalised here), `ids [T]` int.
+
+        Stores (key of token t, id of token t+1) for every t whose successor is known:
+        the held-back last token of the previous call pairs with `ids[0]`."""
+        if keys.dim() != 2 or keys.shape[1] != self.dim or ids.shape != keys.shape[:1]:
+            raise MemoryBankError(f"token memory add needs keys [T, {self.dim}] and ids [T], got "
+                                  f"{tuple(keys.shape)} and {tuple(ids.shape)}")
+        T = keys.shape[0]
+        if T == 0:
+            return
+        keys = torch.nn.functional.normalize(keys.detach().float(), dim=-1).to(self.device, self.dtype)
+        ids = ids.detach().to(self.device, torch.int64)
+        if self._has_pending:
+            new_keys, new_next = torch.cat([self._pending[None], keys[:-1]]), ids
+        else:
+            new_keys, new_next = keys[:-1], ids[1:]
+        self._pending.copy_(keys[-1])
+        self._has_pending = True
+        self._write(new_keys, new_next)
+
+    def _write(self, keys: torch.Tensor, nxt: torch.Tensor) -> None:
+        n = keys.shape[0]
+        if n > self.capacity:  # only the newest fit
+            keys, nxt, n = keys[-self.capacity:], nxt[-self.capacity:], self.capacity
+        slots = (self._head + torch.arange(n, device=self.device)) % self.capacity
+        self._keys[slots] = keys
+        self._next[slots] = nxt
+        self._head = (self._head + n) % self.capacity
+        self._size = min(self.capacity, self._size + n)
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`queries [T, dim]` (normalised here) -> cosine similarities `[T, k']` float32,
+        best first, and the next token ids `[T, k']` int64 of those contexts;
+        k' = min(k, len(self)) (0 for an empty memory)."""
+        if queries.dim() != 2 or queries.shape[1] != self.dim:
+            raise MemoryBankError(f"token memory search needs queries [T, {self.dim}], got {tuple(queries.shape)}")
+        kk = min(k, self._size)
+        T = queries.shape[0]
+        if kk == 0:
+            return (torch.zeros(T, 0, device=self.device), torch.zeros(T, 0, dtype=torch.int64, device=self.device))
+        q = torch.nn.functional.normalize(queries.detach().float(), dim=-1).to(self.device, self.dtype)
+        sims = q @ self._keys[:self._size].T  # slots [0, size) are live: the ring fills from 0
+        top, idx = sims.float().topk(kk, dim=-1)
+        return top, self._next[idx]
+
+    def nbytes(self) -> int:
+        return self._size * (self.dim * self._keys.element_size() + 8)
+
+    # -- persistence (inside the owning MemoryBank's file; see persist.py) ----------------
+    def state(self) -> dict:
+        return {"size": self._size, "head": self._head, "has_pending": self._has_pending}
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        return {"token_keys": self._keys[:self._size], "token_next": self._next[:self._size],
+                "token_pending": self._pending}
+
+    def restore(self, state: dict, arrays: dict[str, torch.Tensor]) -> None:
+        n = int(state["size"])
+        if not 0 <= n <= self.capacity or not 0 <= int(state["head"]) < self.capacity:
+            raise MemoryBankError(f"token memory state {state} does not fit capacity {self.capacity}")
+        self._keys[:n] = arrays["token_keys"].view(n, self.dim)
+        self._next[:n] = arrays["token_next"].view(n)
+        self._pending.copy_(arrays["token_pending"].view(self.dim))
+        self._size, self._head, self._has_pending = n, int(state["head"]), bool(state["has_pending"])
