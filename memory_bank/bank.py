@@ -129,7 +129,7 @@ class MemoryBank:
         self._dropped_tokens = 0
 
         self.token_layer = token_layer
-        self.tokens = TokenMemory(token_dim, self.capacity_tokens, dtype, self.device) if token_dim else None
+        self.tokens = TokenMemory(token_dim, self.capacity_tokens, device=self.device) if token_dim else None
 
         self._ivf: IVFIndexes | None = None
         self.train_min_chunks = 0

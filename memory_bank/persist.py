@@ -178,9 +178,9 @@ def load_bank(cls: type, path: Path, *, expect_owner: str | None, device, evicti
         n = int((state.get("token_memory") or {}).get("size", -1))
         if n < 0 or not {"token_keys", "token_next", "token_pending"} <= set(arrays):
             raise _corrupt(path, "token memory declared but missing")
-        tm.restore(state["token_memory"], {"token_keys": tensor("token_keys", dtype, (n, tm.dim)),
+        tm.restore(state["token_memory"], {"token_keys": tensor("token_keys", tm.dtype, (n, tm.dim)),
                                            "token_next": tensor("token_next", torch.int64, (n,)),
-                                           "token_pending": tensor("token_pending", dtype, (tm.dim,))})
+                                           "token_pending": tensor("token_pending", tm.dtype, (tm.dim,))})
     if bank._ivf is not None and "ivf0" in arrays:
         bank._ivf.load_serialized([np.frombuffer(arrays[f"ivf{h}"], dtype=np.uint8) for h in range(H)])
     return bank

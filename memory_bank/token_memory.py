@@ -22,9 +22,10 @@ from longside.errors import MemoryBankError
 class TokenMemory:
     """Up to `capacity` (unit vector `[dim]`, next token id) pairs, oldest overwritten first.
 
-    Keys are stored in `dtype` (fp16 by default: 64k tokens x 576 dims = 75 MB)."""
+    Keys are stored in `dtype`: bfloat16 by default (64k tokens x 576 dims = 75 MB), since
+    CPU matrix products are several times faster in bfloat16 than in float16."""
 
-    def __init__(self, dim: int, capacity: int, dtype: torch.dtype = torch.float16,
+    def __init__(self, dim: int, capacity: int, dtype: torch.dtype = torch.bfloat16,
                  device: str | torch.device = "cpu"):
         if dim < 1 or capacity < 1:
             raise MemoryBankError(f"token memory needs dim >= 1 and capacity >= 1, got {dim}, {capacity}")
@@ -74,8 +75,8 @@ class TokenMemory:
         self._size = min(self.capacity, self._size + n)
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`queries [T, dim]` (normalised here) -> cosine similarities `[T, k']` float32,
-        best first, and the next token ids `[T, k']` int64 of those contexts;
+        """`queries [T, dim]` (normalised here) -> cosine similarities `[T, k']` float32
+        (exact against the stored keys), best first, and the next token ids `[T, k']` int64 of those contexts;
         k' = min(k, len(self)) (0 for an empty memory)."""
         if queries.dim() != 2 or queries.shape[1] != self.dim:
             raise MemoryBankError(f"token memory search needs queries [T, {self.dim}], got {tuple(queries.shape)}")
@@ -83,10 +84,24 @@ class TokenMemory:
         T = queries.shape[0]
         if kk == 0:
             return (torch.zeros(T, 0, device=self.device), torch.zeros(T, 0, dtype=torch.int64, device=self.device))
-        q = torch.nn.functional.normalize(queries.detach().float(), dim=-1).to(self.device, self.dtype)
-        sims = q @ self._keys[:self._size].T  # slots [0, size) are live: the ring fills from 0
-        top, idx = sims.float().topk(kk, dim=-1)
-        return top, self._next[idx]
+        q = torch.nn.functional.normalize(queries.detach().float(), dim=-1).to(self.device)
+        live = self._keys[:self._size]  # slots [0, size) are live: the ring fills from 0
+        if self.dtype == torch.float32:
+            top, idx = (q @ live.T).topk(kk, dim=-1)
+            return top, self._next[idx]
+        # a product in the storage dtype rounds similarities to its ~3 digits: use it to
+        # shortlist 2k candidates, then score those exactly in float32
+        short = min(2 * kk, self._size)
+        cand = (q.to(self.dtype) @ live.T).topk(short, dim=-1).indices  # [T, 2k]
+        tops, idxs = [], []
+        for i in range(0, T, 256):  # blocks bound the gathered [block, 2k, dim] keys
+            c = cand[i:i + 256]
+            exact = torch.einsum("td,tkd->tk", q[i:i + 256], live[c].float())
+            top, j = exact.topk(kk, dim=-1)
+            tops.append(top)
+            idxs.append(c.gather(1, j))
+        idx = torch.cat(idxs)
+        return torch.cat(tops), self._next[idx]
 
     def nbytes(self) -> int:
         return self._size * (self.dim * self._keys.element_size() + 8)

@@ -18,7 +18,7 @@ def test_pairs_each_context_with_the_token_that_follows_across_adds():
     tm.add(keys[4:], ids[4:])
     assert len(tm) == 9
     sims, nxt = tm.search(keys[:9], 1)
-    assert torch.allclose(sims[:, 0], torch.ones(9), atol=1e-3)
+    assert torch.allclose(sims[:, 0], torch.ones(9), atol=5e-3)  # keys stored in bfloat16
     assert nxt[:, 0].tolist() == list(range(101, 110))  # token t's context predicts token t+1
 
 
