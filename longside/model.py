@@ -162,17 +162,30 @@ class LongSideModel(nn.Module):
 
     def _loss(self, h: torch.Tensor, labels: torch.Tensor, hits=None, block: int = 256):
         """Next-token cross-entropy, in blocks of tokens so the `[B, T, V]` logits of a long
-        segment are never all alive at once during backward."""
+        segment are never all alive at once during backward. With token-cache `hits`, the
+        mixture's log-probability of each target is computed from the target's own terms
+        (`TokenCacheReader.log_prob`), never from a dense `[tokens, V]` cache distribution."""
         target = labels[:, 1:].to(h.device)
         total = h.new_zeros(())
         n = int((target != -100).sum())
         T = h.shape[1] - 1
+        reader = self.side.token_reader
         for i in range(0, T, block):
             j = min(i + block, T)
-            part = None if hits is None else (hits[0][:, i:j], hits[1][:, i:j])
-            lg = self.output(h[:, i:j], part, block)
-            total = total + F.cross_entropy(lg.flatten(0, 1), target[:, i:j].flatten(),
-                                            ignore_index=-100, reduction="sum")
+            lg = self.backbone.lm_head(self.backbone.final_norm(h[:, i:j])).flatten(0, 1)
+            tg = target[:, i:j].flatten()
+            if hits is None or reader is None:
+                total = total + F.cross_entropy(lg, tg, ignore_index=-100, reduction="sum")
+                continue
+            keep = tg != -100
+            lp = torch.log_softmax(lg[keep].float(), -1)
+            t = tg[keep]
+            with torch.no_grad():  # the gate's inputs: features of the model, not paths for its gradient
+                ent = -(lp.exp() * lp).sum(-1)
+                lpmax = lp.max(-1).values
+            lpt = lp.gather(1, t[:, None])[:, 0]
+            sims, nxt = (x[:, i:j].flatten(0, 1)[keep] for x in hits)
+            total = total - reader.log_prob(sims, nxt, t, lpt, ent, lpmax).sum()
         return total / max(n, 1), n
 
     # -- save / load -------------------------------------------------------------------

@@ -78,10 +78,14 @@ class TokenCacheReader(nn.Module):
         """The mixed log-probability of `target [N]` from precomputed model quantities
         (its log-prob, entropy and max log-prob, each `[N]`): what `mix` gives at the
         target, without `[N, V]` tensors. Used to fit the reader."""
+        if sims.shape[-1] == 0:
+            return lp_target
         w, valid, agree, top = self._weights(sims, nxt)
         lam = self._lambda(top, ent, lpmax, agree, valid)
         p_cache = (w * (nxt == target[:, None])).sum(-1)
-        return torch.log((1 - lam) * lp_target.exp() + lam * p_cache + 1e-30)
+        # log((1 - lam) p + lam c), stable when p underflows: logaddexp of the two terms
+        return torch.logaddexp(torch.log1p(-lam.clamp(max=1 - 1e-6)) + lp_target,
+                               lam.clamp_min(1e-30).log() + p_cache.clamp_min(1e-30).log())
 
 
 def fit_token_cache(model, books, segments: int = 12, steps: int = 400, lr: float = 0.05,

@@ -180,3 +180,17 @@ def test_load_memory_refuses_a_bank_without_token_memory(tmp_path):
     model = LongSideModel(bb, _cfg())
     with pytest.raises(MemoryBankError, match="memorize the text again"):
         model.load_memory(tmp_path / "m.bank")
+
+
+def test_training_loss_with_token_cache_equals_the_mixture_of_the_output():
+    bb = _tiny_backbone()
+    model = LongSideModel(bb, _cfg())
+    ids = torch.randint(0, 96, (2, 16))
+    model(ids)
+    labels = ids.clone()
+    labels[0, 5:9] = -100
+    out = model(ids, labels=labels, write_memory=False)
+    lp = torch.log_softmax(out.logits[:, :-1], -1)
+    t = labels[:, 1:]
+    ref = -lp.gather(2, t.clamp_min(0)[..., None])[..., 0][t != -100].mean()
+    torch.testing.assert_close(out.loss, ref, atol=1e-4, rtol=1e-4)
