@@ -52,8 +52,8 @@ def _worker(method: str, seq: int, batch: int, steps: int) -> dict:
         params = model.trainable_parameters()
         note = f"backbone {'nf4 (longside kernels)' if quant else 'dense fp32 (kernels not built)'}"
 
-        def step(ids):
-            return model(ids, labels=ids, return_logits=False).loss
+        def step(ids):  # reads memory, never writes: every step sees the same memory
+            return model(ids, labels=ids, write_memory=False, return_logits=False).loss
         first, second = _batch(bb.tokenizer, seq, batch)
         model(first)  # memory holds one segment per row, so retrieval is part of the step
         data = second
