@@ -33,7 +33,6 @@ def main(argv: list[str]) -> int:
     if model.side.token_reader is None:
         model.config.token_cache = True
         model.side.token_reader = TokenCacheReader()
-    model._memory = None  # rebuilt with token memories on first use
     books = tokenized_books(model.backbone, "validation")[: args.books]
     result = fit_token_cache(model, books, segments=args.segments, steps=args.steps)
     model.save_pretrained(args.out)

@@ -21,6 +21,7 @@ from longside.config import SideNetConfig
 from longside.errors import CheckpointError, LongsideError
 from longside.paths import atomic_dir
 from longside.side_network import SideNetwork, memory_inputs
+from longside.token_cache import target_terms
 
 SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoints" / "smollm2-135m"
 _WEIGHTS = "side_model.safetensors"
@@ -122,6 +123,21 @@ class LongSideModel(nn.Module):
                 raise LongsideError(f"memory holds sequences for batch size {self._memory_batch}, got {B}; "
                                     "call reset_memory() or keep the batch size")
             self._make_memory(B)
+        out, h, tok_keys, hits = self._read(input_ids, use_memory)
+        loss, n = None, 0
+        logits = None
+        if labels is not None:
+            loss, n = self._loss(h, labels, hits)
+        if return_logits:
+            logits = self.output(h, hits)
+        if write_memory:
+            self._write(out, input_ids, tok_keys)
+        return LongSideOutput(logits=logits, loss=loss, n_tokens=n)
+
+    def _read(self, input_ids: torch.Tensor, use_memory: bool):
+        """Backbone, memory read and side network over one segment -> (BackboneOutput,
+        final states `h [B, T, d]`, token-cache keys `[B, T, d]` or None, token-cache hits
+        or None). Nothing is written."""
         layer = self.config.memory_layer
         out = self.backbone.encode(input_ids.to(self.backbone.device), memory_layer=layer)
         mem = None
@@ -131,17 +147,12 @@ class LongSideModel(nn.Module):
         runner = self.side if self._side_runner is None else self._side_runner
         h, _ = runner(out.hidden_states, mem)
         tok_keys = self.token_keys(out)
-        hits = self.search_tokens(tok_keys) if use_memory else None
-        loss, n = None, 0
-        logits = None
-        if labels is not None:
-            loss, n = self._loss(h, labels, hits)
-        if return_logits:
-            logits = self.output(h, hits)
-        if write_memory:
-            self._memory.add(out.memory_keys, out.memory_values, token_keys=tok_keys,
-                             token_ids=input_ids if tok_keys is not None else None)
-        return LongSideOutput(logits=logits, loss=loss, n_tokens=n)
+        return out, h, tok_keys, self.search_tokens(tok_keys) if use_memory else None
+
+    def _write(self, out, input_ids: torch.Tensor, tok_keys: torch.Tensor | None) -> None:
+        """Write a segment read by `_read` into memory."""
+        self._memory.add(out.memory_keys, out.memory_values, token_keys=tok_keys,
+                         token_ids=input_ids if tok_keys is not None else None)
 
     def output(self, h: torch.Tensor, hits=None, block: int = 256) -> torch.Tensor:
         """Final states `h [B, T, d]` -> logits `[B, T, V]` float32; with token-cache `hits`
@@ -178,12 +189,8 @@ class LongSideModel(nn.Module):
                 total = total + F.cross_entropy(lg, tg, ignore_index=-100, reduction="sum")
                 continue
             keep = tg != -100
-            lp = torch.log_softmax(lg[keep].float(), -1)
             t = tg[keep]
-            with torch.no_grad():  # the gate's inputs: features of the model, not paths for its gradient
-                ent = -(lp.exp() * lp).sum(-1)
-                lpmax = lp.max(-1).values
-            lpt = lp.gather(1, t[:, None])[:, 0]
+            lpt, ent, lpmax = target_terms(lg[keep], t)
             sims, nxt = (x[:, i:j].flatten(0, 1)[keep] for x in hits)
             total = total - reader.log_prob(sims, nxt, t, lpt, ent, lpmax).sum()
         return total / max(n, 1), n

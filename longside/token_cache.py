@@ -26,8 +26,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from longside.errors import LongsideError
 
 FEATURES = ("bias", "top_similarity", "lm_entropy", "lm_max_log_prob", "agreement")
 
@@ -43,10 +44,9 @@ class TokenCacheReader(nn.Module):
 
     def _weights(self, sims: torch.Tensor, nxt: torch.Tensor):
         """sims, nxt `[..., k]` -> neighbour weights `[..., k]`, valid `[...]`, agreement `[...]`."""
-        valid = torch.isfinite(sims[..., 0])
-        s = torch.where(valid[..., None], sims, 0.0)
-        w = torch.softmax(s / self.log_tau.exp(), -1).masked_fill(~torch.isfinite(sims), 0.0)
-        w = w / w.sum(-1, keepdim=True).clamp_min(1e-30)
+        valid = torch.isfinite(sims[..., 0])  # best first: padding (-inf) only at the end
+        s = torch.where(valid[..., None], sims, 0.0)  # rows without neighbours: no NaN, weight 0 below
+        w = torch.softmax(s / self.log_tau.exp(), -1) * valid[..., None]
         agree = (w * (nxt == nxt[..., :1])).sum(-1)
         return w, valid, agree, s[..., 0]
 
@@ -88,6 +88,17 @@ class TokenCacheReader(nn.Module):
                                lam.clamp_min(1e-30).log() + p_cache.clamp_min(1e-30).log())
 
 
+def target_terms(logits: torch.Tensor, target: torch.Tensor):
+    """What the gate and `TokenCacheReader.log_prob` need of the model at each target:
+    logits `[N, V]`, target `[N]` -> its log-probability `[N]` (differentiable), and the
+    entropy and max log-probability `[N]` (gate features, no gradient)."""
+    lp = torch.log_softmax(logits.float(), -1)
+    with torch.no_grad():
+        ent = -(lp.exp() * lp).sum(-1)
+        lpmax = lp.max(-1).values
+    return lp.gather(1, target[:, None])[:, 0], ent, lpmax
+
+
 def fit_token_cache(model, books, segments: int = 12, steps: int = 400, lr: float = 0.05,
                     progress: bool = True) -> dict:
     """Fit the reader's temperature and gate on `books` (token id arrays, never test books).
@@ -101,12 +112,11 @@ def fit_token_cache(model, books, segments: int = 12, steps: int = 400, lr: floa
     import numpy as np
     from tqdm.auto import tqdm
 
-    from longside.side_network import memory_inputs
-
     reader: TokenCacheReader = model.side.token_reader
     if reader is None:
-        raise ValueError("this model has no token cache (config.token_cache is False)")
-    W, layer, bb = model.config.window, model.config.memory_layer, model.backbone
+        raise LongsideError("this model has no token cache (config.token_cache is False)")
+    W = model.config.window
+    model.init_memory(1)
     rows: list[tuple[torch.Tensor, ...]] = []
     total = sum(min(segments, len(b) // W) for b in books)
     with torch.no_grad(), tqdm(total=total, desc="fit token cache: read", unit="seg", disable=not progress) as bar:
@@ -114,21 +124,16 @@ def fit_token_cache(model, books, segments: int = 12, steps: int = 400, lr: floa
             model.reset_memory()
             for i in range(min(segments, len(book) // W)):
                 ids = torch.from_numpy(np.asarray(book[i * W:(i + 1) * W], dtype=np.int64))[None]
-                out = bb.encode(ids.to(bb.device), memory_layer=layer)
-                mem = memory_inputs(bb, out, layer, lambda q: model.memory.search(q, model.config.k_chunks))
-                h, _ = model.side(out.hidden_states, mem)
-                keys = model.token_keys(out)
-                hits = model.search_tokens(keys)
+                out, h, keys, hits = model._read(ids, use_memory=True)
                 if hits is not None:
-                    lp = torch.log_softmax(bb.lm_head(bb.final_norm(h[0, :-1])).float(), -1)
-                    target = ids[0, 1:].to(lp.device)
-                    rows.append((hits[0][0, :-1], hits[1][0, :-1], target, lp.gather(1, target[:, None])[:, 0],
-                                 -(lp.exp() * lp).sum(-1), lp.max(-1).values))
-                model.memory.add(out.memory_keys, out.memory_values, token_keys=keys, token_ids=ids)
+                    logits = model.backbone.lm_head(model.backbone.final_norm(h[0, :-1]))
+                    target = ids[0, 1:].to(logits.device)
+                    rows.append((hits[0][0, :-1], hits[1][0, :-1], target, *target_terms(logits, target)))
+                model._write(out, ids, keys)
                 bar.update(1)
     model.reset_memory()
     if not rows:
-        raise ValueError("no book is longer than one window: nothing to fit the token cache on")
+        raise LongsideError("no book is longer than one window: nothing to fit the token cache on")
     k = min(r[0].shape[1] for r in rows)
     sims, nxt, target, lpt, ent, lpmax = (torch.cat([r[j][:, :k] if j < 2 else r[j] for r in rows])
                                           for j in range(6))
