@@ -37,6 +37,7 @@ class SideNetConfig:
     token_cache: bool = True
     token_depth: float = 0.83  # keys are hidden_states[round(token_depth * N)]: block 25 of SmolLM2's 30
     token_k: int = 64  # neighbours that vote
+    token_copy_k: int = 16  # exact-match candidates that vote (0: no copy read)
     # provenance (filled by LongSideModel)
     backbone: str = "smollm2-135m"
     backbone_fingerprint: str = ""
@@ -51,9 +52,9 @@ class SideNetConfig:
             raise CheckpointError(f"memory_attention must be 'gated' or 'joint', not {self.memory_attention!r}")
         if self.reduction < 1 or self.layer_stride < 1 or self.k_chunks < 1 or self.chunk_size < 1:
             raise CheckpointError("reduction, layer_stride, k_chunks and chunk_size must be >= 1")
-        if not 0.0 < self.token_depth <= 1.0 or self.token_k < 1:
-            raise CheckpointError(f"token_depth must lie in (0, 1] and token_k be >= 1, got "
-                                  f"{self.token_depth}, {self.token_k}")
+        if not 0.0 < self.token_depth <= 1.0 or self.token_k < 1 or self.token_copy_k < 0:
+            raise CheckpointError(f"token_depth must lie in (0, 1], token_k be >= 1 and token_copy_k >= 0, got "
+                                  f"{self.token_depth}, {self.token_k}, {self.token_copy_k}")
 
     def token_layer(self, num_layers: int) -> int:
         """Index into `hidden_states` (0 = embeddings, i = output of block i-1) of the token-cache keys."""
@@ -72,6 +73,7 @@ class SideNetConfig:
             raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from None
         if isinstance(raw, dict):
             raw.setdefault("token_cache", False)  # checkpoints from before the token cache have none
+            raw.setdefault("token_copy_k", 0)  # nor the copy read
         known = {f.name for f in fields(cls)}
         unknown = set(raw) - known
         if unknown:

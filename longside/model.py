@@ -21,7 +21,7 @@ from longside.config import SideNetConfig
 from longside.errors import CheckpointError, LongsideError
 from longside.paths import atomic_dir
 from longside.side_network import SideNetwork, memory_inputs
-from longside.token_cache import target_terms
+from longside.token_cache import TokenHits, target_terms
 
 SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoints" / "smollm2-135m"
 _WEIGHTS = "side_model.safetensors"
@@ -93,13 +93,23 @@ class LongSideModel(nn.Module):
         """The token-cache keys `[B, T, d]` of a `BackboneOutput` (None without a token cache)."""
         return out.hidden_states[self.token_layer] if self.config.token_cache else None
 
-    def search_tokens(self, keys: torch.Tensor | None):
-        """Token-cache neighbours `(sims, next ids)`, each `[B, T, k]`, or None when there
-        is no token cache or nothing stored yet."""
+    def search_tokens(self, keys: torch.Tensor | None, ids: torch.Tensor | None = None) -> TokenHits | None:
+        """Token-cache hits for the positions of `keys [B, T, d]`: nearest stored contexts
+        and, with the copy read, exact matches of the text ending there (`ids [B, C]`: the
+        current segment's tokens up to these positions, C >= T). None when there is no
+        token cache or nothing stored yet."""
         if keys is None or self._memory is None:
             return None
         sims, nxt = self._memory.search_tokens(keys, self.config.token_k)
-        return (sims, nxt) if sims.shape[-1] else None
+        if not sims.shape[-1]:
+            return None
+        B, T = keys.shape[:2]
+        ck = self.config.token_copy_k
+        if ck and ids is not None:
+            lens, cnxt = self._memory.match_tokens(ids, T, ck)
+        else:
+            lens = cnxt = torch.zeros(B, T, 0, dtype=torch.int64, device=sims.device)
+        return TokenHits(sims, nxt, lens.to(sims.device), cnxt.to(sims.device))
 
     def reset_memory(self, rows: list[int] | None = None) -> None:
         """Forget everything (or only `rows`), e.g. at document boundaries."""
@@ -147,7 +157,7 @@ class LongSideModel(nn.Module):
         runner = self.side if self._side_runner is None else self._side_runner
         h, _ = runner(out.hidden_states, mem)
         tok_keys = self.token_keys(out)
-        return out, h, tok_keys, self.search_tokens(tok_keys) if use_memory else None
+        return out, h, tok_keys, self.search_tokens(tok_keys, input_ids) if use_memory else None
 
     def _write(self, out, input_ids: torch.Tensor, tok_keys: torch.Tensor | None) -> None:
         """Write a segment read by `_read` into memory."""
@@ -161,14 +171,13 @@ class LongSideModel(nn.Module):
         bb = self.backbone
         if hits is None or self.side.token_reader is None:
             return bb.lm_head(bb.final_norm(h))
-        sims, nxt = hits
         B, T, _ = h.shape
         out = []
         for i in range(0, T, block):  # blocks keep the dense [tokens, V] cache tensors small
             lg = bb.lm_head(bb.final_norm(h[:, i:i + block]))
             t = lg.shape[1]
-            out.append(self.side.token_reader.mix(lg.flatten(0, 1), sims[:, i:i + t].flatten(0, 1),
-                                                  nxt[:, i:i + t].flatten(0, 1)).view(B, t, -1))
+            out.append(self.side.token_reader.mix(lg.flatten(0, 1),
+                                                  hits.map(lambda x: x[:, i:i + t].flatten(0, 1))).view(B, t, -1))
         return torch.cat(out, 1)
 
     def _loss(self, h: torch.Tensor, labels: torch.Tensor, hits=None, block: int = 256):
@@ -191,8 +200,8 @@ class LongSideModel(nn.Module):
             keep = tg != -100
             t = tg[keep]
             lpt, ent, lpmax = target_terms(lg[keep], t)
-            sims, nxt = (x[:, i:j].flatten(0, 1)[keep] for x in hits)
-            total = total - reader.log_prob(sims, nxt, t, lpt, ent, lpmax).sum()
+            part = hits.map(lambda x: x[:, i:j].flatten(0, 1)[keep])
+            total = total - reader.log_prob(part, t, lpt, ent, lpmax).sum()
         return total / max(n, 1), n
 
     # -- save / load -------------------------------------------------------------------

@@ -223,7 +223,7 @@ class SideNetwork(nn.Module):
                                               spec.intermediate_size // r) for _ in self.layer_map)
         self.reader = MemoryReader(s, spec, config.memory_attention, config.memory_gate_init,
                                    self._into_side_init(config.downsample, d, s, keep))
-        self.token_reader = TokenCacheReader() if config.token_cache else None
+        self.token_reader = TokenCacheReader(copy=config.token_copy_k > 0) if config.token_cache else None
         self.norm = RMSNorm(s)
         self.up = nn.Linear(s, d, bias=False)
         self.final_gate = nn.Parameter(torch.zeros(()))

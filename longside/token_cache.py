@@ -19,11 +19,20 @@ context is close and unanimous, and where the model itself is unsure. `tau` and 
 gate weights are the only parameters (`fit_token_cache` fits them on the validation
 books; they also train with the side network). With an empty memory lam = 0 and p is
 the model's distribution exactly.
+
+With `copy` on, a second source joins: exact matches of the text that ends at the
+position (memory_bank.TokenMemory.match: the most recent stored places where the last n
+tokens occurred, n up to 32, and how many tokens the match really runs back). Their next
+tokens vote with weights softmax(beta * match length), and a second gate
+c . [1, log(1 + longest match), agree, H, max log p] decides how far to trust them. The
+three sources mix by a softmax over [0, gate logit, copy gate logit] (a source without
+candidates gets -inf), so without copy hits the mixture is exactly the one above.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,61 +40,108 @@ from torch import nn
 from longside.errors import LongsideError
 
 FEATURES = ("bias", "top_similarity", "lm_entropy", "lm_max_log_prob", "agreement")
+COPY_FEATURES = ("bias", "log_match_length", "agreement", "lm_entropy", "lm_max_log_prob")
+
+
+@dataclass
+class TokenHits:
+    """What the token memory returned for each query position (leading dims `...`, e.g. [B, T]).
+
+    sims `[..., k]` float32: cosine similarity of the nearest stored contexts, best first,
+    -inf where there is none; nxt `[..., k]` int64: the token that followed each.
+    copy_len `[..., c]` int64: exact match lengths (0 = no candidate); copy_nxt `[..., c]`
+    int64: the token that followed each match (c = 0 without the copy read)."""
+
+    sims: torch.Tensor
+    nxt: torch.Tensor
+    copy_len: torch.Tensor
+    copy_nxt: torch.Tensor
+
+    def map(self, fn) -> "TokenHits":
+        """The same hits with `fn` applied to each tensor (slicing, flattening, masking)."""
+        return TokenHits(fn(self.sims), fn(self.nxt), fn(self.copy_len), fn(self.copy_nxt))
+
+
+def _agreement(w: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
+    """Weight `[N]` of the candidates that predict what the heaviest one predicts."""
+    top = nxt.gather(-1, w.argmax(-1, keepdim=True))
+    return (w * (nxt == top)).sum(-1)
 
 
 class TokenCacheReader(nn.Module):
-    """Mixes the copy distribution of retrieved (context, next token) pairs into the output."""
+    """Mixes the votes of retrieved (context, next token) pairs, and with `copy` of exact
+    matches, into the output distribution."""
 
-    def __init__(self, temperature: float = 0.03):
+    def __init__(self, temperature: float = 0.03, copy: bool = False):
         super().__init__()
         self.log_tau = nn.Parameter(torch.tensor(math.log(temperature)))
         # until fitted: trust the cache only where a stored context is nearly identical
         self.gate = nn.Parameter(torch.tensor([-9.0, 6.5, 0.0, 0.0, 2.5]))
+        self.copy = copy
+        if copy:
+            self.copy_log_scale = nn.Parameter(torch.tensor(0.0))
+            # until fitted: trust a unanimous match of about 8 tokens or more
+            self.copy_gate = nn.Parameter(torch.tensor([-6.0, 2.0, 2.0, 0.0, 0.0]))
 
-    def _weights(self, sims: torch.Tensor, nxt: torch.Tensor):
-        """sims, nxt `[..., k]` -> neighbour weights `[..., k]`, valid `[...]`, agreement `[...]`."""
-        valid = torch.isfinite(sims[..., 0])  # best first: padding (-inf) only at the end
-        s = torch.where(valid[..., None], sims, 0.0)  # rows without neighbours: no NaN, weight 0 below
-        w = torch.softmax(s / self.log_tau.exp(), -1) * valid[..., None]
-        agree = (w * (nxt == nxt[..., :1])).sum(-1)
-        return w, valid, agree, s[..., 0]
+    def _mixture(self, hits: TokenHits, ent: torch.Tensor, lpmax: torch.Tensor):
+        """hits `[N, ...]`, model entropy and max log-prob `[N]` -> log mixture weights
+        `[N, 3]` (model, neighbours, matches) and the vote weights `[N, k]`, `[N, c]`."""
+        sims, nxt = hits.sims, hits.nxt
+        N = ent.shape[0]
+        ninf = ent.new_full((N,), float("-inf"))
+        if sims.shape[-1]:
+            valid = torch.isfinite(sims[:, 0])  # best first: padding (-inf) only at the end
+            s = torch.where(valid[:, None], sims, 0.0)  # rows without neighbours: no NaN, weight 0 below
+            wk = torch.softmax(s / self.log_tau.exp(), -1) * valid[:, None]
+            x = torch.stack([torch.ones_like(ent), s[:, 0], ent, lpmax, _agreement(wk, nxt)], -1)
+            a_knn = torch.where(valid, x @ self.gate, ninf)
+        else:
+            wk, a_knn = sims, ninf
+        lens = hits.copy_len
+        if self.copy and lens.shape[-1]:
+            has = lens > 0
+            valid = has.any(-1)
+            z = torch.where(has, self.copy_log_scale.exp() * lens, float("-inf"))
+            wc = torch.softmax(torch.where(valid[:, None], z, 0.0), -1) * has
+            longest = torch.log1p(lens.max(-1).values.float())
+            y = torch.stack([torch.ones_like(ent), longest, _agreement(wc, hits.copy_nxt), ent, lpmax], -1)
+            a_copy = torch.where(valid, y @ self.copy_gate, ninf)
+        else:
+            wc, a_copy = lens.float(), ninf
+        log_pi = torch.log_softmax(torch.stack([torch.zeros_like(ent), a_knn, a_copy], -1), -1)
+        return log_pi, wk, wc
 
-    def _lambda(self, top: torch.Tensor, ent: torch.Tensor, lpmax: torch.Tensor, agree: torch.Tensor,
-                valid: torch.Tensor) -> torch.Tensor:
-        x = torch.stack([torch.ones_like(top), top, ent, lpmax, agree], -1)
-        return torch.sigmoid(x @ self.gate) * valid
-
-    def mix(self, logits: torch.Tensor, sims: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
-        """logits `[N, V]`, sims/nxt `[N, k]` (sims -inf = no neighbour) -> logits `[N, V]`
-        float32 of the mixed distribution, offset so that they equal the input logits
-        wherever the cache is silent (lam = 0): samplers and logit processors (repetition
+    def mix(self, logits: torch.Tensor, hits: TokenHits) -> torch.Tensor:
+        """logits `[N, V]`, hits with leading dim N -> logits `[N, V]` float32 of the mixed
+        distribution, offset so that they equal the input logits wherever memory is
+        silent (no neighbour, no match): samplers and logit processors (repetition
         penalty, ...) then behave exactly as on the backbone's logits."""
         logits = logits.float()
-        if sims.shape[-1] == 0:
-            return logits
         lse = logits.logsumexp(-1, keepdim=True)
         lp = logits - lse
-        w, valid, agree, top = self._weights(sims, nxt)
         ent = -(lp.exp() * lp).sum(-1)
-        lam = self._lambda(top, ent, lp.max(-1).values, agree, valid)[:, None]
-        p_cache = torch.zeros_like(lp).scatter_add_(1, nxt.clamp_min(0), w)
-        mixed = torch.logaddexp(torch.log1p(-lam.clamp(max=1 - 1e-6)) + lp,
-                                lam.clamp_min(1e-30).log() + p_cache.clamp_min(1e-30).log())
-        return torch.where(lam > 0, mixed + lse, logits)
+        log_pi, wk, wc = self._mixture(hits, ent, lp.max(-1).values)
+        terms = [log_pi[:, :1] + lp]
+        for j, (w, nxt) in enumerate(((wk, hits.nxt), (wc, hits.copy_nxt)), 1):
+            if w.shape[-1]:
+                votes = torch.zeros_like(lp).scatter_add_(1, nxt.clamp_min(0), w.float())
+                terms.append(log_pi[:, j:j + 1] + votes.clamp_min(1e-30).log())
+        mixed = torch.stack(terms).logsumexp(0)
+        return torch.where(log_pi[:, :1] < 0, mixed + lse, logits)
 
-    def log_prob(self, sims: torch.Tensor, nxt: torch.Tensor, target: torch.Tensor, lp_target: torch.Tensor,
+    def log_prob(self, hits: TokenHits, target: torch.Tensor, lp_target: torch.Tensor,
                  ent: torch.Tensor, lpmax: torch.Tensor) -> torch.Tensor:
         """The mixed log-probability of `target [N]` from precomputed model quantities
         (its log-prob, entropy and max log-prob, each `[N]`): what `mix` gives at the
-        target, without `[N, V]` tensors. Used to fit the reader."""
-        if sims.shape[-1] == 0:
-            return lp_target
-        w, valid, agree, top = self._weights(sims, nxt)
-        lam = self._lambda(top, ent, lpmax, agree, valid)
-        p_cache = (w * (nxt == target[:, None])).sum(-1)
-        # log((1 - lam) p + lam c), stable when p underflows: logaddexp of the two terms
-        return torch.logaddexp(torch.log1p(-lam.clamp(max=1 - 1e-6)) + lp_target,
-                               lam.clamp_min(1e-30).log() + p_cache.clamp_min(1e-30).log())
+        target, without `[N, V]` tensors. Used for the training loss and the fit."""
+        log_pi, wk, wc = self._mixture(hits, ent, lpmax)
+        terms = [log_pi[:, 0] + lp_target]
+        for j, (w, nxt) in enumerate(((wk, hits.nxt), (wc, hits.copy_nxt)), 1):
+            if w.shape[-1]:
+                vote = (w * (nxt == target[:, None])).sum(-1)
+                terms.append(log_pi[:, j] + vote.clamp_min(1e-30).log())
+        return torch.stack(terms).logsumexp(0)
+
 
 
 def target_terms(logits: torch.Tensor, target: torch.Tensor):
@@ -99,56 +155,135 @@ def target_terms(logits: torch.Tensor, target: torch.Tensor):
     return lp.gather(1, target[:, None])[:, 0], ent, lpmax
 
 
-def fit_token_cache(model, books, segments: int = 12, steps: int = 400, lr: float = 0.05,
-                    progress: bool = True) -> dict:
-    """Fit the reader's temperature and gate on `books` (token id arrays, never test books).
+# fact and question templates of the recall tasks `fit_token_cache` can add; deliberately
+# not the pass-key wording of `longside eval passkey`, which stays a held-out test
+RECALL_TEMPLATES = (
+    ("\nThe secret code is {key}. Keep it safe: {key} is the secret code.\n",
+     "\nWhat is the secret code? The secret code is"),
+    ("\nMy locker number is {key}. Do not forget, {key} is my locker number.\n",
+     "\nWhich is my locker number? My locker number is"),
+    ("\nThe vault opens with the number {key}.\n", "\nAnd so the vault opens with the number"),
+    ("\nNote for later: the ticket number is {key}.\n", "\nQuestion: what was the ticket number? Answer: the ticket number is"),
+)
 
-    Each book streams through `model` in segments of `model.config.window` tokens with a
-    fresh memory, exactly as evaluation does; for every token of segments 2.. the model's
-    log-probability of the truth, its entropy and max log-probability and the cache's
-    neighbours are kept; then the 6 reader parameters are fitted by Adam on the mean
-    negative log-likelihood of the mixture. Returns perplexities before/after on that data.
-    """
+
+def recall_tasks(tokenizer, books, n: int, window: int, seed: int = 0) -> list[tuple]:
+    """`n` synthetic recall documents (train.recall_document) in filler from `books`, with
+    the RECALL_TEMPLATES and 4-7 digit numbers, 2-4 windows long, the fact always before
+    the last window (so only memory can supply it)."""
     import numpy as np
-    from tqdm.auto import tqdm
 
+    from longside.train import recall_document
+
+    rng = np.random.default_rng(seed)
+    docs = []
+    for i in range(n):
+        w = int(rng.integers(2, 5))
+        docs.append(recall_document(tokenizer, books, w * window, rng, fact_before=(w - 1) * window,
+                                    template=RECALL_TEMPLATES[i % len(RECALL_TEMPLATES)],
+                                    digits=int(rng.integers(4, 8))))
+    return docs
+
+
+def fit_token_cache(model, books, segments: int = 12, steps: int = 400, lr: float = 0.05,
+                    tasks: list[tuple] = (), progress: bool = True) -> dict:
+    """Fit the reader's parameters on `books` (token id arrays, never test books) and
+    optional `tasks` ((ids, labels) documents such as `recall_tasks`; labels -100 unscored):
+    `read_cache_data`, then `fit_reader`. Returns perplexities before/after per group."""
     reader: TokenCacheReader = model.side.token_reader
     if reader is None:
         raise LongsideError("this model has no token cache (config.token_cache is False)")
+    data = read_cache_data(model, books, segments, tasks, progress)
+    report = fit_reader(reader, data, steps, lr, progress)
+    report.update(books=len(books), **({"tasks": len(tasks)} if tasks else {}))
+    return report
+
+
+def read_cache_data(model, books, segments: int = 12, tasks: list[tuple] = (), progress: bool = True) -> dict:
+    """What fitting the reader needs, per group ("books", "tasks"): (hits `[N, ...]`,
+    target, its log-prob, entropy, max log-prob `[N]`) of every scored token after a
+    document's first segment.
+
+    Each document streams through `model` in segments of `model.config.window` tokens with
+    a fresh memory, exactly as evaluation does (books: their first `segments` segments)."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
     W = model.config.window
+    docs = [("books", np.asarray(b[:segments * W], dtype=np.int64), None) for b in books if len(b) >= W]
+    docs += [("tasks", np.asarray(i, dtype=np.int64), np.asarray(lab, dtype=np.int64)) for i, lab in tasks]
     model.init_memory(1)
-    rows: list[tuple[torch.Tensor, ...]] = []
-    total = sum(min(segments, len(b) // W) for b in books)
+    rows: dict[str, list] = {"books": [], "tasks": []}
+    total = sum(-(-len(d) // W) for _, d, _ in docs)
     with torch.no_grad(), tqdm(total=total, desc="fit token cache: read", unit="seg", disable=not progress) as bar:
-        for book in books:
+        for group, doc, labels in docs:
             model.reset_memory()
-            for i in range(min(segments, len(book) // W)):
-                ids = torch.from_numpy(np.asarray(book[i * W:(i + 1) * W], dtype=np.int64))[None]
-                out, h, keys, hits = model._read(ids, use_memory=True)
+            for i in range(0, len(doc), W):
+                ids = torch.from_numpy(doc[i:i + W])[None]
+                lab = ids if labels is None else torch.from_numpy(labels[i:i + W])[None]
+                keep = lab[0, 1:] != -100
+                out, h, keys, hits = model._read(ids, use_memory=bool(keep.any()))
                 if hits is not None:
-                    logits = model.backbone.lm_head(model.backbone.final_norm(h[0, :-1]))
-                    target = ids[0, 1:].to(logits.device)
-                    rows.append((hits[0][0, :-1], hits[1][0, :-1], target, *target_terms(logits, target)))
+                    logits = model.backbone.lm_head(model.backbone.final_norm(h[0, :-1][keep]))
+                    target = lab[0, 1:][keep].to(logits.device)
+                    rows[group].append((hits.map(lambda x: x[0, :-1][keep]), target, *target_terms(logits, target)))
                 model._write(out, ids, keys)
                 bar.update(1)
     model.reset_memory()
-    if not rows:
+    if not rows["books"]:
         raise LongsideError("no book is longer than one window: nothing to fit the token cache on")
-    k = min(r[0].shape[1] for r in rows)
-    sims, nxt, target, lpt, ent, lpmax = (torch.cat([r[j][:, :k] if j < 2 else r[j] for r in rows])
-                                          for j in range(6))
+    return {g: _stack_rows(r) for g, r in rows.items() if r}
 
-    def nll() -> torch.Tensor:
-        return -reader.log_prob(sims, nxt, target, lpt, ent, lpmax).mean()
 
-    before = math.exp(-lpt.mean().item())
+def fit_reader(reader: TokenCacheReader, data: dict, steps: int = 400, lr: float = 0.05,
+               progress: bool = True) -> dict:
+    """Adam on the reader's parameters: the mean negative log-likelihood of the mixture over
+    book tokens plus, when `data` has tasks, a hinge over the task answers'
+    log-probabilities: mean(max(-log p, log 2)). An answer at probability >= 1/2 is what
+    greedy decoding produces, and beyond that a task no longer pulls the gate open, so the
+    books pay as little as possible for it (the plain task NLL drove task perplexity to
+    1.03 at a 4% book-perplexity cost; the hinge costs 1% for 99% of answers above 1/2,
+    on the data of `longside fit-cache`). Each group weighs as much in all: 45k book
+    tokens must not drown a few hundred answers."""
+    from tqdm.auto import tqdm
+
+    def nll(g: str) -> torch.Tensor:
+        hits, target, lpt, ent, lpmax = data[g]
+        return -reader.log_prob(hits, target, lpt, ent, lpmax).mean()
+
+    def hinge() -> torch.Tensor:
+        hits, target, lpt, ent, lpmax = data["tasks"]
+        return (-reader.log_prob(hits, target, lpt, ent, lpmax)).clamp_min(math.log(2)).mean()
+
+    before = {g: math.exp(-d[2].mean().item()) for g, d in data.items()}
     opt = torch.optim.Adam(reader.parameters(), lr=lr)
     for _ in tqdm(range(steps), desc="fit token cache: gate", disable=not progress):
-        loss = nll()
+        loss = nll("books") + (hinge() if "tasks" in data else 0.0)
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        after = math.exp(nll().item())
-    return {"tokens": int(target.numel()), "books": len(books), "ppl_model": before, "ppl_with_cache": after,
-            "temperature": reader.log_tau.exp().item(), "gate": dict(zip(FEATURES, reader.gate.tolist()))}
+        after = {g: math.exp(nll(g).item()) for g in data}
+    hits = data["books"][0]
+    report = {"tokens": int(hits.sims.shape[0]), "ppl_model": before["books"], "ppl_with_cache": after["books"],
+              "temperature": reader.log_tau.exp().item(), "gate": dict(zip(FEATURES, reader.gate.tolist()))}
+    if reader.copy:
+        report.update(copy_scale=reader.copy_log_scale.exp().item(),
+                      copy_gate=dict(zip(COPY_FEATURES, reader.copy_gate.tolist())),
+                      matched_share=float((hits.copy_len > 0).any(-1).float().mean()))
+    if "tasks" in data:
+        hits, target, lpt, ent, lpmax = data["tasks"]
+        with torch.no_grad():
+            half = (reader.log_prob(hits, target, lpt, ent, lpmax) > math.log(0.5)).float().mean().item()
+        report.update(task_tokens=int(target.numel()), task_ppl_model=before["tasks"],
+                      task_ppl_with_cache=after["tasks"], task_share_above_half=half,
+                      task_share_above_half_model=(lpt > math.log(0.5)).float().mean().item())
+    return report
+
+
+def _stack_rows(rows: list[tuple]) -> tuple:
+    """Concatenate kept (hits, target, lp_target, entropy, max lp) rows along tokens."""
+    k = min(r[0].sims.shape[1] for r in rows)  # the first segments may have had fewer neighbours
+    hits = TokenHits(*(torch.cat([getattr(r[0], f)[:, :k] if f in ("sims", "nxt") else getattr(r[0], f)
+                                  for r in rows]) for f in ("sims", "nxt", "copy_len", "copy_nxt")))
+    return (hits, *(torch.cat([r[j] for r in rows]) for j in range(1, 5)))

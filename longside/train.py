@@ -130,23 +130,38 @@ class DocumentStream:
         return ids, ids.copy()
 
     def _passkey(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        cfg, S = self.cfg, self.cfg.segment
-        n = int(rng.integers(2, cfg.synthetic_max_segments + 1))
-        key = str(int(rng.integers(10000, 100000)))
-        enc = lambda s: self.tok(s, add_special_tokens=False).input_ids  # noqa: E731
-        fact = enc(f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n")
-        question = enc("\nWhat is the pass key? The pass key is")
-        answer = enc(f" {key}.")
-        book = self.books[int(rng.integers(len(self.books)))]
-        need = n * S - len(fact) - len(question) - len(answer)
-        start = int(rng.integers(0, max(1, len(book) - need)))
-        filler = np.resize(book[start:start + need], need)
+        n = int(rng.integers(2, self.cfg.synthetic_max_segments + 1))
         # the fact sits somewhere in the segments before the last, so it must come from memory
-        at = int(rng.integers(0, (n - 1) * S - len(fact)))
-        ids = np.concatenate([filler[:at], fact, filler[at:], question, answer]).astype(np.int64)
-        labels = np.full_like(ids, -100)
-        labels[-len(answer):] = ids[-len(answer):]
-        return ids, labels
+        return recall_document(self.tok, self.books, n * self.cfg.segment, rng, fact_before=(n - 1) * self.cfg.segment)
+
+
+# (fact, question) templates of synthetic recall documents; {key} is the number
+PASSKEY_TEMPLATE = ("\nThe pass key is {key}. Remember it. {key} is the pass key.\n",
+                    "\nWhat is the pass key? The pass key is")
+
+
+def recall_document(tokenizer, books: list[np.ndarray], length: int, rng: np.random.Generator, *,
+                    fact_before: int, template: tuple[str, str] = PASSKEY_TEMPLATE,
+                    digits: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """A number stated once in real filler text (a random stretch of one of `books`, token
+    id arrays) and asked for at the end; `length` tokens in all, the fact starting before
+    token `fact_before`. Returns (ids, labels) int64 `[length]`: only the answer
+    (" {key}.") is scored, labels -100 elsewhere."""
+    key = str(int(rng.integers(10 ** (digits - 1), 10 ** digits)))
+    enc = lambda s: tokenizer(s, add_special_tokens=False).input_ids  # noqa: E731
+    fact, question, answer = enc(template[0].format(key=key)), enc(template[1]), enc(f" {key}.")
+    need = length - len(fact) - len(question) - len(answer)
+    if need < 1 or not len(fact) < fact_before <= need + len(fact):
+        raise LongsideError(f"a recall document of {length} tokens cannot hold its fact before token "
+                            f"{fact_before} and its question")
+    book = books[int(rng.integers(len(books)))]
+    start = int(rng.integers(0, max(1, len(book) - need)))
+    text = np.resize(book[start:start + need], need)
+    at = int(rng.integers(0, fact_before - len(fact)))
+    ids = np.concatenate([text[:at], fact, text[at:], question, answer]).astype(np.int64)
+    labels = np.full_like(ids, -100)
+    labels[-len(answer):] = ids[-len(answer):]
+    return ids, labels
 
 
 class RowCursor:

@@ -138,6 +138,6 @@ class LocalWindow:
             self.token_keys = torch.cat([self.token_keys, tok_keys], 1)
         if not all_logits:
             h, tok_keys = h[:, -1:], None if tok_keys is None else tok_keys[:, -1:]
-        hits = model.search_tokens(tok_keys) if self.use_memory else None
+        hits = model.search_tokens(tok_keys, self.ids) if self.use_memory else None
         logits = model.output(h, hits)
         return logits if all_logits else logits[:, -1]

@@ -339,6 +339,15 @@ class MemoryBank:
         with self._lock:
             return self.tokens.search(queries, k)
 
+    def match_tokens(self, context: torch.Tensor, n_queries: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact earlier occurrences of the text ending at the last `n_queries` positions of
+        `context [C]` (the tokens after the memorized text) -> match lengths `[n_queries, k]`
+        and the tokens that followed `[n_queries, k]`, int64 (see TokenMemory.match)."""
+        if self.tokens is None:
+            raise MemoryBankError("this bank keeps no token memory (built without token_dim)")
+        with self._lock:
+            return self.tokens.match(context, n_queries, k)
+
     def search(self, queries: torch.Tensor, k_chunks: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-`k_chunks` chunks per query token and query head.

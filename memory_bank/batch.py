@@ -58,6 +58,14 @@ class BatchMemory:
         nxt = torch.stack([torch.nn.functional.pad(n, (0, p), value=0) for (_, n), p in zip(hits, pad)])
         return sims, nxt
 
+    def match_tokens(self, context: torch.Tensor, n_queries: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`context [B, C]` token ids after each row's memorized text -> match lengths and
+        next ids `[B, n_queries, k]` int64 for its last `n_queries` positions (0: none)."""
+        if context.dim() != 2 or context.shape[0] != len(self.banks):
+            raise MemoryBankError(f"context must be [B={len(self.banks)}, C], got {tuple(context.shape)}")
+        hits = [bank.match_tokens(c, n_queries, k) for bank, c in zip(self.banks, context)]
+        return torch.stack([h[0] for h in hits]), torch.stack([h[1] for h in hits])
+
     def search(self, queries: torch.Tensor, k_chunks: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`queries [B, T, H_q, D]` -> keys, values `[B, T, H_q, k_chunks*chunk_size, D]`

@@ -10,6 +10,13 @@ The next token of the newest stored token is not known until more text arrives, 
 that token is held back ("pending") and stored by the next `add`. Storage is a ring
 buffer: past capacity the oldest pairs are overwritten (FIFO). Search is exact (one
 matrix product and a top-k). The arrays persist inside the owning MemoryBank's file.
+
+The stored next tokens, in time order, are also the memorized text itself, so the same
+arrays answer a second question (`match`): where in memory did the text that ends at a
+query position occur before, and for how many tokens does it agree? Exact n-gram lookup
+through sorted hashes (built once per memory state) finds the candidates; a direct
+comparison gives their exact match lengths. This is what copies a pass key or a name
+spelled out 50k tokens ago, where a hidden-state neighbour is only roughly right.
 """
 
 from __future__ import annotations
@@ -17,6 +24,23 @@ from __future__ import annotations
 import torch
 
 from longside.errors import MemoryBankError
+
+
+_HASH_P = 2_147_483_647  # a prime below 2^31: hash * base stays inside int64
+_HASH_BASE = 1_000_003
+MATCH_ORDERS = (2, 4, 8, 16, 32)  # n-gram lengths looked up, longest found first
+MAX_MATCH = 64  # match lengths are counted up to this
+
+
+def _ngram_hashes(seq: torch.Tensor, n: int) -> torch.Tensor:
+    """`seq [L]` int64 -> hash of the n tokens ending at each position n-1..L-1, `[L - n + 1]`
+    int64 in [0, 2^31). Equal n-grams hash equal; unequal ones rarely collide (matches are
+    verified token by token afterwards)."""
+    L = seq.shape[0] - n + 1
+    h = torch.zeros(max(L, 0), dtype=torch.int64, device=seq.device)
+    for i in range(n):
+        h = (h * _HASH_BASE + seq[i:i + L] + 2) % _HASH_P
+    return h
 
 
 class TokenMemory:
@@ -36,12 +60,14 @@ class TokenMemory:
         self._has_pending = False
         self._size = 0  # pairs stored
         self._head = 0  # slot the next pair goes to
+        self._match_index = None  # (text, next ids, {n: (sorted hashes, positions)}), built on demand
 
     def __len__(self) -> int:
         return self._size
 
     def clear(self) -> None:
         self._size, self._head, self._has_pending = 0, 0, False
+        self._match_index = None
 
     def add(self, keys: torch.Tensor, ids: torch.Tensor) -> None:
         """Append tokens in text order: `keys [T, dim]` (normalised here), `ids [T]` int.
@@ -73,6 +99,7 @@ class TokenMemory:
         self._next[slots] = nxt
         self._head = (self._head + n) % self.capacity
         self._size = min(self.capacity, self._size + n)
+        self._match_index = None
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`queries [T, dim]` (normalised here) -> cosine similarities `[T, k']` float32
@@ -103,6 +130,73 @@ class TokenMemory:
         idx = torch.cat(idxs)
         return torch.cat(tops), self._next[idx]
 
+    def _index(self):
+        """The memorized text in time order and its n-gram hash index (cached until the next add).
+
+        text `[M + 1]`: text[j] is the token whose context pair j stores (text[0] is not
+        known: the oldest pair's own token was never stored, -1), text[M] the pending token.
+        """
+        if self._match_index is None:
+            M = self._size
+            nxt = self._next[:M]
+            if M == self.capacity:  # full ring: the oldest pair sits at the head
+                nxt = torch.roll(nxt, -self._head)
+            text = torch.cat([nxt.new_full((1,), -1), nxt])
+            orders = {}
+            for n in MATCH_ORDERS:
+                if M >= n:
+                    h = _ngram_hashes(text[:M], n)  # n-grams ending at pairs n-1..M-1
+                    vals, order = torch.sort(h, stable=True)  # equal hashes keep time order
+                    orders[n] = (vals, order + (n - 1))
+            self._match_index = (text, nxt, orders)
+        return self._match_index
+
+    def match(self, context: torch.Tensor, n_queries: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact matches of the text ending at each query position.
+
+        `context [C]` int64: the tokens that follow the memorized text (the current
+        segment); the queries are its last `n_queries` positions. For each query, the k
+        most recent stored positions whose preceding n tokens equal the query's, for the
+        longest n in MATCH_ORDERS that occurs at all. Returns match lengths `[n_queries, k]`
+        int64 (exact, counted back through memory and context up to MAX_MATCH; 0 = no
+        candidate) and the token that followed each candidate `[n_queries, k]` int64.
+        """
+        Q = n_queries
+        if context.dim() != 1 or not 1 <= Q <= context.shape[0]:
+            raise MemoryBankError(f"match needs context [C] and 1 <= n_queries <= C, got "
+                                  f"{tuple(context.shape)} and {n_queries}")
+        dev = self.device
+        lens = torch.zeros(Q, k, dtype=torch.int64, device=dev)
+        if self._size == 0 or not self._has_pending or k < 1:
+            return lens, lens.clone()
+        text, nxt, orders = self._index()
+        stream = torch.cat([text, context.to(dev, torch.int64)])  # memory, then the segment
+        qpos = torch.arange(stream.shape[0] - Q, stream.shape[0], device=dev)
+        pos = torch.zeros(Q, k, dtype=torch.int64, device=dev)
+        found = torch.zeros(Q, k, dtype=torch.bool, device=dev)
+        done = torch.zeros(Q, dtype=torch.bool, device=dev)
+        for n in sorted(orders, reverse=True):
+            vals, positions = orders[n]
+            span = stream[max(0, stream.shape[0] - Q - n + 1):]
+            qh = _ngram_hashes(span, n)
+            qh = torch.cat([qh.new_full((Q - qh.shape[0],), -1), qh])  # too short: no hash
+            lo = torch.searchsorted(vals, qh)
+            hi = torch.searchsorted(vals, qh, right=True)
+            new = (hi > lo) & ~done
+            if new.any():
+                idx = hi[:, None] - 1 - torch.arange(k, device=dev)  # most recent first
+                ok = (idx >= lo[:, None]) & new[:, None]
+                pos = torch.where(ok, positions[idx.clamp_min(0)], pos)
+                found |= ok
+                done |= new
+            if done.all():
+                break
+        back = torch.arange(MAX_MATCH, device=dev)
+        p, q = pos[..., None] - back, qpos[:, None, None] - back  # [Q, k, MAX_MATCH]
+        same = (stream[p.clamp_min(0)] == stream[q.clamp_min(0)]) & (p >= 1) & found[..., None]
+        lens = same.long().cumprod(-1).sum(-1)
+        return lens, torch.where(lens > 0, nxt[pos], 0)
+
     def nbytes(self) -> int:
         return self._size * (self.dim * self._keys.element_size() + 8)
 
@@ -122,3 +216,4 @@ class TokenMemory:
         self._next[:n] = arrays["token_next"].view(n)
         self._pending.copy_(arrays["token_pending"].view(self.dim))
         self._size, self._head, self._has_pending = n, int(state["head"]), bool(state["has_pending"])
+        self._match_index = None

@@ -53,12 +53,38 @@ def test_token_cache_starts_as_the_backbone_and_copies_repeated_text():
 
 def test_token_cache_gate_trains():
     model = LongSideModel(_tiny_backbone(), _cfg())
-    ids = torch.randint(0, 96, (1, 16))
+    # "1 2 3" is followed by 4, 5 and 6: exact matches of several lengths that disagree
+    ids = torch.tensor([[10, 1, 2, 3, 4, 20, 1, 2, 3, 5, 30, 1, 2, 3, 6, 40]])
     model(ids)
     model(ids, labels=ids).loss.backward()
     reader = model.side.token_reader
-    assert reader.gate.grad is not None and reader.gate.grad.abs().sum() > 0
-    assert "token_reader.gate" in model.side.state_dict()
+    for name in ("gate", "copy_gate", "copy_log_scale"):
+        grad = getattr(reader, name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+        assert f"token_reader.{name}" in model.side.state_dict()
+
+
+def test_copy_read_recalls_what_followed_the_same_words_in_memory():
+    bb = _tiny_backbone()
+    model = LongSideModel(bb, _cfg(token_copy_k=4))
+    g = torch.Generator().manual_seed(1)
+    fact = torch.tensor([[7, 8, 9, 10, 11, 42, 43]])  # "... 7 8 9 10 11" is followed by the answer 42 43
+    model(torch.cat([torch.randint(50, 96, (1, 9), generator=g), fact], 1))
+    ask = torch.cat([torch.randint(50, 96, (1, 11), generator=g), fact[:, :5]], 1)
+    out, h, keys, hits = model._read(ask, use_memory=True)
+    assert hits.copy_len.shape == (1, 16, 4)
+    assert hits.copy_len[0, -1, 0] == 5 and hits.copy_nxt[0, -1, 0] == 42
+    assert (hits.copy_len[0, :11] == 0).all()  # random filler matches nothing of length >= 2
+    reader = model.side.token_reader
+    with torch.no_grad():
+        reader.gate.fill_(0.0)
+        reader.gate[0] = -30.0  # neighbours off: only the copy read speaks
+        reader.copy_gate.copy_(torch.tensor([-2.0, 2.0, 0.0, 0.0, 0.0]))
+    logits = model(ask, write_memory=False).logits
+    assert logits[0, -1].argmax() == 42
+    assert torch.equal(logits[0, :11], model(ask, write_memory=False, use_memory=False).logits[0, :11])
+    off = LongSideModel(bb, _cfg(token_copy_k=0), side=None)
+    assert not off.side.token_reader.copy and "token_reader.copy_gate" not in off.side.state_dict()
 
 
 def test_rows_never_read_each_other():
@@ -168,6 +194,27 @@ def test_fit_token_cache_learns_to_trust_a_cache_that_repeats():
     assert report["tokens"] == 2 * 5 * 15
     assert report["ppl_with_cache"] < 0.5 * report["ppl_model"]
     assert not torch.equal(before, model.side.token_reader.gate.detach())
+
+
+def test_fit_token_cache_with_recall_tasks_answers_them():
+    import numpy as np
+
+    from longside.token_cache import fit_token_cache
+
+    model = LongSideModel(_tiny_backbone(), _cfg())
+    rng = np.random.default_rng(1)
+    books = [rng.integers(0, 96, 96) for _ in range(2)]
+    tasks = []
+    for _ in range(6):  # "5 6 7 8 a b" stated in the first window, asked for in the third
+        fact = [5, 6, 7, 8, *rng.integers(60, 96, 2)]
+        ids = np.concatenate([rng.integers(20, 50, 4), fact, rng.integers(20, 50, 32), fact]).astype(np.int64)
+        labels = np.full_like(ids, -100)
+        labels[-2:] = ids[-2:]
+        tasks.append((ids, labels))
+    report = fit_token_cache(model, books, segments=6, steps=80, tasks=tasks, progress=False)
+    assert report["tasks"] == 6 and report["task_tokens"] == 12
+    assert report["task_share_above_half_model"] < 0.5 < report["task_share_above_half"]
+    assert report["task_ppl_with_cache"] < report["task_ppl_model"]
 
 
 def test_load_memory_refuses_a_bank_without_token_memory(tmp_path):

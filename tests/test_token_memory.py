@@ -71,3 +71,45 @@ def test_batch_pads_rows_with_fewer_pairs():
     mem.reset([1])
     sims, nxt = mem.search_tokens(keys, 3)
     assert sims.shape == (2, 6, 3) and torch.isinf(sims[1]).all() and torch.isfinite(sims[0]).all()
+
+
+def test_match_finds_earlier_occurrences_and_their_exact_lengths():
+    tm = TokenMemory(4, capacity=100, dtype=torch.float32)
+    text = torch.tensor([5, 6, 7, 8, 9, 10, 11, 5, 6, 7, 12, 13])
+    tm.add(_unit(len(text), 4), text)
+    lens, nxt = tm.match(torch.tensor([1, 5, 6, 7]), n_queries=4, k=4)
+    assert lens.shape == nxt.shape == (4, 4)
+    assert lens[:2].sum() == 0  # "1" and "1 5" never occurred
+    assert (lens[2, 0], nxt[2, 0]) == (2, 7)  # "5 6" -> 7 (the first "5 6" starts the memory: its 5 is unknown)
+    # "5 6 7": most recent first; the newer match runs 3 tokens back, the older one 2
+    assert lens[3, :2].tolist() == [3, 2] and nxt[3, :2].tolist() == [12, 8]
+    assert (lens[:, 2:] == 0).all() and (nxt[lens == 0] == 0).all()
+
+
+def test_match_counts_back_through_memory_and_context_in_a_full_ring():
+    tm = TokenMemory(4, capacity=8, dtype=torch.float32)
+    text = torch.tensor([5, 6, 7, 8, 9, 10, 11, 5, 6, 7, 12, 13])
+    tm.add(_unit(len(text), 4), text)  # keeps the pairs of 8 9 10 11 5 6 7 12 (and 13 pending)
+    lens, nxt = tm.match(torch.tensor([9, 10, 11, 5, 6]), n_queries=2, k=3)
+    assert lens[:, 0].tolist() == [4, 5] and nxt[:, 0].tolist() == [6, 7]
+    tm.add(_unit(2, 4, seed=3), torch.tensor([9, 10]))  # the index follows new text: 13 -> 9 is stored
+    lens, nxt = tm.match(torch.tensor([12, 13]), n_queries=1, k=3)
+    assert (lens[0, 0], nxt[0, 0]) == (2, 9)
+    lens, _ = tm.match(torch.tensor([9, 10]), n_queries=1, k=3)
+    assert lens.sum() == 0  # the older "9 10" left the ring; the newest has no successor yet
+    tm.clear()
+    assert tm.match(torch.tensor([9, 10]), 1, 3)[0].sum() == 0
+    with pytest.raises(MemoryBankError, match="n_queries"):
+        tm.match(torch.tensor([9, 10]), 3, 3)
+
+
+def test_match_survives_save_and_load(tmp_path):
+    bank = _bank(owner="x")
+    ids = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5])
+    bank.add(torch.randn(9, 2, 4), torch.randn(9, 2, 4), token_keys=_unit(9), token_ids=ids)
+    bank.save(tmp_path / "b.bank")
+    back = MemoryBank.load(tmp_path / "b.bank", expect_owner="x")
+    ctx = torch.tensor([7, 1, 4, 1, 5])
+    for a, b in zip(bank.match_tokens(ctx, 5, 2), back.match_tokens(ctx, 5, 2)):
+        assert torch.equal(a, b)
+    assert back.match_tokens(ctx, 5, 2)[1][-1, 0] == 9  # "1 4 1 5" -> 9
