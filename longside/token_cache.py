@@ -15,10 +15,8 @@ similar stored contexts vote for their next tokens:
 
 sim_1 is the best similarity, H the model's entropy, agree the weight of neighbours
 that predict the same token as the best one: the gate trusts the cache where a stored
-context is close and unanimous, and where the model itself is unsure. `tau` and the 5
-gate weights are the only parameters (`fit_token_cache` fits them on the validation
-books; they also train with the side network). With an empty memory lam = 0 and p is
-the model's distribution exactly.
+context is close and unanimous, and where the model itself is unsure. With an empty
+memory lam = 0 and p is the model's distribution exactly.
 
 With `copy` on, a second source joins: exact matches of the text that ends at the
 position (memory_bank.TokenMemory.match: the most recent stored places where the last n
@@ -27,6 +25,10 @@ tokens vote with weights softmax(beta * match length), and a second gate
 c . [1, log(1 + longest match), agree, H, max log p] decides how far to trust them. The
 three sources mix by a softmax over [0, gate logit, copy gate logit] (a source without
 candidates gets -inf), so without copy hits the mixture is exactly the one above.
+
+`tau`, beta and the two gates (12 numbers) are the only parameters. `fit_token_cache`
+fits them on validation books and, optionally, synthetic recall documents; they also
+train with the side network (`longside train`).
 """
 
 from __future__ import annotations
@@ -141,7 +143,6 @@ class TokenCacheReader(nn.Module):
                 vote = (w * (nxt == target[:, None])).sum(-1)
                 terms.append(log_pi[:, j] + vote.clamp_min(1e-30).log())
         return torch.stack(terms).logsumexp(0)
-
 
 
 def target_terms(logits: torch.Tensor, target: torch.Tensor):

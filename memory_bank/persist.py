@@ -178,9 +178,14 @@ def load_bank(cls: type, path: Path, *, expect_owner: str | None, device, evicti
         n = int((state.get("token_memory") or {}).get("size", -1))
         if n < 0 or not {"token_keys", "token_next", "token_pending"} <= set(arrays):
             raise _corrupt(path, "token memory declared but missing")
-        tm.restore(state["token_memory"], {"token_keys": tensor("token_keys", tm.dtype, (n, tm.dim)),
-                                           "token_next": tensor("token_next", torch.int64, (n,)),
-                                           "token_pending": tensor("token_pending", tm.dtype, (tm.dim,))})
+        tm_arrays = {"token_keys": tensor("token_keys", tm.dtype, (n, tm.dim)),
+                     "token_next": tensor("token_next", torch.int64, (n,)),
+                     "token_pending": tensor("token_pending", tm.dtype, (tm.dim,))}
+        if "token_basis" in arrays:
+            if len(arrays["token_basis"]) % (4 * tm.dim):
+                raise _corrupt(path, "token basis of the wrong size")
+            tm_arrays["token_basis"] = tensor("token_basis", torch.float32, (tm.dim, -1))
+        tm.restore(state["token_memory"], tm_arrays)
     if bank._ivf is not None and "ivf0" in arrays:
         bank._ivf.load_serialized([np.frombuffer(arrays[f"ivf{h}"], dtype=np.uint8) for h in range(H)])
     return bank

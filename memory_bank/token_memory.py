@@ -8,8 +8,11 @@ weighted by similarity, vote for the next token (see longside/token_cache.py).
 
 The next token of the newest stored token is not known until more text arrives, so
 that token is held back ("pending") and stored by the next `add`. Storage is a ring
-buffer: past capacity the oldest pairs are overwritten (FIFO). Search is exact (one
-matrix product and a top-k). The arrays persist inside the owning MemoryBank's file.
+buffer: past capacity the oldest pairs are overwritten (FIFO). Search scores every stored
+key in a cheap form (bfloat16; once `basis_after` pairs are stored, a `shortlist_dim`-wide
+projection onto the keys' principal directions, fitted then from the memory itself, 4.5x
+fewer bytes to read per query) to shortlist candidates, then rescores those exactly in
+float32. The arrays persist inside the owning MemoryBank's file.
 
 The stored next tokens, in time order, are also the memorized text itself, so the same
 arrays answer a second question (`match`): where in memory did the text that ends at a
@@ -47,13 +50,20 @@ class TokenMemory:
     """Up to `capacity` (unit vector `[dim]`, next token id) pairs, oldest overwritten first.
 
     Keys are stored in `dtype`: bfloat16 by default (64k tokens x 576 dims = 75 MB), since
-    CPU matrix products are several times faster in bfloat16 than in float16."""
+    CPU matrix products are several times faster in bfloat16 than in float16. With
+    `shortlist_dim` (0 = off, or >= dim) they are also kept projected onto their top
+    principal directions (`shortlist_dim` x 2 more bytes per token), once `basis_after`
+    pairs are stored, for a faster shortlist."""
 
     def __init__(self, dim: int, capacity: int, dtype: torch.dtype = torch.bfloat16,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", shortlist_dim: int = 128, basis_after: int = 4096):
         if dim < 1 or capacity < 1:
             raise MemoryBankError(f"token memory needs dim >= 1 and capacity >= 1, got {dim}, {capacity}")
         self.dim, self.capacity, self.dtype, self.device = dim, capacity, dtype, torch.device(device)
+        self.shortlist_dim = shortlist_dim if 0 < shortlist_dim < dim else 0
+        self.basis_after = max(basis_after, self.shortlist_dim)
+        self._basis: torch.Tensor | None = None  # [dim, shortlist_dim] float32, orthonormal columns
+        self._proj: torch.Tensor | None = None  # [capacity, shortlist_dim] dtype: keys @ basis
         self._keys = torch.empty(capacity, dim, dtype=dtype, device=self.device)
         self._next = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)
         self._pending = torch.zeros(dim, dtype=dtype, device=self.device)
@@ -68,6 +78,7 @@ class TokenMemory:
     def clear(self) -> None:
         self._size, self._head, self._has_pending = 0, 0, False
         self._match_index = None
+        self._basis = self._proj = None
 
     def add(self, keys: torch.Tensor, ids: torch.Tensor) -> None:
         """Append tokens in text order: `keys [T, dim]` (normalised here), `ids [T]` int.
@@ -100,11 +111,30 @@ class TokenMemory:
         self._head = (self._head + n) % self.capacity
         self._size = min(self.capacity, self._size + n)
         self._match_index = None
+        if self._basis is not None:
+            self._proj[slots] = (keys.float() @ self._basis).to(self.dtype)
+        elif self.shortlist_dim and self._size >= self.basis_after:
+            self._fit_basis()
+
+    def _fit_basis(self) -> None:
+        """Principal directions of the stored keys (uncentred: the projection that best keeps
+        their dot products), from up to 8192 of them."""
+        n = self._size
+        sample = self._keys[torch.linspace(0, n - 1, min(n, 8192), device=self.device).long()].float()
+        _, vecs = torch.linalg.eigh(sample.T @ sample)  # ascending eigenvalues
+        self._set_basis(vecs[:, -self.shortlist_dim:].flip(-1).contiguous())
+
+    def _set_basis(self, basis: torch.Tensor) -> None:
+        self._basis = basis.to(self.device, torch.float32)
+        self._proj = torch.empty(self.capacity, basis.shape[1], dtype=self.dtype, device=self.device)
+        for i in range(0, self._size, 8192):
+            self._proj[i:i + 8192] = (self._keys[i:i + 8192].float() @ self._basis).to(self.dtype)
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`queries [T, dim]` (normalised here) -> cosine similarities `[T, k']` float32
-        (exact against the stored keys), best first, and the next token ids `[T, k']` int64 of those contexts;
-        k' = min(k, len(self)) (0 for an empty memory)."""
+        (exact against the stored keys), best first, and the next token ids `[T, k']` int64
+        of those contexts; k' = min(k, len(self)) (0 for an empty memory). The k' are the
+        best of a shortlist (2k by bfloat16 products, or 4k by the projection)."""
         if queries.dim() != 2 or queries.shape[1] != self.dim:
             raise MemoryBankError(f"token memory search needs queries [T, {self.dim}], got {tuple(queries.shape)}")
         kk = min(k, self._size)
@@ -116,10 +146,16 @@ class TokenMemory:
         if self.dtype == torch.float32:
             top, idx = (q @ live.T).topk(kk, dim=-1)
             return top, self._next[idx]
-        # a product in the storage dtype rounds similarities to its ~3 digits: use it to
-        # shortlist 2k candidates, then score those exactly in float32
-        short = min(2 * kk, self._size)
-        cand = (q.to(self.dtype) @ live.T).topk(short, dim=-1).indices  # [T, 2k]
+        # a product in the storage dtype rounds similarities to its ~3 digits (and the
+        # projection drops the keys' minor directions): use it to shortlist candidates,
+        # then score those exactly in float32
+        if self._basis is not None:
+            short = min(4 * kk, self._size)
+            approx = (q @ self._basis).to(self.dtype) @ self._proj[:self._size].T
+        else:
+            short = min(2 * kk, self._size)
+            approx = q.to(self.dtype) @ live.T
+        cand = approx.topk(short, dim=-1).indices  # [T, short]
         tops, idxs = [], []
         for i in range(0, T, 256):  # blocks bound the gathered [block, 2k, dim] keys
             c = cand[i:i + 256]
@@ -198,15 +234,19 @@ class TokenMemory:
         return lens, torch.where(lens > 0, nxt[pos], 0)
 
     def nbytes(self) -> int:
-        return self._size * (self.dim * self._keys.element_size() + 8)
+        width = self.dim + (self._basis.shape[1] if self._basis is not None else 0)
+        return self._size * (width * self._keys.element_size() + 8)
 
     # -- persistence (inside the owning MemoryBank's file; see persist.py) ----------------
     def state(self) -> dict:
         return {"size": self._size, "head": self._head, "has_pending": self._has_pending}
 
     def arrays(self) -> dict[str, torch.Tensor]:
-        return {"token_keys": self._keys[:self._size], "token_next": self._next[:self._size],
-                "token_pending": self._pending}
+        out = {"token_keys": self._keys[:self._size], "token_next": self._next[:self._size],
+               "token_pending": self._pending}
+        if self._basis is not None:  # the projected keys are recomputed on load
+            out["token_basis"] = self._basis
+        return out
 
     def restore(self, state: dict, arrays: dict[str, torch.Tensor]) -> None:
         n = int(state["size"])
@@ -217,3 +257,8 @@ class TokenMemory:
         self._pending.copy_(arrays["token_pending"].view(self.dim))
         self._size, self._head, self._has_pending = n, int(state["head"]), bool(state["has_pending"])
         self._match_index = None
+        self._basis = self._proj = None
+        if "token_basis" in arrays:
+            self._set_basis(arrays["token_basis"].view(self.dim, -1))
+        elif self.shortlist_dim and n >= self.basis_after:  # saved before bases existed
+            self._fit_basis()

@@ -113,3 +113,30 @@ def test_match_survives_save_and_load(tmp_path):
     for a, b in zip(bank.match_tokens(ctx, 5, 2), back.match_tokens(ctx, 5, 2)):
         assert torch.equal(a, b)
     assert back.match_tokens(ctx, 5, 2)[1][-1, 0] == 9  # "1 4 1 5" -> 9
+
+
+def test_projected_shortlist_finds_the_exact_neighbours_of_low_rank_keys(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    # keys that live mostly in 6 directions, like hidden states (which are far from isotropic)
+    keys = torch.randn(300, 6, generator=g) @ torch.randn(6, 32, generator=g) + 0.05 * torch.randn(300, 32, generator=g)
+    tm = TokenMemory(32, capacity=400, shortlist_dim=8, basis_after=128)
+    tm.add(keys[:100], torch.arange(100))
+    assert tm._basis is None  # too few keys to fit directions yet
+    tm.add(keys[100:], torch.arange(100, 300))
+    assert tm._basis.shape == (32, 8)
+    q = keys[:50] + 0.1 * torch.randn(50, 32, generator=g)
+    sims, nxt = tm.search(q, 5)
+    unit = torch.nn.functional.normalize
+    exact = (unit(q) @ unit(keys[:299]).T).topk(5).indices + 1  # pair t predicts token t + 1
+    recall = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(nxt, exact)) / exact.numel()
+    assert recall >= 0.95
+    mb = MemoryBank(num_kv_heads=1, head_dim=4, chunk_size=2, capacity_tokens=400, token_dim=32)
+    mb.tokens = tm
+    mb.add(torch.randn(1, 1, 4), torch.randn(1, 1, 4), token_keys=keys[:1], token_ids=torch.tensor([7]))
+    mb.save(tmp_path / "b.bank")
+    back = MemoryBank.load(tmp_path / "b.bank")
+    torch.testing.assert_close(back.tokens._basis, tm._basis)
+    for a, b in zip(tm.search(q, 5), back.search_tokens(q, 5)):
+        torch.testing.assert_close(a, b)
+    tm.clear()
+    assert tm._basis is None and len(tm) == 0
