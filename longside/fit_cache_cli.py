@@ -2,9 +2,9 @@
 
 Loads a checkpoint (default: the shipped one), gives it a token cache (and the exact-match
 copy read, `--copy-k`) if it has none, fits the reader on the validation split (never the
-test books) and saves the result:
+test books), together with synthetic recall documents, and saves the result:
 
-    longside fit-cache --out runs/fitted --json results/fit_token_cache.json
+    longside fit-cache --out runs/fitted --copy-k 16 --json results/fit_token_cache.json
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def main(argv: list[str]) -> int:
     model, note = load_model(args.model)
     old = model.side.token_reader
     copy_k = args.copy_k if args.copy_k is not None else (model.config.token_copy_k if old is not None else 16)
-    if copy_k < 0:
-        raise LongsideError(f"--copy-k must be >= 0, got {copy_k}")
+    if copy_k < 0 or args.tasks < 0:
+        raise LongsideError(f"--copy-k and --tasks must be >= 0, got {copy_k} and {args.tasks}")
     model.config.token_cache, model.config.token_copy_k = True, copy_k
     if old is None or old.copy != (copy_k > 0):  # keep what was fitted of the neighbour gate
         model.side.token_reader = TokenCacheReader(copy=copy_k > 0)

@@ -157,7 +157,7 @@ class TokenMemory:
             approx = q.to(self.dtype) @ live.T
         cand = approx.topk(short, dim=-1).indices  # [T, short]
         tops, idxs = [], []
-        for i in range(0, T, 256):  # blocks bound the gathered [block, 2k, dim] keys
+        for i in range(0, T, 256):  # blocks bound the gathered [block, short, dim] keys
             c = cand[i:i + 256]
             exact = torch.einsum("td,tkd->tk", q[i:i + 256], live[c].float())
             top, j = exact.topk(kk, dim=-1)
