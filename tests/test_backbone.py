@@ -219,7 +219,14 @@ def test_gemma3_real():
     out = bb.encode(ids, memory_layer=8)
     assert out.memory_keys.shape == (1, ids.shape[1], 1, 256)
     assert torch.allclose(bb.lm_head(out.last_hidden), bb.model(ids).logits, atol=1e-4)
-    model = LongSideModel(bb, SideNetConfig(init="random", downsample="adapter", memory_layer=8, window=64))
+    # without the token cache (which copies repeated text on purpose), an untrained side
+    # network reading memory still gives the backbone's logits
+    model = LongSideModel(bb, SideNetConfig(init="random", downsample="adapter", memory_layer=8, window=64,
+                                            token_cache=False))
     model(ids)
     again = model(ids, labels=ids)  # reads the memory written by the first pass
     assert torch.allclose(again.logits, bb.logits(ids), atol=1e-4) and torch.isfinite(again.loss)
+    cached = LongSideModel(bb, SideNetConfig(init="random", downsample="adapter", memory_layer=8, window=64))
+    cached(ids)
+    hits = cached(ids, labels=ids)  # the same words again: the token cache finds them in memory
+    assert torch.isfinite(hits.loss) and hits.loss < again.loss
