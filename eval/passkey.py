@@ -2,7 +2,8 @@
 
 A random `digits`-digit pass key is stated once at a given depth of a filler text (real
 book text, or the classic repeated "The grass is green..." sentences); the text ends
-with "What is the pass key? The pass key is". A trial succeeds when, teacher-forced,
+with "What is the pass key? The pass key is" (or, with `--question paraphrase`, a question
+that shares no phrase with the fact). A trial succeeds when, teacher-forced,
 every token of the key is the model's argmax, which is exactly when greedy decoding
 would produce the key.
 
@@ -28,7 +29,10 @@ from longside.eval.common import (EvalError, book_chapters, encode, eval_window,
 
 REPEAT_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
-QUESTION = "\nWhat is the pass key? The pass key is"
+# "repeat": the question ends with the fact's own words; "paraphrase": it shares no
+# phrase with the fact, so an exact-match copy of "... is" cannot start the answer
+QUESTIONS = {"repeat": "\nWhat is the pass key? The pass key is",
+             "paraphrase": "\nWhich number did the text ask you to remember? Answer:"}
 FILLERS = ("book", "repeat")
 
 
@@ -40,6 +44,7 @@ class PasskeyConfig:
     trials: int = 3  # per length and depth
     filler: str = "book"  # "book" (held-out book text) or "repeat" (the classic sentences)
     digits: int = 5
+    question: str = "repeat"  # a key of QUESTIONS
     memory_tokens: int | None = None  # default: the model's capacity or the longest length, the larger
     seed: int = 0
 
@@ -80,7 +85,9 @@ def run(model, info: dict, config: PasskeyConfig, data=None) -> dict:
     capacity = config.memory_tokens or max(model.config.capacity_tokens, max(config.lengths))
     memory_model = with_capacity(model, capacity)
     stream, filler_id = _filler_tokens(tok, config, data)
-    question = encode(tok, QUESTION)
+    if config.question not in QUESTIONS:
+        raise EvalError(f"question must be one of {sorted(QUESTIONS)}, not {config.question!r}")
+    question = encode(tok, QUESTIONS[config.question])
     rng = random.Random(config.seed)
     rows = ("longside memory", f"backbone@{window}")
     trials = []
@@ -149,6 +156,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=int, help="trials per length and depth (default 3)")
     p.add_argument("--filler", choices=FILLERS, help="book text (default) or the repeated sentences")
     p.add_argument("--digits", type=int, help="digits of the pass key (default 5)")
+    p.add_argument("--question", choices=sorted(QUESTIONS),
+                   help="repeat: ask with the fact's own words (default); paraphrase: with other words")
     p.add_argument("--memory-tokens", type=int, help="memory capacity (default: enough for the longest length)")
 
 

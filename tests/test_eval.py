@@ -9,6 +9,7 @@ side network's logits equal the backbone's, so its rows must equal the backbone'
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 
@@ -228,6 +229,11 @@ def test_passkey_book_filler_places_the_needle(small):
     config = passkey.PasskeyConfig(window=W, lengths=(200,), depths=(0.5,), trials=1, filler="book", seed=3)
     trial = passkey.run(model, info, config)["results"]["trials"][0]
     assert trial["length"] == 200 and 0 < trial["needle_at"] < 200
+    para = dataclasses.replace(config, question="paraphrase")
+    result = passkey.run(model, info, para)
+    assert result["config"]["question"] == "paraphrase" and result["results"]["trials"][0]["length"] == 200
+    with pytest.raises(EvalError, match="question"):
+        passkey.run(model, info, dataclasses.replace(config, question="riddle"))
 
 
 # -- the command line -----------------------------------------------------------------------
