@@ -109,7 +109,7 @@ class TokenCacheReader(nn.Module):
             y = torch.stack([torch.ones_like(ent), longest, _agreement(wc, hits.copy_nxt), ent, lpmax], -1)
             a_copy = torch.where(valid, y @ self.copy_gate, ninf)
         else:
-            wc, a_copy = lens.float(), ninf
+            wc, a_copy = ent.new_zeros(N, 0), ninf  # no copy read: no votes
         log_pi = torch.log_softmax(torch.stack([torch.zeros_like(ent), a_knn, a_copy], -1), -1)
         return log_pi, wk, wc
 
@@ -126,7 +126,7 @@ class TokenCacheReader(nn.Module):
         terms = [log_pi[:, :1] + lp]
         for j, (w, nxt) in enumerate(((wk, hits.nxt), (wc, hits.copy_nxt)), 1):
             if w.shape[-1]:
-                votes = torch.zeros_like(lp).scatter_add_(1, nxt.clamp_min(0), w.float())
+                votes = torch.zeros_like(lp).scatter_add_(1, nxt.clamp_min(0), w)
                 terms.append(log_pi[:, j:j + 1] + votes.clamp_min(1e-30).log())
         mixed = torch.stack(terms).logsumexp(0)
         return torch.where(log_pi[:, :1] < 0, mixed + lse, logits)

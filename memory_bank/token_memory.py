@@ -51,16 +51,17 @@ class TokenMemory:
 
     Keys are stored in `dtype`: bfloat16 by default (64k tokens x 576 dims = 75 MB), since
     CPU matrix products are several times faster in bfloat16 than in float16. With
-    `shortlist_dim` (0 = off, or >= dim) they are also kept projected onto their top
-    principal directions (`shortlist_dim` x 2 more bytes per token), once `basis_after`
-    pairs are stored, for a faster shortlist."""
+    `shortlist_dim` (0 = off, as are >= dim and float32 keys) they are also kept projected
+    onto their top principal directions (`shortlist_dim` x 2 more bytes per token), once
+    `basis_after` pairs are stored, for a faster shortlist."""
 
     def __init__(self, dim: int, capacity: int, dtype: torch.dtype = torch.bfloat16,
                  device: str | torch.device = "cpu", shortlist_dim: int = 128, basis_after: int = 4096):
         if dim < 1 or capacity < 1:
             raise MemoryBankError(f"token memory needs dim >= 1 and capacity >= 1, got {dim}, {capacity}")
         self.dim, self.capacity, self.dtype, self.device = dim, capacity, dtype, torch.device(device)
-        self.shortlist_dim = shortlist_dim if 0 < shortlist_dim < dim else 0
+        # float32 keys are searched exactly in one product: no shortlist, no projection to keep
+        self.shortlist_dim = shortlist_dim if 0 < shortlist_dim < dim and dtype != torch.float32 else 0
         self.basis_after = max(basis_after, self.shortlist_dim)
         self._basis: torch.Tensor | None = None  # [dim, shortlist_dim] float32, orthonormal columns
         self._proj: torch.Tensor | None = None  # [capacity, shortlist_dim] dtype: keys @ basis
