@@ -3,6 +3,9 @@
 Methods, each measured in a fresh process so peak memory is its own:
   longside  the side network on a frozen backbone (4-bit NF4 when the kernels are built),
             memory on, no gradient through the backbone
+  longside-replay  the same, the backbone's features read back from a FeatureCache on
+            disk (filled by the warm-up step): what a further epoch over the same segments
+            costs
   qlora     PEFT LoRA r=16 on every linear layer of a bitsandbytes NF4 backbone
   lora      PEFT LoRA r=16 on the dense fp32 backbone
   full      every parameter, fp32
@@ -22,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("longside", "qlora", "lora", "full")
+METHODS = ("longside", "longside-replay", "qlora", "lora", "full")
 
 
 def _batch(tokenizer, seq: int, batch: int):
@@ -42,7 +45,7 @@ def _worker(method: str, seq: int, batch: int, steps: int) -> dict:
     torch.manual_seed(0)
     from longside.backbone import load_backbone
 
-    if method == "longside":
+    if method in ("longside", "longside-replay"):
         from longside.config import SideNetConfig
         from longside.model import LongSideModel
 
@@ -51,6 +54,14 @@ def _worker(method: str, seq: int, batch: int, steps: int) -> dict:
         model = LongSideModel(bb, SideNetConfig(window=max(seq, 1024)))
         params = model.trainable_parameters()
         note = f"backbone {'nf4 (longside kernels)' if quant else 'dense fp32 (kernels not built)'}"
+        if method == "longside-replay":
+            import tempfile
+
+            from longside.feature_cache import FeatureCache
+
+            cache_dir = tempfile.mkdtemp(prefix="longside-features-")
+            model.feature_cache = FeatureCache(cache_dir, bb, model.feature_layers(), model.config.memory_layer)
+            note += f", features replayed from {cache_dir} (bfloat16)"
 
         def step(ids):  # reads memory, never writes: every step sees the same memory
             return model(ids, labels=ids, write_memory=False, return_logits=False).loss
@@ -94,9 +105,15 @@ def _worker(method: str, seq: int, batch: int, steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
         if i:
             times.append(time.perf_counter() - t)
-    return {"method": method, "seq_len": seq, "batch": batch, "step_s": statistics.median(times),
-            "peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "trainable_params": sum(p.numel() for p in params), "loss": float(loss), "note": note}
+    row = {"method": method, "seq_len": seq, "batch": batch, "step_s": statistics.median(times),
+           "peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "trainable_params": sum(p.numel() for p in params), "loss": float(loss), "note": note}
+    if method == "longside-replay":
+        import shutil
+
+        row["feature_cache"] = model.feature_cache.stats()
+        shutil.rmtree(model.feature_cache.path, ignore_errors=True)
+    return row
 
 
 def _kernels_ready() -> bool:
@@ -152,8 +169,12 @@ def _ratios(results: list[dict]) -> list[dict]:
     out = []
     for seq in sorted({r["seq_len"] for r in results}):
         by = {r["method"]: r for r in results if r["seq_len"] == seq and "error" not in r}
+        row = {}
         if "longside" in by and "qlora" in by:
-            out.append({"seq_len": seq,
-                        "qlora_over_longside_mem": by["qlora"]["peak_mem_mb"] / by["longside"]["peak_mem_mb"],
-                        "qlora_over_longside_step": by["qlora"]["step_s"] / by["longside"]["step_s"]})
+            row.update(qlora_over_longside_mem=by["qlora"]["peak_mem_mb"] / by["longside"]["peak_mem_mb"],
+                       qlora_over_longside_step=by["qlora"]["step_s"] / by["longside"]["step_s"])
+        if "longside" in by and "longside-replay" in by:
+            row.update(longside_over_replay_step=by["longside"]["step_s"] / by["longside-replay"]["step_s"])
+        if row:
+            out.append({"seq_len": seq, **row})
     return out

@@ -38,6 +38,7 @@ class SideNetConfig:
     token_depth: float = 0.83  # keys are hidden_states[round(token_depth * N)]: block 25 of SmolLM2's 30
     token_k: int = 64  # neighbours that vote
     token_copy_k: int = 16  # exact-match candidates that vote (0: no copy read)
+    token_spread: bool = True  # the neighbour gate also sees how many distinct tokens they vote for
     # provenance (filled by LongSideModel)
     backbone: str = "smollm2-135m"
     backbone_fingerprint: str = ""
@@ -74,6 +75,7 @@ class SideNetConfig:
         if isinstance(raw, dict):
             raw.setdefault("token_cache", False)  # checkpoints from before the token cache have none
             raw.setdefault("token_copy_k", 0)  # nor the copy read
+            raw.setdefault("token_spread", False)  # nor the vote-spread gate features
         known = {f.name for f in fields(cls)}
         unknown = set(raw) - known
         if unknown:

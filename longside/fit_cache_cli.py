@@ -2,9 +2,10 @@
 
 Loads a checkpoint (default: the shipped one), gives it a token cache (and the exact-match
 copy read, `--copy-k`) if it has none, fits the reader on the validation split (never the
-test books), together with synthetic recall documents, and saves the result:
+test books), together with synthetic recall documents and, with `--classify`, many-shot
+classification documents from the training books, and saves the result:
 
-    longside fit-cache --out runs/fitted --copy-k 16 --json results/fit_token_cache.json
+    longside fit-cache --out runs/fitted --copy-k 16 --classify 8 --json results/fit_token_cache.json
 """
 
 from __future__ import annotations
@@ -32,7 +33,12 @@ def main(argv: list[str]) -> int:
                    help="synthetic recall documents (numbers stated once, asked for 1-3 windows later, in "
                         "validation-book filler, with wordings other than the pass-key evaluation's) fitted "
                         "alongside the books (default 32; 0: books only)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the recall documents")
+    p.add_argument("--classify", type=int, default=0,
+                   help="many-shot classification documents (passages of the training books labelled by "
+                        "testament, Bible section, play genre or author; longside.fit_tasks) fitted alongside "
+                        "(default 0)")
+    p.add_argument("--classify-windows", type=int, default=12, help="windows per classification document (default 12)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the recall and classification documents")
     p.add_argument("--copy-k", type=int, help="exact-match candidates for the copy read (0: off; "
                    "default: the checkpoint's setting, 16 for one without it)")
     p.add_argument("--json", help="write the fit report here")
@@ -41,17 +47,26 @@ def main(argv: list[str]) -> int:
     model, note = load_model(args.model)
     old = model.side.token_reader
     copy_k = args.copy_k if args.copy_k is not None else (model.config.token_copy_k if old is not None else 16)
-    if copy_k < 0 or args.tasks < 0:
-        raise LongsideError(f"--copy-k and --tasks must be >= 0, got {copy_k} and {args.tasks}")
-    model.config.token_cache, model.config.token_copy_k = True, copy_k
-    if old is None or old.copy != (copy_k > 0):  # keep what was fitted of the neighbour gate
-        model.side.token_reader = TokenCacheReader(copy=copy_k > 0)
+    if copy_k < 0 or args.tasks < 0 or args.classify < 0 or args.classify_windows < 2:
+        raise LongsideError(f"--copy-k, --tasks and --classify must be >= 0 and --classify-windows >= 2, got "
+                            f"{copy_k}, {args.tasks}, {args.classify}, {args.classify_windows}")
+    model.config.token_cache, model.config.token_copy_k, model.config.token_spread = True, copy_k, True
+    if old is None or old.copy != (copy_k > 0) or not old.spread:  # keep what was fitted of the gates
+        model.side.token_reader = TokenCacheReader(copy=copy_k > 0, spread=True)
         if old is not None:
-            model.side.token_reader.load_state_dict({k: v for k, v in old.state_dict().items()
-                                                     if not k.startswith("copy_")}, strict=False)
+            keep = {k: v for k, v in old.state_dict().items() if copy_k > 0 or not k.startswith("copy_")}
+            model.side.token_reader.load_state_dict(keep, strict=False)
     books = tokenized_books(model.backbone, "validation")[: args.books]
     tasks = recall_tasks(model.backbone.tokenizer, books, args.tasks, model.config.window, seed=args.seed)
-    result = fit_token_cache(model, books, segments=args.segments, steps=args.steps, tasks=tasks)
+    classify = []
+    if args.classify:
+        from longside.data import load_books
+        from longside.fit_tasks import classification_tasks
+
+        classify = classification_tasks(model.backbone.tokenizer, load_books("train"), args.classify,
+                                        model.config.window, windows=args.classify_windows, seed=args.seed)
+    result = fit_token_cache(model, books, segments=args.segments, steps=args.steps, tasks=tasks,
+                             classify=classify)
     model.save_pretrained(args.out)
     result.update(model=note, out=str(args.out), wall_s=round(time.time() - started, 1))
     print(json.dumps(result, indent=2))

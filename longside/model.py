@@ -63,6 +63,8 @@ class LongSideModel(nn.Module):
         self._memory_batch = 0
         # what forward calls: `side` itself, or its data-parallel wrapper during training
         self._side_runner: nn.Module | None = None
+        # a feature_cache.FeatureCache that stands in for the backbone's encode (training)
+        self.feature_cache = None
 
     # -- memory ------------------------------------------------------------------------
     @property
@@ -88,6 +90,12 @@ class LongSideModel(nn.Module):
     def token_layer(self) -> int | None:
         """Which `hidden_states` entry keys the token cache (None: no token cache)."""
         return self.config.token_layer(self.backbone.spec.num_layers) if self.config.token_cache else None
+
+    def feature_layers(self) -> list[int]:
+        """The `hidden_states` entries a segment's forward reads: the side network's layer
+        map, the last state and the token-cache layer (what a FeatureCache must keep)."""
+        n = self.backbone.spec.num_layers
+        return sorted(set(self.side.layer_map) | {n} | ({self.token_layer} if self.config.token_cache else set()))
 
     def token_keys(self, out) -> torch.Tensor | None:
         """The token-cache keys `[B, T, d]` of a `BackboneOutput` (None without a token cache)."""
@@ -149,7 +157,10 @@ class LongSideModel(nn.Module):
         final states `h [B, T, d]`, token-cache keys `[B, T, d]` or None, token-cache hits
         or None). Nothing is written."""
         layer = self.config.memory_layer
-        out = self.backbone.encode(input_ids.to(self.backbone.device), memory_layer=layer)
+        if self.feature_cache is not None:
+            out = self.feature_cache.encode(input_ids)
+        else:
+            out = self.backbone.encode(input_ids.to(self.backbone.device), memory_layer=layer)
         mem = None
         if use_memory:
             k = self.config.k_chunks

@@ -223,7 +223,7 @@ class SideNetwork(nn.Module):
                                               spec.intermediate_size // r) for _ in self.layer_map)
         self.reader = MemoryReader(s, spec, config.memory_attention, config.memory_gate_init,
                                    self._into_side_init(config.downsample, d, s, keep))
-        self.token_reader = TokenCacheReader(copy=config.token_copy_k > 0) if config.token_cache else None
+        self.token_reader = TokenCacheReader(copy=config.token_copy_k > 0, spread=config.token_spread) if config.token_cache else None
         self.norm = RMSNorm(s)
         self.up = nn.Linear(s, d, bias=False)
         self.final_gate = nn.Parameter(torch.zeros(()))
@@ -317,8 +317,8 @@ class SideNetwork(nn.Module):
         inputs (None: memory off); start: position of the first token (with `caches`).
 
         Returns (out `[B, T, d]` for the backbone's final norm + LM head, new caches)."""
-        T = hidden_states[0].shape[1]
-        cos, sin = self.rotary(torch.arange(start, start + T, device=hidden_states[0].device))
+        T = hidden_states[-1].shape[1]  # entries outside the layer map may be None (FeatureCache)
+        cos, sin = self.rotary(torch.arange(start, start + T, device=hidden_states[-1].device))
         gates = torch.sigmoid(self.gates)
         x = None
         new_caches = []

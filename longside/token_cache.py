@@ -15,8 +15,11 @@ similar stored contexts vote for their next tokens:
 
 sim_1 is the best similarity, H the model's entropy, agree the weight of neighbours
 that predict the same token as the best one: the gate trusts the cache where a stored
-context is close and unanimous, and where the model itself is unsure. With an empty
-memory lam = 0 and p is the model's distribution exactly.
+context is close and unanimous, and where the model itself is unsure. With `spread` on,
+the gate also sees s = log(distinct tokens the neighbours predict) / log k and s * sim_1:
+where they choose among a few tokens (the label words after many demonstrations) the
+vote is worth trusting even when it is split. With an empty memory lam = 0 and p is the
+model's distribution exactly.
 
 With `copy` on, a second source joins: exact matches of the text that ends at the
 position (memory_bank.TokenMemory.match: the most recent stored places where the last n
@@ -26,9 +29,10 @@ c . [1, log(1 + longest match), agree, H, max log p] decides how far to trust th
 three sources mix by a softmax over [0, gate logit, copy gate logit] (a source without
 candidates gets -inf), so without copy hits the mixture is exactly the one above.
 
-`tau`, beta and the two gates (12 numbers) are the only parameters. `fit_token_cache`
-fits them on validation books and, optionally, synthetic recall documents; they also
-train with the side network (`longside train`).
+`tau`, beta and the gates (14 numbers) are the only parameters. `fit_token_cache` fits
+them on validation books and, optionally, synthetic recall documents and many-shot
+classification documents (fit_tasks.py); they also train with the side network
+(`longside train`).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from torch import nn
 from longside.errors import LongsideError
 
 FEATURES = ("bias", "top_similarity", "lm_entropy", "lm_max_log_prob", "agreement")
+SPREAD_FEATURES = ("vote_spread", "vote_spread_x_top_similarity")
 COPY_FEATURES = ("bias", "log_match_length", "agreement", "lm_entropy", "lm_max_log_prob")
 
 
@@ -70,15 +75,27 @@ def _agreement(w: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
     return (w * (nxt == top)).sum(-1)
 
 
+def _vote_spread(nxt: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """log(distinct next tokens among the valid neighbours) / log(k), `[N]` in [0, 1]: 0
+    where they all predict one token, small where they choose among a few (the label
+    words of a many-shot prompt), near 1 in running text."""
+    s = torch.where(valid, nxt, -1).sort(-1).values
+    distinct = (s.diff(dim=-1) != 0).sum(-1) + 1 - (s[:, 0] < 0).long()
+    return distinct.clamp_min(1).float().log() / math.log(max(2, nxt.shape[-1]))
+
+
 class TokenCacheReader(nn.Module):
     """Mixes the votes of retrieved (context, next token) pairs, and with `copy` of exact
     matches, into the output distribution."""
 
-    def __init__(self, temperature: float = 0.03, copy: bool = False):
+    def __init__(self, temperature: float = 0.03, copy: bool = False, spread: bool = False):
         super().__init__()
         self.log_tau = nn.Parameter(torch.tensor(math.log(temperature)))
         # until fitted: trust the cache only where a stored context is nearly identical
         self.gate = nn.Parameter(torch.tensor([-9.0, 6.5, 0.0, 0.0, 2.5]))
+        self.spread = spread
+        if spread:  # zero: no effect until fitted
+            self.spread_gate = nn.Parameter(torch.zeros(len(SPREAD_FEATURES)))
         self.copy = copy
         if copy:
             self.copy_log_scale = nn.Parameter(torch.tensor(0.0))
@@ -96,7 +113,11 @@ class TokenCacheReader(nn.Module):
             s = torch.where(valid[:, None], sims, 0.0)  # rows without neighbours: no NaN, weight 0 below
             wk = torch.softmax(s / self.log_tau.exp(), -1) * valid[:, None]
             x = torch.stack([torch.ones_like(ent), s[:, 0], ent, lpmax, _agreement(wk, nxt)], -1)
-            a_knn = torch.where(valid, x @ self.gate, ninf)
+            a = x @ self.gate
+            if self.spread:
+                sp = _vote_spread(nxt, valid[:, None] & torch.isfinite(sims))
+                a = a + torch.stack([sp, sp * s[:, 0]], -1) @ self.spread_gate
+            a_knn = torch.where(valid, a, ninf)
         else:
             wk, a_knn = sims, ninf
         lens = hits.copy_len
@@ -187,21 +208,24 @@ def recall_tasks(tokenizer, books, n: int, window: int, seed: int = 0) -> list[t
 
 
 def fit_token_cache(model, books, segments: int = 12, steps: int = 400, lr: float = 0.05,
-                    tasks: list[tuple] = (), progress: bool = True) -> dict:
-    """Fit the reader's parameters on `books` (token id arrays, never test books) and
-    optional `tasks` ((ids, labels) documents such as `recall_tasks`; labels -100 unscored):
-    `read_cache_data`, then `fit_reader`. Returns perplexities before/after per group."""
+                    tasks: list[tuple] = (), progress: bool = True, classify: list[tuple] = ()) -> dict:
+    """Fit the reader's parameters on `books` (token id arrays, never test books), optional
+    recall `tasks` and many-shot `classify` documents ((ids, labels) such as `recall_tasks`
+    and `fit_tasks.classification_tasks`; labels -100 unscored): `read_cache_data`, then
+    `fit_reader`. Returns perplexities before/after per group."""
     reader: TokenCacheReader = model.side.token_reader
     if reader is None:
         raise LongsideError("this model has no token cache (config.token_cache is False)")
-    data = read_cache_data(model, books, segments, tasks, progress)
+    data = read_cache_data(model, books, segments, tasks, progress, classify)
     report = fit_reader(reader, data, steps, lr, progress)
-    report.update(books=len(books), **({"tasks": len(tasks)} if tasks else {}))
+    report.update(books=len(books), **({"tasks": len(tasks)} if tasks else {}),
+                  **({"classify_docs": len(classify)} if classify else {}))
     return report
 
 
-def read_cache_data(model, books, segments: int = 12, tasks: list[tuple] = (), progress: bool = True) -> dict:
-    """What fitting the reader needs, per group ("books", "tasks"): (hits `[N, ...]`,
+def read_cache_data(model, books, segments: int = 12, tasks: list[tuple] = (), progress: bool = True,
+                    classify: list[tuple] = ()) -> dict:
+    """What fitting the reader needs, per group ("books", "tasks", "classify"): (hits `[N, ...]`,
     target, its log-prob, entropy, max log-prob `[N]`) of every scored token after a
     document's first segment.
 
@@ -212,9 +236,10 @@ def read_cache_data(model, books, segments: int = 12, tasks: list[tuple] = (), p
 
     W = model.config.window
     docs = [("books", np.asarray(b[:segments * W], dtype=np.int64), None) for b in books if len(b) >= W]
-    docs += [("tasks", np.asarray(i, dtype=np.int64), np.asarray(lab, dtype=np.int64)) for i, lab in tasks]
+    docs += [(g, np.asarray(i, dtype=np.int64), np.asarray(lab, dtype=np.int64))
+             for g, group in (("tasks", tasks), ("classify", classify)) for i, lab in group]
     model.init_memory(1)
-    rows: dict[str, list] = {"books": [], "tasks": []}
+    rows: dict[str, list] = {"books": [], "tasks": [], "classify": []}
     total = sum(-(-len(d) // W) for _, d, _ in docs)
     with torch.no_grad(), tqdm(total=total, desc="fit token cache: read", unit="seg", disable=not progress) as bar:
         for group, doc, labels in docs:
@@ -227,7 +252,10 @@ def read_cache_data(model, books, segments: int = 12, tasks: list[tuple] = (), p
                 if hits is not None:
                     logits = model.backbone.lm_head(model.backbone.final_norm(h[0, :-1][keep]))
                     target = lab[0, 1:][keep].to(logits.device)
-                    rows[group].append((hits.map(lambda x: x[0, :-1][keep]), target, *target_terms(logits, target)))
+                    row = (hits.map(lambda x: x[0, :-1][keep]), target, *target_terms(logits, target))
+                    if group == "classify":  # the document's label words: the choice a prediction makes
+                        row += _candidates(logits, torch.from_numpy(np.unique(labels[labels != -100])))
+                    rows[group].append(row)
                 model._write(out, ids, keys)
                 bar.update(1)
     model.reset_memory()
@@ -239,8 +267,11 @@ def read_cache_data(model, books, segments: int = 12, tasks: list[tuple] = (), p
 def fit_reader(reader: TokenCacheReader, data: dict, steps: int = 400, lr: float = 0.05,
                progress: bool = True) -> dict:
     """Adam on the reader's parameters: the mean negative log-likelihood of the mixture over
-    book tokens plus, when `data` has tasks, a hinge over the task answers'
-    log-probabilities: mean(max(-log p, log 2)). An answer at probability >= 1/2 is what
+    book tokens, plus, when `data` has "classify" documents, the mean NLL of the right
+    label among the document's label words (what a classifier by label likelihood
+    decides on: the gate learns where earlier demonstrations predict the label better
+    than the model, not merely that label words are likely), plus, when `data` has tasks, a hinge over the task answers' log-probabilities:
+    mean(max(-log p, log 2)). An answer at probability >= 1/2 is what
     greedy decoding produces, and beyond that a task no longer pulls the gate open, so the
     books pay as little as possible for it (the plain task NLL drove task perplexity to
     1.03 at a 4% book-perplexity cost; the hinge costs 1% for 99% of answers above 1/2,
@@ -249,8 +280,25 @@ def fit_reader(reader: TokenCacheReader, data: dict, steps: int = 400, lr: float
     from tqdm.auto import tqdm
 
     def nll(g: str) -> torch.Tensor:
-        hits, target, lpt, ent, lpmax = data[g]
+        hits, target, lpt, ent, lpmax = data[g][:5]
         return -reader.log_prob(hits, target, lpt, ent, lpmax).mean()
+
+    def choice(reader_on: bool = True):
+        """Log-probabilities `[N, 8]` of each classify position's label words, renormalised
+        over them (-inf at padding): the mixture's, or the model's alone."""
+        hits, target, lpt, ent, lpmax, cands, lpc = data["classify"]
+        lpc = lpc.clamp_min(-1e4)  # padding stays finite: no NaN through the mixture's gradient
+        if reader_on:
+            m = torch.stack([reader.log_prob(hits, cands[:, c].clamp_min(0), lpc[:, c], ent, lpmax)
+                             for c in range(cands.shape[1])], 1)
+        else:
+            m = lpc
+        m = m.masked_fill(cands < 0, float("-inf"))
+        return m - m.logsumexp(1, keepdim=True)
+
+    def choice_nll() -> torch.Tensor:
+        hits, target, *_, cands, _ = data["classify"]
+        return -choice()[cands == target[:, None]].mean()
 
     def hinge() -> torch.Tensor:
         hits, target, lpt, ent, lpmax = data["tasks"]
@@ -259,7 +307,7 @@ def fit_reader(reader: TokenCacheReader, data: dict, steps: int = 400, lr: float
     before = {g: math.exp(-d[2].mean().item()) for g, d in data.items()}
     opt = torch.optim.Adam(reader.parameters(), lr=lr)
     for _ in tqdm(range(steps), desc="fit token cache: gate", disable=not progress):
-        loss = nll("books") + (hinge() if "tasks" in data else 0.0)
+        loss = nll("books") + (hinge() if "tasks" in data else 0.0) + (choice_nll() if "classify" in data else 0.0)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -268,10 +316,19 @@ def fit_reader(reader: TokenCacheReader, data: dict, steps: int = 400, lr: float
     hits = data["books"][0]
     report = {"tokens": int(hits.sims.shape[0]), "ppl_model": before["books"], "ppl_with_cache": after["books"],
               "temperature": reader.log_tau.exp().item(), "gate": dict(zip(FEATURES, reader.gate.tolist()))}
+    if reader.spread:
+        report["spread_gate"] = dict(zip(SPREAD_FEATURES, reader.spread_gate.tolist()))
     if reader.copy:
         report.update(copy_scale=reader.copy_log_scale.exp().item(),
                       copy_gate=dict(zip(COPY_FEATURES, reader.copy_gate.tolist())),
                       matched_share=float((hits.copy_len > 0).any(-1).float().mean()))
+    if "classify" in data:
+        target, cands = data["classify"][1], data["classify"][5]
+        with torch.no_grad():
+            acc = {k: (cands.gather(1, choice(on).argmax(1, keepdim=True))[:, 0] == target).float().mean().item()
+                   for k, on in (("model", False), ("with_cache", True))}
+        report.update(classify_tokens=int(target.numel()), classify_accuracy_model=acc["model"],
+                      classify_accuracy_with_cache=acc["with_cache"])
     if "tasks" in data:
         hits, target, lpt, ent, lpmax = data["tasks"]
         with torch.no_grad():
@@ -282,9 +339,22 @@ def fit_reader(reader: TokenCacheReader, data: dict, steps: int = 400, lr: float
     return report
 
 
+def _candidates(logits: torch.Tensor, words: torch.Tensor, width: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate label ids `[N, width]` (-1 = padding) and the model's log-probabilities of
+    them `[N, width]` (-inf at padding), for logits `[N, V]` and label ids `words [L]`."""
+    if len(words) > width:
+        raise LongsideError(f"a classification document has {len(words)} labels; at most {width} are supported")
+    lp = torch.log_softmax(logits.float(), -1)[:, words.to(logits.device)]
+    pad = width - len(words)
+    N = logits.shape[0]
+    cands = torch.cat([words.to(logits.device).expand(N, -1), words.new_full((N, pad), -1).to(logits.device)], 1)
+    return cands, torch.cat([lp, lp.new_full((N, pad), float("-inf"))], 1)
+
+
 def _stack_rows(rows: list[tuple]) -> tuple:
-    """Concatenate kept (hits, target, lp_target, entropy, max lp) rows along tokens."""
+    """Concatenate kept (hits, target, lp_target, entropy, max lp[, candidates, their lp])
+    rows along tokens."""
     k = min(r[0].sims.shape[1] for r in rows)  # the first segments may have had fewer neighbours
     hits = TokenHits(*(torch.cat([getattr(r[0], f)[:, :k] if f in ("sims", "nxt") else getattr(r[0], f)
                                   for r in rows]) for f in ("sims", "nxt", "copy_len", "copy_nxt")))
-    return (hits, *(torch.cat([r[j] for r in rows]) for j in range(1, 5)))
+    return (hits, *(torch.cat([r[j] for r in rows]) for j in range(1, len(rows[0]))))

@@ -6,6 +6,8 @@ reset at document boundaries. Documents are training books and, with probability
 asked for at the end: only the answer is scored). Next-token loss, AdamW, warm-up +
 cosine, gradient clipping; validation perplexity with and without memory; safetensors
 checkpoints with exact resume (optimizer, scheduler, RNG, data position, memory banks).
+With `feature_cache`, the backbone's features of each segment are kept on disk and
+replayed when the segment comes back (feature_cache.py).
 `accelerate` wraps the side network, so `accelerate launch -m longside train ...` runs
 data-parallel with no code change (each process streams its own rows).
 """
@@ -52,6 +54,9 @@ class TrainConfig:
     save_every: int = 100
     seed: int = 0
     out: str = "runs/smollm2-135m"
+    feature_cache: str | None = None  # a directory: backbone features replayed when a segment recurs
+    feature_cache_gb: float = 20.0
+    feature_cache_dtype: str = "bfloat16"
 
     @classmethod
     def from_dict(cls, raw: dict) -> "TrainConfig":
@@ -239,6 +244,15 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, max_minutes: float
     out_dir = Path(cfg.out)
     backbone = backbone or load_backbone(cfg.backbone, quantize=cfg.quantize)
     model = LongSideModel(backbone, cfg.side)
+    if cfg.feature_cache:
+        from longside.feature_cache import FeatureCache
+
+        fc = Path(cfg.feature_cache).resolve()
+        if fc == out_dir.resolve() or out_dir.resolve() in fc.parents:
+            raise LongsideError(f"the feature cache {fc} must not lie inside the checkpoint directory {out_dir}, "
+                                "which every save replaces; choose a directory outside it")
+        model.feature_cache = FeatureCache(fc, backbone, model.feature_layers(), cfg.side.memory_layer,
+                                           cfg.feature_cache_dtype, cfg.feature_cache_gb)
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg))
     stream = DocumentStream(tokenized_books(backbone, "train"), cfg, backbone.tokenizer,
@@ -288,6 +302,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, max_minutes: float
         if done:
             break
     bar.close()
+    if model.feature_cache is not None:
+        metrics["feature_cache"] = model.feature_cache.stats()
     return {"step": step, "wall_s": time.time() - t_start, "tokens": tokens, "scored_tokens": scored, **metrics}
 
 

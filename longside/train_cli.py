@@ -20,6 +20,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--resume", help="a checkpoint directory written by a previous run")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--max-minutes", type=float, help="stop (and save) after this much wall time")
+    p.add_argument("--feature-cache", help="keep the backbone's features of each segment in this directory and "
+                   "replay them when the segment comes back (further epochs, validation, other side configs)")
+    p.add_argument("--feature-cache-gb", type=float, help="stop adding to the feature cache beyond this size "
+                   "(default 20)")
     p.add_argument("--ship", help="also write the final side weights (fp16) to this directory")
     p.add_argument("--json", help="write the final metrics here")
     args = p.parse_args(argv)
@@ -28,6 +32,10 @@ def main(argv: list[str]) -> int:
         overrides["out"] = args.out
     if args.max_steps:
         overrides["max_steps"] = args.max_steps
+    if args.feature_cache:
+        overrides["feature_cache"] = args.feature_cache
+    if args.feature_cache_gb is not None:
+        overrides["feature_cache_gb"] = args.feature_cache_gb
     if args.config:
         try:
             cfg = TrainConfig.from_dict({**json.loads(Path(args.config).read_text()), **overrides})

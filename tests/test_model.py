@@ -217,6 +217,29 @@ def test_fit_token_cache_with_recall_tasks_answers_them():
     assert report["task_ppl_with_cache"] < report["task_ppl_model"]
 
 
+def test_fit_token_cache_with_classification_documents_learns_their_labels():
+    import numpy as np
+
+    from longside.token_cache import fit_token_cache
+
+    model = LongSideModel(_tiny_backbone(), _cfg())
+    rng = np.random.default_rng(2)
+    books = [rng.integers(0, 96, 96) for _ in range(2)]
+    patterns = [(list(rng.integers(20, 60, 3)), 90 + i % 2) for i in range(6)]  # six inputs, labels 90/91
+    docs = []
+    for _ in range(4):
+        ids, labels = [], []
+        while len(ids) < 60:
+            text, label = patterns[int(rng.integers(6))]
+            ids += [*text, 7, label, 8]  # text, "Label:", label, separator
+            labels += [-100] * 4 + [label, -100]
+        docs.append((np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)))
+    report = fit_token_cache(model, books, segments=6, steps=80, classify=docs, progress=False)
+    assert report["classify_docs"] == 4 and report["classify_tokens"] > 0
+    # the label of an input seen before is in memory; the model alone cannot know it
+    assert report["classify_accuracy_with_cache"] > report["classify_accuracy_model"] + 0.3
+
+
 def test_load_memory_refuses_a_bank_without_token_memory(tmp_path):
     from longside.errors import MemoryBankError
 
