@@ -270,13 +270,14 @@ def fit_reader(reader: TokenCacheReader, data: dict, steps: int = 400, lr: float
     book tokens, plus, when `data` has "classify" documents, the mean NLL of the right
     label among the document's label words (what a classifier by label likelihood
     decides on: the gate learns where earlier demonstrations predict the label better
-    than the model, not merely that label words are likely), plus, when `data` has tasks, a hinge over the task answers' log-probabilities:
-    mean(max(-log p, log 2)). An answer at probability >= 1/2 is what
-    greedy decoding produces, and beyond that a task no longer pulls the gate open, so the
-    books pay as little as possible for it (the plain task NLL drove task perplexity to
-    1.03 at a 4% book-perplexity cost; the hinge costs 1% for 99% of answers above 1/2,
-    on the data of `longside fit-cache`). Each group weighs as much in all: 45k book
-    tokens must not drown a few hundred answers."""
+    than the model, not merely that label words are likely), plus, when `data` has
+    tasks, a hinge over the task answers' log-probabilities: mean(max(-log p, log 2)).
+    An answer at probability >= 1/2 is what greedy decoding produces, and beyond that a
+    task no longer pulls the gate open, so the books pay as little as possible for it
+    (the plain task NLL drove task perplexity to 1.03 at a 4% book-perplexity cost; the
+    hinge costs 1% for 99% of answers above 1/2, on the data of `longside fit-cache`).
+    Each group weighs as much in all: 45k book tokens must not drown a few hundred
+    answers."""
     from tqdm.auto import tqdm
 
     def nll(g: str) -> torch.Tensor:
@@ -287,7 +288,6 @@ def fit_reader(reader: TokenCacheReader, data: dict, steps: int = 400, lr: float
         """Log-probabilities `[N, 8]` of each classify position's label words, renormalised
         over them (-inf at padding): the mixture's, or the model's alone."""
         hits, target, lpt, ent, lpmax, cands, lpc = data["classify"]
-        lpc = lpc.clamp_min(-1e4)  # padding stays finite: no NaN through the mixture's gradient
         if reader_on:
             m = torch.stack([reader.log_prob(hits, cands[:, c].clamp_min(0), lpc[:, c], ent, lpmax)
                              for c in range(cands.shape[1])], 1)
@@ -341,14 +341,15 @@ def fit_reader(reader: TokenCacheReader, data: dict, steps: int = 400, lr: float
 
 def _candidates(logits: torch.Tensor, words: torch.Tensor, width: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate label ids `[N, width]` (-1 = padding) and the model's log-probabilities of
-    them `[N, width]` (-inf at padding), for logits `[N, V]` and label ids `words [L]`."""
+    them `[N, width]` (-1e4 at padding: finite, so the mixture over a padded slot has no
+    NaN gradient; the fit masks them), for logits `[N, V]` and label ids `words [L]`."""
     if len(words) > width:
         raise LongsideError(f"a classification document has {len(words)} labels; at most {width} are supported")
     lp = torch.log_softmax(logits.float(), -1)[:, words.to(logits.device)]
     pad = width - len(words)
     N = logits.shape[0]
     cands = torch.cat([words.to(logits.device).expand(N, -1), words.new_full((N, pad), -1).to(logits.device)], 1)
-    return cands, torch.cat([lp, lp.new_full((N, pad), float("-inf"))], 1)
+    return cands, torch.cat([lp, lp.new_full((N, pad), -1e4)], 1)
 
 
 def _stack_rows(rows: list[tuple]) -> tuple:
