@@ -2,9 +2,15 @@
 
 An item is a prefix that ends at a chapter break and six candidate openings: the true
 next chapter and five other chapters' openings of the same book (`candidate_tokens`
-each). A model picks the candidate with the highest mean log-probability after the
-prefix. Negatives are drawn from *later* chapters, so no candidate ever appears inside
-the prefix (a memory could otherwise recognise a negative it has already read).
+each). Negatives are drawn from *later* chapters, so no candidate ever appears inside
+the prefix (a memory could otherwise recognise a negative it has already read). Two
+protocols pick a candidate:
+
+- `likelihood`: the highest mean log-probability after the prefix (ChapterBreak's own);
+- `pmi`: the highest gain of that mean log-probability over the same model's with no
+  prefix (the candidate after a bare chapter break, "\n\n"): how much the prefix makes
+  the candidate likelier, so an opening of plain, predictable words does not win on
+  fluency alone (domain-conditional PMI, Holtzman et al. 2021).
 
 From held-out books, an item is kept only when its break has at least the longest
 prefix length of text before it, so every prefix length is scored on the same items.
@@ -28,6 +34,9 @@ from tqdm.auto import tqdm
 
 from longside.eval.common import (EvalError, book_chapters, encode, eval_window, load_book_data, pyplot, report,
                          save_figure, score_after_prefix, score_backbone, title_of)
+
+PROTOCOLS = ("likelihood", "pmi")
+BREAK = "\n\n"  # what every candidate follows when scored without a prefix (pmi)
 
 
 @dataclass
@@ -86,9 +95,11 @@ def json_items(tokenizer, path: str | Path, config: ChapterBreakConfig) -> list[
     return items
 
 
-def _pick(scores) -> int:
+def _picks(scores, base) -> dict[str, int]:
+    """The candidate each protocol picks, from scores after the prefix and without it."""
     means = [s.mean_logprob for s in scores]
-    return means.index(max(means))
+    gains = [m - b.mean_logprob for m, b in zip(means, base)]
+    return {"likelihood": means.index(max(means)), "pmi": gains.index(max(gains))}
 
 
 def run(model, info: dict, config: ChapterBreakConfig, data=None) -> dict:
@@ -114,16 +125,23 @@ def run(model, info: dict, config: ChapterBreakConfig, data=None) -> dict:
 
     lengths = sorted(config.prefix_tokens)
     rows = [f"backbone@{window}", f"backbone@{native}", "longside memory off", "longside memory"]
-    picks: list[dict] = []  # per item: {row: {length: predicted index}}
-    n_steps = len(items) * (2 + 2 * len(lengths))
+    brk = encode(backbone.tokenizer, BREAK)
+    picks: list[dict] = []  # per item: {row: {length: {protocol: predicted index}}}
+    n_steps = len(items) * (4 + 2 * len(lengths))
     with tqdm(total=n_steps, desc="chapterbreak", unit="score", leave=False) as bar:
         for item in items:
             prefix, cands = item["prefix"], item["candidates"]
-            got: dict[str, dict[int, int]] = {r: {} for r in rows}
-            # Both window-only rows see the same last tokens whatever the prefix length.
-            local = _pick(score_backbone(backbone, prefix, cands, context=window))
+            got: dict[str, dict[int, dict]] = {r: {} for r in rows}
+            # each candidate without a prefix, once per model (pmi's baseline); both longside
+            # rows share theirs, so pmi compares them on the prefix alone
+            base_bb = score_backbone(backbone, brk, cands, context=len(brk) + max(map(len, cands)))
             bar.update(1)
-            off = _pick(score_after_prefix(model, prefix, cands, window=window, use_memory=False))
+            base_ls = score_after_prefix(model, brk, cands, window=window, use_memory=False)
+            bar.update(1)
+            # Both window-only rows see the same last tokens whatever the prefix length.
+            local = _picks(score_backbone(backbone, prefix, cands, context=window), base_bb)
+            bar.update(1)
+            off = _picks(score_after_prefix(model, prefix, cands, window=window, use_memory=False), base_ls)
             bar.update(1)
             for L in lengths:
                 if len(prefix) < L:
@@ -131,9 +149,9 @@ def run(model, info: dict, config: ChapterBreakConfig, data=None) -> dict:
                     continue
                 got[rows[0]][L], got[rows[2]][L] = local, off
                 if L <= native:
-                    got[rows[1]][L] = _pick(score_backbone(backbone, prefix[-L:], cands, context=native))
+                    got[rows[1]][L] = _picks(score_backbone(backbone, prefix[-L:], cands, context=native), base_bb)
                 bar.update(1)
-                got[rows[3]][L] = _pick(score_after_prefix(model, prefix[-L:], cands, window=window))
+                got[rows[3]][L] = _picks(score_after_prefix(model, prefix[-L:], cands, window=window), base_ls)
                 bar.update(1)
             picks.append(got)
 
@@ -142,21 +160,24 @@ def run(model, info: dict, config: ChapterBreakConfig, data=None) -> dict:
         scored = [(item, got) for item, got in zip(items, picks) if L in got[rows[3]]]
         entry = {"n_items": len(scored), "rows": {}}
         for r in rows:
-            hits = [got[r][L] == item["label"] for item, got in scored if L in got[r]]
-            entry["rows"][r] = {"n_items": len(hits), "correct": sum(hits),
-                                "accuracy": sum(hits) / len(hits) if hits else None}
+            row = {"n_items": sum(L in got[r] for _, got in scored)}
+            for p in PROTOCOLS:
+                hits = [got[r][L][p] == item["label"] for item, got in scored if L in got[r]]
+                row[p] = {"correct": sum(hits), "accuracy": sum(hits) / len(hits) if hits else None}
+            entry["rows"][r] = row
         by_length[str(L)] = entry
     results = {
         "chance": 1 / len(items[0]["candidates"]),
         "n_items": len(items),
+        "protocols": list(PROTOCOLS),
         "by_prefix_tokens": by_length,
         "notes": {f"backbone@{native}": f"only where the prefix fits the native context; the prefix is cut to its "
                                         f"last {native} - candidate tokens",
                   f"backbone@{window} / longside memory off": "see only the last window - candidate tokens, "
                                                               "the same at every prefix length"},
         "items": [{"book": it["book"], "chapter": it["chapter"], "label": it["label"],
-                   "prefix_tokens": len(it["prefix"]), "predicted": {r: {str(k): v for k, v in got[r].items()}
-                                                                     for r in rows}}
+                   "prefix_tokens": len(it["prefix"]),
+                   "predicted": {r: {str(k): v for k, v in got[r].items()} for r in rows}}
                   for it, got in zip(items, picks)],
     }
     cfg = dataclasses.replace(config, window=window, native_context=native)
@@ -164,22 +185,24 @@ def run(model, info: dict, config: ChapterBreakConfig, data=None) -> dict:
 
 
 def plot(result: dict, path) -> None:
-    """Accuracy against prefix length, one line per row, chance dashed."""
+    """Accuracy against prefix length, one line per row, one panel per protocol, chance dashed."""
     plt = pyplot()
     res = result["results"]
     lengths = list(res["by_prefix_tokens"])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     rows = next(iter(res["by_prefix_tokens"].values()))["rows"]
-    for r in rows:
-        acc = [res["by_prefix_tokens"][L]["rows"][r]["accuracy"] for L in lengths]
-        ax.plot(lengths, [100 * a if a is not None else float("nan") for a in acc], marker="o", label=r)
-    ax.axhline(100 * res["chance"], ls="--", color="gray", label="chance")
-    ax.set_xlabel("prefix length (tokens)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"ChapterBreak-style suffix identification, {res['n_items']} items\n" + title_of(result),
+    fig, axes = plt.subplots(1, len(PROTOCOLS), figsize=(11, 4.5), sharey=True)
+    for ax, p in zip(axes, PROTOCOLS):
+        for r in rows:
+            acc = [res["by_prefix_tokens"][L]["rows"][r][p]["accuracy"] for L in lengths]
+            ax.plot(lengths, [100 * a if a is not None else float("nan") for a in acc], marker="o", label=r)
+        ax.axhline(100 * res["chance"], ls="--", color="gray", label="chance")
+        ax.set_xlabel("prefix length (tokens)")
+        ax.set_title(f"protocol: {p}")
+        ax.set_ylim(0, 100)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"ChapterBreak-style suffix identification, {res['n_items']} items\n" + title_of(result),
                  fontsize=9)
-    ax.legend(fontsize=8)
     save_figure(plt, fig, path)
 
 
@@ -194,4 +217,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subset", choices=("pg19", "ao3"), help="original ChapterBreak JSON: one subset only")
 
 
-__all__ = ["ChapterBreakConfig", "add_arguments", "book_items", "json_items", "plot", "run"]
+__all__ = ["PROTOCOLS", "ChapterBreakConfig", "add_arguments", "book_items", "json_items", "plot", "run"]

@@ -144,19 +144,29 @@ def test_chapterbreak_report(small, tmp_path):
     assert res["chance"] == pytest.approx(1 / 6)
     assert res["n_items"] == 1 and list(res["by_prefix_tokens"]) == ["256", "512"]
     rows = {f"backbone@{W}", "backbone@256", "longside memory off", "longside memory"}
+    assert res["protocols"] == ["likelihood", "pmi"]
     for length, entry in res["by_prefix_tokens"].items():
         assert entry["n_items"] == 1 and set(entry["rows"]) == rows
         for name, row in entry["rows"].items():
-            if name == "backbone@256" and length == "512":  # the prefix does not fit its context
-                assert row == {"n_items": 0, "correct": 0, "accuracy": None}
-            else:
-                assert row["accuracy"] in (0.0, 1.0) and row["correct"] == row["accuracy"]
+            for p in res["protocols"]:
+                if name == "backbone@256" and length == "512":  # the prefix does not fit its context
+                    assert row["n_items"] == 0 and row[p] == {"correct": 0, "accuracy": None}
+                else:
+                    assert row["n_items"] == 1
+                    assert row[p]["accuracy"] in (0.0, 1.0) and row[p]["correct"] == row[p]["accuracy"]
     item = res["items"][0]
     assert 0 <= item["label"] < 6 and item["prefix_tokens"] == 512
-    # untrained side network == backbone at the same window
+    # untrained side network == backbone at the same window, under both protocols
     assert item["predicted"]["longside memory"] == item["predicted"]["longside memory off"]
+    assert item["predicted"][f"backbone@{W}"] == item["predicted"]["longside memory off"]
     chapterbreak.plot(result, tmp_path / "cb.png")
     _png(tmp_path / "cb.png")
+
+
+def test_chapterbreak_pmi_discounts_what_is_likely_without_the_prefix():
+    after = [common.Continuation(-10.0, 5, False), common.Continuation(-15.0, 5, False)]  # means -2, -3
+    alone = [common.Continuation(-5.0, 5, False), common.Continuation(-20.0, 5, False)]  # means -1, -4
+    assert chapterbreak._picks(after, alone) == {"likelihood": 0, "pmi": 1}
 
 
 def test_chapterbreak_reads_the_original_json(smollm2, tmp_path):
