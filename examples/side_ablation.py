@@ -10,13 +10,14 @@ The backbone's features are encoded once and replayed for the later variants
 (`--feature-cache`), which is what makes several variants affordable on a CPU.
 
 A first row, the untrained side network (which gives exactly the backbone's logits), is
-the baseline every variant is judged against. Measured per variant: training loss (mean of the last quarter of steps), validation
-perplexity of the held-out validation books with memory and without (segments 2-4 of
-each book, the training loop's own `validate`), the answer perplexity of fixed synthetic
-recall documents (a number stated once in validation-book filler, asked 1-3 segments
-later) with the earlier segments in memory and without, trainable parameters, and
-seconds per step (the training run's wall time, its final validation included, over its
-steps). JSON + a PNG of the loss curves.
+the baseline every variant is judged against. Measured per variant: training loss (mean
+of the last quarter of steps), validation perplexity of the held-out validation books
+with memory and without (segments 2-4 of each book, the training loop's own `validate`),
+the answer perplexity of fixed synthetic recall documents (a number stated once in
+validation-book filler, asked 1-3 segments later) with the earlier segments in memory
+and without, trainable parameters, and seconds per step (the training run's wall time,
+its final validation included, over its steps). JSON, and a PNG of the loss curves and
+of each variant's difference from the first trained one (`--replot` redraws it).
 
     python examples/side_ablation.py --steps 150 --json results/side_ablation.json \\
         --plot results/side_ablation.png --feature-cache /tmp/longside-features
@@ -92,7 +93,11 @@ def main() -> None:
     p.add_argument("--feature-cache", help="backbone features, replayed by every variant after the first")
     p.add_argument("--json", default="results/side_ablation.json")
     p.add_argument("--plot", default="results/side_ablation.png")
+    p.add_argument("--replot", action="store_true", help="only redraw --plot from the report in --json")
     args = p.parse_args()
+    if args.replot:
+        plot(json.loads(Path(args.json).read_text()), args.plot)
+        return
 
     backbone = load_backbone("smollm2-135m")
     work = Path(tempfile.mkdtemp(prefix="side_ablation_"))
@@ -140,23 +145,40 @@ def main() -> None:
               "token_cache": False, "recall_docs": args.recall_docs, "results": results}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=1))
+    plot(report, args.plot)
+
+
+def plot(report: dict, path: str | Path) -> None:
+    """Left: training loss of each variant; right: its difference from the first trained
+    variant's at the same step (the documents' swings cancel; what is left is the variant)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    w = 1
-    for row in results:
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    trained = [r for r in report["results"] if r["loss_curve"]]
+    w = max(1, min(len(r["loss_curve"]) for r in trained) // 15) if trained else 1
+    smooth = lambda c: np.convolve(c, np.ones(w) / w, mode="valid")  # noqa: E731
+    for row in report["results"]:
         c = row["loss_curve"]
-        if not c:
-            ax.axhline(math.log(row["val_ppl_memory"]), ls=":", color="gray",
-                       label=f"{row['variant']}: validation loss (ppl {row['val_ppl_memory']:.2f})")
+        label = f"{row['variant']} (val ppl {row['val_ppl_memory']:.2f})"
+        if not c:  # the untrained baseline has a validation loss, no training curve
+            ax.axhline(math.log(row["val_ppl_memory"]), ls=":", color="gray", label=label + ", validation")
             continue
-        w = max(1, len(c) // 15)  # a moving average: single steps swing with the document
-        smooth = np.convolve(c, np.ones(w) / w, mode="valid")
-        ax.plot(range(w, len(c) + 1), smooth, label=f"{row['variant']} (val ppl {row['val_ppl_memory']:.2f})")
+        steps = range(w, len(c) + 1)
+        ax.plot(steps, smooth(c), label=label)
+        ref = trained[0]["loss_curve"]
+        n = min(len(c), len(ref))
+        dx.plot(range(w, n + 1), smooth(np.subtract(c[:n], ref[:n])), label=row["variant"])
     ax.set_xlabel("step")
     ax.set_ylabel(f"training loss (moving mean of {w} steps)")
-    ax.set_title(f"side network variants, {args.steps} steps each, same data", fontsize=9)
     ax.legend(fontsize=8)
-    save_figure(plt, fig, args.plot)
+    if trained:
+        dx.axhline(0, color="gray", lw=0.5)
+        dx.set_title(f"minus {trained[0]['variant']}", fontsize=9)
+    dx.set_xlabel("step")
+    dx.set_ylabel("training loss difference")
+    dx.legend(fontsize=8)
+    fig.suptitle(f"side network variants, {report['steps']} steps each, same documents\n"
+                 f"commit {str(report.get('git_commit'))[:7]}", fontsize=9)
+    save_figure(plt, fig, path)
 
 
 if __name__ == "__main__":
