@@ -36,6 +36,9 @@ from longside.eval.common import (EvalError, book_chapters, encode, eval_window,
                          save_figure, score_after_prefix, score_backbone, title_of)
 
 PROTOCOLS = ("likelihood", "pmi")
+# the rows, in order: bare backbone at the local window and at its native context,
+# longside with memory off, longside with the prefix in memory
+ROW_KINDS = ("local", "native", "off", "memory")
 BREAK = "\n\n"  # what every candidate follows when scored without a prefix (pmi)
 
 
@@ -50,6 +53,7 @@ class ChapterBreakConfig:
     max_books: int | None = None
     native_context: int | None = None  # bare backbone's long context (default: its max positions)
     subset: str | None = None  # original ChapterBreak JSON only: "pg19" or "ao3"
+    rows: tuple[str, ...] = ROW_KINDS  # which rows to score (see ROW_KINDS)
     seed: int = 0
 
     @classmethod
@@ -124,7 +128,12 @@ def run(model, info: dict, config: ChapterBreakConfig, data=None) -> dict:
                         f"{config.negatives} chapters after it; use shorter --prefix-tokens or longer books")
 
     lengths = sorted(config.prefix_tokens)
-    rows = [f"backbone@{window}", f"backbone@{native}", "longside memory off", "longside memory"]
+    if not config.rows or set(config.rows) - set(ROW_KINDS):
+        raise EvalError(f"rows must be some of {', '.join(ROW_KINDS)}, got {config.rows}")
+    names = dict(zip(ROW_KINDS, [f"backbone@{window}", f"backbone@{native}", "longside memory off",
+                                 "longside memory"]))
+    want = set(config.rows)
+    rows = [names[k] for k in ROW_KINDS if k in want]
     brk = encode(backbone.tokenizer, BREAK)
     picks: list[dict] = []  # per item: {row: {length: {protocol: predicted index}}}
     n_steps = len(items) * (4 + 2 * len(lengths))
@@ -134,30 +143,35 @@ def run(model, info: dict, config: ChapterBreakConfig, data=None) -> dict:
             got: dict[str, dict[int, dict]] = {r: {} for r in rows}
             # each candidate without a prefix, once per model (pmi's baseline); both longside
             # rows share theirs, so pmi compares them on the prefix alone
-            base_bb = score_backbone(backbone, brk, cands, context=len(brk) + max(map(len, cands)))
-            bar.update(1)
-            base_ls = score_after_prefix(model, brk, cands, window=window, use_memory=False)
-            bar.update(1)
+            if want & {"local", "native"}:
+                base_bb = score_backbone(backbone, brk, cands, context=len(brk) + max(map(len, cands)))
+            if want & {"off", "memory"}:
+                base_ls = score_after_prefix(model, brk, cands, window=window, use_memory=False)
+            bar.update(2)
             # Both window-only rows see the same last tokens whatever the prefix length.
-            local = _picks(score_backbone(backbone, prefix, cands, context=window), base_bb)
-            bar.update(1)
-            off = _picks(score_after_prefix(model, prefix, cands, window=window, use_memory=False), base_ls)
-            bar.update(1)
+            if "local" in want:
+                local = _picks(score_backbone(backbone, prefix, cands, context=window), base_bb)
+            if "off" in want:
+                off = _picks(score_after_prefix(model, prefix, cands, window=window, use_memory=False), base_ls)
+            bar.update(2)
             for L in lengths:
-                if len(prefix) < L:
-                    bar.update(2)
-                    continue
-                got[rows[0]][L], got[rows[2]][L] = local, off
-                if L <= native:
-                    got[rows[1]][L] = _picks(score_backbone(backbone, prefix[-L:], cands, context=native), base_bb)
-                bar.update(1)
-                got[rows[3]][L] = _picks(score_after_prefix(model, prefix[-L:], cands, window=window), base_ls)
-                bar.update(1)
+                if len(prefix) >= L:
+                    if "local" in want:
+                        got[names["local"]][L] = local
+                    if "off" in want:
+                        got[names["off"]][L] = off
+                    if "native" in want and L <= native:
+                        got[names["native"]][L] = _picks(score_backbone(backbone, prefix[-L:], cands,
+                                                                        context=native), base_bb)
+                    if "memory" in want:
+                        got[names["memory"]][L] = _picks(score_after_prefix(model, prefix[-L:], cands,
+                                                                            window=window), base_ls)
+                bar.update(2)
             picks.append(got)
 
     by_length = {}
     for L in lengths:
-        scored = [(item, got) for item, got in zip(items, picks) if L in got[rows[3]]]
+        scored = [(item, got) for item, got in zip(items, picks) if len(item["prefix"]) >= L]
         entry = {"n_items": len(scored), "rows": {}}
         for r in rows:
             row = {"n_items": sum(L in got[r] for _, got in scored)}
@@ -215,6 +229,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-books", type=int)
     p.add_argument("--native-context", type=int, help="bare backbone long context (default: its max positions)")
     p.add_argument("--subset", choices=("pg19", "ao3"), help="original ChapterBreak JSON: one subset only")
+    p.add_argument("--rows", nargs="+", choices=ROW_KINDS, help="rows to score (default all: the bare backbone "
+                   "at the local window and at its native context, longside with memory off and on)")
 
 
-__all__ = ["PROTOCOLS", "ChapterBreakConfig", "add_arguments", "book_items", "json_items", "plot", "run"]
+__all__ = ["PROTOCOLS", "ROW_KINDS", "ChapterBreakConfig", "add_arguments", "book_items", "json_items", "plot", "run"]

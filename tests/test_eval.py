@@ -163,6 +163,17 @@ def test_chapterbreak_report(small, tmp_path):
     _png(tmp_path / "cb.png")
 
 
+def test_chapterbreak_scores_only_the_rows_asked_for(small):
+    model, info = small
+    config = chapterbreak.ChapterBreakConfig(window=W, prefix_tokens=(256,), candidate_tokens=32, items_per_book=1,
+                                             max_items=1, max_books=1, rows=("off", "memory"))
+    entry = chapterbreak.run(model, info, config)["results"]["by_prefix_tokens"]["256"]
+    assert set(entry["rows"]) == {"longside memory off", "longside memory"}
+    assert all(row["n_items"] == 1 for row in entry["rows"].values())
+    with pytest.raises(EvalError, match="rows must be some of"):
+        chapterbreak.run(model, info, dataclasses.replace(config, rows=("everything",)))
+
+
 def test_chapterbreak_pmi_discounts_what_is_likely_without_the_prefix():
     after = [common.Continuation(-10.0, 5, False), common.Continuation(-15.0, 5, False)]  # means -2, -3
     alone = [common.Continuation(-5.0, 5, False), common.Continuation(-20.0, 5, False)]  # means -1, -4
