@@ -109,6 +109,8 @@ def _picks(scores, base) -> dict[str, int]:
 def run(model, info: dict, config: ChapterBreakConfig, data=None) -> dict:
     """Run the evaluation; returns the report with accuracy per prefix length and row."""
     started = time.time()
+    if not config.rows or set(config.rows) - set(ROW_KINDS):
+        raise EvalError(f"rows must be some of {', '.join(ROW_KINDS)}, got {config.rows}")
     window = eval_window(model, config.window)
     backbone = model.backbone
     native = config.native_context or backbone.spec.max_positions
@@ -128,8 +130,6 @@ def run(model, info: dict, config: ChapterBreakConfig, data=None) -> dict:
                         f"{config.negatives} chapters after it; use shorter --prefix-tokens or longer books")
 
     lengths = sorted(config.prefix_tokens)
-    if not config.rows or set(config.rows) - set(ROW_KINDS):
-        raise EvalError(f"rows must be some of {', '.join(ROW_KINDS)}, got {config.rows}")
     names = dict(zip(ROW_KINDS, [f"backbone@{window}", f"backbone@{native}", "longside memory off",
                                  "longside memory"]))
     want = set(config.rows)
@@ -149,17 +149,17 @@ def run(model, info: dict, config: ChapterBreakConfig, data=None) -> dict:
                 base_ls = score_after_prefix(model, brk, cands, window=window, use_memory=False)
             bar.update(2)
             # Both window-only rows see the same last tokens whatever the prefix length.
+            fixed = {}
             if "local" in want:
-                local = _picks(score_backbone(backbone, prefix, cands, context=window), base_bb)
+                fixed["local"] = _picks(score_backbone(backbone, prefix, cands, context=window), base_bb)
             if "off" in want:
-                off = _picks(score_after_prefix(model, prefix, cands, window=window, use_memory=False), base_ls)
+                fixed["off"] = _picks(score_after_prefix(model, prefix, cands, window=window, use_memory=False),
+                                      base_ls)
             bar.update(2)
             for L in lengths:
                 if len(prefix) >= L:
-                    if "local" in want:
-                        got[names["local"]][L] = local
-                    if "off" in want:
-                        got[names["off"]][L] = off
+                    for kind, pick in fixed.items():
+                        got[names[kind]][L] = pick
                     if "native" in want and L <= native:
                         got[names["native"]][L] = _picks(score_backbone(backbone, prefix[-L:], cands,
                                                                         context=native), base_bb)

@@ -39,7 +39,7 @@ import torch
 from longside.backbone import load_backbone
 from longside.eval.common import git_commit, pyplot, save_figure
 from longside.model import LongSideModel
-from longside.train import preset, recall_document, tokenized_books, train, validate
+from longside.train import attach_feature_cache, preset, recall_document, tokenized_books, train, validate
 
 UNTRAINED = "untrained (= backbone)"  # no steps: the side network adds nothing yet
 VARIANTS = {  # name -> side-network overrides of the shipped preset
@@ -73,9 +73,8 @@ def recall_ppl(model: LongSideModel, docs, segment: int) -> dict:
             model.reset_memory()
             segs = torch.from_numpy(ids).view(-1, segment)
             lab = torch.from_numpy(labels).view(-1, segment)
-            for s in segs[:-1]:
-                if use:
-                    model(s[None], use_memory=True, write_memory=True, return_logits=False)
+            for s in segs[:-1] if use else ():
+                model(s[None], use_memory=True, write_memory=True, return_logits=False)
             r = model(segs[-1][None], labels=lab[-1][None], use_memory=use, write_memory=False,
                       return_logits=False)
             nll += r.loss.item() * r.n_tokens
@@ -101,6 +100,7 @@ def main() -> None:
 
     backbone = load_backbone("smollm2-135m")
     work = Path(tempfile.mkdtemp(prefix="side_ablation_"))
+    docs = recall_docs(backbone, args.recall_docs, preset("smollm2-135m").segment)
     results = []
     try:
         for name in args.variants:
@@ -110,12 +110,7 @@ def main() -> None:
             started = time.time()
             if name == UNTRAINED:
                 model = LongSideModel(backbone, cfg.side)
-                if args.feature_cache:  # the same bfloat16-rounded features the trained variants validate on
-                    from longside.feature_cache import FeatureCache
-
-                    model.feature_cache = FeatureCache(args.feature_cache, backbone, model.feature_layers(),
-                                                       cfg.side.memory_layer, cfg.feature_cache_dtype,
-                                                       cfg.feature_cache_gb)
+                attach_feature_cache(model, cfg)  # the same bf16-rounded features the trained variants validate on
                 final = {"step": 0, **validate(model, tokenized_books(backbone, "validation"), cfg.segment,
                                                 cfg.eval_segments)}
                 losses = []
@@ -126,8 +121,8 @@ def main() -> None:
                 shutil.rmtree(work / "run")
             wall = time.time() - started
             tail = losses[-max(1, len(losses) // 4):]
-            # the recall documents are encoded afresh (no feature cache): the same for every variant
-            recall = recall_ppl(model, recall_docs(backbone, args.recall_docs, cfg.segment), cfg.segment)
+            model.feature_cache = None  # the recall documents are encoded afresh: the same for every variant
+            recall = recall_ppl(model, docs, cfg.segment)
             row = {"variant": name, "side": VARIANTS[name], "steps": final["step"],
                    "trainable_params": sum(x.numel() for x in model.side.parameters() if x.requires_grad),
                    "train_loss_last_quarter": float(np.mean(tail)) if tail else None,

@@ -231,6 +231,20 @@ def validate(model: LongSideModel, books: list[np.ndarray], segment: int, n_segm
     return {f"ppl_{k}": math.exp(v[0] / max(v[1], 1)) for k, v in losses.items()}
 
 
+def attach_feature_cache(model: LongSideModel, cfg: TrainConfig) -> None:
+    """Give `model` the feature cache `cfg` names (none when `cfg.feature_cache` is unset)."""
+    if not cfg.feature_cache:
+        return
+    from longside.feature_cache import FeatureCache
+
+    fc, out_dir = Path(cfg.feature_cache).resolve(), Path(cfg.out).resolve()
+    if fc == out_dir or out_dir in fc.parents:
+        raise LongsideError(f"the feature cache {fc} must not lie inside the checkpoint directory {cfg.out}, "
+                            "which every save replaces; choose a directory outside it")
+    model.feature_cache = FeatureCache(fc, model.backbone, model.feature_layers(), cfg.side.memory_layer,
+                                       cfg.feature_cache_dtype, cfg.feature_cache_gb)
+
+
 def train(cfg: TrainConfig, resume: str | Path | None = None, max_minutes: float | None = None,
           backbone: Backbone | None = None, progress: bool = True) -> dict:
     """Run (or resume) training; returns the final metrics. Checkpoints go to `cfg.out`."""
@@ -244,15 +258,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, max_minutes: float
     out_dir = Path(cfg.out)
     backbone = backbone or load_backbone(cfg.backbone, quantize=cfg.quantize)
     model = LongSideModel(backbone, cfg.side)
-    if cfg.feature_cache:
-        from longside.feature_cache import FeatureCache
-
-        fc = Path(cfg.feature_cache).resolve()
-        if fc == out_dir.resolve() or out_dir.resolve() in fc.parents:
-            raise LongsideError(f"the feature cache {fc} must not lie inside the checkpoint directory {out_dir}, "
-                                "which every save replaces; choose a directory outside it")
-        model.feature_cache = FeatureCache(fc, backbone, model.feature_layers(), cfg.side.memory_layer,
-                                           cfg.feature_cache_dtype, cfg.feature_cache_gb)
+    attach_feature_cache(model, cfg)
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg))
     stream = DocumentStream(tokenized_books(backbone, "train"), cfg, backbone.tokenizer,
