@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from longside.config import parse_blocks
 from longside.eval.common import EvalError, load_model, write_json
 
 # name -> (module, config class, what it measures)
@@ -33,6 +34,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", help="write the figure here (.png; for `all`, one file per evaluation)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--quick", action="store_true", help="a small version, for tests and health checks")
+    p.add_argument("--backbone-memory", metavar="BLOCKS",
+                   help="backbone blocks that read memory themselves, e.g. 15-29 (training-free; default: the "
+                        "checkpoint's setting)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +86,9 @@ def main(argv: list[str]) -> int:
     configs = {n: make_config(n, args) for n in names}
     plots = {n: _plot_path(args.plot, n, len(names) > 1) for n in names}  # bad paths fail before the work
     model, info = load_model(args.model)
+    if args.backbone_memory is not None:
+        model.use_backbone_memory(parse_blocks(args.backbone_memory))
+    info["backbone_memory_layers"] = model.config.backbone_memory_layers
     reports = {}
     for name in names:
         module = importlib.import_module(EVALUATIONS[name][0])

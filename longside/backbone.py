@@ -154,6 +154,28 @@ class Backbone:
         """Frozen output projection of block `layer`: `[..., H_q*D]` -> `[..., d]`."""
         return self._parts.out_proj(self._parts.layers[layer])(attn)
 
+    def edit_attention(self, layer: int, edit: Any) -> list:
+        """Hook block `layer` so that `edit(kv)` may replace its attention output.
+
+        During each forward, `kv` holds the block's pre-rotary `q [B, T, H, D]`, `k, v [B, T,
+        G, D]` and its attention output `a [B, T, H, D]` (float32, the new tokens only);
+        `edit` returns a replacement for `a` (same shape) or None, and the block's output
+        projection then reads that instead. Other hooks on the block (`encode`'s) still see
+        the unedited `a`. Returns the hook handles; remove them after the forward."""
+        parts = self._parts
+        kv: dict[str, torch.Tensor] = {}
+        handles = parts.hook_kv(parts.layers[layer], kv, self.spec)
+
+        def hook(proj, args, out):
+            new = edit(kv)
+            if new is None:
+                return None
+            # forward(), not __call__: the pre-hooks that read `a` must not see the edit
+            return proj.forward(new.flatten(2).to(args[0].dtype))
+
+        handles.append(parts.out_proj(parts.layers[layer]).register_forward_hook(hook))
+        return handles
+
     def rotate(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Apply the backbone's rotary embedding to pre-rotary `[B, T, H, D]` at `[B, T]` positions.
 

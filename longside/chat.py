@@ -122,6 +122,10 @@ class ChatSession:
         """Write transcript, local window and memory to the directory `path`, atomically:
         a failure leaves any previous session at `path` as it was."""
         model = self.model
+        if model.config.backbone_memory_layers:
+            raise SessionError("saving a chat session is not supported with backbone memory (backbone_memory_layers "
+                               f"{model.config.backbone_memory_layers}): the session file holds the memory layer's "
+                               "bank only. Nothing was written; chat without backbone memory to save sessions")
         with atomic_dir(path) as tmp:
             model.memory.banks[0].save(tmp / _MEMORY)
             body = {

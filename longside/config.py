@@ -39,6 +39,11 @@ class SideNetConfig:
     token_k: int = 64  # neighbours that vote
     token_copy_k: int = 16  # exact-match candidates that vote (0: no copy read)
     token_spread: bool = True  # the neighbour gate also sees how many distinct tokens they vote for
+    # backbone memory (longside/backbone_memory.py): blocks that read their own cached keys/values,
+    # training-free; [] turns it off
+    backbone_memory_layers: list[int] = field(default_factory=list)
+    backbone_memory_k_chunks: int = 8  # chunks (of chunk_size tokens) each query retrieves per block
+    backbone_memory_distance: int = 0  # rotary distance memory keys are scored at (0: one window)
     # provenance (filled by LongSideModel)
     backbone: str = "smollm2-135m"
     backbone_fingerprint: str = ""
@@ -53,6 +58,9 @@ class SideNetConfig:
             raise CheckpointError(f"memory_attention must be 'gated' or 'joint', not {self.memory_attention!r}")
         if self.reduction < 1 or self.layer_stride < 1 or self.k_chunks < 1 or self.chunk_size < 1:
             raise CheckpointError("reduction, layer_stride, k_chunks and chunk_size must be >= 1")
+        self.backbone_memory_layers = sorted({int(L) for L in self.backbone_memory_layers})
+        if self.backbone_memory_k_chunks < 1 or self.backbone_memory_distance < 0:
+            raise CheckpointError("backbone_memory_k_chunks must be >= 1 and backbone_memory_distance >= 0")
         if not 0.0 < self.token_depth <= 1.0 or self.token_k < 1 or self.token_copy_k < 0:
             raise CheckpointError(f"token_depth must lie in (0, 1], token_k be >= 1 and token_copy_k >= 0, got "
                                   f"{self.token_depth}, {self.token_k}, {self.token_copy_k}")
@@ -81,3 +89,15 @@ class SideNetConfig:
         if unknown:
             raise CheckpointError(f"{path} has unknown fields {sorted(unknown)}: written by a newer longside?")
         return cls(**raw)
+
+
+def parse_blocks(text: str) -> list[int]:
+    """Block numbers from a command line: "15-29", "12,20,27" or a mix ("10,15-29"); "" -> []."""
+    blocks: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            lo, _, hi = part.partition("-")
+            blocks += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError:
+        raise CheckpointError(f"blocks must look like 15-29 or 12,20,27, got {text!r}") from None
+    return sorted(set(blocks))

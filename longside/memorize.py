@@ -28,16 +28,18 @@ class _Enough(Exception):
 
 
 @torch.no_grad()
-def encode_memory(backbone: "Backbone", ids: torch.Tensor, layer: int, token_layer: int | None = None):
+def encode_memory(backbone: "Backbone", ids: torch.Tensor, layer: int, token_layer: int | None = None,
+                  through: int = 0):
     """Pre-rotary keys and values of block `layer` for one segment `ids [B, T]` (from
-    position 0), running the backbone only as far as needed -> two `[B, T, G, D]` float32,
-    plus, with `token_layer`, `hidden_states[token_layer]` `[B, T, d]` (else None).
+    position 0), running the backbone only as far as needed (at least through block
+    `through`) -> two `[B, T, G, D]` float32, plus, with `token_layer`,
+    `hidden_states[token_layer]` `[B, T, d]` (else None).
 
     Equal to `backbone.encode(ids, layer)`'s `memory_keys`, `memory_values`, `hidden_states[token_layer]`."""
     parts = backbone._parts
     kv: dict[str, torch.Tensor] = {}
     handles = parts.hook_kv(parts.layers[layer], kv, backbone.spec)
-    last = layer if token_layer is None else max(layer, token_layer - 1)
+    last = max(through, layer if token_layer is None else max(layer, token_layer - 1))
 
     def grab(_m, _args, out):
         kv["h"] = out[0] if isinstance(out, tuple) else out
@@ -120,17 +122,28 @@ def memorize(model: "LongSideModel", source, *, row: int | None = None, progress
     if total == 0:
         raise LongsideError("nothing to memorize: the text is empty")
     W, layer = model.config.window, model.config.memory_layer
+    bm = model.backbone_memory
+    # with backbone memory a segment's keys depend on what its row already holds, so each
+    # row encodes it reading its own memory, as `LongSideModel.forward` would
+    groups = [targets] if bm is None else [[r] for r in targets]
     with tqdm(total=total, unit="tok", desc="memorize", disable=not progress, leave=False) as bar:
         for name, ids in texts:
             bar.set_postfix_str(name[-40:], refresh=False)
             for a in range(0, len(ids), W):
                 seg = torch.tensor([ids[a:a + W]])
-                k, v, h = encode_memory(model.backbone, seg, layer, model.token_layer)
-                for r in targets:
-                    if h is None:
-                        banks[r].add(k[0], v[0])
+                for rows in groups:
+                    if bm is None:
+                        k, v, h = encode_memory(model.backbone, seg, layer, model.token_layer)
                     else:
-                        banks[r].add(k[0], v[0], token_keys=h[0], token_ids=seg[0])
+                        bm.discard()
+                        with bm.attach(read=True, rows=rows):
+                            k, v, h = encode_memory(model.backbone, seg, layer, model.token_layer, max(bm.layers))
+                        bm.write()
+                    for r in rows:
+                        if h is None:
+                            banks[r].add(k[0], v[0])
+                        else:
+                            banks[r].add(k[0], v[0], token_keys=h[0], token_ids=seg[0])
                 bar.update(seg.shape[1])
     return total
 
@@ -144,6 +157,7 @@ def init_memory(model: "LongSideModel", batch_size: int = 1) -> None:
 
 def save_memory(model: "LongSideModel", path: str | os.PathLike, row: int = 0) -> None:
     """Write the memory bank of `row` to one file (atomic, checksummed; see memory_bank)."""
+    _refuse_backbone_memory(model, "saving")
     banks = model.memory.banks
     if not 0 <= row < len(banks):
         raise LongsideError(f"row {row} out of range: memory has {len(banks)} row(s)")
@@ -158,6 +172,7 @@ def load_memory(model: "LongSideModel", path: str | os.PathLike, row: int = 0) -
     current memory is kept then)."""
     from longside.memory_bank import MemoryBank
 
+    _refuse_backbone_memory(model, "loading")
     owner = model.backbone.owner_id(model.config.memory_layer)
     bank = MemoryBank.load(path, expect_owner=owner, device=model.backbone.device)
     if bank.chunk_size != model.config.chunk_size:
@@ -168,6 +183,14 @@ def load_memory(model: "LongSideModel", path: str | os.PathLike, row: int = 0) -
     if not 0 <= row < len(banks):
         raise LongsideError(f"row {row} out of range: memory has {len(banks)} row(s)")
     banks[row] = bank
+
+
+def _refuse_backbone_memory(model: "LongSideModel", doing: str) -> None:
+    if model.config.backbone_memory_layers:
+        raise LongsideError(
+            f"{doing} memory is not supported with backbone memory (backbone_memory_layers "
+            f"{model.config.backbone_memory_layers}): one file holds the memory layer's bank only; memorize "
+            "the text again instead, or set backbone_memory_layers to [] in the checkpoint's side_config.json")
 
 
 def check_token_memory(model: "LongSideModel", bank, path) -> None:

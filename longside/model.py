@@ -8,9 +8,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +63,7 @@ class LongSideModel(nn.Module):
         self.side = side if side is not None else SideNetwork(config, backbone.spec, backbone)
         self._memory = None
         self._memory_batch = 0
+        self._backbone_memory = None  # a BackboneMemory when config.backbone_memory_layers
         # what forward calls: `side` itself, or its data-parallel wrapper during training
         self._side_runner: nn.Module | None = None
         # a feature_cache.FeatureCache that stands in for the backbone's encode (training)
@@ -85,6 +88,47 @@ class LongSideModel(nn.Module):
             token_dim=spec.hidden_size if cfg.token_cache else None,
             token_layer=self.token_layer if cfg.token_cache else None)
         self._memory_batch = batch
+        self._backbone_memory = None
+        if cfg.backbone_memory_layers:
+            from longside.backbone_memory import BackboneMemory
+
+            self._backbone_memory = BackboneMemory(
+                self.backbone, cfg.backbone_memory_layers, batch, k_chunks=cfg.backbone_memory_k_chunks,
+                distance=cfg.backbone_memory_distance or cfg.window, chunk_size=cfg.chunk_size,
+                capacity_tokens=cfg.capacity_tokens, index=cfg.index)
+
+    @property
+    def backbone_memory(self):
+        """The `BackboneMemory` read inside the backbone's own blocks, or None (see config)."""
+        return self._backbone_memory if self.memory is not None else None
+
+    def use_backbone_memory(self, layers: Sequence[int], k_chunks: int | None = None) -> None:
+        """Let blocks `layers` of the backbone read memory themselves ([] switches it off);
+        needs no training (see `longside.backbone_memory`). Refused while memory holds
+        text, which was written without it: reset or start a new memory first."""
+        if self._memory is not None and any(self._memory.lengths()):
+            raise LongsideError("memory already holds text written without this setting; call reset_memory() "
+                                "first and memorize it again")
+        before = self.config
+        self.config = dataclasses.replace(before, backbone_memory_layers=list(layers),
+                                          backbone_memory_k_chunks=k_chunks or before.backbone_memory_k_chunks)
+        try:
+            self._make_memory(max(1, self._memory_batch))  # checks the layers now, not at first use
+        except LongsideError:
+            self.config = before
+            self._make_memory(max(1, self._memory_batch))
+            raise
+
+    def encode(self, input_ids: torch.Tensor, use_memory: bool = True, **kwargs):
+        """`Backbone.encode` of `input_ids [B, T]` at the memory layer; with backbone memory,
+        its blocks also read memory (`use_memory`) and record the segment's keys/values for
+        `_write`. kwargs go to `Backbone.encode` (cache, positions for incremental decoding)."""
+        ids = input_ids.to(self.backbone.device)
+        bm = self._backbone_memory
+        if bm is None:
+            return self.backbone.encode(ids, memory_layer=self.config.memory_layer, **kwargs)
+        with bm.attach(read=use_memory):
+            return self.backbone.encode(ids, memory_layer=self.config.memory_layer, **kwargs)
 
     @property
     def token_layer(self) -> int | None:
@@ -123,6 +167,8 @@ class LongSideModel(nn.Module):
         """Forget everything (or only `rows`), e.g. at document boundaries."""
         if self._memory is not None:
             self._memory.reset(rows)
+        if self._backbone_memory is not None:
+            self._backbone_memory.reset(rows)
 
     # -- forward -----------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
@@ -160,7 +206,9 @@ class LongSideModel(nn.Module):
         if self.feature_cache is not None:
             out = self.feature_cache.encode(input_ids)
         else:
-            out = self.backbone.encode(input_ids.to(self.backbone.device), memory_layer=layer)
+            if self._backbone_memory is not None:
+                self._backbone_memory.discard()  # a whole segment: from position 0
+            out = self.encode(input_ids, use_memory)
         mem = None
         if use_memory:
             k = self.config.k_chunks
@@ -174,6 +222,8 @@ class LongSideModel(nn.Module):
         """Write a segment read by `_read` into memory."""
         self._memory.add(out.memory_keys, out.memory_values, token_keys=tok_keys,
                          token_ids=input_ids if tok_keys is not None else None)
+        if self._backbone_memory is not None:
+            self._backbone_memory.write()
 
     def output(self, h: torch.Tensor, hits=None, block: int = 256) -> torch.Tensor:
         """Final states `h [B, T, d]` -> logits `[B, T, V]` float32; with token-cache `hits`

@@ -214,8 +214,8 @@ def validate(model: LongSideModel, books: list[np.ndarray], segment: int, n_segm
     """Perplexity of segments 2..n of each validation book, memory on and off.
 
     Uses a memory of its own: the training rows' banks are set aside and restored."""
-    saved = model._memory, model._memory_batch
-    model._memory = None
+    saved = model._memory, model._memory_batch, model._backbone_memory
+    model._memory = model._backbone_memory = None
     losses = {"memory": [0.0, 0], "no_memory": [0.0, 0]}
     for book in books:
         segs = [torch.from_numpy(book[i * segment:(i + 1) * segment].astype(np.int64))[None]
@@ -227,7 +227,7 @@ def validate(model: LongSideModel, books: list[np.ndarray], segment: int, n_segm
                 if i:
                     losses[mode][0] += out.loss.item() * out.n_tokens
                     losses[mode][1] += out.n_tokens
-    model._memory, model._memory_batch = saved
+    model._memory, model._memory_batch, model._backbone_memory = saved
     return {f"ppl_{k}": math.exp(v[0] / max(v[1], 1)) for k, v in losses.items()}
 
 
@@ -253,6 +253,12 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, max_minutes: float
 
     if cfg.segment > cfg.side.window:
         raise LongsideError(f"segment {cfg.segment} exceeds the side network's window {cfg.side.window}")
+    if cfg.side.backbone_memory_layers:
+        raise LongsideError(
+            f"training with backbone memory (backbone_memory_layers {cfg.side.backbone_memory_layers}) is not "
+            "supported: its banks are not part of the resumable state, and a feature cache cannot replay a "
+            "backbone whose features depend on memory. Train with backbone_memory_layers [] and switch it "
+            "on in the trained checkpoint's side_config.json (it needs no training)")
     acc = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.out)

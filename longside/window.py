@@ -80,6 +80,8 @@ class LocalWindow:
         self.keys = torch.zeros(B, 0, spec.num_kv_heads, spec.head_dim, device=dev)
         self.values = torch.zeros_like(self.keys)
         self.token_keys = torch.zeros(B, 0, spec.hidden_size, device=dev) if self.model.config.token_cache else None
+        if self.model._backbone_memory is not None:
+            self.model._backbone_memory.discard()
 
     @property
     def n(self) -> int:
@@ -94,6 +96,8 @@ class LocalWindow:
         if self.n and self.write_memory:
             self.model.memory.add(self.keys, self.values, token_keys=self.token_keys,
                                   token_ids=self.ids if self.token_keys is not None else None)
+            if self.model._backbone_memory is not None:
+                self.model._backbone_memory.write()
             self.segments_written += 1
         self._restart()
 
@@ -119,8 +123,7 @@ class LocalWindow:
         B, T = ids.shape
         start = self.n
         position_ids = torch.arange(start, start + T, device=ids.device).expand(B, T)
-        out = bb.encode(ids, memory_layer=self.layer, cache=self.cache, use_cache=True,
-                        position_ids=position_ids)
+        out = model.encode(ids, self.use_memory, cache=self.cache, use_cache=True, position_ids=position_ids)
         self.cache = out.cache
         self.ids = torch.cat([self.ids, ids], 1)
         self.keys = torch.cat([self.keys, out.memory_keys], 1)

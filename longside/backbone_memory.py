@@ -1,0 +1,155 @@
+"""`BackboneMemory`: memory read by the frozen backbone's own attention, with no training.
+
+The side network's memory attention has to be trained to read memory, which this CPU
+cannot do at scale. The backbone's own attention already knows how to read keys and
+values it wrote itself; it only lacks them once they leave its window. So blocks
+`layers` each keep a chunked bank (one per sequence) of their own pre-rotary keys/values,
+and in each of those blocks every query also attends to the top `k_chunks` chunks it
+retrieves from its block's bank, in one softmax with its local causal attention:
+
+    a' = a + w * (a_mem - a),   w = sigmoid(lse_mem - lse_local)   per query and head
+
+which is exactly the attention over [retrieved memory; local window]. Memory keys are
+scored as if they sat `distance` tokens before the query (rotary at that relative
+offset; the default is one window): to the block they look like text that has just left
+its window, which is what they are. The edited output goes into the residual stream,
+so every block above reads it as usual. Segments start at position 0, and their first
+`sink_tokens` tokens act as attention sinks; they are not written to memory, where
+every old segment's sink would otherwise outscore the text.
+
+Llama-style backbones only (rotary, plain causal attention scaled by 1/sqrt(D)).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import torch
+
+from longside.errors import LongsideError
+
+if TYPE_CHECKING:
+    from longside.backbone import Backbone
+
+
+class BackboneMemory:
+    """Per-block memory banks for a batch of sequences, read inside the backbone.
+
+    Use: `with bm.attach(read=True): backbone.encode(ids)` runs one forward whose blocks
+    `layers` read memory and record the new tokens' keys/values; `write()` then appends
+    the current segment's to the banks (`discard()` drops it). Tokens fed in several
+    forwards of one segment (incremental decoding) accumulate until `write`/`discard`.
+    """
+
+    def __init__(self, backbone: "Backbone", layers: Sequence[int], batch_size: int, *, k_chunks: int = 8,
+                 distance: int = 1024, chunk_size: int = 4, capacity_tokens: int = 65536, index: str = "flat",
+                 sink_tokens: int = 4):
+        from longside.memory_bank import BatchMemory
+
+        spec = backbone.spec
+        if spec.family != "llama":
+            raise LongsideError(f"backbone memory reads inside Llama-style attention only; {backbone.name!r} is "
+                                f"{spec.family!r}: set backbone_memory_layers to [] for it")
+        bad = [L for L in layers if not 0 <= L < spec.num_layers]
+        if bad or not layers:
+            raise LongsideError(f"backbone memory layers must be blocks 0..{spec.num_layers - 1}, got {list(layers)}")
+        if k_chunks < 1 or distance < 0 or sink_tokens < 0:
+            raise LongsideError("backbone memory needs k_chunks >= 1, distance >= 0 and sink_tokens >= 0")
+        self.backbone, self.layers = backbone, sorted(set(layers))
+        self.k_chunks, self.distance, self.sink_tokens = k_chunks, distance, sink_tokens
+        self.banks = {L: BatchMemory(batch_size, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+                                     chunk_size=chunk_size, capacity_tokens=capacity_tokens, index=index,
+                                     owner=backbone.owner_id(L))
+                      for L in self.layers}
+        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rows: list[int] = list(range(batch_size))
+
+    def __len__(self) -> int:
+        return len(self.banks[self.layers[0]])
+
+    def lengths(self) -> list[int]:
+        """Tokens stored per row (the same in every block)."""
+        return self.banks[self.layers[0]].lengths()
+
+    @contextlib.contextmanager
+    def attach(self, read: bool = True, rows: Sequence[int] | None = None) -> Iterator[None]:
+        """Hooks for the forwards inside the `with`: blocks record keys/values and, with
+        `read`, attend to memory. `rows` maps the forward's batch rows to memory rows
+        (default: row b is memory row b)."""
+        self._rows = list(range(len(self))) if rows is None else list(rows)
+        handles = []
+        try:
+            for L in self.layers:
+                handles += self.backbone.edit_attention(L, self._editor(L, read))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def write(self) -> None:
+        """Append the current segment (minus its sink tokens) to the banks of its rows."""
+        for L, (k, v) in self._pending.items():
+            k, v = k[:, self.sink_tokens:], v[:, self.sink_tokens:]
+            for b, r in enumerate(self._rows):
+                self.banks[L][r].add(k[b], v[b])
+        self._pending = {}
+
+    def discard(self) -> None:
+        """Forget the current segment's keys/values (the next forward starts a segment)."""
+        self._pending = {}
+
+    def reset(self, rows=None) -> None:
+        """Clear the banks of `rows` (all when None), and the current segment."""
+        for bank in self.banks.values():
+            bank.reset(rows)
+        self._pending = {}
+
+    # -- the edit inside one block -------------------------------------------------------
+    def _editor(self, L: int, read: bool):
+        def edit(kv: dict) -> torch.Tensor | None:
+            q, k, v, a = kv["q"], kv["k"], kv["v"], kv["a"]
+            old = self._pending.get(L)
+            window_k = k if old is None else torch.cat([old[0], k], 1)
+            self._pending[L] = (window_k, v if old is None else torch.cat([old[1], v], 1))
+            if not read:
+                return None
+            return self._read(L, q, window_k, a)
+        return edit
+
+    def _read(self, L: int, q: torch.Tensor, window_k: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
+        """q, a `[B, T, H, D]` of the new tokens at positions P..P+T-1; window_k `[B, P+T, G,
+        D]` pre-rotary keys of the segment so far -> the edited attention output."""
+        B, T, H, D = q.shape
+        banks = [self.banks[L][r] for r in self._rows]
+        if not any(len(bank) for bank in banks):
+            return None
+        bb = self.backbone
+        qm = bb.rotate(q, torch.full((B, T), self.distance, device=q.device))
+        found = [bank.search(qm[b], self.k_chunks) for b, bank in enumerate(banks)]
+        keys, values, mask = (torch.stack(x) for x in zip(*found))  # [B, T, H, S, D], mask [B, T, H, S]
+        scores = torch.einsum("bthd,bthsd->bths", qm, keys) / math.sqrt(D)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        has = mask.any(-1, keepdim=True)
+        lse_mem = torch.logsumexp(scores, -1, keepdim=True).masked_fill(~has, 0.0)
+        p = torch.where(has, torch.exp(scores - lse_mem), 0.0)
+        a_mem = torch.einsum("bths,bthsd->bthd", p, values)
+        w = torch.sigmoid(lse_mem - self._local_lse(q, window_k)) * has
+        return a + w * (a_mem - a)
+
+    def _local_lse(self, q: torch.Tensor, window_k: torch.Tensor) -> torch.Tensor:
+        """log-sum-exp `[B, T, H, 1]` of the block's own causal rotary scores."""
+        B, T, H, D = q.shape
+        P = window_k.shape[1] - T
+        bb = self.backbone
+        qr = bb.rotate(q, torch.arange(P, P + T, device=q.device).expand(B, T)).transpose(1, 2)
+        kr = bb.rotate(window_k, torch.arange(P + T, device=q.device).expand(B, P + T)).transpose(1, 2)
+        kr = kr.repeat_interleave(H // window_k.shape[2], 1)
+        s = qr @ kr.transpose(-1, -2) / math.sqrt(D)
+        causal = torch.ones(T, P + T, dtype=torch.bool, device=q.device).tril(P)
+        s = s.masked_fill(~causal, float("-inf"))
+        return torch.logsumexp(s, -1).transpose(1, 2).unsqueeze(-1)
+
+
+__all__ = ["BackboneMemory"]

@@ -1,0 +1,184 @@
+"""Backbone memory: blocks of the frozen backbone read their own cached keys/values.
+
+Real SmolLM2 backbone, a 64-token window and a few blocks, so each test runs in seconds."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from longside.backbone_memory import BackboneMemory
+from longside.config import SideNetConfig
+from longside.errors import CheckpointError, LongsideError, SessionError
+from longside.model import LongSideModel
+from longside.window import LocalWindow
+
+W = 64
+LAYERS = [12, 20, 27]
+
+
+def make_model(backbone, layers=LAYERS, **kw) -> LongSideModel:
+    cfg = SideNetConfig(window=W, capacity_tokens=4096, backbone_memory_layers=list(layers), **kw)
+    return LongSideModel(backbone, cfg).eval()
+
+
+def ids_of(n: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
+    return torch.randint(100, 5000, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_empty_memory_leaves_the_backbone_alone(smollm2):
+    model = make_model(smollm2)
+    ids = ids_of(W)
+    # untrained side network: logits are the backbone's, and an empty memory changes nothing
+    torch.testing.assert_close(model(ids).logits, smollm2.logits(ids), atol=1e-4, rtol=1e-5)
+    assert model.backbone_memory.lengths() == [W - model.backbone_memory.sink_tokens]
+
+
+def test_memory_changes_the_next_segment_and_reset_forgets(smollm2):
+    model = make_model(smollm2)
+    a, b = ids_of(W, seed=1), ids_of(W, seed=2)
+    model(a)
+    with_mem = model(b, write_memory=False).logits
+    without = model(b, use_memory=False, write_memory=False).logits
+    assert (with_mem - without).abs().max() > 1e-2
+    model.reset_memory()
+    assert model.backbone_memory.lengths() == [0]
+    torch.testing.assert_close(model(b, write_memory=False).logits, without, atol=1e-4, rtol=1e-5)
+
+
+def test_the_edit_is_one_softmax_over_memory_and_window(smollm2):
+    """Block 20 with every stored token retrieved must equal a softmax over [memory keys
+    at rotary distance W; the causal window], computed here directly."""
+    L = 20
+    model = make_model(smollm2, layers=[L], backbone_memory_k_chunks=64)  # 64 chunks of 4 >= 60 tokens
+    bm = model.backbone_memory
+    a, b = ids_of(W, seed=3), ids_of(W, seed=4)
+    model(a)
+    # [M, G, D], minus the sink tokens, rounded as the bank stores them (float16)
+    mem_k, mem_v = (x[0, bm.sink_tokens:].half().float() for x in _block_kv(smollm2, bm, a, L))
+    kv, edited = {}, {}
+
+    def grab_out(_m, _args, out):
+        edited["out"] = out
+
+    bm.discard()
+    with bm.attach(read=True):  # hooks registered after the edit's see the edited output
+        handles = smollm2._parts.hook_kv(smollm2._parts.layers[L], kv, smollm2.spec)
+        handles.append(smollm2._parts.out_proj(smollm2._parts.layers[L]).register_forward_hook(grab_out))
+        try:
+            smollm2.encode(b)
+        finally:
+            for h in handles:
+                h.remove()
+    q, k, v = kv["q"][0], kv["k"][0], kv["v"][0]  # the unedited block inputs [T, H|G, D]
+    T, H, D = q.shape
+    rep = H // k.shape[1]
+    pos = torch.arange(T)[None]
+    qr, kr = smollm2.rotate(q[None], pos)[0], smollm2.rotate(k[None], pos)[0]
+    qm = smollm2.rotate(q[None], torch.full((1, T), W))[0]
+    s_loc = torch.einsum("thd,shd->hts", qr, kr.repeat_interleave(rep, 1))
+    s_loc = s_loc.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    s_mem = torch.einsum("thd,mhd->htm", qm, mem_k.repeat_interleave(rep, 1))
+    p = torch.softmax(torch.cat([s_mem, s_loc], -1) / math.sqrt(D), -1)
+    vals = torch.cat([mem_v, v]).repeat_interleave(rep, 1)  # [M+T, H, D]
+    ref = torch.einsum("hts,shd->thd", p, vals).reshape(1, T, H * D)
+    want = smollm2.attn_output(L, ref)
+    torch.testing.assert_close(edited["out"], want, atol=1e-4, rtol=1e-4)
+
+
+def _block_kv(backbone, bm: BackboneMemory, ids, L):
+    kv = {}
+    handles = backbone._parts.hook_kv(backbone._parts.layers[L], kv, backbone.spec)
+    try:
+        backbone.encode(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return kv["k"], kv["v"]
+
+
+def test_incremental_decoding_equals_whole_segments(smollm2):
+    model = make_model(smollm2)
+    ids = ids_of(W + 16, batch=2, seed=5)
+    model.init_memory(2)
+    full = torch.cat([model(ids[:, :W]).logits, model(ids[:, W:]).logits], 1)
+    model.init_memory(2)
+    window = LocalWindow(model, 2)
+    cuts = [0, 5, *range(14, W - 4, 9), *range(W - 4, ids.shape[1] + 1)]
+    inc = torch.cat([window.feed(ids[:, a:b], all_logits=True) for a, b in zip(cuts, cuts[1:])], 1)
+    # float32 noise (~1e-4 for the bare backbone) passes through three memory reads here;
+    # a wrong local softmax in the cached steps would be off everywhere, by far more
+    torch.testing.assert_close(inc, full, atol=2e-3, rtol=1e-4)
+    assert (inc - full).abs().mean() < 5e-5
+    assert model.backbone_memory.lengths() == [W - 4, W - 4]
+    model.init_memory(2)
+    no_mem = model(ids[:, W:], use_memory=False, write_memory=False).logits
+    assert (full[:, W:] - no_mem).abs().max() > 0.1
+
+
+def test_memorize_writes_what_forward_writes(smollm2):
+    model = make_model(smollm2)
+    text = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 12
+    ids = smollm2.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[:, :2 * W]
+    for a in range(0, ids.shape[1], W):
+        model(ids[:, a:a + W], return_logits=False)
+    q = torch.randn(5, smollm2.spec.num_heads, smollm2.spec.head_dim)
+    ref = {L: model.backbone_memory.banks[L][0].search(q, 4) for L in LAYERS}
+    model.init_memory(2)
+    model.memorize(smollm2.tokenizer.decode(ids[0]), row=1, progress=False)
+    assert model.backbone_memory.lengths() == [0, 2 * (W - 4)]
+    for L in LAYERS:
+        got = model.backbone_memory.banks[L][1].search(q, 4)
+        for x, y in zip(got, ref[L]):
+            torch.testing.assert_close(x, y, atol=1e-3, rtol=1e-3)
+
+
+def test_config_round_trip_and_refusals(smollm2, tmp_path):
+    cfg = SideNetConfig(backbone_memory_layers=[27, 15, 15], backbone_memory_k_chunks=16)
+    assert cfg.backbone_memory_layers == [15, 27]
+    cfg.to_json(tmp_path / "c.json")
+    assert SideNetConfig.from_json(tmp_path / "c.json") == cfg
+    with pytest.raises(CheckpointError, match="k_chunks"):
+        SideNetConfig(backbone_memory_k_chunks=0)
+    with pytest.raises(LongsideError, match="blocks 0..29"):
+        make_model(smollm2, layers=[30]).memory
+    model = make_model(smollm2)
+    model.memorize("Some text to keep.", progress=False)
+    with pytest.raises(LongsideError, match="not supported with backbone memory"):
+        model.save_memory(tmp_path / "m.lsmb")
+    assert not (tmp_path / "m.lsmb").exists()
+    from longside.chat import ChatSession
+
+    with pytest.raises(SessionError, match="backbone memory"):
+        ChatSession(model).save(tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+def test_training_refuses_backbone_memory(tmp_path):
+    from longside.train import TrainConfig, train
+
+    cfg = TrainConfig(side=SideNetConfig(backbone_memory_layers=[15]), out=str(tmp_path / "run"))
+    with pytest.raises(LongsideError, match="backbone memory"):
+        train(cfg)
+
+
+def test_switching_backbone_memory_on_a_loaded_model(smollm2):
+    from longside.config import parse_blocks
+
+    assert parse_blocks("10,15-17") == [10, 15, 16, 17] and parse_blocks("") == []
+    with pytest.raises(CheckpointError, match="15-29"):
+        parse_blocks("15..29")
+    model = LongSideModel(smollm2, SideNetConfig(window=W, capacity_tokens=4096)).eval()
+    model(ids_of(W))
+    with pytest.raises(LongsideError, match="reset_memory"):
+        model.use_backbone_memory([20])
+    assert model.memory.lengths() == [W]  # refused: nothing lost
+    model.reset_memory()
+    with pytest.raises(LongsideError, match="blocks 0..29"):
+        model.use_backbone_memory([31])
+    assert model.config.backbone_memory_layers == [] and model.backbone_memory is None
+    model.use_backbone_memory([20], k_chunks=4)
+    model(ids_of(W))
+    assert model.backbone_memory.lengths() == [W - 4] and model.config.backbone_memory_k_chunks == 4
