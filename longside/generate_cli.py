@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generate with the bare backbone (transformers), no side network or memory")
     p.add_argument("--backbone", default="smollm2-135m", help="backbone when no checkpoint is used")
     p.add_argument("--quantize", choices=["nf4"], help="4-bit backbone weights")
+    p.add_argument("--backbone-memory", metavar="BLOCKS",
+                   help="backbone blocks that read memory themselves, e.g. 15-29 (training-free)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the backbone's chat template")
     p.add_argument("--system", help="system prompt (with --chat)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -48,13 +50,18 @@ def main(argv: list[str]) -> int:
         if not Path(f).is_file():
             raise LongsideError(f"--memorize {f}: no such file")
     if args.backbone_only:
-        if args.memorize or args.model:
+        if args.memorize or args.model or args.backbone_memory:
             raise LongsideError("--backbone-only runs the bare backbone: it has no memory and no side network; "
-                                "drop --memorize/--model or --backbone-only")
+                                "drop --memorize/--model/--backbone-memory or --backbone-only")
         return _backbone_only(args, prompt)
     from longside.loading import load_model
 
     model, note = load_model(args.model, quantize=args.quantize, backbone=args.backbone)
+    if args.backbone_memory:
+        from longside.config import parse_blocks
+
+        model.use_backbone_memory(parse_blocks(args.backbone_memory))
+        note += f", backbone memory in blocks {args.backbone_memory}"
     print(f"[{note}]", file=sys.stderr)
     if args.memorize:
         n = model.memorize([Path(f) for f in args.memorize])
