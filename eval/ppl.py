@@ -30,6 +30,11 @@ from longside.eval.common import (EvalError, backbone_hidden_logits, book_chapte
                          report, save_figure, title_of, with_capacity)
 
 
+# the rows, in order: bare backbone at the local window and at its native context,
+# longside with memory off, longside with memory on (one row per memory capacity)
+ROW_KINDS = ("local", "native", "off", "memory")
+
+
 @dataclass
 class PplConfig:
     """What `ppl` measures. `None` sizes mean "the model's/backbone's own"."""
@@ -43,6 +48,7 @@ class PplConfig:
     max_tokens: int | None = 131072
     max_books: int | None = None
     seed: int = 0  # recorded only: this evaluation draws nothing at random
+    rows: tuple[str, ...] = ROW_KINDS  # which rows to score (see ROW_KINDS)
 
     @classmethod
     def quick(cls) -> "PplConfig":
@@ -110,6 +116,8 @@ def run(model, info: dict, config: PplConfig, data=None) -> dict:
     if not 1 <= stride < context or context > backbone.spec.max_positions:
         raise EvalError(f"native stride {stride} must be below the native context {context}, itself at most "
                         f"the backbone's {backbone.spec.max_positions} positions")
+    if not config.rows or set(config.rows) - set(ROW_KINDS):
+        raise EvalError(f"rows must be some of {', '.join(ROW_KINDS)}, got {config.rows}")
     if list(config.buckets) != sorted(set(config.buckets)) or config.buckets[0] != 0:
         raise EvalError(f"buckets must be increasing lower edges starting at 0, got {config.buckets}")
     books, data_id = load_book_data(data, "test")
@@ -122,13 +130,16 @@ def run(model, info: dict, config: PplConfig, data=None) -> dict:
         streams.append((book["title"], torch.tensor(ids)))
 
     # (name, description, longside model or None for the bare backbone, memory on)
-    rows: list[tuple[str, dict, object, bool]] = [
-        (f"backbone@{window}", {"kind": "backbone", "context": window, "memory_tokens": 0}, None, False),
-        (f"backbone@{context}", {"kind": "backbone", "context": context, "stride": stride, "memory_tokens": 0},
-         None, False),
-        ("longside memory 0", {"kind": "longside", "context": window, "memory_tokens": 0}, model, False),
-    ]
-    for cap in config.memory_tokens:
+    want = set(config.rows)
+    rows: list[tuple[str, dict, object, bool]] = []
+    if "local" in want:
+        rows.append((f"backbone@{window}", {"kind": "backbone", "context": window, "memory_tokens": 0}, None, False))
+    if "native" in want:
+        rows.append((f"backbone@{context}", {"kind": "backbone", "context": context, "stride": stride,
+                                             "memory_tokens": 0}, None, False))
+    if "off" in want:
+        rows.append(("longside memory 0", {"kind": "longside", "context": window, "memory_tokens": 0}, model, False))
+    for cap in config.memory_tokens if "memory" in want else ():
         rows.append((f"longside memory {cap}", {"kind": "longside", "context": window, "memory_tokens": cap},
                      with_capacity(model, cap), True))
 
@@ -185,6 +196,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-books", type=int)
     p.add_argument("--native-context", type=int, help="bare backbone long context (default: its max positions)")
     p.add_argument("--native-stride", type=int, help="tokens scored per long-context forward (default: half)")
+    p.add_argument("--rows", nargs="+", choices=ROW_KINDS, help="rows to score (default all: the bare backbone "
+                   "at the local window and at its native context, longside with memory off and on)")
 
 
-__all__ = ["PplConfig", "add_arguments", "plot", "run"]
+__all__ = ["ROW_KINDS", "PplConfig", "add_arguments", "plot", "run"]

@@ -115,6 +115,21 @@ def test_ppl_rejects_bad_buckets(small):
         ppl.run(model, info, ppl.PplConfig(window=W, buckets=(5, 100)))
 
 
+def test_ppl_scores_only_the_rows_asked_for(smollm2):
+    # a model whose backbone reads memory: its memory row must differ from memory off
+    model = LongSideModel(smollm2, SideNetConfig(window=W, token_cache=False, backbone_memory_layers=[20]))
+    info = common.model_info(model, None, trained=False, note="test model")
+    config = ppl.PplConfig(window=W, memory_tokens=(256,), buckets=(0, 128), max_tokens=384, max_books=1,
+                           rows=("off", "memory"))
+    res = ppl.run(model, info, config)["results"]["rows"]
+    assert list(res) == ["longside memory 0", "longside memory 256"]
+    first_off, first_mem = (res[r]["buckets"][0]["ppl"] for r in res)
+    assert first_mem == pytest.approx(first_off, rel=1e-4)  # nothing in memory yet
+    assert abs(res["longside memory 256"]["buckets"][1]["ppl"] / res["longside memory 0"]["buckets"][1]["ppl"] - 1) > 1e-3
+    with pytest.raises(EvalError, match="rows"):
+        ppl.run(model, info, dataclasses.replace(config, rows=("mem",)))
+
+
 # -- ChapterBreak ---------------------------------------------------------------------------
 
 def test_book_items_are_real_chapter_breaks(smollm2):
