@@ -88,6 +88,7 @@ def main(argv: list[str]) -> int:
     model, info = load_model(args.model)
     if args.backbone_memory is not None:
         model.use_backbone_memory(parse_blocks(args.backbone_memory))
+        info["side_config"] = dataclasses.asdict(model.config)  # what the run used, not what was loaded
     info["backbone_memory_layers"] = model.config.backbone_memory_layers
     reports = {}
     for name in names:

@@ -71,6 +71,8 @@ class BackboneOutput:
     memory_attn: `[B, T, H_q, D]` the memory layer's local attention output, before its
         output projection (what `Backbone.attn_output` maps back to the residual stream).
     cache: the backbone's key/value cache when `use_cache=True`, else None.
+    backbone_segment: set by `LongSideModel.encode` when blocks read backbone memory: the
+        `backbone_memory.Segment` holding their keys/values of these tokens.
     """
 
     hidden_states: list[torch.Tensor]
@@ -80,6 +82,7 @@ class BackboneOutput:
     memory_queries: torch.Tensor | None = None
     memory_attn: torch.Tensor | None = None
     cache: Any = None
+    backbone_segment: Any = None
 
 
 class Backbone:

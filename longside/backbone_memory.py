@@ -37,10 +37,11 @@ if TYPE_CHECKING:
 class BackboneMemory:
     """Per-block memory banks for a batch of sequences, read inside the backbone.
 
-    Use: `with bm.attach(read=True): backbone.encode(ids)` runs one forward whose blocks
-    `layers` read memory and record the new tokens' keys/values; `write()` then appends
-    the current segment's to the banks (`discard()` drops it). Tokens fed in several
-    forwards of one segment (incremental decoding) accumulate until `write`/`discard`.
+    Use: `seg = bm.segment()`, then `with bm.attach(seg, read=True): backbone.encode(ids)`
+    runs one forward whose blocks `layers` read memory and record the new tokens'
+    keys/values in `seg`; `write(seg)` appends them to the banks. Tokens fed in several
+    forwards of one segment (incremental decoding) accumulate in its `Segment`, so each
+    open window keeps its own and nothing else can disturb it.
     """
 
     def __init__(self, backbone: "Backbone", layers: Sequence[int], batch_size: int, *, k_chunks: int = 8,
@@ -63,8 +64,6 @@ class BackboneMemory:
                                      chunk_size=chunk_size, capacity_tokens=capacity_tokens, index=index,
                                      owner=backbone.owner_id(L))
                       for L in self.layers}
-        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._rows: list[int] = list(range(batch_size))
 
     def __len__(self) -> int:
         return len(self.banks[self.layers[0]])
@@ -73,56 +72,57 @@ class BackboneMemory:
         """Tokens stored per row (the same in every block)."""
         return self.banks[self.layers[0]].lengths()
 
+    def segment(self, rows: Sequence[int] | None = None) -> "Segment":
+        """A new, empty segment whose batch row b belongs to memory row `rows[b]` (default b)."""
+        return Segment(list(range(len(self))) if rows is None else list(rows))
+
     @contextlib.contextmanager
-    def attach(self, read: bool = True, rows: Sequence[int] | None = None) -> Iterator[None]:
-        """Hooks for the forwards inside the `with`: blocks record keys/values and, with
-        `read`, attend to memory. `rows` maps the forward's batch rows to memory rows
-        (default: row b is memory row b)."""
-        self._rows = list(range(len(self))) if rows is None else list(rows)
+    def attach(self, seg: "Segment", read: bool = True) -> Iterator[None]:
+        """Hooks for the forwards inside the `with`: blocks record the new tokens'
+        keys/values in `seg` and, with `read`, attend to memory."""
         handles = []
         try:
             for L in self.layers:
-                handles += self.backbone.edit_attention(L, self._editor(L, read))
+                handles += self.backbone.edit_attention(L, self._editor(L, seg, read))
             yield
         finally:
             for h in handles:
                 h.remove()
 
-    def write(self) -> None:
-        """Append the current segment (minus its sink tokens) to the banks of its rows."""
-        for L, (k, v) in self._pending.items():
+    def write(self, seg: "Segment") -> None:
+        """Append `seg` (minus its sink tokens) to the banks of its rows, and empty it."""
+        for L, (k, v) in seg.kv.items():
             k, v = k[:, self.sink_tokens:], v[:, self.sink_tokens:]
-            for b, r in enumerate(self._rows):
+            for b, r in enumerate(seg.rows):
                 self.banks[L][r].add(k[b], v[b])
-        self._pending = {}
-
-    def discard(self) -> None:
-        """Forget the current segment's keys/values (the next forward starts a segment)."""
-        self._pending = {}
+        seg.kv = {}
 
     def reset(self, rows=None) -> None:
-        """Clear the banks of `rows` (all when None), and the current segment."""
+        """Clear the banks of `rows` (all when None)."""
+        rows = None if rows is None or isinstance(rows, torch.Tensor) else list(rows)
         for bank in self.banks.values():
             bank.reset(rows)
-        self._pending = {}
 
     # -- the edit inside one block -------------------------------------------------------
-    def _editor(self, L: int, read: bool):
+    def _editor(self, L: int, seg: "Segment", read: bool):
         def edit(kv: dict) -> torch.Tensor | None:
             q, k, v, a = kv["q"], kv["k"], kv["v"], kv["a"]
-            old = self._pending.get(L)
+            if k.shape[0] != len(seg.rows):
+                raise LongsideError(f"a forward of {k.shape[0]} rows on a segment of {len(seg.rows)} memory rows")
+            old = seg.kv.get(L)
             window_k = k if old is None else torch.cat([old[0], k], 1)
-            self._pending[L] = (window_k, v if old is None else torch.cat([old[1], v], 1))
+            seg.kv[L] = (window_k, v if old is None else torch.cat([old[1], v], 1))
             if not read:
                 return None
-            return self._read(L, q, window_k, a)
+            return self._read(L, seg.rows, q, window_k, a)
         return edit
 
-    def _read(self, L: int, q: torch.Tensor, window_k: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
+    def _read(self, L: int, rows: list[int], q: torch.Tensor, window_k: torch.Tensor,
+              a: torch.Tensor) -> torch.Tensor | None:
         """q, a `[B, T, H, D]` of the new tokens at positions P..P+T-1; window_k `[B, P+T, G,
         D]` pre-rotary keys of the segment so far -> the edited attention output."""
         B, T, H, D = q.shape
-        banks = [self.banks[L][r] for r in self._rows]
+        banks = [self.banks[L][r] for r in rows]
         if not any(len(bank) for bank in banks):
             return None
         bb = self.backbone
@@ -152,4 +152,16 @@ class BackboneMemory:
         return torch.logsumexp(s, -1).transpose(1, 2).unsqueeze(-1)
 
 
-__all__ = ["BackboneMemory"]
+class Segment:
+    """The segment being read: its memory rows and, per block, the keys/values `[B, n, G,
+    D]` of its tokens so far (the local window that `_local_lse` scores)."""
+
+    def __init__(self, rows: list[int]):
+        self.rows = rows
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return next(iter(self.kv.values()))[0].shape[1] if self.kv else 0
+
+
+__all__ = ["BackboneMemory", "Segment"]

@@ -218,6 +218,9 @@ def _longside_row(name: str, mem: int, quick: bool):
     from longside.memorize import encode_memory
 
     model, note = load_model(quantize="nf4" if name.endswith("nf4") else None)
+    if model.config.backbone_memory_layers:  # the fill below writes the memory layer's bank only
+        raise LongsideError("bench generate times the shipped checkpoint without backbone memory; set "
+                            "backbone_memory_layers to [] in its side_config.json")
     tok = model.backbone.tokenizer
     extra = {"tokenizer": tok, "backend": "longside generate (incremental, side network + memory)",
              "weights": "4-bit NF4 via longside.kernels.QuantLinear" if name.endswith("nf4") else "fp32"}

@@ -147,6 +147,10 @@ class ChatSession:
         from longside.memory_bank import MemoryBank
 
         path = Path(path)
+        if model.config.backbone_memory_layers:
+            raise SessionError(f"cannot resume {path} with backbone memory on (backbone_memory_layers "
+                               f"{model.config.backbone_memory_layers}): sessions hold the memory layer's bank only; "
+                               "load it with a model that has backbone memory off")
         body = _read_manifest(path)
         if body["owner"] != model.backbone.owner_id(model.config.memory_layer):
             raise SessionError(f"session {path} was made with {body['owner']!r}, this model is "

@@ -97,6 +97,8 @@ def parse_blocks(text: str) -> list[int]:
     try:
         for part in filter(None, (p.strip() for p in text.split(","))):
             lo, _, hi = part.partition("-")
+            if hi and int(hi) < int(lo):
+                raise ValueError
             blocks += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
     except ValueError:
         raise CheckpointError(f"blocks must look like 15-29 or 12,20,27, got {text!r}") from None

@@ -135,10 +135,10 @@ def memorize(model: "LongSideModel", source, *, row: int | None = None, progress
                     if bm is None:
                         k, v, h = encode_memory(model.backbone, seg, layer, model.token_layer)
                     else:
-                        bm.discard()
-                        with bm.attach(read=True, rows=rows):
+                        part = bm.segment(rows)  # its own: an open window's segment is untouched
+                        with bm.attach(part, read=True):
                             k, v, h = encode_memory(model.backbone, seg, layer, model.token_layer, max(bm.layers))
-                        bm.write()
+                        bm.write(part)
                     for r in rows:
                         if h is None:
                             banks[r].add(k[0], v[0])

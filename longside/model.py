@@ -119,16 +119,21 @@ class LongSideModel(nn.Module):
             self._make_memory(max(1, self._memory_batch))
             raise
 
-    def encode(self, input_ids: torch.Tensor, use_memory: bool = True, **kwargs):
-        """`Backbone.encode` of `input_ids [B, T]` at the memory layer; with backbone memory,
-        its blocks also read memory (`use_memory`) and record the segment's keys/values for
-        `_write`. kwargs go to `Backbone.encode` (cache, positions for incremental decoding)."""
+    def encode(self, input_ids: torch.Tensor, use_memory: bool = True, segment=None, **kwargs):
+        """`Backbone.encode` of `input_ids [B, T]` at the memory layer. With backbone memory,
+        its blocks also read memory (`use_memory`) and record the tokens' keys/values in
+        `segment` (a `backbone_memory.Segment`; default a new one, for a whole segment from
+        position 0), which `_write` stores; the output keeps it as `out.backbone_segment`.
+        kwargs go to `Backbone.encode` (cache, positions for incremental decoding)."""
         ids = input_ids.to(self.backbone.device)
         bm = self._backbone_memory
         if bm is None:
             return self.backbone.encode(ids, memory_layer=self.config.memory_layer, **kwargs)
-        with bm.attach(read=use_memory):
-            return self.backbone.encode(ids, memory_layer=self.config.memory_layer, **kwargs)
+        segment = segment if segment is not None else bm.segment()
+        with bm.attach(segment, read=use_memory):
+            out = self.backbone.encode(ids, memory_layer=self.config.memory_layer, **kwargs)
+        out.backbone_segment = segment
+        return out
 
     @property
     def token_layer(self) -> int | None:
@@ -165,6 +170,8 @@ class LongSideModel(nn.Module):
 
     def reset_memory(self, rows: list[int] | None = None) -> None:
         """Forget everything (or only `rows`), e.g. at document boundaries."""
+        if rows is not None and not isinstance(rows, torch.Tensor):
+            rows = list(rows)  # both memories read it
         if self._memory is not None:
             self._memory.reset(rows)
         if self._backbone_memory is not None:
@@ -206,8 +213,6 @@ class LongSideModel(nn.Module):
         if self.feature_cache is not None:
             out = self.feature_cache.encode(input_ids)
         else:
-            if self._backbone_memory is not None:
-                self._backbone_memory.discard()  # a whole segment: from position 0
             out = self.encode(input_ids, use_memory)
         mem = None
         if use_memory:
@@ -223,7 +228,7 @@ class LongSideModel(nn.Module):
         self._memory.add(out.memory_keys, out.memory_values, token_keys=tok_keys,
                          token_ids=input_ids if tok_keys is not None else None)
         if self._backbone_memory is not None:
-            self._backbone_memory.write()
+            self._backbone_memory.write(out.backbone_segment)
 
     def output(self, h: torch.Tensor, hits=None, block: int = 256) -> torch.Tensor:
         """Final states `h [B, T, d]` -> logits `[B, T, V]` float32; with token-cache `hits`

@@ -237,6 +237,9 @@ def attach_feature_cache(model: LongSideModel, cfg: TrainConfig) -> None:
         return
     from longside.feature_cache import FeatureCache
 
+    if cfg.side.backbone_memory_layers:
+        raise LongsideError("a feature cache cannot replay a backbone that reads memory (backbone_memory_layers "
+                            f"{cfg.side.backbone_memory_layers}): its features depend on what memory holds")
     fc, out_dir = Path(cfg.feature_cache).resolve(), Path(cfg.out).resolve()
     if fc == out_dir or out_dir in fc.parents:
         raise LongsideError(f"the feature cache {fc} must not lie inside the checkpoint directory {cfg.out}, "

@@ -80,8 +80,8 @@ class LocalWindow:
         self.keys = torch.zeros(B, 0, spec.num_kv_heads, spec.head_dim, device=dev)
         self.values = torch.zeros_like(self.keys)
         self.token_keys = torch.zeros(B, 0, spec.hidden_size, device=dev) if self.model.config.token_cache else None
-        if self.model._backbone_memory is not None:
-            self.model._backbone_memory.discard()
+        bm = self.model._backbone_memory
+        self.backbone_segment = bm.segment() if bm is not None else None  # this window's own
 
     @property
     def n(self) -> int:
@@ -96,8 +96,8 @@ class LocalWindow:
         if self.n and self.write_memory:
             self.model.memory.add(self.keys, self.values, token_keys=self.token_keys,
                                   token_ids=self.ids if self.token_keys is not None else None)
-            if self.model._backbone_memory is not None:
-                self.model._backbone_memory.write()
+            if self.backbone_segment is not None:
+                self.model._backbone_memory.write(self.backbone_segment)
             self.segments_written += 1
         self._restart()
 
@@ -123,7 +123,8 @@ class LocalWindow:
         B, T = ids.shape
         start = self.n
         position_ids = torch.arange(start, start + T, device=ids.device).expand(B, T)
-        out = model.encode(ids, self.use_memory, cache=self.cache, use_cache=True, position_ids=position_ids)
+        out = model.encode(ids, self.use_memory, self.backbone_segment, cache=self.cache, use_cache=True,
+                           position_ids=position_ids)
         self.cache = out.cache
         self.ids = torch.cat([self.ids, ids], 1)
         self.keys = torch.cat([self.keys, out.memory_keys], 1)

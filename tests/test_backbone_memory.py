@@ -63,8 +63,7 @@ def test_the_edit_is_one_softmax_over_memory_and_window(smollm2):
     def grab_out(_m, _args, out):
         edited["out"] = out
 
-    bm.discard()
-    with bm.attach(read=True):  # hooks registered after the edit's see the edited output
+    with bm.attach(bm.segment(), read=True):  # hooks registered after the edit's see the edited output
         handles = smollm2._parts.hook_kv(smollm2._parts.layers[L], kv, smollm2.spec)
         handles.append(smollm2._parts.out_proj(smollm2._parts.layers[L]).register_forward_hook(grab_out))
         try:
@@ -118,6 +117,29 @@ def test_incremental_decoding_equals_whole_segments(smollm2):
     assert (full[:, W:] - no_mem).abs().max() > 0.1
 
 
+def test_an_open_window_keeps_its_segment_through_other_calls(smollm2):
+    """memorize, a whole-segment forward and a second window in between two steps of a
+    window must not change what the window computes (each keeps its own segment)."""
+    model = make_model(smollm2)
+    a, b = ids_of(W, seed=6), ids_of(20, seed=7)
+
+    def steps(interrupt):
+        model.init_memory(1)
+        model(a)
+        window = LocalWindow(model, 1, write_memory=False)
+        first = window.feed(b[:, :10], all_logits=True)
+        interrupt()
+        return torch.cat([first, window.feed(b[:, 10:], all_logits=True)], 1)
+
+    ref = steps(lambda: None)
+
+    def busy():
+        model(ids_of(W, seed=8), write_memory=False)
+        LocalWindow(model, 1, write_memory=False).feed(ids_of(5, seed=9))
+
+    torch.testing.assert_close(steps(busy), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_memorize_writes_what_forward_writes(smollm2):
     model = make_model(smollm2)
     text = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 12
@@ -154,6 +176,11 @@ def test_config_round_trip_and_refusals(smollm2, tmp_path):
     with pytest.raises(SessionError, match="backbone memory"):
         ChatSession(model).save(tmp_path / "s")
     assert not (tmp_path / "s").exists()
+    plain = LongSideModel(smollm2, SideNetConfig(window=W, capacity_tokens=4096)).eval()
+    ChatSession(plain).save(tmp_path / "s")
+    with pytest.raises(SessionError, match="backbone memory"):
+        ChatSession.load(tmp_path / "s", model)
+    assert model.memory.lengths()[0] > 0  # refused before the model's memory was touched
 
 
 def test_training_refuses_backbone_memory(tmp_path):
@@ -162,14 +189,16 @@ def test_training_refuses_backbone_memory(tmp_path):
     cfg = TrainConfig(side=SideNetConfig(backbone_memory_layers=[15]), out=str(tmp_path / "run"))
     with pytest.raises(LongsideError, match="backbone memory"):
         train(cfg)
+    assert not (tmp_path / "run").exists()
 
 
 def test_switching_backbone_memory_on_a_loaded_model(smollm2):
     from longside.config import parse_blocks
 
     assert parse_blocks("10,15-17") == [10, 15, 16, 17] and parse_blocks("") == []
-    with pytest.raises(CheckpointError, match="15-29"):
-        parse_blocks("15..29")
+    for bad in ("15..29", "29-15"):
+        with pytest.raises(CheckpointError, match="15-29"):
+            parse_blocks(bad)
     model = LongSideModel(smollm2, SideNetConfig(window=W, capacity_tokens=4096)).eval()
     model(ids_of(W))
     with pytest.raises(LongsideError, match="reset_memory"):
