@@ -44,7 +44,7 @@ class BackboneMemory:
     open window keeps its own and nothing else can disturb it.
     """
 
-    def __init__(self, backbone: "Backbone", layers: Sequence[int], batch_size: int, *, k_chunks: int = 8,
+    def __init__(self, backbone: "Backbone", layers: Sequence[int], batch_size: int, *, k_chunks: int = 16,
                  distance: int = 1024, chunk_size: int = 4, capacity_tokens: int = 65536, index: str = "flat",
                  sink_tokens: int = 4):
         from longside.memory_bank import BatchMemory
