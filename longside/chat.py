@@ -122,12 +122,13 @@ class ChatSession:
         """Write transcript, local window and memory to the directory `path`, atomically:
         a failure leaves any previous session at `path` as it was."""
         model = self.model
-        if model.config.backbone_memory_layers:
-            raise SessionError("saving a chat session is not supported with backbone memory (backbone_memory_layers "
-                               f"{model.config.backbone_memory_layers}): the session file holds the memory layer's "
-                               "bank only. Nothing was written; chat without backbone memory to save sessions")
+        bm = model.backbone_memory
         with atomic_dir(path) as tmp:
             model.memory.banks[0].save(tmp / _MEMORY)
+            blocks = {}  # with backbone memory, each block's bank too
+            for L, banks in (bm.banks.items() if bm is not None else ()):
+                banks[0].save(tmp / _block_file(L))
+                blocks[str(L)] = _sha256_file(tmp / _block_file(L))
             body = {
                 "format": FORMAT, "version": VERSION,
                 "owner": model.backbone.owner_id(model.config.memory_layer),
@@ -136,6 +137,7 @@ class ChatSession:
                 "window_ids": self.window.ids[0].tolist(), "segments_written": self.window.segments_written,
                 "max_new_tokens": self.max_new_tokens, "sampling": vars(self.sampling),
                 "memory_sha256": _sha256_file(tmp / _MEMORY),
+                "backbone_memory_sha256": blocks,
             }
             (tmp / _MANIFEST).write_text(json.dumps({"sha256": _sha256_json(body), "body": body}, indent=1))
 
@@ -147,10 +149,6 @@ class ChatSession:
         from longside.memory_bank import MemoryBank
 
         path = Path(path)
-        if model.config.backbone_memory_layers:
-            raise SessionError(f"cannot resume {path} with backbone memory on (backbone_memory_layers "
-                               f"{model.config.backbone_memory_layers}): sessions hold the memory layer's bank only; "
-                               "load it with a model that has backbone memory off")
         body = _read_manifest(path)
         if body["owner"] != model.backbone.owner_id(model.config.memory_layer):
             raise SessionError(f"session {path} was made with {body['owner']!r}, this model is "
@@ -161,13 +159,23 @@ class ChatSession:
         if _sha256_file(path / _MEMORY) != body["memory_sha256"]:
             raise SessionError(f"session {path}: {_MEMORY} does not match its checksum (corrupt or "
                                "replaced); the session cannot be resumed")
+        blocks = body.get("backbone_memory_sha256", {})
+        for L, digest in blocks.items():
+            if _sha256_file(path / _block_file(int(L))) != digest:
+                raise SessionError(f"session {path}: {_block_file(int(L))} does not match its checksum (corrupt "
+                                   "or replaced); the session cannot be resumed")
         try:
             bank = MemoryBank.load(path / _MEMORY, expect_owner=body["owner"], device=model.backbone.device)
             check_token_memory(model, bank, path / _MEMORY)
+            block_banks = {int(L): MemoryBank.load(path / _block_file(int(L)), device=model.backbone.device,
+                                                   expect_owner=model.backbone.owner_id(int(L)))
+                           for L in blocks}
         except MemoryBankError as e:
             raise SessionError(f"session {path}: {e}") from None
         init_memory(model, 1)  # the session's memory replaces whatever the model held
         model.memory.banks[0] = bank
+        for L, b in block_banks.items():
+            model.backbone_memory.banks[L].banks[0] = b
         session = cls(model, body["system"], max_new_tokens=body["max_new_tokens"], seed=seed,
                       **body["sampling"])
         session.messages, session._fed = body["messages"], body["fed"]
@@ -180,7 +188,14 @@ class ChatSession:
 
 def _side_identity(model: "LongSideModel") -> dict:
     c = model.config
-    return {"memory_layer": c.memory_layer, "chunk_size": c.chunk_size, "memory_attention": c.memory_attention}
+    ident = {"memory_layer": c.memory_layer, "chunk_size": c.chunk_size, "memory_attention": c.memory_attention}
+    if c.backbone_memory_layers:  # absent otherwise, so sessions saved before it still match
+        ident["backbone_memory_layers"] = c.backbone_memory_layers
+    return ident
+
+
+def _block_file(layer: int) -> str:
+    return f"backbone_block{layer}.lsmb"
 
 
 def _sha256_json(body: dict) -> str:

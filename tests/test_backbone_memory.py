@@ -171,16 +171,34 @@ def test_config_round_trip_and_refusals(smollm2, tmp_path):
     with pytest.raises(LongsideError, match="not supported with backbone memory"):
         model.save_memory(tmp_path / "m.lsmb")
     assert not (tmp_path / "m.lsmb").exists()
+
+
+def test_chat_sessions_keep_the_block_banks(smollm2, tmp_path):
     from longside.chat import ChatSession
 
-    with pytest.raises(SessionError, match="backbone memory"):
-        ChatSession(model).save(tmp_path / "s")
-    assert not (tmp_path / "s").exists()
+    model = make_model(smollm2)
+    model.memorize("The secret word of the day is marmalade. " * 12, progress=False)
+    chat = ChatSession(model)
+    chat.window.feed(ids_of(10))  # an open window: rebuilt on load
+    q = torch.randn(3, smollm2.spec.num_heads, smollm2.spec.head_dim)
+    before = {L: model.backbone_memory.banks[L][0].search(q, 4) for L in LAYERS}
+    chat.save(tmp_path / "s")
+    model.reset_memory()
+    ChatSession.load(tmp_path / "s", model)
+    for L in LAYERS:
+        for x, y in zip(model.backbone_memory.banks[L][0].search(q, 4), before[L]):
+            assert torch.equal(x, y)
+    # a session needs a model with the same backbone memory, and intact block banks
     plain = LongSideModel(smollm2, SideNetConfig(window=W, capacity_tokens=4096)).eval()
-    ChatSession(plain).save(tmp_path / "s")
-    with pytest.raises(SessionError, match="backbone memory"):
+    with pytest.raises(SessionError, match="another side network configuration"):
+        ChatSession.load(tmp_path / "s", plain)
+    with open(tmp_path / "s" / "backbone_block20.lsmb", "r+b") as f:
+        f.seek(100)
+        f.write(b"\0\1\2")
+    held = model.backbone_memory.lengths()
+    with pytest.raises(SessionError, match="checksum"):
         ChatSession.load(tmp_path / "s", model)
-    assert model.memory.lengths()[0] > 0  # refused before the model's memory was touched
+    assert model.backbone_memory.lengths() == held  # refused before the model's memory was touched
 
 
 def test_training_refuses_backbone_memory(tmp_path):
