@@ -23,12 +23,12 @@ Llama-style backbones only (rotary, plain causal attention scaled by 1/sqrt(D)).
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
 from longside.errors import LongsideError
+from longside.side_network import attend_retrieved, causal_lse
 
 if TYPE_CHECKING:
     from longside.backbone import Backbone
@@ -129,39 +129,20 @@ class BackboneMemory:
         qm = bb.rotate(q, torch.full((B, T), self.distance, device=q.device))
         found = [bank.search(qm[b], self.k_chunks) for b, bank in enumerate(banks)]
         keys, values, mask = (torch.stack(x) for x in zip(*found))  # [B, T, H, S, D], mask [B, T, H, S]
-        scores = torch.einsum("bthd,bthsd->bths", qm, keys) / math.sqrt(D)
-        scores = scores.masked_fill(~mask, float("-inf"))
-        has = mask.any(-1, keepdim=True)
-        lse_mem = torch.logsumexp(scores, -1, keepdim=True).masked_fill(~has, 0.0)
-        p = torch.where(has, torch.exp(scores - lse_mem), 0.0)
-        a_mem = torch.einsum("bths,bthsd->bthd", p, values)
-        w = torch.sigmoid(lse_mem - self._local_lse(q, window_k)) * has
-        return a + w * (a_mem - a)
-
-    def _local_lse(self, q: torch.Tensor, window_k: torch.Tensor) -> torch.Tensor:
-        """log-sum-exp `[B, T, H, 1]` of the block's own causal rotary scores."""
-        B, T, H, D = q.shape
+        a_mem, lse_mem, has = attend_retrieved(qm, keys, values, mask)
         P = window_k.shape[1] - T
-        bb = self.backbone
-        qr = bb.rotate(q, torch.arange(P, P + T, device=q.device).expand(B, T)).transpose(1, 2)
-        kr = bb.rotate(window_k, torch.arange(P + T, device=q.device).expand(B, P + T)).transpose(1, 2)
-        kr = kr.repeat_interleave(H // window_k.shape[2], 1)
-        s = qr @ kr.transpose(-1, -2) / math.sqrt(D)
-        causal = torch.ones(T, P + T, dtype=torch.bool, device=q.device).tril(P)
-        s = s.masked_fill(~causal, float("-inf"))
-        return torch.logsumexp(s, -1).transpose(1, 2).unsqueeze(-1)
+        local = causal_lse(bb.rotate(q, torch.arange(P, P + T, device=q.device).expand(B, T)),
+                           bb.rotate(window_k, torch.arange(P + T, device=q.device).expand(B, P + T)))
+        return a + torch.sigmoid(lse_mem - local) * has * (a_mem - a)
 
 
 class Segment:
     """The segment being read: its memory rows and, per block, the keys/values `[B, n, G,
-    D]` of its tokens so far (the local window that `_local_lse` scores)."""
+    D]` of its tokens so far (the local window that `causal_lse` scores)."""
 
     def __init__(self, rows: list[int]):
         self.rows = rows
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def __len__(self) -> int:
-        return next(iter(self.kv.values()))[0].shape[1] if self.kv else 0
 
 
 __all__ = ["BackboneMemory", "Segment"]

@@ -100,7 +100,8 @@ class LongSideModel(nn.Module):
     @property
     def backbone_memory(self):
         """The `BackboneMemory` read inside the backbone's own blocks, or None (see config)."""
-        return self._backbone_memory if self.memory is not None else None
+        self.memory  # created together with the memory
+        return self._backbone_memory
 
     def use_backbone_memory(self, layers: Sequence[int], k_chunks: int | None = None) -> None:
         """Let blocks `layers` of the backbone read memory themselves ([] switches it off);

@@ -164,33 +164,38 @@ class MemoryReader(nn.Module):
         keys, values, mask = mem.retrieve(q.detach())
         if keys.shape[3] == 0 or not bool(mask.any()):
             return x.new_zeros(x.shape)
-        scale = 1.0 / math.sqrt(self.head_dim)
-        scores = torch.einsum("bthd,bthsd->bths", q, keys) * scale
-        scores = scores.masked_fill(~mask, float("-inf"))
-        has = mask.any(-1, keepdim=True)  # [B, T, H, 1]: rows with at least one valid slot
-        lse_mem = torch.logsumexp(scores, -1, keepdim=True)
-        p = torch.where(has, torch.exp(scores - lse_mem.masked_fill(~has, 0.0)), 0.0)
-        a_mem = torch.einsum("bths,bthsd->bthd", p, values)
+        a_mem, lse_mem, has = attend_retrieved(q, keys, values, mask)
         if self.mode == "gated":
             w = torch.sigmoid(self.gate).view(1, 1, -1, 1) * has
         else:
-            w = torch.sigmoid(lse_mem - self._local_lse(q, mem)) * has
+            local = causal_lse(mem.rotate(q), (mem.rotate_keys or mem.rotate)(mem.keys))
+            w = torch.sigmoid(lse_mem - local) * has
         delta = w * (a_mem - mem.attn)
         return self.into_side(mem.out_proj(delta.flatten(2)))
 
-    def _local_lse(self, q: torch.Tensor, mem: MemoryInputs) -> torch.Tensor:
-        """log-sum-exp of the local causal rotary scores, `[B, T, H, 1]`.
 
-        The T new queries sit at positions P..P+T-1 of the window and see its keys 0..P+T-1
-        causally (P > 0 during incremental decoding, where earlier keys are cached)."""
-        B, T, H, D = q.shape
-        P = mem.keys.shape[1] - T
-        qr = mem.rotate(q).transpose(1, 2)
-        kr = (mem.rotate_keys or mem.rotate)(mem.keys).transpose(1, 2).repeat_interleave(H // mem.keys.shape[2], 1)
-        s = qr @ kr.transpose(-1, -2) / math.sqrt(D)
-        causal = torch.ones(T, P + T, dtype=torch.bool, device=q.device).tril(P)
-        s = s.masked_fill(~causal, float("-inf"))
-        return torch.logsumexp(s, -1).transpose(1, 2).unsqueeze(-1)
+def attend_retrieved(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
+    """Position-free attention of `q [B, T, H, D]` over retrieved `keys, values [B, T, H, S,
+    D]` (`mask [B, T, H, S]`: real slots) -> `a_mem [B, T, H, D]`, its log-sum-exp `[B, T,
+    H, 1]` (0 where nothing was found) and `has [B, T, H, 1]` (something was found)."""
+    scores = torch.einsum("bthd,bthsd->bths", q, keys) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~mask, float("-inf"))
+    has = mask.any(-1, keepdim=True)
+    lse = torch.logsumexp(scores, -1, keepdim=True).masked_fill(~has, 0.0)
+    p = torch.where(has, torch.exp(scores - lse), 0.0)
+    return torch.einsum("bths,bthsd->bthd", p, values), lse, has
+
+
+def causal_lse(qr: torch.Tensor, kr: torch.Tensor) -> torch.Tensor:
+    """log-sum-exp `[B, T, H, 1]` of local causal scores: rotated queries `qr [B, T, H, D]` at
+    positions P..P+T-1 of the window against its rotated keys `kr [B, P+T, G, D]` (P > 0
+    during incremental decoding, where earlier keys are cached)."""
+    B, T, H, D = qr.shape
+    P = kr.shape[1] - T
+    k = kr.transpose(1, 2).repeat_interleave(H // kr.shape[2], 1)
+    s = qr.transpose(1, 2) @ k.transpose(-1, -2) / math.sqrt(D)
+    causal = torch.ones(T, P + T, dtype=torch.bool, device=qr.device).tril(P)
+    return torch.logsumexp(s.masked_fill(~causal, float("-inf")), -1).transpose(1, 2).unsqueeze(-1)
 
 
 class SideNetwork(nn.Module):
