@@ -5,8 +5,10 @@ The central helper is `score_after_prefix`. A longside model only sees its local
 directly; everything older must come through memory. To score a continuation after a
 long prefix it therefore (1) writes the early part of the prefix into memory, one
 window-sized segment at a time, (2) keeps the last part of the prefix local, and (3)
-scores `[local prefix + candidate]` in one forward that reads but does not write memory,
-so every candidate sees exactly the same memory.
+scores each candidate after the local prefix, reading but not writing memory, so every
+candidate sees exactly the same memory. The local prefix is run once and its caches
+forked per candidate (`prefix_logits`; the bare backbone's `backbone_prefix_logits`):
+the same logits as one forward over `[local prefix + candidate]`, up to float rounding.
 """
 
 from __future__ import annotations
@@ -115,15 +117,60 @@ def _continuation(logits: torch.Tensor, targets: torch.Tensor) -> Continuation:
 
 
 def memorize(model, ids: Sequence[int], window: int) -> int:
-    """Write `ids` into the model's memory in window-sized segments, oldest first.
-    Returns the number of segments written."""
-    n = 0
-    with torch.no_grad():
-        for start in range(0, len(ids), window):
-            model(torch.tensor([list(ids[start:start + window])]), use_memory=True,
-                  write_memory=True, return_logits=False)
-            n += 1
-    return n
+    """Write `ids` into the model's memory in window-sized segments, oldest first (what
+    `model(segment)` would write, computed by the backbone alone). Returns the number of
+    segments written."""
+    from longside.memorize import memorize_ids
+
+    return memorize_ids(model, ids, window=window)
+
+
+def prefix_logits(model, prefix: Sequence[int], continuations: Sequence[Sequence[int]], *,
+                  use_memory: bool, last_only: bool = False) -> list[torch.Tensor]:
+    """Longside logits after `prefix` (>= 1 token) for each continuation, memory read
+    but never written: per continuation `c` the float32 `[len(c) + 1, V]` logits of
+    positions `len(prefix) - 1 ..`, i.e. the prediction of `c[0]` first and the one
+    after `c[-1]` last (only that last one, `[V]`, with `last_only`). `prefix + c` must
+    fit the model's window; the prefix is run once."""
+    from longside.window import LocalWindow
+
+    if not prefix:
+        raise EvalError("an empty prefix cannot be scored against")
+    if len(prefix) + max(map(len, continuations)) > model.config.window:
+        raise EvalError(f"a prefix of {len(prefix)} tokens and continuations of up to "
+                        f"{max(map(len, continuations))} exceed the window {model.config.window}")
+    window = LocalWindow(model, use_memory=use_memory, write_memory=False)
+    if len(prefix) > 1:
+        window.feed(torch.tensor([list(prefix[:-1])]))
+    return [window.fork().feed(torch.tensor([[prefix[-1], *c]]), all_logits=not last_only)[0]
+            for c in continuations]
+
+
+def backbone_prefix_logits(backbone: Backbone, prefix: Sequence[int], continuations: Sequence[Sequence[int]],
+                           *, last_only: bool = False, block: int = 1024) -> list[torch.Tensor]:
+    """Bare-backbone logits after `prefix` (>= 1 token) for each continuation, as
+    `prefix_logits` (float32 `[len(c) + 1, V]` each, `[V]` with `last_only`); the
+    prefix's key/value cache is computed once and copied per continuation."""
+    import copy
+
+    if not prefix:
+        raise EvalError("an empty prefix cannot be scored against")
+    cache = None
+    if len(prefix) > 1:
+        cache = backbone.encode(torch.tensor([list(prefix[:-1])]), use_cache=True).cache
+    start = len(prefix) - 1
+    out = []
+    for c in continuations:
+        ids = torch.tensor([[prefix[-1], *c]])
+        pos = torch.arange(start, start + ids.shape[1]).unsqueeze(0)
+        hidden = backbone.encode(ids, position_ids=pos, cache=copy.deepcopy(cache),
+                                 use_cache=cache is not None).last_hidden[0]
+        if last_only:
+            hidden = hidden[-1:]
+        with torch.no_grad():
+            logits = torch.cat([backbone.lm_head(hidden[i:i + block]) for i in range(0, len(hidden), block)])
+        out.append(logits[-1] if last_only else logits)
+    return out
 
 
 def score_after_prefix(model, prefix: Sequence[int], candidates: Sequence[Sequence[int]], *,
@@ -144,14 +191,9 @@ def score_after_prefix(model, prefix: Sequence[int], candidates: Sequence[Sequen
     model.reset_memory()
     if use_memory:
         memorize(model, prefix[:split], window)
-    scores = []
-    with torch.no_grad():
-        for cand in candidates:
-            ids = torch.tensor([local + list(cand)])
-            logits = model(ids, use_memory=use_memory, write_memory=False).logits[0]
-            scores.append(_continuation(logits[len(local) - 1:-1], ids[0, len(local):]))
+    logits = prefix_logits(model, local, candidates, use_memory=use_memory)
     model.reset_memory()
-    return scores
+    return [_continuation(lg[:-1], torch.tensor(list(c))) for lg, c in zip(logits, candidates)]
 
 
 def backbone_hidden_logits(backbone: Backbone, ids: Sequence[int], start: int, block: int = 1024) -> torch.Tensor:
@@ -174,12 +216,8 @@ def score_backbone(backbone: Backbone, prefix: Sequence[int], candidates: Sequen
     local = list(prefix[-local_len:]) if prefix else []
     if not local:
         raise EvalError("an empty prefix cannot be scored against")
-    scores = []
-    for cand in candidates:
-        ids = local + list(cand)
-        logits = backbone_hidden_logits(backbone, ids, len(local) - 1)[:-1]
-        scores.append(_continuation(logits, torch.tensor(list(cand))))
-    return scores
+    logits = backbone_prefix_logits(backbone, local, candidates)
+    return [_continuation(lg[:-1], torch.tensor(list(c))) for lg, c in zip(logits, candidates)]
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -297,6 +335,6 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
     return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
 
 
-__all__ = ["Continuation", "EvalError", "backbone_hidden_logits", "book_chapters", "encode", "eval_window",
-           "load_book_data", "load_model", "mean_std", "memorize", "model_info", "pyplot", "report", "save_figure",
-           "score_after_prefix", "score_backbone", "title_of", "with_capacity", "write_json"]
+__all__ = ["Continuation", "EvalError", "backbone_hidden_logits", "backbone_prefix_logits", "book_chapters", "encode",
+           "eval_window", "load_book_data", "load_model", "mean_std", "memorize", "model_info", "prefix_logits", "pyplot",
+           "report", "save_figure", "score_after_prefix", "score_backbone", "title_of", "with_capacity", "write_json"]

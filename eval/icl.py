@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from longside.eval.common import (EvalError, backbone_hidden_logits, encode, eval_window, mean_std, memorize, pyplot,
+from longside.eval.common import (EvalError, backbone_prefix_logits, encode, eval_window, mean_std, memorize, prefix_logits, pyplot,
                          report, save_figure, title_of)
 
 TEMPLATE = "Input: {text}\nLabel: {label}\n\n"
@@ -141,21 +141,21 @@ def run(model, info: dict, config: IclConfig, data=None) -> dict:
                 model.reset_memory()
                 memorize(model, encode(tok, "".join(shots[config.k_window:])), window)
                 hits = {r: {p: 0 for p in PROTOCOLS} for r in ROWS}
-                for q, ex in zip(queries, test):
-                    ids = local + q
-                    if len(ids) > window:
-                        raise EvalError(f"a prompt of {len(ids)} tokens exceeds the window {window}; "
+                for q in queries:
+                    if len(local) + len(q) > window:
+                        raise EvalError(f"a prompt of {len(local) + len(q)} tokens exceeds the window {window}; "
                                         "lower --max-text-tokens")
-                    x = torch.tensor([ids])
-                    with torch.no_grad():
-                        last = {ROWS[0]: backbone_hidden_logits(backbone, ids, len(ids) - 1)[0],
-                                ROWS[1]: model(x, use_memory=False, write_memory=False).logits[0, -1],
-                                ROWS[2]: model(x, use_memory=True, write_memory=False).logits[0, -1]}
+                # the demonstrations are run once per row; each query continues a copy of them
+                last = {ROWS[0]: backbone_prefix_logits(backbone, local, queries, last_only=True),
+                        ROWS[1]: prefix_logits(model, local, queries, use_memory=False, last_only=True),
+                        ROWS[2]: prefix_logits(model, local, queries, use_memory=True, last_only=True)}
+                for i, ex in enumerate(test):
                     gold = label_ids[ex["label"]]
-                    for r, logits in last.items():
+                    for r, per_query in last.items():
+                        logits = per_query[i]
                         hits[r]["label"] += int(label_ids[int(logits[label_ids].argmax())] == gold)
                         hits[r]["open"] += int(int(logits.argmax()) == gold)
-                    bar.update(1)
+                bar.update(len(test))
                 for r in ROWS:
                     for p in PROTOCOLS:
                         acc[r][p].append(hits[r][p] / len(test))

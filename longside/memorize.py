@@ -121,31 +121,51 @@ def memorize(model: "LongSideModel", source, *, row: int | None = None, progress
     total = sum(len(ids) for _, ids in texts)
     if total == 0:
         raise LongsideError("nothing to memorize: the text is empty")
-    W, layer = model.config.window, model.config.memory_layer
+    with tqdm(total=total, unit="tok", desc="memorize", disable=not progress, leave=False) as bar:
+        for name, ids in texts:
+            bar.set_postfix_str(name[-40:], refresh=False)
+            memorize_ids(model, ids, rows=targets, bar=bar)
+    return total
+
+
+def memorize_ids(model: "LongSideModel", ids, *, window: int | None = None, rows: list[int] | None = None,
+                 bar=None) -> int:
+    """Write token ids `ids` (a sequence of ints) into the memory of `rows` (every row
+    when None) in segments of `window` tokens (default `model.config.window`), oldest
+    first; returns the number of segments. What is written equals what
+    `LongSideModel.forward` writes for the same segments, at the cost of the backbone up
+    to the memory's deepest layer only. `bar`: a tqdm bar advanced by tokens written."""
+    from longside.window import prepare_memory
+
+    if model._memory is None:
+        prepare_memory(model, 1)
+    banks = model.memory.banks
+    targets = list(range(len(banks))) if rows is None else list(rows)
+    W, layer = window or model.config.window, model.config.memory_layer
     bm = model.backbone_memory
     # with backbone memory a segment's keys depend on what its row already holds, so each
     # row encodes it reading its own memory, as `LongSideModel.forward` would
     groups = [targets] if bm is None else [[r] for r in targets]
-    with tqdm(total=total, unit="tok", desc="memorize", disable=not progress, leave=False) as bar:
-        for name, ids in texts:
-            bar.set_postfix_str(name[-40:], refresh=False)
-            for a in range(0, len(ids), W):
-                seg = torch.tensor([ids[a:a + W]])
-                for rows in groups:
-                    if bm is None:
-                        k, v, h = encode_memory(model.backbone, seg, layer, model.token_layer)
-                    else:
-                        part = bm.segment(rows)  # its own: an open window's segment is untouched
-                        with bm.attach(part, read=True):
-                            k, v, h = encode_memory(model.backbone, seg, layer, model.token_layer, max(bm.layers))
-                        bm.write(part)
-                    for r in rows:
-                        if h is None:
-                            banks[r].add(k[0], v[0])
-                        else:
-                            banks[r].add(k[0], v[0], token_keys=h[0], token_ids=seg[0])
-                bar.update(seg.shape[1])
-    return total
+    n = 0
+    for a in range(0, len(ids), W):
+        seg = torch.tensor([list(ids[a:a + W])], dtype=torch.long)
+        for group in groups:
+            if bm is None:
+                k, v, h = encode_memory(model.backbone, seg, layer, model.token_layer)
+            else:
+                part = bm.segment(group)  # its own: an open window's segment is untouched
+                with bm.attach(part, read=True):
+                    k, v, h = encode_memory(model.backbone, seg, layer, model.token_layer, max(bm.layers))
+                bm.write(part)
+            for r in group:
+                if h is None:
+                    banks[r].add(k[0], v[0])
+                else:
+                    banks[r].add(k[0], v[0], token_keys=h[0], token_ids=seg[0])
+        n += 1
+        if bar is not None:
+            bar.update(seg.shape[1])
+    return n
 
 
 def init_memory(model: "LongSideModel", batch_size: int = 1) -> None:

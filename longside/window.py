@@ -16,6 +16,7 @@ incremental decoding equal those of `LongSideModel.forward` on the same segment.
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING
 
 import torch
@@ -100,6 +101,20 @@ class LocalWindow:
                 self.model._backbone_memory.write(self.backbone_segment)
             self.segments_written += 1
         self._restart()
+
+    def fork(self) -> "LocalWindow":
+        """A copy of this window that continues on its own: the same model and memory,
+        its own local caches. Scoring several continuations of one prefix then costs the
+        prefix once (feed it, then `fork().feed(continuation)` per continuation). A fork
+        that completes its segment writes to the shared memory, so forks used to score
+        are made with `write_memory=False`."""
+        twin = copy.copy(self)
+        twin.cache = copy.deepcopy(self.cache)  # DynamicCache grows in place
+        twin.side_caches = None if self.side_caches is None else list(self.side_caches)
+        if self.backbone_segment is not None:
+            twin.backbone_segment = copy.copy(self.backbone_segment)
+            twin.backbone_segment.kv = dict(self.backbone_segment.kv)
+        return twin
 
     @torch.no_grad()
     def feed(self, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:

@@ -140,6 +140,21 @@ def test_an_open_window_keeps_its_segment_through_other_calls(smollm2):
     torch.testing.assert_close(steps(busy), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_a_fork_keeps_the_prefix_segment_of_the_blocks(smollm2):
+    model = make_model(smollm2)
+    a, b = ids_of(W, seed=1), ids_of(40, seed=2)
+    model(a)  # something in the block banks
+    whole = [model(torch.cat([b[:, :20], b[:, 20 + 10 * i:30 + 10 * i]], 1), write_memory=False).logits[:, 20:]
+             for i in range(2)]
+    window = LocalWindow(model, write_memory=False)
+    window.feed(b[:, :20])
+    forks = [window.fork(), window.fork()]
+    for i, (f, want) in enumerate(zip(forks, whole)):
+        torch.testing.assert_close(f.feed(b[:, 20 + 10 * i:30 + 10 * i], all_logits=True), want, atol=1e-4,
+                                   rtol=1e-5)
+    assert all(k.shape[1] == 20 for k, _ in window.backbone_segment.kv.values())
+
+
 def test_memorize_writes_what_forward_writes(smollm2):
     model = make_model(smollm2)
     text = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 12

@@ -79,6 +79,49 @@ def test_score_after_prefix_matches_backbone_and_restores_memory(small):
         common.eval_window(model, W + 1)
 
 
+def test_prefix_logits_equal_one_forward(smollm2):
+    # a side network that changes the logits and reads memory, so a wrong cache would show
+    model = LongSideModel(smollm2, SideNetConfig(window=W))
+    with torch.no_grad():
+        model.side.up.weight.normal_(0, 0.01, generator=torch.Generator().manual_seed(0))
+    tok = model.backbone.tokenizer
+    text = common.encode(tok, "Elinor wrote the letter twice, and each time the words came out wrong. " * 30)
+    common.memorize(model, text[:2 * W], W)
+    prefix, conts = text[2 * W:2 * W + 60], [text[400:420], text[300:305], [7]]
+    for use_memory in (False, True):
+        got = common.prefix_logits(model, prefix, conts, use_memory=use_memory)
+        last = common.prefix_logits(model, prefix, conts, use_memory=use_memory, last_only=True)
+        for c, g, gl in zip(conts, got, last):
+            want = model(torch.tensor([prefix + c]), use_memory=use_memory, write_memory=False).logits[0, 59:]
+            torch.testing.assert_close(g, want, atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(gl, want[-1], atol=1e-4, rtol=1e-5)
+    for c, g in zip(conts, common.backbone_prefix_logits(model.backbone, prefix, conts)):
+        torch.testing.assert_close(g, common.backbone_hidden_logits(model.backbone, prefix + c, 59), atol=1e-4,
+                                   rtol=1e-5)
+    with pytest.raises(EvalError, match="exceed the window"):
+        common.prefix_logits(model, prefix, [list(range(W))], use_memory=True)
+
+
+def test_memorize_writes_what_forward_writes(smollm2):
+    model = LongSideModel(smollm2, SideNetConfig(window=W))
+    ids = common.encode(model.backbone.tokenizer, "Marianne played the pianoforte until the candles burnt low. " * 12)
+    assert common.memorize(model, ids, W) == math.ceil(len(ids) / W)
+    spec = model.backbone.spec
+    g = torch.Generator().manual_seed(0)
+    q, tq = torch.randn(3, spec.num_heads, spec.head_dim, generator=g), torch.randn(3, spec.hidden_size, generator=g)
+
+    def contents():
+        bank = model.memory.banks[0]
+        return len(bank), bank.search(q, 2), bank.search_tokens(tq, 4)
+
+    fast = contents()
+    model.reset_memory()
+    for a in range(0, len(ids), W):
+        model(torch.tensor([ids[a:a + W]]), return_logits=False)
+    assert fast[0] == len(ids)
+    torch.testing.assert_close(fast, contents(), atol=1e-4, rtol=1e-5)
+
+
 # -- perplexity ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

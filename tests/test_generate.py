@@ -63,6 +63,20 @@ def test_incremental_logits_match_full_segments(smollm2, mode):
     assert (full[:, W:] - no_mem).abs().max() > 1e-3
 
 
+def test_fork_continues_a_prefix_without_touching_it(model):
+    ids = ids_of(52)  # a prefix of 20 tokens, two continuations of 16: within one segment
+    model.memorize("A first text to remember, so that memory is read. " * 20)
+    conts = [ids[:, 20:36], ids[:, 36:52]]
+    whole = [model(torch.cat([ids[:, :20], c], 1), write_memory=False).logits[:, 20:] for c in conts]
+    window = LocalWindow(model, write_memory=False)
+    window.feed(ids[:, :20])
+    forks = [window.fork() for _ in conts]
+    for f, c, want in zip(forks, conts, whole):
+        torch.testing.assert_close(f.feed(c, all_logits=True), want, atol=1e-4, rtol=1e-5)
+    assert window.n == 20 and forks[0].n == 36  # the prefix window itself did not move
+    torch.testing.assert_close(window.feed(conts[1], all_logits=True), whole[1], atol=1e-4, rtol=1e-5)
+
+
 def test_greedy_equals_transformers_generate_when_side_is_silent(smollm2):
     model = LongSideModel(smollm2, SideNetConfig(window=W, capacity_tokens=4096))  # up == 0: the backbone
     ids = smollm2.tokenizer("The capital of France is", return_tensors="pt").input_ids
