@@ -31,8 +31,8 @@ import torch
 
 from longside.errors import LongsideError, MemoryBankError, SessionError
 from longside.generate import _generator, decode_loop, eos_ids
-from longside.memorize import check_token_memory, init_memory, memorize, tokenize
-from longside.paths import atomic_dir
+from longside.memorize import block_file, check_token_memory, init_memory, memorize, tokenize
+from longside.paths import atomic_dir, sha256_file
 from longside.sampling import SamplingConfig, TextPieces
 from longside.window import LocalWindow, prepare_memory
 
@@ -127,8 +127,8 @@ class ChatSession:
             model.memory.banks[0].save(tmp / _MEMORY)
             blocks = {}  # with backbone memory, each block's bank too
             for L, banks in (bm.banks.items() if bm is not None else ()):
-                banks[0].save(tmp / _block_file(L))
-                blocks[str(L)] = _sha256_file(tmp / _block_file(L))
+                banks[0].save(tmp / block_file(L))
+                blocks[str(L)] = _sha256_file(tmp / block_file(L))
             body = {
                 "format": FORMAT, "version": VERSION,
                 "owner": model.backbone.owner_id(model.config.memory_layer),
@@ -161,13 +161,13 @@ class ChatSession:
                                "replaced); the session cannot be resumed")
         blocks = body.get("backbone_memory_sha256", {})
         for L, digest in blocks.items():
-            if _sha256_file(path / _block_file(int(L))) != digest:
-                raise SessionError(f"session {path}: {_block_file(int(L))} does not match its checksum (corrupt "
+            if _sha256_file(path / block_file(int(L))) != digest:
+                raise SessionError(f"session {path}: {block_file(int(L))} does not match its checksum (corrupt "
                                    "or replaced); the session cannot be resumed")
         try:
             bank = MemoryBank.load(path / _MEMORY, expect_owner=body["owner"], device=model.backbone.device)
             check_token_memory(model, bank, path / _MEMORY)
-            block_banks = {int(L): MemoryBank.load(path / _block_file(int(L)), device=model.backbone.device,
+            block_banks = {int(L): MemoryBank.load(path / block_file(int(L)), device=model.backbone.device,
                                                    expect_owner=model.backbone.owner_id(int(L)))
                            for L in blocks}
         except MemoryBankError as e:
@@ -194,23 +194,15 @@ def _side_identity(model: "LongSideModel") -> dict:
     return ident
 
 
-def _block_file(layer: int) -> str:
-    return f"backbone_block{layer}.lsmb"
-
-
 def _sha256_json(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
+        return sha256_file(path)
     except FileNotFoundError:
         raise SessionError(f"{path} is missing: the session directory is incomplete") from None
-    return h.hexdigest()
 
 
 def _read_manifest(path: Path) -> dict:

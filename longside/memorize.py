@@ -175,42 +175,118 @@ def init_memory(model: "LongSideModel", batch_size: int = 1) -> None:
     model._make_memory(batch_size)
 
 
+_MEMORY_FORMAT, _MEMORY_VERSION = "longside-memory", 1
+_MANIFEST, _MAIN = "memory.json", "memory.lsmb"
+
+
+def block_file(layer: int) -> str:
+    """File name of backbone block `layer`'s bank inside a memory or session directory."""
+    return f"backbone_block{layer}.lsmb"
+
+
 def save_memory(model: "LongSideModel", path: str | os.PathLike, row: int = 0) -> None:
-    """Write the memory bank of `row` to one file (atomic, checksummed; see memory_bank)."""
-    _refuse_backbone_memory(model, "saving")
+    """Write the memory of `row` to `path`, atomically: one checksummed bank file (see
+    memory_bank), or, with backbone memory, a directory holding that file, one bank per
+    backbone block and a manifest of their checksums (`memory.json`)."""
+    import json
+
+    from longside.paths import atomic_dir, sha256_file
+
     banks = model.memory.banks
     if not 0 <= row < len(banks):
         raise LongsideError(f"row {row} out of range: memory has {len(banks)} row(s)")
-    banks[row].save(path)
+    path = Path(path)
+    layers = model.config.backbone_memory_layers
+    if not layers:
+        if path.is_dir():
+            raise LongsideError(f"{path} is a directory (a memory saved with backbone memory?); save to another "
+                                "path, or delete it first")
+        banks[row].save(path)
+        return
+    bm = model.backbone_memory
+    with atomic_dir(path) as tmp:
+        banks[row].save(tmp / _MAIN)
+        files = {_MAIN: sha256_file(tmp / _MAIN)}
+        for L in bm.layers:
+            bm.banks[L].banks[row].save(tmp / block_file(L))
+            files[block_file(L)] = sha256_file(tmp / block_file(L))
+        body = {"format": _MEMORY_FORMAT, "version": _MEMORY_VERSION, "backbone_memory_layers": bm.layers,
+                "sha256": files}
+        (tmp / _MANIFEST).write_text(json.dumps(body, indent=1))
 
 
 def load_memory(model: "LongSideModel", path: str | os.PathLike, row: int = 0) -> None:
-    """Replace the memory of `row` by a bank saved with `save_memory`.
+    """Replace the memory of `row` by one saved with `save_memory`.
 
-    Refuses (MemoryBankError) a bank written by another backbone or memory layer, whose
-    keys would be meaningless to this model, and a corrupt or truncated file (the
-    current memory is kept then)."""
+    Refuses (MemoryBankError) memory written by another backbone or memory layer, whose
+    keys would be meaningless to this model, memory saved with other backbone-memory
+    blocks (or with versus without them), and corrupt, truncated or mixed-up files; the
+    current memory is kept then."""
     from longside.memory_bank import MemoryBank
 
-    _refuse_backbone_memory(model, "loading")
+    path = Path(path)
+    banks = model.memory.banks
+    if not 0 <= row < len(banks):
+        raise LongsideError(f"row {row} out of range: memory has {len(banks)} row(s)")
+    layers = model.config.backbone_memory_layers
+    saved = _read_memory_manifest(path) if path.is_dir() else None
+    saved_layers = saved["backbone_memory_layers"] if saved is not None else []
+    if sorted(saved_layers) != sorted(layers):
+        raise MemoryBankError(
+            f"{path} was saved with backbone memory in blocks {saved_layers or 'none'}, but this model reads "
+            f"{layers or 'none'}; load it into a model with the same blocks (model.use_backbone_memory(...) "
+            "or backbone_memory_layers in side_config.json), or memorize the text again")
+    main = path / _MAIN if saved is not None else path
     owner = model.backbone.owner_id(model.config.memory_layer)
-    bank = MemoryBank.load(path, expect_owner=owner, device=model.backbone.device)
+    bank = MemoryBank.load(main, expect_owner=owner, device=model.backbone.device)
     if bank.chunk_size != model.config.chunk_size:
         raise MemoryBankError(f"{path} stores chunks of {bank.chunk_size} tokens but this model reads chunks "
                               f"of {model.config.chunk_size}; memorize the text again with this model")
     check_token_memory(model, bank, path)
-    banks = model.memory.banks
-    if not 0 <= row < len(banks):
-        raise LongsideError(f"row {row} out of range: memory has {len(banks)} row(s)")
-    banks[row] = bank
+    blocks = {L: MemoryBank.load(path / block_file(L), expect_owner=model.backbone.owner_id(L),
+                                 device=model.backbone.device) for L in saved_layers}
+    bm = model.backbone_memory if layers else None
+    if bm is not None and len(bm.banks[bm.layers[0]].banks) != len(banks):
+        raise LongsideError(f"backbone memory holds {len(bm.banks[bm.layers[0]].banks)} row(s), memory "
+                            f"{len(banks)}; call model.init_memory(batch_size) first")
+    banks[row] = bank  # only now, every file having been read and checked
+    for L, b in blocks.items():
+        bm.banks[L].banks[row] = b
 
 
-def _refuse_backbone_memory(model: "LongSideModel", doing: str) -> None:
-    if model.config.backbone_memory_layers:
-        raise LongsideError(
-            f"{doing} memory is not supported with backbone memory (backbone_memory_layers "
-            f"{model.config.backbone_memory_layers}): one file holds the memory layer's bank only; memorize "
-            "the text again instead, or set backbone_memory_layers to [] in the checkpoint's side_config.json")
+def _read_memory_manifest(path: Path) -> dict:
+    """The checked manifest of a memory directory (every file's checksum verified)."""
+    import json
+
+    from longside.paths import sha256_file
+
+    try:
+        body = json.loads((path / _MANIFEST).read_text())
+        if body["format"] != _MEMORY_FORMAT:
+            raise MemoryBankError(f"{path} is not a longside memory directory (format {body['format']!r})")
+        if body["version"] != _MEMORY_VERSION:
+            raise MemoryBankError(f"{path} is memory format version {body['version']}; this longside reads "
+                                  f"version {_MEMORY_VERSION}: use the longside that saved it")
+        files, layers = dict(body["sha256"]), [int(L) for L in body["backbone_memory_layers"]]
+    except MemoryBankError:
+        raise
+    except FileNotFoundError:
+        raise MemoryBankError(f"{path} is a directory without {_MANIFEST}: not a memory saved by "
+                              "save_memory") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise MemoryBankError(f"{path / _MANIFEST} is corrupt ({type(e).__name__}: {e}); memorize the "
+                              "text again") from None
+    if set(files) != {_MAIN, *(block_file(L) for L in layers)}:
+        raise MemoryBankError(f"{path / _MANIFEST} does not list the files of its blocks {layers}; it is corrupt")
+    for name, digest in files.items():
+        try:
+            ok = sha256_file(path / name) == digest
+        except FileNotFoundError:
+            raise MemoryBankError(f"{path / name} is missing: the memory directory is incomplete") from None
+        if not ok:
+            raise MemoryBankError(f"{path / name} does not match its checksum in {_MANIFEST} (corrupt, or a "
+                                  "file from another save); memorize the text again")
+    return {"backbone_memory_layers": layers}
 
 
 def check_token_memory(model: "LongSideModel", bank, path) -> None:

@@ -334,12 +334,14 @@ class LongSideModel(nn.Module):
         init_memory(self, batch_size)
 
     def save_memory(self, path: str | Path, row: int = 0) -> None:
-        """Write memory row `row` to one file (atomic, checksummed)."""
+        """Write memory row `row` to `path`, atomically and checksummed: one file, or a
+        directory when backbone memory is on (it holds each block's bank too)."""
         from longside.memorize import save_memory
         save_memory(self, path, row)
 
     def load_memory(self, path: str | Path, row: int = 0) -> None:
-        """Replace memory row `row` by a saved bank; refuses one from another backbone."""
+        """Replace memory row `row` by one `save_memory` wrote; refuses memory from another
+        backbone or with other backbone-memory blocks, and corrupt files."""
         from longside.memorize import load_memory
         load_memory(self, path, row)
 

@@ -57,7 +57,21 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(path, old)
         os.replace(tmp, path)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # a file of an older format was there
+                old.unlink(missing_ok=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 4 MiB blocks (FileNotFoundError if absent)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

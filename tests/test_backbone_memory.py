@@ -11,7 +11,7 @@ import torch
 
 from longside.backbone_memory import BackboneMemory
 from longside.config import SideNetConfig
-from longside.errors import CheckpointError, LongsideError, SessionError
+from longside.errors import CheckpointError, LongsideError, MemoryBankError, SessionError
 from longside.model import LongSideModel
 from longside.window import LocalWindow
 
@@ -181,11 +181,49 @@ def test_config_round_trip_and_refusals(smollm2, tmp_path):
         SideNetConfig(backbone_memory_k_chunks=0)
     with pytest.raises(LongsideError, match="blocks 0..29"):
         make_model(smollm2, layers=[30]).memory
+
+
+def test_saved_memory_keeps_the_block_banks(smollm2, tmp_path):
     model = make_model(smollm2)
-    model.memorize("Some text to keep.", progress=False)
-    with pytest.raises(LongsideError, match="not supported with backbone memory"):
-        model.save_memory(tmp_path / "m.lsmb")
-    assert not (tmp_path / "m.lsmb").exists()
+    model.memorize("The secret word of the day is marmalade. " * 12, progress=False)
+    b = ids_of(20, seed=5)
+    want = model(b, write_memory=False).logits
+    model.save_memory(tmp_path / "m")
+    assert (tmp_path / "m" / "memory.json").is_file()
+    model.save_memory(tmp_path / "m")  # saving again replaces it
+    model.reset_memory()
+    model.load_memory(tmp_path / "m")
+    torch.testing.assert_close(model(b, write_memory=False).logits, want, atol=1e-5, rtol=1e-5)
+    held = model.backbone_memory.lengths()
+    # other blocks, or none, are refused before anything is replaced
+    other = make_model(smollm2, layers=[12, 20])
+    with pytest.raises(MemoryBankError, match=r"blocks \[12, 20, 27\]"):
+        other.load_memory(tmp_path / "m")
+    plain = LongSideModel(smollm2, SideNetConfig(window=W, capacity_tokens=4096)).eval()
+    with pytest.raises(MemoryBankError, match="none"):
+        plain.load_memory(tmp_path / "m")
+    plain.memorize("Plain memory.", progress=False)
+    plain.save_memory(tmp_path / "plain.lsmb")
+    with pytest.raises(MemoryBankError, match="blocks none"):
+        model.load_memory(tmp_path / "plain.lsmb")
+    with pytest.raises(LongsideError, match="is a directory"):
+        plain.save_memory(tmp_path / "m")
+    # a missing block bank, one from another save, a damaged manifest: refused, memory kept
+    model.save_memory(tmp_path / "m2")
+    model.memorize("More text to remember, long enough to pass the sink tokens.", progress=False)
+    now = (len(model.memory.banks[0]), model.backbone_memory.lengths())
+    assert now[1][0] > held[0]
+    (tmp_path / "m2" / "backbone_block20.lsmb").unlink()
+    with pytest.raises(MemoryBankError, match="missing"):
+        model.load_memory(tmp_path / "m2")
+    model.save_memory(tmp_path / "m3")
+    (tmp_path / "m3" / "backbone_block20.lsmb").write_bytes((tmp_path / "m" / "backbone_block20.lsmb").read_bytes())
+    with pytest.raises(MemoryBankError, match="checksum"):
+        model.load_memory(tmp_path / "m3")
+    (tmp_path / "m3" / "memory.json").write_text("{not json")
+    with pytest.raises(MemoryBankError, match="corrupt"):
+        model.load_memory(tmp_path / "m3")
+    assert (len(model.memory.banks[0]), model.backbone_memory.lengths()) == now
 
 
 def test_chat_sessions_keep_the_block_banks(smollm2, tmp_path):
