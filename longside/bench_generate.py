@@ -5,7 +5,9 @@
 Rows (`results`): the dense fp32 backbone through transformers `generate`; transformers
 with bitsandbytes 4-bit NF4; longside (4-bit NF4 backbone through longside.kernels,
 side network, memory) with 0, 16k and 64k tokens in memory; longside on the fp32
-backbone without memory, to separate the kernel's effect from the side network's.
+backbone without memory, to separate the kernel's effect from the side network's. With
+`--backbone-memory BLOCKS` (e.g. 15-29), rows `longside-nf4+bm` time the same with
+backbone memory on in those blocks (its block banks filled from real text always).
 
 Each row runs in its own process (so `rss_mb` is that model's, not the sum of all rows):
 warm up, then time `generate` with 1 new token (the prefill) and with 1 + N new tokens
@@ -37,6 +39,7 @@ ROWS = [  # (name, memory tokens)
     ("longside-nf4", 16384),
     ("longside-nf4", 65536),
 ]
+BM_ROWS = [("longside-nf4+bm", 0), ("longside-nf4+bm", 16384), ("longside-nf4+bm", 65536)]
 QUICK_FILL = 4096
 
 
@@ -50,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=None, help="default 16 (quick) / 64")
     p.add_argument("--repeats", type=int, default=None, help="default 1 (quick) / 3")
     p.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
+    p.add_argument("--backbone-memory", metavar="BLOCKS",
+                   help="also time longside-nf4+bm rows: backbone memory in these blocks, e.g. 15-29")
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     p.add_argument("--memory-tokens", type=int, default=0, help=argparse.SUPPRESS)
     return p
@@ -64,8 +69,12 @@ def main(argv: list[str]) -> int:
         print(json.dumps(run_row(args)))
         return 0
     wanted = set(args.rows.split(",")) if args.rows else None
+    rows = ROWS + (BM_ROWS if args.backbone_memory else [])
+    if args.backbone_memory:
+        from longside.config import parse_blocks
+        parse_blocks(args.backbone_memory)  # a bad spec fails here, not in every row
     results = []
-    for name, mem in ROWS:
+    for name, mem in rows:
         if wanted and name not in wanted:
             continue
         print(f"[bench generate] {name} memory={mem} ...", file=sys.stderr, flush=True)
@@ -74,6 +83,7 @@ def main(argv: list[str]) -> int:
     report = {
         "benchmark": "generate", "quick": args.quick, "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": args.threads,
+        "backbone_memory": args.backbone_memory,
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "load_average_1m": os.getloadavg()[0]},
         "results": results, "summary": _summary(results),
@@ -92,6 +102,8 @@ def _spawn(args, name: str, mem: int) -> dict:
     cmd = [sys.executable, "-m", "longside.bench_generate", "--row", name, "--memory-tokens", str(mem),
            "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
            "--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
+    if name.endswith("+bm"):
+        cmd += ["--backbone-memory", args.backbone_memory]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -117,7 +129,9 @@ def _summary(results: list[dict]) -> dict:
         return round(a / b, 3) if a and b else None
 
     base, nf4 = speed("transformers-fp32"), speed("longside-nf4")
-    return {
+    bm = {f"decode_backbone_memory_{k}_over_without": ratio(speed("longside-nf4+bm", m), speed("longside-nf4", m))
+          for k, m in (("0", 0), ("16k", 16384), ("64k", 65536)) if speed("longside-nf4+bm", m)}
+    return {**bm,
         "decode_64k_memory_over_no_memory": ratio(speed("longside-nf4", 65536), nf4),
         "decode_16k_memory_over_no_memory": ratio(speed("longside-nf4", 16384), nf4),
         "decode_longside_nf4_over_transformers_fp32": ratio(nf4, base),
@@ -171,10 +185,10 @@ def run_row(args) -> dict:
         gen_fn, extra = _transformers_row(name)
         tok = extra.pop("tokenizer")
     elif name.startswith("longside"):
-        gen_fn, extra = _longside_row(name, mem, args.quick)
+        gen_fn, extra = _longside_row(name, mem, args.quick, args.backbone_memory)
         tok = extra.pop("tokenizer")
     else:
-        raise LongsideError(f"unknown row {name!r}; rows: {', '.join(n for n, _ in ROWS)}")
+        raise LongsideError(f"unknown row {name!r}; rows: {', '.join(sorted({n for n, _ in ROWS + BM_ROWS}))}")
     row.update(extra)
     # the prompt comes from later in the books than any memorized text
     ids, _ = _texts(max(mem, QUICK_FILL) + 2048 + P, tok)
@@ -213,18 +227,39 @@ def _transformers_row(name: str):
     return gen, {"tokenizer": tok, "backend": "transformers generate"}
 
 
-def _longside_row(name: str, mem: int, quick: bool):
+def _longside_row(name: str, mem: int, quick: bool, backbone_memory: str | None = None):
     from longside.loading import load_model
     from longside.memorize import encode_memory
 
-    model, note = load_model(quantize="nf4" if name.endswith("nf4") else None)
-    if model.config.backbone_memory_layers:  # the fill below writes the memory layer's bank only
-        raise LongsideError("bench generate times the shipped checkpoint without backbone memory; set "
-                            "backbone_memory_layers to [] in its side_config.json")
+    base, _, variant = name.partition("+")
+    model, note = load_model(quantize="nf4" if base.endswith("nf4") else None)
+    if variant == "bm":
+        from longside.config import parse_blocks
+
+        if not backbone_memory:
+            raise LongsideError(f"row {name} needs --backbone-memory BLOCKS")
+        model.use_backbone_memory(parse_blocks(backbone_memory))
+    elif model.config.backbone_memory_layers:  # the fill below writes the memory layer's bank only
+        raise LongsideError("bench generate times the shipped checkpoint without backbone memory in its "
+                            "plain rows; set backbone_memory_layers to [] in its side_config.json")
     tok = model.backbone.tokenizer
     extra = {"tokenizer": tok, "backend": "longside generate (incremental, side network + memory)",
-             "weights": "4-bit NF4 via longside.kernels.QuantLinear" if name.endswith("nf4") else "fp32"}
-    if mem:
+             "weights": "4-bit NF4 via longside.kernels.QuantLinear" if base.endswith("nf4") else "fp32"}
+    if variant == "bm":
+        extra["backbone_memory_layers"] = model.config.backbone_memory_layers
+    if mem and variant == "bm":  # block banks depend on what each block read: memorize for real
+        from longside.memorize import memorize_ids
+
+        model.init_memory(1)
+        real = min(mem, QUICK_FILL) if quick else mem
+        ids, source = _texts(real, tok)
+        ids = (ids * (mem // real + 1))[:mem]
+        t = time.perf_counter()
+        memorize_ids(model, ids)
+        extra["memorize_tokens_per_s"] = round(mem / (time.perf_counter() - t), 1)
+        extra["memory_fill"] = (f"{real} tokens of {source} memorized" if real == mem else
+                                f"{real} tokens of {source} memorized {mem / real:g} times over")
+    elif mem:
         import torch
 
         model.init_memory(1)

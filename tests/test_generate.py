@@ -315,3 +315,26 @@ def test_bench_generate_writes_the_schema(tmp_path):
     for r in rows:
         assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 and r["rss_mb"] > 0
     assert report["summary"]["decode_64k_memory_over_no_memory"] is not None
+
+
+def test_bench_generate_refuses_a_bad_block_spec_before_any_row():
+    from longside.bench_generate import main
+    from longside.errors import CheckpointError
+    with pytest.raises(CheckpointError, match="15-29"):
+        main(["--quick", "--rows", "longside-nf4+bm", "--backbone-memory", "29-15"])
+
+
+@pytest.mark.slow
+def test_bench_generate_times_backbone_memory_rows(tmp_path):
+    import json
+    from longside.bench_generate import main
+    out = tmp_path / "b.json"
+    assert main(["--quick", "--rows", "longside-nf4+bm", "--backbone-memory", "29", "--prompt-tokens", "16",
+                 "--new-tokens", "2", "--threads", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    assert [(r["model"], r["memory_tokens"]) for r in rows] == [("longside-nf4+bm", m) for m in (0, 16384, 65536)]
+    for r in rows:
+        assert r["decode_tokens_per_s"] > 0 and r["backbone_memory_layers"] == [29]
+    assert "65536" in rows[2]["memory_fill"] or "times over" in rows[2]["memory_fill"]
+    assert report["backbone_memory"] == "29"
