@@ -130,11 +130,11 @@ def prefix_logits(model, prefix: Sequence[int], continuations: Sequence[Sequence
     """Longside logits after `prefix` (>= 1 token) for each continuation, memory read
     but never written: per continuation `c` the float32 `[len(c) + 1, V]` logits of
     positions `len(prefix) - 1 ..`, i.e. the prediction of `c[0]` first and the one
-    after `c[-1]` last (only that last one, `[V]`, with `last_only`). `prefix + c` must
-    fit the model's window; the prefix is run once."""
+    after `c[-1]` last (only that last one, `[V]`, with `last_only`, where `prefix` may
+    be empty). `prefix + c` must fit the model's window; the prefix is run once."""
     from longside.window import LocalWindow
 
-    if not prefix:
+    if not prefix and not last_only:
         raise EvalError("an empty prefix cannot be scored against")
     if len(prefix) + max(map(len, continuations)) > model.config.window:
         raise EvalError(f"a prefix of {len(prefix)} tokens and continuations of up to "
@@ -142,7 +142,7 @@ def prefix_logits(model, prefix: Sequence[int], continuations: Sequence[Sequence
     window = LocalWindow(model, use_memory=use_memory, write_memory=False)
     if len(prefix) > 1:
         window.feed(torch.tensor([list(prefix[:-1])]))
-    return [window.fork().feed(torch.tensor([[prefix[-1], *c]]), all_logits=not last_only)[0]
+    return [window.fork().feed(torch.tensor([[*prefix[-1:], *c]]), all_logits=not last_only)[0]
             for c in continuations]
 
 
@@ -153,15 +153,15 @@ def backbone_prefix_logits(backbone: Backbone, prefix: Sequence[int], continuati
     prefix's key/value cache is computed once and copied per continuation."""
     import copy
 
-    if not prefix:
+    if not prefix and not last_only:
         raise EvalError("an empty prefix cannot be scored against")
     cache = None
     if len(prefix) > 1:
         cache = backbone.encode(torch.tensor([list(prefix[:-1])]), use_cache=True).cache
-    start = len(prefix) - 1
+    start = max(len(prefix) - 1, 0)
     out = []
     for c in continuations:
-        ids = torch.tensor([[prefix[-1], *c]])
+        ids = torch.tensor([[*prefix[-1:], *c]])
         pos = torch.arange(start, start + ids.shape[1]).unsqueeze(0)
         hidden = backbone.encode(ids, position_ids=pos, cache=copy.deepcopy(cache),
                                  use_cache=cache is not None).last_hidden[0]

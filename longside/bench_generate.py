@@ -70,6 +70,8 @@ def main(argv: list[str]) -> int:
         return 0
     wanted = set(args.rows.split(",")) if args.rows else None
     rows = ROWS + (BM_ROWS if args.backbone_memory else [])
+    if wanted and any(n.endswith("+bm") for n in wanted) and not args.backbone_memory:
+        raise LongsideError("rows longside-nf4+bm need --backbone-memory BLOCKS (e.g. 15-29)")
     if args.backbone_memory:
         from longside.config import parse_blocks
         parse_blocks(args.backbone_memory)  # a bad spec fails here, not in every row

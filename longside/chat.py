@@ -123,7 +123,7 @@ class ChatSession:
         a failure leaves any previous session at `path` as it was."""
         model = self.model
         bm = model.backbone_memory
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, marker=_MANIFEST) as tmp:
             model.memory.banks[0].save(tmp / _MEMORY)
             blocks = {}  # with backbone memory, each block's bank too
             for L, banks in (bm.banks.items() if bm is not None else ()):

@@ -141,7 +141,11 @@ def memorize_ids(model: "LongSideModel", ids, *, window: int | None = None, rows
         prepare_memory(model, 1)
     banks = model.memory.banks
     targets = list(range(len(banks))) if rows is None else list(rows)
+    if any(not 0 <= r < len(banks) for r in targets):
+        raise LongsideError(f"rows {targets} out of range: memory has {len(banks)} row(s)")
     W, layer = window or model.config.window, model.config.memory_layer
+    if not 1 <= W <= model.config.window:
+        raise LongsideError(f"memory segments of {W} tokens: must be 1..{model.config.window} (the model's window)")
     bm = model.backbone_memory
     # with backbone memory a segment's keys depend on what its row already holds, so each
     # row encodes it reading its own memory, as `LongSideModel.forward` would
@@ -204,7 +208,7 @@ def save_memory(model: "LongSideModel", path: str | os.PathLike, row: int = 0) -
         banks[row].save(path)
         return
     bm = model.backbone_memory
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, marker=_MANIFEST) as tmp:
         banks[row].save(tmp / _MAIN)
         files = {_MAIN: sha256_file(tmp / _MAIN)}
         for L in bm.layers:
@@ -228,10 +232,12 @@ def load_memory(model: "LongSideModel", path: str | os.PathLike, row: int = 0) -
     banks = model.memory.banks
     if not 0 <= row < len(banks):
         raise LongsideError(f"row {row} out of range: memory has {len(banks)} row(s)")
-    layers = model.config.backbone_memory_layers
+    layers = sorted(set(model.config.backbone_memory_layers))
+    if not path.exists():
+        raise MemoryBankError(f"no saved memory at {path}; check the path (save one with save_memory)")
     saved = _read_memory_manifest(path) if path.is_dir() else None
     saved_layers = saved["backbone_memory_layers"] if saved is not None else []
-    if sorted(saved_layers) != sorted(layers):
+    if sorted(set(saved_layers)) != layers:
         raise MemoryBankError(
             f"{path} was saved with backbone memory in blocks {saved_layers or 'none'}, but this model reads "
             f"{layers or 'none'}; load it into a model with the same blocks (model.use_backbone_memory(...) "
@@ -273,8 +279,8 @@ def _read_memory_manifest(path: Path) -> dict:
     except FileNotFoundError:
         raise MemoryBankError(f"{path} is a directory without {_MANIFEST}: not a memory saved by "
                               "save_memory") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise MemoryBankError(f"{path / _MANIFEST} is corrupt ({type(e).__name__}: {e}); memorize the "
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise MemoryBankError(f"{path / _MANIFEST} is corrupt or unreadable ({type(e).__name__}: {e}); memorize the "
                               "text again") from None
     if set(files) != {_MAIN, *(block_file(L) for L in layers)}:
         raise MemoryBankError(f"{path / _MANIFEST} does not list the files of its blocks {layers}; it is corrupt")

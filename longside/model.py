@@ -278,7 +278,7 @@ class LongSideModel(nn.Module):
 
         tensors = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous()
                    for k, v in self.side.state_dict().items()}
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, marker=_CONFIG) as tmp:
             save_file(tensors, str(tmp / _WEIGHTS), metadata={"format": "longside-side-v1"})
             self.config.to_json(tmp / _CONFIG)
 

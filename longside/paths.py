@@ -40,13 +40,23 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, marker: str | None = None) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; on success it replaces `path`.
 
     The old directory (if any) is moved aside first and deleted only after the new
-    one is in place, so readers never see a half-written directory under `path`.
+    one is in place, so readers never see a half-written directory under `path`. With
+    `marker`, an existing non-empty directory is replaced only if it holds a file of
+    that name (an earlier save of the same kind), so a wrong path cannot wipe other
+    data; a file at `path` is never replaced.
     """
+    from longside.errors import LongsideError
+
     path = Path(path)
+    if path.is_file() or path.is_symlink():
+        raise LongsideError(f"{path} is a file; save to a directory path instead (nothing was written)")
+    if marker is not None and path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
+        raise LongsideError(f"{path} is a directory that this save did not write (no {marker} in it); save "
+                            "to a new path (nothing was written or deleted)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
@@ -57,10 +67,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(path, old)
         os.replace(tmp, path)
         if old is not None:
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:  # a file of an older format was there
-                old.unlink(missing_ok=True)
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -208,6 +208,16 @@ def test_saved_memory_keeps_the_block_banks(smollm2, tmp_path):
         model.load_memory(tmp_path / "plain.lsmb")
     with pytest.raises(LongsideError, match="is a directory"):
         plain.save_memory(tmp_path / "m")
+    # a wrong path: nothing that is not an earlier memory save is ever replaced
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "notes.txt").write_text("keep me")
+    with pytest.raises(LongsideError, match="did not write"):
+        model.save_memory(tmp_path / "work")
+    with pytest.raises(LongsideError, match="is a file"):
+        model.save_memory(tmp_path / "work" / "notes.txt")
+    assert (tmp_path / "work" / "notes.txt").read_text() == "keep me"
+    with pytest.raises(MemoryBankError, match="no saved memory"):
+        model.load_memory(tmp_path / "nowhere")
     # a missing block bank, one from another save, a damaged manifest: refused, memory kept
     model.save_memory(tmp_path / "m2")
     model.memorize("More text to remember, long enough to pass the sink tokens.", progress=False)

@@ -73,6 +73,12 @@ def test_score_after_prefix_matches_backbone_and_restores_memory(small):
         assert a.logprob == pytest.approx(b.logprob, rel=1e-4, abs=1e-3)
         assert a.logprob < 0
     assert len(model.memory.banks[0]) == 0  # the helper leaves no memory behind
+    # an evaluation window below the model's: segments and context of that size
+    small_w = [common.score_after_prefix(model, prefix, cands, window=W // 2),
+               common.score_backbone(model.backbone, prefix, cands, context=W // 2)]
+    for a, b in zip(*small_w):
+        assert a.logprob == pytest.approx(b.logprob, rel=1e-4, abs=1e-3)
+    assert small_w[0][0].logprob != pytest.approx(with_mem[0].logprob, rel=1e-4)
     with pytest.raises(EvalError, match="no room"):
         common.score_after_prefix(model, prefix, [list(range(W))], window=W)
     with pytest.raises(EvalError, match="window"):
@@ -98,8 +104,14 @@ def test_prefix_logits_equal_one_forward(smollm2):
     for c, g in zip(conts, common.backbone_prefix_logits(model.backbone, prefix, conts)):
         torch.testing.assert_close(g, common.backbone_hidden_logits(model.backbone, prefix + c, 59), atol=1e-4,
                                    rtol=1e-5)
+    # no prefix at all (ICL with no demonstrations in the window): the last position only
+    for g, c in zip(common.prefix_logits(model, [], conts[:2], use_memory=True, last_only=True), conts):
+        torch.testing.assert_close(g, model(torch.tensor([c]), write_memory=False).logits[0, -1], atol=1e-4,
+                                   rtol=1e-5)
     with pytest.raises(EvalError, match="exceed the window"):
         common.prefix_logits(model, prefix, [list(range(W))], use_memory=True)
+    with pytest.raises(EvalError, match="empty prefix"):
+        common.backbone_prefix_logits(model.backbone, [], conts)
 
 
 def test_memorize_writes_what_forward_writes(smollm2):
