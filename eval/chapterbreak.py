@@ -141,6 +141,7 @@ def run(model, info: dict, config: ChapterBreakConfig, data=None) -> dict:
         for item in items:
             prefix, cands = item["prefix"], item["candidates"]
             got: dict[str, dict[int, dict]] = {r: {} for r in rows}
+            encoded: dict = {}  # prefix lengths a window apart share their memory segments
             # each candidate without a prefix, once per model (pmi's baseline); both longside
             # rows share theirs, so pmi compares them on the prefix alone
             if want & {"local", "native"}:
@@ -165,7 +166,8 @@ def run(model, info: dict, config: ChapterBreakConfig, data=None) -> dict:
                                                                         context=native), base_bb)
                     if "memory" in want:
                         got[names["memory"]][L] = _picks(score_after_prefix(model, prefix[-L:], cands,
-                                                                            window=window), base_ls)
+                                                                            window=window, encoded=encoded),
+                                                         base_ls)
                 bar.update(2)
             picks.append(got)
 

@@ -116,13 +116,13 @@ def _continuation(logits: torch.Tensor, targets: torch.Tensor) -> Continuation:
     return Continuation(float(picked.sum()), len(targets), bool((logits.argmax(-1) == targets).all()))
 
 
-def memorize(model, ids: Sequence[int], window: int) -> int:
+def memorize(model, ids: Sequence[int], window: int, encoded: dict | None = None) -> int:
     """Write `ids` into the model's memory in window-sized segments, oldest first (what
     `model(segment)` would write, computed by the backbone alone). Returns the number of
-    segments written."""
+    segments written. `encoded`: see `longside.memorize.memorize_ids`."""
     from longside.memorize import memorize_ids
 
-    return memorize_ids(model, ids, window=window)
+    return memorize_ids(model, ids, window=window, encoded=encoded)
 
 
 def prefix_logits(model, prefix: Sequence[int], continuations: Sequence[Sequence[int]], *,
@@ -174,12 +174,13 @@ def backbone_prefix_logits(backbone: Backbone, prefix: Sequence[int], continuati
 
 
 def score_after_prefix(model, prefix: Sequence[int], candidates: Sequence[Sequence[int]], *,
-                       window: int, use_memory: bool = True) -> list[Continuation]:
+                       window: int, use_memory: bool = True, encoded: dict | None = None) -> list[Continuation]:
     """Score each candidate after `prefix` with a longside model.
 
     The last `window - len(longest candidate)` prefix tokens stay local; with
     `use_memory`, everything before them is written to a freshly reset memory first.
-    Without it the earlier prefix is simply not seen (the "memory off" row).
+    Without it the earlier prefix is simply not seen (the "memory off" row). Calls on
+    suffixes of one text that share `encoded` (a dict) encode each segment once.
     """
     longest = max(len(c) for c in candidates)
     local_len = window - longest
@@ -190,7 +191,7 @@ def score_after_prefix(model, prefix: Sequence[int], candidates: Sequence[Sequen
     local = list(prefix[split:])
     model.reset_memory()
     if use_memory:
-        memorize(model, prefix[:split], window)
+        memorize(model, prefix[:split], window, encoded)
     logits = prefix_logits(model, local, candidates, use_memory=use_memory)
     model.reset_memory()
     return [_continuation(lg[:-1], torch.tensor(list(c))) for lg, c in zip(logits, candidates)]

@@ -129,12 +129,16 @@ def memorize(model: "LongSideModel", source, *, row: int | None = None, progress
 
 
 def memorize_ids(model: "LongSideModel", ids, *, window: int | None = None, rows: list[int] | None = None,
-                 bar=None) -> int:
+                 bar=None, encoded: dict | None = None) -> int:
     """Write token ids `ids` (a sequence of ints) into the memory of `rows` (every row
     when None) in segments of `window` tokens (default `model.config.window`), oldest
     first; returns the number of segments. What is written equals what
     `LongSideModel.forward` writes for the same segments, at the cost of the backbone up
-    to the memory's deepest layer only. `bar`: a tqdm bar advanced by tokens written."""
+    to the memory's deepest layer only. `bar`: a tqdm bar advanced by tokens written.
+
+    `encoded`: a dict the caller keeps to reuse encodings of identical segments across
+    calls (a segment's keys depend on its tokens alone; not used with backbone memory,
+    whose keys also depend on what the row already holds)."""
     from longside.window import prepare_memory
 
     if model._memory is None:
@@ -155,7 +159,13 @@ def memorize_ids(model: "LongSideModel", ids, *, window: int | None = None, rows
         seg = torch.tensor([list(ids[a:a + W])], dtype=torch.long)
         for group in groups:
             if bm is None:
-                k, v, h = encode_memory(model.backbone, seg, layer, model.token_layer)
+                key = tuple(seg[0].tolist()) if encoded is not None else None
+                if key is not None and key in encoded:
+                    k, v, h = encoded[key]
+                else:
+                    k, v, h = encode_memory(model.backbone, seg, layer, model.token_layer)
+                    if key is not None:
+                        encoded[key] = (k, v, h)
             else:
                 part = bm.segment(group)  # its own: an open window's segment is untouched
                 with bm.attach(part, read=True):

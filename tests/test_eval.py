@@ -132,6 +132,15 @@ def test_memorize_writes_what_forward_writes(smollm2):
         model(torch.tensor([ids[a:a + W]]), return_logits=False)
     assert fast[0] == len(ids)
     torch.testing.assert_close(fast, contents(), atol=1e-4, rtol=1e-5)
+    # suffixes of one text a window apart share segments: each is encoded once, same memory
+    encoded: dict = {}
+    model.reset_memory()
+    common.memorize(model, ids[W:], W, encoded)
+    assert len(encoded) == math.ceil((len(ids) - W) / W)
+    model.reset_memory()
+    common.memorize(model, ids, W, encoded)
+    assert len(encoded) == math.ceil(len(ids) / W)  # only the first segment was new
+    torch.testing.assert_close(contents(), fast, atol=1e-4, rtol=1e-5)
 
 
 # -- perplexity ---------------------------------------------------------------------------
