@@ -165,10 +165,7 @@ def backbone_prefix_logits(backbone: Backbone, prefix: Sequence[int], continuati
         pos = torch.arange(start, start + ids.shape[1]).unsqueeze(0)
         hidden = backbone.encode(ids, position_ids=pos, cache=copy.deepcopy(cache),
                                  use_cache=cache is not None).last_hidden[0]
-        if last_only:
-            hidden = hidden[-1:]
-        with torch.no_grad():
-            logits = torch.cat([backbone.lm_head(hidden[i:i + block]) for i in range(0, len(hidden), block)])
+        logits = _lm_head(backbone, hidden[-1:] if last_only else hidden, block)
         out.append(logits[-1] if last_only else logits)
     return out
 
@@ -200,8 +197,11 @@ def score_after_prefix(model, prefix: Sequence[int], candidates: Sequence[Sequen
 def backbone_hidden_logits(backbone: Backbone, ids: Sequence[int], start: int, block: int = 1024) -> torch.Tensor:
     """Bare-backbone logits `[len(ids) - start, V]` for positions `start..end` of `ids`,
     computed in blocks so an 8k context never holds all 8k x V logits at once."""
-    out = backbone.encode(torch.tensor([list(ids)]))
-    hidden = out.last_hidden[0, start:]
+    return _lm_head(backbone, backbone.encode(torch.tensor([list(ids)])).last_hidden[0, start:], block)
+
+
+def _lm_head(backbone: Backbone, hidden: torch.Tensor, block: int) -> torch.Tensor:
+    """Final states `[T, d]` -> logits `[T, V]`, `block` rows at a time."""
     with torch.no_grad():
         return torch.cat([backbone.lm_head(hidden[i:i + block]) for i in range(0, len(hidden), block)])
 

@@ -108,15 +108,7 @@ def memorize(model: "LongSideModel", source, *, row: int | None = None, progress
     the number of tokens written. The local window of an ongoing generation or chat is
     not touched: memorized text sits in memory, before whatever the window holds.
     """
-    from longside.window import prepare_memory
-
-    if model._memory is None:
-        prepare_memory(model, 1)
-    banks = model.memory.banks
-    if row is not None and not 0 <= row < len(banks):
-        raise LongsideError(f"row {row} out of range: memory has {len(banks)} row(s); "
-                            f"call model.init_memory(batch_size) first")
-    targets = list(range(len(banks))) if row is None else [row]
+    targets = _target_rows(model, None if row is None else [row])
     texts = [(name, tokenize(model.backbone.tokenizer, text)) for name, text in read_texts(source)]
     total = sum(len(ids) for _, ids in texts)
     if total == 0:
@@ -139,14 +131,8 @@ def memorize_ids(model: "LongSideModel", ids, *, window: int | None = None, rows
     `encoded`: a dict the caller keeps to reuse encodings of identical segments across
     calls (a segment's keys depend on its tokens alone; not used with backbone memory,
     whose keys also depend on what the row already holds)."""
-    from longside.window import prepare_memory
-
-    if model._memory is None:
-        prepare_memory(model, 1)
+    targets = _target_rows(model, rows)
     banks = model.memory.banks
-    targets = list(range(len(banks))) if rows is None else list(rows)
-    if any(not 0 <= r < len(banks) for r in targets):
-        raise LongsideError(f"rows {targets} out of range: memory has {len(banks)} row(s)")
     W, layer = window or model.config.window, model.config.memory_layer
     if not 1 <= W <= model.config.window:
         raise LongsideError(f"memory segments of {W} tokens: must be 1..{model.config.window} (the model's window)")
@@ -180,6 +166,21 @@ def memorize_ids(model: "LongSideModel", ids, *, window: int | None = None, rows
         if bar is not None:
             bar.update(seg.shape[1])
     return n
+
+
+def _target_rows(model: "LongSideModel", rows: list[int] | None) -> list[int]:
+    """The memory rows to write (every row when None), memory made first if missing."""
+    from longside.window import prepare_memory
+
+    if model._memory is None:
+        prepare_memory(model, 1)
+    n = len(model.memory.banks)
+    targets = list(range(n)) if rows is None else list(rows)
+    bad = [r for r in targets if not 0 <= r < n]
+    if bad:
+        raise LongsideError(f"row {bad[0]} out of range: memory has {n} row(s); "
+                            f"call model.init_memory(batch_size) first")
+    return targets
 
 
 def init_memory(model: "LongSideModel", batch_size: int = 1) -> None:
