@@ -1,8 +1,10 @@
 """`longside eval ppl`: perplexity of long held-out books, streamed in segments.
 
-Each book is read once per row, in window-sized segments in order. Every token but the
-first is scored exactly once in every row (the last position of a segment predicts the
-first token of the next one), so rows are comparable token for token. Rows:
+Each book is read in window-sized segments in order, by all the local-window rows
+together: the backbone runs once per segment and every row reads its output (a row with
+backbone memory runs its own). Every token but the first is scored exactly once in every
+row (the last position of a segment predicts the first token of the next one), so rows
+are comparable token for token. Rows:
 
 - `backbone@W`: the bare backbone, each segment on its own (what longside sees locally).
 - `backbone@native`: the bare backbone at its native context (8k for SmolLM2), sliding
@@ -26,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from longside.eval.common import (EvalError, backbone_hidden_logits, book_chapters, eval_window, load_book_data, pyplot,
-                         report, save_figure, title_of, with_capacity)
+from longside.eval.common import (EvalError, _lm_head, backbone_hidden_logits, book_chapters, eval_window,
+                                  load_book_data, pyplot, report, save_figure, title_of, with_capacity)
 
 
 # the rows, in order: bare backbone at the local window and at its native context,
@@ -55,16 +57,31 @@ class PplConfig:
         return cls(window=256, memory_tokens=(512,), buckets=(0, 256, 512), max_tokens=1024, max_books=1)
 
 
-def _segmented_nll(tokens: torch.Tensor, window: int, logits_of, bar) -> torch.Tensor:
-    """NLL of tokens 1..N-1 (entry i is token i+1), reading the book in window-sized segments
-    in order; `logits_of(segment [1, T]) -> [T, V]` may keep state (memory) between calls."""
+def _segmented_nll(tokens: torch.Tensor, window: int, backbone, models: list, memory_layer: int,
+                   bar) -> list[torch.Tensor]:
+    """NLL of tokens 1..N-1 (entry i is token i+1) for each of `models`, reading the book in
+    window-sized segments in order. `models` holds `(longside model, memory on)` pairs, or
+    None for the bare backbone over the segment alone; every model reads segment s before
+    any reads s+1, so the backbone runs once per segment for all of them (not for a model
+    with backbone memory, whose blocks read its own memory). Memories are reset first."""
     n = len(tokens)
-    nll = torch.empty(n - 1)
+    nll = [torch.empty(n - 1) for _ in models]
+    for row in models:
+        if row is not None:
+            row[0].reset_memory()  # every book starts with an empty memory
     for a in range(0, n - 1, window):
-        seg = tokens[a:a + window]
-        targets = tokens[a + 1:a + 1 + len(seg)]
-        logits = logits_of(seg[None])
-        nll[a:a + len(targets)] = F.cross_entropy(logits[:len(targets)].float(), targets, reduction="none")
+        seg = tokens[a:a + window][None]
+        targets = tokens[a + 1:a + 1 + seg.shape[1]]
+        shared = backbone.encode(seg, memory_layer=memory_layer)
+        for i, row in enumerate(models):
+            if row is None:
+                logits = _lm_head(backbone, shared.last_hidden[0], 1024)
+            else:
+                m, memory = row
+                with torch.no_grad():
+                    logits = m(seg, use_memory=memory, write_memory=memory,
+                               encoded=shared if m.backbone_memory is None else None).logits[0]
+            nll[i][a:a + len(targets)] = F.cross_entropy(logits[:len(targets)].float(), targets, reduction="none")
         bar.update(1)
     return nll
 
@@ -81,14 +98,6 @@ def _strided_nll(backbone, tokens: torch.Tensor, context: int, stride: int, bar)
         nll[t0 - 1:t1 - 1] = F.cross_entropy(logits.float(), tokens[t0:t1], reduction="none")
         bar.update(1)
     return nll
-
-
-def _longside_logits(model, memory: bool):
-    """Segment -> logits of a longside model that reads, then writes, memory when `memory`."""
-    def logits_of(seg: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return model(seg, use_memory=memory, write_memory=memory).logits[0]
-    return logits_of
 
 
 def _buckets(nll: torch.Tensor, edges: tuple[int, ...]) -> list[dict]:
@@ -145,25 +154,27 @@ def run(model, info: dict, config: PplConfig, data=None) -> dict:
 
     results: dict = {"rows": {}, "books": [{"title": t, "tokens": len(ids)} for t, ids in streams],
                      "tokens_scored": sum(len(ids) - 1 for _, ids in streams)}
-    for name, desc, m, memory in rows:
-        native = "stride" in desc
-        per_book, totals = {}, None
-        steps = sum(math.ceil((len(ids) - 1) / (stride if native else window)) for _, ids in streams)
-        with tqdm(total=steps, desc=f"ppl {name}", unit="seg", leave=False) as bar:
-            for title, ids in streams:
-                if native:
-                    nll = _strided_nll(backbone, ids, context, stride, bar)
-                elif m is None:
-                    nll = _segmented_nll(ids, window, lambda seg: backbone_hidden_logits(
-                        backbone, seg[0].tolist(), 0), bar)
-                else:
-                    m.reset_memory()  # every book starts with an empty memory
-                    nll = _segmented_nll(ids, window, _longside_logits(m, memory), bar)
-                per_book[title] = _ppl(float(nll.sum()), len(nll))
-                b = _buckets(nll, config.buckets)
-                totals = b if totals is None else [
-                    {**t, "nll_sum": t["nll_sum"] + x["nll_sum"], "n_tokens": t["n_tokens"] + x["n_tokens"]}
-                    for t, x in zip(totals, b)]
+    nll: dict[str, list[torch.Tensor]] = {name: [] for name, *_ in rows}  # per row, one tensor per book
+    native = [name for name, desc, *_ in rows if "stride" in desc]
+    if native:
+        steps = sum(math.ceil((len(ids) - 1) / stride) for _, ids in streams)
+        with tqdm(total=steps, desc=f"ppl {native[0]}", unit="seg", leave=False) as bar:
+            nll[native[0]] = [_strided_nll(backbone, ids, context, stride, bar) for _, ids in streams]
+    segmented = [(name, None if m is None else (m, memory)) for name, desc, m, memory in rows if name not in native]
+    if segmented:
+        steps = sum(math.ceil((len(ids) - 1) / window) for _, ids in streams)
+        with tqdm(total=steps, desc=f"ppl {len(segmented)} rows at the local window", unit="seg",
+                  leave=False) as bar:
+            for _, ids in streams:
+                per_row = _segmented_nll(ids, window, backbone, [r for _, r in segmented],
+                                         model.config.memory_layer, bar)
+                for (name, _), x in zip(segmented, per_row):
+                    nll[name].append(x)
+    for name, desc, *_ in rows:
+        per_book = {title: _ppl(float(x.sum()), len(x)) for (title, _), x in zip(streams, nll[name])}
+        totals = [_buckets(x, config.buckets) for x in nll[name]]
+        totals = [{"lo": b[0]["lo"], "hi": b[0]["hi"], "nll_sum": sum(x["nll_sum"] for x in b),
+                   "n_tokens": sum(x["n_tokens"] for x in b)} for b in zip(*totals)]
         nll_sum = sum(t["nll_sum"] for t in totals)
         n = sum(t["n_tokens"] for t in totals)
         results["rows"][name] = {**desc, "ppl": _ppl(nll_sum, n), "n_tokens": n, "per_book": per_book,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longside.backbone import Backbone, load_backbone
+from longside.backbone import Backbone, BackboneOutput, load_backbone
 from longside.config import SideNetConfig
 from longside.errors import CheckpointError, LongsideError
 from longside.paths import atomic_dir
@@ -180,10 +180,14 @@ class LongSideModel(nn.Module):
 
     # -- forward -----------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
-                use_memory: bool = True, write_memory: bool = True, return_logits: bool = True) -> LongSideOutput:
+                use_memory: bool = True, write_memory: bool = True, return_logits: bool = True,
+                encoded: BackboneOutput | None = None) -> LongSideOutput:
         """One segment `input_ids [B, T]` (T <= window): read memory, predict, write the segment.
 
-        The segment never retrieves itself: it is written after it is read."""
+        The segment never retrieves itself: it is written after it is read. `encoded`: the
+        `encode(input_ids)` of these ids, made once and shared by several models reading the
+        same segment (e.g. one per memory capacity); not with backbone memory, whose blocks
+        read this model's own memory."""
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise LongsideError(f"input_ids must be a non-empty [batch, tokens] tensor, got {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -195,7 +199,13 @@ class LongSideModel(nn.Module):
                 raise LongsideError(f"memory holds sequences for batch size {self._memory_batch}, got {B}; "
                                     "call reset_memory() or keep the batch size")
             self._make_memory(B)
-        out, h, tok_keys, hits = self._read(input_ids, use_memory)
+        if encoded is not None and self._backbone_memory is not None:
+            raise LongsideError("a shared `encoded` segment cannot be used with backbone memory: its blocks "
+                                "read this model's own memory; leave encoded=None")
+        if encoded is not None and (encoded.memory_keys is None or encoded.last_hidden.shape[:2] != (B, T)):
+            raise LongsideError("`encoded` must be `model.encode(input_ids)` of these very ids "
+                                f"([{B}, {T}] tokens, with the memory layer's keys)")
+        out, h, tok_keys, hits = self._read(input_ids, use_memory, encoded)
         loss, n = None, 0
         logits = None
         if labels is not None:
@@ -206,12 +216,14 @@ class LongSideModel(nn.Module):
             self._write(out, input_ids, tok_keys)
         return LongSideOutput(logits=logits, loss=loss, n_tokens=n)
 
-    def _read(self, input_ids: torch.Tensor, use_memory: bool):
-        """Backbone, memory read and side network over one segment -> (BackboneOutput,
-        final states `h [B, T, d]`, token-cache keys `[B, T, d]` or None, token-cache hits
-        or None). Nothing is written."""
+    def _read(self, input_ids: torch.Tensor, use_memory: bool, encoded: BackboneOutput | None = None):
+        """Backbone (unless `encoded` is given), memory read and side network over one
+        segment -> (BackboneOutput, final states `h [B, T, d]`, token-cache keys `[B, T, d]`
+        or None, token-cache hits or None). Nothing is written."""
         layer = self.config.memory_layer
-        if self.feature_cache is not None:
+        if encoded is not None:
+            out = encoded
+        elif self.feature_cache is not None:
             out = self.feature_cache.encode(input_ids)
         else:
             out = self.encode(input_ids, use_memory)

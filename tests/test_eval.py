@@ -173,6 +173,51 @@ def test_ppl_report(ppl_report, tmp_path):
     _png(tmp_path / "ppl.png")
 
 
+def test_ppl_shares_one_backbone_pass_with_the_same_scores(smollm2):
+    # the shipped side network (memory reads change its logits), three rows reading each
+    # segment's shared encoding against each row run alone, as before the sharing
+    from longside.data import load_books
+    import torch.nn.functional as F
+
+    model = LongSideModel.from_pretrained(backbone=smollm2).eval()
+    book = load_books("test")[0]
+    ids = torch.tensor([t for ch in common.book_chapters(smollm2.tokenizer, book) for t in ch][:3 * W + 1])
+    rows = [None, (model, False), (common.with_capacity(model, 2 * W), True)]
+
+    class Bar:
+        def update(self, n):
+            pass
+
+    shared = ppl._segmented_nll(ids, W, smollm2, rows, model.config.memory_layer, Bar())
+    alone = rows[2][0]
+    alone.reset_memory()
+    nll = []
+    with torch.no_grad():
+        for a in range(0, len(ids) - 1, W):
+            seg = ids[a:a + W][None]
+            nll.append(F.cross_entropy(alone(seg).logits[0][:len(ids[a + 1:a + 1 + W])], ids[a + 1:a + 1 + W],
+                                       reduction="none"))
+    torch.testing.assert_close(shared[2], torch.cat(nll), atol=1e-4, rtol=1e-4)
+    assert (shared[2][W:] - shared[1][W:]).abs().max() > 1e-3  # memory was read
+    bare = common.backbone_hidden_logits(smollm2, ids[:W].tolist(), 0)
+    torch.testing.assert_close(shared[0][:W - 1], F.cross_entropy(bare[:W - 1], ids[1:W], reduction="none"))
+
+
+def test_forward_refuses_an_encoding_it_cannot_use(smollm2):
+    from longside.errors import LongsideError
+
+    model = LongSideModel(smollm2, SideNetConfig(window=W, token_cache=False))
+    seg = torch.arange(10, 30)[None]
+    other = smollm2.encode(torch.arange(10, 25)[None], memory_layer=model.config.memory_layer)
+    with pytest.raises(LongsideError, match="very ids"):
+        model(seg, encoded=other)
+    with pytest.raises(LongsideError, match="very ids"):
+        model(seg, encoded=smollm2.encode(seg))  # no memory-layer keys
+    bm = LongSideModel(smollm2, SideNetConfig(window=W, token_cache=False, backbone_memory_layers=[20]))
+    with pytest.raises(LongsideError, match="backbone memory"):
+        bm(seg, encoded=smollm2.encode(seg, memory_layer=model.config.memory_layer))
+
+
 def test_ppl_rejects_bad_buckets(small):
     model, info = small
     with pytest.raises(EvalError, match="buckets"):
