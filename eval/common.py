@@ -25,6 +25,7 @@ import torch
 
 from longside.backbone import Backbone
 from longside.errors import LongsideError
+from longside.paths import atomic_file
 
 
 class EvalError(LongsideError):
@@ -290,9 +291,10 @@ def report(evaluation: str, config: Any, info: dict, data: Any, results: dict, s
 
 
 def write_json(result: dict, path: str | Path) -> Path:
+    """Write `result` as JSON to `path`, atomically: an earlier file survives a crash."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1, sort_keys=False) + "\n")
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(result, indent=1, sort_keys=False) + "\n")
     return path
 
 

@@ -20,16 +20,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from longside.eval.common import (EvalError, _lm_head, backbone_hidden_logits, book_chapters, eval_window,
-                                  load_book_data, pyplot, report, save_figure, title_of, with_capacity)
+from longside.eval.common import (EvalError, _lm_head, backbone_hidden_logits, book_chapters, eval_window, git_commit,
+                                  load_book_data, pyplot, report, save_figure, title_of, with_capacity, write_json)
 
 
 # the rows, in order: bare backbone at the local window and at its native context,
@@ -51,6 +53,9 @@ class PplConfig:
     max_books: int | None = None
     seed: int = 0  # recorded only: this evaluation draws nothing at random
     rows: tuple[str, ...] = ROW_KINDS  # which rows to score (see ROW_KINDS)
+    # a JSON file keeping each finished book's scores: a run that stops (or covers only
+    # `max_books`) continues where it left off when given the same file again
+    resume: str | None = None
 
     @classmethod
     def quick(cls) -> "PplConfig":
@@ -115,6 +120,24 @@ def _ppl(nll_sum: float, n: int) -> float | None:
     return math.exp(nll_sum / n) if n else None
 
 
+def _load_resume(path: str | None, identity: dict) -> dict:
+    """Finished books `{title: {"tokens", "git_commit", "elapsed_s", "rows": {row: buckets}}}`
+    kept in the resume file `path` (empty when there is none yet); refuses a file written
+    for another configuration, model, data or set of rows."""
+    if path is None or not Path(path).exists():
+        return {}
+    try:
+        kept = json.loads(Path(path).read_text())
+        books, have = kept["books"], kept["identity"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EvalError(f"resume file {path} is unreadable ({e}); move it away to start afresh") from e
+    if json.loads(json.dumps(identity)) != have:
+        diff = sorted(k for k in identity if json.loads(json.dumps(identity[k])) != have.get(k))
+        raise EvalError(f"resume file {path} was written for another run (different {', '.join(diff)}); "
+                        "give another --resume path, or the same options as that run")
+    return books
+
+
 def run(model, info: dict, config: PplConfig, data=None) -> dict:
     """Run the perplexity evaluation; returns the report (see module docstring)."""
     started = time.time()
@@ -152,35 +175,47 @@ def run(model, info: dict, config: PplConfig, data=None) -> dict:
         rows.append((f"longside memory {cap}", {"kind": "longside", "context": window, "memory_tokens": cap},
                      with_capacity(model, cap), True))
 
-    results: dict = {"rows": {}, "books": [{"title": t, "tokens": len(ids)} for t, ids in streams],
-                     "tokens_scored": sum(len(ids) - 1 for _, ids in streams)}
-    nll: dict[str, list[torch.Tensor]] = {name: [] for name, *_ in rows}  # per row, one tensor per book
+    cfg = dataclasses.replace(config, window=window, native_context=context, native_stride=stride)
+    identity = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("max_books", "resume")},
+                "side_state_hash": info["side_state_hash"], "backbone_fingerprint": info["backbone_fingerprint"],
+                "backbone_memory_layers": model.config.backbone_memory_layers, "data": data_id,
+                "rows": [name for name, *_ in rows]}
+    done = _load_resume(config.resume, identity)
     native = [name for name, desc, *_ in rows if "stride" in desc]
-    if native:
-        steps = sum(math.ceil((len(ids) - 1) / stride) for _, ids in streams)
-        with tqdm(total=steps, desc=f"ppl {native[0]}", unit="seg", leave=False) as bar:
-            nll[native[0]] = [_strided_nll(backbone, ids, context, stride, bar) for _, ids in streams]
     segmented = [(name, None if m is None else (m, memory)) for name, desc, m, memory in rows if name not in native]
-    if segmented:
-        steps = sum(math.ceil((len(ids) - 1) / window) for _, ids in streams)
-        with tqdm(total=steps, desc=f"ppl {len(segmented)} rows at the local window", unit="seg",
-                  leave=False) as bar:
-            for _, ids in streams:
+    todo = [(t, ids) for t, ids in streams if t not in done]
+    steps = sum(math.ceil((len(ids) - 1) / stride) * bool(native) + math.ceil((len(ids) - 1) / window) * bool(segmented)
+                for _, ids in todo)
+    with tqdm(total=steps, desc="ppl", unit="seg") as bar:
+        for title, ids in todo:
+            t0 = time.time()
+            bar.set_postfix_str(title)
+            nll = {}
+            if native:
+                nll[native[0]] = _strided_nll(backbone, ids, context, stride, bar)
+            if segmented:
                 per_row = _segmented_nll(ids, window, backbone, [r for _, r in segmented],
                                          model.config.memory_layer, bar)
-                for (name, _), x in zip(segmented, per_row):
-                    nll[name].append(x)
+                nll.update({name: x for (name, _), x in zip(segmented, per_row)})
+            done[title] = {"tokens": len(ids), "git_commit": git_commit(), "elapsed_s": round(time.time() - t0, 1),
+                           "rows": {name: _buckets(nll[name], config.buckets) for name, *_ in rows}}
+            if config.resume:
+                write_json({"identity": identity, "books": done}, config.resume)
+
+    results: dict = {"rows": {}, "books": [{"title": t, "tokens": len(ids), "git_commit": done[t]["git_commit"],
+                                            "elapsed_s": done[t]["elapsed_s"]} for t, ids in streams],
+                     "tokens_scored": sum(len(ids) - 1 for _, ids in streams)}
     for name, desc, *_ in rows:
-        per_book = {title: _ppl(float(x.sum()), len(x)) for (title, _), x in zip(streams, nll[name])}
-        totals = [_buckets(x, config.buckets) for x in nll[name]]
+        books_b = [done[t]["rows"][name] for t, _ in streams]
+        per_book = {t: _ppl(sum(x["nll_sum"] for x in b), sum(x["n_tokens"] for x in b))
+                    for (t, _), b in zip(streams, books_b)}
         totals = [{"lo": b[0]["lo"], "hi": b[0]["hi"], "nll_sum": sum(x["nll_sum"] for x in b),
-                   "n_tokens": sum(x["n_tokens"] for x in b)} for b in zip(*totals)]
+                   "n_tokens": sum(x["n_tokens"] for x in b)} for b in zip(*books_b)]
         nll_sum = sum(t["nll_sum"] for t in totals)
         n = sum(t["n_tokens"] for t in totals)
         results["rows"][name] = {**desc, "ppl": _ppl(nll_sum, n), "n_tokens": n, "per_book": per_book,
                                  "buckets": [{"lo": t["lo"], "hi": t["hi"], "n_tokens": t["n_tokens"],
                                               "ppl": _ppl(t["nll_sum"], t["n_tokens"])} for t in totals]}
-    cfg = dataclasses.replace(config, window=window, native_context=context, native_stride=stride)
     return report("ppl", cfg, info, {"books": data_id, "titles": [t for t, _ in streams]}, results, started)
 
 
@@ -207,6 +242,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-books", type=int)
     p.add_argument("--native-context", type=int, help="bare backbone long context (default: its max positions)")
     p.add_argument("--native-stride", type=int, help="tokens scored per long-context forward (default: half)")
+    p.add_argument("--resume", metavar="PATH", help="keep each finished book's scores in this JSON file, and skip "
+                   "the books it already holds (same options, model and data): a long run can stop and go on later")
     p.add_argument("--rows", nargs="+", choices=ROW_KINDS, help="rows to score (default all: the bare backbone "
                    "at the local window and at its native context, longside with memory off and on)")
 

@@ -218,6 +218,32 @@ def test_forward_refuses_an_encoding_it_cannot_use(smollm2):
         bm(seg, encoded=smollm2.encode(seg, memory_layer=model.config.memory_layer))
 
 
+def test_ppl_resumes_from_the_books_it_kept(small, tmp_path, monkeypatch):
+    model, info = small
+    path = tmp_path / "kept.json"
+    config = ppl.PplConfig(window=W, memory_tokens=(256,), buckets=(0, 128), max_tokens=300, max_books=1,
+                           native_context=256, native_stride=128, resume=str(path))
+    first = ppl.run(model, info, config)["results"]
+    assert list(json.loads(path.read_text())["books"]) == [first["books"][0]["title"]]
+    read = []
+    real = ppl._segmented_nll
+    monkeypatch.setattr(ppl, "_segmented_nll", lambda tokens, *a: read.append(len(tokens)) or real(tokens, *a))
+    both = ppl.run(model, info, dataclasses.replace(config, max_books=2))["results"]
+    assert len(read) == 1 and len(both["books"]) == 2  # only the second book was scored
+    assert both["books"][0] == first["books"][0]
+    fresh = ppl.run(model, info, dataclasses.replace(config, max_books=2, resume=None))["results"]
+    for name, row in fresh["rows"].items():
+        assert both["rows"][name]["ppl"] == pytest.approx(row["ppl"], rel=1e-6)
+        assert both["rows"][name]["per_book"] == pytest.approx(row["per_book"], rel=1e-6)
+    kept = path.read_text()
+    with pytest.raises(EvalError, match="another run.*config"):
+        ppl.run(model, info, dataclasses.replace(config, max_tokens=200))
+    path.write_text(kept[:40])
+    with pytest.raises(EvalError, match="unreadable"):
+        ppl.run(model, info, config)
+    assert path.read_text() == kept[:40]  # a refused file is left as it was
+
+
 def test_ppl_rejects_bad_buckets(small):
     model, info = small
     with pytest.raises(EvalError, match="buckets"):
