@@ -138,19 +138,25 @@ class TokenCacheReader(nn.Module):
         """logits `[N, V]`, hits with leading dim N -> logits `[N, V]` float32 of the mixed
         distribution, offset so that they equal the input logits wherever memory is
         silent (no neighbour, no match): samplers and logit processors (repetition
-        penalty, ...) then behave exactly as on the backbone's logits."""
+        penalty, ...) then behave exactly as on the backbone's logits.
+
+        Only the k + c tokens that received a vote are computed in full (as `log_prob`
+        does for a target); every other token keeps the model's share, log pi_model + its
+        log-probability, without a dense `[N, V]` vote tensor."""
         logits = logits.float()
         lse = logits.logsumexp(-1, keepdim=True)
         lp = logits - lse
         ent = -(lp.exp() * lp).sum(-1)
         log_pi, wk, wc = self._mixture(hits, ent, lp.max(-1).values)
-        terms = [log_pi[:, :1] + lp]
+        voted = torch.cat([hits.nxt, hits.copy_nxt], -1).clamp_min(0)  # [N, k + c], padding -> token 0, weight 0
+        terms = [log_pi[:, :1] + lp.gather(1, voted)]
         for j, (w, nxt) in enumerate(((wk, hits.nxt), (wc, hits.copy_nxt)), 1):
             if w.shape[-1]:
-                votes = torch.zeros_like(lp).scatter_add_(1, nxt.clamp_min(0), w)
-                terms.append(log_pi[:, j:j + 1] + votes.clamp_min(1e-30).log())
-        mixed = torch.stack(terms).logsumexp(0)
-        return torch.where(log_pi[:, :1] < 0, mixed + lse, logits)
+                vote = (w[:, None, :] * (nxt.clamp_min(0)[:, None, :] == voted[:, :, None])).sum(-1)
+                terms.append(log_pi[:, j:j + 1] + vote.clamp_min(1e-30).log())
+        at_voted = torch.stack(terms).logsumexp(0) + lse
+        mixed = (logits + log_pi[:, :1]).scatter_(1, voted, at_voted)
+        return torch.where(log_pi[:, :1] < 0, mixed, logits)
 
     def log_prob(self, hits: TokenHits, target: torch.Tensor, lp_target: torch.Tensor,
                  ent: torch.Tensor, lpmax: torch.Tensor) -> torch.Tensor:

@@ -264,3 +264,38 @@ def test_training_loss_with_token_cache_equals_the_mixture_of_the_output():
     t = labels[:, 1:]
     ref = -lp.gather(2, t.clamp_min(0)[..., None])[..., 0][t != -100].mean()
     torch.testing.assert_close(out.loss, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_token_cache_mix_is_the_dense_mixture():
+    # mix computes only the voted tokens; it must equal log(pi_m p + pi_k votes_k + pi_c
+    # votes_c) written out densely, with repeated tokens, padding and silent rows
+    from longside.token_cache import TokenCacheReader, TokenHits
+
+    torch.manual_seed(0)
+    N, V, k, c = 12, 96, 8, 4
+    reader = TokenCacheReader(copy=True, spread=True)
+    with torch.no_grad():
+        for p in reader.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    sims = torch.sort(torch.rand(N, k) * 0.5 + 0.5, -1, descending=True).values
+    sims[:3] = float("-inf")
+    sims[3:6, 5:] = float("-inf")
+    nxt = torch.randint(0, 6, (N, k)).masked_fill(sims == float("-inf"), -1)
+    lens = torch.randint(0, 9, (N, c))
+    lens[:2] = 0
+    cnxt = torch.randint(0, 6, (N, c)).masked_fill(lens == 0, -1)
+    hits = TokenHits(sims, nxt, lens, cnxt)
+    logits = torch.randn(N, V) * 3
+    with torch.no_grad():
+        out = reader.mix(logits, hits)
+        lp = torch.log_softmax(logits, -1)
+        ent = -(lp.exp() * lp).sum(-1)
+        log_pi, wk, wc = reader._mixture(hits, ent, lp.max(-1).values)
+    pi = log_pi.exp()
+    dense = pi[:, :1] * lp.exp()
+    dense = dense + pi[:, 1:2] * torch.zeros(N, V).scatter_add_(1, nxt.clamp_min(0), wk)
+    dense = dense + pi[:, 2:] * torch.zeros(N, V).scatter_add_(1, cnxt.clamp_min(0), wc)
+    torch.testing.assert_close(torch.log_softmax(out, -1), dense.log(), atol=1e-5, rtol=1e-5)
+    silent = log_pi[:, 0] == 0
+    assert silent[:2].all() and torch.equal(out[silent], logits[silent])  # untouched where memory is silent
+    assert not silent[3:].any()
