@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -121,7 +122,7 @@ def _ppl(nll_sum: float, n: int) -> float | None:
 
 
 def _load_resume(path: str | None, identity: dict) -> dict:
-    """Finished books `{title: {"tokens", "git_commit", "elapsed_s", "rows": {row: buckets}}}`
+    """Finished books `{title: {"tokens", "ids_sha256", "git_commit", "elapsed_s", "rows": {row: buckets}}}`
     kept in the resume file `path` (empty when there is none yet); refuses a file written
     for another configuration, model, data or set of rows."""
     if path is None or not Path(path).exists():
@@ -178,9 +179,14 @@ def run(model, info: dict, config: PplConfig, data=None) -> dict:
     cfg = dataclasses.replace(config, window=window, native_context=context, native_stride=stride)
     identity = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("max_books", "resume")},
                 "side_state_hash": info["side_state_hash"], "backbone_fingerprint": info["backbone_fingerprint"],
-                "backbone_memory_layers": model.config.backbone_memory_layers, "data": data_id,
+                "side_config": info["side_config"], "data": data_id,
                 "rows": [name for name, *_ in rows]}
     done = _load_resume(config.resume, identity)
+    digests = {t: hashlib.sha256(ids.numpy().tobytes()).hexdigest() for t, ids in streams}
+    for t in set(done) & set(digests):
+        if done[t].get("ids_sha256") != digests[t]:
+            raise EvalError(f"resume file {config.resume} holds other text for {t!r} than the data now gives; "
+                            "give another --resume path")
     native = [name for name, desc, *_ in rows if "stride" in desc]
     segmented = [(name, None if m is None else (m, memory)) for name, desc, m, memory in rows if name not in native]
     todo = [(t, ids) for t, ids in streams if t not in done]
@@ -197,7 +203,8 @@ def run(model, info: dict, config: PplConfig, data=None) -> dict:
                 per_row = _segmented_nll(ids, window, backbone, [r for _, r in segmented],
                                          model.config.memory_layer, bar)
                 nll.update({name: x for (name, _), x in zip(segmented, per_row)})
-            done[title] = {"tokens": len(ids), "git_commit": git_commit(), "elapsed_s": round(time.time() - t0, 1),
+            done[title] = {"tokens": len(ids), "ids_sha256": digests[title], "git_commit": git_commit(),
+                           "elapsed_s": round(time.time() - t0, 1),
                            "rows": {name: _buckets(nll[name], config.buckets) for name, *_ in rows}}
             if config.resume:
                 write_json({"identity": identity, "books": done}, config.resume)

@@ -236,6 +236,12 @@ def test_ppl_resumes_from_the_books_it_kept(small, tmp_path, monkeypatch):
         assert both["rows"][name]["ppl"] == pytest.approx(row["ppl"], rel=1e-6)
         assert both["rows"][name]["per_book"] == pytest.approx(row["per_book"], rel=1e-6)
     kept = path.read_text()
+    other = json.loads(kept)
+    other["books"][first["books"][0]["title"]]["ids_sha256"] = "0" * 64
+    path.write_text(json.dumps(other))
+    with pytest.raises(EvalError, match="other text"):
+        ppl.run(model, info, config)
+    path.write_text(kept)
     with pytest.raises(EvalError, match="another run.*config"):
         ppl.run(model, info, dataclasses.replace(config, max_tokens=200))
     path.write_text(kept[:40])
