@@ -107,7 +107,7 @@ def _worker(method: str, seq: int, batch: int, steps: int) -> dict:
             times.append(time.perf_counter() - t)
     row = {"method": method, "seq_len": seq, "batch": batch, "step_s": statistics.median(times),
            "peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "trainable_params": sum(p.numel() for p in params), "loss": float(loss), "note": note}
+           "trainable_params": sum(p.numel() for p in params), "loss": float(loss.detach()), "note": note}
     if method == "longside-replay":
         import shutil
 
