@@ -75,10 +75,12 @@ def _segmented_nll(tokens: torch.Tensor, window: int, backbone, models: list, me
     for row in models:
         if row is not None:
             row[0].reset_memory()  # every book starts with an empty memory
+    # one encoding per segment for the rows that can read it (a row with backbone memory runs its own)
+    share = any(row is None or row[0].backbone_memory is None for row in models)
     for a in range(0, n - 1, window):
         seg = tokens[a:a + window][None]
         targets = tokens[a + 1:a + 1 + seg.shape[1]]
-        shared = backbone.encode(seg, memory_layer=memory_layer)
+        shared = backbone.encode(seg, memory_layer=memory_layer) if share else None
         for i, row in enumerate(models):
             if row is None:
                 logits = _lm_head(backbone, shared.last_hidden[0], 1024)
@@ -132,8 +134,9 @@ def _load_resume(path: str | None, identity: dict) -> dict:
         books, have = kept["books"], kept["identity"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise EvalError(f"resume file {path} is unreadable ({e}); move it away to start afresh") from e
-    if json.loads(json.dumps(identity)) != have:
-        diff = sorted(k for k in identity if json.loads(json.dumps(identity[k])) != have.get(k))
+    identity = json.loads(json.dumps(identity))  # tuples as lists, as the file holds them
+    if identity != have:
+        diff = sorted(k for k in identity if identity[k] != have.get(k))
         raise EvalError(f"resume file {path} was written for another run (different {', '.join(diff)}); "
                         "give another --resume path, or the same options as that run")
     return books
