@@ -91,11 +91,12 @@ class BackboneMemory:
 
     def write(self, seg: "Segment") -> None:
         """Append `seg` (minus its sink tokens) to the banks of its rows, and empty it."""
-        for L, (k, v) in seg.kv.items():
+        for L in seg.layers():
+            k, v, _ = seg.window(L)
             k, v = k[:, self.sink_tokens:], v[:, self.sink_tokens:]
             for b, r in enumerate(seg.rows):
                 self.banks[L][r].add(k[b], v[b])
-        seg.kv = {}
+        seg.clear()
 
     def reset(self, rows=None) -> None:
         """Clear the banks of `rows` (all when None)."""
@@ -109,40 +110,84 @@ class BackboneMemory:
             q, k, v, a = kv["q"], kv["k"], kv["v"], kv["a"]
             if k.shape[0] != len(seg.rows):
                 raise LongsideError(f"a forward of {k.shape[0]} rows on a segment of {len(seg.rows)} memory rows")
-            old = seg.kv.get(L)
-            window_k = k if old is None else torch.cat([old[0], k], 1)
-            seg.kv[L] = (window_k, v if old is None else torch.cat([old[1], v], 1))
+            B, T = k.shape[:2]
+            P = seg.length(L)
+            # rotated once, at its position in the segment: decoding a token does not
+            # rotate the whole window again
+            kr = self.backbone.rotate(k, torch.arange(P, P + T, device=k.device).expand(B, T))
+            _, _, window_kr = seg.append(L, k, v, kr)
             if not read:
                 return None
-            return self._read(L, seg.rows, q, window_k, a)
+            return self._read(L, seg.rows, q, window_kr, a)
         return edit
 
-    def _read(self, L: int, rows: list[int], q: torch.Tensor, window_k: torch.Tensor,
+    def _read(self, L: int, rows: list[int], q: torch.Tensor, window_kr: torch.Tensor,
               a: torch.Tensor) -> torch.Tensor | None:
-        """q, a `[B, T, H, D]` of the new tokens at positions P..P+T-1; window_k `[B, P+T, G,
-        D]` pre-rotary keys of the segment so far -> the edited attention output."""
+        """q, a `[B, T, H, D]` of the new tokens at positions P..P+T-1; window_kr `[B, P+T, G,
+        D]` the segment's keys so far, rotated at their positions -> the edited attention output."""
         B, T, H, D = q.shape
-        banks = [self.banks[L][r] for r in rows]
-        if not any(len(bank) for bank in banks):
+        banks = self.banks[L]
+        if not any(len(banks[r]) for r in rows):
             return None
         bb = self.backbone
         qm = bb.rotate(q, torch.full((B, T), self.distance, device=q.device))
-        found = [bank.search(qm[b], self.k_chunks) for b, bank in enumerate(banks)]
-        keys, values, mask = (torch.stack(x) for x in zip(*found))  # [B, T, H, S, D], mask [B, T, H, S]
+        keys, values, mask = banks.search(qm, self.k_chunks, rows=rows)  # [B, T, H, S, D], mask [B, T, H, S]
         a_mem, lse_mem, has = attend_retrieved(qm, keys, values, mask)
-        P = window_k.shape[1] - T
-        local = causal_lse(bb.rotate(q, torch.arange(P, P + T, device=q.device).expand(B, T)),
-                           bb.rotate(window_k, torch.arange(P + T, device=q.device).expand(B, P + T)))
+        P = window_kr.shape[1] - T
+        local = causal_lse(bb.rotate(q, torch.arange(P, P + T, device=q.device).expand(B, T)), window_kr)
         return a + torch.sigmoid(lse_mem - local) * has * (a_mem - a)
 
 
 class Segment:
-    """The segment being read: its memory rows and, per block, the keys/values `[B, n, G,
-    D]` of its tokens so far (the local window that `causal_lse` scores)."""
+    """The segment being read: its memory rows and, per block, its tokens' pre-rotary keys
+    and values and their keys rotated at their positions (what `causal_lse` scores), each
+    `[B, n, G, D]`. They grow in buffers of doubling capacity, so that decoding one token
+    appends to the window instead of copying it."""
 
     def __init__(self, rows: list[int]):
         self.rows = rows
-        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._buffers: dict[int, list[torch.Tensor]] = {}  # block -> [k, v, k rotated]
+        self._lengths: dict[int, int] = {}
+
+    def layers(self) -> list[int]:
+        """Blocks that recorded tokens in this segment."""
+        return list(self._buffers)
+
+    def length(self, layer: int) -> int:
+        """Tokens recorded by block `layer` (0 when none)."""
+        return self._lengths.get(layer, 0)
+
+    def window(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Block `layer`'s keys, values and rotated keys `[B, n, G, D]` so far (views)."""
+        n = self._lengths[layer]
+        return tuple(t[:, :n] for t in self._buffers[layer])
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, kr: torch.Tensor):
+        """Record `k, v, kr [B, T, G, D]` of block `layer`'s new tokens; returns `window(layer)`."""
+        n, T = self.length(layer), k.shape[1]
+        bufs = self._buffers.get(layer)
+        if bufs is None or n + T > bufs[0].shape[1]:
+            cap = max(n + T, 2 * (bufs[0].shape[1] if bufs else 0), 64)
+            new = [t.new_empty(t.shape[0], cap, *t.shape[2:]) for t in (k, v, kr)]
+            for old, t in zip(bufs or (), new):
+                t[:, :n] = old[:, :n]
+            bufs = self._buffers[layer] = new
+        for buf, t in zip(bufs, (k, v, kr)):
+            buf[:, n:n + T] = t
+        self._lengths[layer] = n + T
+        return self.window(layer)
+
+    def clear(self) -> None:
+        """Forget every recorded token (after `BackboneMemory.write`)."""
+        self._buffers, self._lengths = {}, {}
+
+    def fork(self) -> "Segment":
+        """An independent copy: appends to one never show in the other."""
+        twin = Segment(list(self.rows))
+        for L in self.layers():
+            twin._buffers[L] = [t.clone() for t in self.window(L)]
+            twin._lengths[L] = self._lengths[L]
+        return twin
 
 
 __all__ = ["BackboneMemory", "Segment"]

@@ -191,11 +191,14 @@ def causal_lse(qr: torch.Tensor, kr: torch.Tensor) -> torch.Tensor:
     positions P..P+T-1 of the window against its rotated keys `kr [B, P+T, G, D]` (P > 0
     during incremental decoding, where earlier keys are cached)."""
     B, T, H, D = qr.shape
-    P = kr.shape[1] - T
-    k = kr.transpose(1, 2).repeat_interleave(H // kr.shape[2], 1)
-    s = qr.transpose(1, 2) @ k.transpose(-1, -2) / math.sqrt(D)
+    G, P = kr.shape[2], kr.shape[1] - T
+    # query head h reads kv head h // (H // G): score each kv head's queries together
+    # instead of repeating its keys H // G times
+    q = qr.reshape(B, T, G, H // G, D).permute(0, 2, 3, 1, 4).reshape(B, G, H // G * T, D)
+    s = (q @ kr.permute(0, 2, 3, 1) / math.sqrt(D)).view(B, G, H // G, T, P + T)
     causal = torch.ones(T, P + T, dtype=torch.bool, device=qr.device).tril(P)
-    return torch.logsumexp(s.masked_fill(~causal, float("-inf")), -1).transpose(1, 2).unsqueeze(-1)
+    lse = torch.logsumexp(s.masked_fill(~causal, float("-inf")), -1)  # [B, G, H // G, T]
+    return lse.reshape(B, H, T).transpose(1, 2).unsqueeze(-1)
 
 
 class SideNetwork(nn.Module):

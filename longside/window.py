@@ -112,8 +112,7 @@ class LocalWindow:
         twin.cache = copy.deepcopy(self.cache)  # DynamicCache grows in place
         twin.side_caches = None if self.side_caches is None else list(self.side_caches)
         if self.backbone_segment is not None:
-            twin.backbone_segment = copy.copy(self.backbone_segment)
-            twin.backbone_segment.kv = dict(self.backbone_segment.kv)
+            twin.backbone_segment = self.backbone_segment.fork()
         return twin
 
     @torch.no_grad()

@@ -7,7 +7,7 @@ that start a new document.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -66,19 +66,24 @@ class BatchMemory:
         hits = [bank.match_tokens(c, n_queries, k) for bank, c in zip(self.banks, context)]
         return torch.stack([h[0] for h in hits]), torch.stack([h[1] for h in hits])
 
-    def search(self, queries: torch.Tensor, k_chunks: int
+    def search(self, queries: torch.Tensor, k_chunks: int, rows: Sequence[int] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`queries [B, T, H_q, D]` -> keys, values `[B, T, H_q, k_chunks*chunk_size, D]`
-        float32 and mask `[B, T, H_q, k_chunks*chunk_size]` bool; row b from bank b."""
-        self._check_batch(queries, "queries")
+        float32 and mask `[B, T, H_q, k_chunks*chunk_size]` bool; row b from bank b, or
+        from bank `rows[b]` when `rows` is given."""
+        banks = self.banks if rows is None else [self[r] for r in rows]
+        if rows is None:
+            self._check_batch(queries, "queries")
+        elif queries.shape[0] != len(banks):
+            raise MemoryBankError(f"queries has {queries.shape[0]} rows but {len(banks)} banks were named")
         B, T, Hq, D = queries.shape
-        first = self.banks[0]
+        first = banks[0]
         first._check_queries(queries[0], k_chunks)
         L = k_chunks * first.chunk_size
         keys = torch.empty(B, T, Hq, L, D, dtype=torch.float32, device=first.device)
         values = torch.empty_like(keys)
         mask = torch.empty(B, T, Hq, L, dtype=torch.bool, device=first.device)
-        for b, bank in enumerate(self.banks):  # written in place: no stacking copy
+        for b, bank in enumerate(banks):  # written in place: no stacking copy
             bank._search_into(queries[b], k_chunks, keys[b], values[b], mask[b])
         return keys, values, mask
 

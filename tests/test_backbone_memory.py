@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from longside.backbone_memory import BackboneMemory
+from longside.backbone_memory import BackboneMemory, Segment
 from longside.config import SideNetConfig
 from longside.errors import CheckpointError, LongsideError, MemoryBankError, SessionError
 from longside.model import LongSideModel
@@ -152,7 +152,29 @@ def test_a_fork_keeps_the_prefix_segment_of_the_blocks(smollm2):
     for i, (f, want) in enumerate(zip(forks, whole)):
         torch.testing.assert_close(f.feed(b[:, 20 + 10 * i:30 + 10 * i], all_logits=True), want, atol=1e-4,
                                    rtol=1e-5)
-    assert all(k.shape[1] == 20 for k, _ in window.backbone_segment.kv.values())
+    seg = window.backbone_segment
+    assert seg.layers() and all(seg.window(L)[0].shape[1] == 20 for L in seg.layers())
+
+
+def test_segment_appends_grow_past_capacity_and_forks_are_independent():
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(2, T, 3, 8, 3, generator=g) for T in (5, 50, 1, 30, 1, 100)]  # k, v, kr stacked last
+    seg = Segment([0, 1])
+    for p in parts[:4]:
+        seg.append(7, *p.unbind(-1))
+    twin = seg.fork()
+    for p in parts[4:]:
+        seg.append(7, *p.unbind(-1))
+    twin.append(7, *parts[5].unbind(-1))
+    whole = torch.cat(parts, 1).unbind(-1)
+    assert seg.layers() == [7] and seg.length(7) == 187 and twin.length(7) == 186
+    for got, want in zip(seg.window(7), whole):
+        assert torch.equal(got, want)
+    skip = torch.cat([*parts[:4], parts[5]], 1).unbind(-1)  # the twin never saw parts[4]
+    for got, want in zip(twin.window(7), skip):
+        assert torch.equal(got, want)
+    seg.clear()
+    assert seg.layers() == [] and seg.length(7) == 0 and twin.length(7) == 186
 
 
 def test_memorize_writes_what_forward_writes(smollm2):

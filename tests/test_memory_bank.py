@@ -297,6 +297,19 @@ def test_batch_rows_never_read_each_other():
     assert mem.lengths() == [0, 0, 10]
 
 
+def test_batch_search_of_named_rows_reads_those_banks():
+    mem = BatchMemory(3, num_kv_heads=2, head_dim=8, chunk_size=2, capacity_tokens=32, dtype=torch.float32)
+    mem.add(torch.stack([tagged(1000 * b, 10) for b in range(3)]), torch.stack([tagged(1000 * b, 10) for b in range(3)]))
+    q = torch.randn(2, 4, 2, 8)
+    k, v, mask = mem.search(q, 3, rows=[2, 0])  # batch row 0 reads bank 2, row 1 bank 0
+    for b, r in enumerate([2, 0]):
+        want = mem[r].search(q[b], 3)
+        for got, w in zip((k[b], v[b], mask[b]), want):
+            assert torch.equal(got, w)
+    with pytest.raises(MemoryBankError, match="2 rows but 1 banks"):
+        mem.search(q, 3, rows=[1])
+
+
 # -- files -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("index", ["flat", "ivf"])
