@@ -30,10 +30,11 @@ class BatchMemory:
     def __getitem__(self, row: int) -> MemoryBank:
         return self.banks[row]
 
-    def _check_batch(self, t: torch.Tensor, name: str) -> None:
-        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[0] != len(self.banks):
+    def _check_batch(self, t: torch.Tensor, name: str, rows: int | None = None) -> None:
+        B = len(self.banks) if rows is None else rows
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[0] != B:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise MemoryBankError(f"{name} must be [B={len(self.banks)}, T, H, D], got {shape}")
+            raise MemoryBankError(f"{name} must be [B={B}, T, H, D], got {shape}")
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, token_keys: torch.Tensor | None = None,
             token_ids: torch.Tensor | None = None) -> None:
@@ -72,10 +73,7 @@ class BatchMemory:
         float32 and mask `[B, T, H_q, k_chunks*chunk_size]` bool; row b from bank b, or
         from bank `rows[b]` when `rows` is given."""
         banks = self.banks if rows is None else [self[r] for r in rows]
-        if rows is None:
-            self._check_batch(queries, "queries")
-        elif queries.shape[0] != len(banks):
-            raise MemoryBankError(f"queries has {queries.shape[0]} rows but {len(banks)} banks were named")
+        self._check_batch(queries, "queries", len(banks))
         B, T, Hq, D = queries.shape
         first = banks[0]
         first._check_queries(queries[0], k_chunks)

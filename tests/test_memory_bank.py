@@ -306,7 +306,7 @@ def test_batch_search_of_named_rows_reads_those_banks():
         want = mem[r].search(q[b], 3)
         for got, w in zip((k[b], v[b], mask[b]), want):
             assert torch.equal(got, w)
-    with pytest.raises(MemoryBankError, match="2 rows but 1 banks"):
+    with pytest.raises(MemoryBankError, match=r"must be \[B=1, T, H, D\], got \(2, 4, 2, 8\)"):
         mem.search(q, 3, rows=[1])
 
 

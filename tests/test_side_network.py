@@ -4,7 +4,7 @@ import torch
 from longside.backbone import Backbone
 from longside.config import SideNetConfig
 from longside.errors import CheckpointError
-from longside.side_network import SideNetwork, memory_inputs
+from longside.side_network import SideNetwork, causal_lse, memory_inputs
 
 
 def _tiny(layers=4, seed=0):
@@ -130,3 +130,15 @@ def test_prune_init_copies_backbone_weights():
     rows = src.mlp.gate_proj.weight[:, keep]
     for r in side.blocks[0].gate.weight:
         assert (rows - r).abs().sum(1).min() == 0
+
+
+def test_causal_lse_is_the_logsumexp_of_the_masked_grouped_scores():
+    """Against the scores written out with each kv head repeated for its query heads."""
+    g = torch.Generator().manual_seed(0)
+    for B, T, P, H, G in [(2, 5, 7, 9, 3), (1, 1, 100, 9, 3), (3, 16, 0, 4, 4), (1, 8, 3, 6, 1)]:
+        qr, kr = torch.randn(B, T, H, 16, generator=g), torch.randn(B, P + T, G, 16, generator=g)
+        k = kr.repeat_interleave(H // G, 2)  # [B, P+T, H, D]
+        s = torch.einsum("bthd,bshd->bhts", qr, k) / 4.0
+        s = s.masked_fill(~torch.ones(T, P + T, dtype=torch.bool).tril(P), float("-inf"))
+        want = torch.logsumexp(s, -1).transpose(1, 2).unsqueeze(-1)  # [B, T, H, 1]
+        torch.testing.assert_close(causal_lse(qr, kr), want, atol=1e-5, rtol=1e-5)
