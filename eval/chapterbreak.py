@@ -30,10 +30,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from longside.eval.common import (
+    EvalError,
+    book_chapters,
+    encode,
+    eval_window,
+    load_book_data,
+    pyplot,
+    report,
+    save_figure,
+    score_after_prefix,
+    score_backbone,
+    title_of,
+)
 from tqdm.auto import tqdm
 
-from longside.eval.common import (EvalError, book_chapters, encode, eval_window, load_book_data, pyplot, report,
-                         save_figure, score_after_prefix, score_backbone, title_of)
+from longside.data import load_chapterbreak
 
 PROTOCOLS = ("likelihood", "pmi")
 # the rows, in order: bare backbone at the local window and at its native context,
@@ -88,8 +100,6 @@ def book_items(tokenizer, books: list[dict], config: ChapterBreakConfig) -> list
 
 def json_items(tokenizer, path: str | Path, config: ChapterBreakConfig) -> list[dict]:
     """Items from the original ChapterBreak JSON (texts tokenized here)."""
-    from longside.data import load_chapterbreak
-
     items = []
     for i, ex in enumerate(load_chapterbreak(path, subset=config.subset)):
         items.append({"book": f"{ex['subset']}/{ex['work_id']}", "chapter": i,

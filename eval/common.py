@@ -13,6 +13,7 @@ the same logits as one forward over `[local prefix + candidate]`, up to float ro
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import subprocess
@@ -24,7 +25,11 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from longside.backbone import Backbone
+from longside.data import load_books, load_jsonl, load_local_dataset, load_text_books
 from longside.errors import LongsideError
+from longside.inference.window import LocalWindow
+from longside.loading import load_model, model_info
+from longside.model import LongSideModel
 from longside.paths import atomic_file
 
 
@@ -35,47 +40,8 @@ class EvalError(LongsideError):
 # -- model ---------------------------------------------------------------------------------
 
 
-def load_model(model_dir: str | Path | None = None, backbone: Backbone | None = None):
-    """`(model, info)`: a checkpoint directory, else the shipped one, else an untrained model.
-
-    An explicit `model_dir` that is not a checkpoint raises `CheckpointError`. With no
-    directory and no shipped checkpoint, the side network is untrained, whose logits equal
-    the backbone's exactly; `info["trained"]` is False and `info["note"]` says so, so a
-    report can never be mistaken for the trained model's.
-    """
-    from longside.model import SHIPPED_CHECKPOINT, LongSideModel
-    from longside.backbone import load_backbone
-
-    note = None
-    if model_dir is None and not (SHIPPED_CHECKPOINT / "side_config.json").exists():
-        model = LongSideModel(backbone if backbone is not None else load_backbone("smollm2-135m"))
-        checkpoint = None
-        note = (f"no checkpoint at {SHIPPED_CHECKPOINT}: untrained side network, whose logits "
-                "equal the bare backbone's; these numbers are baselines, not longside's")
-    else:
-        checkpoint = Path(model_dir) if model_dir is not None else SHIPPED_CHECKPOINT
-        model = LongSideModel.from_pretrained(checkpoint, backbone=backbone)
-    model.eval()
-    return model, model_info(model, checkpoint, trained=checkpoint is not None, note=note)
-
-
-def model_info(model, checkpoint: str | Path | None, trained: bool, note: str | None = None) -> dict:
-    """Identifiers of a model for a report: checkpoint, side-weight hash, backbone."""
-    from longside.model import state_hash
-
-    return {"checkpoint": str(checkpoint) if checkpoint is not None else None,
-            "trained": trained,
-            "side_state_hash": state_hash(model),
-            "side_config": dataclasses.asdict(model.config),
-            "backbone": model.backbone.name,
-            "backbone_fingerprint": model.backbone.fingerprint,
-            "note": note}
-
-
 def with_capacity(model, capacity_tokens: int):
     """The same side network (shared, not copied) with a memory of another capacity."""
-    from longside.model import LongSideModel
-
     if capacity_tokens < model.config.chunk_size:
         raise EvalError(f"memory capacity {capacity_tokens} is below one chunk ({model.config.chunk_size} tokens)")
     config = dataclasses.replace(model.config, capacity_tokens=capacity_tokens)
@@ -120,10 +86,8 @@ def _continuation(logits: torch.Tensor, targets: torch.Tensor) -> Continuation:
 def memorize(model, ids: Sequence[int], window: int, encoded: dict | None = None) -> int:
     """Write `ids` into the model's memory in window-sized segments, oldest first (what
     `model(segment)` would write, computed by the backbone alone). Returns the number of
-    segments written. `encoded`: see `longside.memorize.memorize_ids`."""
-    from longside.memorize import memorize_ids
-
-    return memorize_ids(model, ids, window=window, encoded=encoded)
+    segments written. `encoded`: see `Memory.write_ids`."""
+    return model.memory.write_ids(ids, window=window, encoded=encoded)
 
 
 def prefix_logits(model, prefix: Sequence[int], continuations: Sequence[Sequence[int]], *,
@@ -133,8 +97,6 @@ def prefix_logits(model, prefix: Sequence[int], continuations: Sequence[Sequence
     positions `len(prefix) - 1 ..`, i.e. the prediction of `c[0]` first and the one
     after `c[-1]` last (only that last one, `[V]`, with `last_only`, where `prefix` may
     be empty). `prefix + c` must fit the model's window; the prefix is run once."""
-    from longside.window import LocalWindow
-
     if not prefix and not last_only:
         raise EvalError("an empty prefix cannot be scored against")
     if len(prefix) + max(map(len, continuations)) > model.config.window:
@@ -152,8 +114,6 @@ def backbone_prefix_logits(backbone: Backbone, prefix: Sequence[int], continuati
     """Bare-backbone logits after `prefix` (>= 1 token) for each continuation, as
     `prefix_logits` (float32 `[len(c) + 1, V]` each, `[V]` with `last_only`); the
     prefix's key/value cache is computed once and copied per continuation."""
-    import copy
-
     if not prefix and not last_only:
         raise EvalError("an empty prefix cannot be scored against")
     cache = None
@@ -166,7 +126,7 @@ def backbone_prefix_logits(backbone: Backbone, prefix: Sequence[int], continuati
         pos = torch.arange(start, start + ids.shape[1]).unsqueeze(0)
         hidden = backbone.encode(ids, position_ids=pos, cache=copy.deepcopy(cache),
                                  use_cache=cache is not None).last_hidden[0]
-        logits = _lm_head(backbone, hidden[-1:] if last_only else hidden, block)
+        logits = blocked_logits(backbone, hidden[-1:] if last_only else hidden, block)
         out.append(logits[-1] if last_only else logits)
     return out
 
@@ -198,10 +158,10 @@ def score_after_prefix(model, prefix: Sequence[int], candidates: Sequence[Sequen
 def backbone_hidden_logits(backbone: Backbone, ids: Sequence[int], start: int, block: int = 1024) -> torch.Tensor:
     """Bare-backbone logits `[len(ids) - start, V]` for positions `start..end` of `ids`,
     computed in blocks so an 8k context never holds all 8k x V logits at once."""
-    return _lm_head(backbone, backbone.encode(torch.tensor([list(ids)])).last_hidden[0, start:], block)
+    return blocked_logits(backbone, backbone.encode(torch.tensor([list(ids)])).last_hidden[0, start:], block)
 
 
-def _lm_head(backbone: Backbone, hidden: torch.Tensor, block: int) -> torch.Tensor:
+def blocked_logits(backbone: Backbone, hidden: torch.Tensor, block: int) -> torch.Tensor:
     """Final states `[T, d]` -> logits `[T, V]`, `block` rows at a time."""
     with torch.no_grad():
         return torch.cat([backbone.lm_head(hidden[i:i + block]) for i in range(0, len(hidden), block)])
@@ -234,8 +194,6 @@ def load_book_data(data: str | Path | None, split: str = "test"):
     """Books from `--data`: the prepared corpus split by default, else a `.txt` file or
     folder, a `.jsonl` of `{title, chapters}` / `{title, text}`, or a `datasets` folder.
     Returns `(records, identifier)`; each record has `title` and `chapters`."""
-    from longside.data import load_books, load_jsonl, load_local_dataset, load_text_books
-
     if data is None:
         books = load_books(split)
         return [dict(b) for b in books], f"prepared:{split}"

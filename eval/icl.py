@@ -23,11 +23,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from longside.eval.common import (
+    EvalError,
+    backbone_prefix_logits,
+    encode,
+    eval_window,
+    mean_std,
+    memorize,
+    prefix_logits,
+    pyplot,
+    report,
+    save_figure,
+    title_of,
+)
 from tqdm.auto import tqdm
 
-from longside.eval.common import (EvalError, backbone_prefix_logits, encode, eval_window, mean_std, memorize, prefix_logits, pyplot,
-                         report, save_figure, title_of)
+from longside.data import ICL_TASKS, load_icl, load_local_dataset
 
 TEMPLATE = "Input: {text}\nLabel: {label}\n\n"
 QUERY = "Input: {text}\nLabel:"
@@ -63,13 +74,9 @@ def _load_task(name: str, data) -> _Task:
     """A prepared task by name, or with `--data` a `datasets` folder holding a DatasetDict
     with `train` and `test` of `{text, label, label_text}` (one user task)."""
     if data is None:
-        from longside.data import ICL_TASKS, load_icl
-
         ds = load_icl(name)
         labels = ICL_TASKS[name].labels
     else:
-        from longside.data import load_local_dataset
-
         ds = load_local_dataset(data)
         if not hasattr(ds, "keys") or not {"train", "test"} <= set(ds.keys()):
             raise EvalError(f"{data} must be a datasets DatasetDict with 'train' and 'test' splits")

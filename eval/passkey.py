@@ -22,10 +22,21 @@ import random
 import time
 from dataclasses import dataclass
 
+from longside.eval.common import (
+    EvalError,
+    book_chapters,
+    encode,
+    eval_window,
+    load_book_data,
+    pyplot,
+    report,
+    save_figure,
+    score_after_prefix,
+    score_backbone,
+    title_of,
+    with_capacity,
+)
 from tqdm.auto import tqdm
-
-from longside.eval.common import (EvalError, book_chapters, encode, eval_window, load_book_data, pyplot, report,
-                         save_figure, score_after_prefix, score_backbone, title_of, with_capacity)
 
 REPEAT_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"

@@ -29,11 +29,22 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from longside.eval.common import (
+    EvalError,
+    backbone_hidden_logits,
+    blocked_logits,
+    book_chapters,
+    eval_window,
+    git_commit,
+    load_book_data,
+    pyplot,
+    report,
+    save_figure,
+    title_of,
+    with_capacity,
+    write_json,
+)
 from tqdm.auto import tqdm
-
-from longside.eval.common import (EvalError, _lm_head, backbone_hidden_logits, book_chapters, eval_window, git_commit,
-                                  load_book_data, pyplot, report, save_figure, title_of, with_capacity, write_json)
-
 
 # the rows, in order: bare backbone at the local window and at its native context,
 # longside with memory off, longside with memory on (one row per memory capacity)
@@ -83,7 +94,7 @@ def _segmented_nll(tokens: torch.Tensor, window: int, backbone, models: list, me
         shared = backbone.encode(seg, memory_layer=memory_layer) if share else None
         for i, row in enumerate(models):
             if row is None:
-                logits = _lm_head(backbone, shared.last_hidden[0], 1024)
+                logits = blocked_logits(backbone, shared.last_hidden[0], 1024)
             else:
                 m, memory = row
                 with torch.no_grad():

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from longside.kernels.nf4 import dequantize_nf4, quantize_nf4
 from longside.kernels.nf4_triton import matmul_nf4_triton
 

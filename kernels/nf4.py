@@ -77,6 +77,31 @@ class NF4Weight:
     absmax_offset: torch.Tensor | None = None
     absmax_blocksize: int = 256
 
+    def __post_init__(self):
+        # checked once here: the C and Triton kernels index these buffers without bounds checks
+        shape = tuple(self.shape)
+        if len(shape) != 2 or not all(isinstance(d, int) and d > 0 for d in shape):
+            raise LongsideError(f"NF4Weight shape must be (out_features, in_features) > 0, got {self.shape!r}")
+        self.shape = shape
+        if not isinstance(self.blocksize, int) or self.blocksize < 2 or self.blocksize % 2:
+            raise LongsideError(f"NF4 blocksize must be an even integer >= 2, got {self.blocksize!r}")
+        n = shape[0] * shape[1]
+        if self.packed.dtype != torch.uint8 or self.packed.numel() != (n + 1) // 2:
+            raise LongsideError(f"NF4Weight packed must hold {(n + 1) // 2} uint8 bytes for shape {shape}, got "
+                                f"{self.packed.numel()} {self.packed.dtype}")
+        blocks = -(-n // self.blocksize)
+        if self.absmax.numel() != blocks:
+            raise LongsideError(f"NF4Weight absmax must hold {blocks} values (one per {self.blocksize}), got "
+                                f"{self.absmax.numel()}")
+        if self.absmax_scale is not None:
+            if self.absmax.dtype != torch.uint8 or self.absmax_code is None or self.absmax_code.numel() != 256:
+                raise LongsideError("a double-quantized NF4Weight needs uint8 absmax and a 256-entry absmax_code")
+            if self.absmax_scale.numel() != -(-blocks // self.absmax_blocksize):
+                raise LongsideError(f"NF4Weight absmax_scale must hold {-(-blocks // self.absmax_blocksize)} values, "
+                                    f"got {self.absmax_scale.numel()}")
+        elif not self.absmax.is_floating_point():
+            raise LongsideError(f"NF4Weight absmax must be floating point, got {self.absmax.dtype}")
+
     @property
     def double_quant(self) -> bool:
         return self.absmax_scale is not None

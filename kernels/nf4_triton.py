@@ -19,7 +19,6 @@ import functools
 import torch
 import triton
 import triton.language as tl
-
 from longside.kernels.nf4 import NF4_CODE
 
 # Up to this many rows of x the fused kernel runs (weights are read once per BLOCK_M rows).

@@ -7,10 +7,10 @@ from __future__ import annotations
 import warnings
 
 import torch
-
-from longside.errors import LongsideError
 from longside.kernels import cpu
 from longside.kernels.nf4 import NF4Weight, dequantize_nf4, matmul_nf4_reference
+
+from longside.errors import LongsideError
 
 # Up to this many rows the fused kernel wins on CPU (it decodes the weights once per 4 rows
 # of x); above, dequantizing tiles and calling BLAS does (measured by `longside bench kernels`).

@@ -9,11 +9,14 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from torch import nn
-
-from longside.errors import CheckpointError, LongsideError
 from longside.kernels.nf4 import NF4Weight, quantize_nf4
 from longside.kernels.ops import dequantize, matmul_nf4
+from safetensors.torch import load_model, save_model
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from longside.errors import CheckpointError, LongsideError
 from longside.paths import atomic_dir
 
 DEFAULT_SKIP = ("lm_head", "embed_tokens", "embed_positions", "wte", "wpe")
@@ -95,8 +98,6 @@ class QuantLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The weight as float32 `[out_features, in_features]` (e.g. to prune a side network from)."""
-        from longside.kernels.ops import dequantize
-
         return dequantize(self.nf4_weight(), self.absmax_fp32 if self.double_quant else self.absmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +112,7 @@ class QuantLinear(nn.Module):
                 f"bias={self.bias is not None}, nf4 blocksize={self.blocksize}, double_quant={self.double_quant}")
 
 
-def _model_bytes(model: nn.Module) -> int:
+def model_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer, tied tensors counted once."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
@@ -141,9 +142,7 @@ def quantize_model(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP, blocksi
     Returns `{"layers", "linear_bytes_before", "linear_bytes_after", "model_bytes_before",
     "model_bytes_after"}`.
     """
-    from tqdm.auto import tqdm
-
-    model_before = _model_bytes(model)
+    model_before = model_bytes(model)
     targets = _targets(model, skip)
     if not targets:
         raise LongsideError("quantize_model found no nn.Linear to quantize (check `skip`)")
@@ -155,15 +154,13 @@ def quantize_model(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP, blocksi
         after += sum(t.numel() * t.element_size() for t in q.state_dict().values())
         _swap(model, name, q)
     return {"layers": len(targets), "linear_bytes_before": before, "linear_bytes_after": after,
-            "model_bytes_before": model_before, "model_bytes_after": _model_bytes(model)}
+            "model_bytes_before": model_before, "model_bytes_after": model_bytes(model)}
 
 
 def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write a quantized model to `directory`: `model.safetensors` (every parameter and
     buffer, tied ones once), `quantization.json` (which layers are NF4), and the Hugging
     Face config when the model has one. Atomic: a crash leaves no half-written directory."""
-    from safetensors.torch import save_model
-
     layers = {name: {"in_features": m.in_features, "out_features": m.out_features,
                      "bias": m.bias is not None, "blocksize": m.blocksize, "double_quant": m.double_quant}
               for name, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -182,8 +179,6 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None)
     """Load what `save_quantized` wrote. `model`: an unquantized model of the same
     architecture to fill (its linear layers are swapped for empty QuantLinears first);
     when None, one is built from the saved Hugging Face config. Returns the model."""
-    from safetensors.torch import load_model
-
     directory = Path(directory)
     cfg_path = directory / _CONFIG_FILE
     if not cfg_path.exists() or not (directory / _WEIGHTS_FILE).exists():
@@ -191,8 +186,6 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None)
                               "write one with save_quantized")
     layers = json.loads(cfg_path.read_text())["layers"]
     if model is None:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
         # A real (randomly initialised) model, not a meta one: non-persistent buffers such
         # as rotary frequencies are computed at construction and are not in the file.
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from longside.errors import CheckpointError
+
+MAX_CAPACITY_TOKENS = 1 << 24  # 16M tokens: ~12 GB of float16 keys/values for SmolLM2
+MAX_WINDOW = 1 << 16
 
 
 @dataclass
@@ -26,7 +30,7 @@ class SideNetConfig:
     gate_init: float = 0.0  # per-layer gates z_j: mix = (1 - s(z)) * down(h) + s(z) * side
     # memory
     memory_layer: int = 15  # backbone block whose pre-rotary keys/values are cached
-    memory_attention: str = "gated"  # "gated" (two softmaxes, per-head gate) or "joint"
+    memory_attention: str = "joint"  # "joint" (one softmax over memory and window, as shipped) or "gated"
     memory_gate_init: float = 0.0  # LongMem: g = 0, so s(g) = 0.5
     chunk_size: int = 4
     k_chunks: int = 16
@@ -50,6 +54,11 @@ class SideNetConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        self._check_types()
+        if not 1 <= self.capacity_tokens <= MAX_CAPACITY_TOKENS:
+            raise CheckpointError(f"capacity_tokens must be 1..{MAX_CAPACITY_TOKENS:,}, got {self.capacity_tokens:,}")
+        if not 1 <= self.window <= MAX_WINDOW:
+            raise CheckpointError(f"window must be 1..{MAX_WINDOW}, got {self.window}")
         if self.init not in ("prune", "random"):
             raise CheckpointError(f"init must be 'prune' or 'random', not {self.init!r}")
         if self.downsample not in ("prune", "avgpool", "adapter"):
@@ -64,6 +73,27 @@ class SideNetConfig:
         if not 0.0 < self.token_depth <= 1.0 or self.token_k < 1 or self.token_copy_k < 0:
             raise CheckpointError(f"token_depth must lie in (0, 1], token_k be >= 1 and token_copy_k >= 0, got "
                                   f"{self.token_depth}, {self.token_k}, {self.token_copy_k}")
+
+    def _check_types(self) -> None:
+        """Each field holds the type it is declared with (JSON `"no"` is not a bool, `1.5`
+        not a block count)."""
+        for f in fields(self):
+            v, kind = getattr(self, f.name), f.type
+            if kind == "int":
+                ok = isinstance(v, int) and not isinstance(v, bool)
+            elif kind == "float":
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            elif kind == "bool":
+                ok = isinstance(v, bool)
+            elif kind == "str":
+                ok = isinstance(v, str)
+            elif kind == "list[int]":
+                ok = isinstance(v, (list, tuple, range)) and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                 for x in v)
+            else:  # dict
+                ok = isinstance(v, dict)
+            if not ok:
+                raise CheckpointError(f"side-network config field {f.name!r} must be {kind}, got {v!r}")
 
     def token_layer(self, num_layers: int) -> int:
         """Index into `hidden_states` (0 = embeddings, i = output of block i-1) of the token-cache keys."""
@@ -80,10 +110,12 @@ class SideNetConfig:
             raise CheckpointError(f"no side-network config at {path}") from None
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from None
-        if isinstance(raw, dict):
-            raw.setdefault("token_cache", False)  # checkpoints from before the token cache have none
-            raw.setdefault("token_copy_k", 0)  # nor the copy read
-            raw.setdefault("token_spread", False)  # nor the vote-spread gate features
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{path} must hold a JSON object of side-network settings, got "
+                                  f"{type(raw).__name__}; the checkpoint is corrupt")
+        raw.setdefault("token_cache", False)  # checkpoints from before the token cache have none
+        raw.setdefault("token_copy_k", 0)  # nor the copy read
+        raw.setdefault("token_spread", False)  # nor the vote-spread gate features
         known = {f.name for f in fields(cls)}
         unknown = set(raw) - known
         if unknown:

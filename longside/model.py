@@ -1,4 +1,4 @@
-"""`LongSideModel`: frozen backbone + side network + one memory bank per sequence.
+"""`LongSideModel`: frozen backbone + side network + a `Memory` (one row per sequence).
 
     model = LongSideModel.from_pretrained()          # the shipped SmolLM2 checkpoint
     for segment in segments:                         # [B, <= window] token ids, in order
@@ -8,22 +8,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from longside.backbone import Backbone, BackboneOutput, load_backbone
 from longside.config import SideNetConfig
 from longside.errors import CheckpointError, LongsideError
-from longside.paths import atomic_dir
-from longside.side_network import SideNetwork, memory_inputs
-from longside.token_cache import TokenHits, target_terms
+from longside.memory import Memory
+from longside.nn.memory_attention import memory_inputs
+from longside.nn.side_network import SideNetwork
+from longside.nn.token_cache import TokenHits, target_terms
+from longside.paths import atomic_dir, recover
 
 SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoints" / "smollm2-135m"
 _WEIGHTS = "side_model.safetensors"
@@ -61,73 +66,100 @@ class LongSideModel(nn.Module):
         self.backbone = backbone  # a plain attribute: not a submodule, never in state_dict
         self.config = config
         self.side = side if side is not None else SideNetwork(config, backbone.spec, backbone)
-        self._memory = None
-        self._memory_batch = 0
-        self._backbone_memory = None  # a BackboneMemory when config.backbone_memory_layers
+        self._memory: Memory | None = None  # made on first use (`memory`)
         # what forward calls: `side` itself, or its data-parallel wrapper during training
-        self._side_runner: nn.Module | None = None
-        # a feature_cache.FeatureCache that stands in for the backbone's encode (training)
+        self.side_runner: nn.Module | None = None
+        # a FeatureCache that stands in for the backbone's encode (training)
         self.feature_cache = None
 
     # -- memory ------------------------------------------------------------------------
     @property
-    def memory(self):
-        """The `BatchMemory` (one bank per sequence), created on first use."""
+    def memory(self) -> Memory:
+        """The model's `Memory` (one row per sequence), created with one row on first use."""
         if self._memory is None:
-            self._make_memory(1)
+            self._memory = Memory(self.backbone, self.config, 1)
         return self._memory
 
-    def _make_memory(self, batch: int) -> None:
-        from longside.memory_bank import BatchMemory
-
-        spec, cfg = self.backbone.spec, self.config
-        self._memory = BatchMemory(
-            batch, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
-            chunk_size=cfg.chunk_size, capacity_tokens=cfg.capacity_tokens,
-            index=cfg.index, owner=self.backbone.owner_id(cfg.memory_layer),
-            token_dim=spec.hidden_size if cfg.token_cache else None,
-            token_layer=self.token_layer if cfg.token_cache else None)
-        self._memory_batch = batch
-        self._backbone_memory = None
-        if cfg.backbone_memory_layers:
-            from longside.backbone_memory import BackboneMemory
-
-            self._backbone_memory = BackboneMemory(
-                self.backbone, cfg.backbone_memory_layers, batch, k_chunks=cfg.backbone_memory_k_chunks,
-                distance=cfg.backbone_memory_distance or cfg.window, chunk_size=cfg.chunk_size,
-                capacity_tokens=cfg.capacity_tokens, index=cfg.index)
+    @property
+    def has_memory(self) -> bool:
+        """Whether a memory exists yet (`memory` makes one on first use)."""
+        return self._memory is not None
 
     @property
     def backbone_memory(self):
         """The `BackboneMemory` read inside the backbone's own blocks, or None (see config)."""
-        self.memory  # created together with the memory
-        return self._backbone_memory
+        return self.memory.blocks
+
+    def init_memory(self, batch_size: int = 1) -> Memory:
+        """A fresh, empty memory with one row per sequence of a `batch_size` batch."""
+        self._memory = Memory(self.backbone, self.config, batch_size)
+        return self._memory
+
+    def memory_for(self, batch_size: int) -> Memory:
+        """The memory, with one row per sequence of a `batch_size` batch: an empty memory of
+        another size is rebuilt; one that holds text is never dropped silently."""
+        mem = self._memory
+        if mem is not None and mem.rows == batch_size:
+            return mem
+        if mem is not None and not mem.is_empty():
+            raise LongsideError(
+                f"memory holds {mem.rows} sequence(s) but the batch size is {batch_size}; call "
+                f"model.init_memory({batch_size}) to start fresh (or reset_memory()), or keep {mem.rows} rows")
+        return self.init_memory(batch_size)
+
+    @contextlib.contextmanager
+    def scoped_memory(self, batch_size: int = 1) -> Iterator[Memory]:
+        """A scratch memory for the duration of a `with` block (validation, probes); the
+        model's own memory is put back afterwards, untouched."""
+        saved = self._memory
+        self._memory = Memory(self.backbone, self.config, batch_size)
+        try:
+            yield self._memory
+        finally:
+            self._memory = saved
 
     def use_backbone_memory(self, layers: Sequence[int], k_chunks: int | None = None) -> None:
         """Let blocks `layers` of the backbone read memory themselves ([] switches it off);
-        needs no training (see `longside.backbone_memory`). Refused while memory holds
+        needs no training (see `longside.nn.backbone_memory`). Refused while memory holds
         text, which was written without it: reset or start a new memory first."""
-        if self._memory is not None and any(self._memory.lengths()):
+        if self._memory is not None and not self._memory.is_empty():
             raise LongsideError("memory already holds text written without this setting; call reset_memory() "
                                 "first and memorize it again")
-        before = self.config
-        self.config = dataclasses.replace(before, backbone_memory_layers=list(layers),
-                                          backbone_memory_k_chunks=k_chunks or before.backbone_memory_k_chunks)
-        try:
-            self._make_memory(max(1, self._memory_batch))  # checks the layers now, not at first use
-        except LongsideError:
-            self.config = before
-            self._make_memory(max(1, self._memory_batch))
-            raise
+        rows = self._memory.rows if self._memory is not None else 1
+        config = dataclasses.replace(self.config, backbone_memory_layers=list(layers),
+                                     backbone_memory_k_chunks=k_chunks or self.config.backbone_memory_k_chunks)
+        memory = Memory(self.backbone, config, rows)  # checks the layers now, not at first use
+        self.config, self._memory = config, memory
+
+    def reset_memory(self, rows: list[int] | None = None) -> None:
+        """Forget everything (or only `rows`), e.g. at document boundaries."""
+        if self._memory is not None:
+            self._memory.reset(rows)
+
+    def memorize(self, source, *, row: int | None = None, progress: bool = True, as_text: bool = False) -> int:
+        """Read text / a file / an iterable of those into memory row `row` (every row when
+        None); returns the tokens written. A string that looks like a path but names no
+        file is refused (`as_text=True` stores it as text). See `Memory.memorize`."""
+        return self.memory.memorize(source, rows=None if row is None else [row], progress=progress, as_text=as_text)
+
+    def save_memory(self, path: str | Path, row: int = 0) -> None:
+        """Write memory row `row` to `path`, atomically and checksummed: one file, or a
+        directory when backbone memory is on (it holds each block's bank too)."""
+        self.memory.save(path, row)
+
+    def load_memory(self, path: str | Path, row: int = 0) -> None:
+        """Replace memory row `row` by one `save_memory` wrote; refuses memory from another
+        backbone or with other backbone-memory blocks, and corrupt files."""
+        self.memory.load(path, row)
 
     def encode(self, input_ids: torch.Tensor, use_memory: bool = True, segment=None, **kwargs):
         """`Backbone.encode` of `input_ids [B, T]` at the memory layer. With backbone memory,
         its blocks also read memory (`use_memory`) and record the tokens' keys/values in
         `segment` (a `backbone_memory.Segment`; default a new one, for a whole segment from
-        position 0), which `_write` stores; the output keeps it as `out.backbone_segment`.
+        position 0), which `write_segment` stores; the output keeps it as `out.backbone_segment`.
         kwargs go to `Backbone.encode` (cache, positions for incremental decoding)."""
         ids = input_ids.to(self.backbone.device)
-        bm = self._backbone_memory
+        bm = self._memory.blocks if self._memory is not None else None
         if bm is None:
             return self.backbone.encode(ids, memory_layer=self.config.memory_layer, **kwargs)
         segment = segment if segment is not None else bm.segment()
@@ -158,25 +190,16 @@ class LongSideModel(nn.Module):
         token cache or nothing stored yet."""
         if keys is None or self._memory is None:
             return None
-        sims, nxt = self._memory.search_tokens(keys, self.config.token_k)
+        sims, nxt = self._memory.layer.search_tokens(keys, self.config.token_k)
         if not sims.shape[-1]:
             return None
         B, T = keys.shape[:2]
         ck = self.config.token_copy_k
         if ck and ids is not None:
-            lens, cnxt = self._memory.match_tokens(ids, T, ck)
+            lens, cnxt = self._memory.layer.match_tokens(ids, T, ck)
         else:
             lens = cnxt = torch.zeros(B, T, 0, dtype=torch.int64, device=sims.device)
         return TokenHits(sims, nxt, lens.to(sims.device), cnxt.to(sims.device))
-
-    def reset_memory(self, rows: list[int] | None = None) -> None:
-        """Forget everything (or only `rows`), e.g. at document boundaries."""
-        if rows is not None and not isinstance(rows, torch.Tensor):
-            rows = list(rows)  # both memories read it
-        if self._memory is not None:
-            self._memory.reset(rows)
-        if self._backbone_memory is not None:
-            self._backbone_memory.reset(rows)
 
     # -- forward -----------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
@@ -194,18 +217,15 @@ class LongSideModel(nn.Module):
         if T > self.config.window:
             raise LongsideError(f"segment of {T} tokens exceeds the window of {self.config.window}; "
                                 "split the text into segments (or use memorize / generate)")
-        if (use_memory or write_memory) and (self._memory is None or self._memory_batch != B):
-            if self._memory is not None and len(self._memory.banks[0]) > 0:
-                raise LongsideError(f"memory holds sequences for batch size {self._memory_batch}, got {B}; "
-                                    "call reset_memory() or keep the batch size")
-            self._make_memory(B)
-        if encoded is not None and self._backbone_memory is not None:
+        if use_memory or write_memory:
+            self.memory_for(B)
+        if encoded is not None and self.config.backbone_memory_layers:
             raise LongsideError("a shared `encoded` segment cannot be used with backbone memory: its blocks "
                                 "read this model's own memory; leave encoded=None")
         if encoded is not None and (encoded.memory_keys is None or encoded.last_hidden.shape[:2] != (B, T)):
             raise LongsideError("`encoded` must be `model.encode(input_ids)` of these very ids "
                                 f"([{B}, {T}] tokens, with the memory layer's keys)")
-        out, h, tok_keys, hits = self._read(input_ids, use_memory, encoded)
+        out, h, tok_keys, hits = self.read_segment(input_ids, use_memory, encoded)
         loss, n = None, 0
         logits = None
         if labels is not None:
@@ -213,10 +233,10 @@ class LongSideModel(nn.Module):
         if return_logits:
             logits = self.output(h, hits)
         if write_memory:
-            self._write(out, input_ids, tok_keys)
+            self.write_segment(out, input_ids, tok_keys)
         return LongSideOutput(logits=logits, loss=loss, n_tokens=n)
 
-    def _read(self, input_ids: torch.Tensor, use_memory: bool, encoded: BackboneOutput | None = None):
+    def read_segment(self, input_ids: torch.Tensor, use_memory: bool, encoded: BackboneOutput | None = None):
         """Backbone (unless `encoded` is given), memory read and side network over one
         segment -> (BackboneOutput, final states `h [B, T, d]`, token-cache keys `[B, T, d]`
         or None, token-cache hits or None). Nothing is written."""
@@ -231,17 +251,16 @@ class LongSideModel(nn.Module):
         if use_memory:
             k = self.config.k_chunks
             mem = memory_inputs(self.backbone, out, layer, lambda q: self._memory.search(q, k))
-        runner = self.side if self._side_runner is None else self._side_runner
+        runner = self.side if self.side_runner is None else self.side_runner
         h, _ = runner(out.hidden_states, mem)
         tok_keys = self.token_keys(out)
         return out, h, tok_keys, self.search_tokens(tok_keys, input_ids) if use_memory else None
 
-    def _write(self, out, input_ids: torch.Tensor, tok_keys: torch.Tensor | None) -> None:
-        """Write a segment read by `_read` into memory."""
-        self._memory.add(out.memory_keys, out.memory_values, token_keys=tok_keys,
-                         token_ids=input_ids if tok_keys is not None else None)
-        if self._backbone_memory is not None:
-            self._backbone_memory.write(out.backbone_segment)
+    def write_segment(self, out, input_ids: torch.Tensor, tok_keys: torch.Tensor | None) -> None:
+        """Write a segment read by `read_segment` into memory."""
+        self.memory.add(out.memory_keys, out.memory_values, token_keys=tok_keys,
+                        token_ids=input_ids if tok_keys is not None else None,
+                        backbone_segment=getattr(out, "backbone_segment", None))
 
     def output(self, h: torch.Tensor, hits=None, block: int = 256) -> torch.Tensor:
         """Final states `h [B, T, d]` -> logits `[B, T, V]` float32; with token-cache `hits`
@@ -286,8 +305,6 @@ class LongSideModel(nn.Module):
     # -- save / load -------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, dtype: torch.dtype = torch.float16) -> None:
         """Side weights (safetensors, `dtype`) + config JSON; the backbone by name and hash."""
-        from safetensors.torch import save_file
-
         tensors = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous()
                    for k, v in self.side.state_dict().items()}
         with atomic_dir(path, marker=_CONFIG) as tmp:
@@ -298,10 +315,8 @@ class LongSideModel(nn.Module):
     def from_pretrained(cls, path: str | Path | None = None, backbone: Backbone | str | None = None,
                         quantize: str | None = None) -> "LongSideModel":
         """Load a checkpoint directory (default: the one shipped with longside)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         path = Path(path) if path is not None else SHIPPED_CHECKPOINT
+        recover(path)
         if not (path / _CONFIG).exists() or not (path / _WEIGHTS).exists():
             raise CheckpointError(f"{path} is not a longside checkpoint (needs {_CONFIG} and {_WEIGHTS}); "
                                   "train one with `longside train` or omit the path for the shipped one")
@@ -323,39 +338,6 @@ class LongSideModel(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.side.parameters() if p.requires_grad]
-
-    # -- generation and memory helpers (thin: the work is in generate.py / memorize.py) --
-    def generate(self, prompt, max_new_tokens: int = 128, **kwargs):
-        """Generate with incremental decoding and memory; see `longside.generate.generate`."""
-        from longside.generate import generate
-        return generate(self, prompt, max_new_tokens, **kwargs)
-
-    def stream(self, prompt: str, max_new_tokens: int = 128, **kwargs):
-        """Yield generated text pieces; see `longside.generate.stream`."""
-        from longside.generate import stream
-        return stream(self, prompt, max_new_tokens, **kwargs)
-
-    def memorize(self, source, *, row: int | None = None, progress: bool = True) -> int:
-        """Read text / a file / an iterable of those into memory; see `longside.memorize.memorize`."""
-        from longside.memorize import memorize
-        return memorize(self, source, row=row, progress=progress)
-
-    def init_memory(self, batch_size: int = 1) -> None:
-        """A fresh, empty memory with one bank per sequence of a `batch_size` batch."""
-        from longside.memorize import init_memory
-        init_memory(self, batch_size)
-
-    def save_memory(self, path: str | Path, row: int = 0) -> None:
-        """Write memory row `row` to `path`, atomically and checksummed: one file, or a
-        directory when backbone memory is on (it holds each block's bank too)."""
-        from longside.memorize import save_memory
-        save_memory(self, path, row)
-
-    def load_memory(self, path: str | Path, row: int = 0) -> None:
-        """Replace memory row `row` by one `save_memory` wrote; refuses memory from another
-        backbone or with other backbone-memory blocks, and corrupt files."""
-        from longside.memorize import load_memory
-        load_memory(self, path, row)
 
 
 def state_hash(model: LongSideModel) -> str:

@@ -48,6 +48,7 @@ from longside.errors import MemoryBankError
 
 from .eviction import EvictionPolicy, SlotQueue, make_policy
 from .ivf import IVFIndexes
+from .persist import load_bank, save_bank
 from .token_memory import TokenMemory
 
 INDEXES = ("flat", "ivf", "hnsw")
@@ -192,11 +193,18 @@ class MemoryBank:
         if self.tokens is not None and token_keys.shape[0] != T:
             raise MemoryBankError(f"token_keys hold {token_keys.shape[0]} tokens, keys {T}")
         S = self.chunk_size
+        keys = keys.detach().to(self.device, self.dtype)
+        values = values.detach().to(self.device, self.dtype)
+        # checked after the cast: a float32 key too large for float16 becomes inf there, and a
+        # non-finite key would outscore every other chunk in each search
+        if not (bool(torch.isfinite(keys).all()) and bool(torch.isfinite(values).all())):
+            raise MemoryBankError(f"keys/values hold NaN or inf (in {self.dtype} storage); nothing was added. "
+                                  "Check the encoder's output, or store float32 keys (dtype=torch.float32)")
+        if self.tokens is not None and not bool(torch.isfinite(token_keys).all()):
+            raise MemoryBankError("token_keys hold NaN or inf; nothing was added")
         with self._lock:
             if self.tokens is not None:
                 self.tokens.add(token_keys, token_ids)
-            keys = keys.detach().to(self.device, self.dtype)
-            values = values.detach().to(self.device, self.dtype)
             pos = 0
             if self._partial >= 0:
                 pos = self._top_up(keys, values)
@@ -336,6 +344,8 @@ class MemoryBank:
         similarities `[T, k']` float32 and next-token ids `[T, k']` (see TokenMemory)."""
         if self.tokens is None:
             raise MemoryBankError("this bank keeps no token memory (built without token_dim)")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise MemoryBankError(f"k must be an integer >= 1, got {k!r}")
         with self._lock:
             return self.tokens.search(queries, k)
 
@@ -453,8 +463,8 @@ class MemoryBank:
         if Hq % self.num_kv_heads:
             raise MemoryBankError(
                 f"{Hq} query heads cannot share {self.num_kv_heads} key/value heads evenly")
-        if k_chunks < 1:
-            raise MemoryBankError(f"k_chunks must be >= 1, got {k_chunks}")
+        if isinstance(k_chunks, bool) or not isinstance(k_chunks, int) or k_chunks < 1:
+            raise MemoryBankError(f"k_chunks must be an integer >= 1, got {k_chunks!r}")
         return T, Hq
 
     # -- reporting and persistence -------------------------------------------------------
@@ -504,7 +514,6 @@ class MemoryBank:
 
     def save(self, path: str | Path) -> None:
         """Write the bank to one file, atomically, with a checksum (see persist.py)."""
-        from .persist import save_bank
         with self._lock:
             save_bank(self, Path(path))
 
@@ -515,7 +524,6 @@ class MemoryBank:
         """Read a bank written by `save`. Raises MemoryBankError if the file is corrupt or
         truncated, or if `expect_owner` is given and differs from the bank's owner.
         `eviction` supplies a custom policy object that was saved by name."""
-        from .persist import load_bank
         return load_bank(cls, Path(path), expect_owner=expect_owner, device=device, eviction=eviction)
 
     def __repr__(self) -> str:

@@ -28,6 +28,8 @@ class BatchMemory:
         return len(self.banks)
 
     def __getitem__(self, row: int) -> MemoryBank:
+        if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < len(self.banks):
+            raise MemoryBankError(f"row {row!r} out of range for a batch of {len(self.banks)}")
         return self.banks[row]
 
     def _check_batch(self, t: torch.Tensor, name: str, rows: int | None = None) -> None:
@@ -51,7 +53,9 @@ class BatchMemory:
     def search_tokens(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`queries [B, T, token_dim]` -> similarities `[B, T, k']` float32 and next-token
         ids `[B, T, k']`, k' the largest row's min(k, stored pairs); row b from bank b.
-        Rows with fewer pairs are padded with similarity -inf and id 0."""
+        Rows with fewer pairs are padded with similarity -inf and id 0, which a reader must
+        ignore (longside's token-cache reader does: a row reads the same whatever the
+        others hold)."""
         hits = [bank.search_tokens(q, k) for bank, q in zip(self.banks, queries)]
         kk = max(s.shape[1] for s, _ in hits)
         pad = [kk - s.shape[1] for s, _ in hits]

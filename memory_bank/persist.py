@@ -22,18 +22,15 @@ import hashlib
 import json
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
 import torch
 
 from longside.errors import MemoryBankError
-from longside.paths import atomic_file
+from longside.paths import atomic_file, recover
 
 from .eviction import make_policy
-
-if TYPE_CHECKING:
-    from .bank import MemoryBank
 
 MAGIC = b"LSMB"
 FORMAT_VERSION = 1
@@ -56,8 +53,8 @@ def _raw(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().cpu().view(torch.uint8).numpy().reshape(-1)
 
 
-def save_bank(bank: "MemoryBank", path: Path) -> None:
-    """Write `bank` to `path` (the caller holds the bank's lock)."""
+def save_bank(bank, path: Path) -> None:
+    """Write `bank` (a `MemoryBank`) to `path` (the caller holds the bank's lock)."""
     used = bank._used
     arrays: dict[str, np.ndarray] = {
         "keys": _raw(bank._keys[:, :used]),
@@ -97,7 +94,8 @@ def _corrupt(path: Path, why: str) -> MemoryBankError:
         "longside memory bank. Delete it, or restore the previous copy, and rebuild the memory.")
 
 
-def load_bank(cls: type, path: Path, *, expect_owner: str | None, device, eviction) -> "MemoryBank":
+def load_bank(cls: type, path: Path, *, expect_owner: str | None, device, eviction):
+    recover(path)
     try:
         data = memoryview(bytearray(path.read_bytes()))
     except FileNotFoundError:

@@ -28,7 +28,6 @@ import torch
 
 from longside.errors import MemoryBankError
 
-
 _HASH_P = 2_147_483_647  # a prime below 2^31: hash * base stays inside int64
 _HASH_BASE = 1_000_003
 MATCH_ORDERS = (2, 4, 8, 16, 32)  # n-gram lengths looked up, longest found first

@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-from longside.backbone_memory import BackboneMemory, Segment
 from longside.config import SideNetConfig
 from longside.errors import CheckpointError, LongsideError, MemoryBankError, SessionError
+from longside.inference.window import LocalWindow
 from longside.model import LongSideModel
-from longside.window import LocalWindow
+from longside.nn.backbone_memory import BackboneMemory, Segment
 
 W = 64
 LAYERS = [12, 20, 27]
@@ -64,8 +64,8 @@ def test_the_edit_is_one_softmax_over_memory_and_window(smollm2):
         edited["out"] = out
 
     with bm.attach(bm.segment(), read=True):  # hooks registered after the edit's see the edited output
-        handles = smollm2._parts.hook_kv(smollm2._parts.layers[L], kv, smollm2.spec)
-        handles.append(smollm2._parts.out_proj(smollm2._parts.layers[L]).register_forward_hook(grab_out))
+        handles = smollm2.parts.hook_kv(smollm2.parts.layers[L], kv, smollm2.spec)
+        handles.append(smollm2.parts.out_proj(smollm2.parts.layers[L]).register_forward_hook(grab_out))
         try:
             smollm2.encode(b)
         finally:
@@ -89,7 +89,7 @@ def test_the_edit_is_one_softmax_over_memory_and_window(smollm2):
 
 def _block_kv(backbone, bm: BackboneMemory, ids, L):
     kv = {}
-    handles = backbone._parts.hook_kv(backbone._parts.layers[L], kv, backbone.spec)
+    handles = backbone.parts.hook_kv(backbone.parts.layers[L], kv, backbone.spec)
     try:
         backbone.encode(ids)
     finally:
@@ -259,7 +259,7 @@ def test_saved_memory_keeps_the_block_banks(smollm2, tmp_path):
 
 
 def test_chat_sessions_keep_the_block_banks(smollm2, tmp_path):
-    from longside.chat import ChatSession
+    from longside.inference.chat import ChatSession
 
     model = make_model(smollm2)
     model.memorize("The secret word of the day is marmalade. " * 12, progress=False)
@@ -287,7 +287,8 @@ def test_chat_sessions_keep_the_block_banks(smollm2, tmp_path):
 
 
 def test_training_refuses_backbone_memory(tmp_path):
-    from longside.train import TrainConfig, train
+    from longside.training.config import TrainConfig
+    from longside.training.train import train
 
     cfg = TrainConfig(side=SideNetConfig(backbone_memory_layers=[15]), out=str(tmp_path / "run"))
     with pytest.raises(LongsideError, match="backbone memory"):

@@ -1,4 +1,4 @@
-from longside.bench_train import _ratios, _worker
+from longside.bench.train import _ratios, _worker
 
 
 def test_ratios_compare_with_qlora_and_replay():

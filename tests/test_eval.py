@@ -15,10 +15,11 @@ import math
 
 import pytest
 import torch
-
-from longside.config import SideNetConfig
-from longside.eval import chapterbreak, cli, common, icl, passkey, ppl
+from longside.eval import chapterbreak, common, icl, passkey, ppl
 from longside.eval.common import EvalError
+
+from longside.cli import eval as cli
+from longside.config import SideNetConfig
 from longside.model import LongSideModel
 
 W = 128
@@ -41,7 +42,7 @@ def small(smollm2):
     Without the token cache, so its scores equal the bare backbone's exactly (the checks
     below rely on that; the token cache is tested in test_model.py)."""
     model = LongSideModel(smollm2, SideNetConfig(window=W, token_cache=False))
-    return model, common.model_info(model, None, trained=False, note="test model")
+    return model, common.model_info(model, None, note="test model")
 
 
 def _check_report(result: dict, evaluation: str) -> None:
@@ -176,8 +177,9 @@ def test_ppl_report(ppl_report, tmp_path):
 def test_ppl_shares_one_backbone_pass_with_the_same_scores(smollm2):
     # the shipped side network (memory reads change its logits), three rows reading each
     # segment's shared encoding against each row run alone, as before the sharing
-    from longside.data import load_books
     import torch.nn.functional as F
+
+    from longside.data import load_books
 
     model = LongSideModel.from_pretrained(backbone=smollm2).eval()
     book = load_books("test")[0]
@@ -259,7 +261,7 @@ def test_ppl_rejects_bad_buckets(small):
 def test_ppl_scores_only_the_rows_asked_for(smollm2):
     # a model whose backbone reads memory: its memory row must differ from memory off
     model = LongSideModel(smollm2, SideNetConfig(window=W, token_cache=False, backbone_memory_layers=[20]))
-    info = common.model_info(model, None, trained=False, note="test model")
+    info = common.model_info(model, None, note="test model")
     config = ppl.PplConfig(window=W, memory_tokens=(256,), buckets=(0, 128), max_tokens=384, max_books=1,
                            rows=("off", "memory"))
     res = ppl.run(model, info, config)["results"]["rows"]

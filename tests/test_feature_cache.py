@@ -5,9 +5,10 @@ import torch
 
 from longside.config import SideNetConfig
 from longside.errors import LongsideError
-from longside.feature_cache import FeatureCache
 from longside.model import LongSideModel
-from longside.train import preset, train
+from longside.training.config import preset
+from longside.training.feature_cache import FeatureCache
+from longside.training.train import train
 
 
 def _model(backbone):

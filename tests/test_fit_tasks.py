@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from longside.errors import LongsideError
-from longside.fit_tasks import PROMPTS, TASKS, classification_tasks
+from longside.training.fit_tasks import PROMPTS, TASKS, classification_tasks
 
 
 def _books():

@@ -9,12 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from longside.backbone import encode_memory
 from longside.config import SideNetConfig
 from longside.errors import LongsideError, MemoryBankError
-from longside.memorize import encode_memory
+from longside.inference.generate import generate, stream
+from longside.inference.sampling import GenerationConfig, TextPieces, process_logits
+from longside.inference.window import LocalWindow
 from longside.model import LongSideModel
-from longside.sampling import SamplingConfig, TextPieces, process_logits
-from longside.window import LocalWindow
 
 W = 64
 
@@ -42,6 +43,28 @@ def ids_of(n: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
     return torch.randint(100, 5000, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
+def backbone_noise(bb, ids: torch.Tensor, cuts: list[int]) -> float:
+    """How far the bare backbone's own logits move between a whole-segment pass and cached
+    steps over `cuts` (segments of W restart at position 0), and between batch rows run
+    together and alone: the float32 noise of this CPU's kernels (~7e-5 on AVX2, ~3e-4 on
+    AVX-512), against which longside's incremental and batched logits are judged."""
+    from transformers import DynamicCache
+
+    cuts = sorted(set(cuts) | set(range(0, ids.shape[1], W)))  # pieces never straddle a segment
+    with torch.no_grad():
+        full = torch.cat([bb.logits(ids[:, a:a + W]) for a in range(0, ids.shape[1], W)], 1)
+        outs, cache = [], None
+        for a, b in zip(cuts, cuts[1:]):
+            if a % W == 0:
+                cache = DynamicCache()
+            pos = torch.arange(a % W, a % W + b - a).expand(ids.shape[0], b - a)
+            out = bb.encode(ids[:, a:b], cache=cache, use_cache=True, position_ids=pos)
+            cache = out.cache
+            outs.append(bb.lm_head(out.last_hidden))
+        alone = torch.cat([bb.logits(ids[i:i + 1, :W]) for i in range(ids.shape[0])])
+    return max((torch.cat(outs, 1) - full).abs().max().item(), (alone - full[:, :W]).abs().max().item())
+
+
 # -- incremental decoding -------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["gated", "joint"])
 def test_incremental_logits_match_full_segments(smollm2, mode):
@@ -56,11 +79,12 @@ def test_incremental_logits_match_full_segments(smollm2, mode):
     # across the segment boundary
     cuts = [0, 5, *range(14, W - 4, 9), *range(W - 4, ids.shape[1] + 1)]
     inc = torch.cat([window.feed(ids[:, a:b], all_logits=True) for a, b in zip(cuts, cuts[1:])], 1)
-    # float32 over 30 backbone blocks: the bare backbone alone differs by ~7e-5 between
-    # cached one-token steps and a whole-segment pass
-    torch.testing.assert_close(inc, full, atol=1e-4, rtol=1e-5)
+    # float32 over 30 backbone blocks: the bare backbone alone differs between cached steps
+    # and a whole-segment pass; memory read through keys made either way adds a little
+    atol = max(1e-4, 5 * backbone_noise(smollm2, ids, cuts))
+    torch.testing.assert_close(inc, full, atol=atol, rtol=1e-5)
     # the second segment really read memory (far above the float noise)
-    assert (full[:, W:] - no_mem).abs().max() > 1e-3
+    assert (full[:, W:] - no_mem).abs().max() > 100 * atol
 
 
 def test_fork_continues_a_prefix_without_touching_it(model):
@@ -80,7 +104,7 @@ def test_fork_continues_a_prefix_without_touching_it(model):
 def test_greedy_equals_transformers_generate_when_side_is_silent(smollm2):
     model = LongSideModel(smollm2, SideNetConfig(window=W, capacity_tokens=4096))  # up == 0: the backbone
     ids = smollm2.tokenizer("The capital of France is", return_tensors="pt").input_ids
-    ours = model.generate(ids, 12)
+    ours = generate(model, ids, 12)
     ref = smollm2.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                                  pad_token_id=smollm2.tokenizer.eos_token_id)
     assert torch.equal(ours, ref)
@@ -111,34 +135,38 @@ def test_memory_holds_the_segment_keys(model, smollm2):
 
 
 def test_long_prompt_is_read_segment_by_segment(model):
-    out = model.generate(ids_of(2 * W + 10), 3)
+    out = generate(model, ids_of(2 * W + 10), 3)
     assert out.shape == (1, 2 * W + 13)
     assert len(model.memory.banks[0]) == 2 * W  # two full segments; the partial one stays local
 
 
 def test_generation_crossing_a_boundary_writes_once(model):
-    model.generate(ids_of(W - 3), 8, eos_token_id=[])
+    generate(model, ids_of(W - 3), 8, eos_token_id=[])
     assert len(model.memory.banks[0]) == W
 
 
 # -- arguments ----------------------------------------------------------------------------------
 def test_sampling_is_reproducible_with_a_seed(model):
     kw = dict(do_sample=True, temperature=1.3, top_k=50, top_p=0.95, eos_token_id=[])
-    a = model.generate(ids_of(8), 6, seed=3, **kw)
-    b = model.generate(ids_of(8), 6, seed=3, **kw)
-    c = model.generate(ids_of(8), 6, seed=4, **kw)
+    a = generate(model, ids_of(8), 6, seed=3, **kw)
+    b = generate(model, ids_of(8), 6, seed=3, **kw)
+    c = generate(model, ids_of(8), 6, seed=4, **kw)
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert torch.equal(model.generate(ids_of(8), 6, do_sample=True, top_k=1, seed=5),
-                       model.generate(ids_of(8), 6))
+    assert torch.equal(generate(model, ids_of(8), 6, do_sample=True, top_k=1, seed=5),
+                       generate(model, ids_of(8), 6))
 
 
 def test_logits_processing_matches_transformers():
-    from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                                                        TopKLogitsWarper, TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 500, generator=g) * 3
     seen = torch.randint(0, 500, (3, 20), generator=g)
-    cfg = SamplingConfig(do_sample=True, temperature=0.7, top_k=40, top_p=0.8, repetition_penalty=1.3)
+    cfg = GenerationConfig(do_sample=True, temperature=0.7, top_k=40, top_p=0.8, repetition_penalty=1.3)
     ref = RepetitionPenaltyLogitsProcessor(1.3)(seen, logits.clone())
     for proc in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(40), TopPLogitsWarper(0.8)):
         ref = proc(seen, ref)
@@ -148,45 +176,53 @@ def test_logits_processing_matches_transformers():
 
 
 def test_repetition_penalty_changes_greedy_output(model):
-    plain = model.generate("the the the the the", 8, eos_token_id=[])
-    penal = model.generate("the the the the the", 8, eos_token_id=[], repetition_penalty=2.0)
+    plain = generate(model, "the the the the the", 8, eos_token_id=[])
+    penal = generate(model, "the the the the the", 8, eos_token_id=[], repetition_penalty=2.0)
     assert "the the" not in penal.lower() and plain != penal
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=0.0), dict(top_p=0.0), dict(top_k=-1),
-                                 dict(repetition_penalty=0.0)])
+                                 dict(repetition_penalty=0.0), dict(temperature=float("nan")),
+                                 dict(repetition_penalty=float("nan")), dict(top_k=2.5), dict(temperature="hot"),
+                                 dict(max_new_tokens="3"), dict(max_new_tokens=2.0)])
 def test_bad_sampling_arguments_are_refused(model, bad):
     with pytest.raises(LongsideError):
-        model.generate("hi", 2, do_sample=True, **bad)
+        generate(model, "hi", **{"max_new_tokens": 2, "do_sample": True, **bad})
 
 
 def test_bad_prompts_are_refused(model):
     with pytest.raises(LongsideError, match="max_new_tokens"):
-        model.generate("hi", 0)
+        generate(model, "hi", 0)
     with pytest.raises(LongsideError, match="same number of tokens"):
-        model.generate(["short", "a much longer prompt than the first"], 2)
+        generate(model, ["short", "a much longer prompt than the first"], 2)
     with pytest.raises(LongsideError, match="empty"):
-        model.generate("", 2)
+        generate(model, "", 2)
+    with pytest.raises(LongsideError, match="vocabulary"):
+        generate(model, torch.tensor([[1, model.backbone.spec.vocab_size]]), 2)
+    with pytest.raises(LongsideError, match="vocabulary"):
+        generate(model, torch.tensor([[-1, 5]]), 2)
+    with pytest.raises(TypeError, match="unknown generation option"):
+        generate(model, "hi", 2, temprature=0.5)
 
 
 def test_eos_ends_generation(model):
-    free = model.generate(ids_of(6), 6, eos_token_id=[])
+    free = generate(model, ids_of(6), 6, eos_token_id=[])
     eos = int(free[0, 6 + 2])  # make the third new token the end-of-sequence id
-    stopped = model.generate(ids_of(6), 6, eos_token_id=eos)
+    stopped = generate(model, ids_of(6), 6, eos_token_id=eos)
     assert torch.equal(stopped, free[:, :6 + 3])
 
 
 # -- stop strings and streaming --------------------------------------------------------------------
 def test_stop_string_cuts_the_text(model):
-    text = model.generate("Once upon a time", 24, eos_token_id=[])
+    text = generate(model, "Once upon a time", 24, eos_token_id=[])
     word = text.split()[3]
-    cut = model.generate("Once upon a time", 24, eos_token_id=[], stop=[word, "zzzz-never"])
+    cut = generate(model, "Once upon a time", 24, eos_token_id=[], stop=[word, "zzzz-never"])
     assert cut == text[:text.index(word)]
 
 
 def test_stream_pieces_join_to_the_generated_text(model):
-    text = model.generate("My favourite book is", 20)
-    pieces = list(model.stream("My favourite book is", 20))
+    text = generate(model, "My favourite book is", 20)
+    pieces = list(stream(model, "My favourite book is", 20))
     assert len(pieces) > 3 and "".join(pieces) == text
 
 
@@ -214,11 +250,11 @@ def test_hf_streamer_receives_prompt_then_each_token(model):
             self.ended = True
 
     rec = Recorder()
-    out = model.generate(ids_of(5), 4, streamer=rec, eos_token_id=[])
+    out = generate(model, ids_of(5), 4, streamer=rec, eos_token_id=[])
     assert rec.ended and torch.equal(rec.calls[0], out[:, :5])
     assert torch.equal(torch.cat([c.view(-1) for c in rec.calls[1:]]), out[0, 5:])
     with pytest.raises(LongsideError, match="batch size 1"):
-        model.generate(ids_of(5, batch=2), 2, streamer=rec)
+        generate(model, ids_of(5, batch=2), 2, streamer=rec)
 
 
 # -- batch isolation ------------------------------------------------------------------------
@@ -236,10 +272,11 @@ def test_batch_rows_read_only_their_own_memory(smollm2):
     model.init_memory(2)
     LocalWindow(model, 2).feed(torch.cat([book_a, book_b]))
     both = LocalWindow(model, 2, write_memory=False).feed(prompt.expand(2, -1), all_logits=True)
-    torch.testing.assert_close(both[0], ref_a[0], atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(both[1], ref_b[0], atol=1e-4, rtol=1e-5)
-    assert (ref_a - ref_b).abs().max() > 2e-3  # the memories differ far beyond the tolerance above
-    texts = model.generate(["Tell me a story", "Tell me a story"], 3)
+    atol = max(1e-4, 5 * backbone_noise(smollm2, torch.cat([book_a, book_b]), [0, 5, *range(14, 2 * W, 9), 2 * W]))
+    torch.testing.assert_close(both[0], ref_a[0], atol=atol, rtol=1e-5)
+    torch.testing.assert_close(both[1], ref_b[0], atol=atol, rtol=1e-5)
+    assert (ref_a - ref_b).abs().max() > 10 * atol  # the memories differ far beyond the tolerance above
+    texts = generate(model, ["Tell me a story", "Tell me a story"], 3)
     assert len(texts) == 2 and model.memory.lengths() == [2 * W, 2 * W]
 
 
@@ -305,7 +342,8 @@ def test_generate_cli_memorizes_and_streams(tmp_path):
 @pytest.mark.slow
 def test_bench_generate_writes_the_schema(tmp_path):
     import json
-    from longside.bench_generate import main
+
+    from longside.bench.generate import main
     out = tmp_path / "b.json"
     assert main(["--quick", "--rows", "longside-nf4", "--prompt-tokens", "16", "--new-tokens", "2",
                  "--threads", "1", "--json", str(out)]) == 0
@@ -318,7 +356,7 @@ def test_bench_generate_writes_the_schema(tmp_path):
 
 
 def test_bench_generate_refuses_a_bad_block_spec_before_any_row():
-    from longside.bench_generate import main
+    from longside.bench.generate import main
     from longside.errors import CheckpointError
     with pytest.raises(CheckpointError, match="15-29"):
         main(["--quick", "--rows", "longside-nf4+bm", "--backbone-memory", "29-15"])
@@ -327,7 +365,8 @@ def test_bench_generate_refuses_a_bad_block_spec_before_any_row():
 @pytest.mark.slow
 def test_bench_generate_times_backbone_memory_rows(tmp_path):
     import json
-    from longside.bench_generate import main
+
+    from longside.bench.generate import main
     out = tmp_path / "b.json"
     assert main(["--quick", "--rows", "longside-nf4+bm", "--backbone-memory", "29", "--prompt-tokens", "16",
                  "--new-tokens", "2", "--threads", "1", "--json", str(out)]) == 0

@@ -7,13 +7,22 @@ import json
 
 import pytest
 import torch
+from longside.kernels import (
+    NF4Weight,
+    QuantLinear,
+    cpu,
+    dequantize,
+    dequantize_nf4,
+    load_quantized,
+    matmul_nf4,
+    matmul_nf4_reference,
+    quantize_model,
+    quantize_nf4,
+    save_quantized,
+)
 from torch import nn
 
 from longside.errors import CheckpointError, LongsideError
-from longside.kernels import (NF4Weight, QuantLinear, dequantize, dequantize_nf4, load_quantized,
-                              matmul_nf4, matmul_nf4_reference, quantize_model, quantize_nf4,
-                              save_quantized)
-from longside.kernels import cpu
 
 bf = pytest.importorskip("bitsandbytes.functional")
 needs_lib = pytest.mark.skipif(not cpu.available(), reason=f"C kernel not built: {cpu.BUILD_HINT}")
@@ -242,7 +251,7 @@ def test_load_quantized_rejects_a_plain_directory(tmp_path):
 
 @needs_lib
 def test_quick_benchmark_writes_well_formed_json(tmp_path):
-    from longside.kernels import bench
+    from longside.bench import kernels as bench
 
     out = tmp_path / "k.json"
     assert bench.main(["--quick", "--smoke", "--json", str(out)]) == 0
@@ -262,3 +271,19 @@ def test_quant_linear_dequantize_matches_reference():
     lin = torch.nn.Linear(128, 48, bias=False)
     q = QuantLinear.from_linear(lin)
     assert torch.equal(q.dequantize(), dequantize_nf4(q.nf4_weight()))
+
+
+def test_nf4_weight_refuses_buffers_that_do_not_fit_its_shape():
+    """Kernels index `packed` and `absmax` without bounds checks: a weight whose buffers are
+    too short (or whose blocksize is absurd) is refused when it is made, not segfaulted on."""
+    from longside.errors import LongsideError
+    from longside.kernels import NF4Weight
+
+    w = quantize_nf4(torch.randn(64, 128))
+    ok = dict(packed=w.packed, absmax=w.absmax, shape=w.shape, blocksize=w.blocksize)
+    NF4Weight(**ok)
+    for bad, match in [(dict(packed=w.packed[:-1]), "packed"), (dict(absmax=w.absmax[:-1]), "absmax"),
+                       (dict(blocksize=3), "blocksize"), (dict(blocksize=0), "blocksize"),
+                       (dict(shape=(64, 0)), "shape"), (dict(packed=w.packed.to(torch.int8)), "packed")]:
+        with pytest.raises(LongsideError, match=match):
+            NF4Weight(**{**ok, **bad})

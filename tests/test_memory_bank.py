@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import threading
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from longside.memory_bank import FIFO, BatchMemory, KeepMostRetrieved, MemoryBank
+from longside.memory_bank.eviction import SlotQueue
 
 from longside.errors import MemoryBankError
-from longside.memory_bank import BatchMemory, FIFO, KeepMostRetrieved, MemoryBank
-from longside.memory_bank.eviction import SlotQueue
 
 
 def tagged(first: int, n: int, heads: int = 2, dim: int = 8) -> torch.Tensor:
@@ -445,3 +444,32 @@ def test_search_waits_for_an_add_in_progress():
     k, _, mask = found
     assert (mask.sum(-1) == 32).all()
     assert sorted(int(t) for t in k[0, 0, :, 0][mask[0, 0]].round()) == list(range(32))
+
+
+def test_non_finite_keys_or_values_are_refused():
+    """A NaN key would be retrieved first by every query; a float32 key beyond float16's
+    range becomes inf in storage. Both are refused and the bank is left as it was."""
+    bank = MemoryBank(num_kv_heads=2, head_dim=8, chunk_size=2, capacity_tokens=64)
+    bank.add(tagged(0, 4), tagged(0, 4))
+    for bad_k, bad_v in [(float("nan"), 0.0), (0.0, float("inf")), (1e6, 0.0)]:
+        k, v = tagged(4, 2), tagged(4, 2)
+        k[0, 0, 3] += bad_k
+        v[1, 1, 2] += bad_v
+        with pytest.raises(MemoryBankError, match="NaN or inf"):
+            bank.add(k, v)
+    assert len(bank) == 4 and stored_tokens(bank) == [[0, 1], [2, 3]]
+
+
+def test_bad_k_and_rows_are_refused():
+    batch = BatchMemory(2, num_kv_heads=2, head_dim=8, chunk_size=2, capacity_tokens=64, token_dim=4)
+    q = torch.randn(2, 3, 4, 8)
+    for k in (0, -1, 1.5):
+        with pytest.raises(MemoryBankError, match="k_chunks"):
+            batch.search(q, k)
+        with pytest.raises(MemoryBankError, match="k must be"):
+            batch.banks[0].search_tokens(torch.randn(3, 4), k)
+    for r in (2, -1):
+        with pytest.raises(MemoryBankError, match="out of range"):
+            batch[r]
+        with pytest.raises(MemoryBankError, match="out of range"):
+            batch.search(q[:1], 1, rows=[r])

@@ -18,7 +18,7 @@ def _tiny_backbone(layers=4):
 
 def _cfg(**kw):
     base = dict(reduction=2, layer_stride=1, memory_layer=1, k_chunks=2, chunk_size=4, window=16,
-                capacity_tokens=256)
+                capacity_tokens=256, memory_attention="gated")  # these tests train the gate
     return SideNetConfig(**{**base, **kw})
 
 
@@ -53,8 +53,10 @@ def test_token_cache_starts_as_the_backbone_and_copies_repeated_text():
 
 def test_token_cache_gate_trains():
     model = LongSideModel(_tiny_backbone(), _cfg())
-    # "1 2 3" is followed by 4, 5 and 6: exact matches of several lengths that disagree
-    ids = torch.tensor([[10, 1, 2, 3, 4, 20, 1, 2, 3, 5, 30, 1, 2, 3, 6, 40]])
+    # "2 3" is followed by 4, 5 and 6, after contexts that match for 3, 2 and 2 tokens: exact
+    # matches of several lengths that disagree (equal lengths would leave the copy scale
+    # without a gradient)
+    ids = torch.tensor([[10, 1, 2, 3, 4, 20, 5, 2, 3, 5, 30, 1, 2, 3, 6, 40]])
     model(ids)
     model(ids, labels=ids).loss.backward()
     reader = model.side.token_reader
@@ -71,7 +73,7 @@ def test_copy_read_recalls_what_followed_the_same_words_in_memory():
     fact = torch.tensor([[7, 8, 9, 10, 11, 42, 43]])  # "... 7 8 9 10 11" is followed by the answer 42 43
     model(torch.cat([torch.randint(50, 96, (1, 9), generator=g), fact], 1))
     ask = torch.cat([torch.randint(50, 96, (1, 11), generator=g), fact[:, :5]], 1)
-    out, h, keys, hits = model._read(ask, use_memory=True)
+    out, h, keys, hits = model.read_segment(ask, use_memory=True)
     assert hits.copy_len.shape == (1, 16, 4)
     assert hits.copy_len[0, -1, 0] == 5 and hits.copy_nxt[0, -1, 0] == 42
     assert (hits.copy_len[0, :11] == 0).all()  # random filler matches nothing of length >= 2
@@ -184,7 +186,7 @@ def test_shipped_checkpoint_is_the_default(smollm2):
 def test_fit_token_cache_learns_to_trust_a_cache_that_repeats():
     import numpy as np
 
-    from longside.token_cache import fit_token_cache
+    from longside.training.token_cache_fit import fit_token_cache
 
     model = LongSideModel(_tiny_backbone(), _cfg())
     rng = np.random.default_rng(0)
@@ -199,7 +201,7 @@ def test_fit_token_cache_learns_to_trust_a_cache_that_repeats():
 def test_fit_token_cache_with_recall_tasks_answers_them():
     import numpy as np
 
-    from longside.token_cache import fit_token_cache
+    from longside.training.token_cache_fit import fit_token_cache
 
     model = LongSideModel(_tiny_backbone(), _cfg())
     rng = np.random.default_rng(1)
@@ -220,7 +222,7 @@ def test_fit_token_cache_with_recall_tasks_answers_them():
 def test_fit_token_cache_with_classification_documents_learns_their_labels():
     import numpy as np
 
-    from longside.token_cache import fit_token_cache
+    from longside.training.token_cache_fit import fit_token_cache
 
     model = LongSideModel(_tiny_backbone(), _cfg())
     rng = np.random.default_rng(2)
@@ -269,7 +271,7 @@ def test_training_loss_with_token_cache_equals_the_mixture_of_the_output():
 def test_token_cache_mix_is_the_dense_mixture():
     # mix computes only the voted tokens; it must equal log(pi_m p + pi_k votes_k + pi_c
     # votes_c) written out densely, with repeated tokens, padding and silent rows
-    from longside.token_cache import TokenCacheReader, TokenHits
+    from longside.nn.token_cache import TokenCacheReader, TokenHits
 
     torch.manual_seed(0)
     N, V, k, c = 12, 96, 8, 4
@@ -299,3 +301,27 @@ def test_token_cache_mix_is_the_dense_mixture():
     silent = log_pi[:, 0] == 0
     assert silent[:2].all() and torch.equal(out[silent], logits[silent])  # untouched where memory is silent
     assert not silent[3:].any()
+
+
+def test_batch_rows_never_read_each_other(smollm2):
+    """Row 1's logits are bit-equal whether row 0's memory is empty, shorter or longer than
+    token_k (padding slots of a shorter row change nothing the token-cache reader computes)."""
+    model = LongSideModel.from_pretrained(backbone=smollm2)
+    assert model.config.token_cache and model.config.token_k > 20
+    tok = smollm2.tokenizer
+    fact = "Note for the file: the passcode is 4417. Keep it."
+    filler = ("The river ran slowly past the mill, and the miller's daughter watched the boats "
+              "go by while the evening bells rang over the fields. ")
+    ask = tok("The passcode is", return_tensors="pt").input_ids
+    rows = []
+    for other in ("", filler[:40], filler * 6):
+        model.init_memory(2)
+        model.memorize(fact, row=1, progress=False)
+        if other:
+            model.memorize(other, row=0, progress=False)
+        n0 = model.memory.lengths()[0]
+        rows.append((n0, model(ask.repeat(2, 1), write_memory=False).logits[1]))
+    assert rows[0][0] == 0 and 0 < rows[1][0] < model.config.token_k < rows[2][0]
+    assert len(tok(fact).input_ids) < model.config.token_k  # row 1 holds fewer than k pairs
+    for _, logits in rows[1:]:
+        assert torch.equal(logits, rows[0][1])

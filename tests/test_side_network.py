@@ -4,7 +4,9 @@ import torch
 from longside.backbone import Backbone
 from longside.config import SideNetConfig
 from longside.errors import CheckpointError
-from longside.side_network import SideNetwork, causal_lse, memory_inputs
+from longside.nn.attention import causal_lse
+from longside.nn.memory_attention import memory_inputs
+from longside.nn.side_network import SideNetwork
 
 
 def _tiny(layers=4, seed=0):
@@ -53,7 +55,7 @@ def test_init_equals_backbone_and_shapes(init, down, mode):
 
 def test_gates_are_parameters_that_train_and_save():
     bb = _tiny()
-    side = _side(bb)
+    side = _side(bb, memory_attention="gated")  # the per-head gate is what this test trains
     names = dict(side.named_parameters())
     for name in ("gates", "final_gate", "reader.gate"):
         assert name in names and names[name].requires_grad

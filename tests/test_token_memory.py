@@ -1,8 +1,8 @@
 import pytest
 import torch
+from longside.memory_bank import BatchMemory, MemoryBank, TokenMemory
 
 from longside.errors import MemoryBankError
-from longside.memory_bank import BatchMemory, MemoryBank, TokenMemory
 
 
 def _unit(n, d=8, seed=0):

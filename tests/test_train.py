@@ -5,7 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from longside.train import DocumentStream, RowCursor, lr_at, preset, tokenized_books, train
+from longside.training.config import preset
+from longside.training.data import DocumentStream, RowCursor, tokenized_books
+from longside.training.train import lr_at, train
 
 
 def test_schedule_warms_up_then_decays():
@@ -90,3 +92,30 @@ def test_tiny_preset_end_to_end(tmp_path, smollm2):
     result = train(cfg, backbone=smollm2, progress=False)
     assert result["step"] == cfg.max_steps and np.isfinite(result["loss"])
     assert result["ppl_memory"] > 1 and result["ppl_no_memory"] > 1
+
+
+class _Marker:
+    """Unpickling this runs `open(path, "w")`: what a crafted train_state.pt could do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_resume_never_unpickles(tmp_path, smollm2):
+    """A training directory holding a pickle (the old format, or a crafted one) is refused
+    before anything is read from it; the pickle never runs."""
+    import pickle
+
+    from longside.errors import CheckpointError
+
+    marker = tmp_path / "ran"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_state.pt").write_bytes(pickle.dumps(_Marker(str(marker))))
+    cfg = preset("tiny", out=str(tmp_path / "out"), max_steps=1)
+    with pytest.raises(CheckpointError, match="pickle"):
+        train(cfg, resume=run, backbone=smollm2, progress=False)
+    assert not marker.exists()

@@ -23,6 +23,8 @@ import zlib
 from pathlib import Path
 from typing import Callable
 
+import rdata
+
 from longside.data.chapters import clean_text, compile_patterns, merge_same_titles, split_chapters, strip_gutenberg
 from longside.errors import DataError
 
@@ -285,8 +287,6 @@ def read_austen_lines(raw: Path) -> dict[str, list[str]]:
     `Rdata.rdb`; each object there is a 4-byte length header then a zlib stream of an
     R serialization, which `rdata` parses.
     """
-    import rdata
-
     data = raw / "usr" / "lib" / "R" / "site-library" / "janeaustenr" / "data"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # rdata warns that the stream has no file magic

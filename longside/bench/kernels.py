@@ -1,0 +1,148 @@
+"""`longside bench kernels [--quick] [--model] --json PATH`: NF4 matmul against dense fp32
+`F.linear` and bitsandbytes, on this machine, in one run.
+
+Every ratio is against a baseline measured in the same run; `read_gbps` is the machine's
+streaming read bandwidth measured here too, so `ours_gbps / read_gbps` says how close the
+decode kernel comes to the memory bound. Each timing is the median of several calls after
+a warm-up. The fp32 baseline multiplies by the dequantized weight, so its output is also
+the reference the kernel output is checked against (`max_abs_err` <= `tolerance`).
+
+`--model` also runs SmolLM2-135M with every decoder linear in NF4: perplexity on a
+held-out text against the dense model, greedy decode tokens/s, and weight bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from longside.bench.kernels_model import bench_model
+from longside.errors import LongsideError
+from longside.kernels import cpu
+from longside.kernels.nf4 import quantize_nf4
+from longside.kernels.ops import CPU_FUSED_MAX_M, dequantize, matmul_nf4
+from longside.paths import check_output_file
+
+SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 4096), (14336, 4096), (4096, 14336)]
+MS = (1, 8, 512)
+SMOKE_SHAPES = [(192, 576), (100, 320)]
+
+
+def _time_ms(fn: Callable[[], object], budget_s: float, max_reps: int = 50) -> float:
+    """Median wall time of `fn` in ms: one warm-up call, then as many calls as fit `budget_s`."""
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    reps = max(1, min(max_reps, int(budget_s / max(first, 1e-6))))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def read_bandwidth_gbps(mbytes: int = 512, reps: int = 5) -> float:
+    """Streaming read bandwidth (GB/s): best of `reps` multithreaded sums of a buffer far
+    larger than the last-level cache."""
+    buf = torch.ones(mbytes * (1 << 20) // 4)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return buf.numel() * 4 / best / 1e9
+
+
+def _bnb_fn(w: torch.Tensor, x: torch.Tensor) -> Callable[[], object] | None:
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bf
+    except ImportError:
+        return None
+    q, state = bf.quantize_4bit(w, quant_type="nf4", blocksize=64)
+    return lambda: bnb.matmul_4bit(x, q.t(), quant_state=state)
+
+
+def bench_shape(m: int, n: int, k: int, budget_s: float, with_bnb: bool) -> dict:
+    g = torch.Generator().manual_seed(n * 31 + k)
+    w = torch.randn(n, k, generator=g) * 0.02
+    qw = quantize_nf4(w)
+    w_dense = dequantize(qw)  # the fp32 baseline multiplies by exactly the quantized weight
+    x = torch.randn(m, k, generator=g)
+    y = matmul_nf4(x, qw, qw.absmax)
+    ref = F.linear(x, w_dense)
+    err = (y - ref).abs().max().item()
+    tol = 2e-5 * x.abs().max().item() * qw.absmax.max().item() * k + 1e-6
+    ours = _time_ms(lambda: matmul_nf4(x, qw, qw.absmax), budget_s)
+    fp32 = _time_ms(lambda: F.linear(x, w_dense), budget_s)
+    bnb = None
+    if with_bnb and (fn := _bnb_fn(w, x)) is not None:
+        bnb = _time_ms(fn, budget_s / 2, max_reps=5)
+    weight_bytes = qw.packed.numel() + qw.absmax.numel() * 4
+    return {"op": "nf4_fused" if m <= CPU_FUSED_MAX_M else "nf4_tiled", "m": m, "n": n, "k": k,
+            "ours_ms": round(ours, 4), "fp32_ms": round(fp32, 4), "bnb_ms": None if bnb is None else round(bnb, 4),
+            "ours_gbps": round(weight_bytes / ours / 1e6, 4), "speedup_vs_fp32": round(fp32 / ours, 2),
+            "speedup_vs_bnb": None if bnb is None else round(bnb / ours, 2),
+            "max_abs_err": err, "tolerance": tol}
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(report: dict) -> None:
+    print(f"read bandwidth {report['read_gbps']:.1f} GB/s, {report['threads']} threads, kernel path {report['isa']}")
+    print(f"{'op':<10}{'m':>5}{'n':>7}{'k':>7}{'ours ms':>10}{'fp32 ms':>10}{'bnb ms':>10}"
+          f"{'x fp32':>8}{'x bnb':>8}{'GB/s':>7}{'% read':>8}")
+    for r in report["results"]:
+        print(f"{r['op']:<10}{r['m']:>5}{r['n']:>7}{r['k']:>7}{r['ours_ms']:>10.3f}{r['fp32_ms']:>10.3f}"
+              f"{_fmt(r['bnb_ms'], '10.3f'):>10}{r['speedup_vs_fp32']:>8.2f}{_fmt(r['speedup_vs_bnb'], '8.1f'):>8}"
+              f"{r['ours_gbps']:>7.1f}{100 * r['ours_gbps'] / report['read_gbps']:>7.0f}%")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="longside bench kernels", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="short timings, bitsandbytes only where it is fast (<1 min)")
+    p.add_argument("--smoke", action="store_true", help="two tiny shapes only (used by the test suite)")
+    p.add_argument("--model", action="store_true", help="also SmolLM2-135M end to end (perplexity, decode speed, memory)")
+    p.add_argument("--text", type=Path, default=None, help="held-out text for --model perplexity")
+    p.add_argument("--json", type=Path, default=None, help="write the report here")
+    args = p.parse_args(argv)
+    check_output_file(args.json, "--json")
+    if not cpu.available():
+        raise LongsideError(f"the NF4 CPU kernel is not built: {cpu.BUILD_HINT}")
+
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    budget = 0.05 if args.smoke else 0.3 if args.quick else 1.5
+    report = {"read_gbps": round(read_bandwidth_gbps(64 if args.smoke else 512), 2),
+              "threads": torch.get_num_threads(), "isa": cpu.isa(), "fused_max_m": CPU_FUSED_MAX_M,
+              "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+              # Other processes on these cores skew every timing; say how busy it was.
+              "loadavg_1min_before": round(os.getloadavg()[0], 2), "results": []}
+
+    jobs = [(m, n, k) for n, k in shapes for m in MS]
+    for m, n, k in tqdm(jobs, desc="bench kernels", leave=False):
+        # bitsandbytes on CPU takes ~0.1 s per big product; --quick keeps it to small ones.
+        with_bnb = not args.quick or n * k * m <= 576 * 1536 * 512 or m == 1
+        report["results"].append(bench_shape(m, n, k, budget, with_bnb and not args.smoke))
+    report["loadavg_1min_after"] = round(os.getloadavg()[0], 2)
+    print_table(report)
+    if args.model:
+        report["model"] = bench_model(args.text, quick=args.quick)
+        print(json.dumps(report["model"], indent=1))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,112 @@
+"""`longside eval NAME`: run one evaluation (or `all`), write its JSON report and plot.
+
+    longside eval ppl --json out/ppl.json --plot out/ppl.png
+    longside eval all --quick            # a health check of all four, small
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from longside.config import parse_blocks
+from longside.eval.common import EvalError, load_model, write_json
+from longside.paths import check_output_file
+
+# name -> (module, config class, what it measures)
+EVALUATIONS = {
+    "ppl": ("longside.eval.ppl", "PplConfig", "perplexity of held-out books by position, memory 0/4k/16k/64k"),
+    "chapterbreak": ("longside.eval.chapterbreak", "ChapterBreakConfig",
+                     "suffix identification after 4k-32k-token prefixes (6 candidates)"),
+    "icl": ("longside.eval.icl", "IclConfig", "many-shot in-context learning, demonstrations in memory"),
+    "passkey": ("longside.eval.passkey", "PasskeyConfig", "pass key retrieval, 4k-64k tokens, several depths"),
+}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="longside checkpoint directory (default: the shipped one; without it, an "
+                                   "untrained side network, reported as such)")
+    p.add_argument("--data", help="your own data instead of the prepared corpora (see each evaluation's help)")
+    p.add_argument("--json", help="write the report here (default: print it)")
+    p.add_argument("--plot", help="write the figure here (.png; for `all`, one file per evaluation)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--quick", action="store_true", help="a small version, for tests and health checks")
+    p.add_argument("--backbone-memory", metavar="BLOCKS",
+                   help="backbone blocks that read memory themselves, e.g. 15-29 (training-free; default: the "
+                        "checkpoint's setting)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longside eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="name", required=True, metavar="NAME")
+    for name, (module, _, help_) in EVALUATIONS.items():
+        p = sub.add_parser(name, help=help_, description=importlib.import_module(module).__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _common(p)
+        importlib.import_module(module).add_arguments(p)
+    _common(sub.add_parser("all", help="all four evaluations in turn (use with --quick)"))
+    return parser
+
+
+def make_config(name: str, args: argparse.Namespace):
+    """The evaluation's config: full or quick defaults, then any option given on the line."""
+    module, cls_name, _ = EVALUATIONS[name]
+    cls = getattr(importlib.import_module(module), cls_name)
+    config = cls.quick() if args.quick else cls()
+    changes = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            changes[f.name] = tuple(value) if isinstance(value, list) else value
+    if getattr(args, "long", False):
+        changes["lengths"] = tuple(changes.get("lengths", config.lengths)) + (131072, 262144)
+    return dataclasses.replace(config, **changes)
+
+
+def _plot_path(plot: str | None, name: str, several: bool) -> Path | None:
+    if plot is None:
+        return None
+    path = Path(plot)
+    if path.suffix.lower() != ".png":
+        raise EvalError(f"--plot wants a .png path, got {plot}")
+    return path.with_name(f"{path.stem}_{name}.png") if several else path
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    names = list(EVALUATIONS) if args.name == "all" else [args.name]
+    if args.data is not None and len(names) > 1:
+        raise EvalError("--data names one data set; give it to a single evaluation, not `all`")
+    if args.data is not None and not Path(args.data).exists():
+        raise EvalError(f"--data {args.data} does not exist")
+    configs = {n: make_config(n, args) for n in names}
+    plots = {n: _plot_path(args.plot, n, len(names) > 1) for n in names}  # bad paths fail before the work
+    check_output_file(args.json, "--json")
+    for plot in plots.values():
+        check_output_file(plot, "--plot")
+    model, info = load_model(args.model)
+    if args.backbone_memory is not None:
+        model.use_backbone_memory(parse_blocks(args.backbone_memory))
+        info["side_config"] = dataclasses.asdict(model.config)  # what the run used, not what was loaded
+    info["backbone_memory_layers"] = model.config.backbone_memory_layers
+    reports = {}
+    for name in names:
+        module = importlib.import_module(EVALUATIONS[name][0])
+        report = module.run(model, info, configs[name], data=args.data)
+        plot = plots[name]
+        if plot is not None:
+            module.plot(report, plot)
+            print(f"longside eval {name}: plot -> {plot}", file=sys.stderr)
+        reports[name] = report
+    out = reports[names[0]] if len(names) == 1 else {"evaluation": "all", "reports": reports}
+    if args.json:
+        write_json(out, args.json)
+        print(f"longside eval {args.name}: report -> {args.json}", file=sys.stderr)
+    else:
+        print(json.dumps(out, indent=1))
+    return 0

@@ -1,0 +1,1 @@
+"""Using a model: incremental decoding over a local window, generation, sampling, chat."""

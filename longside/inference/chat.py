@@ -1,0 +1,276 @@
+"""`ChatSession`: a conversation whose older turns move into long-term memory.
+
+    chat = ChatSession(model, system="You are a helpful assistant.")
+    chat.memorize("notes.txt")                    # optional: background in memory
+    print(chat.send("What did the notes say about Tuesday?"))
+    for piece in chat.stream("And Wednesday?"):   # streamed
+        print(piece, end="", flush=True)
+    chat.save("talk.session")                     # transcript + memory, atomically
+    chat = ChatSession.load("talk.session", model)
+
+The conversation is rendered with the backbone's chat template and read once, token by
+token, into the model's local window (see window.py): each turn only feeds what is new.
+When the window's segment fills, it moves into memory, so a long conversation keeps
+every turn reachable while the window stays short. A session uses memory row 0 of its
+model; run one session per model at a time.
+
+On disk a session is one directory, written atomically (the previous save survives a
+crash or error): `session.json` (format version, model identity, transcript, the local
+window's token ids, checksums) and `memory.lsmb` (the memory bank, see memory_bank).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+
+from longside.backbone import plain_text, tokenize
+from longside.errors import LongsideError, MemoryBankError, SessionError
+from longside.inference.generate import decode_loop, eos_ids
+from longside.inference.sampling import GenerationConfig, TextPieces, make_generator
+from longside.inference.window import LocalWindow
+from longside.memory import MAIN_FILE, block_file
+from longside.paths import atomic_dir, recover, sha256_file
+
+if TYPE_CHECKING:
+    from longside.model import LongSideModel
+
+FORMAT = "longside-chat-session"
+VERSION = 1
+_MANIFEST, _MEMORY = "session.json", MAIN_FILE
+
+
+class ChatSession:
+    """A chat with `model` (batch size 1, memory row 0).
+
+    `send(message) -> reply`, `stream(message)` yields reply pieces; `memorize(source)`,
+    `clear()`, `stats()`, `save(path)`, `ChatSession.load(path, model)`. Decoding options
+    are the fields of `GenerationConfig` (greedy by default; `max_new_tokens` 256 here),
+    given one by one or as `config`; a session always uses the chat template and memory.
+    """
+
+    def __init__(self, model: "LongSideModel", system: str | None = None, *,
+                 config: GenerationConfig | None = None, **options):
+        self.model, self.system = model, system
+        options.setdefault("max_new_tokens", 256 if config is None else config.max_new_tokens)
+        self.config = (config or GenerationConfig()).updated(**options)
+        self._gen = make_generator(self.config.seed)
+        model.memory_for(1)
+        self._new_conversation()
+
+    def _new_conversation(self) -> None:
+        self.messages: list[dict[str, str]] = [{"role": "system", "content": self.system}] if self.system else []
+        self.window = LocalWindow(self.model, 1)
+        self._fed = ""  # the chat-template text whose tokens have been read (window + memory)
+
+    # -- talking -------------------------------------------------------------------------
+    def send(self, message: str) -> str:
+        """The model's reply to `message` (the turn is kept in the conversation)."""
+        return "".join(self.stream(message))
+
+    def stream(self, message: str) -> Iterator[str]:
+        """Yield the reply to `message` in pieces as it is generated."""
+        if not isinstance(message, str) or not message.strip():
+            raise LongsideError("empty message: type something to send")
+        tok = self.model.backbone.tokenizer
+        self.messages.append({"role": "user", "content": message})
+        # messages are text: special-token strings in them can never forge a role or turn
+        shown = [{**m, "content": plain_text(tok, m["content"])} for m in self.messages]
+        full = tok.apply_chat_template(shown, add_generation_prompt=True, tokenize=False)
+        # feed only what is new since the last turn. A template that rewrites earlier text
+        # (e.g. trims a reply) breaks the prefix; what was read stays read, so feed from
+        # where the texts part
+        same = len(os.path.commonprefix([full, self._fed]))
+        ids = torch.tensor([tokenize(tok, full[same:])])
+        pieces = TextPieces(tok, [])
+        chosen: list[int] = []
+        try:
+            for t, texts in decode_loop(self.window, ids, self.config.max_new_tokens, self.config,
+                                        eos_ids(self.model, self.config.eos_token_id), self._gen, [pieces]):
+                chosen.append(int(t[0]))
+                if texts[0]:
+                    yield texts[0]
+            tail = pieces.finish()
+            if tail:
+                yield tail
+        finally:  # also when the caller stops early: keep what was said
+            self.messages.append({"role": "assistant", "content": pieces.text})
+            # every chosen token but the last has been read into the window
+            self._fed = full + tok.decode(chosen[:-1], skip_special_tokens=False)
+
+    # -- memory --------------------------------------------------------------------------
+    def memorize(self, source, progress: bool = True) -> int:
+        """Read text, a file or an iterable of those into this session's memory; returns tokens."""
+        return self.model.memorize(source, row=0, progress=progress)
+
+    def clear(self) -> None:
+        """Forget the conversation and everything in memory (the system prompt stays)."""
+        self.model.reset_memory()
+        self._new_conversation()
+
+    def stats(self) -> dict:
+        """Turns, tokens in the local window and in memory, and the memory bank's stats."""
+        bank = self.model.memory.banks[0]
+        return {"turns": sum(m["role"] == "user" for m in self.messages), "window_tokens": self.window.n,
+                "window": self.window.window, "segments_moved_to_memory": self.window.segments_written,
+                "memory_tokens": len(bank), "memory": bank.stats()}
+
+    # -- persistence ---------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write transcript, local window and memory to the directory `path`, atomically:
+        a failure leaves any previous session at `path` as it was."""
+        model = self.model
+        path = Path(path)
+        if path.is_symlink() and path.resolve().is_dir():
+            path = path.resolve()  # a link to a session: save into the session it points to
+        with atomic_dir(path, marker=_MANIFEST) as tmp:
+            _keep_foreign_files(Path(path), tmp)
+            files = model.memory.write_files(tmp, 0)
+            # with backbone memory, each block's bank too
+            blocks = {str(L): files[block_file(L)] for L in (model.memory.blocks.layers if model.memory.blocks else ())}
+            body = {
+                "format": FORMAT, "version": VERSION,
+                "owner": model.backbone.owner_id(model.config.memory_layer),
+                "window": model.config.window, "side_config": _side_identity(model),
+                "system": self.system, "messages": self.messages, "fed": self._fed,
+                "window_ids": self.window.ids[0].tolist(), "segments_written": self.window.segments_written,
+                "max_new_tokens": self.config.max_new_tokens,
+                "sampling": {k: getattr(self.config, k) for k in GenerationConfig.SAMPLING},
+                "memory_sha256": files[MAIN_FILE],
+                "backbone_memory_sha256": blocks,
+            }
+            (tmp / _MANIFEST).write_text(json.dumps({"sha256": _sha256_json(body), "body": body}, indent=1))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: "LongSideModel", seed: int | None = None) -> "ChatSession":
+        """Resume a session saved with `save`. Raises SessionError if it is corrupt, from
+        another format version, or made with another backbone or side network; the model's
+        memory is left untouched then."""
+        path = Path(path)
+        recover(path)
+        body = _read_manifest(path)
+        if body["owner"] != model.backbone.owner_id(model.config.memory_layer):
+            raise SessionError(f"session {path} was made with {body['owner']!r}, this model is "
+                               f"{model.backbone.owner_id(model.config.memory_layer)!r}; load it with that model")
+        if body["window"] != model.config.window or body["side_config"] != _side_identity(model):
+            raise SessionError(f"session {path} was made with another side network configuration; "
+                               "load it with the model that saved it")
+        if _sha256_file(path / _MEMORY) != body["memory_sha256"]:
+            raise SessionError(f"session {path}: {_MEMORY} does not match its checksum (corrupt or "
+                               "replaced); the session cannot be resumed")
+        blocks = body.get("backbone_memory_sha256", {})
+        for L, digest in blocks.items():
+            if _sha256_file(path / block_file(int(L))) != digest:
+                raise SessionError(f"session {path}: {block_file(int(L))} does not match its checksum (corrupt "
+                                   "or replaced); the session cannot be resumed")
+        config = _check_body(body, model, path)
+        try:
+            bank, block_banks = model.memory.read_files(path / _MEMORY, path, [int(L) for L in blocks])
+        except MemoryBankError as e:
+            raise SessionError(f"session {path}: {e}") from None
+        # everything was read and checked: only now does the session's memory replace the model's
+        model.init_memory(1).put_row(0, bank, block_banks)
+        session = cls(model, body["system"], config=config.updated(seed=seed))
+        session.messages, session._fed = body["messages"], body["fed"]
+        session.window = LocalWindow(model, 1)
+        if body["window_ids"]:  # rebuild the local caches by reading the window again
+            session.window.feed(torch.tensor([body["window_ids"]]))
+        session.window.segments_written = body["segments_written"]
+        return session
+
+
+def _keep_foreign_files(old: Path, new: Path) -> None:
+    """Copy what the user put in a session directory (anything a save does not write)
+    into the new one, so re-saving a session never deletes it."""
+    if not old.is_dir():
+        return
+    ours = re.compile(r"^(session\.json|memory\.lsmb|backbone_block\d+\.lsmb)$")
+    for entry in old.iterdir():
+        if ours.match(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True)
+        else:
+            shutil.copy2(entry, new / entry.name, follow_symlinks=False)
+
+
+def _check_body(body: dict, model: "LongSideModel", path: Path) -> GenerationConfig:
+    """Refuse a session whose transcript, window or options are not what `save` writes
+    (a checksummed manifest can still be forged or written by another program); returns
+    its generation options."""
+    def bad(what: str) -> SessionError:
+        return SessionError(f"session {path}: {what}; the session cannot be resumed")
+
+    if body["system"] is not None and not isinstance(body["system"], str):
+        raise bad("the system prompt is not text")
+    msgs = body["messages"]
+    if not isinstance(msgs, list) or not all(
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+            and isinstance(m.get("content"), str) for m in msgs):
+        raise bad("the transcript is not a list of {role, content} messages")
+    if not isinstance(body["fed"], str):
+        raise bad("the text read so far is not text")
+    ids, vocab = body["window_ids"], model.backbone.spec.vocab_size
+    if (not isinstance(ids, list) or len(ids) >= model.config.window
+            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in ids)):
+        raise bad(f"the local window is not a list of fewer than {model.config.window} token ids below {vocab}")
+    n = body["segments_written"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise bad("segments_written is not a count")
+    sampling = body["sampling"]
+    if not isinstance(sampling, dict) or set(sampling) - set(GenerationConfig.SAMPLING):
+        raise bad("its sampling options are not those of GenerationConfig")
+    try:
+        return GenerationConfig(max_new_tokens=body["max_new_tokens"], **sampling)
+    except (TypeError, ValueError, LongsideError) as e:
+        raise bad(f"its generation options are invalid ({e})") from None
+
+
+def _side_identity(model: "LongSideModel") -> dict:
+    c = model.config
+    ident = {"memory_layer": c.memory_layer, "chunk_size": c.chunk_size, "memory_attention": c.memory_attention}
+    if c.backbone_memory_layers:  # absent otherwise, so sessions saved before it still match
+        ident["backbone_memory_layers"] = c.backbone_memory_layers
+    return ident
+
+
+def _sha256_json(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    try:
+        return sha256_file(path)
+    except FileNotFoundError:
+        raise SessionError(f"{path} is missing: the session directory is incomplete") from None
+
+
+def _read_manifest(path: Path) -> dict:
+    if not path.is_dir():
+        raise SessionError(f"no chat session at {path}; save one with /save or ChatSession.save")
+    try:
+        raw = json.loads((path / _MANIFEST).read_text())
+        body, digest = raw["body"], raw["sha256"]
+        if body["format"] != FORMAT:
+            raise SessionError(f"{path} is not a longside chat session (format {body['format']!r})")
+        if body["version"] != VERSION:
+            raise SessionError(f"{path} is a version {body['version']} session; this longside reads version "
+                               f"{VERSION}: use the longside that saved it")
+    except SessionError:
+        raise
+    except FileNotFoundError:
+        raise SessionError(f"{path / _MANIFEST} is missing: not a chat session, or an incomplete copy") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise SessionError(f"{path / _MANIFEST} is corrupt ({type(e).__name__}: {e}); the session cannot "
+                           "be resumed") from None
+    if _sha256_json(body) != digest:
+        raise SessionError(f"{path / _MANIFEST} does not match its checksum (corrupt or edited); "
+                           "the session cannot be resumed")
+    return body

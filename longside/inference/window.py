@@ -1,0 +1,145 @@
+"""`LocalWindow`: incremental, segment-aligned decoding with key/value caches.
+
+Training reads text in segments of `window` tokens: a segment sees its own tokens
+(causally, positions 0..window-1) plus what memory retrieves from earlier segments, and
+is written into memory whole once it is done. Generation must see text the same way, so:
+
+    tokens accumulate in the current segment (positions 0..n-1): the backbone's
+        DynamicCache, every side block's (k, v) cache, and the memory layer's pre-rotary
+        keys/values of the segment grow with each token;
+    when n reaches `window`, the segment's keys/values go into the memory bank and all
+        local caches restart empty (the next token is position 0 of a new segment).
+
+So memory is written once per `window` tokens, never per step, and the logits of
+incremental decoding equal those of `LongSideModel.forward` on the same segment.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import DynamicCache
+
+from longside.errors import LongsideError
+from longside.nn.memory_attention import memory_inputs
+
+if TYPE_CHECKING:
+    from longside.model import LongSideModel
+
+
+class LocalWindow:
+    """The local window of a batch of B sequences, decoded incrementally.
+
+    `feed(ids [B, T])` runs any number of tokens through backbone and side network,
+    splitting at segment boundaries, and returns the logits of the last position `[B, V]`
+    (or of every position `[B, T, V]` with `all_logits=True`). All tensors float32.
+
+    Attributes: `n` (tokens in the current segment), `ids [B, n]` (their token ids),
+    `keys, values [B, n, G, D]` (the memory layer's pre-rotary keys/values, written to
+    memory when the segment fills), `token_keys [B, n, d]` (the token cache's keys, or
+    None), `segments_written`. With a token cache the returned logits are those of the
+    cache-mixed distribution (see `LongSideModel.output`).
+    """
+
+    def __init__(self, model: "LongSideModel", batch_size: int = 1, *, use_memory: bool = True,
+                 write_memory: bool = True):
+        if batch_size < 1:
+            raise LongsideError(f"batch_size must be >= 1, got {batch_size}")
+        self.model, self.batch_size = model, batch_size
+        self.use_memory, self.write_memory = use_memory, write_memory
+        self.window = model.config.window
+        self.layer = model.config.memory_layer
+        if use_memory or write_memory:
+            model.memory_for(batch_size)
+        self.segments_written = 0
+        self._restart()
+
+    def _restart(self) -> None:
+        """Empty local caches: the next token is position 0 of a new segment."""
+        spec, B = self.model.backbone.spec, self.batch_size
+        dev = self.model.backbone.device
+        self.cache = DynamicCache()
+        self.side_caches: list | None = None
+        self.ids = torch.zeros(B, 0, dtype=torch.long, device=dev)
+        self.keys = torch.zeros(B, 0, spec.num_kv_heads, spec.head_dim, device=dev)
+        self.values = torch.zeros_like(self.keys)
+        self.token_keys = torch.zeros(B, 0, spec.hidden_size, device=dev) if self.model.config.token_cache else None
+        bm = self.model.backbone_memory if self.model.config.backbone_memory_layers else None
+        self.backbone_segment = bm.segment() if bm is not None else None  # this window's own
+
+    @property
+    def n(self) -> int:
+        return self.ids.shape[1]
+
+    def reset(self) -> None:
+        """Drop the current segment without writing it to memory."""
+        self._restart()
+
+    def flush(self) -> None:
+        """Write the current (possibly partial) segment to memory and start a new one."""
+        if self.n and self.write_memory:
+            self.model.memory.add(self.keys, self.values, token_keys=self.token_keys,
+                                  token_ids=self.ids if self.token_keys is not None else None,
+                                  backbone_segment=self.backbone_segment)
+            self.segments_written += 1
+        self._restart()
+
+    def fork(self) -> "LocalWindow":
+        """A copy of this window that continues on its own: the same model and memory,
+        its own local caches. Scoring several continuations of one prefix then costs the
+        prefix once (feed it, then `fork().feed(continuation)` per continuation). A fork
+        that completes its segment writes to the shared memory, so forks used to score
+        are made with `write_memory=False`."""
+        twin = copy.copy(self)
+        twin.cache = copy.deepcopy(self.cache)  # DynamicCache grows in place
+        twin.side_caches = None if self.side_caches is None else list(self.side_caches)
+        if self.backbone_segment is not None:
+            twin.backbone_segment = self.backbone_segment.fork()
+        return twin
+
+    @torch.no_grad()
+    def feed(self, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """Run `ids [B, T]` (int64, T >= 1) through the window; logits `[B, V]` of the last
+        token, or `[B, T, V]` of every token when `all_logits`."""
+        if ids.dim() != 2 or ids.shape[0] != self.batch_size or ids.shape[1] == 0:
+            raise LongsideError(f"expected token ids [batch={self.batch_size}, tokens>=1], got {tuple(ids.shape)}")
+        ids = ids.to(self.model.backbone.device)
+        outs, pos = [], 0
+        while pos < ids.shape[1]:
+            take = min(self.window - self.n, ids.shape[1] - pos)
+            outs.append(self._step(ids[:, pos:pos + take], all_logits))
+            pos += take
+            if self.n == self.window:  # the segment is complete: it leaves the window
+                self.flush()
+        return torch.cat(outs, 1) if all_logits else outs[-1]
+
+    def _step(self, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
+        """T new tokens that fit in the current segment -> logits `[B, T, V]` or `[B, V]`."""
+        model, bb = self.model, self.model.backbone
+        B, T = ids.shape
+        start = self.n
+        position_ids = torch.arange(start, start + T, device=ids.device).expand(B, T)
+        out = model.encode(ids, self.use_memory, self.backbone_segment, cache=self.cache, use_cache=True,
+                           position_ids=position_ids)
+        self.cache = out.cache
+        self.ids = torch.cat([self.ids, ids], 1)
+        self.keys = torch.cat([self.keys, out.memory_keys], 1)
+        self.values = torch.cat([self.values, out.memory_values], 1)
+        mem = None
+        if self.use_memory:
+            k = model.config.k_chunks
+            mem = memory_inputs(bb, out, self.layer, lambda q: model.memory.search(q, k),
+                                start=start, window_keys=self.keys)
+        # the side blocks see every new token (their caches need it); the LM head only
+        # the positions whose logits are wanted
+        h, self.side_caches = model.side(out.hidden_states, mem, start=start, caches=self.side_caches)
+        tok_keys = model.token_keys(out)
+        if tok_keys is not None:
+            self.token_keys = torch.cat([self.token_keys, tok_keys], 1)
+        if not all_logits:
+            h, tok_keys = h[:, -1:], None if tok_keys is None else tok_keys[:, -1:]
+        hits = model.search_tokens(tok_keys, self.ids) if self.use_memory else None
+        logits = model.output(h, hits)
+        return logits if all_logits else logits[:, -1]

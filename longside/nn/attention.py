@@ -1,0 +1,38 @@
+"""Attention over retrieved memory, and the local causal log-sum-exp it is weighed against.
+
+Shared by the side network's memory reader and by backbone memory (both mix a
+position-free softmax over retrieved keys with the layer's own causal softmax).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def attend_retrieved(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
+    """Position-free attention of `q [B, T, H, D]` over retrieved `keys, values [B, T, H, S,
+    D]` (`mask [B, T, H, S]`: real slots) -> `a_mem [B, T, H, D]`, its log-sum-exp `[B, T,
+    H, 1]` (0 where nothing was found) and `has [B, T, H, 1]` (something was found)."""
+    scores = torch.einsum("bthd,bthsd->bths", q, keys) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~mask, float("-inf"))
+    has = mask.any(-1, keepdim=True)
+    lse = torch.logsumexp(scores, -1, keepdim=True).masked_fill(~has, 0.0)
+    p = torch.where(has, torch.exp(scores - lse), 0.0)
+    return torch.einsum("bths,bthsd->bthd", p, values), lse, has
+
+
+def causal_lse(qr: torch.Tensor, kr: torch.Tensor) -> torch.Tensor:
+    """log-sum-exp `[B, T, H, 1]` of local causal scores: rotated queries `qr [B, T, H, D]` at
+    positions P..P+T-1 of the window against its rotated keys `kr [B, P+T, G, D]` (P > 0
+    during incremental decoding, where earlier keys are cached)."""
+    B, T, H, D = qr.shape
+    G, P = kr.shape[2], kr.shape[1] - T
+    # query head h reads kv head h // (H // G): score each kv head's queries together
+    # instead of repeating its keys H // G times
+    q = qr.reshape(B, T, G, H // G, D).permute(0, 2, 3, 1, 4).reshape(B, G, H // G * T, D)
+    s = (q @ kr.permute(0, 2, 3, 1) / math.sqrt(D)).view(B, G, H // G, T, P + T)
+    causal = torch.ones(T, P + T, dtype=torch.bool, device=qr.device).tril(P)
+    lse = torch.logsumexp(s.masked_fill(~causal, float("-inf")), -1)  # [B, G, H // G, T]
+    return lse.reshape(B, H, T).transpose(1, 2).unsqueeze(-1)

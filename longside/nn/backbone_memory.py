@@ -1,0 +1,190 @@
+"""`BackboneMemory`: memory read by the frozen backbone's own attention, with no training.
+
+The side network's memory attention has to be trained to read memory, which this CPU
+cannot do at scale. The backbone's own attention already knows how to read keys and
+values it wrote itself; it only lacks them once they leave its window. So blocks
+`layers` each keep a chunked bank (one per sequence) of their own pre-rotary keys/values,
+and in each of those blocks every query also attends to the top `k_chunks` chunks it
+retrieves from its block's bank, in one softmax with its local causal attention:
+
+    a' = a + w * (a_mem - a),   w = sigmoid(lse_mem - lse_local)   per query and head
+
+which is exactly the attention over [retrieved memory; local window]. Memory keys are
+scored as if they sat `distance` tokens before the query (rotary at that relative
+offset; the default is one window): to the block they look like text that has just left
+its window, which is what they are. The edited output goes into the residual stream,
+so every block above reads it as usual. Segments start at position 0, and their first
+`sink_tokens` tokens act as attention sinks; they are not written to memory, where
+every old segment's sink would otherwise outscore the text.
+
+Llama-style backbones only (rotary, plain causal attention scaled by 1/sqrt(D)).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+
+from longside.backbone import Backbone
+from longside.errors import LongsideError
+from longside.memory_bank import BatchMemory
+from longside.nn.attention import attend_retrieved, causal_lse
+
+
+class BackboneMemory:
+    """Per-block memory banks for a batch of sequences, read inside the backbone.
+
+    Use: `seg = bm.segment()`, then `with bm.attach(seg, read=True): backbone.encode(ids)`
+    runs one forward whose blocks `layers` read memory and record the new tokens'
+    keys/values in `seg`; `write(seg)` appends them to the banks. Tokens fed in several
+    forwards of one segment (incremental decoding) accumulate in its `Segment`, so each
+    open window keeps its own and nothing else can disturb it.
+    """
+
+    def __init__(self, backbone: Backbone, layers: Sequence[int], batch_size: int, *, k_chunks: int = 16,
+                 distance: int = 1024, chunk_size: int = 4, capacity_tokens: int = 65536, index: str = "flat",
+                 sink_tokens: int = 4):
+        spec = backbone.spec
+        if spec.family != "llama":
+            raise LongsideError(f"backbone memory reads inside Llama-style attention only; {backbone.name!r} is "
+                                f"{spec.family!r}: set backbone_memory_layers to [] for it")
+        bad = [L for L in layers if not 0 <= L < spec.num_layers]
+        if bad or not layers:
+            raise LongsideError(f"backbone memory layers must be blocks 0..{spec.num_layers - 1}, got {list(layers)}")
+        if k_chunks < 1 or distance < 0 or sink_tokens < 0:
+            raise LongsideError("backbone memory needs k_chunks >= 1, distance >= 0 and sink_tokens >= 0")
+        self.backbone, self.layers = backbone, sorted(set(layers))
+        self.k_chunks, self.distance, self.sink_tokens = k_chunks, distance, sink_tokens
+        self.banks = {L: BatchMemory(batch_size, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+                                     chunk_size=chunk_size, capacity_tokens=capacity_tokens, index=index,
+                                     owner=backbone.owner_id(L))
+                      for L in self.layers}
+
+    def __len__(self) -> int:
+        return len(self.banks[self.layers[0]])
+
+    def lengths(self) -> list[int]:
+        """Tokens stored per row (the same in every block)."""
+        return self.banks[self.layers[0]].lengths()
+
+    def segment(self, rows: Sequence[int] | None = None) -> "Segment":
+        """A new, empty segment whose batch row b belongs to memory row `rows[b]` (default b)."""
+        return Segment(list(range(len(self))) if rows is None else list(rows))
+
+    @contextlib.contextmanager
+    def attach(self, seg: "Segment", read: bool = True) -> Iterator[None]:
+        """Hooks for the forwards inside the `with`: blocks record the new tokens'
+        keys/values in `seg` and, with `read`, attend to memory."""
+        handles = []
+        try:
+            for L in self.layers:
+                handles += self.backbone.edit_attention(L, self._editor(L, seg, read))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def write(self, seg: "Segment") -> None:
+        """Append `seg` (minus its sink tokens) to the banks of its rows, and empty it."""
+        for L in seg.layers():
+            k, v, _ = seg.window(L)
+            k, v = k[:, self.sink_tokens:], v[:, self.sink_tokens:]
+            for b, r in enumerate(seg.rows):
+                self.banks[L][r].add(k[b], v[b])
+        seg.clear()
+
+    def reset(self, rows=None) -> None:
+        """Clear the banks of `rows` (all when None)."""
+        rows = None if rows is None or isinstance(rows, torch.Tensor) else list(rows)
+        for bank in self.banks.values():
+            bank.reset(rows)
+
+    # -- the edit inside one block -------------------------------------------------------
+    def _editor(self, L: int, seg: "Segment", read: bool):
+        def edit(kv: dict) -> torch.Tensor | None:
+            q, k, v, a = kv["q"], kv["k"], kv["v"], kv["a"]
+            if k.shape[0] != len(seg.rows):
+                raise LongsideError(f"a forward of {k.shape[0]} rows on a segment of {len(seg.rows)} memory rows")
+            B, T = k.shape[:2]
+            P = seg.length(L)
+            # rotated once, at its position in the segment: decoding a token does not
+            # rotate the whole window again
+            kr = self.backbone.rotate(k, torch.arange(P, P + T, device=k.device).expand(B, T))
+            _, _, window_kr = seg.append(L, k, v, kr)
+            if not read:
+                return None
+            return self._read(L, seg.rows, q, window_kr, a)
+        return edit
+
+    def _read(self, L: int, rows: list[int], q: torch.Tensor, window_kr: torch.Tensor,
+              a: torch.Tensor) -> torch.Tensor | None:
+        """q, a `[B, T, H, D]` of the new tokens at positions P..P+T-1; window_kr `[B, P+T, G,
+        D]` the segment's keys so far, rotated at their positions -> the edited attention output."""
+        B, T, H, D = q.shape
+        banks = self.banks[L]
+        if not any(len(banks[r]) for r in rows):
+            return None
+        bb = self.backbone
+        qm = bb.rotate(q, torch.full((B, T), self.distance, device=q.device))
+        keys, values, mask = banks.search(qm, self.k_chunks, rows=rows)  # [B, T, H, S, D], mask [B, T, H, S]
+        a_mem, lse_mem, has = attend_retrieved(qm, keys, values, mask)
+        P = window_kr.shape[1] - T
+        local = causal_lse(bb.rotate(q, torch.arange(P, P + T, device=q.device).expand(B, T)), window_kr)
+        return a + torch.sigmoid(lse_mem - local) * has * (a_mem - a)
+
+
+class Segment:
+    """The segment being read: its memory rows and, per block, its tokens' pre-rotary keys
+    and values and their keys rotated at their positions (what `causal_lse` scores), each
+    `[B, n, G, D]`. They grow in buffers of doubling capacity, so that decoding one token
+    appends to the window instead of copying it."""
+
+    def __init__(self, rows: list[int]):
+        self.rows = rows
+        self._buffers: dict[int, list[torch.Tensor]] = {}  # block -> [k, v, k rotated]
+        self._lengths: dict[int, int] = {}
+
+    def layers(self) -> list[int]:
+        """Blocks that recorded tokens in this segment."""
+        return list(self._buffers)
+
+    def length(self, layer: int) -> int:
+        """Tokens recorded by block `layer` (0 when none)."""
+        return self._lengths.get(layer, 0)
+
+    def window(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Block `layer`'s keys, values and rotated keys `[B, n, G, D]` so far (views)."""
+        n = self._lengths[layer]
+        return tuple(t[:, :n] for t in self._buffers[layer])
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, kr: torch.Tensor):
+        """Record `k, v, kr [B, T, G, D]` of block `layer`'s new tokens; returns `window(layer)`."""
+        n, T = self.length(layer), k.shape[1]
+        bufs = self._buffers.get(layer)
+        if bufs is None or n + T > bufs[0].shape[1]:
+            cap = max(n + T, 2 * (bufs[0].shape[1] if bufs else 0), 64)
+            new = [t.new_empty(t.shape[0], cap, *t.shape[2:]) for t in (k, v, kr)]
+            for old, t in zip(bufs or (), new):
+                t[:, :n] = old[:, :n]
+            bufs = self._buffers[layer] = new
+        for buf, t in zip(bufs, (k, v, kr)):
+            buf[:, n:n + T] = t
+        self._lengths[layer] = n + T
+        return self.window(layer)
+
+    def clear(self) -> None:
+        """Forget every recorded token (after `BackboneMemory.write`)."""
+        self._buffers, self._lengths = {}, {}
+
+    def fork(self) -> "Segment":
+        """An independent copy: appends to one never show in the other."""
+        twin = Segment(list(self.rows))
+        for L in self.layers():
+            twin._buffers[L] = [t.clone() for t in self.window(L)]
+            twin._lengths[L] = self._lengths[L]
+        return twin
+
+
+__all__ = ["BackboneMemory", "Segment"]

@@ -1,0 +1,97 @@
+"""The memory layer of the side network: what it takes from the backbone (`MemoryInputs`,
+built by `memory_inputs`) and how it reads retrieved memory (`MemoryReader`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from longside.backbone import Backbone, BackboneOutput, BackboneSpec
+from longside.errors import LongsideError
+from longside.nn.attention import attend_retrieved, causal_lse
+
+
+@dataclass
+class MemoryInputs:
+    """What the memory layer needs from the frozen backbone for one segment.
+
+    queries: `[B, T, H, D]` the memory layer's pre-rotary queries; attn: `[B, T, H, D]` its
+    local attention output; keys: `[B, P+T, G, D]` the pre-rotary keys of the local window
+    up to the newest token, i.e. the P tokens already cached (0 for a whole segment) and
+    the T new ones (for the joint softmax); retrieve: `(queries [B,T,H,D]) -> (keys, values
+    [B,T,H,S,D], mask [B,T,H,S])` from the memory bank; out_proj: the layer's frozen output
+    projection `[..., H*D] -> [..., d]`; rotate: the backbone's rotary embedding at the new
+    tokens' positions P..P+T-1, `[B, T, h, D] -> same`; rotate_keys: the same at positions
+    0..P+T-1 for `keys` (None: `rotate`, valid when P = 0).
+    """
+
+    queries: torch.Tensor
+    attn: torch.Tensor
+    keys: torch.Tensor
+    retrieve: Callable
+    out_proj: Callable
+    rotate: Callable
+    rotate_keys: Callable | None = None
+
+
+class MemoryReader(nn.Module):
+    """Memory-augmented attention in the backbone's own key space at the memory layer.
+
+    The query is the backbone's own pre-rotary query plus a learned correction from the
+    side state (zero at init), so retrieval is meaningful from the first step (LongMem
+    initialises its memory layer from the cached block for the same reason). Attention over
+    retrieved memory is position-free; it is combined with the layer's local (causal,
+    rotary) attention either by a learned per-head gate (two softmaxes, LongMem) or by one
+    joint softmax. What memory changes, `out_proj(A - A_local)`, enters the side stream;
+    with an empty bank it is exactly zero.
+    """
+
+    def __init__(self, side_dim: int, spec: BackboneSpec, mode: str, gate_init: float, into_side: torch.Tensor):
+        super().__init__()
+        self.mode, self.heads, self.head_dim = mode, spec.num_heads, spec.head_dim
+        self.q_delta = nn.Linear(side_dim, spec.num_heads * spec.head_dim, bias=False)
+        nn.init.zeros_(self.q_delta.weight)
+        self.gate = nn.Parameter(torch.full((spec.num_heads,), float(gate_init)))
+        self.into_side = nn.Linear(spec.hidden_size, side_dim, bias=False)
+        with torch.no_grad():
+            self.into_side.weight.copy_(into_side)
+
+    def forward(self, x: torch.Tensor, mem: MemoryInputs) -> torch.Tensor:
+        """x `[B, T, s]` side state -> `[B, T, s]` memory contribution."""
+        B, T, _ = x.shape
+        q = mem.queries + self.q_delta(x).view(B, T, self.heads, self.head_dim)
+        keys, values, mask = mem.retrieve(q.detach())
+        if keys.shape[3] == 0 or not bool(mask.any()):
+            return x.new_zeros(x.shape)
+        a_mem, lse_mem, has = attend_retrieved(q, keys, values, mask)
+        if self.mode == "gated":
+            w = torch.sigmoid(self.gate).view(1, 1, -1, 1) * has
+        else:
+            local = causal_lse(mem.rotate(q), (mem.rotate_keys or mem.rotate)(mem.keys))
+            w = torch.sigmoid(lse_mem - local) * has
+        delta = w * (a_mem - mem.attn)
+        return self.into_side(mem.out_proj(delta.flatten(2)))
+
+
+def memory_inputs(backbone: Backbone, out: BackboneOutput, layer: int, retrieve: Callable,
+                  start: int = 0, window_keys: torch.Tensor | None = None) -> MemoryInputs:
+    """Bundle what `MemoryReader` needs from one backbone pass (`out = encode(ids, layer)`).
+
+    For a whole segment, `start = 0` and `window_keys = None`. For incremental decoding
+    the T new tokens sit at positions `start..start+T-1` of the window and `window_keys
+    [B, start+T, G, D]` are the memory layer's pre-rotary keys of the whole window so far
+    (the cached ones, then `out.memory_keys`)."""
+    B, T = out.memory_queries.shape[:2]
+    dev = out.memory_queries.device
+    keys = out.memory_keys if window_keys is None else window_keys
+    if keys.shape[1] != start + T:
+        raise LongsideError(f"window_keys cover {keys.shape[1]} positions, expected start + T = {start + T}")
+    pos = torch.arange(start, start + T, device=dev).expand(B, T)
+    key_pos = torch.arange(start + T, device=dev).expand(B, start + T)
+    return MemoryInputs(
+        queries=out.memory_queries, attn=out.memory_attn, keys=keys, retrieve=retrieve,
+        out_proj=lambda a: backbone.attn_output(layer, a), rotate=lambda x: backbone.rotate(x, pos),
+        rotate_keys=None if start == 0 else (lambda x: backbone.rotate(x, key_pos)))

@@ -1,0 +1,288 @@
+"""The side network: a narrow residual network beside the frozen backbone that reads memory.
+
+Shapes, for a backbone of N blocks, width d, H query heads, G key/value heads, head width
+D, and a side network of reduction r (width s = d/r, head width D/r):
+
+    side layer j reads h[l_j] (l_j = stride*(j+1)), the output of backbone block l_j - 1:
+        x = (1 - sigmoid(z_j)) * down_j(h[l_j]) + sigmoid(z_j) * x        [B, T, s]
+        x = x + memory_read(x)        (only at the memory layer, see `MemoryReader`)
+        x = block_j(x)                 Llama-style: RMSNorm, rotary GQA attention, SwiGLU
+    out = h[N] + sigmoid(z_f) * up(norm(x))                               [B, T, d]
+
+`up` starts at zero, so at initialisation `out == h[N]` and the model's logits are the
+backbone's exactly; training is judged by how far it moves from there.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from longside.backbone import Backbone, BackboneSpec, apply_rotary
+from longside.config import SideNetConfig
+from longside.errors import CheckpointError
+from longside.nn.memory_attention import MemoryInputs, MemoryReader
+from longside.nn.token_cache import TokenCacheReader
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class SideBlock(nn.Module):
+    """A Llama-style pre-norm decoder block at side width, with an optional key/value cache."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, ffn: int):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.attn_norm = RMSNorm(dim)
+        self.q = nn.Linear(dim, heads * head_dim, bias=False)
+        self.k = nn.Linear(dim, kv_heads * head_dim, bias=False)
+        self.v = nn.Linear(dim, kv_heads * head_dim, bias=False)
+        self.o = nn.Linear(heads * head_dim, dim, bias=False)
+        self.mlp_norm = RMSNorm(dim)
+        self.gate = nn.Linear(dim, ffn, bias=False)
+        self.up = nn.Linear(dim, ffn, bias=False)
+        self.down = nn.Linear(ffn, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """x `[B, T, s]`; cos/sin `[T, Dh]` for the new positions; cache `([B, G, P, Dh],)*2`.
+
+        Returns (x `[B, T, s]`, (keys, values) including the new positions)."""
+        B, T, _ = x.shape
+        h = self.attn_norm(x)
+        q = apply_rotary(self.q(h).view(B, T, self.heads, self.head_dim), cos[:, None], sin[:, None]).transpose(1, 2)
+        k = apply_rotary(self.k(h).view(B, T, self.kv_heads, self.head_dim), cos[:, None], sin[:, None]).transpose(1, 2)
+        v = self.v(h).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+        new_cache = (k, v)
+        rep = self.heads // self.kv_heads
+        kk, vv = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        P = kk.shape[2] - T
+        if P == 0:
+            a = F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
+        else:  # new queries see every cached position and the new ones causally
+            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)
+            a = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+        x = x + self.o(a.transpose(1, 2).reshape(B, T, -1))
+        h = self.mlp_norm(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h)), new_cache
+
+
+class Downsample(nn.Module):
+    """Backbone hidden state `[B, T, d]` -> side width `[B, T, s]`.
+
+    "prune": a fixed selection of s dimensions (no parameters); "avgpool": mean over
+    groups of r dimensions (no parameters); "adapter": QST's RMSNorm, d -> rank -> s.
+    """
+
+    def __init__(self, kind: str, d: int, s: int, rank: int, keep: torch.Tensor):
+        super().__init__()
+        self.kind = kind
+        self.register_buffer("keep", keep.clone(), persistent=False)
+        if kind == "adapter":
+            self.norm = RMSNorm(d)
+            self.down = nn.Linear(d, rank, bias=False)
+            self.up = nn.Linear(rank, s, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.kind == "prune":
+            return h.index_select(-1, self.keep)
+        if self.kind == "avgpool":
+            return h.unflatten(-1, (-1, h.shape[-1] // self.keep.numel())).mean(-1)
+        return self.up(self.down(self.norm(h)))
+
+
+class SideNetwork(nn.Module):
+    """The trainable side network for one backbone (see the module docstring)."""
+
+    def __init__(self, config: SideNetConfig, spec: BackboneSpec, backbone: Backbone | None = None):
+        super().__init__()
+        r = config.reduction
+        if spec.hidden_size % r or spec.head_dim % (2 * r) or spec.intermediate_size % r:
+            raise CheckpointError(f"reduction {r} must divide the width {spec.hidden_size}, the "
+                                  f"intermediate size {spec.intermediate_size} and half the head width "
+                                  f"{spec.head_dim // 2}")
+        if not 0 <= config.memory_layer < spec.num_layers:
+            raise CheckpointError(f"memory_layer {config.memory_layer} out of range for "
+                                  f"{spec.num_layers} backbone blocks")
+        self.config, self.spec = config, spec
+        d, s, hd = spec.hidden_size, spec.hidden_size // r, spec.head_dim // r
+        self.layer_map = [min(config.layer_stride * (j + 1), spec.num_layers)
+                          for j in range(math.ceil(spec.num_layers / config.layer_stride))]
+        # the memory read sits before the first side layer that reads past the memory block
+        self.memory_index = next(j for j, l in enumerate(self.layer_map) if l > config.memory_layer)
+        keep, pairs = self._selection(spec, backbone, config)
+        inv_freq = 1.0 / (_rope_theta(backbone) ** (torch.arange(0, spec.head_dim, 2).float() / spec.head_dim))
+        self.register_buffer("inv_freq", inv_freq[pairs], persistent=False)
+        self.register_buffer("keep", keep, persistent=False)
+        self.downs = nn.ModuleList(Downsample(config.downsample, d, s, config.adapter_rank, keep)
+                                   for _ in self.layer_map)
+        self.gates = nn.Parameter(torch.full((len(self.layer_map),), float(config.gate_init)))
+        self.blocks = nn.ModuleList(SideBlock(s, spec.num_heads, spec.num_kv_heads, hd,
+                                              spec.intermediate_size // r) for _ in self.layer_map)
+        self.reader = MemoryReader(s, spec, config.memory_attention, config.memory_gate_init,
+                                   self._into_side_init(config.downsample, d, s, keep))
+        self.token_reader = TokenCacheReader(copy=config.token_copy_k > 0, spread=config.token_spread) if config.token_cache else None
+        self.norm = RMSNorm(s)
+        self.up = nn.Linear(s, d, bias=False)
+        self.final_gate = nn.Parameter(torch.zeros(()))
+        self._init_weights(backbone if config.init == "prune" else None, pairs)
+
+    # -- initialisation ------------------------------------------------------------
+    @staticmethod
+    def _selection(spec: BackboneSpec, backbone: Backbone | None, config: SideNetConfig):
+        """Which d/r hidden dimensions and which D/(2r) rotary pairs the side network keeps."""
+        s, npairs = spec.hidden_size // config.reduction, spec.head_dim // (2 * config.reduction)
+        if config.init == "prune" or config.downsample == "prune":
+            if backbone is None or spec.family != "llama":
+                raise CheckpointError("structured-pruning init and 'prune' downsampling need a Llama-family "
+                                      "backbone passed in; use init='random', downsample='adapter'")
+            dim_score, pair_score = _importance(backbone)
+            keep = dim_score.topk(s).indices.sort().values
+            pairs = pair_score.topk(npairs).indices.sort().values
+        else:  # evenly spread over the width and the rotary frequencies
+            keep = torch.arange(0, spec.hidden_size, config.reduction)
+            pairs = torch.arange(0, spec.head_dim // 2, config.reduction)
+        return keep, pairs
+
+    @staticmethod
+    def _into_side_init(kind: str, d: int, s: int, keep: torch.Tensor) -> torch.Tensor:
+        """Map memory's change into the side stream the way hidden states come in."""
+        w = torch.zeros(s, d)
+        if kind == "prune":
+            w[torch.arange(s), keep] = 1.0
+        elif kind == "avgpool":
+            r = d // s
+            w[torch.arange(d) // r, torch.arange(d)] = 1.0 / r
+        else:
+            nn.init.normal_(w, std=d ** -0.5)
+        return w
+
+    def _init_weights(self, backbone: Backbone | None, pairs: torch.Tensor) -> None:
+        gen = torch.Generator().manual_seed(0)
+        for p in self.parameters():
+            if p.dim() == 2 and p is not self.reader.into_side.weight:
+                with torch.no_grad():
+                    p.normal_(0.0, p.shape[1] ** -0.5 * 0.5, generator=gen)
+        for down in self.downs:
+            if down.kind == "adapter":
+                nn.init.zeros_(down.up.weight)  # QST-style adapters start silent
+        nn.init.zeros_(self.reader.q_delta.weight)
+        nn.init.zeros_(self.up.weight)
+        if backbone is not None:
+            self._prune_from(backbone, pairs)
+
+    @torch.no_grad()
+    def _prune_from(self, backbone: Backbone, pairs: torch.Tensor) -> None:
+        """LST: side block j starts as backbone block l_j, cut to the kept dimensions."""
+        spec, keep = self.spec, self.keep
+        D, H, G = spec.head_dim, spec.num_heads, spec.num_kv_heads
+        # a rotary pair i is dimensions (i, i + D/2) of a head
+        qk_dims = torch.cat([pairs, pairs + D // 2])
+        layers = backbone.parts.layers
+        for j, block in enumerate(self.blocks):
+            src = layers[min(self.layer_map[j], spec.num_layers - 1)]
+            at, mlp = src.self_attn, src.mlp
+            q, k, v, o = (_dense(m) for m in (at.q_proj, at.k_proj, at.v_proj, at.o_proj))
+            v_dims = _top_rows_per_head(v, G, D, block.head_dim)  # [G, hd] value dims per kv head
+            q_rows = torch.cat([h * D + qk_dims for h in range(H)])
+            k_rows = torch.cat([g * D + qk_dims for g in range(G)])
+            v_rows = torch.cat([g * D + v_dims[g] for g in range(G)])
+            o_cols = torch.cat([h * D + v_dims[h // (H // G)] for h in range(H)])
+            block.q.weight.copy_(q[q_rows][:, keep])
+            block.k.weight.copy_(k[k_rows][:, keep])
+            block.v.weight.copy_(v[v_rows][:, keep])
+            block.o.weight.copy_(o[keep][:, o_cols])
+            gate, up, down = _dense(mlp.gate_proj), _dense(mlp.up_proj), _dense(mlp.down_proj)
+            ffn = block.gate.weight.shape[0]
+            neurons = (gate.norm(dim=1) * up.norm(dim=1) * down.norm(dim=0)).topk(ffn).indices.sort().values
+            block.gate.weight.copy_(gate[neurons][:, keep])
+            block.up.weight.copy_(up[neurons][:, keep])
+            block.down.weight.copy_(down[keep][:, neurons])
+            block.attn_norm.weight.copy_(src.input_layernorm.weight[keep])
+            block.mlp_norm.weight.copy_(src.post_attention_layernorm.weight[keep])
+        self.norm.weight.copy_(backbone.parts.norm.weight[keep])
+
+    # -- forward ---------------------------------------------------------------------
+    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin `[T, Dh]` for `positions [T]` (the side network's kept frequencies)."""
+        f = positions.float()[:, None] * self.inv_freq[None]
+        emb = torch.cat([f, f], -1)
+        return emb.cos(), emb.sin()
+
+    def forward(self, hidden_states: list[torch.Tensor], memory: MemoryInputs | None = None,
+                start: int = 0, caches: list | None = None):
+        """hidden_states: the backbone's N+1 states `[B, T, d]`; memory: the memory layer's
+        inputs (None: memory off); start: position of the first token (with `caches`).
+
+        Returns (out `[B, T, d]` for the backbone's final norm + LM head, new caches)."""
+        T = hidden_states[-1].shape[1]  # entries outside the layer map may be None (FeatureCache)
+        cos, sin = self.rotary(torch.arange(start, start + T, device=hidden_states[-1].device))
+        gates = torch.sigmoid(self.gates)
+        x = None
+        new_caches = []
+        for j, (l, down, block) in enumerate(zip(self.layer_map, self.downs, self.blocks)):
+            h = down(hidden_states[l])
+            x = h if x is None else (1 - gates[j]) * h + gates[j] * x
+            if j == self.memory_index and memory is not None:
+                x = x + self.reader(x, memory)
+            x, c = block(x, cos, sin, None if caches is None else caches[j])
+            new_caches.append(c)
+        out = hidden_states[-1] + torch.sigmoid(self.final_gate) * self.up(self.norm(x))
+        return out, new_caches
+
+
+# -- helpers ---------------------------------------------------------------------------
+def _dense(module: nn.Module) -> torch.Tensor:
+    """A linear layer's weight `[out, in]` as float32, dequantizing a 4-bit one."""
+    w = getattr(module, "weight", None)
+    if isinstance(w, torch.Tensor) and w.is_floating_point():
+        return w.detach().float()
+    if hasattr(module, "dequantize"):
+        return module.dequantize().float()
+    raise CheckpointError(f"cannot read the weights of {type(module).__name__} for pruning")
+
+
+def _top_rows_per_head(w: torch.Tensor, heads: int, D: int, keep: int) -> torch.Tensor:
+    """For each head of a `[heads*D, in]` weight, the `keep` rows of largest norm, `[heads, keep]`."""
+    norms = w.norm(dim=1).view(heads, D)
+    return norms.topk(keep, dim=1).indices.sort(dim=1).values
+
+
+def _importance(backbone: Backbone) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight-magnitude importance of hidden dims `[d]` and rotary pairs `[D/2]`.
+
+    A hidden dimension matters as much as the (norm-scaled) input columns that read it in
+    every block; a rotary pair as much as the query/key rows that write it."""
+    spec = backbone.spec
+    dim = torch.zeros(spec.hidden_size)
+    pair = torch.zeros(spec.head_dim // 2)
+    for layer in backbone.parts.layers:
+        at, mlp = layer.self_attn, layer.mlp
+        n1, n2 = layer.input_layernorm.weight.detach().float(), layer.post_attention_layernorm.weight.detach().float()
+        qkv = torch.cat([_dense(at.q_proj), _dense(at.k_proj), _dense(at.v_proj)])
+        gu = torch.cat([_dense(mlp.gate_proj), _dense(mlp.up_proj)])
+        dim += n1.pow(2) * qkv.pow(2).sum(0) + n2.pow(2) * gu.pow(2).sum(0)
+        qk = torch.cat([_dense(at.q_proj), _dense(at.k_proj)]).pow(2).sum(1).view(-1, spec.head_dim)
+        pair += qk[:, : spec.head_dim // 2].sum(0) + qk[:, spec.head_dim // 2:].sum(0)
+    return dim, pair
+
+
+def _rope_theta(backbone: Backbone | None) -> float:
+    if backbone is None:
+        return 10000.0
+    cfg = backbone.parts.text_config
+    params = getattr(cfg, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))

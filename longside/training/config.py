@@ -1,0 +1,91 @@
+"""`TrainConfig`: everything a training run needs, with presets (`preset(name)`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+
+from longside.config import SideNetConfig
+from longside.errors import LongsideError
+
+
+@dataclass
+class TrainConfig:
+    """One training run. `side` configures the side network; the rest the optimisation."""
+
+    side: SideNetConfig = field(default_factory=SideNetConfig)
+    backbone: str = "smollm2-135m"
+    quantize: str | None = None  # "nf4": a 4-bit backbone
+    batch_size: int = 1  # rows per process, each streaming its own document
+    segment: int = 1024  # tokens per segment (<= side.window)
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    max_steps: int = 400
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    synthetic_share: float = 0.25  # share of documents that are synthetic pass-key tasks
+    synthetic_max_segments: int = 16  # a pass key stated up to this many segments back
+    max_book_segments: int = 64  # a book is cut after this many segments (more books seen)
+    eval_every: int = 100
+    eval_segments: int = 6  # per validation book: memory helps from the second on
+    save_every: int = 100
+    seed: int = 0
+    out: str = "runs/smollm2-135m"
+    feature_cache: str | None = None  # a directory: backbone features replayed when a segment recurs
+    feature_cache_gb: float = 20.0
+    feature_cache_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v, kind = getattr(self, f.name), f.type
+            ok = {"int": isinstance(v, int) and not isinstance(v, bool),
+                  "float": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                  "str": isinstance(v, str), "str | None": v is None or isinstance(v, str),
+                  "SideNetConfig": isinstance(v, SideNetConfig)}.get(kind, True)
+            if not ok:
+                raise LongsideError(f"training option {f.name!r} must be {kind}, got {v!r}")
+        small = [n for n in ("batch_size", "segment", "max_steps", "eval_every", "save_every", "eval_segments",
+                             "synthetic_max_segments", "max_book_segments") if getattr(self, n) < 1]
+        if small or self.warmup_steps < 0 or self.lr <= 0 or not 0 <= self.synthetic_share <= 1:
+            raise LongsideError(f"training options out of range: {small or ''} (counts >= 1, warmup_steps >= 0, "
+                                "lr > 0, synthetic_share in [0, 1])")
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "TrainConfig":
+        if not isinstance(raw, dict):
+            raise LongsideError(f"a training config must be a JSON object of TrainConfig fields, got "
+                                f"{type(raw).__name__}")
+        raw = dict(raw)
+        side = raw.pop("side", {})
+        if not isinstance(side, dict):
+            raise LongsideError(f"the training config's \"side\" must be an object of SideNetConfig fields, got {side!r}")
+        side = SideNetConfig(**side)
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(raw) - known:
+            raise LongsideError(f"unknown training options {sorted(set(raw) - known)}")
+        return cls(side=side, **raw)
+
+
+PRESETS: dict[str, dict] = {
+    # The shipped checkpoint: SmolLM2-135M, r=4 (side width 144), 10 side layers, memory at
+    # block 15, 1024-token segments. Sized for this 2-core CPU (see docs/results.md for wall time).
+    "smollm2-135m": {"out": "runs/smollm2-135m", "max_steps": 1200, "warmup_steps": 30,
+                     "synthetic_share": 0.5, "synthetic_max_segments": 4, "max_book_segments": 16,
+                     "eval_every": 300, "eval_segments": 4, "save_every": 50,
+                     "side": {"memory_attention": "joint"}},
+    # A few steps on short segments: for tests and smoke runs.
+    "tiny": {"segment": 64, "max_steps": 6, "warmup_steps": 2, "eval_every": 3, "eval_segments": 2,
+             "save_every": 3, "synthetic_max_segments": 3, "max_book_segments": 4,
+             "side": {"window": 64, "capacity_tokens": 1024}, "out": "runs/tiny"},
+}
+
+
+def preset(name: str, **overrides) -> TrainConfig:
+    if name not in PRESETS:
+        raise LongsideError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    raw = json.loads(json.dumps(PRESETS[name]))
+    side = {**raw.pop("side", {}), **overrides.pop("side", {})}
+    return TrainConfig.from_dict({**raw, **overrides, "side": side})

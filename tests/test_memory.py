@@ -1,0 +1,67 @@
+"""`Memory`: the model's memory object (lifecycle, text intake, scoped swap, stats)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longside.config import SideNetConfig
+from longside.errors import LongsideError
+from longside.memory import Memory, read_texts
+from longside.model import LongSideModel
+
+
+@pytest.fixture(scope="module")
+def model(smollm2):
+    return LongSideModel(smollm2, SideNetConfig(window=64, capacity_tokens=4096))
+
+
+def test_a_mistyped_path_is_refused_not_memorized(model):
+    model.init_memory(1)
+    for path in ("/no/such/file.txt", "notes.txt", "data/book"):
+        with pytest.raises(LongsideError, match="no file"):
+            model.memorize(path, progress=False)
+    assert model.memory.lengths() == [0]
+    assert model.memorize("notes.txt", as_text=True, progress=False) > 0  # explicitly text
+    assert [t for _, t in read_texts("It was late. Then/now nobody knew.")] == ["It was late. Then/now nobody knew."]
+
+
+def test_an_existing_file_is_read(model, tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("The meeting moved to Tuesday.")
+    model.init_memory(1)
+    n = model.memorize(str(f), progress=False)
+    assert n == len(model.backbone.tokenizer("The meeting moved to Tuesday.", add_special_tokens=False).input_ids)
+    assert model.memory.lengths() == [n]
+
+
+def test_scoped_memory_leaves_the_model_memory_untouched(model):
+    model.init_memory(2)
+    model.memorize("kept for later", row=1, progress=False)
+    own = model.memory
+    with model.scoped_memory(1) as scratch:
+        assert model.memory is scratch and scratch.rows == 1
+        model(torch.tensor([[1, 2, 3, 4]]))
+        assert scratch.lengths() == [4]
+    assert model.memory is own and own.lengths()[0] == 0 and own.lengths()[1] > 0
+
+
+def test_rows_are_checked_and_stats_are_per_row(model):
+    model.init_memory(2)
+    with pytest.raises(LongsideError, match="out of range"):
+        model.memorize("text", row=2, progress=False)
+    model.memorize("some words in row zero", row=0, progress=False)
+    stats = model.memory.stats()
+    assert len(stats) == 2 and stats[1]["tokens"] == 0 < stats[0]["tokens"]
+    with pytest.raises(LongsideError, match="at least one row"):
+        Memory(model.backbone, model.config, 0)
+
+
+def test_a_batch_of_another_size_needs_an_empty_memory(model):
+    model.init_memory(1)
+    model.memorize("something", progress=False)
+    with pytest.raises(LongsideError, match="init_memory"):
+        model(torch.tensor([[1, 2], [3, 4]]))
+    model.reset_memory()
+    model(torch.tensor([[1, 2], [3, 4]]))
+    assert model.memory.rows == 2
