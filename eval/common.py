@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from longside.inference.window import LocalWindow
 from longside.loading import load_model, model_info
 from longside.model import LongSideModel
 from longside.paths import atomic_file
+from longside.provenance import git_state
 
 
 class EvalError(LongsideError):
@@ -231,12 +231,7 @@ def book_chapters(tokenizer, book: dict) -> list[list[int]]:
 
 def git_commit() -> str | None:
     """`git rev-parse HEAD` of the source tree, or None outside a repository."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return git_state()[0]
 
 
 def report(evaluation: str, config: Any, info: dict, data: Any, results: dict, started: float) -> dict:
@@ -258,7 +253,7 @@ def write_json(result: dict, path: str | Path) -> Path:
 
 def pyplot():
     """`matplotlib.pyplot` on the file-only Agg backend (no display needed)."""
-    import matplotlib
+    import matplotlib  # heavy, and only the --plot path needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -49,7 +49,7 @@ def device_read_gbps(mbytes: int = 2048) -> float:
 
 
 def bench(m: int, n: int, k: int, dtype: torch.dtype) -> dict:
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # optional: the comparison row only
     import bitsandbytes.functional as bf
 
     g = torch.Generator().manual_seed(n + k)

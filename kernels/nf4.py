@@ -139,7 +139,7 @@ class NF4Weight:
 
     def to_bnb(self) -> tuple[torch.Tensor, Any]:
         """`(packed, QuantState)` that `bitsandbytes.functional.dequantize_4bit` accepts."""
-        from bitsandbytes.functional import QuantState
+        from bitsandbytes.functional import QuantState  # optional: only when converting from bitsandbytes
 
         state2 = offset = None
         if self.double_quant:
@@ -197,7 +197,7 @@ def _quantize_blockwise(a: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, 
     """
     code = dynamic_code()
     try:
-        from bitsandbytes.functional import quantize_blockwise
+        from bitsandbytes.functional import quantize_blockwise  # optional: the reference check only
     except ImportError:
         quantize_blockwise = None
     if quantize_blockwise is not None:

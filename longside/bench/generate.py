@@ -40,6 +40,7 @@ from longside.errors import LongsideError
 from longside.inference.generate import generate
 from longside.loading import load_model
 from longside.paths import atomic_file, check_output_file
+from longside.provenance import RunRecord
 
 ROWS = [  # (name, memory tokens)
     ("transformers-fp32", 0),
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    run = RunRecord.start(["longside", "bench", "generate", *argv])
     args = build_parser().parse_args(argv)
     check_output_file(args.json, "--json")
     args.prompt_tokens = args.prompt_tokens or (128 if args.quick else 512)
@@ -99,6 +101,7 @@ def main(argv: list[str]) -> int:
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "load_average_1m": os.getloadavg()[0]},
         "results": results, "summary": _summary(results),
+        "provenance": run.finish(repeats=args.repeats),
     }
     text = json.dumps(report, indent=1)
     if args.json:
@@ -163,13 +166,14 @@ def _texts(n_tokens: int, tokenizer) -> tuple[list[int], str]:
     raise LongsideError(f"the test books hold only {len(ids)} tokens, {n_tokens} needed")
 
 
-def _time(fn, repeats: int) -> float:
-    best = float("inf")
+def _time(fn, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls (the report keeps them all; speeds use the best)."""
+    times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+        times.append(time.perf_counter() - t)
+    return times
 
 
 def _rss_mb() -> tuple[float, float]:
@@ -198,10 +202,13 @@ def run_row(args) -> dict:
     ids, _ = _texts(max(mem, QUICK_FILL) + 2048 + P, tok)
     prompt = torch.tensor([ids[-P:]])
     gen_fn(prompt[:, :8], 2)  # warm-up: first-call allocations, kernel compilation
-    t1 = _time(lambda: gen_fn(prompt, 1), args.repeats)
-    tn = _time(lambda: gen_fn(prompt, 1 + N), args.repeats)
+    t1s = _time(lambda: gen_fn(prompt, 1), args.repeats)
+    tns = _time(lambda: gen_fn(prompt, 1 + N), args.repeats)
+    t1, tn = min(t1s), min(tns)
     gc.collect()
     rss, peak = _rss_mb()
+    row.update(prefill_s_each=[round(t, 4) for t in t1s], generate_s_each=[round(t, 4) for t in tns],
+               decode_tokens_per_s_worst=round(N / max(max(tns) - min(t1s), 1e-9), 2))
     row.update(prefill_tokens_per_s=round(P / t1, 2), decode_tokens_per_s=round(N / max(tn - t1, 1e-9), 2),
                rss_mb=rss, peak_rss_mb=peak, prompt_tokens=P, new_tokens=N, threads=torch.get_num_threads())
     return row

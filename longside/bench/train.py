@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,7 +34,8 @@ from longside.backbone import load_backbone
 from longside.config import SideNetConfig
 from longside.data import load_books
 from longside.model import LongSideModel
-from longside.paths import check_output_file
+from longside.paths import atomic_file, check_output_file
+from longside.provenance import RunRecord
 from longside.training.feature_cache import FeatureCache
 
 METHODS = ("longside", "longside-replay", "qlora", "lora", "full")
@@ -51,11 +51,10 @@ def _worker(method: str, seq: int, batch: int, steps: int) -> dict:
     torch.manual_seed(0)
 
     if method in ("longside", "longside-replay"):
-        quant = "nf4" if _kernels_ready() else None
-        bb = load_backbone("smollm2-135m", quantize=quant)
+        bb = load_backbone("smollm2-135m", quantize="nf4")
         model = LongSideModel(bb, SideNetConfig(window=max(seq, 1024)))
         params = model.trainable_parameters()
-        note = f"backbone {'nf4 (longside kernels)' if quant else 'dense fp32 (kernels not built)'}"
+        note = "backbone nf4 (longside kernels)"
         if method == "longside-replay":
             cache_dir = tempfile.mkdtemp(prefix="longside-features-")
             model.feature_cache = FeatureCache(cache_dir, bb, model.feature_layers(), model.config.memory_layer)
@@ -67,7 +66,7 @@ def _worker(method: str, seq: int, batch: int, steps: int) -> dict:
         model(first)  # memory holds one segment per row, so retrieval is part of the step
         data = second
     else:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # optional: only the baselines need PEFT
 
         bb = load_backbone("smollm2-135m")
         src = bb.model.name_or_path
@@ -101,19 +100,13 @@ def _worker(method: str, seq: int, batch: int, steps: int) -> dict:
         if i:
             times.append(time.perf_counter() - t)
     row = {"method": method, "seq_len": seq, "batch": batch, "step_s": statistics.median(times),
+           "step_s_each": [round(t, 3) for t in times],
            "peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "trainable_params": sum(p.numel() for p in params), "loss": float(loss.detach()), "note": note}
     if method == "longside-replay":
         row["feature_cache"] = model.feature_cache.stats()
         shutil.rmtree(model.feature_cache.path, ignore_errors=True)
     return row
-
-
-def _kernels_ready() -> bool:
-    try:
-        return True
-    except Exception:
-        return False
 
 
 def main(argv: list[str]) -> int:
@@ -128,6 +121,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--worker", nargs=3, metavar=("METHOD", "SEQ", "BATCH"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     check_output_file(args.json, "--json")
+    run = RunRecord.start(["longside", "bench", "train", *argv])
     if args.worker:
         m, s, b = args.worker
         print(json.dumps(_worker(m, int(s), int(b), args.steps)))
@@ -149,10 +143,12 @@ def main(argv: list[str]) -> int:
                 row = json.loads(proc.stdout.strip().splitlines()[-1])
             results.append(row)
             print(json.dumps(row), flush=True)
-    report = {"benchmark": "train", "quick": args.quick, "results": results, "ratios": _ratios(results)}
+    report = {"benchmark": "train", "quick": args.quick, "results": results, "ratios": _ratios(results),
+              "provenance": run.finish(timed_steps=steps)}
     text = json.dumps(report, indent=2)
     if args.json:
-        Path(args.json).write_text(text)
+        with atomic_file(args.json) as tmp:
+            tmp.write_text(text)
     print(text)
     return 0
 

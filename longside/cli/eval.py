@@ -16,6 +16,7 @@ from pathlib import Path
 from longside.config import parse_blocks
 from longside.eval.common import EvalError, load_model, write_json
 from longside.paths import check_output_file
+from longside.provenance import RunRecord
 
 # name -> (module, config class, what it measures)
 EVALUATIONS = {
@@ -78,6 +79,7 @@ def _plot_path(plot: str | None, name: str, several: bool) -> Path | None:
 
 
 def main(argv: list[str]) -> int:
+    run = RunRecord.start(["longside", "eval", *argv])
     args = build_parser().parse_args(argv)
     names = list(EVALUATIONS) if args.name == "all" else [args.name]
     if args.data is not None and len(names) > 1:
@@ -102,6 +104,7 @@ def main(argv: list[str]) -> int:
         if plot is not None:
             module.plot(report, plot)
             print(f"longside eval {name}: plot -> {plot}", file=sys.stderr)
+        report["provenance"] = run.finish()
         reports[name] = report
     out = reports[names[0]] if len(names) == 1 else {"evaluation": "all", "reports": reports}
     if args.json:
