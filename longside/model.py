@@ -211,8 +211,18 @@ class LongSideModel(nn.Module):
         `encode(input_ids)` of these ids, made once and shared by several models reading the
         same segment (e.g. one per memory capacity); not with backbone memory, whose blocks
         read this model's own memory."""
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise LongsideError(f"input_ids must be a non-empty [batch, tokens] tensor, got {tuple(input_ids.shape)}")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0 \
+                or input_ids.shape[0] == 0:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise LongsideError(f"input_ids must be a non-empty [batch, tokens] tensor, got {shape}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise LongsideError(f"input_ids must be integer token ids (int64), got {input_ids.dtype}")
+        vocab = self.backbone.spec.vocab_size
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+            raise LongsideError(f"token ids must lie in 0..{vocab - 1}, got {int(input_ids.min())}..{int(input_ids.max())}")
+        if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
+            raise LongsideError(f"labels must be a tensor shaped like input_ids {tuple(input_ids.shape)} "
+                                "(-100 where not scored)")
         B, T = input_ids.shape
         if T > self.config.window:
             raise LongsideError(f"segment of {T} tokens exceeds the window of {self.config.window}; "

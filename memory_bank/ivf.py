@@ -114,6 +114,13 @@ class IVFIndexes:
         for index in self._indexes:
             index.remove_ids(sel)
 
+    def ids(self, head: int) -> np.ndarray:
+        """Every id stored in head `head`'s inverted lists (sorted int64)."""
+        lists = self._indexes[head].invlists
+        out = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+               for i in range(self.nlist) if lists.list_size(i)]
+        return np.sort(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
+
     def search(self, queries: np.ndarray, k: int) -> np.ndarray:
         """`queries [H, Tq, D]` float32 -> ids `[H, Tq, k]` int64, best first, -1 where an
         index has fewer than k candidates in the probed lists."""
@@ -139,9 +146,13 @@ class IVFIndexes:
     def load_serialized(self, blobs: list[np.ndarray]) -> None:
         if len(blobs) != self.num_heads:
             raise MemoryBankError(f"saved bank has {len(blobs)} IVF indexes, expected {self.num_heads}")
-        indexes = [faiss.deserialize_index(b) for b in blobs]  # already the concrete class
+        try:
+            indexes = [faiss.deserialize_index(b) for b in blobs]  # already the concrete class
+        except RuntimeError as e:
+            raise MemoryBankError(f"saved IVF index cannot be read ({str(e).splitlines()[0][:200]})") from None
         for index in indexes:
-            if index.d != self.dim or index.nlist != self.nlist:
+            if (not isinstance(index, faiss.IndexIVF) or index.d != self.dim or index.nlist != self.nlist
+                    or not index.is_trained):
                 raise MemoryBankError("saved IVF index does not match the bank's dim/nlist")
             index.nprobe = self._nprobe
         self._indexes = indexes

@@ -186,4 +186,9 @@ def load_bank(cls: type, path: Path, *, expect_owner: str | None, device, evicti
         tm.restore(state["token_memory"], tm_arrays)
     if bank._ivf is not None and "ivf0" in arrays:
         bank._ivf.load_serialized([np.frombuffer(arrays[f"ivf{h}"], dtype=np.uint8) for h in range(H)])
+        # a search returns these ids as slots to read: each head must hold exactly the live chunks
+        live = np.sort(bank._queue.items().astype(np.int64))
+        for h in range(H):
+            if not np.array_equal(bank._ivf.ids(h), live):
+                raise _corrupt(path, f"IVF index of head {h} does not list the bank's chunks")
     return bank

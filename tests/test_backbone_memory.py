@@ -315,3 +315,20 @@ def test_switching_backbone_memory_on_a_loaded_model(smollm2):
     model.use_backbone_memory([20], k_chunks=4)
     model(ids_of(W))
     assert model.backbone_memory.lengths() == [W - 4] and model.config.backbone_memory_k_chunks == 4
+
+
+def test_block_banks_are_isolated_between_batch_rows(smollm2):
+    """Row 1's logits are the same whether row 0's block banks are empty or full."""
+    model = make_model(smollm2)
+    ask = ids_of(12, batch=2, seed=5)
+    rows = []
+    for other in (None, ids_of(3 * W, seed=7)):
+        model.init_memory(2)
+        model.memory.write_ids(ids_of(2 * W, seed=6)[0].tolist(), rows=[1])
+        if other is not None:
+            model.memory.write_ids(other[0].tolist(), rows=[0])
+        lengths = model.memory.lengths()
+        blocks = {L: len(model.memory.blocks.banks[L].banks[0]) for L in LAYERS}
+        rows.append((lengths, blocks, model(ask, write_memory=False).logits[1]))
+    assert rows[0][0][0] == 0 < rows[1][0][0] and all(n > 0 for n in rows[1][1].values())
+    assert torch.equal(rows[0][2], rows[1][2])

@@ -36,3 +36,15 @@ def test_side_config_round_trips(tmp_path):
 def test_train_config_is_checked(raw, match):
     with pytest.raises((LongsideError, CheckpointError), match=match):
         TrainConfig.from_dict(raw)
+
+
+def test_train_cli_refuses_a_bad_config_file(tmp_path):
+    import subprocess
+    import sys
+
+    for body in (b"[1, 2]", b"\xff\xfe{}", b'{"lr": "fast"}', b'{"side": {"token_cache": "no"}}'):
+        f = tmp_path / "c.json"
+        f.write_bytes(body)
+        r = subprocess.run([sys.executable, "-m", "longside", "train", "--config", str(f), "--out",
+                            str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "longside: error:" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -246,6 +246,8 @@ def test_ppl_resumes_from_the_books_it_kept(small, tmp_path, monkeypatch):
     path.write_text(kept)
     with pytest.raises(EvalError, match="another run.*config"):
         ppl.run(model, info, dataclasses.replace(config, max_tokens=200))
+    with pytest.raises(EvalError, match="another run.*side_state_hash"):  # another checkpoint
+        ppl.run(model, {**info, "side_state_hash": "0123456789abcdef"}, config)
     path.write_text(kept[:40])
     with pytest.raises(EvalError, match="unreadable"):
         ppl.run(model, info, config)

@@ -101,3 +101,17 @@ def test_training_replays_validation_and_refuses_cache_inside_out(tmp_path, smol
     bad = preset("tiny", max_steps=1, out=str(tmp_path / "run"), feature_cache=str(tmp_path / "run" / "f"))
     with pytest.raises(LongsideError, match="inside the checkpoint"):
         train(bad, backbone=smollm2, progress=False)
+
+
+def test_cache_of_a_quantized_backbone_is_refused_for_the_dense_one(tmp_path, smollm2):
+    """Features of an NF4 backbone differ from the dense one's: a cache made with one is
+    refused for the other (the backbone's quantization is part of the cache's identity)."""
+    import copy
+
+    model = _model(smollm2)
+    layers, m = model.feature_layers(), model.config.memory_layer
+    FeatureCache(tmp_path / "fc", smollm2, layers, m)
+    quantized = copy.copy(smollm2)  # the same weights' identity, marked as quantized
+    quantized.quantization = {"kind": "nf4"}
+    with pytest.raises(LongsideError, match="was made for"):
+        FeatureCache(tmp_path / "fc", quantized, layers, m)

@@ -473,3 +473,19 @@ def test_bad_k_and_rows_are_refused():
             batch[r]
         with pytest.raises(MemoryBankError, match="out of range"):
             batch.search(q[:1], 1, rows=[r])
+
+
+def test_an_ivf_index_that_does_not_list_the_chunks_is_refused(tmp_path):
+    """A saved IVF index (e.g. a forged file with a recomputed checksum) must hold exactly
+    the bank's live chunks: search results are read as slots."""
+    import numpy as np
+
+    bank = MemoryBank(2, 8, chunk_size=2, capacity_tokens=512, index="ivf", nlist=4, train_min_chunks=32)
+    bank.add(tagged(0, 200), tagged(0, 200))
+    assert bank.stats()["trained"]
+    bank.save(tmp_path / "ok.lsmb")
+    assert MemoryBank.load(tmp_path / "ok.lsmb").num_chunks == bank.num_chunks
+    bank._ivf.remove(np.array([int(bank._queue.items()[0])]))  # head lists lose one chunk
+    bank.save(tmp_path / "bad.lsmb")
+    with pytest.raises(MemoryBankError, match="does not list"):
+        MemoryBank.load(tmp_path / "bad.lsmb")

@@ -114,6 +114,14 @@ def test_bad_input():
     model(torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(LongsideError, match="batch size"):
         model(torch.zeros(3, 4, dtype=torch.long))
+    with pytest.raises(LongsideError, match="integer token ids"):
+        model(torch.zeros(2, 4))
+    with pytest.raises(LongsideError, match="must lie in"):
+        model(torch.full((2, 4), 96))
+    with pytest.raises(LongsideError, match="labels"):
+        model(torch.zeros(2, 4, dtype=torch.long), labels=torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(LongsideError, match="non-empty"):
+        model([[1, 2]])
 
 
 def test_no_gradient_reaches_the_backbone():

@@ -89,6 +89,7 @@ def main(argv: list[str]) -> int:
     configs = {n: make_config(n, args) for n in names}
     plots = {n: _plot_path(args.plot, n, len(names) > 1) for n in names}  # bad paths fail before the work
     check_output_file(args.json, "--json")
+    check_output_file(getattr(args, "resume", None), "--resume")
     for plot in plots.values():
         check_output_file(plot, "--plot")
     model, info = load_model(args.model)

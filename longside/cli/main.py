@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     except LongsideError as e:
         print(f"longside: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file or folder the command was given cannot be read or written
+        print(f"longside: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 
