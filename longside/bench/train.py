@@ -28,7 +28,6 @@ import time
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from longside.backbone import load_backbone
 from longside.config import SideNetConfig
@@ -66,7 +65,10 @@ def _worker(method: str, seq: int, batch: int, steps: int) -> dict:
         model(first)  # memory holds one segment per row, so retrieval is part of the step
         data = second
     else:
-        from peft import LoraConfig, get_peft_model  # optional: only the baselines need PEFT
+        # imported here, not at the top: each method runs in its own process and its peak
+        # memory is measured, so longside's process must not load PEFT or bitsandbytes
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         bb = load_backbone("smollm2-135m")
         src = bb.model.name_or_path
