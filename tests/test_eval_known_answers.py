@@ -84,3 +84,27 @@ def test_memory_row_differs_from_the_backbone_row(shipped, filler):
     bb = score_backbone(model.backbone, prefix, cands, context=W)
     assert max(abs(a.logprob - b.logprob) for a, b in zip(ls, bb)) > 0.05
     torch.testing.assert_close(torch.tensor([c.logprob for c in ls]), torch.tensor([c.logprob for c in ls]))
+
+
+def test_icl_answers_test_sentences_whose_labelled_copy_is_in_memory(shipped, filler, tmp_path):
+    """Arbitrary labels (no sentiment to learn), every test sentence also a labelled
+    demonstration: the memory row must answer all of them; the backbone, which sees only
+    two demonstrations, cannot."""
+    import datasets
+
+    from longside.eval import icl
+
+    model, info = shipped
+    tok = model.backbone.tokenizer
+    sentences = [tok.decode(filler[a:a + 12]).strip() for a in range(0, 2400, 40)][:60]
+    rng = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 2, (len(sentences),), generator=rng).tolist()
+    rows = [{"text": t, "label": y, "label_text": ("alpha", "beta")[y]} for t, y in zip(sentences, labels)]
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                               "test": datasets.Dataset.from_list(rows[10:16])})
+    dd.save_to_disk(str(tmp_path / "arbitrary"))
+    cfg = icl.IclConfig(window=W, k_window=2, n_memory=len(rows) - 2, n_test=6, seeds=1, max_text_tokens=16)
+    res = icl.run(model, info, cfg, data=str(tmp_path / "arbitrary"))["results"]
+    acc = {r: v["label"]["mean"] for r, v in res["tasks"]["arbitrary"]["rows"].items()}
+    assert acc["longside memory"] == 1.0, acc
+    assert acc["backbone k-shot"] < 1.0 and acc["longside memory off"] < 1.0, acc

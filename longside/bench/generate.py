@@ -245,7 +245,8 @@ def _longside_row(name: str, mem: int, quick: bool, backbone_memory: str | None 
                             "plain rows; set backbone_memory_layers to [] in its side_config.json")
     tok = model.backbone.tokenizer
     extra = {"tokenizer": tok, "backend": "longside generate (incremental, side network + memory)",
-             "weights": "4-bit NF4 via longside.kernels.QuantLinear" if base.endswith("nf4") else "fp32"}
+             "weights": "4-bit NF4 via longside.kernels.QuantLinear" if base.endswith("nf4") else "fp32",
+             "model_note": note, "side_state_hash": info["side_state_hash"]}
     if variant == "bm":
         extra["backbone_memory_layers"] = model.config.backbone_memory_layers
     if mem and variant == "bm":  # block banks depend on what each block read: memorize for real

@@ -40,8 +40,9 @@ MS = (1, 8, 512)
 SMOKE_SHAPES = [(192, 576), (100, 320)]
 
 
-def _time_ms(fn: Callable[[], object], budget_s: float, max_reps: int = 50) -> float:
-    """Median wall time of `fn` in ms: one warm-up call, then as many calls as fit `budget_s`."""
+def _time_ms(fn: Callable[[], object], budget_s: float, max_reps: int = 50) -> dict:
+    """Wall times of `fn` in ms: one warm-up call, then as many calls as fit `budget_s` ->
+    {"median", "min", "max", "repeats"} (rows report the median and keep the spread)."""
     t0 = time.perf_counter()
     fn()
     first = time.perf_counter() - t0
@@ -50,8 +51,9 @@ def _time_ms(fn: Callable[[], object], budget_s: float, max_reps: int = 50) -> f
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"median": statistics.median(times), "min": round(min(times), 4), "max": round(max(times), 4),
+            "repeats": reps}
 
 
 def read_bandwidth_gbps(mbytes: int = 512, reps: int = 5) -> float:
@@ -86,17 +88,19 @@ def bench_shape(m: int, n: int, k: int, budget_s: float, with_bnb: bool) -> dict
     ref = F.linear(x, w_dense)
     err = (y - ref).abs().max().item()
     tol = 2e-5 * x.abs().max().item() * qw.absmax.max().item() * k + 1e-6
-    ours = _time_ms(lambda: matmul_nf4(x, qw, qw.absmax), budget_s)
-    fp32 = _time_ms(lambda: F.linear(x, w_dense), budget_s)
-    bnb = None
+    timings = {"ours": _time_ms(lambda: matmul_nf4(x, qw, qw.absmax), budget_s),
+               "fp32": _time_ms(lambda: F.linear(x, w_dense), budget_s)}
     if with_bnb and (fn := _bnb_fn(w, x)) is not None:
-        bnb = _time_ms(fn, budget_s / 2, max_reps=5)
+        timings["bnb"] = _time_ms(fn, budget_s / 2, max_reps=5)
+    ours, fp32 = timings["ours"]["median"], timings["fp32"]["median"]
+    bnb = timings["bnb"]["median"] if "bnb" in timings else None
     weight_bytes = qw.packed.numel() + qw.absmax.numel() * 4
     return {"op": "nf4_fused" if m <= CPU_FUSED_MAX_M else "nf4_tiled", "m": m, "n": n, "k": k,
             "ours_ms": round(ours, 4), "fp32_ms": round(fp32, 4), "bnb_ms": None if bnb is None else round(bnb, 4),
             "ours_gbps": round(weight_bytes / ours / 1e6, 4), "speedup_vs_fp32": round(fp32 / ours, 2),
             "speedup_vs_bnb": None if bnb is None else round(bnb / ours, 2),
-            "max_abs_err": err, "tolerance": tol}
+            "max_abs_err": err, "tolerance": tol,
+            "spread_ms": {k: {f: t[f] for f in ("min", "max", "repeats")} for k, t in timings.items()}}
 
 
 def _fmt(v, spec: str) -> str:
