@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from longside.errors import LongsideError
 from longside.inference.window import LocalWindow
 from longside.loading import load_model, model_info
 from longside.model import LongSideModel
-from longside.paths import atomic_file
+from longside.paths import write_json
 from longside.provenance import git_state
 
 
@@ -241,14 +240,6 @@ def report(evaluation: str, config: Any, info: dict, data: Any, results: dict, s
             "model": info, "data": data, "git_commit": git_commit(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "elapsed_s": round(time.time() - started, 1), "results": results}
-
-
-def write_json(result: dict, path: str | Path) -> Path:
-    """Write `result` as JSON to `path`, atomically: an earlier file survives a crash."""
-    path = Path(path)
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(result, indent=1, sort_keys=False) + "\n")
-    return path
 
 
 def pyplot():

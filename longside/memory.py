@@ -46,6 +46,11 @@ def block_file(layer: int) -> str:
     return f"backbone_block{layer}.lsmb"
 
 
+def is_bank_file(name: str) -> bool:
+    """Whether `name` is one of the bank files `Memory.write_files` writes."""
+    return name == MAIN_FILE or re.fullmatch(r"backbone_block\d+\.lsmb", name) is not None
+
+
 class Memory:
     """The memory of `rows` sequences for one backbone and side configuration.
 

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from longside.backbone import Backbone, BackboneOutput, load_backbone
+from longside.backbone import Backbone, BackboneOutput, check_token_ids, load_backbone
 from longside.config import SideNetConfig
 from longside.errors import CheckpointError, LongsideError
 from longside.memory import Memory
@@ -217,9 +217,7 @@ class LongSideModel(nn.Module):
             raise LongsideError(f"input_ids must be a non-empty [batch, tokens] tensor, got {shape}")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise LongsideError(f"input_ids must be integer token ids (int64), got {input_ids.dtype}")
-        vocab = self.backbone.spec.vocab_size
-        if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
-            raise LongsideError(f"token ids must lie in 0..{vocab - 1}, got {int(input_ids.min())}..{int(input_ids.max())}")
+        check_token_ids(input_ids, self.backbone.spec.vocab_size)
         if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
             raise LongsideError(f"labels must be a tensor shaped like input_ids {tuple(input_ids.shape)} "
                                 "(-100 where not scored)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -19,6 +20,14 @@ def cache_dir() -> Path:
     root = Path(os.environ.get("LONGSIDE_CACHE") or Path.home() / ".cache" / "longside")
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def write_json(data, path: str | os.PathLike, indent: int = 1) -> Path:
+    """Write `data` as JSON to `path`, atomically: an earlier file survives a crash."""
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=indent) + "\n")
+    return path
 
 
 def check_output_file(path: str | os.PathLike | None, what: str = "output") -> Path | None:

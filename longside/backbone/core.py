@@ -408,6 +408,14 @@ def encode_memory(backbone: "Backbone", ids: torch.Tensor, layer: int, token_lay
     return kv["k"], kv["v"], kv.get("h")
 
 
+def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """Refuse token ids that no embedding row exists for (an index error deep inside the
+    backbone otherwise)."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise BackboneError(f"token ids must lie in 0..{vocab_size - 1} (the vocabulary), got "
+                            f"{int(ids.min())}..{int(ids.max())}")
+
+
 def plain_text(tokenizer, text: str) -> str:
     """`text` with each special-token string in it (e.g. `<|im_start|>`) broken by a
     zero-width space, so that text from a user is read as text and can never forge a

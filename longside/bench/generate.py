@@ -39,7 +39,7 @@ from longside.data import load_books
 from longside.errors import LongsideError
 from longside.inference.generate import generate
 from longside.loading import load_model
-from longside.paths import atomic_file, check_output_file
+from longside.paths import check_output_file, write_json
 from longside.provenance import RunRecord
 
 ROWS = [  # (name, memory tokens)
@@ -105,8 +105,7 @@ def main(argv: list[str]) -> int:
     }
     text = json.dumps(report, indent=1)
     if args.json:
-        with atomic_file(args.json) as tmp:
-            tmp.write_text(text)
+        write_json(report, args.json, indent=1)
     print(text)
     return 0
 

@@ -32,7 +32,7 @@ from longside.errors import LongsideError
 from longside.kernels import cpu
 from longside.kernels.nf4 import quantize_nf4
 from longside.kernels.ops import CPU_FUSED_MAX_M, dequantize, matmul_nf4
-from longside.paths import atomic_file, check_output_file
+from longside.paths import check_output_file, write_json
 from longside.provenance import RunRecord
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 4096), (14336, 4096), (4096, 14336)]
@@ -150,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report["model"], indent=1))
     report["provenance"] = run.finish()
     if args.json:
-        with atomic_file(args.json) as tmp:
-            tmp.write_text(json.dumps(report, indent=1))
+        write_json(report, args.json, indent=1)
         print(f"wrote {args.json}")
     return 0

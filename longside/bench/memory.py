@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from longside.backbone import load_backbone
 from longside.memory_bank import MemoryBank
-from longside.paths import atomic_file, cache_dir, check_output_file
+from longside.paths import atomic_file, cache_dir, write_json, check_output_file
 from longside.provenance import RunRecord
 
 H_KV, H_Q, DIM, CHUNK, K_CHUNKS, SEG = 3, 9, 64, 4, 16, 1024
@@ -272,8 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
-        with atomic_file(args.json) as tmp:
-            tmp.write_text(text)
+        write_json(report, args.json, indent=2)
     return 0
 
 

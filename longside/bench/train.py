@@ -33,7 +33,7 @@ from longside.backbone import load_backbone
 from longside.config import SideNetConfig
 from longside.data import load_books
 from longside.model import LongSideModel
-from longside.paths import atomic_file, check_output_file
+from longside.paths import check_output_file, write_json
 from longside.provenance import RunRecord
 from longside.training.feature_cache import FeatureCache
 
@@ -149,8 +149,7 @@ def main(argv: list[str]) -> int:
               "provenance": run.finish(timed_steps=steps)}
     text = json.dumps(report, indent=2)
     if args.json:
-        with atomic_file(args.json) as tmp:
-            tmp.write_text(text)
+        write_json(report, args.json, indent=2)
     print(text)
     return 0
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -36,7 +35,7 @@ from longside.errors import LongsideError, MemoryBankError, SessionError
 from longside.inference.generate import decode_loop, eos_ids
 from longside.inference.sampling import GenerationConfig, TextPieces, make_generator
 from longside.inference.window import LocalWindow
-from longside.memory import MAIN_FILE, block_file
+from longside.memory import MAIN_FILE, block_file, is_bank_file
 from longside.paths import atomic_dir, recover, sha256_file
 
 if TYPE_CHECKING:
@@ -92,7 +91,7 @@ class ChatSession:
         pieces = TextPieces(tok, [])
         chosen: list[int] = []
         try:
-            for t, texts in decode_loop(self.window, ids, self.config.max_new_tokens, self.config,
+            for t, texts in decode_loop(self.window, ids, self.config,
                                         eos_ids(self.model, self.config.eos_token_id), self._gen, [pieces]):
                 chosen.append(int(t[0]))
                 if texts[0]:
@@ -191,9 +190,8 @@ def _keep_foreign_files(old: Path, new: Path) -> None:
     into the new one, so re-saving a session never deletes it."""
     if not old.is_dir():
         return
-    ours = re.compile(r"^(session\.json|memory\.lsmb|backbone_block\d+\.lsmb)$")
     for entry in old.iterdir():
-        if ours.match(entry.name):
+        if entry.name == _MANIFEST or is_bank_file(entry.name):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.copytree(entry, new / entry.name, symlinks=True)

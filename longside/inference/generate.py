@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
-from longside.backbone import plain_text, tokenize
+from longside.backbone import check_token_ids, plain_text, tokenize
 from longside.errors import LongsideError
 from longside.inference.sampling import GenerationConfig, TextPieces, make_generator, next_token
 from longside.inference.window import LocalWindow
@@ -46,10 +46,7 @@ def encode_prompt(model: "LongSideModel", prompt, chat: bool = False, system: st
         if ids.dim() != 2 or ids.shape[1] == 0 or ids.dtype not in (torch.int64, torch.int32):
             raise LongsideError(f"input_ids must be a non-empty integer tensor [batch, tokens], got "
                                 f"{tuple(prompt.shape)} {prompt.dtype}")
-        vocab = model.backbone.spec.vocab_size
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-            raise LongsideError(f"token ids must lie in 0..{vocab - 1} (the vocabulary), got "
-                                f"{int(ids.min())}..{int(ids.max())}")
+        check_token_ids(ids, model.backbone.spec.vocab_size)
         return ids.long()
     texts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not texts or not all(isinstance(t, str) for t in texts):
@@ -70,8 +67,8 @@ def encode_prompt(model: "LongSideModel", prompt, chat: bool = False, system: st
     return torch.tensor(rows)
 
 
-def decode_loop(window: LocalWindow, prompt_ids: torch.Tensor, max_new_tokens: int, sampling: GenerationConfig,
-                eos: Sequence[int], generator: torch.Generator | None, pieces: list[TextPieces] | None = None,
+def decode_loop(window: LocalWindow, prompt_ids: torch.Tensor, cfg: GenerationConfig, eos: Sequence[int],
+                generator: torch.Generator | None, pieces: list[TextPieces] | None = None,
                 ) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """The generation loop over a `LocalWindow`: feed `prompt_ids [B, T]`, then choose and
     feed tokens one at a time.
@@ -79,19 +76,17 @@ def decode_loop(window: LocalWindow, prompt_ids: torch.Tensor, max_new_tokens: i
     Yields, per step, the chosen tokens `[B]` int64 and each row's new text (from
     `pieces`, one `TextPieces` per row, else empty strings). A row ends at an `eos` token
     or a stop string; ended rows repeat `eos[0]` (padding) until every row has ended or
-    `max_new_tokens` were chosen. The last chosen token is not fed: the caller (a chat)
+    `cfg.max_new_tokens` were chosen (sampling as `cfg` says). The last chosen token is not fed: the caller (a chat)
     feeds it with whatever comes next.
     """
-    B = prompt_ids.shape[0]
-    if max_new_tokens < 1:
-        raise LongsideError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    B, max_new_tokens = prompt_ids.shape[0], cfg.max_new_tokens
     logits = window.feed(prompt_ids)
     seen = prompt_ids.to(logits.device)
     done = torch.zeros(B, dtype=torch.bool, device=logits.device)
     eos_t = torch.tensor(list(eos) or [-1], device=logits.device)
     pad = eos_t[0].clamp(min=0)
     for step in range(max_new_tokens):
-        tok = next_token(logits, seen, sampling, generator)
+        tok = next_token(logits, seen, cfg, generator)
         tok = torch.where(done, pad, tok)
         texts = [""] * B
         for b in range(B):
@@ -134,7 +129,7 @@ def generate(model: "LongSideModel", prompt, max_new_tokens: int | None = None, 
         streamer.put(ids.cpu())
     chosen = []
     try:
-        for t, _ in decode_loop(window, ids, cfg.max_new_tokens, cfg, eos_ids(model, cfg.eos_token_id),
+        for t, _ in decode_loop(window, ids, cfg, eos_ids(model, cfg.eos_token_id),
                                 make_generator(cfg.seed), pieces):
             chosen.append(t.cpu())
             if streamer is not None:
@@ -158,7 +153,7 @@ def stream(model: "LongSideModel", prompt: str, max_new_tokens: int | None = Non
     ids = encode_prompt(model, prompt, chat=cfg.chat, system=cfg.system)
     pieces = TextPieces(model.backbone.tokenizer, cfg.stops())
     window = LocalWindow(model, 1, use_memory=cfg.use_memory, write_memory=cfg.write_memory)
-    for _, texts in decode_loop(window, ids, cfg.max_new_tokens, cfg, eos_ids(model, cfg.eos_token_id),
+    for _, texts in decode_loop(window, ids, cfg, eos_ids(model, cfg.eos_token_id),
                                 make_generator(cfg.seed), [pieces]):
         if texts[0]:
             yield texts[0]

@@ -29,7 +29,6 @@ from tqdm.auto import tqdm
 
 from longside.backbone import Backbone, load_backbone
 from longside.errors import CheckpointError, LongsideError
-from longside.memory_bank import MemoryBank
 from longside.model import LongSideModel
 from longside.paths import atomic_dir
 from longside.training.config import TrainConfig
@@ -214,8 +213,7 @@ def _load_state(path: Path, model: LongSideModel, opt, sched):
 
 def _load_memory(path: Path, model: LongSideModel, rows: int) -> None:
     memory = model.init_memory(rows)
-    owner = model.backbone.owner_id(model.config.memory_layer)
     for r in range(rows):
         f = path / f"memory_row{r}.bank"
-        if f.exists():
-            memory.banks[r] = MemoryBank.load(f, expect_owner=owner)
+        if f.exists():  # the same checks as load_memory: owner, chunk size, token memory
+            memory.put_row(r, *memory.read_files(f, None, []))
