@@ -26,9 +26,10 @@ def test_info_names_the_model(smollm2, tmp_path):
 
 def test_nf4_backbone_stays_close_to_fp32():
     """The shipped GGUF is already 4-bit (Q4_1); re-quantizing it to NF4 compounds two
-    errors: measured +20% to +26% perplexity (docs/results.md, kernels). Tolerance: NF4 must
-    be worse than fp32 (else the 4-bit path is not in use) by at most 40%, and agree on the
-    top-1 token at >= 55% of positions (measured 67% on this text)."""
+    errors: measured +20.5% (bare backbone, The Tempest) and +25.7% with 67% top-1
+    agreement (this model, 1024 tokens of this book: `python experiments/nf4_vs_fp32.py`).
+    Tolerance: NF4 must be worse than fp32 (else the 4-bit path is not in use) by at most
+    40%, and agree on the top-1 token at >= 55% of positions."""
     fp32, _ = load_model()
     nf4, info = load_model(quantize="nf4")
     assert "nf4 backbone" in info["note"] and info["quantize"] == "nf4"
