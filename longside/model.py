@@ -131,6 +131,18 @@ class LongSideModel(nn.Module):
         memory = Memory(self.backbone, config, rows)  # checks the layers now, not at first use
         self.config, self._memory = config, memory
 
+    def drop_token_cache(self, only_copy: bool = False) -> None:
+        """Switch the token cache off (memory attention alone reads memory), or with
+        `only_copy` only its exact-match copy read (the neighbour vote stays): for
+        measuring what each read path gives. Refused while memory holds text."""
+        if self._memory is not None and not self._memory.is_empty():
+            raise LongsideError("memory already holds text written with the token cache; call reset_memory() "
+                                "first and memorize it again")
+        change = {"token_copy_k": 0} if only_copy else {"token_cache": False}
+        rows = self._memory.rows if self._memory is not None else 1
+        self.config = dataclasses.replace(self.config, **change)
+        self._memory = Memory(self.backbone, self.config, rows)
+
     def reset_memory(self, rows: list[int] | None = None) -> None:
         """Forget everything (or only `rows`), e.g. at document boundaries."""
         if self._memory is not None:
@@ -204,13 +216,14 @@ class LongSideModel(nn.Module):
     # -- forward -----------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 use_memory: bool = True, write_memory: bool = True, return_logits: bool = True,
-                encoded: BackboneOutput | None = None) -> LongSideOutput:
+                encoded: BackboneOutput | None = None, token_cache: bool = True) -> LongSideOutput:
         """One segment `input_ids [B, T]` (T <= window): read memory, predict, write the segment.
 
         The segment never retrieves itself: it is written after it is read. `encoded`: the
         `encode(input_ids)` of these ids, made once and shared by several models reading the
         same segment (e.g. one per memory capacity); not with backbone memory, whose blocks
-        read this model's own memory."""
+        read this model's own memory. `token_cache=False` leaves the token cache out of this
+        read (memory attention alone); the segment is still written to it."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0 \
                 or input_ids.shape[0] == 0:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
@@ -233,21 +246,23 @@ class LongSideModel(nn.Module):
         if encoded is not None and (encoded.memory_keys is None or encoded.last_hidden.shape[:2] != (B, T)):
             raise LongsideError("`encoded` must be `model.encode(input_ids)` of these very ids "
                                 f"([{B}, {T}] tokens, with the memory layer's keys)")
-        out, h, tok_keys, hits = self.read_segment(input_ids, use_memory, encoded)
+        out, h, tok_keys, hits = self.read_segment(input_ids, use_memory, encoded, token_cache)
         loss, n = None, 0
         logits = None
         if labels is not None:
-            loss, n = self._loss(h, labels, hits)
+            loss, n = self.lm_loss(h, labels, hits)
         if return_logits:
             logits = self.output(h, hits)
         if write_memory:
             self.write_segment(out, input_ids, tok_keys)
         return LongSideOutput(logits=logits, loss=loss, n_tokens=n)
 
-    def read_segment(self, input_ids: torch.Tensor, use_memory: bool, encoded: BackboneOutput | None = None):
+    def read_segment(self, input_ids: torch.Tensor, use_memory: bool, encoded: BackboneOutput | None = None,
+                     token_cache: bool = True):
         """Backbone (unless `encoded` is given), memory read and side network over one
         segment -> (BackboneOutput, final states `h [B, T, d]`, token-cache keys `[B, T, d]`
-        or None, token-cache hits or None). Nothing is written."""
+        or None, token-cache hits or None: always None without `use_memory` or
+        `token_cache`). Nothing is written."""
         layer = self.config.memory_layer
         if encoded is not None:
             out = encoded
@@ -262,7 +277,7 @@ class LongSideModel(nn.Module):
         runner = self.side if self.side_runner is None else self.side_runner
         h, _ = runner(out.hidden_states, mem)
         tok_keys = self.token_keys(out)
-        return out, h, tok_keys, self.search_tokens(tok_keys, input_ids) if use_memory else None
+        return out, h, tok_keys, self.search_tokens(tok_keys, input_ids) if use_memory and token_cache else None
 
     def write_segment(self, out, input_ids: torch.Tensor, tok_keys: torch.Tensor | None) -> None:
         """Write a segment read by `read_segment` into memory."""
@@ -286,7 +301,7 @@ class LongSideModel(nn.Module):
                                                   hits.map(lambda x: x[:, i:i + t].flatten(0, 1))).view(B, t, -1))
         return torch.cat(out, 1)
 
-    def _loss(self, h: torch.Tensor, labels: torch.Tensor, hits=None, block: int = 256):
+    def lm_loss(self, h: torch.Tensor, labels: torch.Tensor, hits=None, block: int = 256):
         """Next-token cross-entropy, in blocks of tokens so the `[B, T, V]` logits of a long
         segment are never all alive at once during backward. With token-cache `hits`, the
         mixture's log-probability of each target is computed from the target's own terms

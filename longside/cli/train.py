@@ -26,6 +26,8 @@ def main(argv: list[str]) -> int:
                    "replay them when the segment comes back (further epochs, validation, other side configs)")
     p.add_argument("--feature-cache-gb", type=float, help="stop adding to the feature cache beyond this size "
                    "(default 20)")
+    p.add_argument("--distill", action="store_true", help="also train against the long-context backbone (teacher "
+                   "targets, cached; the preset smollm2-135m-distill does this from the shipped checkpoint)")
     p.add_argument("--ship", help="also write the final side weights (fp16) to this directory")
     p.add_argument("--json", help="write the final metrics here")
     args = p.parse_args(argv)
@@ -38,6 +40,8 @@ def main(argv: list[str]) -> int:
         overrides["max_steps"] = args.max_steps
     if args.feature_cache:
         overrides["feature_cache"] = args.feature_cache
+    if args.distill:
+        overrides["distill"] = True
     if args.feature_cache_gb is not None:
         overrides["feature_cache_gb"] = args.feature_cache_gb
     if args.config:

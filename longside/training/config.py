@@ -37,13 +37,23 @@ class TrainConfig:
     feature_cache: str | None = None  # a directory: backbone features replayed when a segment recurs
     feature_cache_gb: float = 20.0
     feature_cache_dtype: str = "bfloat16"
+    # distillation from the long-context backbone (teacher.py): documents of at most
+    # teacher_window tokens; loss = lm_weight * next-token + distill_mse * mse + distill_kl * kl
+    distill: bool = False
+    teacher_window: int = 8192
+    teacher_top_k: int = 16
+    teacher_cache: str | None = None  # default: <cache>/teacher/<backbone>-w<window>-s<segment>-k<top_k>
+    lm_weight: float = 1.0
+    distill_mse: float = 1.0
+    distill_kl: float = 1.0
+    init_from: str | None = None  # start from this checkpoint's side network (and its side config)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             v, kind = getattr(self, f.name), f.type
             ok = {"int": isinstance(v, int) and not isinstance(v, bool),
                   "float": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-                  "str": isinstance(v, str), "str | None": v is None or isinstance(v, str),
+                  "str": isinstance(v, str), "bool": isinstance(v, bool), "str | None": v is None or isinstance(v, str),
                   "SideNetConfig": isinstance(v, SideNetConfig)}.get(kind, True)
             if not ok:
                 raise LongsideError(f"training option {f.name!r} must be {kind}, got {v!r}")
@@ -52,6 +62,17 @@ class TrainConfig:
         if small or self.warmup_steps < 0 or self.lr <= 0 or not 0 <= self.synthetic_share <= 1:
             raise LongsideError(f"training options out of range: {small or ''} (counts >= 1, warmup_steps >= 0, "
                                 "lr > 0, synthetic_share in [0, 1])")
+        weights = (self.lm_weight, self.distill_mse, self.distill_kl)
+        if min(weights) < 0 or self.teacher_top_k < 1 or (self.distill and not any(weights)):
+            raise LongsideError(f"loss weights must be >= 0 and not all 0, teacher_top_k >= 1; got {weights}, "
+                                f"{self.teacher_top_k}")
+        if self.distill:
+            longest = max(self.max_book_segments, self.synthetic_max_segments) * self.segment
+            if longest > self.teacher_window or self.teacher_window % self.segment:
+                raise LongsideError(
+                    f"with distill, a document ({longest} tokens: max_book_segments {self.max_book_segments} / "
+                    f"synthetic_max_segments {self.synthetic_max_segments} x segment {self.segment}) must fit the "
+                    f"teacher window {self.teacher_window}, a multiple of the segment; lower max_book_segments")
 
     @classmethod
     def from_dict(cls, raw: dict) -> "TrainConfig":
@@ -76,6 +97,12 @@ PRESETS: dict[str, dict] = {
                      "synthetic_share": 0.5, "synthetic_max_segments": 4, "max_book_segments": 16,
                      "eval_every": 300, "eval_segments": 4, "save_every": 50,
                      "side": {"memory_attention": "joint"}},
+    # The shipped checkpoint, trained further against the long-context backbone (teacher.py):
+    # 8-segment documents, so the teacher (SmolLM2's native 8k) sees each whole document.
+    "smollm2-135m-distill": {"out": "runs/smollm2-135m-distill", "max_steps": 600, "warmup_steps": 20,
+                             "lr": 5e-4, "synthetic_share": 0.3, "synthetic_max_segments": 4,
+                             "max_book_segments": 8, "eval_every": 200, "eval_segments": 6, "save_every": 25,
+                             "distill": True, "init_from": "shipped", "side": {"memory_attention": "joint"}},
     # A few steps on short segments: for tests and smoke runs.
     "tiny": {"segment": 64, "max_steps": 6, "warmup_steps": 2, "eval_every": 3, "eval_segments": 2,
              "save_every": 3, "synthetic_max_segments": 3, "max_book_segments": 4,

@@ -103,6 +103,11 @@ class RowCursor:
     def state(self) -> dict:
         return {"next_doc": self.next_doc, "rows": [list(r) for r in self.rows]}
 
+    def position(self, row: int) -> tuple[np.ndarray, int]:
+        """The document `row` is streaming (ids `[L]`) and the index of the segment the
+        last batch gave it."""
+        return self._docs[row][0], self.rows[row][1] - 1
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """ids, labels `[B, S]` and the rows that start a new document (reset their memory)."""
         S = self.stream.cfg.segment

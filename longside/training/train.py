@@ -29,11 +29,12 @@ from tqdm.auto import tqdm
 
 from longside.backbone import Backbone, load_backbone
 from longside.errors import CheckpointError, LongsideError
-from longside.model import LongSideModel
-from longside.paths import atomic_dir
+from longside.model import SHIPPED_CHECKPOINT, LongSideModel
+from longside.paths import atomic_dir, cache_dir
 from longside.training.config import TrainConfig
 from longside.training.data import DocumentStream, RowCursor, tokenized_books
 from longside.training.feature_cache import FeatureCache
+from longside.training.teacher import DocumentTargets, TeacherTargets, distill_terms, stack_targets
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -46,18 +47,23 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 @torch.no_grad()
 def validate(model: LongSideModel, books: list[np.ndarray], segment: int, n_segments: int) -> dict:
-    """Perplexity of segments 2..n of each validation book, memory on and off.
+    """Perplexity of segments 2..n of each validation book: memory on, memory attention
+    alone (token cache left out of the read), memory off.
 
     Uses a scratch memory (`model.scoped_memory`): the training rows' memory is untouched."""
-    losses = {"memory": [0.0, 0], "no_memory": [0.0, 0]}
+    modes = {"memory": (True, True), "memory_no_token_cache": (True, False), "no_memory": (False, False)}
+    if not model.config.token_cache:
+        del modes["memory_no_token_cache"]
+    losses = {m: [0.0, 0] for m in modes}
     with model.scoped_memory(1):
         for book in books:
             segs = [torch.from_numpy(book[i * segment:(i + 1) * segment].astype(np.int64))[None]
                     for i in range(min(n_segments, len(book) // segment))]
-            for mode, use in (("memory", True), ("no_memory", False)):
+            for mode, (use, tc) in modes.items():
                 model.reset_memory()
                 for i, s in enumerate(segs):
-                    out = model(s, labels=s if i else None, use_memory=use, write_memory=use, return_logits=False)
+                    out = model(s, labels=s if i else None, use_memory=use, write_memory=use, return_logits=False,
+                                token_cache=tc)
                     if i:
                         losses[mode][0] += out.loss.item() * out.n_tokens
                         losses[mode][1] += out.n_tokens
@@ -79,6 +85,49 @@ def attach_feature_cache(model: LongSideModel, cfg: TrainConfig) -> None:
                                        cfg.feature_cache_dtype, cfg.feature_cache_gb)
 
 
+def teacher_targets(model: LongSideModel, cfg: TrainConfig) -> TeacherTargets:
+    """The teacher-target store `cfg` names (default: one per backbone/window/segment/k
+    under the cache directory); the student's features come through the feature cache
+    when there is one, so it fills at the same time."""
+    bb = model.backbone
+    path = cfg.teacher_cache or cache_dir() / "teacher" / (
+        f"{bb.name}-{bb.fingerprint}-w{cfg.teacher_window}-s{cfg.segment}-k{cfg.teacher_top_k}")
+    fc = model.feature_cache
+    encode = (lambda ids: fc.encode(ids)) if fc is not None else (
+        lambda ids: bb.encode(ids, memory_layer=cfg.side.memory_layer))
+    return TeacherTargets(path, bb, cfg.teacher_window, cfg.segment, cfg.teacher_top_k, student_encode=encode)
+
+
+def build_model(cfg: TrainConfig, backbone: Backbone) -> LongSideModel:
+    """A new side network for `cfg`, or, with `cfg.init_from`, that checkpoint's (whose side
+    config then replaces `cfg.side`)."""
+    if not cfg.init_from:
+        return LongSideModel(backbone, cfg.side)
+    src = SHIPPED_CHECKPOINT if cfg.init_from == "shipped" else Path(cfg.init_from)
+    model = LongSideModel.from_pretrained(src, backbone=backbone)
+    cfg.side = model.config
+    return model
+
+
+def segment_loss(model: LongSideModel, ids: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
+                 targets: DocumentTargets | None) -> tuple[torch.Tensor, dict]:
+    """Read one batch of segments `ids [B, T]` from memory, score it, write it.
+
+    Without `targets`: the next-token loss. With them: lm_weight * next-token +
+    distill_mse * mse + distill_kl * kl (`teacher.distill_terms`). Returns (loss, parts)."""
+    model.memory_for(ids.shape[0])
+    out, h, tok_keys, hits = model.read_segment(ids, use_memory=True)
+    lm, n = model.lm_loss(h, labels, hits)
+    parts = {"lm": lm.item(), "scored": n}
+    loss = lm * (cfg.lm_weight if targets is not None else 1.0)
+    if targets is not None:
+        terms = distill_terms(model.backbone, h, out.hidden_states[-1], targets)
+        loss = loss + cfg.distill_mse * terms["mse"] + cfg.distill_kl * terms["kl"]
+        parts.update({k: v.item() for k, v in terms.items()})
+    model.write_segment(out, ids, tok_keys)
+    return loss, parts
+
+
 def train(cfg: TrainConfig, resume: str | Path | None = None, max_minutes: float | None = None,
           backbone: Backbone | None = None, progress: bool = True) -> dict:
     """Run (or resume) training; returns the final metrics. Checkpoints go to `cfg.out`."""
@@ -94,8 +143,10 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, max_minutes: float
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.out)
     backbone = backbone or load_backbone(cfg.backbone, quantize=cfg.quantize)
-    model = LongSideModel(backbone, cfg.side)
+    model = build_model(cfg, backbone)
     attach_feature_cache(model, cfg)
+    teacher = teacher_targets(model, cfg) if cfg.distill else None
+    doc_targets: dict[int, DocumentTargets] = {}
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg))
     stream = DocumentStream(tokenized_books(backbone, "train"), cfg, backbone.tokenizer,
@@ -117,22 +168,32 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, max_minutes: float
         ids, labels, fresh = cursor.next_batch()
         if fresh:
             model.reset_memory(fresh)
-        if (labels != -100).sum() == 0:  # filler of synthetic documents: only write memory
+        targets = None
+        if teacher is not None:  # every token has a teacher target: filler is trained on too
+            rows = []
+            for r in range(ids.shape[0]):
+                doc, seg = cursor.position(r)
+                if r in fresh or r not in doc_targets:
+                    doc_targets[r] = teacher.document(doc)
+                rows.append(doc_targets[r].segment(seg, cfg.segment))
+            targets = stack_targets(rows, backbone.device)
+        elif (labels != -100).sum() == 0:  # filler of synthetic documents: only write memory
             with torch.no_grad():
                 model(ids, use_memory=False, write_memory=True, return_logits=False)
             tokens += ids.numel()
             continue
-        out = model(ids, labels=labels, return_logits=False)
-        acc.backward(out.loss)
+        loss, parts = segment_loss(model, ids, labels, cfg, targets)
+        acc.backward(loss)
         grad_norm = acc.clip_grad_norm_(side.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         tokens += ids.numel()
-        scored += out.n_tokens
+        scored += parts["scored"]
         elapsed = time.time() - t_start
-        metrics = {"step": step, "loss": out.loss.item(), "grad_norm": float(grad_norm),
+        metrics = {"step": step, "loss": loss.item(), **{k: v for k, v in parts.items() if k != "scored"},
+                   "grad_norm": float(grad_norm),
                    "lr": sched.get_last_lr()[0], "tokens_per_s": tokens / elapsed, "tokens": tokens}
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
         bar.update(1)
@@ -147,6 +208,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, max_minutes: float
     bar.close()
     if model.feature_cache is not None:
         metrics["feature_cache"] = model.feature_cache.stats()
+    if teacher is not None:
+        metrics["teacher"] = teacher.stats()
     return {"step": step, "wall_s": time.time() - t_start, "tokens": tokens, "scored_tokens": scored, **metrics}
 
 
