@@ -9,7 +9,9 @@ would produce the key.
 
 The text up to the last `window - answer` tokens goes into memory; the rest stays
 local. The baseline is the bare backbone at the same window, which only sees the key
-when it falls in that last stretch. Lengths count the whole context (filler, needle and
+when it falls in that last stretch; the teacher row is the bare backbone at its native
+context (8192 for SmolLM2), run only where the whole text fits it: what a model that
+reads memory as well as its own window could reach. Lengths count the whole context (filler, needle and
 question). A memory of at least the longest length is used, so the needle is never
 evicted (`--memory-tokens` to test eviction).
 """
@@ -57,6 +59,7 @@ class PasskeyConfig:
     digits: int = 5
     question: str = "repeat"  # a key of QUESTIONS
     memory_tokens: int | None = None  # default: the model's capacity or the longest length, the larger
+    teacher: bool = True  # the bare backbone at its native context, where the text fits
     seed: int = 0
 
     @classmethod
@@ -100,7 +103,8 @@ def run(model, info: dict, config: PasskeyConfig, data=None) -> dict:
         raise EvalError(f"question must be one of {sorted(QUESTIONS)}, not {config.question!r}")
     question = encode(tok, QUESTIONS[config.question])
     rng = random.Random(config.seed)
-    rows = ("longside memory", f"backbone@{window}")
+    native = model.backbone.spec.max_positions
+    rows = ("longside memory", f"backbone@{window}") + ((f"backbone@{native} (teacher)",) if config.teacher else ())
     trials = []
     steps = len(config.lengths) * len(config.depths) * config.trials
     with tqdm(total=steps, desc="passkey", unit="trial", leave=False) as bar:
@@ -118,13 +122,18 @@ def run(model, info: dict, config: PasskeyConfig, data=None) -> dict:
                     prefix = filler[:at] + needle + filler[at:] + question
                     hit = {rows[0]: score_after_prefix(memory_model, prefix, [answer], window=window)[0].greedy,
                            rows[1]: score_backbone(model.backbone, prefix, [answer], context=window)[0].greedy}
+                    if config.teacher:  # None where the text does not fit the native context
+                        fits = len(prefix) + len(answer) <= native
+                        hit[rows[2]] = score_backbone(model.backbone, prefix, [answer],
+                                                      context=native)[0].greedy if fits else None
                     trials.append({"length": L, "depth": depth, "key": key, "needle_at": at,
                                    "needle_in_window": len(prefix) - at <= window - len(answer),
-                                   **{r: bool(h) for r, h in hit.items()}})
+                                   **{r: None if h is None else bool(h) for r, h in hit.items()}})
                     bar.update(1)
 
-    def acc(rs):
-        return sum(rs) / len(rs)
+    def acc(rs):  # None: no trial of this cell could run this row
+        rs = [r for r in rs if r is not None]
+        return sum(rs) / len(rs) if rs else None
 
     table = {r: {str(L): {str(d): acc([t[r] for t in trials if t["length"] == L and t["depth"] == d])
                           for d in config.depths} for L in config.lengths} for r in rows}
@@ -144,15 +153,17 @@ def plot(result: dict, path) -> None:
                              layout="constrained")
     for ax, r in zip(axes[0], res["rows"]):
         grid = [[res["accuracy"][r][L][d] for L in lengths] for d in depths]
-        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        im = ax.imshow([[float("nan") if v is None else v for v in row] for row in grid], vmin=0, vmax=1,
+                       cmap="RdYlGn", aspect="auto")
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
-                ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=8)
+                ax.text(j, i, "n/a" if v is None else f"{100 * v:.0f}", ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(lengths)), lengths)
         ax.set_yticks(range(len(depths)), depths)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("needle depth")
-        ax.set_title(f"{r}: {100 * res['overall'][r]:.0f}%")
+        overall = res["overall"][r]
+        ax.set_title(f"{r}: " + ("n/a" if overall is None else f"{100 * overall:.0f}%"), fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
     fig.suptitle(f"pass key retrieval, {cfg['filler']} filler, window {cfg['window']}\n" + title_of(result),
                  fontsize=9)
@@ -170,6 +181,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--question", choices=sorted(QUESTIONS),
                    help="repeat: ask with the fact's own words (default); paraphrase: with other words")
     p.add_argument("--memory-tokens", type=int, help="memory capacity (default: enough for the longest length)")
+    p.add_argument("--no-teacher", dest="teacher", action="store_const", const=False,
+                   help="leave out the bare backbone at its native context (the teacher row)")
 
 
 __all__ = ["FILLERS", "PasskeyConfig", "add_arguments", "plot", "run"]

@@ -9,6 +9,7 @@ side network's logits equal the backbone's, so its rows must equal the backbone'
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -392,8 +393,10 @@ def test_passkey_report(small, tmp_path):
     result = passkey.run(model, info, config)
     _check_report(result, "passkey")
     res = result["results"]
-    assert res["rows"] == ["longside memory", f"backbone@{W}"]
+    assert res["rows"] == ["longside memory", f"backbone@{W}", "backbone@8192 (teacher)"]
     assert len(res["trials"]) == 2
+    # the teacher sees the whole text: the key is in its window at every depth
+    assert all(t["backbone@8192 (teacher)"] is not None for t in res["trials"])
     deep, shallow = res["trials"]
     assert not deep["needle_in_window"] and shallow["needle_in_window"]
     assert len(deep["key"]) == 5 and deep["key"].isdigit()
@@ -403,6 +406,17 @@ def test_passkey_report(small, tmp_path):
     assert result["config"]["memory_tokens"] >= 256
     passkey.plot(result, tmp_path / "pk.png")
     _png(tmp_path / "pk.png")
+    # where the text does not fit the native context, the teacher row is not run (None)
+    short = copy.copy(model.backbone)
+    short.spec = dataclasses.replace(short.spec, max_positions=200)
+    narrow = LongSideModel(short, SideNetConfig(window=W, token_cache=False), side=model.side)
+    res = passkey.run(narrow, info, config)["results"]
+    assert res["rows"][2] == "backbone@200 (teacher)" and res["overall"]["backbone@200 (teacher)"] is None
+    assert all(t["backbone@200 (teacher)"] is None for t in res["trials"])
+    passkey.plot(passkey.run(narrow, info, config), tmp_path / "pk2.png")
+    _png(tmp_path / "pk2.png")
+    no_teacher = passkey.run(model, info, dataclasses.replace(config, teacher=False))["results"]
+    assert no_teacher["rows"] == ["longside memory", f"backbone@{W}"]
 
 
 def test_passkey_book_filler_places_the_needle(small):
@@ -426,6 +440,9 @@ def _args(name: str, argv: list[str]) -> argparse.Namespace:
 def test_cli_configs_take_quick_defaults_and_overrides():
     cfg = cli.make_config("passkey", _args("passkey", ["--quick", "--lengths", "300", "--long", "--seed", "4"]))
     assert cfg.lengths == (300, 131072, 262144) and cfg.seed == 4 and cfg.trials == passkey.PasskeyConfig.quick().trials
+    assert cli.make_config("passkey", _args("passkey", ["--no-teacher"])).teacher is False
+    assert cli.make_config("passkey", _args("passkey", [])).teacher is True
+    assert _args("ppl", ["--token-cache", "off"]).token_cache == "off"
     cfg = cli.make_config("ppl", _args("ppl", ["--memory-tokens", "4096"]))
     assert cfg.memory_tokens == (4096,) and cfg.window is None
     assert cli.make_config("icl", _args("all", ["--quick"])) == icl.IclConfig.quick()

@@ -51,6 +51,26 @@ def test_token_cache_starts_as_the_backbone_and_copies_repeated_text():
     torch.testing.assert_close(off.loss, first.loss)
 
 
+def test_token_cache_can_be_left_out_of_a_read_or_dropped():
+    bb = _tiny_backbone()
+    model = LongSideModel(bb, _cfg())
+    ids = torch.randint(0, 96, (1, 16))
+    model(ids)
+    with_cache = model(ids, write_memory=False).logits
+    alone = model(ids, write_memory=False, token_cache=False).logits
+    assert not torch.equal(with_cache, alone)  # the repeated text is copied only with the cache
+    torch.testing.assert_close(alone, bb.logits(ids), atol=1e-5, rtol=0)  # untrained memory attention adds 0
+    with pytest.raises(LongsideError, match="reset_memory"):
+        model.drop_token_cache()  # memory holds text written with the cache
+    model.reset_memory()
+    model.drop_token_cache(only_copy=True)
+    assert model.config.token_cache and model.config.token_copy_k == 0
+    model.drop_token_cache()
+    model(ids)
+    assert not model.config.token_cache and model.memory.banks[0].tokens is None
+    torch.testing.assert_close(model(ids, write_memory=False).logits, alone)
+
+
 def test_token_cache_gate_trains():
     model = LongSideModel(_tiny_backbone(), _cfg())
     # "2 3" is followed by 4, 5 and 6, after contexts that match for 3, 2 and 2 tokens: exact

@@ -39,6 +39,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone-memory", metavar="BLOCKS",
                    help="backbone blocks that read memory themselves, e.g. 15-29 (training-free; default: the "
                         "checkpoint's setting)")
+    p.add_argument("--token-cache", choices=("on", "nocopy", "off"), default="on",
+                   help="off: leave the token cache out (memory attention alone reads memory); nocopy: only its "
+                        "exact-match copy read; on (default): the checkpoint's setting")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +99,10 @@ def main(argv: list[str]) -> int:
     if args.backbone_memory is not None:
         model.use_backbone_memory(parse_blocks(args.backbone_memory))
         info["side_config"] = dataclasses.asdict(model.config)  # what the run used, not what was loaded
+    if args.token_cache != "on":
+        model.drop_token_cache(only_copy=args.token_cache == "nocopy")
+        info["side_config"] = dataclasses.asdict(model.config)
+    info["token_cache"] = args.token_cache if model.config.token_cache else "off"
     info["backbone_memory_layers"] = model.config.backbone_memory_layers
     reports = {}
     for name in names:

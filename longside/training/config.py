@@ -39,6 +39,7 @@ class TrainConfig:
     feature_cache_dtype: str = "bfloat16"
     # distillation from the long-context backbone (teacher.py): documents of at most
     # teacher_window tokens; loss = lm_weight * next-token + distill_mse * mse + distill_kl * kl
+    # + distill_attn * attn (the memory layer's own change)
     distill: bool = False
     teacher_window: int = 8192
     teacher_top_k: int = 16
@@ -46,6 +47,7 @@ class TrainConfig:
     lm_weight: float = 1.0
     distill_mse: float = 1.0
     distill_kl: float = 1.0
+    distill_attn: float = 0.0
     init_from: str | None = None  # start from this checkpoint's side network (and its side config)
 
     def __post_init__(self):
@@ -62,7 +64,7 @@ class TrainConfig:
         if small or self.warmup_steps < 0 or self.lr <= 0 or not 0 <= self.synthetic_share <= 1:
             raise LongsideError(f"training options out of range: {small or ''} (counts >= 1, warmup_steps >= 0, "
                                 "lr > 0, synthetic_share in [0, 1])")
-        weights = (self.lm_weight, self.distill_mse, self.distill_kl)
+        weights = (self.lm_weight, self.distill_mse, self.distill_kl, self.distill_attn)
         if min(weights) < 0 or self.teacher_top_k < 1 or (self.distill and not any(weights)):
             raise LongsideError(f"loss weights must be >= 0 and not all 0, teacher_top_k >= 1; got {weights}, "
                                 f"{self.teacher_top_k}")
@@ -102,7 +104,8 @@ PRESETS: dict[str, dict] = {
     "smollm2-135m-distill": {"out": "runs/smollm2-135m-distill", "max_steps": 600, "warmup_steps": 20,
                              "lr": 5e-4, "synthetic_share": 0.3, "synthetic_max_segments": 4,
                              "max_book_segments": 8, "eval_every": 200, "eval_segments": 6, "save_every": 25,
-                             "distill": True, "init_from": "shipped", "side": {"memory_attention": "joint"}},
+                             "distill": True, "distill_attn": 1.0, "init_from": "shipped",
+                             "side": {"memory_attention": "joint"}},
     # A few steps on short segments: for tests and smoke runs.
     "tiny": {"segment": 64, "max_steps": 6, "warmup_steps": 2, "eval_every": 3, "eval_segments": 2,
              "save_every": 3, "synthetic_max_segments": 3, "max_book_segments": 4,

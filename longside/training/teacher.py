@@ -9,6 +9,9 @@ distribution with all the preceding text in view. Per token of a document we kee
     delta    [L, d]  float16: final_norm(h_N teacher) - final_norm(h_N student)
     top_ids  [L, k]  int32:   the teacher's k most likely next tokens
     top_logp [L, k]  float32: their log-probabilities
+    attn_delta [L, d] float16: at the memory layer, o_proj(attention output teacher) -
+                      o_proj(attention output student): what memory attention itself
+                      should add there (`MemoryReader` adds o_proj(A - A_local))
 
 where the student's h_N is the backbone over the token's own segment alone (what the side
 network's residual is added to). The normalised space (after the final RMSNorm, before the
@@ -42,8 +45,8 @@ from longside.paths import atomic_file
 
 log = logging.getLogger(__name__)
 
-_FORMAT = "longside-teacher-v1"
-_FIELDS = ("delta", "top_ids", "top_logp")
+_FORMAT = "longside-teacher-v2"
+_FIELDS = ("delta", "top_ids", "top_logp", "attn_delta")
 
 
 @dataclass
@@ -53,18 +56,20 @@ class DocumentTargets:
     delta: torch.Tensor
     top_ids: torch.Tensor
     top_logp: torch.Tensor
+    attn_delta: torch.Tensor
 
     def segment(self, i: int, size: int) -> "DocumentTargets":
         """The targets of segment `i` (tokens `i*size .. (i+1)*size-1`)."""
         s = slice(i * size, (i + 1) * size)
-        return DocumentTargets(self.delta[s], self.top_ids[s], self.top_logp[s])
+        return DocumentTargets(self.delta[s], self.top_ids[s], self.top_logp[s], self.attn_delta[s])
 
 
 def stack_targets(rows: list[DocumentTargets], device: torch.device | str = "cpu") -> DocumentTargets:
-    """Batch rows of equal length: `[B, T, ...]` tensors, delta as float32."""
+    """Batch rows of equal length: `[B, T, ...]` tensors, the deltas as float32."""
     return DocumentTargets(torch.stack([r.delta for r in rows]).to(device, torch.float32),
                            torch.stack([r.top_ids for r in rows]).to(device, torch.int64),
-                           torch.stack([r.top_logp for r in rows]).to(device, torch.float32))
+                           torch.stack([r.top_logp for r in rows]).to(device, torch.float32),
+                           torch.stack([r.attn_delta for r in rows]).to(device, torch.float32))
 
 
 class TeacherTargets:
@@ -76,7 +81,7 @@ class TeacherTargets:
     FeatureCache can stand in and be filled at the same time."""
 
     def __init__(self, path: str | Path, backbone: Backbone, window: int, segment: int, top_k: int = 16,
-                 student_encode: Callable | None = None):
+                 memory_layer: int = 15, student_encode: Callable | None = None):
         if backbone.spec.family != "gpt2" and window > backbone.spec.max_positions:
             raise LongsideError(f"teacher window {window} exceeds the backbone's native context "
                                 f"{backbone.spec.max_positions}")
@@ -86,10 +91,11 @@ class TeacherTargets:
             raise LongsideError(f"top_k must be >= 1, got {top_k}")
         self.path, self.backbone = Path(path), backbone
         self.window, self.segment, self.top_k = window, segment, top_k
-        self.student_encode = student_encode or backbone.encode
+        self.memory_layer = memory_layer % backbone.spec.num_layers
+        self.student_encode = student_encode or (lambda ids: backbone.encode(ids, memory_layer=self.memory_layer))
         want = {"format": _FORMAT, "backbone": backbone.name, "fingerprint": backbone.fingerprint,
                 "quantization": "nf4" if getattr(backbone, "quantization", None) else None,
-                "window": window, "segment": segment, "top_k": top_k}
+                "window": window, "segment": segment, "top_k": top_k, "memory_layer": self.memory_layer}
         manifest = self.path / "teacher.json"
         if manifest.exists():
             try:
@@ -136,20 +142,26 @@ class TeacherTargets:
     @torch.no_grad()
     def compute(self, ids: torch.Tensor, block: int = 1024) -> DocumentTargets:
         """Run the teacher over `ids [L]` and the student's backbone over each segment."""
-        bb, S, L = self.backbone, self.segment, ids.shape[0]
+        bb, S, L, layer = self.backbone, self.segment, ids.shape[0], self.memory_layer
         dev = bb.device
-        teacher = bb.encode(ids[None].to(dev)).hidden_states[-1][0]  # [L, d], the whole document in view
+        out = bb.encode(ids[None].to(dev), memory_layer=layer)  # the whole document in view
+        teacher = out.hidden_states[-1][0]  # [L, d]
+        t_attn = bb.attn_output(layer, out.memory_attn[0].flatten(-2).float())  # [L, d]
         delta = torch.empty(L, teacher.shape[-1], dtype=torch.float16)
+        attn_delta = torch.empty_like(delta)
         top_ids = torch.empty(L, self.top_k, dtype=torch.int32)
         top_logp = torch.empty(L, self.top_k, dtype=torch.float32)
         for i in range(0, L, S):
-            student = self.student_encode(ids[None, i:i + S].to(dev)).hidden_states[-1][0].float()
+            st = self.student_encode(ids[None, i:i + S].to(dev))
+            student = st.hidden_states[-1][0].float()
             delta[i:i + S] = (bb.final_norm(teacher[i:i + S].float()) - bb.final_norm(student)).half().cpu()
+            s_attn = bb.attn_output(layer, st.memory_attn[0].flatten(-2).float())
+            attn_delta[i:i + S] = (t_attn[i:i + S] - s_attn).half().cpu()
         for i in range(0, L, block):
             logp = F.log_softmax(bb.lm_head(bb.final_norm(teacher[i:i + block].float())).float(), -1)
             v, k = logp.topk(self.top_k, -1)
             top_logp[i:i + block], top_ids[i:i + block] = v.cpu(), k.to(torch.int32).cpu()
-        return DocumentTargets(delta, top_ids, top_logp)
+        return DocumentTargets(delta, top_ids, top_logp, attn_delta)
 
     def stats(self) -> dict:
         """Documents read back (hits), computed (misses) and recomputed from bad files."""
@@ -157,6 +169,7 @@ class TeacherTargets:
 
 
 def distill_terms(backbone: Backbone, h: torch.Tensor, base: torch.Tensor, targets: DocumentTargets,
+                  memory_read: torch.Tensor | None = None, local_attn: torch.Tensor | None = None,
                   block: int = 256) -> dict[str, torch.Tensor]:
     """The distillation losses of one batch of segments.
 
@@ -166,25 +179,39 @@ def distill_terms(backbone: Backbone, h: torch.Tensor, base: torch.Tensor, targe
 
     mse: sum ||norm(h) - norm(base) - delta||^2 / sum ||delta||^2, the share of the long
          context's change the side network has not yet made (1 at initialisation, when
-         h == base; 0 when it matches the teacher);
+         h == base; 0 when it matches the teacher). The denominator is at least 1% of
+         sum ||norm(base)||^2: a document's first segment, whose teacher sees no more than
+         the student (delta ~ 0), then asks the residual to stay small instead of dividing
+         by nothing (elsewhere ||delta||^2 is ~5% of it for SmolLM2 at 8k);
     kl:  mean over tokens of KL(teacher || student) on k+1 bins (the teacher's top k
-         tokens and the rest), 0 when the distributions agree.
+         tokens and the rest), 0 when the distributions agree;
+    attn (only with `memory_read [B, T, d]`, what memory attention added at the memory
+         layer before it enters the side stream, and `local_attn [B, T, d]`, that layer's
+         own o_proj(attention output)): sum ||memory_read - attn_delta||^2 /
+         max(sum ||attn_delta||^2, 1% of sum ||local_attn||^2), the same share at the
+         memory layer itself.
     """
     B, T, _ = h.shape
-    num, den, kl = h.new_zeros(()), h.new_zeros(()), h.new_zeros(())
+    num, den, floor, kl = h.new_zeros(()), h.new_zeros(()), h.new_zeros(()), h.new_zeros(())
     for i in range(0, T, block):
         j = min(i + block, T)
-        hn = backbone.final_norm(h[:, i:j])
+        hn, bn = backbone.final_norm(h[:, i:j]), backbone.final_norm(base[:, i:j])
         d = targets.delta[:, i:j]
-        num = num + (hn - backbone.final_norm(base[:, i:j]) - d).pow(2).sum()
+        num = num + (hn - bn - d).pow(2).sum()
         den = den + d.pow(2).sum()
+        floor = floor + 0.01 * bn.detach().pow(2).sum()
         logp = F.log_softmax(backbone.lm_head(hn).float(), -1).gather(-1, targets.top_ids[:, i:j])  # [B, t, k]
         lt = targets.top_logp[:, i:j]
         pt = lt.exp()
         rest_t = (1 - pt.sum(-1)).clamp_min(1e-8)
         rest_s = (1 - logp.exp().sum(-1)).clamp_min(1e-8)
         kl = kl + (pt * (lt - logp)).sum() + (rest_t * (rest_t.log() - rest_s.log())).sum()
-    return {"mse": num / den.clamp_min(1e-6 * B * T), "kl": kl / (B * T)}
+    terms = {"mse": num / torch.maximum(den, floor), "kl": kl / (B * T)}
+    if memory_read is not None and local_attn is not None:
+        d = targets.attn_delta
+        floor = 0.01 * local_attn.detach().pow(2).sum()
+        terms["attn"] = (memory_read - d).pow(2).sum() / torch.maximum(d.pow(2).sum(), floor)
+    return terms
 
 
 __all__ = ["DocumentTargets", "TeacherTargets", "distill_terms", "stack_targets"]

@@ -91,11 +91,11 @@ def teacher_targets(model: LongSideModel, cfg: TrainConfig) -> TeacherTargets:
     when there is one, so it fills at the same time."""
     bb = model.backbone
     path = cfg.teacher_cache or cache_dir() / "teacher" / (
-        f"{bb.name}-{bb.fingerprint}-w{cfg.teacher_window}-s{cfg.segment}-k{cfg.teacher_top_k}")
+        f"{bb.name}-{bb.fingerprint}-w{cfg.teacher_window}-s{cfg.segment}-k{cfg.teacher_top_k}"
+        f"-m{cfg.side.memory_layer}-v2")
     fc = model.feature_cache
-    encode = (lambda ids: fc.encode(ids)) if fc is not None else (
-        lambda ids: bb.encode(ids, memory_layer=cfg.side.memory_layer))
-    return TeacherTargets(path, bb, cfg.teacher_window, cfg.segment, cfg.teacher_top_k, student_encode=encode)
+    return TeacherTargets(path, bb, cfg.teacher_window, cfg.segment, cfg.teacher_top_k, cfg.side.memory_layer,
+                          student_encode=fc.encode if fc is not None else None)
 
 
 def build_model(cfg: TrainConfig, backbone: Backbone) -> LongSideModel:
@@ -114,15 +114,24 @@ def segment_loss(model: LongSideModel, ids: torch.Tensor, labels: torch.Tensor, 
     """Read one batch of segments `ids [B, T]` from memory, score it, write it.
 
     Without `targets`: the next-token loss. With them: lm_weight * next-token +
-    distill_mse * mse + distill_kl * kl (`teacher.distill_terms`). Returns (loss, parts)."""
+    distill_mse * mse + distill_kl * kl + distill_attn * attn (`teacher.distill_terms`;
+    attn only where memory attention read something). Returns (loss, parts)."""
     model.memory_for(ids.shape[0])
-    out, h, tok_keys, hits = model.read_segment(ids, use_memory=True)
+    read: list[torch.Tensor] = []  # what memory attention adds at the memory layer, [B, T, d]
+    hook = model.side.reader.into_side.register_forward_pre_hook(lambda _m, args: read.append(args[0]))
+    try:
+        out, h, tok_keys, hits = model.read_segment(ids, use_memory=True)
+    finally:
+        hook.remove()
     lm, n = model.lm_loss(h, labels, hits)
     parts = {"lm": lm.item(), "scored": n}
     loss = lm * (cfg.lm_weight if targets is not None else 1.0)
     if targets is not None:
-        terms = distill_terms(model.backbone, h, out.hidden_states[-1], targets)
+        local = model.backbone.attn_output(cfg.side.memory_layer, out.memory_attn.flatten(2)) if read else None
+        terms = distill_terms(model.backbone, h, out.hidden_states[-1], targets, read[0] if read else None, local)
         loss = loss + cfg.distill_mse * terms["mse"] + cfg.distill_kl * terms["kl"]
+        if "attn" in terms:
+            loss = loss + cfg.distill_attn * terms["attn"]
         parts.update({k: v.item() for k, v in terms.items()})
     model.write_segment(out, ids, tok_keys)
     return loss, parts

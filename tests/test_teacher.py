@@ -1,0 +1,104 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from longside.errors import LongsideError
+from longside.model import LongSideModel
+from longside.training.config import preset
+from longside.training.data import tokenized_books
+from longside.training.teacher import TeacherTargets, distill_terms, stack_targets
+from longside.training.train import segment_loss, train
+
+
+@pytest.fixture(scope="module")
+def book(smollm2):
+    return tokenized_books(smollm2, "validation")[0]
+
+
+def _doc(book, n, start=1000):
+    return book[start:start + n].astype(np.int64)
+
+
+def test_targets_are_cached_and_refused_for_another_backbone_or_window(tmp_path, smollm2, book):
+    store = TeacherTargets(tmp_path / "t", smollm2, window=256, segment=64, top_k=8)
+    doc = _doc(book, 192)
+    first = store.document(doc)
+    assert first.delta.shape == (192, smollm2.spec.hidden_size) and first.delta.dtype == torch.float16
+    assert first.top_ids.shape == first.top_logp.shape == (192, 8)
+    assert torch.all(first.top_logp[:, :-1] >= first.top_logp[:, 1:])  # best first
+    again = TeacherTargets(tmp_path / "t", smollm2, window=256, segment=64, top_k=8).document(doc)
+    assert torch.equal(first.delta, again.delta) and torch.equal(first.top_ids, again.top_ids)
+    # the first segment's teacher sees exactly what the student sees: no change to learn
+    assert first.delta[:64].abs().max() < 1e-3 and first.delta[64:].abs().max() > 0.1
+    for kwargs in ({"window": 512, "segment": 64}, {"window": 256, "segment": 128}):
+        with pytest.raises(LongsideError, match="made for"):
+            TeacherTargets(tmp_path / "t", smollm2, top_k=8, **kwargs)
+    other = copy.copy(smollm2)
+    other.fingerprint = "0" * 16
+    with pytest.raises(LongsideError, match="made for"):
+        TeacherTargets(tmp_path / "t", other, window=256, segment=64, top_k=8)
+    with pytest.raises(LongsideError, match="whole segments"):
+        store.document(_doc(book, 100))
+    with pytest.raises(LongsideError, match="at most the teacher window"):
+        store.document(_doc(book, 320))
+    # a damaged file is computed again, not trusted
+    f = next((tmp_path / "t").glob("*/*.safetensors"))
+    f.write_bytes(b"not a safetensors file")
+    fresh = TeacherTargets(tmp_path / "t", smollm2, window=256, segment=64, top_k=8)
+    assert torch.equal(fresh.document(doc).top_ids, first.top_ids) and fresh.stats()["repaired"] == 1
+
+
+def test_distillation_loss_is_zero_when_the_student_is_the_teacher(tmp_path, smollm2, book):
+    # one segment: the teacher's window holds what the student's does, and a new side
+    # network's output is the backbone's (its `up` starts at zero)
+    store = TeacherTargets(tmp_path / "t", smollm2, window=64, segment=64, top_k=8)
+    ids = torch.from_numpy(_doc(book, 64))[None]
+    model = LongSideModel(smollm2, preset("tiny").side)
+    out, h, _, _ = model.read_segment(ids, use_memory=False)
+    terms = distill_terms(smollm2, h, out.hidden_states[-1], stack_targets([store.document(ids[0])]))
+    assert terms["mse"].item() == 0.0
+    assert abs(terms["kl"].item()) < 1e-4
+    # and it is not zero for a student that differs
+    with torch.no_grad():
+        model.side.up.weight.normal_(0, 0.05)
+    out, h, _, _ = model.read_segment(ids, use_memory=False)
+    moved = distill_terms(smollm2, h, out.hidden_states[-1], stack_targets([store.document(ids[0])]))
+    assert moved["mse"].item() > 1e-3 and moved["kl"].item() > 1e-4
+
+
+def test_one_training_step_lowers_the_distillation_loss(tmp_path, smollm2, book):
+    cfg = preset("tiny", distill=True, teacher_window=128, max_book_segments=2, synthetic_max_segments=2,
+                 lm_weight=0.0, lr=3e-3)
+    store = TeacherTargets(tmp_path / "t", smollm2, window=128, segment=64, top_k=8)
+    doc = _doc(book, 128)
+    targets = store.document(doc).segment(1, 64)
+    ids = torch.from_numpy(doc)[None]
+    model = LongSideModel(smollm2, cfg.side)
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr)
+
+    def loss_of_second_segment(train_step: bool) -> float:
+        model.init_memory(1)
+        with torch.no_grad():
+            model(ids[:, :64], return_logits=False)  # the first segment goes to memory
+        loss, parts = segment_loss(model, ids[:, 64:], ids[:, 64:], cfg, stack_targets([targets]))
+        if train_step:
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return parts["mse"] + parts["kl"]
+
+    before = loss_of_second_segment(True)
+    after = loss_of_second_segment(False)
+    assert after < before
+
+
+def test_distill_training_runs_and_checks_document_length(tmp_path, smollm2):
+    with pytest.raises(LongsideError, match="fit the teacher window"):
+        preset("tiny", distill=True, teacher_window=128)  # 4-segment books of 64 tokens need 256
+    cfg = preset("tiny", distill=True, teacher_window=256, max_steps=3, eval_every=3, out=str(tmp_path / "run"),
+                 teacher_cache=str(tmp_path / "teacher"))
+    result = train(cfg, backbone=smollm2, progress=False)
+    assert result["step"] == 3 and result["teacher"]["misses"] >= 1
+    assert result["mse"] >= 0 and result["kl"] >= 0 and "ppl_memory_no_token_cache" in result
