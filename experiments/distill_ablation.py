@@ -3,7 +3,8 @@
 Each variant is the preset `smollm2-135m-distill` (the shipped side network trained
 further on 8-segment documents whose teacher, the bare backbone at its native 8k window,
 sees the whole document) with other loss weights: next-token loss alone, + the residual
-regression (mse), + the KL to the teacher's top-k, or all three. All variants see the same
+regression (mse) and the KL to the teacher's top-k, + the memory layer's own target
+(attn), or all of them. All variants see the same
 documents in the same order from the same start; the teacher targets and the backbone's
 features are computed once and replayed (`--feature-cache`, the teacher cache under the
 cache directory). A first row is the shipped checkpoint untrained further.
@@ -37,11 +38,11 @@ from longside.training.data import tokenized_books
 from longside.training.train import train, validate
 
 SHIPPED = "shipped (no further training)"
-VARIANTS = {  # name -> loss weights (lm_weight, distill_mse, distill_kl)
-    "next-token only": (1.0, 0.0, 0.0),
-    "next-token + mse": (1.0, 1.0, 0.0),
-    "next-token + kl": (1.0, 0.0, 1.0),
-    "next-token + mse + kl (preset)": (1.0, 1.0, 1.0),
+VARIANTS = {  # name -> loss weights (lm_weight, distill_mse, distill_kl, distill_attn)
+    "next-token only": (1.0, 0.0, 0.0, 0.0),
+    "next-token + mse + kl": (1.0, 1.0, 1.0, 0.0),
+    "next-token + attn": (1.0, 0.0, 0.0, 1.0),
+    "next-token + mse + kl + attn (preset)": (1.0, 1.0, 1.0, 1.0),
 }
 
 
@@ -71,20 +72,22 @@ def main() -> None:
             rows.append({"variant": name, **m, "side_memory_gain_pct": side_gain(m)})
             print(json.dumps(rows[-1]))
             continue
-        lm, mse, kl = VARIANTS[name]
+        lm, mse, kl, attn = VARIANTS[name]
         with tempfile.TemporaryDirectory() as out:
             cfg = preset("smollm2-135m-distill", max_steps=args.steps, eval_every=args.steps, save_every=args.steps,
                          eval_segments=args.eval_segments, warmup_steps=min(20, args.steps // 3),
-                         lm_weight=lm, distill_mse=mse, distill_kl=kl, out=out, feature_cache=args.feature_cache)
+                         lm_weight=lm, distill_mse=mse, distill_kl=kl, distill_attn=attn, out=out,
+                         feature_cache=args.feature_cache)
             result = train(cfg, backbone=backbone, progress=True)
             history = json.loads((Path(out) / "history.json").read_text())
         tail = history[-max(1, len(history) // 4):]
-        rows.append({"variant": name, "weights": {"lm": lm, "mse": mse, "kl": kl},
+        rows.append({"variant": name, "weights": {"lm": lm, "mse": mse, "kl": kl, "attn": attn},
                      **{k: result[k] for k in ("ppl_memory", "ppl_memory_no_token_cache", "ppl_no_memory")},
                      "side_memory_gain_pct": side_gain(result),
                      "train_mse_last_quarter": float(np.mean([h["mse"] for h in tail])),
                      "train_kl_last_quarter": float(np.mean([h["kl"] for h in tail])),
                      "train_lm_last_quarter": float(np.mean([h["lm"] for h in tail])),
+                     "train_attn_last_quarter": float(np.mean([h["attn"] for h in tail if "attn" in h] or [np.nan])),
                      "wall_s": result["wall_s"]})
         print(json.dumps(rows[-1]))
     report = {"experiment": "distill_ablation", "steps": args.steps, "eval_segments": args.eval_segments,

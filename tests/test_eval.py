@@ -442,10 +442,21 @@ def test_cli_configs_take_quick_defaults_and_overrides():
     assert cfg.lengths == (300, 131072, 262144) and cfg.seed == 4 and cfg.trials == passkey.PasskeyConfig.quick().trials
     assert cli.make_config("passkey", _args("passkey", ["--no-teacher"])).teacher is False
     assert cli.make_config("passkey", _args("passkey", [])).teacher is True
-    assert _args("ppl", ["--token-cache", "off"]).token_cache == "off"
     cfg = cli.make_config("ppl", _args("ppl", ["--memory-tokens", "4096"]))
     assert cfg.memory_tokens == (4096,) and cfg.window is None
     assert cli.make_config("icl", _args("all", ["--quick"])) == icl.IclConfig.quick()
+
+
+def test_token_cache_option_changes_the_model(smollm2):
+    model, info = LongSideModel(smollm2, SideNetConfig(window=W)), {}
+    cli.apply_token_cache(model, info, _args("ppl", []).token_cache)
+    assert model.config.token_cache and model.config.token_copy_k > 0 and info["token_cache"] == "on"
+    cli.apply_token_cache(model, info, _args("ppl", ["--token-cache", "nocopy"]).token_cache)
+    assert model.config.token_copy_k == 0 and info["token_cache"] == "nocopy"
+    cli.apply_token_cache(model, info, _args("ppl", ["--token-cache", "off"]).token_cache)
+    assert not model.config.token_cache and info["token_cache"] == "off" and not info["side_config"]["token_cache"]
+    with pytest.raises(EvalError, match="token-cache"):
+        cli.apply_token_cache(model, info, "sometimes")
 
 
 def test_cli_rejects_bad_input(tmp_path):

@@ -47,7 +47,8 @@ def test_pass_key_is_read_back_from_memory_and_an_absent_key_fails(shipped, fill
 
 def test_pass_key_run_counts_each_row_right(shipped):
     model, info = shipped
-    cfg = passkey.PasskeyConfig(window=W, lengths=(1024,), depths=(0.2,), trials=2, filler="repeat", digits=5)
+    cfg = passkey.PasskeyConfig(window=W, lengths=(1024,), depths=(0.2,), trials=2, filler="repeat", digits=5,
+                                teacher=False)
     res = passkey.run(model, info, cfg)["results"]
     assert res["overall"] == {"longside memory": 1.0, f"backbone@{W}": 0.0}
     assert all(not t["needle_in_window"] for t in res["trials"])

@@ -65,6 +65,11 @@ def test_token_cache_can_be_left_out_of_a_read_or_dropped():
     model.reset_memory()
     model.drop_token_cache(only_copy=True)
     assert model.config.token_cache and model.config.token_copy_k == 0
+    model(ids)
+    hits = model.read_segment(ids, use_memory=True)[3]
+    assert hits.copy_len.shape[-1] == 0 and hits.sims.shape[-1] > 0  # the neighbour vote alone
+    assert not torch.equal(model(ids, write_memory=False).logits, alone)
+    model.reset_memory()
     model.drop_token_cache()
     model(ids)
     assert not model.config.token_cache and model.memory.banks[0].tokens is None

@@ -9,7 +9,7 @@ from longside.model import LongSideModel
 from longside.training.config import preset
 from longside.training.data import tokenized_books
 from longside.training.teacher import TeacherTargets, distill_terms, stack_targets
-from longside.training.train import segment_loss, train
+from longside.training.train import build_model, segment_loss, train
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,8 @@ def test_targets_are_cached_and_refused_for_another_backbone_or_window(tmp_path,
     assert torch.equal(first.delta, again.delta) and torch.equal(first.top_ids, again.top_ids)
     # the first segment's teacher sees exactly what the student sees: no change to learn
     assert first.delta[:64].abs().max() < 1e-3 and first.delta[64:].abs().max() > 0.1
+    assert first.attn_delta.shape == first.delta.shape and first.attn_delta.dtype == torch.float16
+    assert first.attn_delta[:64].abs().max() < 1e-3 and first.attn_delta[64:].abs().max() > 1e-2
     for kwargs in ({"window": 512, "segment": 64}, {"window": 256, "segment": 128}):
         with pytest.raises(LongsideError, match="made for"):
             TeacherTargets(tmp_path / "t", smollm2, top_k=8, **kwargs)
@@ -68,6 +70,24 @@ def test_distillation_loss_is_zero_when_the_student_is_the_teacher(tmp_path, smo
     assert moved["mse"].item() > 1e-3 and moved["kl"].item() > 1e-4
 
 
+def test_distillation_loss_is_zero_for_the_teachers_own_states(tmp_path, smollm2, book):
+    # the second segment, whose teacher saw the first: a student that outputs the teacher's
+    # final states (and adds the teacher's change at the memory layer) scores ~0; the
+    # student's own states score the whole change (mse 1)
+    store = TeacherTargets(tmp_path / "t", smollm2, window=128, segment=64, top_k=8)
+    doc = torch.from_numpy(_doc(book, 128))
+    targets = stack_targets([store.document(doc).segment(1, 64)])
+    teacher = smollm2.encode(doc[None]).hidden_states[-1][:, 64:]
+    student = smollm2.encode(doc[None, 64:], memory_layer=15)
+    base = student.hidden_states[-1]
+    local = smollm2.attn_output(15, student.memory_attn.flatten(2))
+    same = distill_terms(smollm2, teacher, base, targets, targets.attn_delta, local)
+    assert same["mse"].item() < 1e-4 and abs(same["kl"].item()) < 1e-3 and same["attn"].item() < 1e-4
+    own = distill_terms(smollm2, base, base, targets, torch.zeros_like(local), local)
+    assert abs(own["mse"].item() - 1) < 1e-6 and own["kl"].item() > 10 * max(same["kl"].item(), 1e-4)
+    assert abs(own["attn"].item() - 1) < 1e-6
+
+
 def test_one_training_step_lowers_the_distillation_loss(tmp_path, smollm2, book):
     cfg = preset("tiny", distill=True, teacher_window=128, max_book_segments=2, synthetic_max_segments=2,
                  lm_weight=0.0, lr=3e-3)
@@ -101,4 +121,17 @@ def test_distill_training_runs_and_checks_document_length(tmp_path, smollm2):
                  teacher_cache=str(tmp_path / "teacher"))
     result = train(cfg, backbone=smollm2, progress=False)
     assert result["step"] == 3 and result["teacher"]["misses"] >= 1
-    assert result["mse"] >= 0 and result["kl"] >= 0 and "ppl_memory_no_token_cache" in result
+    assert {"mse", "kl", "ppl_memory_no_token_cache"} <= set(result)
+    with pytest.raises(LongsideError, match="only apply with distill"):
+        preset("tiny", distill_attn=1.0)
+
+
+def test_init_from_takes_the_checkpoints_side_network_and_refuses_other_settings(tmp_path, smollm2):
+    src = LongSideModel(smollm2, preset("tiny").side)
+    with torch.no_grad():
+        src.side.up.weight.normal_(0, 0.01)
+    src.save_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    model = build_model(preset("tiny", init_from=str(tmp_path / "ckpt")), smollm2)
+    assert torch.equal(model.side.up.weight, src.side.up.weight) and model.config.window == 64
+    with pytest.raises(LongsideError, match="brings its own side network"):
+        build_model(preset("tiny", init_from=str(tmp_path / "ckpt"), side={"reduction": 2}), smollm2)

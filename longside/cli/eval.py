@@ -40,8 +40,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="backbone blocks that read memory themselves, e.g. 15-29 (training-free; default: the "
                         "checkpoint's setting)")
     p.add_argument("--token-cache", choices=("on", "nocopy", "off"), default="on",
-                   help="off: leave the token cache out (memory attention alone reads memory); nocopy: only its "
-                        "exact-match copy read; on (default): the checkpoint's setting")
+                   help="off: leave the token cache out (memory attention alone reads memory); nocopy: leave out "
+                        "only its exact-match copy read (the neighbour vote stays); on (default): the checkpoint's "
+                        "setting")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +82,18 @@ def _plot_path(plot: str | None, name: str, several: bool) -> Path | None:
     return path.with_name(f"{path.stem}_{name}.png") if several else path
 
 
+def apply_token_cache(model, info: dict, mode: str) -> None:
+    """`--token-cache`: "off" or "nocopy" drop that much of the token cache from `model`;
+    `info` records what the run used."""
+    if mode not in ("on", "nocopy", "off"):
+        raise EvalError(f"--token-cache must be on, nocopy or off, not {mode!r}")
+    if mode != "on":
+        model.drop_token_cache(only_copy=mode == "nocopy")
+        info["side_config"] = dataclasses.asdict(model.config)
+    cfg = model.config
+    info["token_cache"] = "off" if not cfg.token_cache else ("nocopy" if not cfg.token_copy_k else "on")
+
+
 def main(argv: list[str]) -> int:
     run = RunRecord.start(["longside", "eval", *argv])
     args = build_parser().parse_args(argv)
@@ -99,10 +112,7 @@ def main(argv: list[str]) -> int:
     if args.backbone_memory is not None:
         model.use_backbone_memory(parse_blocks(args.backbone_memory))
         info["side_config"] = dataclasses.asdict(model.config)  # what the run used, not what was loaded
-    if args.token_cache != "on":
-        model.drop_token_cache(only_copy=args.token_cache == "nocopy")
-        info["side_config"] = dataclasses.asdict(model.config)
-    info["token_cache"] = args.token_cache if model.config.token_cache else "off"
+    apply_token_cache(model, info, args.token_cache)
     info["backbone_memory_layers"] = model.config.backbone_memory_layers
     reports = {}
     for name in names:

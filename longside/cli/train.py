@@ -27,7 +27,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--feature-cache-gb", type=float, help="stop adding to the feature cache beyond this size "
                    "(default 20)")
     p.add_argument("--distill", action="store_true", help="also train against the long-context backbone (teacher "
-                   "targets, cached; the preset smollm2-135m-distill does this from the shipped checkpoint)")
+                   "targets, cached; documents are cut to its window). Without --preset: smollm2-135m-distill, "
+                   "which trains the shipped checkpoint further")
     p.add_argument("--ship", help="also write the final side weights (fp16) to this directory")
     p.add_argument("--json", help="write the final metrics here")
     args = p.parse_args(argv)
@@ -40,8 +41,6 @@ def main(argv: list[str]) -> int:
         overrides["max_steps"] = args.max_steps
     if args.feature_cache:
         overrides["feature_cache"] = args.feature_cache
-    if args.distill:
-        overrides["distill"] = True
     if args.feature_cache_gb is not None:
         overrides["feature_cache_gb"] = args.feature_cache_gb
     if args.config:
@@ -54,9 +53,15 @@ def main(argv: list[str]) -> int:
         if not isinstance(raw, dict):
             raise LongsideError(f"{args.config} must hold a JSON object of TrainConfig fields, not "
                                 f"{type(raw).__name__}")
-        cfg = TrainConfig.from_dict({**raw, **overrides})
+        cfg = TrainConfig.from_dict({**raw, **overrides, **({"distill": True} if args.distill else {})})
     else:
-        cfg = preset(args.preset or "smollm2-135m", **overrides)
+        name = args.preset or ("smollm2-135m-distill" if args.distill else "smollm2-135m")
+        raw = preset(name, **overrides)
+        if args.distill and not raw.distill:  # documents cut to the teacher's window
+            fit = raw.teacher_window // raw.segment
+            overrides.update(distill=True, max_book_segments=min(raw.max_book_segments, fit),
+                             synthetic_max_segments=min(raw.synthetic_max_segments, fit))
+        cfg = preset(name, **overrides)
     result = train(cfg, resume=args.resume, max_minutes=args.max_minutes)
     if args.ship:
         LongSideModel.from_pretrained(Path(cfg.out) / "model").save_pretrained(args.ship)

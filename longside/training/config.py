@@ -43,7 +43,7 @@ class TrainConfig:
     distill: bool = False
     teacher_window: int = 8192
     teacher_top_k: int = 16
-    teacher_cache: str | None = None  # default: <cache>/teacher/<backbone>-w<window>-s<segment>-k<top_k>
+    teacher_cache: str | None = None  # default: <cache>/teacher/<backbone>-<fingerprint>-w.-s.-k.-m.[-nf4]-v2
     lm_weight: float = 1.0
     distill_mse: float = 1.0
     distill_kl: float = 1.0
@@ -68,6 +68,9 @@ class TrainConfig:
         if min(weights) < 0 or self.teacher_top_k < 1 or (self.distill and not any(weights)):
             raise LongsideError(f"loss weights must be >= 0 and not all 0, teacher_top_k >= 1; got {weights}, "
                                 f"{self.teacher_top_k}")
+        if not self.distill and weights != (1.0, 1.0, 1.0, 0.0):
+            raise LongsideError(f"loss weights {weights} (lm_weight, distill_mse, distill_kl, distill_attn) only "
+                                "apply with distill; set distill (--distill) or leave them at their defaults")
         if self.distill:
             longest = max(self.max_book_segments, self.synthetic_max_segments) * self.segment
             if longest > self.teacher_window or self.teacher_window % self.segment:
@@ -104,8 +107,7 @@ PRESETS: dict[str, dict] = {
     "smollm2-135m-distill": {"out": "runs/smollm2-135m-distill", "max_steps": 600, "warmup_steps": 20,
                              "lr": 5e-4, "synthetic_share": 0.3, "synthetic_max_segments": 4,
                              "max_book_segments": 8, "eval_every": 200, "eval_segments": 6, "save_every": 25,
-                             "distill": True, "distill_attn": 1.0, "init_from": "shipped",
-                             "side": {"memory_attention": "joint"}},
+                             "distill": True, "distill_attn": 1.0, "init_from": "shipped"},
     # A few steps on short segments: for tests and smoke runs.
     "tiny": {"segment": 64, "max_steps": 6, "warmup_steps": 2, "eval_every": 3, "eval_segments": 2,
              "save_every": 3, "synthetic_max_segments": 3, "max_book_segments": 4,

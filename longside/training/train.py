@@ -14,6 +14,7 @@ data-parallel with no code change (each process streams its own rows).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -28,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from longside.backbone import Backbone, load_backbone
+from longside.config import SideNetConfig
 from longside.errors import CheckpointError, LongsideError
 from longside.model import SHIPPED_CHECKPOINT, LongSideModel
 from longside.paths import atomic_dir, cache_dir
@@ -35,6 +37,9 @@ from longside.training.config import TrainConfig
 from longside.training.data import DocumentStream, RowCursor, tokenized_books
 from longside.training.feature_cache import FeatureCache
 from longside.training.teacher import DocumentTargets, TeacherTargets, distill_terms, stack_targets
+
+
+_PROVENANCE = ("backbone", "backbone_fingerprint", "extra")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -92,20 +97,25 @@ def teacher_targets(model: LongSideModel, cfg: TrainConfig) -> TeacherTargets:
     bb = model.backbone
     path = cfg.teacher_cache or cache_dir() / "teacher" / (
         f"{bb.name}-{bb.fingerprint}-w{cfg.teacher_window}-s{cfg.segment}-k{cfg.teacher_top_k}"
-        f"-m{cfg.side.memory_layer}-v2")
+        f"-m{cfg.side.memory_layer}{'-' + cfg.quantize if cfg.quantize else ''}-v2")
     fc = model.feature_cache
     return TeacherTargets(path, bb, cfg.teacher_window, cfg.segment, cfg.teacher_top_k, cfg.side.memory_layer,
                           student_encode=fc.encode if fc is not None else None)
 
 
 def build_model(cfg: TrainConfig, backbone: Backbone) -> LongSideModel:
-    """A new side network for `cfg`, or, with `cfg.init_from`, that checkpoint's (whose side
-    config then replaces `cfg.side`)."""
+    """A new side network for `cfg`, or, with `cfg.init_from`, that checkpoint's. Its side
+    config is the checkpoint's: a `cfg.side` that sets something else is refused rather
+    than silently dropped."""
     if not cfg.init_from:
         return LongSideModel(backbone, cfg.side)
     src = SHIPPED_CHECKPOINT if cfg.init_from == "shipped" else Path(cfg.init_from)
     model = LongSideModel.from_pretrained(src, backbone=backbone)
-    cfg.side = model.config
+    mine, theirs, default = (dataclasses.asdict(c) for c in (cfg.side, model.config, SideNetConfig()))
+    clash = {k: v for k, v in mine.items() if k not in _PROVENANCE and v != default[k] and v != theirs[k]}
+    if clash:
+        raise LongsideError(f"init_from {src} brings its own side network; the side settings {clash} differ from "
+                            "its side_config.json; drop them (or train a new side network without init_from)")
     return model
 
 
@@ -123,7 +133,8 @@ def segment_loss(model: LongSideModel, ids: torch.Tensor, labels: torch.Tensor, 
         out, h, tok_keys, hits = model.read_segment(ids, use_memory=True)
     finally:
         hook.remove()
-    lm, n = model.lm_loss(h, labels, hits)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and (targets is None or cfg.lm_weight > 0)):
+        lm, n = model.lm_loss(h, labels, hits)
     parts = {"lm": lm.item(), "scored": n}
     loss = lm * (cfg.lm_weight if targets is not None else 1.0)
     if targets is not None:
@@ -137,9 +148,7 @@ def segment_loss(model: LongSideModel, ids: torch.Tensor, labels: torch.Tensor, 
     return loss, parts
 
 
-def train(cfg: TrainConfig, resume: str | Path | None = None, max_minutes: float | None = None,
-          backbone: Backbone | None = None, progress: bool = True) -> dict:
-    """Run (or resume) training; returns the final metrics. Checkpoints go to `cfg.out`."""
+def _check_side(cfg: TrainConfig) -> None:
     if cfg.segment > cfg.side.window:
         raise LongsideError(f"segment {cfg.segment} exceeds the side network's window {cfg.side.window}")
     if cfg.side.backbone_memory_layers:
@@ -148,11 +157,19 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, max_minutes: float
             "supported: its banks are not part of the resumable state, and a feature cache cannot replay a "
             "backbone whose features depend on memory. Train with backbone_memory_layers [] and switch it "
             "on in the trained checkpoint's side_config.json (it needs no training)")
+
+
+def train(cfg: TrainConfig, resume: str | Path | None = None, max_minutes: float | None = None,
+          backbone: Backbone | None = None, progress: bool = True) -> dict:
+    """Run (or resume) training; returns the final metrics. Checkpoints go to `cfg.out`."""
+    _check_side(cfg)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.out)
     backbone = backbone or load_backbone(cfg.backbone, quantize=cfg.quantize)
     model = build_model(cfg, backbone)
+    cfg = dataclasses.replace(cfg, side=model.config)  # init_from: the checkpoint's side network
+    _check_side(cfg)
     attach_feature_cache(model, cfg)
     teacher = teacher_targets(model, cfg) if cfg.distill else None
     doc_targets: dict[int, DocumentTargets] = {}
@@ -178,7 +195,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, max_minutes: float
         if fresh:
             model.reset_memory(fresh)
         targets = None
-        if teacher is not None:  # every token has a teacher target: filler is trained on too
+        distilling = teacher is not None and bool(cfg.distill_mse or cfg.distill_kl or cfg.distill_attn)
+        if distilling:  # every token has a teacher target: filler is trained on too
             rows = []
             for r in range(ids.shape[0]):
                 doc, seg = cursor.position(r)
