@@ -51,6 +51,11 @@ def side_gain(m: dict) -> float:
     return 100 * (1 - m["ppl_memory_no_token_cache"] / m["ppl_no_memory"])
 
 
+def _mean(xs: list[float]) -> float | None:
+    """None where a variant never computed the term (next-token only has no teacher terms)."""
+    return float(np.mean(xs)) if xs else None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=60)
@@ -84,10 +89,8 @@ def main() -> None:
         rows.append({"variant": name, "weights": {"lm": lm, "mse": mse, "kl": kl, "attn": attn},
                      **{k: result[k] for k in ("ppl_memory", "ppl_memory_no_token_cache", "ppl_no_memory")},
                      "side_memory_gain_pct": side_gain(result),
-                     "train_mse_last_quarter": float(np.mean([h["mse"] for h in tail])),
-                     "train_kl_last_quarter": float(np.mean([h["kl"] for h in tail])),
-                     "train_lm_last_quarter": float(np.mean([h["lm"] for h in tail])),
-                     "train_attn_last_quarter": float(np.mean([h["attn"] for h in tail if "attn" in h] or [np.nan])),
+                     **{f"train_{k}_last_quarter": _mean([h[k] for h in tail if k in h])
+                        for k in ("lm", "mse", "kl", "attn")},
                      "wall_s": result["wall_s"]})
         print(json.dumps(rows[-1]))
     report = {"experiment": "distill_ablation", "steps": args.steps, "eval_segments": args.eval_segments,
