@@ -128,11 +128,13 @@ def segment_loss(model: LongSideModel, ids: torch.Tensor, labels: torch.Tensor, 
     attn only where memory attention read something). Returns (loss, parts)."""
     model.memory_for(ids.shape[0])
     read: list[torch.Tensor] = []  # what memory attention adds at the memory layer, [B, T, d]
-    hook = model.side.reader.into_side.register_forward_pre_hook(lambda _m, args: read.append(args[0]))
+    hook = model.side.reader.into_side.register_forward_pre_hook(lambda _m, args: read.append(args[0])) \
+        if targets is not None else None
     try:
         out, h, tok_keys, hits = model.read_segment(ids, use_memory=True)
     finally:
-        hook.remove()
+        if hook is not None:
+            hook.remove()
     with torch.set_grad_enabled(torch.is_grad_enabled() and (targets is None or cfg.lm_weight > 0)):
         lm, n = model.lm_loss(h, labels, hits)
     parts = {"lm": lm.item(), "scored": n}
@@ -171,7 +173,9 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, max_minutes: float
     cfg = dataclasses.replace(cfg, side=model.config)  # init_from: the checkpoint's side network
     _check_side(cfg)
     attach_feature_cache(model, cfg)
-    teacher = teacher_targets(model, cfg) if cfg.distill else None
+    # no teacher where no teacher term is weighted (an ablation's next-token-only row)
+    teacher = teacher_targets(model, cfg) if cfg.distill and (cfg.distill_mse or cfg.distill_kl or cfg.distill_attn) \
+        else None
     doc_targets: dict[int, DocumentTargets] = {}
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg))
@@ -195,8 +199,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, max_minutes: float
         if fresh:
             model.reset_memory(fresh)
         targets = None
-        distilling = teacher is not None and bool(cfg.distill_mse or cfg.distill_kl or cfg.distill_attn)
-        if distilling:  # every token has a teacher target: filler is trained on too
+        if teacher is not None:  # every token has a teacher target: filler is trained on too
             rows = []
             for r in range(ids.shape[0]):
                 doc, seg = cursor.position(r)
