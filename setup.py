@@ -1,6 +1,7 @@
-"""Builds the NF4 CPU kernel (kernels/nf4_cpu.c) as `longside.kernels._nf4_cpu`.
+"""Builds the CPU kernels (kernels/nf4_cpu.c, kernels/ggml_cpu.c) as `longside.kernels._nf4_cpu`
+and `longside.kernels._ggml_cpu`.
 
-Package metadata lives in pyproject.toml; this file only adds the C extension. It is a
+Package metadata lives in pyproject.toml; this file only adds the C extensions. Each is a
 plain shared library (no Python or torch headers) loaded with ctypes by kernels/cpu.py.
 The AVX2 code is compiled per function (`target("avx2,fma")`) and chosen at run time, so
 the library also runs on CPUs without AVX2.
@@ -27,7 +28,14 @@ setup(
             sources=["kernels/nf4_cpu.c"],
             extra_compile_args=["-O3", "-std=c11", *_openmp],
             extra_link_args=_openmp,
-        )
+        ),
+        # -ffp-contract=off: dequantization must round like the gguf package (no fused multiply-add)
+        Extension(
+            "longside.kernels._ggml_cpu",
+            sources=["kernels/ggml_cpu.c"],
+            extra_compile_args=["-O3", "-std=c11", "-ffp-contract=off", *_openmp],
+            extra_link_args=[*_openmp, "-lm"],
+        ),
     ],
     cmdclass={"build_ext": _PlainLibrary},
 )

@@ -20,9 +20,10 @@ def load_model(path: str | os.PathLike | None = None, *, backbone: Backbone | st
     shipped with longside if present, else an untrained side network on `backbone`
     (default SmolLM2-135M; its logits equal the backbone's until trained). `backbone`: a
     loaded `Backbone` or a name. `config` overrides `SideNetConfig` fields of an untrained
-    model (e.g. `window=256`). `quantize="nf4"` swaps the backbone's linear layers for 4-bit
-    ones after the side network is built (so an untrained model's pruned init does not
-    depend on the quantization).
+    model (e.g. `window=256`). `quantize`: the backbone's weights (`load_backbone`: None =
+    a GGUF's own 4-bit blocks, "fp32", "nf4"); "nf4" swaps the linear layers after the side
+    network is built, so an untrained model's pruned init does not depend on it (native
+    blocks decode exactly to the fp32 weights, so neither does that one's).
 
     info: `note` (one line saying which model this is: a report or a terminal can never
     mistake an untrained model for the trained one), `checkpoint`, `trained`,
@@ -37,24 +38,28 @@ def load_model(path: str | os.PathLike | None = None, *, backbone: Backbone | st
         checkpoint, note = SHIPPED_CHECKPOINT, f"shipped checkpoint {SHIPPED_CHECKPOINT.name}"
     else:
         checkpoint = None
+    first = "fp32" if quantize == "nf4" else quantize
     if checkpoint is not None:
-        model = LongSideModel.from_pretrained(checkpoint, backbone=backbone)
+        model = LongSideModel.from_pretrained(checkpoint, backbone=backbone, quantize=first)
     else:
-        bb = backbone if isinstance(backbone, Backbone) else load_backbone(backbone or "smollm2-135m")
+        bb = backbone if isinstance(backbone, Backbone) else load_backbone(backbone or "smollm2-135m", quantize=first)
         model = LongSideModel(bb, SideNetConfig(**config))
         note = (f"UNTRAINED side network on {bb.name} (no checkpoint shipped): its output equals the bare "
                 "backbone's; memory cannot change it until the side network is trained; these numbers are "
                 "baselines, not longside's")
-    if quantize:
+    if quantize == "nf4":
         quantize_backbone(model.backbone, quantize)
-        note += f", {quantize} backbone"
+    kind = (model.backbone.quantization or {}).get("kind", "fp32")
+    note += f", {kind} backbone"
     model.eval()
-    return model, model_info(model, checkpoint, note, quantize)
+    return model, model_info(model, checkpoint, note, kind)
 
 
 def model_info(model: LongSideModel, checkpoint: str | os.PathLike | None, note: str | None = None,
                quantize: str | None = None) -> dict:
-    """Identifiers of a model for a report: checkpoint, side-weight hash, backbone."""
+    """Identifiers of a model for a report: checkpoint, side-weight hash, backbone (and its
+    weights: "native", "fp32" or "nf4"; read from the backbone when not given)."""
+    quantize = quantize or (model.backbone.quantization or {}).get("kind", "fp32")
     return {"checkpoint": str(checkpoint) if checkpoint is not None else None,
             "trained": checkpoint is not None,
             "side_state_hash": state_hash(model),

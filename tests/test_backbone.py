@@ -1,4 +1,5 @@
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -228,3 +229,67 @@ def test_gemma3_real():
     cached(ids)
     hits = cached(ids, labels=ids)  # the same words again: the token cache finds them in memory
     assert torch.isfinite(hits.loss) and hits.loss < again.loss
+
+
+# -- the GGUF's own 4-bit blocks (the default for GGUF backbones) ------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_fp32():
+    return load_backbone("smollm2-135m", quantize="fp32")
+
+
+def _held_out_ids(tokenizer, n_tokens: int) -> torch.Tensor:
+    from longside.data import load_books
+
+    book = next(b for b in load_books() if b["book_id"] == "austen/sensesensibility")
+    text = "\n\n".join(c["text"] for c in book["chapters"][:6])
+    return torch.tensor(tokenizer(text).input_ids[:n_tokens])[None]
+
+
+def test_gguf_loads_native_blocks_by_default(smollm2, smollm2_fp32):
+    from longside.kernels.gguf_linear import GGUFEmbedding, GGUFLinear
+    from longside.kernels.quant_linear import model_bytes
+
+    q = smollm2.quantization
+    assert q["kind"] == "native" and q["types"] == {"Q4_1": 210, "Q8_0": 2}  # 30 x 7 linears, embedding + tied head
+    assert isinstance(smollm2.parts.embed, GGUFEmbedding) and isinstance(smollm2.parts.lm_head, GGUFLinear)
+    assert smollm2.parts.lm_head.blocks is smollm2.parts.embed.blocks  # the tied table is held once
+    assert smollm2_fp32.quantization is None and not any(isinstance(m, GGUFLinear) for m in smollm2_fp32.model.modules())
+    # the file is 98 MB; the fp32 copy ~540 MB
+    assert model_bytes(smollm2.model) <= 110e6 < 500e6 < model_bytes(smollm2_fp32.model)
+    # every block decodes to exactly the fp32 copy's weight (llama's q/k row order included)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.7.self_attn.k_proj", "model.layers.29.mlp.down_proj"):
+        assert torch.equal(smollm2.model.get_submodule(name).dequantize(), smollm2_fp32.model.get_submodule(name).weight)
+    with pytest.raises(BackboneError, match="not a GGUF"):
+        from longside.backbone.loading import _quantize_kind
+        _quantize_kind("native", Path("some/hf_dir"))
+    with pytest.raises(BackboneError, match="unknown quantization"):
+        load_backbone("smollm2-135m", quantize="int3")
+
+
+def test_native_perplexity_matches_fp32_copy(smollm2, smollm2_fp32, monkeypatch):
+    """Held-out Austen, 2 x 512 tokens: prefill (exact dequantization + BLAS) gives the fp32
+    copy's logits (to BLAS rounding; bit for bit on the CI machine); the decode kernels (int8 activations, forced over the whole
+    segment) stay within 0.5% perplexity of it, the issue's bar."""
+    from longside.kernels import gguf_linear
+
+    ids = _held_out_ids(smollm2.tokenizer, 1024).reshape(2, 512)
+
+    def ppl(bb):
+        with torch.no_grad():
+            lg = bb.logits(ids)
+        return torch.nn.functional.cross_entropy(lg[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).exp().item(), lg
+
+    ref, ref_logits = ppl(smollm2_fp32)
+    native, native_logits = ppl(smollm2)
+    assert (native_logits - ref_logits).abs().max() < 1e-3
+    monkeypatch.setattr(gguf_linear, "FUSED_MAX_M", 10 ** 9)
+    exact_decode, _ = ppl(smollm2)  # the fixture's fp32 activations
+    gguf_linear.set_activations(smollm2.model, "int8")
+    try:
+        decode, _ = ppl(smollm2)
+    finally:
+        gguf_linear.set_activations(smollm2.model, "fp32")
+    assert 10 < ref < 60 and abs(exact_decode / ref - 1) < 1e-4, (ref, exact_decode)
+    assert abs(decode / ref - 1) <= 0.005, (ref, decode)

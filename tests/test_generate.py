@@ -355,6 +355,25 @@ def test_bench_generate_writes_the_schema(tmp_path):
     assert report["summary"]["decode_64k_memory_over_no_memory"] is not None
 
 
+def test_bench_generate_llamacpp_row(tmp_path):
+    """The llama.cpp row runs the very GGUF file where llama-cpp-python is installed, and
+    says how to install it where not (a row error, not a crash of the whole run)."""
+    import importlib.util
+    import json
+
+    from longside.bench.generate import main
+    out = tmp_path / "b.json"
+    assert main(["--quick", "--rows", "llama.cpp", "--prompt-tokens", "16", "--new-tokens", "2",
+                 "--threads", "1", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["model"] == "llama.cpp"
+    if importlib.util.find_spec("llama_cpp") is None:
+        assert "longside[bench]" in row["error"]
+    else:
+        assert row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0
+        assert row["weights"].endswith(".gguf") and "llama-cpp-python" in row["backend"]
+
+
 def test_bench_generate_refuses_a_bad_block_spec_before_any_row():
     from longside.bench.generate import main
     from longside.errors import CheckpointError

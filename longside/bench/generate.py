@@ -3,9 +3,12 @@
     longside bench generate --quick --json bench_generate.json
 
 Rows (`results`): the dense fp32 backbone through transformers `generate`; transformers
-with bitsandbytes 4-bit NF4; longside (4-bit NF4 backbone through longside.kernels,
-side network, memory) with 0, 16k and 64k tokens in memory; longside on the fp32
-backbone without memory, to separate the kernel's effect from the side network's. With
+with bitsandbytes 4-bit NF4; llama.cpp (llama-cpp-python, when installed: `pip install
+'longside[bench]'`) on the very same GGUF file with the same threads, prompt and token
+counts; longside on the GGUF's own blocks (`longside-native`, the default) and on NF4
+re-quantized weights (`longside-nf4`), each with 0, 16k and 64k tokens in memory;
+longside on the fp32 copy without memory, to separate the kernels' effect from the side
+network's. With
 `--backbone-memory BLOCKS` (e.g. 15-29), rows `longside-nf4+bm` time the same with
 backbone memory on in those blocks (its block banks filled from real text always).
 
@@ -33,7 +36,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from longside.backbone import encode_memory, load_backbone, tokenize
+from longside.backbone import backbone_source, encode_memory, load_backbone, load_tokenizer, tokenize
 from longside.config import parse_blocks
 from longside.data import load_books
 from longside.errors import LongsideError
@@ -45,7 +48,11 @@ from longside.provenance import RunRecord
 ROWS = [  # (name, memory tokens)
     ("transformers-fp32", 0),
     ("transformers-bnb-nf4", 0),
+    ("llama.cpp", 0),
     ("longside-fp32", 0),
+    ("longside-native", 0),
+    ("longside-native", 16384),
+    ("longside-native", 65536),
     ("longside-nf4", 0),
     ("longside-nf4", 16384),
     ("longside-nf4", 65536),
@@ -141,10 +148,24 @@ def _summary(results: list[dict]) -> dict:
     def ratio(a, b):
         return round(a / b, 3) if a and b else None
 
-    base, nf4 = speed("transformers-fp32"), speed("longside-nf4")
+    base, nf4, native, llama = speed("transformers-fp32"), speed("longside-nf4"), speed("longside-native"), speed("llama.cpp")
+
+    def field(name, mem, key):
+        return next((r.get(key) for r in results if r["model"] == name and r["memory_tokens"] == mem), None)
+
+    vs_llama = {
+        "decode_longside_native_over_llamacpp": ratio(native, llama),
+        "decode_longside_native_64k_memory_over_llamacpp": ratio(speed("longside-native", 65536), llama),
+        "memorize_longside_native_64k_over_llamacpp_prefill": ratio(
+            field("longside-native", 65536, "memorize_tokens_per_s"), field("llama.cpp", 0, "prefill_tokens_per_s")),
+        "prefill_longside_native_over_llamacpp": ratio(field("longside-native", 0, "prefill_tokens_per_s"),
+                                                       field("llama.cpp", 0, "prefill_tokens_per_s")),
+        "decode_longside_native_over_nf4": ratio(native, nf4),
+    }
     bm = {f"decode_backbone_memory_{k}_over_without": ratio(speed("longside-nf4+bm", m), speed("longside-nf4", m))
           for k, m in (("0", 0), ("16k", 16384), ("64k", 65536)) if speed("longside-nf4+bm", m)}
-    return {**bm,
+    return {**vs_llama, **bm,
+        "decode_native_64k_memory_over_no_memory": ratio(speed("longside-native", 65536), native),
         "decode_64k_memory_over_no_memory": ratio(speed("longside-nf4", 65536), nf4),
         "decode_16k_memory_over_no_memory": ratio(speed("longside-nf4", 16384), nf4),
         "decode_longside_nf4_over_transformers_fp32": ratio(nf4, base),
@@ -191,6 +212,9 @@ def run_row(args) -> dict:
     if name.startswith("transformers"):
         gen_fn, extra = _transformers_row(name)
         tok = extra.pop("tokenizer")
+    elif name == "llama.cpp":
+        gen_fn, extra = _llamacpp_row(P + N + 16)
+        tok = load_tokenizer("smollm2-135m")
     elif name.startswith("longside"):
         gen_fn, extra = _longside_row(name, mem, args.quick, args.backbone_memory)
         tok = extra.pop("tokenizer")
@@ -213,8 +237,33 @@ def run_row(args) -> dict:
     return row
 
 
+def _llamacpp_row(n_ctx: int):
+    """llama.cpp on the GGUF file longside's backbone comes from: greedy, same threads."""
+    try:
+        from llama_cpp import Llama  # optional: `pip install 'longside[bench]'`
+    except ImportError:
+        raise LongsideError("llama-cpp-python is not installed, so there is no llama.cpp row: "
+                            "`pip install 'longside[bench]'` builds it from its sdist (several minutes)") from None
+    import llama_cpp
+
+    path = backbone_source("smollm2-135m")
+    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=torch.get_num_threads(),
+                n_threads_batch=torch.get_num_threads(), verbose=False)
+
+    def gen(prompt, n):
+        llm.reset()  # no prefix reuse between timed calls: every call reads its prompt
+        out = []
+        for t in llm.generate(prompt[0].tolist(), top_k=1, temp=0.0, reset=True):
+            out.append(t)
+            if len(out) == n:
+                break
+        return out
+
+    return gen, {"backend": f"llama-cpp-python {llama_cpp.__version__} (greedy generate)", "weights": str(path.name)}
+
+
 def _transformers_row(name: str):
-    bb = load_backbone("smollm2-135m")
+    bb = load_backbone("smollm2-135m", quantize="fp32")
     model, tok = bb.model, bb.tokenizer
     if name == "transformers-bnb-nf4":
         path = model.name_or_path  # the cached Hugging Face directory of the backbone
@@ -233,7 +282,7 @@ def _transformers_row(name: str):
 
 def _longside_row(name: str, mem: int, quick: bool, backbone_memory: str | None = None):
     base, _, variant = name.partition("+")
-    model, info = load_model(quantize="nf4" if base.endswith("nf4") else None)
+    model, info = load_model(quantize=base.removeprefix("longside-"))
     note = info["note"]
     if variant == "bm":
         if not backbone_memory:
@@ -244,7 +293,9 @@ def _longside_row(name: str, mem: int, quick: bool, backbone_memory: str | None 
                             "plain rows; set backbone_memory_layers to [] in its side_config.json")
     tok = model.backbone.tokenizer
     extra = {"tokenizer": tok, "backend": "longside generate (incremental, side network + memory)",
-             "weights": "4-bit NF4 via longside.kernels.QuantLinear" if base.endswith("nf4") else "fp32",
+             "weights": {"longside-nf4": "4-bit NF4 via longside.kernels.QuantLinear",
+                         "longside-native": "the GGUF's own blocks via longside.kernels.GGUFLinear",
+                         "longside-fp32": "fp32 copy"}[base],
              "model_note": note, "side_state_hash": info["side_state_hash"]}
     if variant == "bm":
         extra["backbone_memory_layers"] = model.config.backbone_memory_layers

@@ -1,5 +1,6 @@
-"""`longside bench kernels [--quick] [--model] --json PATH`: NF4 matmul against dense fp32
-`F.linear` and bitsandbytes, on this machine, in one run.
+"""`longside bench kernels [--quick] [--model] --json PATH`: NF4 and GGUF-block (native)
+matmuls against dense fp32 `F.linear` (and NF4 against bitsandbytes), on this machine, in
+one run.
 
 Every ratio is against a baseline measured in the same run; `read_gbps` is the machine's
 streaming read bandwidth measured here too, so `ours_gbps / read_gbps` says how close the
@@ -7,8 +8,14 @@ decode kernel comes to the memory bound. Each timing is the median of several ca
 a warm-up. The fp32 baseline multiplies by the dequantized weight, so its output is also
 the reference the kernel output is checked against (`max_abs_err` <= `tolerance`).
 
-`--model` also runs SmolLM2-135M with every decoder linear in NF4: perplexity on a
-held-out text against the dense model, greedy decode tokens/s, and weight bytes.
+GGUF rows (`op` "ggml_int8": fused decode kernel on int8 activations, "ggml_fp32": fused
+on exact fp32 activations, "ggml_tiled": exact tiles + BLAS) use random blocks with
+finite scales (speed does not depend on the values); the fp32 baseline multiplies by
+their exact dequantization, and `max_rel_err` is against it.
+
+`--model` also runs SmolLM2-135M natively (its GGUF blocks) and with every decoder linear
+in NF4: perplexity on a held-out text against the dense fp32 copy, greedy decode tokens/s,
+and weight bytes.
 """
 
 from __future__ import annotations
@@ -29,7 +36,10 @@ from tqdm.auto import tqdm
 
 from longside.bench.kernels_model import bench_model
 from longside.errors import LongsideError
-from longside.kernels import cpu
+from longside.kernels import cpu, ggml_cpu
+from longside.kernels.ggml import GGML_TYPES, GGMLWeight
+from longside.kernels.gguf_linear import FUSED_MAX_M as GGML_FUSED_MAX_M
+from longside.kernels.gguf_linear import matmul_ggml
 from longside.kernels.nf4 import quantize_nf4
 from longside.kernels.ops import CPU_FUSED_MAX_M, dequantize, matmul_nf4
 from longside.paths import check_output_file, write_json
@@ -38,6 +48,7 @@ from longside.provenance import RunRecord
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 4096), (14336, 4096), (4096, 14336)]
 MS = (1, 8, 512)
 SMOKE_SHAPES = [(192, 576), (100, 320)]
+GGML_BENCH_TYPES = ("Q4_1", "Q8_0", "Q4_0", "Q4_K", "Q6_K")
 
 
 def _time_ms(fn: Callable[[], object], budget_s: float, max_reps: int = 50) -> dict:
@@ -103,16 +114,54 @@ def bench_shape(m: int, n: int, k: int, budget_s: float, with_bnb: bool) -> dict
             "spread_ms": {k: {f: t[f] for f in ("min", "max", "repeats")} for k, t in timings.items()}}
 
 
+def random_ggml(qtype: str, n: int, k: int, seed: int = 0) -> GGMLWeight:
+    """A ggml weight of random blocks whose f16 scale fields are small finite halves."""
+    _, elems, nbytes = GGML_TYPES[qtype]
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (n * k // elems, nbytes), dtype=torch.uint8, generator=g)
+    scale_at = {"Q4_0": [0], "Q4_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}[qtype]
+    for o in scale_at:
+        halves = (torch.randn(len(blocks), generator=g) * 0.01).half()
+        blocks[:, o:o + 2] = halves.view(torch.uint8).reshape(-1, 2)
+    return GGMLWeight(blocks.reshape(n, -1), qtype, (n, k))
+
+
+def bench_ggml_shape(m: int, n: int, k: int, qtype: str, budget_s: float) -> list[dict]:
+    """One row per path that runs at this M: int8 and fp32 fused kernels (M <= the fused
+    limit), the tiled GEMM above it; each against F.linear on the exact weight."""
+    w = random_ggml(qtype, n, k, seed=n * 31 + k)
+    w_dense = ggml_cpu.dequantize_rows(w)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    ref = F.linear(x, w_dense)
+    fp32 = _time_ms(lambda: F.linear(x, w_dense), budget_s)["median"]
+    if m <= GGML_FUSED_MAX_M:
+        paths = {"ggml_fp32": lambda: ggml_cpu.gemv_f32(x, w)}
+        if qtype in ggml_cpu.INT8_TYPES:
+            paths = {"ggml_int8": lambda: ggml_cpu.gemv_int8(x, w), **paths}
+    else:
+        paths = {"ggml_tiled": lambda: ggml_cpu.gemm_tiled(x, w)}
+    rows = []
+    for op, fn in paths.items():
+        t = _time_ms(fn, budget_s)
+        rows.append({"op": op, "qtype": qtype, "m": m, "n": n, "k": k, "ours_ms": round(t["median"], 4),
+                     "fp32_ms": round(fp32, 4), "bnb_ms": None, "speedup_vs_fp32": round(fp32 / t["median"], 2),
+                     "speedup_vs_bnb": None, "ours_gbps": round(w.blocks.numel() / t["median"] / 1e6, 4),
+                     "max_rel_err": float((fn() - ref).abs().max() / ref.abs().max()),
+                     "spread_ms": {f: t[f] for f in ("min", "max", "repeats")}})
+    return rows
+
+
 def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
 def print_table(report: dict) -> None:
     print(f"read bandwidth {report['read_gbps']:.1f} GB/s, {report['threads']} threads, kernel path {report['isa']}")
-    print(f"{'op':<10}{'m':>5}{'n':>7}{'k':>7}{'ours ms':>10}{'fp32 ms':>10}{'bnb ms':>10}"
+    print(f"{'op':<16}{'m':>5}{'n':>7}{'k':>7}{'ours ms':>10}{'fp32 ms':>10}{'bnb ms':>10}"
           f"{'x fp32':>8}{'x bnb':>8}{'GB/s':>7}{'% read':>8}")
     for r in report["results"]:
-        print(f"{r['op']:<10}{r['m']:>5}{r['n']:>7}{r['k']:>7}{r['ours_ms']:>10.3f}{r['fp32_ms']:>10.3f}"
+        op = r["op"] + (f" {r['qtype']}" if "qtype" in r else "")
+        print(f"{op:<16}{r['m']:>5}{r['n']:>7}{r['k']:>7}{r['ours_ms']:>10.3f}{r['fp32_ms']:>10.3f}"
               f"{_fmt(r['bnb_ms'], '10.3f'):>10}{r['speedup_vs_fp32']:>8.2f}{_fmt(r['speedup_vs_bnb'], '8.1f'):>8}"
               f"{r['ours_gbps']:>7.1f}{100 * r['ours_gbps'] / report['read_gbps']:>7.0f}%")
 
@@ -123,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="two tiny shapes only (used by the test suite)")
     p.add_argument("--model", action="store_true", help="also SmolLM2-135M end to end (perplexity, decode speed, memory)")
     p.add_argument("--text", type=Path, default=None, help="held-out text for --model perplexity")
+    p.add_argument("--ggml-types", default=",".join(GGML_BENCH_TYPES),
+                   help="GGUF block types to time (comma-separated; empty: none)")
     p.add_argument("--json", type=Path, default=None, help="write the report here")
     args = p.parse_args(argv)
     check_output_file(args.json, "--json")
@@ -143,6 +194,16 @@ def main(argv: list[str] | None = None) -> int:
         # bitsandbytes on CPU takes ~0.1 s per big product; --quick keeps it to small ones.
         with_bnb = not args.quick or n * k * m <= 576 * 1536 * 512 or m == 1
         report["results"].append(bench_shape(m, n, k, budget, with_bnb and not args.smoke))
+    qtypes = [t for t in args.ggml_types.split(",") if t]
+    if qtypes and not ggml_cpu.available():
+        raise LongsideError(f"the GGUF CPU kernel is not built: {ggml_cpu.BUILD_HINT}")
+    for t in qtypes:
+        if t not in GGML_TYPES:
+            raise LongsideError(f"--ggml-types: {t!r} is not one of {', '.join(GGML_TYPES)}")
+    report["ggml_isa"] = ggml_cpu.isa() if qtypes else None
+    jobs = [(m, n, k, t) for t in qtypes for n, k in shapes for m in MS if k % GGML_TYPES[t][1] == 0]
+    for m, n, k, t in tqdm(jobs, desc="bench ggml", leave=False):
+        report["results"].extend(bench_ggml_shape(m, n, k, t, budget))
     report["loadavg_1min_after"] = round(os.getloadavg()[0], 2)
     print_table(report)
     if args.model:

@@ -1,9 +1,12 @@
-"""SmolLM2-135M with every decoder linear layer in NF4 against the dense fp32 model:
-perplexity on a held-out text, greedy decode tokens/s, weight bytes (`longside bench
-kernels --model`)."""
+"""SmolLM2-135M in its GGUF's own blocks (native: Q4_1 + Q8_0) and with every decoder
+linear layer re-quantized to NF4, against the dense fp32 copy: perplexity on a held-out
+text (segments of 1024 tokens), greedy decode tokens/s, weight bytes (`longside bench
+kernels --model`). `native_decode_kernels` is the native model with the decode kernels
+(int8 activations) forced over whole segments: the perplexity that decoding sees."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import glob
 import math
@@ -14,6 +17,7 @@ import torch
 
 from longside.backbone import load_backbone
 from longside.errors import DataError
+from longside.kernels import gguf_linear
 from longside.kernels.quant_linear import DEFAULT_SKIP, model_bytes, quantize_model
 from longside.paths import cache_dir
 
@@ -31,9 +35,19 @@ def held_out_text(path: Path | None) -> tuple[str, str]:
     return path.read_text(encoding="utf-8", errors="replace"), str(path)
 
 
-def _load_smollm2():
-    bb = load_backbone("smollm2-135m")
+def _load_smollm2(quantize: str = "fp32"):
+    bb = load_backbone("smollm2-135m", quantize=quantize)
     return bb.model, bb.tokenizer
+
+
+@contextlib.contextmanager
+def _decode_kernels_everywhere():
+    old = gguf_linear.FUSED_MAX_M
+    gguf_linear.FUSED_MAX_M = 1 << 30
+    try:
+        yield
+    finally:
+        gguf_linear.FUSED_MAX_M = old
 
 
 @torch.no_grad()
@@ -65,32 +79,36 @@ def decode_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int, reps: int)
 
 
 def bench_model(text_path: Path | None = None, quick: bool = False) -> dict:
-    """The three SmolLM2 targets, dense fp32 against NF4 (decoder linears; embeddings and
-    LM head stay fp32, they are tied) and against NF4 with the LM head quantized too."""
-    dense, tok = _load_smollm2()
+    """Dense fp32 against native GGUF blocks, NF4 (decoder linears; embeddings and LM head
+    stay fp32, they are tied) and NF4 with the LM head quantized too."""
+    dense, tok = _load_smollm2("fp32")
     text, source = held_out_text(text_path)
-    n_tokens = 1024 if quick else 4096
+    window, segments = 1024, (2 if quick else 8)
+    n_tokens = window * segments
     ids = torch.tensor(tok(text[: n_tokens * 8])["input_ids"][:n_tokens])
     prompt = ids[:32].unsqueeze(0)
     new_tokens, reps = (16, 1) if quick else (64, 3)
-    variants = {"dense_fp32": (dense, None)}
+    variants = {"dense_fp32": (dense, None), "native": (_load_smollm2("native")[0], None)}
     q = copy.deepcopy(dense)
     variants["nf4_decoder"] = (q, quantize_model(q, skip=DEFAULT_SKIP, progress=False))
     q_head = copy.deepcopy(dense)
     q_head.config.tie_word_embeddings = False  # lm_head gets its own NF4 copy
     variants["nf4_decoder_and_lm_head"] = (q_head, quantize_model(q_head, skip=("embed_tokens",), progress=False))
-    out = {"text": source, "tokens": int(ids.numel()), "window": 512, "decode_new_tokens": new_tokens,
-           "threads": torch.get_num_threads()}
+    out = {"text": source, "tokens": int(ids.numel()), "window": window, "segments": segments,
+           "decode_new_tokens": new_tokens, "threads": torch.get_num_threads()}
     for name, (model, report) in variants.items():
-        out[name] = {"perplexity": round(perplexity(model, ids, 512), 4),
+        out[name] = {"perplexity": round(perplexity(model, ids, window), 4),
                      "decode_tok_s": round(decode_tokens_per_s(model, prompt, new_tokens, reps), 2),
                      "weight_bytes": model_bytes(model)}
         if report is not None:
             out[name]["quantized_layers"] = report["layers"]
+    with _decode_kernels_everywhere():
+        out["native_decode_kernels"] = {"perplexity": round(perplexity(variants["native"][0], ids, window), 4)}
     base = out["dense_fp32"]
-    for name in ("nf4_decoder", "nf4_decoder_and_lm_head"):
+    for name in ("native", "native_decode_kernels", "nf4_decoder", "nf4_decoder_and_lm_head"):
         v = out[name]
-        v["ppl_ratio"] = round(v["perplexity"] / base["perplexity"], 4)
-        v["decode_speedup"] = round(v["decode_tok_s"] / base["decode_tok_s"], 2)
-        v["memory_ratio"] = round(v["weight_bytes"] / base["weight_bytes"], 4)
+        v["ppl_ratio"] = round(v["perplexity"] / base["perplexity"], 5)
+        if "decode_tok_s" in v:
+            v["decode_speedup"] = round(v["decode_tok_s"] / base["decode_tok_s"], 2)
+            v["memory_ratio"] = round(v["weight_bytes"] / base["weight_bytes"], 4)
     return out

@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read FILE into memory before the chat starts (repeatable)")
     p.add_argument("--session", metavar="PATH", help="resume from / save to this session directory")
     p.add_argument("--model", metavar="DIR", help="side-network checkpoint (default: the shipped one)")
-    p.add_argument("--quantize", choices=["nf4"], help="4-bit backbone weights")
+    p.add_argument("--quantize", choices=["native", "fp32", "nf4"],
+                   help="backbone weights: a GGUF's own 4-bit blocks (native, the default for GGUF), "
+                        "its fp32 copy, or NF4")
     p.add_argument("--system", help="system prompt of a new session")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--do-sample", action="store_true")

@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone-only", action="store_true",
                    help="generate with the bare backbone (transformers), no side network or memory")
     p.add_argument("--backbone", default="smollm2-135m", help="backbone when no checkpoint is used")
-    p.add_argument("--quantize", choices=["nf4"], help="4-bit backbone weights")
+    p.add_argument("--quantize", choices=["native", "fp32", "nf4"],
+                   help="backbone weights: a GGUF's own 4-bit blocks (native, the default for GGUF), "
+                        "its fp32 copy, or NF4")
     p.add_argument("--backbone-memory", metavar="BLOCKS",
                    help="backbone blocks that read memory themselves, e.g. 15-29 (training-free)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the backbone's chat template")

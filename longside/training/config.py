@@ -17,7 +17,7 @@ class TrainConfig:
 
     side: SideNetConfig = field(default_factory=SideNetConfig)
     backbone: str = "smollm2-135m"
-    quantize: str | None = None  # "nf4": a 4-bit backbone
+    quantize: str | None = None  # backbone weights: None = default (a GGUF's own blocks), "fp32", "nf4"
     batch_size: int = 1  # rows per process, each streaming its own document
     segment: int = 1024  # tokens per segment (<= side.window)
     lr: float = 1e-3

@@ -52,7 +52,7 @@ class FeatureCache:
         self.dtype, self.max_bytes = _DTYPES[dtype], int(max_gb * 2 ** 30)
         n = backbone.spec.num_layers
         want = {"backbone": backbone.name, "fingerprint": backbone.fingerprint,
-                "quantization": "nf4" if getattr(backbone, "quantization", None) else None,
+                "quantization": (backbone.quantization or {}).get("kind"),
                 "memory_layer": memory_layer % n, "layers": self.layers, "dtype": dtype}
         manifest = self.path / "cache.json"
         if manifest.exists():

@@ -97,7 +97,7 @@ class TeacherTargets:
         self.memory_layer = memory_layer % backbone.spec.num_layers
         self.student_encode = student_encode or (lambda ids: backbone.encode(ids, memory_layer=self.memory_layer))
         want = {"format": _FORMAT, "backbone": backbone.name, "fingerprint": backbone.fingerprint,
-                "quantization": "nf4" if getattr(backbone, "quantization", None) else None,
+                "quantization": (backbone.quantization or {}).get("kind"),
                 "window": window, "segment": segment, "top_k": top_k, "memory_layer": self.memory_layer}
         manifest = self.path / "teacher.json"
         if manifest.exists():

@@ -1,0 +1,140 @@
+"""GGUF (ggml) weight blocks as they are stored in the file: formats and a torch reference.
+
+A ggml weight `[N, K]` is N rows of `K / block_elems` blocks, each `block_bytes` long, so a
+`GGMLWeight` keeps the file's bytes as uint8 `[N, row_bytes]`. Rows are whole, so a row
+permutation (Llama's q/k reordering) permutes rows of bytes and leaves every block intact.
+
+Block formats (ggml type id, elements, bytes; f16 = IEEE half, little-endian):
+
+- Q4_0 (2, 32, 18): d f16, qs[16]; element j<16 = d * (lo nibble of qs[j] - 8), j>=16 the
+  high nibble of qs[j-16].
+- Q4_1 (3, 32, 20): d f16, m f16, qs[16]; element = d * nibble + m.
+- Q8_0 (8, 32, 34): d f16, qs int8[32]; element = qs * d.
+- Q4_K (12, 256, 144): d f16, dmin f16, scales[12] (8 six-bit scales and mins), qs[128];
+  sub-block j (32 elements) = (d*sc[j]) * nibble - dmin*min[j].
+- Q6_K (14, 256, 210): ql[128], qh[64], scales int8[16], d f16; element = (d*scale) * (q6 - 32).
+
+`dequantize_reference` reproduces the `gguf` package's numpy dequantization bit for bit
+(same fp32 operations in the same order); the C and Triton kernels are tested against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from longside.errors import LongsideError
+
+# name -> (ggml type id, elements per block, bytes per block)
+GGML_TYPES: dict[str, tuple[int, int, int]] = {
+    "Q4_0": (2, 32, 18),
+    "Q4_1": (3, 32, 20),
+    "Q8_0": (8, 32, 34),
+    "Q4_K": (12, 256, 144),
+    "Q6_K": (14, 256, 210),
+}
+
+
+def type_info(qtype: str) -> tuple[int, int, int]:
+    """(ggml type id, elements per block, bytes per block) of a supported block type."""
+    try:
+        return GGML_TYPES[qtype]
+    except KeyError:
+        raise LongsideError(f"ggml block type {qtype!r} is not supported; longside runs "
+                            f"{', '.join(GGML_TYPES)}") from None
+
+
+@dataclass
+class GGMLWeight:
+    """A weight `[N, K]` in a ggml block format: `blocks` uint8 `[N, row_bytes]`, the file's bytes."""
+
+    blocks: torch.Tensor
+    qtype: str
+    shape: tuple[int, int]
+
+    def __post_init__(self):
+        _, elems, nbytes = type_info(self.qtype)
+        n, k = self.shape
+        if k % elems:
+            raise LongsideError(f"{self.qtype} weight with {k} columns: K must be a multiple of {elems}")
+        if self.blocks.dtype != torch.uint8 or tuple(self.blocks.shape) != (n, k // elems * nbytes):
+            raise LongsideError(f"{self.qtype} blocks {tuple(self.blocks.shape)} {self.blocks.dtype} do not "
+                                f"hold a [{n}, {k}] weight (expected uint8 [{n}, {k // elems * nbytes}])")
+
+    @property
+    def row_bytes(self) -> int:
+        return self.blocks.shape[1]
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """uint8 `[..., 2]` little-endian halves -> float32 `[...]`."""
+    return b.contiguous().view(torch.float16).squeeze(-1).float()
+
+
+def _nibbles(qs: torch.Tensor, group: int) -> torch.Tensor:
+    """uint8 `[B, G*group]` -> `[B, 2*G*group]`: per group of `group` bytes the low
+    nibbles, then the high nibbles (ggml's element order)."""
+    b = qs.shape[0]
+    q = qs.reshape(b, -1, 1, group)
+    q = torch.cat([q & 0x0F, q >> 4], dim=2)
+    return q.reshape(b, -1)
+
+
+def _q4_k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 12 packed scale bytes of Q4_K blocks `[B, 12]` -> (scales, mins) uint8 `[B, 8]`."""
+    d, m, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=1)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=1)
+    return sc, mn
+
+
+def dequantize_blocks(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
+    """uint8 `[B, block_bytes]` -> float32 `[B, block_elems]`, bit-identical to `gguf.quants`."""
+    _, elems, nbytes = type_info(qtype)
+    if blocks.shape[-1] != nbytes:
+        raise LongsideError(f"{qtype} blocks are {nbytes} bytes, got {blocks.shape[-1]}")
+    n = blocks.shape[0]
+    if qtype == "Q4_0":
+        d = _f16(blocks[:, 0:2])[:, None]
+        q = _nibbles(blocks[:, 2:], 16).to(torch.int8) - 8
+        return d * q.float()
+    if qtype == "Q4_1":
+        d, m = _f16(blocks[:, 0:2])[:, None], _f16(blocks[:, 2:4])[:, None]
+        return d * _nibbles(blocks[:, 4:], 16).float() + m
+    if qtype == "Q8_0":
+        d = _f16(blocks[:, 0:2])[:, None]
+        return blocks[:, 2:].contiguous().view(torch.int8).float() * d
+    if qtype == "Q4_K":
+        d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
+        sc, mn = _q4_k_scales(blocks[:, 4:16])
+        dd = (d[:, None] * sc.float())[:, :, None]
+        dm = (dmin[:, None] * mn.float())[:, :, None]
+        q = _nibbles(blocks[:, 16:], 32).reshape(n, 8, 32).float()
+        return (dd * q - dm).reshape(n, 256)
+    # Q6_K
+    ql, qh = blocks[:, 0:128], blocks[:, 128:192]
+    scales = blocks[:, 192:208].contiguous().view(torch.int8).float()
+    d = _f16(blocks[:, 208:210])
+    dd = (d[:, None] * scales).reshape(n, 16, 1)
+    lo = _nibbles(ql, 64).reshape(n, 2, 4, 32)  # per half: [ql lo 0:32, ql lo 32:64, hi 0:32, hi 32:64]
+    hi = qh.reshape(n, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)
+    q = (lo | ((hi & 0x03) << 4)).to(torch.int8) - 32
+    return (dd * q.reshape(n, 16, 16).float()).reshape(n, 256)
+
+
+def dequantize_reference(w: GGMLWeight) -> torch.Tensor:
+    """The whole weight as float32 `[N, K]` (plain torch; slow, for tests and fallbacks)."""
+    _, elems, nbytes = type_info(w.qtype)
+    n, k = w.shape
+    flat = w.blocks.reshape(-1, nbytes)
+    return dequantize_blocks(flat, w.qtype).reshape(n, k)
+
+
+def llama_row_order(n_rows: int, n_head: int) -> torch.Tensor:
+    """Row indices that undo llama.cpp's q/k reordering for rotary embedding: the
+    Hugging Face row r is the file's row `order[r]` (`n_head`: heads of that projection)."""
+    dim = n_rows // n_head // 2
+    # the file's row (h, j, i) is Hugging Face's row (h, i, j): i the rotary half, j < dim
+    order = torch.arange(n_rows).reshape(n_head, dim, 2).transpose(1, 2).reshape(-1)
+    return order

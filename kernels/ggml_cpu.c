@@ -1,0 +1,405 @@
+/* GGUF (ggml) block kernels for x86 CPUs, called through ctypes (kernels/ggml_cpu.py).
+ *
+ * A weight [N, K] is N rows of row_bytes bytes, each row K/QK blocks in the file's own
+ * format (kernels/ggml.py documents Q4_0, Q4_1, Q8_0, Q4_K, Q6_K).
+ *
+ *   ggml_dequant_rows: rows [n0, n1) -> fp32 [n1-n0, K], bit-identical to the gguf
+ *                      package (same fp32 operations in the same order; built with
+ *                      -ffp-contract=off so no multiply-add is fused).
+ *   ggml_quantize_x:   fp32 activations [M, K] -> int8 blocks of 32 with an fp32 scale and
+ *                      the scaled block sum (llama.cpp's Q8_1 idea), for the int8 path.
+ *   ggml_gemv_q8:      y = x W^T from int8 activations: integer dot products per block
+ *                      (vpmaddubsw, or vpdpbusd where AVX-VNNI exists), one fp32 FMA per
+ *                      block. Q4_0, Q4_1, Q8_0.
+ *   ggml_gemv_f32:     y = x W^T from fp32 activations: each weight row is decoded exactly
+ *                      into a per-thread buffer, then dotted with every row of x. Any type.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14 };
+
+#define MIN_WEIGHTS_PER_THREAD (1 << 19)
+
+static int pick_threads(int64_t work, int nthreads) {
+    int64_t useful = work / MIN_WEIGHTS_PER_THREAD;
+    if (useful < 1) useful = 1;
+    return (int)(useful < nthreads ? useful : nthreads);
+}
+
+static inline float f16(const uint8_t *p) {
+    uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        float f = (float)man * (1.0f / 16777216.0f); /* subnormal: man * 2^-24, exact */
+        memcpy(&bits, &f, 4);
+        bits |= sign;
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+int ggml_block_elems(int type) {
+    switch (type) {
+    case T_Q4_0: case T_Q4_1: case T_Q8_0: return 32;
+    case T_Q4_K: case T_Q6_K: return 256;
+    default: return 0;
+    }
+}
+
+int ggml_block_bytes(int type) {
+    switch (type) {
+    case T_Q4_0: return 18;
+    case T_Q4_1: return 20;
+    case T_Q8_0: return 34;
+    case T_Q4_K: return 144;
+    case T_Q6_K: return 210;
+    default: return 0;
+    }
+}
+
+int ggml_cpu_features(void) {
+    __builtin_cpu_init();
+    int f = 0;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) f |= 1;
+    if (__builtin_cpu_supports("avxvnni")) f |= 2;
+    return f;
+}
+
+/* ---------------------------------------------------------------- exact block decode */
+
+static void dequant_block(int type, const uint8_t *b, float *out) {
+    switch (type) {
+    case T_Q4_0: {
+        float d = f16(b);
+        for (int j = 0; j < 16; j++) {
+            out[j] = d * (float)((int)(b[2 + j] & 0xF) - 8);
+            out[j + 16] = d * (float)((int)(b[2 + j] >> 4) - 8);
+        }
+        break;
+    }
+    case T_Q4_1: {
+        float d = f16(b), m = f16(b + 2);
+        for (int j = 0; j < 16; j++) {
+            out[j] = d * (float)(b[4 + j] & 0xF) + m;
+            out[j + 16] = d * (float)(b[4 + j] >> 4) + m;
+        }
+        break;
+    }
+    case T_Q8_0: {
+        float d = f16(b);
+        for (int j = 0; j < 32; j++) out[j] = (float)(int8_t)b[2 + j] * d;
+        break;
+    }
+    case T_Q4_K: {
+        float d = f16(b), dmin = f16(b + 2);
+        const uint8_t *s = b + 4, *qs = b + 16;
+        for (int j = 0; j < 8; j++) {
+            int sc, mn;
+            if (j < 4) {
+                sc = s[j] & 63;
+                mn = s[j + 4] & 63;
+            } else {
+                sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+                mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+            }
+            float dd = d * (float)sc, dm = dmin * (float)mn;
+            const uint8_t *q = qs + (j / 2) * 32;
+            for (int l = 0; l < 32; l++) {
+                int v = (j & 1) ? (q[l] >> 4) : (q[l] & 0xF);
+                out[j * 32 + l] = dd * (float)v - dm;
+            }
+        }
+        break;
+    }
+    case T_Q6_K: {
+        const uint8_t *ql = b, *qh = b + 128;
+        const int8_t *sc = (const int8_t *)(b + 192);
+        float d = f16(b + 208);
+        for (int h = 0; h < 2; h++)
+            for (int j = 0; j < 4; j++)
+                for (int l = 0; l < 32; l++) {
+                    int e = h * 128 + j * 32 + l;
+                    uint8_t byte = ql[h * 64 + (j & 1) * 32 + l];
+                    int lo = (j >= 2) ? (byte >> 4) : (byte & 0xF);
+                    int hi = (qh[h * 32 + l] >> (2 * j)) & 3;
+                    int q = (int)(int8_t)(uint8_t)(lo | (hi << 4)) - 32;
+                    out[e] = (d * (float)sc[e / 16]) * (float)q;
+                }
+        break;
+    }
+    }
+}
+
+static void dequant_row(int type, const uint8_t *row, int64_t K, float *out) {
+    int qk = ggml_block_elems(type), nb = ggml_block_bytes(type);
+    for (int64_t b = 0; b < K / qk; b++) dequant_block(type, row + b * nb, out + b * qk);
+}
+
+void ggml_dequant_rows(int type, const uint8_t *w, int64_t row_bytes, float *out, int64_t n0,
+                       int64_t n1, int64_t K, int nthreads) {
+    int nt = pick_threads((n1 - n0) * K, nthreads);
+    #pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t n = n0; n < n1; n++) dequant_row(type, w + n * row_bytes, K, out + (n - n0) * K);
+}
+
+/* ---------------------------------------------------------------- fp32 activations */
+
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+
+AVX2 static inline float f16c(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+AVX2 static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+AVX2 static float dot_avx2(const float *a, const float *b, int64_t K) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), s1);
+        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 16), _mm256_loadu_ps(b + k + 16), s2);
+        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 24), _mm256_loadu_ps(b + k + 24), s3);
+    }
+    float r = hsum8(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+    for (; k < K; k++) r += a[k] * b[k];
+    return r;
+}
+
+static float dot_scalar(const float *a, const float *b, int64_t K) {
+    float r = 0.0f;
+    for (int64_t k = 0; k < K; k++) r += a[k] * b[k];
+    return r;
+}
+
+/* One Q4_0 / Q4_1 / Q8_0 weight row against one fp32 x row, fused: per block the integer
+ * codes times x accumulate unscaled, then one FMA applies the block's scale; the offset
+ * (Q4_1's m, Q4_0's -8d) multiplies the block's sum of x (xs). Equal to decoding the row
+ * and taking the dot product, up to fp32 summation order. */
+AVX2 static float row_dot_f32(int type, const uint8_t *row, const float *x, const float *xs, int64_t nb) {
+    __m256 acc = _mm256_setzero_ps();
+    float extra = 0.0f;
+    for (int64_t b = 0; b < nb; b++) {
+        const float *xb = x + b * 32;
+        __m256 s0, s1;
+        float d;
+        if (type == T_Q8_0) {
+            const uint8_t *blk = row + b * 34;
+            d = f16c(blk);
+            __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
+            __m128i q0 = _mm256_castsi256_si128(q), q1 = _mm256_extracti128_si256(q, 1);
+            s0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q0)), _mm256_loadu_ps(xb));
+            s1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q0, 8))), _mm256_loadu_ps(xb + 8));
+            s0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q1)), _mm256_loadu_ps(xb + 16), s0);
+            s1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q1, 8))), _mm256_loadu_ps(xb + 24), s1);
+        } else {
+            int q1 = type == T_Q4_1;
+            const uint8_t *blk = row + b * (q1 ? 20 : 18);
+            d = f16c(blk);
+            extra += q1 ? f16c(blk + 2) * xs[b] : -8.0f * d * xs[b];
+            __m128i q = _mm_loadu_si128((const __m128i *)(blk + (q1 ? 4 : 2)));
+            __m128i lo = _mm_and_si128(q, _mm_set1_epi8(0x0F));
+            __m128i hi = _mm_and_si128(_mm_srli_epi16(q, 4), _mm_set1_epi8(0x0F));
+            s0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), _mm256_loadu_ps(xb));
+            s1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(xb + 8));
+            s0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), _mm256_loadu_ps(xb + 16), s0);
+            s1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(xb + 24), s1);
+        }
+        acc = _mm256_fmadd_ps(_mm256_add_ps(s0, s1), _mm256_set1_ps(d), acc);
+    }
+    return hsum8(acc) + extra;
+}
+
+/* y[m, n] (row stride ldy) = sum_k x[m, k] (row stride ldx) * W[n, k] on fp32 x: fused for
+ * Q4_0/Q4_1/Q8_0 with AVX2, otherwise each row decoded exactly into a buffer, then dotted. */
+void ggml_gemv_f32(int type, const uint8_t *w, int64_t row_bytes, const float *x, int64_t ldx, int64_t M,
+                   float *y, int64_t ldy, int64_t N, int64_t K, int nthreads, int use_avx2) {
+    int nt = pick_threads(N * K, nthreads);
+    int fused = use_avx2 && (type == T_Q4_0 || type == T_Q4_1 || type == T_Q8_0);
+    if (fused) {
+        int64_t nb = K / 32;
+        float *xs = (float *)malloc(sizeof(float) * M * nb);
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t b = 0; b < nb; b++) {
+                float t = 0.0f;
+                for (int j = 0; j < 32; j++) t += x[m * ldx + b * 32 + j];
+                xs[m * nb + b] = t;
+            }
+        #pragma omp parallel for schedule(static) num_threads(nt)
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t m = 0; m < M; m++)
+                y[m * ldy + n] = row_dot_f32(type, w + n * row_bytes, x + m * ldx, xs + m * nb, nb);
+        free(xs);
+        return;
+    }
+    #pragma omp parallel num_threads(nt)
+    {
+        float *buf = (float *)malloc(sizeof(float) * K);
+        #pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            dequant_row(type, w + n * row_bytes, K, buf);
+            for (int64_t m = 0; m < M; m++)
+                y[m * ldy + n] = use_avx2 ? dot_avx2(buf, x + m * ldx, K) : dot_scalar(buf, x + m * ldx, K);
+        }
+        free(buf);
+    }
+}
+
+/* ---------------------------------------------------------------- int8 activations */
+
+/* x [M, K] (row stride ldx) -> qx int8 [M, K], dx [M, K/32] (scale), sx [M, K/32] (scale *
+ * sum of the block's int8 values). Round half away from zero, like roundf. */
+void ggml_quantize_x(const float *x, int64_t ldx, int64_t M, int64_t K, int8_t *qx, float *dx, float *sx) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * ldx;
+        for (int64_t b = 0; b < K / 32; b++) {
+            const float *v = xm + b * 32;
+            float amax = 0.0f;
+            for (int j = 0; j < 32; j++) {
+                float a = v[j] < 0 ? -v[j] : v[j];
+                if (a > amax) amax = a;
+            }
+            float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+            int sum = 0;
+            int8_t *q = qx + m * K + b * 32;
+            for (int j = 0; j < 32; j++) {
+                int iv = (int)roundf(v[j] * id);
+                q[j] = (int8_t)iv;
+                sum += iv;
+            }
+            dx[m * (K / 32) + b] = d;
+            sx[m * (K / 32) + b] = d * (float)sum;
+        }
+    }
+}
+
+/* 16 packed bytes -> 32 unsigned nibbles in element order (low nibbles, then high). */
+AVX2 static inline __m256i unpack_nibbles(const uint8_t *p) {
+    __m128i q = _mm_loadu_si128((const __m128i *)p);
+    __m128i lo = _mm_and_si128(q, _mm_set1_epi8(0x0F));
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(q, 4), _mm_set1_epi8(0x0F));
+    return _mm256_set_m128i(hi, lo);
+}
+
+/* sum over 32 lanes of u8 a * s8 b, as 8 int32 partial sums */
+AVX2 static inline __m256i dot_u8s8(__m256i a, __m256i b) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+}
+
+__attribute__((target("avx2,fma,f16c,avxvnni"))) static inline __m256i dot_u8s8_vnni(__m256i a, __m256i b) {
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b);
+}
+
+/* One weight row (nb blocks) against one quantized x row. VNNI selects the dot product. */
+#define ROW_DOT(NAME, DOT, TARGET) /* f16c: the hardware half -> float conversion */                                                                 \
+    __attribute__((target(TARGET))) static float NAME(int type, const uint8_t *row, const int8_t *qx, \
+                                                       const float *dx, const float *sx, int64_t nb) { \
+        __m256 acc = _mm256_setzero_ps();                                                          \
+        float extra = 0.0f;                                                                        \
+        for (int64_t b = 0; b < nb; b++) {                                                         \
+            __m256i xq = _mm256_loadu_si256((const __m256i *)(qx + b * 32));                      \
+            __m256i p;                                                                             \
+            float d;                                                                               \
+            if (type == T_Q4_1) {                                                                  \
+                const uint8_t *blk = row + b * 20;                                                 \
+                d = f16c(blk) * dx[b];                                                              \
+                extra += f16c(blk + 2) * sx[b];                                                     \
+                p = DOT(unpack_nibbles(blk + 4), xq);                                              \
+            } else if (type == T_Q4_0) {                                                           \
+                const uint8_t *blk = row + b * 18;                                                 \
+                float dw = f16c(blk);                                                               \
+                d = dw * dx[b];                                                                    \
+                extra -= 8.0f * dw * sx[b];                                                        \
+                p = DOT(unpack_nibbles(blk + 2), xq);                                              \
+            } else { /* Q8_0: signed x signed via |w| and sign(x, w) */                           \
+                const uint8_t *blk = row + b * 34;                                                 \
+                d = f16c(blk) * dx[b];                                                              \
+                __m256i wq = _mm256_loadu_si256((const __m256i *)(blk + 2));                      \
+                p = DOT(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq));                       \
+            }                                                                                      \
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d), acc);                  \
+        }                                                                                          \
+        return hsum8(acc) + extra;                                                                 \
+    }
+
+ROW_DOT(row_dot_avx2, dot_u8s8, "avx2,fma,f16c")
+ROW_DOT(row_dot_vnni, dot_u8s8_vnni, "avx2,fma,f16c,avxvnni")
+
+static float row_dot_scalar(int type, const uint8_t *row, const int8_t *qx, const float *dx, const float *sx,
+                            int64_t nb) {
+    float acc = 0.0f;
+    for (int64_t b = 0; b < nb; b++) {
+        const int8_t *xq = qx + b * 32;
+        int s = 0;
+        if (type == T_Q8_0) {
+            const uint8_t *blk = row + b * 34;
+            for (int j = 0; j < 32; j++) s += (int8_t)blk[2 + j] * xq[j];
+            acc += (float)s * (f16(blk) * dx[b]);
+        } else {
+            int q1 = type == T_Q4_1;
+            const uint8_t *blk = row + b * (q1 ? 20 : 18), *qs = blk + (q1 ? 4 : 2);
+            for (int j = 0; j < 16; j++) s += (qs[j] & 0xF) * xq[j] + (qs[j] >> 4) * xq[j + 16];
+            float dw = f16(blk);
+            acc += (float)s * (dw * dx[b]) + (q1 ? f16(blk + 2) * sx[b] : -8.0f * dw * sx[b]);
+        }
+    }
+    return acc;
+}
+
+/* y[m, n] = sum_k x[m, k] W[n, k] from fp32 x, quantized here (one call per product: decode
+ * runs hundreds of them per token, so each saved call and allocation counts). */
+void ggml_gemv_q8(int type, const uint8_t *w, int64_t row_bytes, const int8_t *qx, const float *dx,
+                  const float *sx, int64_t M, float *y, int64_t ldy, int64_t N, int64_t K, int nthreads,
+                  int isa);
+
+void ggml_gemv_int8(int type, const uint8_t *w, int64_t row_bytes, const float *x, int64_t ldx, int64_t M,
+                    float *y, int64_t ldy, int64_t N, int64_t K, int nthreads, int isa) {
+    int64_t nb = K / 32;
+    int8_t *qx = (int8_t *)malloc((size_t)(M * K));
+    float *dx = (float *)malloc(sizeof(float) * M * nb), *sx = (float *)malloc(sizeof(float) * M * nb);
+    ggml_quantize_x(x, ldx, M, K, qx, dx, sx);
+    ggml_gemv_q8(type, w, row_bytes, qx, dx, sx, M, y, ldy, N, K, nthreads, isa);
+    free(qx);
+    free(dx);
+    free(sx);
+}
+
+/* y[m, n] = sum_k x[m, k] W[n, k] from quantized x (ggml_quantize_x). isa: 0 scalar, 1 AVX2,
+ * 2 AVX2 + AVX-VNNI. Types Q4_0, Q4_1, Q8_0. */
+void ggml_gemv_q8(int type, const uint8_t *w, int64_t row_bytes, const int8_t *qx, const float *dx,
+                  const float *sx, int64_t M, float *y, int64_t ldy, int64_t N, int64_t K, int nthreads,
+                  int isa) {
+    int nt = pick_threads(N * K, nthreads);
+    int64_t nb = K / 32;
+    #pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = w + n * row_bytes;
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t *q = qx + m * K;
+            const float *d = dx + m * nb, *s = sx + m * nb;
+            float v = isa == 2   ? row_dot_vnni(type, row, q, d, s, nb)
+                      : isa == 1 ? row_dot_avx2(type, row, q, d, s, nb)
+                                 : row_dot_scalar(type, row, q, d, s, nb);
+            y[m * ldy + n] = v;
+        }
+    }
+}

@@ -1,0 +1,117 @@
+"""ctypes bindings of the GGUF block kernels (kernels/ggml_cpu.c, built as
+`longside.kernels._ggml_cpu`), loaded once per process on first use.
+
+`LONGSIDE_GGML_ISA=scalar|avx2|vnni` caps the instruction set (tests run every path the
+machine has); by default the best one is used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.machinery
+import os
+from pathlib import Path
+
+import torch
+from longside.kernels.ggml import GGMLWeight, type_info
+
+_HERE = Path(__file__).resolve().parent
+BUILD_HINT = "run `pip install --no-deps --no-build-isolation -e .` (or `make install`) in the longside checkout"
+INT8_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # types with an int8-activation dot product
+_TILE_BYTES = 4 << 20  # fp32 weight rows decoded at a time on the GEMM path
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL | None:
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = _HERE / f"_ggml_cpu{suffix}"
+        if path.exists():
+            break
+    else:
+        return None
+    lib = ctypes.CDLL(str(path))
+    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.ggml_cpu_features.restype = cint
+    lib.ggml_cpu_features.argtypes = []
+    lib.ggml_dequant_rows.restype = None
+    lib.ggml_dequant_rows.argtypes = [cint, ptr, i64, ptr, i64, i64, i64, cint]
+    lib.ggml_gemv_f32.restype = None
+    lib.ggml_gemv_f32.argtypes = [cint, ptr, i64, ptr, i64, i64, ptr, i64, i64, i64, cint, cint]
+    lib.ggml_quantize_x.restype = None
+    lib.ggml_quantize_x.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr]
+    lib.ggml_gemv_q8.restype = None
+    lib.ggml_gemv_q8.argtypes = [cint, ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, cint, cint]
+    lib.ggml_gemv_int8.restype = None
+    lib.ggml_gemv_int8.argtypes = [cint, ptr, i64, ptr, i64, i64, ptr, i64, i64, i64, cint, cint]
+    return lib
+
+
+def available() -> bool:
+    """True when the compiled library is present."""
+    return _lib() is not None
+
+
+@functools.cache
+def _isa_level() -> int:
+    feats = _lib().ggml_cpu_features()
+    best = 2 if feats & 3 == 3 else 1 if feats & 1 else 0
+    cap = {"scalar": 0, "avx2": 1, "vnni": 2}.get(os.environ.get("LONGSIDE_GGML_ISA", "vnni"), 2)
+    return min(best, cap)
+
+
+def isa() -> str:
+    """The instruction set the kernels use here: "vnni" (AVX2 + AVX-VNNI), "avx2" or "scalar"."""
+    return ("scalar", "avx2", "vnni")[_isa_level()]
+
+
+def _tid(w: GGMLWeight) -> int:
+    return type_info(w.qtype)[0]
+
+
+def dequantize_rows(w: GGMLWeight, n0: int = 0, n1: int | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows `[n0, n1)` of `w` as float32 `[n1-n0, K]`, bit-identical to the gguf package."""
+    n1 = w.shape[0] if n1 is None else n1
+    k = w.shape[1]
+    if out is None:
+        out = torch.empty(n1 - n0, k, dtype=torch.float32)
+    blocks = w.blocks if w.blocks.is_contiguous() else w.blocks.contiguous()
+    _lib().ggml_dequant_rows(_tid(w), blocks.data_ptr(), w.row_bytes, out.data_ptr(), n0, n1, k,
+                             torch.get_num_threads())
+    return out
+
+
+def gemv_f32(x: torch.Tensor, w: GGMLWeight) -> torch.Tensor:
+    """float32 x `[M, K]` (unit stride in K) @ W.T -> `[M, N]`, weights decoded exactly."""
+    m, k = x.shape
+    n = w.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    _lib().ggml_gemv_f32(_tid(w), w.blocks.data_ptr(), w.row_bytes, x.data_ptr(), x.stride(0), m,
+                         y.data_ptr(), n, n, k, torch.get_num_threads(), int(_isa_level() > 0))
+    return y
+
+
+def gemv_int8(x: torch.Tensor, w: GGMLWeight) -> torch.Tensor:
+    """float32 x `[M, K]` (unit stride in K) @ W.T -> `[M, N]` with x quantized to int8 per
+    block of 32 (as llama.cpp does for its dot products). Types in `INT8_TYPES`."""
+    m, k = x.shape
+    n = w.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    _lib().ggml_gemv_int8(_tid(w), w.blocks.data_ptr(), w.row_bytes, x.data_ptr(), x.stride(0), m,
+                          y.data_ptr(), n, n, k, torch.get_num_threads(), _isa_level())
+    return y
+
+
+def gemm_tiled(x: torch.Tensor, w: GGMLWeight) -> torch.Tensor:
+    """Decode cache-sized tiles of weight rows exactly, one BLAS GEMM per tile: x `[M, K]`
+    -> `[M, N]`. The path for large M (prefill), where the GEMM dominates."""
+    m, k = x.shape
+    n = w.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    rows = max(1, min(n, _TILE_BYTES // (4 * k)))
+    tile = torch.empty(rows, k, dtype=torch.float32)
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        torch.mm(x, dequantize_rows(w, n0, n1, out=tile[: n1 - n0]).t(), out=y[:, n0:n1])
+    return y

@@ -1,0 +1,273 @@
+"""`GGUFLinear` and `GGUFEmbedding`: frozen layers that keep a GGUF tensor's own blocks, and
+`load_gguf_layers`, which swaps a model's linear layers and token embedding for them.
+
+Nothing is dequantized to fp32 and re-quantized: the bytes of the file are the weights.
+`matmul_ggml` picks the path by M: up to `FUSED_MAX_M` rows (decode) a fused kernel
+(int8 activations for Q4_0/Q4_1/Q8_0 as llama.cpp does, or exact fp32 activations), above
+it exact dequantization of cache-sized tiles and one BLAS GEMM per tile (prefill).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGUFReader, MODEL_ARCH_NAMES, get_tensor_name_map
+from longside.kernels import ggml_cpu
+from longside.kernels.ggml import GGML_TYPES, GGMLWeight, dequantize_reference, llama_row_order, type_info
+from torch import nn
+from tqdm.auto import tqdm
+
+from longside.errors import LongsideError
+
+# Up to this many rows of x the fused kernels run; above, tiled dequantize + BLAS wins.
+FUSED_MAX_M = 16
+ACTIVATIONS = ("int8", "fp32")
+
+
+def matmul_ggml(x: torch.Tensor, w: GGMLWeight, activations: str = "int8") -> torch.Tensor:
+    """`x @ W.T` for a ggml weight W `[N, K]`: x float `[..., K]` -> float32 `[..., N]` on
+    CPU (x's dtype on CUDA). `activations="int8"` quantizes x per block of 32 on the fused
+    path (Q4_0/Q4_1/Q8_0 only); "fp32" keeps it exact."""
+    n, k = w.shape
+    if x.shape[-1] != k:
+        raise LongsideError(f"matmul_ggml: x has {x.shape[-1]} features, the weight expects {k}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.device.type == "cuda":
+        from longside.kernels.ggml_triton import matmul_ggml_triton  # Triton exists only where CUDA does
+
+        return matmul_ggml_triton(x2, w.blocks, w.qtype, n, k).reshape(*lead, n)
+    if x2.device.type != "cpu":
+        raise LongsideError(f"matmul_ggml runs on cpu or cuda, got {x2.device}")
+    x2 = x2.float()
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if not ggml_cpu.available():
+        warnings.warn(f"longside GGUF CPU kernel is not built, using the slow torch reference: "
+                      f"{ggml_cpu.BUILD_HINT}", RuntimeWarning, stacklevel=2)
+        return (x2 @ dequantize_reference(w).t()).reshape(*lead, n)
+    if x2.shape[0] <= FUSED_MAX_M:
+        if activations == "int8" and w.qtype in ggml_cpu.INT8_TYPES:
+            y = ggml_cpu.gemv_int8(x2, w)
+        else:
+            y = ggml_cpu.gemv_f32(x2, w)
+    else:
+        y = ggml_cpu.gemm_tiled(x2, w)
+    return y.reshape(*lead, n)
+
+
+def dequantize_ggml(w: GGMLWeight) -> torch.Tensor:
+    """float32 `[N, K]`, bit-identical to the gguf package (C kernel on CPU when built)."""
+    if w.blocks.device.type == "cpu" and ggml_cpu.available():
+        return ggml_cpu.dequantize_rows(w)
+    return dequantize_reference(w)
+
+
+class _MatmulGGML(torch.autograd.Function):
+    """y = x @ W.T with W frozen: gradient w.r.t. x only (dx = dy @ W)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: GGMLWeight, activations: str) -> torch.Tensor:
+        ctx.w = w
+        return matmul_ggml(x, w, activations)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        return grad_out @ dequantize_ggml(ctx.w).to(grad_out.device, grad_out.dtype), None, None
+
+
+class GGUFLinear(nn.Module):
+    """A frozen linear layer whose weight is a GGUF tensor's blocks, as in the file.
+
+    Buffer `blocks`: uint8 `[out_features, row_bytes]` (persistent). `bias` float32 or None.
+    `activations`: "int8" (decode dot products on int8 activations, llama.cpp's way) or
+    "fp32" (exact). Input `[..., in_features]` -> float32 `[..., out_features]` cast back to
+    the input's dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, qtype: str, bias: bool = False,
+                 activations: str = "int8"):
+        super().__init__()
+        _, elems, nbytes = type_info(qtype)
+        if in_features % elems:
+            raise LongsideError(f"{qtype} needs in_features divisible by {elems}, got {in_features}")
+        if activations not in ACTIVATIONS:
+            raise LongsideError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+        self.in_features, self.out_features, self.qtype, self.activations = in_features, out_features, qtype, activations
+        self.register_buffer("blocks", torch.zeros(out_features, in_features // elems * nbytes, dtype=torch.uint8))
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self._weight: GGMLWeight | None = None  # a view of `blocks`, rebuilt when the buffer is replaced
+
+    @classmethod
+    def from_weight(cls, w: GGMLWeight, bias: torch.Tensor | None = None, activations: str = "int8") -> "GGUFLinear":
+        n, k = w.shape
+        layer = cls(k, n, w.qtype, bias is not None, activations)
+        layer.blocks = w.blocks.contiguous()
+        if bias is not None:
+            layer.bias.data = bias.detach().float().clone()
+        return layer
+
+    def ggml_weight(self) -> GGMLWeight:
+        if self._weight is None or self._weight.blocks is not self.blocks:
+            self._weight = GGMLWeight(self.blocks, self.qtype, (self.out_features, self.in_features))
+        return self._weight
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as float32 `[out_features, in_features]` (e.g. to prune a side network from)."""
+        return dequantize_ggml(self.ggml_weight())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            y = _MatmulGGML.apply(x, self.ggml_weight(), self.activations)
+        else:  # decode: no autograd node to build
+            y = matmul_ggml(x, self.ggml_weight(), self.activations)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, {self.qtype}, activations={self.activations}")
+
+
+class GGUFEmbedding(nn.Module):
+    """A token embedding whose table is a GGUF tensor's blocks: looked-up rows are decoded
+    exactly. `scale` multiplies the result (Gemma's sqrt(d) embedding scale; 1 otherwise).
+    Input int64 `[...]` -> float32 `[..., embedding_dim]`."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, qtype: str, scale: float | torch.Tensor = 1.0):
+        super().__init__()
+        _, elems, nbytes = type_info(qtype)
+        self.num_embeddings, self.embedding_dim, self.qtype = num_embeddings, embedding_dim, qtype
+        self.register_buffer("blocks", torch.zeros(num_embeddings, embedding_dim // elems * nbytes, dtype=torch.uint8))
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).reshape(()), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.blocks.index_select(0, input_ids.reshape(-1))
+        w = GGMLWeight(rows, self.qtype, (rows.shape[0], self.embedding_dim))
+        out = dequantize_ggml(w).to(self.blocks.device).reshape(*input_ids.shape, self.embedding_dim)
+        return out * self.scale if self.scale.item() != 1.0 else out
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.qtype}"
+
+
+# ---------------------------------------------------------------------------------
+# whole models
+
+
+def set_activations(model: nn.Module, activations: str) -> int:
+    """Switch every `GGUFLinear` of `model` to "int8" (fast decode, llama.cpp's way) or
+    "fp32" activations (exact to fp32 rounding: incremental decoding then equals reading
+    whole segments); returns how many layers were switched."""
+    if activations not in ACTIVATIONS:
+        raise LongsideError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    layers = [m for m in model.modules() if isinstance(m, GGUFLinear)]
+    for m in layers:
+        m.activations = activations
+    return len(layers)
+
+
+def _arch(reader: GGUFReader) -> str:
+    field = reader.fields["general.architecture"]
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _row_order(arch: str, gguf_name: str, n_rows: int, config) -> torch.Tensor | None:
+    """llama.cpp reorders the q/k rows of Llama models for its rotary layout; Hugging Face
+    models expect the original order (transformers undoes it the same way when it reads a GGUF)."""
+    if arch != "llama" or not (".attn_q." in gguf_name or ".attn_k." in gguf_name):
+        return None
+    heads = config.num_attention_heads
+    if ".attn_k." in gguf_name:
+        heads = getattr(config, "num_key_value_heads", None) or heads
+    return llama_row_order(n_rows, heads)
+
+
+def load_gguf_layers(model: nn.Module, path: str | Path, activations: str = "int8",
+                     progress: bool = False) -> dict:
+    """Swap (in place) every nn.Linear and the token embedding of a Hugging Face `model` that
+    was converted from the GGUF at `path` for layers holding that file's blocks. Tensors
+    stored unquantized (F32/F16) or in a type longside does not run stay as they are. A
+    tied LM head shares the embedding's blocks.
+
+    Returns `{"layers", "types": {qtype: count}, "bytes_before", "bytes_after"}` (bytes of
+    the swapped modules' tensors; tied tensors once)."""
+    reader = GGUFReader(str(path))
+    arch = _arch(reader)
+    arch_id = next((k for k, v in MODEL_ARCH_NAMES.items() if v == arch), None)
+    if arch_id is None:
+        raise LongsideError(f"{path}: GGUF architecture {arch!r} is unknown to the gguf package")
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    names = get_tensor_name_map(arch_id, config.num_hidden_layers)
+    tensors = {t.name: t for t in reader.tensors}
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    tied = head is not None and getattr(head, "weight", None) is not None and head.weight is getattr(embed, "weight", None)
+    report = {"layers": 0, "types": {}, "bytes_before": 0, "bytes_after": 0}
+    seen: set[int] = set()
+
+    def weight_of(hf_name: str, module: nn.Module) -> GGMLWeight | None:
+        gname = names.get_name(hf_name + ".weight", try_suffixes=(".weight",))
+        t = tensors.get(gname) if gname else None
+        if t is None and module is head and tied:
+            t = tensors.get("token_embd.weight")
+        if t is None or t.tensor_type.name not in GGML_TYPES:
+            return None
+        blocks = torch.from_numpy(np.array(t.data, dtype=np.uint8, copy=True))
+        n, k = int(t.shape[1]), int(t.shape[0])  # ggml lists the fastest dimension first
+        order = _row_order(arch, t.name, n, config)
+        if order is not None:
+            blocks = blocks[order].contiguous()
+        return GGMLWeight(blocks.reshape(n, -1), t.tensor_type.name, (n, k))
+
+    def count(module: nn.Module, new: nn.Module, qtype: str) -> None:
+        report["layers"] += 1
+        report["types"][qtype] = report["types"].get(qtype, 0) + 1
+        for t in module.parameters():
+            if id(t) not in seen:
+                seen.add(id(t))
+                report["bytes_before"] += t.numel() * t.element_size()
+        report["bytes_after"] += sum(b.numel() * b.element_size() for b in new.buffers())
+
+    embed_name = next(n for n, m in model.named_modules() if m is embed)
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    shared_blocks = None
+    ew = weight_of(embed_name, embed) if isinstance(embed, nn.Embedding) else None
+    if ew is not None:
+        if tuple(embed.weight.shape) != ew.shape:
+            raise LongsideError(f"{path}: token_embd is {ew.shape}, the model's embedding {tuple(embed.weight.shape)}")
+        new = GGUFEmbedding(ew.shape[0], ew.shape[1], ew.qtype, getattr(embed, "embed_scale", 1.0))
+        new.blocks = ew.blocks
+        shared_blocks = ew
+        count(embed, new, ew.qtype)
+        _swap(model, embed_name, new)
+    for name, lin in tqdm(targets, desc="gguf layers", disable=not progress, leave=False):
+        if lin is head and tied and shared_blocks is not None:
+            w = shared_blocks
+        else:
+            w = weight_of(name, lin)
+        if w is None:
+            continue
+        if tuple(lin.weight.shape) != w.shape:
+            raise LongsideError(f"{path}: {name} is {w.shape} in the file, {tuple(lin.weight.shape)} in the model")
+        new = GGUFLinear.from_weight(w, lin.bias, activations)
+        if w is shared_blocks:
+            new.blocks = shared_blocks.blocks  # one copy of the tied table
+            report["layers"] += 1
+            report["types"][w.qtype] = report["types"].get(w.qtype, 0) + 1
+        else:
+            count(lin, new, w.qtype)
+        _swap(model, name, new)
+    if report["layers"] == 0:
+        raise LongsideError(f"{path}: no tensor of the model is stored in a block type longside runs "
+                            f"({', '.join(GGML_TYPES)})")
+    return report

@@ -1,0 +1,190 @@
+"""GGUF block kernels: the torch reference against the gguf package, the C kernels against
+the reference (every instruction-set path this CPU has), `GGUFLinear`/`GGUFEmbedding`, and
+the real SmolLM2 file's blocks against its converted fp32 weights."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf.quants import dequantize as gguf_dequantize
+
+from longside.errors import LongsideError
+from longside.kernels import ggml_cpu
+from longside.kernels.ggml import GGML_TYPES, GGMLWeight, dequantize_blocks, dequantize_reference, llama_row_order
+from longside.kernels.gguf_linear import GGUFEmbedding, GGUFLinear, dequantize_ggml, matmul_ggml
+
+TYPES = list(GGML_TYPES)
+_HALVES = {"Q4_0": [0], "Q4_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}
+needs_c = pytest.mark.skipif(not ggml_cpu.available(), reason=f"GGUF C kernel not built: {ggml_cpu.BUILD_HINT}")
+
+
+def random_blocks(qtype: str, n_blocks: int, seed: int = 0) -> np.ndarray:
+    """Random block bytes whose f16 scale fields are finite (as any real file's are)."""
+    rng = np.random.default_rng(seed)
+    nbytes = GGML_TYPES[qtype][2]
+    b = rng.integers(0, 256, size=(n_blocks, nbytes), dtype=np.uint8)
+    for o in _HALVES[qtype]:
+        halves = rng.normal(0, 0.05, n_blocks).astype(np.float16)
+        b[:, o:o + 2] = np.frombuffer(halves.tobytes(), np.uint8).reshape(n_blocks, 2)
+    return b
+
+
+def random_weight(qtype: str, n: int, k: int, seed: int = 0) -> GGMLWeight:
+    elems = GGML_TYPES[qtype][1]
+    b = random_blocks(qtype, n * k // elems, seed)
+    return GGMLWeight(torch.from_numpy(b.reshape(n, -1)), qtype, (n, k))
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_reference_is_bit_exact_against_gguf(qtype):
+    b = random_blocks(qtype, 64)
+    want = gguf_dequantize(b, gguf.GGMLQuantizationType[qtype]).reshape(64, -1)
+    got = dequantize_blocks(torch.from_numpy(b), qtype).numpy()
+    assert np.array_equal(want.view(np.uint32), got.view(np.uint32))
+
+
+def test_weight_shape_checks():
+    b = torch.zeros(4, 20, dtype=torch.uint8)
+    GGMLWeight(b, "Q4_1", (4, 32))
+    with pytest.raises(LongsideError, match="multiple of 32"):
+        GGMLWeight(b, "Q4_1", (4, 48))
+    with pytest.raises(LongsideError, match="do not hold"):
+        GGMLWeight(b, "Q4_1", (4, 64))
+    with pytest.raises(LongsideError, match="not supported"):
+        GGMLWeight(b, "IQ2_XXS", (4, 32))
+
+
+def test_llama_row_order_inverts_llama_cpp_permutation():
+    """llama.cpp's converter stores w.reshape(h, 2, d, K).swapaxes(1, 2); the order undoes it."""
+    h, d, k = 3, 4, 5
+    w = torch.randn(h * 2 * d, k)
+    stored = w.reshape(h, 2, d, k).transpose(1, 2).reshape(h * 2 * d, k)
+    assert torch.equal(stored[llama_row_order(h * 2 * d, h)], w)
+
+
+@needs_c
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "vnni"])
+def test_c_kernels_every_path(isa):
+    """Each ISA path in a fresh process (the choice is made once per process): exact
+    dequantization, fp32 GEMV to fp32 rounding, int8 GEMV to the error of int8 activations."""
+    code = f"""
+import torch
+from longside.kernels import ggml_cpu
+from tests.test_kernels_ggml import random_weight, TYPES
+from longside.kernels.ggml import dequantize_reference
+want = {{"scalar": "scalar", "avx2": "avx2", "vnni": "vnni"}}[{isa!r}]
+if ggml_cpu.isa() != want:
+    print("SKIP", ggml_cpu.isa()); raise SystemExit(0)
+g = torch.Generator().manual_seed(0)
+for qtype in TYPES:
+    w = random_weight(qtype, 72, 512, seed=1)
+    ref = dequantize_reference(w)
+    assert torch.equal(ggml_cpu.dequantize_rows(w).view(torch.int32), ref.view(torch.int32)), qtype
+    assert torch.equal(ggml_cpu.dequantize_rows(w, 5, 17), ref[5:17]), qtype
+    x = torch.randn(5, 512, generator=g)
+    y = x @ ref.t()
+    scale = y.abs().max()
+    assert (ggml_cpu.gemv_f32(x, w) - y).abs().max() <= 1e-5 * scale, qtype
+    assert (ggml_cpu.gemm_tiled(x, w) - y).abs().max() <= 1e-5 * scale, qtype
+    if qtype in ggml_cpu.INT8_TYPES:
+        err = (ggml_cpu.gemv_int8(x, w) - y).abs().max() / scale
+        assert 0 < err < 0.03, (qtype, float(err))
+print("OK")
+"""
+    env = {**os.environ, "LONGSIDE_GGML_ISA": isa}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    if out.stdout.startswith("SKIP"):
+        pytest.skip(f"this CPU has no {isa} path (best: {out.stdout.split()[1]})")
+    assert "OK" in out.stdout
+
+
+@needs_c
+def test_int8_paths_agree_exactly_across_avx2_and_vnni():
+    """vpmaddubsw and vpdpbusd sum the same integers; the fp32 arithmetic after is shared."""
+    code = """
+import torch
+from longside.kernels import ggml_cpu
+from tests.test_kernels_ggml import random_weight
+x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0))
+ys = [ggml_cpu.gemv_int8(x, random_weight(q, 40, 256, seed=2)) for q in ggml_cpu.INT8_TYPES]
+y = torch.cat(ys)
+print(ggml_cpu.isa(), y.view(torch.int32).sum().item(), y.sum().item())
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outs = {}
+    for isa in ("avx2", "vnni"):
+        r = subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "LONGSIDE_GGML_ISA": isa},
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        got_isa, *vals = r.stdout.split()
+        outs[got_isa] = vals
+    if len(outs) < 2:
+        pytest.skip("this CPU has no AVX-VNNI")
+    assert outs["avx2"] == outs["vnni"]
+
+
+@needs_c
+@pytest.mark.parametrize("qtype", TYPES)
+def test_gguf_linear_paths(qtype):
+    w = random_weight(qtype, 48, 256, seed=3)
+    bias = torch.randn(48)
+    ref = dequantize_reference(w)
+    exact = GGUFLinear.from_weight(w, bias, activations="fp32")
+    assert torch.equal(exact.dequantize(), ref)
+    for m in (1, 3, 40):  # fused (M <= 16) and tiled paths
+        x = torch.randn(2, m, 256)
+        want = x @ ref.t() + bias
+        scale = want.abs().max()
+        assert (exact(x) - want).abs().max() <= 1e-5 * scale
+        fast = GGUFLinear.from_weight(w, bias)(x)
+        tol = 3e-2 if (m <= 16 and qtype in ggml_cpu.INT8_TYPES) else 1e-5  # int8 activations round x
+        assert (fast - want).abs().max() <= tol * scale
+    # gradient w.r.t. the input only, through the exact weight
+    x = torch.randn(4, 256, requires_grad=True)
+    exact(x).pow(2).sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    (x2 @ ref.t() + bias).pow(2).sum().backward()
+    assert (x.grad - x2.grad).abs().max() <= 1e-5 * x2.grad.abs().max()
+    assert exact.blocks.requires_grad is False
+
+
+def test_gguf_linear_refuses_bad_shapes():
+    with pytest.raises(LongsideError, match="divisible by 256"):
+        GGUFLinear(100, 8, "Q4_K")
+    with pytest.raises(LongsideError, match="activations"):
+        GGUFLinear(32, 8, "Q4_1", activations="int4")
+    layer = GGUFLinear(32, 8, "Q4_1")
+    with pytest.raises(LongsideError, match="expects 32"):
+        layer(torch.randn(2, 64))
+
+
+@needs_c
+def test_gguf_embedding_rows_and_scale():
+    w = random_weight("Q8_0", 50, 64, seed=4)
+    ref = dequantize_reference(w)
+    emb = GGUFEmbedding(50, 64, "Q8_0", scale=2.0)
+    emb.blocks = w.blocks
+    ids = torch.tensor([[3, 0, 49], [7, 7, 1]])
+    assert torch.equal(emb(ids), ref[ids] * 2.0)
+
+
+def test_reference_fallback_warns_when_kernel_missing(monkeypatch):
+    monkeypatch.setattr(ggml_cpu, "available", lambda: False)
+    w = random_weight("Q4_0", 8, 64)
+    x = torch.randn(2, 64)
+    with pytest.warns(RuntimeWarning, match="not built"):
+        y = matmul_ggml(x, w)
+    assert torch.allclose(y, x @ dequantize_reference(w).t(), atol=1e-5)
+    assert torch.equal(dequantize_ggml(w), dequantize_reference(w))
