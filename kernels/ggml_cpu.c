@@ -25,7 +25,7 @@
 
 enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14 };
 
-#define MIN_WEIGHTS_PER_THREAD (1 << 19)
+#define MIN_WEIGHTS_PER_THREAD (1 << 16)
 
 static int pick_threads(int64_t work, int nthreads) {
     int64_t useful = work / MIN_WEIGHTS_PER_THREAD;
@@ -344,6 +344,54 @@ __attribute__((target("avx2,fma,f16c,avxvnni"))) static inline __m256i dot_u8s8_
 ROW_DOT(row_dot_avx2, dot_u8s8, "avx2,fma,f16c")
 ROW_DOT(row_dot_vnni, dot_u8s8_vnni, "avx2,fma,f16c,avxvnni")
 
+/* Four consecutive weight rows against one quantized x row: the x block is loaded once for
+ * the four, and four independent accumulators keep the FMA pipeline busy. Per row the
+ * operations and their order are those of ROW_DOT, so results are identical. The type is a
+ * constant in each specialisation (the switch in NAME), so no branch stays in the loop. */
+#define ROWS4_DOT(NAME, DOT, TARGET)                                                                \
+    __attribute__((target(TARGET), always_inline)) static inline void NAME##_t(                    \
+        const int type, const uint8_t *row, int64_t row_bytes, const int8_t *qx, const float *dx,  \
+        const float *sx, int64_t nb, float *out) {                                                  \
+        const int bb = type == T_Q4_1 ? 20 : type == T_Q4_0 ? 18 : 34;                             \
+        __m256 acc[4];                                                                              \
+        float extra[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                                  \
+        for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_ps();                                   \
+        for (int64_t b = 0; b < nb; b++) {                                                          \
+            __m256i xq = _mm256_loadu_si256((const __m256i *)(qx + b * 32));                       \
+            for (int r = 0; r < 4; r++) {                                                           \
+                const uint8_t *blk = row + r * row_bytes + b * bb;                                  \
+                __m256i p;                                                                          \
+                float d;                                                                            \
+                if (type == T_Q4_1) {                                                               \
+                    d = f16c(blk) * dx[b];                                                          \
+                    extra[r] += f16c(blk + 2) * sx[b];                                              \
+                    p = DOT(unpack_nibbles(blk + 4), xq);                                           \
+                } else if (type == T_Q4_0) {                                                        \
+                    float dw = f16c(blk);                                                           \
+                    d = dw * dx[b];                                                                 \
+                    extra[r] -= 8.0f * dw * sx[b];                                                  \
+                    p = DOT(unpack_nibbles(blk + 2), xq);                                           \
+                } else {                                                                            \
+                    d = f16c(blk) * dx[b];                                                          \
+                    __m256i wq = _mm256_loadu_si256((const __m256i *)(blk + 2));                   \
+                    p = DOT(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq));                    \
+                }                                                                                   \
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d), acc[r]);         \
+            }                                                                                       \
+        }                                                                                           \
+        for (int r = 0; r < 4; r++) out[r] = hsum8(acc[r]) + extra[r];                              \
+    }                                                                                               \
+    __attribute__((target(TARGET))) static void NAME(int type, const uint8_t *row, int64_t row_bytes, \
+                                                     const int8_t *qx, const float *dx, const float *sx, \
+                                                     int64_t nb, float *out) {                      \
+        if (type == T_Q4_1) NAME##_t(T_Q4_1, row, row_bytes, qx, dx, sx, nb, out);                  \
+        else if (type == T_Q4_0) NAME##_t(T_Q4_0, row, row_bytes, qx, dx, sx, nb, out);             \
+        else NAME##_t(T_Q8_0, row, row_bytes, qx, dx, sx, nb, out);                                 \
+    }
+
+ROWS4_DOT(rows4_dot_avx2, dot_u8s8, "avx2,fma,f16c")
+ROWS4_DOT(rows4_dot_vnni, dot_u8s8_vnni, "avx2,fma,f16c,avxvnni")
+
 static float row_dot_scalar(int type, const uint8_t *row, const int8_t *qx, const float *dx, const float *sx,
                             int64_t nb) {
     float acc = 0.0f;
@@ -390,8 +438,20 @@ void ggml_gemv_q8(int type, const uint8_t *w, int64_t row_bytes, const int8_t *q
                   int isa) {
     int nt = pick_threads(N * K, nthreads);
     int64_t nb = K / 32;
+    int64_t groups = isa ? N / 4 : 0; /* the SIMD paths take rows four at a time */
     #pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t n = 0; n < N; n++) {
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *row = w + 4 * g * row_bytes;
+        float out[4];
+        for (int64_t m = 0; m < M; m++) {
+            if (isa == 2)
+                rows4_dot_vnni(type, row, row_bytes, qx + m * K, dx + m * nb, sx + m * nb, nb, out);
+            else
+                rows4_dot_avx2(type, row, row_bytes, qx + m * K, dx + m * nb, sx + m * nb, nb, out);
+            memcpy(y + m * ldy + 4 * g, out, sizeof(out));
+        }
+    }
+    for (int64_t n = 4 * groups; n < N; n++) {
         const uint8_t *row = w + n * row_bytes;
         for (int64_t m = 0; m < M; m++) {
             const int8_t *q = qx + m * K;

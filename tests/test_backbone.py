@@ -293,3 +293,41 @@ def test_native_perplexity_matches_fp32_copy(smollm2, smollm2_fp32, monkeypatch)
         gguf_linear.set_activations(smollm2.model, "fp32")
     assert 10 < ref < 60 and abs(exact_decode / ref - 1) < 1e-4, (ref, exact_decode)
     assert abs(decode / ref - 1) <= 0.005, (ref, decode)
+
+
+def test_lean_decode_step_equals_the_hugging_face_forward(smollm2, monkeypatch):
+    """Incremental steps of 1-15 tokens through `decode_step.llama_step` give the hidden
+    states, memory-layer q/k/v/attention and cache of the Hugging Face forward; a hook on
+    a block (as backbone memory registers) sends the step back to Hugging Face."""
+    from transformers import DynamicCache
+
+    from longside.backbone import decode_step
+
+    ids = torch.randint(0, smollm2.spec.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
+
+    def run(max_step):
+        monkeypatch.setattr(decode_step, "MAX_STEP_TOKENS", max_step)
+        cache, outs = DynamicCache(), []
+        for a, b in [(0, 20), (20, 21), (21, 25), (25, 26), (26, 40)]:
+            outs.append(smollm2.encode(ids[:, a:b], memory_layer=15, cache=cache, use_cache=True))
+        return outs, cache
+
+    (ref, ref_cache), (lean, lean_cache) = run(0), run(16)
+    for r, n in zip(ref, lean):
+        for a, b in zip(r.hidden_states, n.hidden_states):
+            assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+        for f in ("last_hidden", "memory_keys", "memory_values", "memory_queries", "memory_attn"):
+            a, b = getattr(r, f), getattr(n, f)
+            assert a.shape == b.shape and (a - b).abs().max() <= 1e-5 * a.abs().max(), f
+    for i in range(smollm2.spec.num_layers):
+        assert torch.allclose(ref_cache.layers[i].keys, lean_cache.layers[i].keys, atol=1e-4)
+        assert torch.allclose(ref_cache.layers[i].values, lean_cache.layers[i].values, atol=1e-4)
+    calls = []
+    monkeypatch.setattr(decode_step, "llama_step", lambda *a, **k: calls.append(1))
+    handle = smollm2.parts.layers[3].self_attn.o_proj.register_forward_hook(lambda *a: None)
+    try:
+        smollm2.encode(ids[:, :1], cache=DynamicCache(), use_cache=True)
+    finally:
+        handle.remove()
+    assert not calls
+    assert decode_step.can_step(smollm2, 1, None, DynamicCache())

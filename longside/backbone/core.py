@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from transformers.utils import logging as hf_logging
 
+from longside.backbone import decode_step
+from longside.backbone.rotary import apply_rotary
 from longside.errors import BackboneError
 
 # Short names for backbones that ship inside pip packages (docs/design.md, the frozen backbone).
@@ -35,14 +37,6 @@ SHORT_NAMES = {
 }
 SUPPORTED_FAMILIES = ("llama", "gemma3_text", "gemma3", "gpt2")
 GGUF_MAGIC = b"GGUF"
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding in the rotate-half layout (Llama, Gemma): `x [..., D]` with `cos`,
-    `sin` broadcastable to it (e.g. `[B, T, 1, D]` for `x [B, T, H, D]`)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 @dataclass(frozen=True)
@@ -204,7 +198,8 @@ class Backbone:
 
         `memory_layer` (0-based block index, negative counts from the end) selects whose
         pre-rotary keys and values are returned. `cache`/`use_cache` pass the family's
-        key/value cache through for incremental decoding.
+        key/value cache through for incremental decoding; a step of a few tokens of a
+        Llama-family model then takes the lean path of `decode_step.py` (same outputs).
         """
         if input_ids.dim() != 2:
             raise BackboneError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
@@ -222,6 +217,12 @@ class Backbone:
             if not -n <= memory_layer < n:
                 raise BackboneError(f"memory_layer {memory_layer} out of range for {n} layers")
             memory_layer %= n
+        if self.spec.family == "llama" and use_cache and decode_step.can_step(self, T, attention_mask, cache):
+            step = decode_step.llama_step(self, input_ids, position_ids, cache, memory_layer)
+            kv = step["kv"]
+            return BackboneOutput(hidden_states=step["hidden"], last_hidden=step["last_hidden"],
+                                  memory_keys=kv.get("k"), memory_values=kv.get("v"), memory_queries=kv.get("q"),
+                                  memory_attn=kv.get("a"), cache=cache)
         hidden: list[torch.Tensor | None] = [None] * (n + 1)
         kv: dict[str, torch.Tensor] = {}
 
