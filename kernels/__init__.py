@@ -1,6 +1,6 @@
 """longside.kernels: the 4-bit matmul cores.
 
-GGUF blocks as the file stores them (`GGMLWeight`; Q4_0, Q4_1, Q8_0, Q4_K, Q6_K), run by
+GGUF blocks as the file stores them (`GGMLWeight`; Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K), run by
 C kernels on CPU and Triton on CUDA (`matmul_ggml`), in `GGUFLinear`/`GGUFEmbedding`
 layers that `load_gguf_layers` puts into a model: the default for GGUF backbones.
 

@@ -9,6 +9,8 @@ Block formats (ggml type id, elements, bytes; f16 = IEEE half, little-endian):
 - Q4_0 (2, 32, 18): d f16, qs[16]; element j<16 = d * (lo nibble of qs[j] - 8), j>=16 the
   high nibble of qs[j-16].
 - Q4_1 (3, 32, 20): d f16, m f16, qs[16]; element = d * nibble + m.
+- Q5_0 (6, 32, 22): d f16, qh uint32, qs[16]; element j = d * ((nibble j as in Q4_0) |
+  (bit j of qh) << 4) - 16).
 - Q8_0 (8, 32, 34): d f16, qs int8[32]; element = qs * d.
 - Q4_K (12, 256, 144): d f16, dmin f16, scales[12] (8 six-bit scales and mins), qs[128];
   sub-block j (32 elements) = (d*sc[j]) * nibble - dmin*min[j].
@@ -30,6 +32,7 @@ from longside.errors import LongsideError
 GGML_TYPES: dict[str, tuple[int, int, int]] = {
     "Q4_0": (2, 32, 18),
     "Q4_1": (3, 32, 20),
+    "Q5_0": (6, 32, 22),
     "Q8_0": (8, 32, 34),
     "Q4_K": (12, 256, 144),
     "Q6_K": (14, 256, 210),
@@ -102,6 +105,12 @@ def dequantize_blocks(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
     if qtype == "Q4_1":
         d, m = _f16(blocks[:, 0:2])[:, None], _f16(blocks[:, 2:4])[:, None]
         return d * _nibbles(blocks[:, 4:], 16).float() + m
+    if qtype == "Q5_0":
+        d = _f16(blocks[:, 0:2])[:, None]
+        qh = blocks[:, 2:6].contiguous().view(torch.int32)  # little-endian bits 0..31
+        high = ((qh >> torch.arange(32, dtype=torch.int32)) & 1).to(torch.uint8)
+        q = (_nibbles(blocks[:, 6:], 16) | (high << 4)).to(torch.int8) - 16
+        return d * q.float()
     if qtype == "Q8_0":
         d = _f16(blocks[:, 0:2])[:, None]
         return blocks[:, 2:].contiguous().view(torch.int8).float() * d

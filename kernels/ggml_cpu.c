@@ -1,7 +1,7 @@
 /* GGUF (ggml) block kernels for x86 CPUs, called through ctypes (kernels/ggml_cpu.py).
  *
  * A weight [N, K] is N rows of row_bytes bytes, each row K/QK blocks in the file's own
- * format (kernels/ggml.py documents Q4_0, Q4_1, Q8_0, Q4_K, Q6_K).
+ * format (kernels/ggml.py documents Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K).
  *
  *   ggml_dequant_rows: rows [n0, n1) -> fp32 [n1-n0, K], bit-identical to the gguf
  *                      package (same fp32 operations in the same order; built with
@@ -23,7 +23,7 @@
 #include <omp.h>
 #endif
 
-enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14 };
+enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14 };
 
 #define MIN_WEIGHTS_PER_THREAD (1 << 16)
 
@@ -52,7 +52,7 @@ static inline float f16(const uint8_t *p) {
 
 int ggml_block_elems(int type) {
     switch (type) {
-    case T_Q4_0: case T_Q4_1: case T_Q8_0: return 32;
+    case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q8_0: return 32;
     case T_Q4_K: case T_Q6_K: return 256;
     default: return 0;
     }
@@ -62,6 +62,7 @@ int ggml_block_bytes(int type) {
     switch (type) {
     case T_Q4_0: return 18;
     case T_Q4_1: return 20;
+    case T_Q5_0: return 22;
     case T_Q8_0: return 34;
     case T_Q4_K: return 144;
     case T_Q6_K: return 210;
@@ -94,6 +95,15 @@ static void dequant_block(int type, const uint8_t *b, float *out) {
         for (int j = 0; j < 16; j++) {
             out[j] = d * (float)(b[4 + j] & 0xF) + m;
             out[j + 16] = d * (float)(b[4 + j] >> 4) + m;
+        }
+        break;
+    }
+    case T_Q5_0: {
+        float d = f16(b);
+        uint32_t qh = (uint32_t)b[2] | ((uint32_t)b[3] << 8) | ((uint32_t)b[4] << 16) | ((uint32_t)b[5] << 24);
+        for (int j = 0; j < 16; j++) {
+            out[j] = d * (float)((int)((b[6 + j] & 0xF) | (((qh >> j) & 1) << 4)) - 16);
+            out[j + 16] = d * (float)((int)((b[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
         }
         break;
     }

@@ -69,6 +69,11 @@ def _ggml_matmul_kernel(x_ptr, w_ptr, y_ptr, M, N, K, row_bytes, stride_xm, stri
             byte = tl.load(w_ptr + base + 4 + j % 16, mask=wm, other=0).to(tl.int32)
             q = tl.where(j < 16, byte & 0xF, byte >> 4)
             w = d * q.to(tl.float32) + mn
+        elif QTYPE == 6:  # Q5_0: qh u32 LE at 2, qs[16] at 6; nibble as Q4_0, fifth bit (qh >> j) & 1
+            byte = tl.load(w_ptr + base + 6 + j % 16, mask=wm, other=0).to(tl.int32)
+            hb = tl.load(w_ptr + base + 2 + j // 8, mask=wm, other=0).to(tl.int32)  # byte of qh bit j
+            q = (tl.where(j < 16, byte & 0xF, byte >> 4) | (((hb >> (j % 8)) & 1) << 4)) - 16
+            w = d * q.to(tl.float32)
         elif QTYPE == 8:  # Q8_0: qs int8[32] at 2; q*d
             q = tl.load(w_ptr + base + 2 + j, mask=wm, other=0).to(tl.int8, bitcast=True)
             w = q.to(tl.float32) * d

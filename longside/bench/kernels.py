@@ -48,7 +48,7 @@ from longside.provenance import RunRecord
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 4096), (14336, 4096), (4096, 14336)]
 MS = (1, 8, 512)
 SMOKE_SHAPES = [(192, 576), (100, 320)]
-GGML_BENCH_TYPES = ("Q4_1", "Q8_0", "Q4_0", "Q4_K", "Q6_K")
+GGML_BENCH_TYPES = ("Q4_1", "Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q6_K")
 
 
 def _time_ms(fn: Callable[[], object], budget_s: float, max_reps: int = 50) -> dict:
@@ -119,7 +119,7 @@ def random_ggml(qtype: str, n: int, k: int, seed: int = 0) -> GGMLWeight:
     _, elems, nbytes = GGML_TYPES[qtype]
     g = torch.Generator().manual_seed(seed)
     blocks = torch.randint(0, 256, (n * k // elems, nbytes), dtype=torch.uint8, generator=g)
-    scale_at = {"Q4_0": [0], "Q4_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}[qtype]
+    scale_at = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q8_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}[qtype]
     for o in scale_at:
         halves = (torch.randn(len(blocks), generator=g) * 0.01).half()
         blocks[:, o:o + 2] = halves.view(torch.uint8).reshape(-1, 2)

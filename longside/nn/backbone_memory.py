@@ -111,7 +111,7 @@ class BackboneMemory:
             P = seg.length(L)
             # rotated once, at its position in the segment: decoding a token does not
             # rotate the whole window again
-            kr = self.backbone.rotate(k, torch.arange(P, P + T, device=k.device).expand(B, T))
+            kr = self.backbone.rotate(k, torch.arange(P, P + T, device=k.device).expand(B, T), L)
             _, _, window_kr = seg.append(L, k, v, kr)
             if not read:
                 return None
@@ -127,11 +127,11 @@ class BackboneMemory:
         if not any(len(banks[r]) for r in rows):
             return None
         bb = self.backbone
-        qm = bb.rotate(q, torch.full((B, T), self.distance, device=q.device))
+        qm = bb.rotate(q, torch.full((B, T), self.distance, device=q.device), L)
         keys, values, mask = banks.search(qm, self.k_chunks, rows=rows)  # [B, T, H, S, D], mask [B, T, H, S]
         a_mem, lse_mem, has = attend_retrieved(qm, keys, values, mask)
         P = window_kr.shape[1] - T
-        local = causal_lse(bb.rotate(q, torch.arange(P, P + T, device=q.device).expand(B, T)), window_kr)
+        local = causal_lse(bb.rotate(q, torch.arange(P, P + T, device=q.device).expand(B, T), L), window_kr)
         return a + torch.sigmoid(lse_mem - local) * has * (a_mem - a)
 
 

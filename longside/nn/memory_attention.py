@@ -93,5 +93,5 @@ def memory_inputs(backbone: Backbone, out: BackboneOutput, layer: int, retrieve:
     key_pos = torch.arange(start + T, device=dev).expand(B, start + T)
     return MemoryInputs(
         queries=out.memory_queries, attn=out.memory_attn, keys=keys, retrieve=retrieve,
-        out_proj=lambda a: backbone.attn_output(layer, a), rotate=lambda x: backbone.rotate(x, pos),
-        rotate_keys=None if start == 0 else (lambda x: backbone.rotate(x, key_pos)))
+        out_proj=lambda a: backbone.attn_output(layer, a), rotate=lambda x: backbone.rotate(x, pos, layer),
+        rotate_keys=None if start == 0 else (lambda x: backbone.rotate(x, key_pos, layer)))
