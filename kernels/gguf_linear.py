@@ -160,14 +160,16 @@ class GGUFEmbedding(nn.Module):
 
 
 def set_activations(model: nn.Module, activations: str) -> int:
-    """Switch every `GGUFLinear` of `model` to "int8" (fast decode, llama.cpp's way) or
-    "fp32" activations (exact to fp32 rounding: incremental decoding then equals reading
-    whole segments); returns how many layers were switched."""
+    """Switch the `GGUFLinear` layers of `model` between "int8" (fast decode, llama.cpp's
+    way; the LM head keeps fp32 activations: logits are where int8 rounding shows most) and
+    "fp32" activations everywhere (exact to fp32 rounding: incremental decoding then equals
+    reading whole segments). The loader's default is "int8". Returns how many layers were set."""
     if activations not in ACTIVATIONS:
         raise LongsideError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     layers = [m for m in model.modules() if isinstance(m, GGUFLinear)]
     for m in layers:
-        m.activations = activations
+        m.activations = "fp32" if m is head else activations
     return len(layers)
 
 
@@ -195,7 +197,8 @@ def _row_order(arch: str, gguf_name: str, n_rows: int, config) -> torch.Tensor |
 def load_gguf_layers(model: nn.Module, path: str | Path, activations: str = "int8",
                      progress: bool = False) -> dict:
     """Swap (in place) every nn.Linear and the token embedding of a Hugging Face `model` that
-    was converted from the GGUF at `path` for layers holding that file's blocks. Tensors
+    was converted from the GGUF at `path` for layers holding that file's blocks, with
+    `activations` as `set_activations` sets them. Tensors
     stored unquantized (F32/F16) or in a type longside does not run stay as they are. A
     tied LM head shares the embedding's blocks.
 
@@ -270,4 +273,5 @@ def load_gguf_layers(model: nn.Module, path: str | Path, activations: str = "int
     if report["layers"] == 0:
         raise LongsideError(f"{path}: no tensor of the model is stored in a block type longside runs "
                             f"({', '.join(GGML_TYPES)})")
+    set_activations(model, activations)
     return report
