@@ -239,12 +239,116 @@ AVX2 static float row_dot_f32(int type, const uint8_t *row, const float *x, cons
     return hsum8(acc) + extra;
 }
 
+/* 32 small integers (bytes, element order; signed or not) times 32 fp32 x: the two
+ * partial sums of elements 0-15 and 16-31 (K-quant scales change every 16). */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
+dot32(__m256i q, const float *xb, const int is_signed, __m256 *s_lo, __m256 *s_hi) {
+    __m128i a = _mm256_castsi256_si128(q), b = _mm256_extracti128_si256(q, 1);
+    __m256 v0, v1, v2, v3;
+    if (is_signed) {
+        v0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(a));
+        v1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(a, 8)));
+        v2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+        v3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+    } else {
+        v0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(a));
+        v1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(a, 8)));
+        v2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+        v3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
+    }
+    *s_lo = _mm256_fmadd_ps(v1, _mm256_loadu_ps(xb + 8), _mm256_mul_ps(v0, _mm256_loadu_ps(xb)));
+    *s_hi = _mm256_fmadd_ps(v3, _mm256_loadu_ps(xb + 24), _mm256_mul_ps(v2, _mm256_loadu_ps(xb + 16)));
+}
+
+/* Bit j of the 32-bit word at p, as byte j: 0x10 where set, 0 where not (Q5_0's fifth bits). */
+AVX2 static inline __m256i fifth_bits(const uint8_t *p) {
+    uint32_t w;
+    memcpy(&w, p, 4);
+    const __m256i which = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                           2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)w), which);
+    __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+    return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+}
+
+/* Q5_0, Q4_K and Q6_K rows against fp32 x, fused like row_dot_f32. xs: sums of x per 32. */
+AVX2 static float row_dot_f32_q5_0(const uint8_t *row, const float *x, const float *xs, int64_t nb) {
+    __m256 acc = _mm256_setzero_ps();
+    float extra = 0.0f;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 22;
+        float d = f16c(blk);
+        __m128i q = _mm_loadu_si128((const __m128i *)(blk + 6));
+        __m128i lo = _mm_and_si128(q, _mm_set1_epi8(0x0F));
+        __m128i hi = _mm_and_si128(_mm_srli_epi16(q, 4), _mm_set1_epi8(0x0F));
+        __m256i v = _mm256_or_si256(_mm256_set_m128i(hi, lo), fifth_bits(blk + 2));
+        __m256 s0, s1;
+        dot32(v, x + b * 32, 0, &s0, &s1);
+        acc = _mm256_fmadd_ps(_mm256_add_ps(s0, s1), _mm256_set1_ps(d), acc);
+        extra -= 16.0f * d * xs[b];
+    }
+    return hsum8(acc) + extra;
+}
+
+AVX2 static float row_dot_f32_q4_k(const uint8_t *row, const float *x, const float *xs, int64_t nsb) {
+    __m256 acc = _mm256_setzero_ps();
+    float extra = 0.0f;
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *blk = row + sb * 144, *s = blk + 4, *qs = blk + 16;
+        float d = f16c(blk), dmin = f16c(blk + 2);
+        for (int j = 0; j < 8; j++) {
+            int sc, mn;
+            if (j < 4) {
+                sc = s[j] & 63;
+                mn = s[j + 4] & 63;
+            } else {
+                sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+                mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+            }
+            __m256i q = _mm256_loadu_si256((const __m256i *)(qs + (j / 2) * 32));
+            if (j & 1) q = _mm256_srli_epi16(q, 4);
+            q = _mm256_and_si256(q, _mm256_set1_epi8(0x0F));
+            __m256 s0, s1;
+            dot32(q, x + sb * 256 + j * 32, 0, &s0, &s1);
+            acc = _mm256_fmadd_ps(_mm256_add_ps(s0, s1), _mm256_set1_ps(d * (float)sc), acc);
+            extra -= dmin * (float)mn * xs[sb * 8 + j];
+        }
+    }
+    return hsum8(acc) + extra;
+}
+
+AVX2 static float row_dot_f32_q6_k(const uint8_t *row, const float *x, int64_t nsb) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *blk = row + sb * 210, *ql = blk, *qh = blk + 128;
+        const int8_t *sc = (const int8_t *)(blk + 192);
+        float d = f16c(blk + 208);
+        for (int h = 0; h < 2; h++) {
+            __m256i high = _mm256_loadu_si256((const __m256i *)(qh + h * 32));
+            for (int j = 0; j < 4; j++) {
+                __m256i lo = _mm256_loadu_si256((const __m256i *)(ql + h * 64 + (j & 1) * 32));
+                if (j >= 2) lo = _mm256_srli_epi16(lo, 4);
+                lo = _mm256_and_si256(lo, _mm256_set1_epi8(0x0F));
+                __m256i hb = _mm256_and_si256(_mm256_srl_epi16(high, _mm_cvtsi32_si128(2 * j)), _mm256_set1_epi8(3));
+                __m256i q = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hb, 4)), _mm256_set1_epi8(32));
+                int e = h * 128 + j * 32;
+                __m256 s0, s1;
+                dot32(q, x + sb * 256 + e, 1, &s0, &s1);
+                acc = _mm256_fmadd_ps(s0, _mm256_set1_ps(d * (float)sc[e / 16]), acc);
+                acc = _mm256_fmadd_ps(s1, _mm256_set1_ps(d * (float)sc[e / 16 + 1]), acc);
+            }
+        }
+    }
+    return hsum8(acc);
+}
+
 /* y[m, n] (row stride ldy) = sum_k x[m, k] (row stride ldx) * W[n, k] on fp32 x: fused for
- * Q4_0/Q4_1/Q8_0 with AVX2, otherwise each row decoded exactly into a buffer, then dotted. */
+ * every type with AVX2, otherwise each row decoded exactly into a buffer, then dotted. */
 void ggml_gemv_f32(int type, const uint8_t *w, int64_t row_bytes, const float *x, int64_t ldx, int64_t M,
                    float *y, int64_t ldy, int64_t N, int64_t K, int nthreads, int use_avx2) {
     int nt = pick_threads(N * K, nthreads);
-    int fused = use_avx2 && (type == T_Q4_0 || type == T_Q4_1 || type == T_Q8_0);
+    int fused = use_avx2;
     if (fused) {
         int64_t nb = K / 32;
         float *xs = (float *)malloc(sizeof(float) * M * nb);
@@ -256,8 +360,18 @@ void ggml_gemv_f32(int type, const uint8_t *w, int64_t row_bytes, const float *x
             }
         #pragma omp parallel for schedule(static) num_threads(nt)
         for (int64_t n = 0; n < N; n++)
-            for (int64_t m = 0; m < M; m++)
-                y[m * ldy + n] = row_dot_f32(type, w + n * row_bytes, x + m * ldx, xs + m * nb, nb);
+            for (int64_t m = 0; m < M; m++) {
+                const uint8_t *row = w + n * row_bytes;
+                const float *xm = x + m * ldx, *sm = xs + m * nb;
+                float v;
+                switch (type) {
+                case T_Q5_0: v = row_dot_f32_q5_0(row, xm, sm, nb); break;
+                case T_Q4_K: v = row_dot_f32_q4_k(row, xm, sm, nb / 8); break;
+                case T_Q6_K: v = row_dot_f32_q6_k(row, xm, nb / 8); break;
+                default: v = row_dot_f32(type, row, xm, sm, nb);
+                }
+                y[m * ldy + n] = v;
+            }
         free(xs);
         return;
     }
