@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.machinery
 import os
-from pathlib import Path
 
 import torch
+from longside.kernels.clib import BUILD_HINT, load_library
 
-_HERE = Path(__file__).resolve().parent
-BUILD_HINT = "run `pip install --no-deps --no-build-isolation -e .` (or `make`) in the longside checkout"
 
 # Tiled path: dequantize this many fp32 bytes of weight rows at a time, then one GEMM.
 _TILE_BYTES = 4 << 20
@@ -24,13 +21,9 @@ _TILE_BYTES = 4 << 20
 
 @functools.cache
 def _lib() -> ctypes.CDLL | None:
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = _HERE / f"_nf4_cpu{suffix}"
-        if path.exists():
-            break
-    else:
+    lib = load_library("_nf4_cpu")
+    if lib is None:
         return None
-    lib = ctypes.CDLL(str(path))
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.nf4_cpu_has_avx2.restype = cint
     lib.nf4_cpu_has_avx2.argtypes = []

@@ -80,6 +80,17 @@ int ggml_cpu_features(void) {
 
 /* ---------------------------------------------------------------- exact block decode */
 
+/* Q4_K's six-bit scale and min of sub-block j from its 12 packed scale bytes s. */
+static inline void q4_k_scale_min(const uint8_t *s, int j, int *sc, int *mn) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *mn = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+        *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
 static void dequant_block(int type, const uint8_t *b, float *out) {
     switch (type) {
     case T_Q4_0: {
@@ -117,13 +128,7 @@ static void dequant_block(int type, const uint8_t *b, float *out) {
         const uint8_t *s = b + 4, *qs = b + 16;
         for (int j = 0; j < 8; j++) {
             int sc, mn;
-            if (j < 4) {
-                sc = s[j] & 63;
-                mn = s[j + 4] & 63;
-            } else {
-                sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
-                mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-            }
+            q4_k_scale_min(s, j, &sc, &mn);
             float dd = d * (float)sc, dm = dmin * (float)mn;
             const uint8_t *q = qs + (j / 2) * 32;
             for (int l = 0; l < 32; l++) {
@@ -299,13 +304,7 @@ AVX2 static float row_dot_f32_q4_k(const uint8_t *row, const float *x, const flo
         float d = f16c(blk), dmin = f16c(blk + 2);
         for (int j = 0; j < 8; j++) {
             int sc, mn;
-            if (j < 4) {
-                sc = s[j] & 63;
-                mn = s[j + 4] & 63;
-            } else {
-                sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
-                mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-            }
+            q4_k_scale_min(s, j, &sc, &mn);
             __m256i q = _mm256_loadu_si256((const __m256i *)(qs + (j / 2) * 32));
             if (j & 1) q = _mm256_srli_epi16(q, 4);
             q = _mm256_and_si256(q, _mm256_set1_epi8(0x0F));

@@ -9,28 +9,21 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.machinery
 import os
-from pathlib import Path
 
 import torch
+from longside.kernels.clib import BUILD_HINT, load_library
 from longside.kernels.ggml import GGMLWeight, type_info
 
-_HERE = Path(__file__).resolve().parent
-BUILD_HINT = "run `pip install --no-deps --no-build-isolation -e .` (or `make install`) in the longside checkout"
 INT8_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # types with an int8-activation dot product
 _TILE_BYTES = 4 << 20  # fp32 weight rows decoded at a time on the GEMM path
 
 
 @functools.cache
 def _lib() -> ctypes.CDLL | None:
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = _HERE / f"_ggml_cpu{suffix}"
-        if path.exists():
-            break
-    else:
+    lib = load_library("_ggml_cpu")
+    if lib is None:
         return None
-    lib = ctypes.CDLL(str(path))
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.ggml_cpu_features.restype = cint
     lib.ggml_cpu_features.argtypes = []
