@@ -108,7 +108,7 @@ def dequantize_blocks(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
     if qtype == "Q5_0":
         d = _f16(blocks[:, 0:2])[:, None]
         qh = blocks[:, 2:6].contiguous().view(torch.int32)  # little-endian bits 0..31
-        high = ((qh >> torch.arange(32, dtype=torch.int32)) & 1).to(torch.uint8)
+        high = ((qh >> torch.arange(32, dtype=torch.int32, device=qh.device)) & 1).to(torch.uint8)
         q = (_nibbles(blocks[:, 6:], 16) | (high << 4)).to(torch.int8) - 16
         return d * q.float()
     if qtype == "Q8_0":
@@ -127,7 +127,7 @@ def dequantize_blocks(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
     d = _f16(blocks[:, 208:210])
     dd = (d[:, None] * scales).reshape(n, 16, 1)
     lo = _nibbles(ql, 64).reshape(n, 2, 4, 32)  # per half: [ql lo 0:32, ql lo 32:64, hi 0:32, hi 32:64]
-    hi = qh.reshape(n, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)
+    hi = qh.reshape(n, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=qh.device).reshape(1, 1, 4, 1)
     q = (lo | ((hi & 0x03) << 4)).to(torch.int8) - 32
     return (dd * q.reshape(n, 16, 16).float()).reshape(n, 256)
 

@@ -23,6 +23,14 @@
 #include <omp.h>
 #endif
 
+/* AVX-VNNI (vpdpbusd on ymm) needs GCC >= 11 or clang >= 12 to compile; older compilers
+ * build the AVX2 path only, and the library then reports no VNNI. */
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#define HAVE_AVXVNNI 1
+#else
+#define HAVE_AVXVNNI 0
+#endif
+
 enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14 };
 
 #define MIN_WEIGHTS_PER_THREAD (1 << 16)
@@ -74,7 +82,9 @@ int ggml_cpu_features(void) {
     __builtin_cpu_init();
     int f = 0;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) f |= 1;
+#if HAVE_AVXVNNI
     if (__builtin_cpu_supports("avxvnni")) f |= 2;
+#endif
     return f;
 }
 
@@ -428,9 +438,15 @@ AVX2 static inline __m256i dot_u8s8(__m256i a, __m256i b) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
 }
 
-__attribute__((target("avx2,fma,f16c,avxvnni"))) static inline __m256i dot_u8s8_vnni(__m256i a, __m256i b) {
+#if HAVE_AVXVNNI
+#define VNNI_TARGET "avx2,fma,f16c,avxvnni"
+__attribute__((target(VNNI_TARGET))) static inline __m256i dot_u8s8_vnni(__m256i a, __m256i b) {
     return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b);
 }
+#else /* never chosen at run time (features report no VNNI); keeps one code path */
+#define VNNI_TARGET "avx2,fma,f16c"
+#define dot_u8s8_vnni dot_u8s8
+#endif
 
 /* One weight row (nb blocks) against one quantized x row. VNNI selects the dot product. */
 #define ROW_DOT(NAME, DOT, TARGET) /* f16c: the hardware half -> float conversion */                                                                 \
@@ -465,7 +481,7 @@ __attribute__((target("avx2,fma,f16c,avxvnni"))) static inline __m256i dot_u8s8_
     }
 
 ROW_DOT(row_dot_avx2, dot_u8s8, "avx2,fma,f16c")
-ROW_DOT(row_dot_vnni, dot_u8s8_vnni, "avx2,fma,f16c,avxvnni")
+ROW_DOT(row_dot_vnni, dot_u8s8_vnni, VNNI_TARGET)
 
 /* Four consecutive weight rows against one quantized x row: the x block is loaded once for
  * the four, and four independent accumulators keep the FMA pipeline busy. Per row the
@@ -513,7 +529,7 @@ ROW_DOT(row_dot_vnni, dot_u8s8_vnni, "avx2,fma,f16c,avxvnni")
     }
 
 ROWS4_DOT(rows4_dot_avx2, dot_u8s8, "avx2,fma,f16c")
-ROWS4_DOT(rows4_dot_vnni, dot_u8s8_vnni, "avx2,fma,f16c,avxvnni")
+ROWS4_DOT(rows4_dot_vnni, dot_u8s8_vnni, VNNI_TARGET)
 
 static float row_dot_scalar(int type, const uint8_t *row, const int8_t *qx, const float *dx, const float *sx,
                             int64_t nb) {

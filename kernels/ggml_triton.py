@@ -102,7 +102,7 @@ def _ggml_matmul_kernel(x_ptr, w_ptr, y_ptr, M, N, K, row_bytes, stride_xm, stri
             scale = tl.load(w_ptr + base + 192 + j // 16, mask=wm, other=0).to(tl.int8, bitcast=True)
             w = (d * scale.to(tl.float32)) * q.to(tl.float32)
         xm = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=xm, other=0.0)
+        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :], mask=xm, other=0.0)
         if FUSED:
             acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
         elif IEEE:
@@ -110,7 +110,7 @@ def _ggml_matmul_kernel(x_ptr, w_ptr, y_ptr, M, N, K, row_bytes, stride_xm, stri
         else:
             acc += tl.dot(x, tl.trans(w.to(x.dtype)))
     ym = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=ym)
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=ym)
 
 
 def matmul_ggml_triton(x: torch.Tensor, blocks: torch.Tensor, qtype: str, n: int, k: int,

@@ -40,8 +40,11 @@ def matmul_ggml(x: torch.Tensor, w: GGMLWeight, activations: str = "int8") -> to
         from longside.kernels.ggml_triton import matmul_ggml_triton  # Triton exists only where CUDA does
 
         return matmul_ggml_triton(x2, w.blocks, w.qtype, n, k).reshape(*lead, n)
-    if x2.device.type != "cpu":
-        raise LongsideError(f"matmul_ggml runs on cpu or cuda, got {x2.device}")
+    if x2.device.type != "cpu" or w.blocks.device.type != "cpu":
+        raise LongsideError(f"matmul_ggml: x on {x2.device} and the weight on {w.blocks.device}; both must be on "
+                            "the cpu (or both on cuda)")
+    if not w.blocks.is_contiguous():
+        w = GGMLWeight(w.blocks.contiguous(), w.qtype, w.shape)
     x2 = x2.float()
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()

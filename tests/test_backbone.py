@@ -332,6 +332,23 @@ def test_lean_decode_step_equals_the_hugging_face_forward(smollm2, monkeypatch):
         handle.remove()
     assert not calls
     assert decode_step.can_step(smollm2, 1, None, DynamicCache())
+    assert not decode_step.can_step(smollm2, 1, torch.ones(1, 1), DynamicCache())  # masks: Hugging Face
+    assert not decode_step.can_step(smollm2, 1, None, object())
+
+
+def test_lean_decode_step_follows_swapped_layers():
+    """The fused products are rebuilt when a block's layers change (e.g. re-quantization)."""
+    from transformers import DynamicCache
+
+    bb = load_backbone("smollm2-135m", quantize="fp32")
+    ids = torch.randint(0, 1000, (1, 3))
+    first = bb.encode(ids, memory_layer=0, cache=DynamicCache(), use_cache=True)
+    attn = bb.parts.layers[0].self_attn
+    zero = torch.nn.Linear(attn.q_proj.in_features, attn.q_proj.out_features, bias=False)
+    torch.nn.init.zeros_(zero.weight)
+    attn.q_proj = zero
+    again = bb.encode(ids, memory_layer=0, cache=DynamicCache(), use_cache=True)
+    assert first.memory_queries.abs().max() > 0 and again.memory_queries.abs().max() == 0
 
 
 def test_gemma3_native_blocks():

@@ -115,3 +115,8 @@ def test_cache_of_a_quantized_backbone_is_refused_for_the_dense_one(tmp_path, sm
     quantized.quantization = {"kind": "nf4"}
     with pytest.raises(LongsideError, match="was made for"):
         FeatureCache(tmp_path / "fc", quantized, layers, m)
+    # a GGUF's own blocks read segments exactly like the fp32 copy: the same cache serves both
+    native, dense = copy.copy(smollm2), copy.copy(smollm2)
+    native.quantization, dense.quantization = {"kind": "native"}, None
+    FeatureCache(tmp_path / "fc2", native, layers, m)
+    FeatureCache(tmp_path / "fc2", dense, layers, m)

@@ -274,6 +274,14 @@ class Backbone:
             return self.lm_head(out.last_hidden)
 
 
+def feature_quantization(backbone: Backbone) -> str | None:
+    """What a store of the backbone's features (feature cache, teacher targets) must match:
+    "nf4" for an NF4 backbone, None for float weights and for a GGUF's own blocks, whose
+    segment reads give the float copy's features (exact dequantization, then BLAS)."""
+    kind = (backbone.quantization or {}).get("kind")
+    return kind if kind == "nf4" else None
+
+
 # ---------------------------------------------------------------------------------
 # family adapters: where each Hugging Face family keeps its blocks, norm and keys
 

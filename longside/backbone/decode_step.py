@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from longside.backbone.rotary import apply_rotary
 from longside.kernels import GGUFLinear
@@ -32,17 +34,33 @@ from longside.kernels import GGUFLinear
 MAX_STEP_TOKENS = 16
 
 
+def _block_signature(backbone) -> tuple:
+    """What the cached fused products and module lists were built from: every block's
+    modules and where its first weight lives (a swapped layer or a `.to()` changes it)."""
+    first = backbone.parts.layers[0].input_layernorm.weight
+    return (first.device, first.dtype, *(id(m) for m in backbone.parts.layers.modules()))
+
+
+def _cached(backbone) -> dict:
+    sig = _block_signature(backbone)
+    cache = getattr(backbone, "_decode_step_cache", None)
+    if cache is None or cache["signature"] != sig:
+        cache = backbone._decode_step_cache = {"signature": sig, "modules": list(backbone.parts.layers.modules()),
+                                               "fused": None}
+    return cache
+
+
 def can_step(backbone, n_tokens: int, attention_mask: Any, cache: Any) -> bool:
     """True when `llama_step` gives what the Hugging Face forward would: a few tokens, no
-    mask, a cache, and no hook on any block (hooks see the Hugging Face forward only)."""
-    if n_tokens > MAX_STEP_TOKENS or attention_mask is not None or not hasattr(cache, "update"):
+    mask, a plain growing cache, and no hook on any block (hooks see the Hugging Face
+    forward only)."""
+    if n_tokens > MAX_STEP_TOKENS or attention_mask is not None or type(cache) is not DynamicCache:
+        return False
+    if not all(type(layer) is DynamicLayer for layer in cache.layers):  # sliding, offloaded, ...
         return False
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return False
-    watched = getattr(backbone, "_block_modules", None)
-    if watched is None:  # the blocks' modules do not change; their hooks do
-        watched = backbone._block_modules = list(backbone.parts.layers.modules())
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in watched)
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in _cached(backbone)["modules"])
 
 
 def _fuse(mods: list[nn.Module]) -> nn.Module | None:
@@ -56,6 +74,7 @@ def _fuse(mods: list[nn.Module]) -> nn.Module | None:
         row = 0
         for m in mods:
             m.blocks = blocks[row:row + m.out_features]
+            m._weight = None  # drop its view of the old buffer, which would keep it alive
             row += m.out_features
         return fused
     if all(type(m) is nn.Linear and m.bias is None for m in mods):
@@ -92,10 +111,10 @@ class _Fused:
 
 
 def _fused_blocks(backbone) -> list[_Fused]:
-    fused = getattr(backbone, "_fused_blocks", None)
-    if fused is None:
-        fused = backbone._fused_blocks = [_Fused(layer) for layer in backbone.parts.layers]
-    return fused
+    cache = _cached(backbone)
+    if cache["fused"] is None:
+        cache["fused"] = [_Fused(layer) for layer in backbone.parts.layers]
+    return cache["fused"]
 
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:

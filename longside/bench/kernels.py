@@ -180,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     run = RunRecord.start(["longside", "bench", "kernels", *(argv if argv is not None else sys.argv[1:])])
     if not cpu.available():
         raise LongsideError(f"the NF4 CPU kernel is not built: {cpu.BUILD_HINT}")
+    qtypes = [t for t in args.ggml_types.split(",") if t]
+    if qtypes and not ggml_cpu.available():
+        raise LongsideError(f"the GGUF CPU kernel is not built: {ggml_cpu.BUILD_HINT}")
+    for t in qtypes:
+        if t not in GGML_TYPES:
+            raise LongsideError(f"--ggml-types: {t!r} is not one of {', '.join(GGML_TYPES)}")
 
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     budget = 0.05 if args.smoke else 0.3 if args.quick else 1.5
@@ -194,12 +200,6 @@ def main(argv: list[str] | None = None) -> int:
         # bitsandbytes on CPU takes ~0.1 s per big product; --quick keeps it to small ones.
         with_bnb = not args.quick or n * k * m <= 576 * 1536 * 512 or m == 1
         report["results"].append(bench_shape(m, n, k, budget, with_bnb and not args.smoke))
-    qtypes = [t for t in args.ggml_types.split(",") if t]
-    if qtypes and not ggml_cpu.available():
-        raise LongsideError(f"the GGUF CPU kernel is not built: {ggml_cpu.BUILD_HINT}")
-    for t in qtypes:
-        if t not in GGML_TYPES:
-            raise LongsideError(f"--ggml-types: {t!r} is not one of {', '.join(GGML_TYPES)}")
     report["ggml_isa"] = ggml_cpu.isa() if qtypes else None
     jobs = [(m, n, k, t) for t in qtypes for n, k in shapes for m in MS if k % GGML_TYPES[t][1] == 0]
     for m, n, k, t in tqdm(jobs, desc="bench ggml", leave=False):

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from longside.backbone import Backbone, BackboneOutput
+from longside.backbone import Backbone, BackboneOutput, feature_quantization
 from longside.errors import LongsideError
 from longside.paths import atomic_file
 
@@ -52,7 +52,7 @@ class FeatureCache:
         self.dtype, self.max_bytes = _DTYPES[dtype], int(max_gb * 2 ** 30)
         n = backbone.spec.num_layers
         want = {"backbone": backbone.name, "fingerprint": backbone.fingerprint,
-                "quantization": (backbone.quantization or {}).get("kind"),
+                "quantization": feature_quantization(backbone),
                 "memory_layer": memory_layer % n, "layers": self.layers, "dtype": dtype}
         manifest = self.path / "cache.json"
         if manifest.exists():

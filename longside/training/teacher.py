@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from longside.backbone import Backbone
+from longside.backbone import Backbone, feature_quantization
 from longside.errors import LongsideError
 from longside.paths import atomic_file
 
@@ -97,7 +97,7 @@ class TeacherTargets:
         self.memory_layer = memory_layer % backbone.spec.num_layers
         self.student_encode = student_encode or (lambda ids: backbone.encode(ids, memory_layer=self.memory_layer))
         want = {"format": _FORMAT, "backbone": backbone.name, "fingerprint": backbone.fingerprint,
-                "quantization": (backbone.quantization or {}).get("kind"),
+                "quantization": feature_quantization(backbone),
                 "window": window, "segment": segment, "top_k": top_k, "memory_layer": self.memory_layer}
         manifest = self.path / "teacher.json"
         if manifest.exists():

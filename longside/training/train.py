@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from longside.backbone import Backbone, load_backbone
+from longside.backbone import Backbone, feature_quantization, load_backbone
 from longside.config import SideNetConfig
 from longside.errors import CheckpointError, LongsideError
 from longside.model import SHIPPED_CHECKPOINT, LongSideModel
@@ -97,7 +97,7 @@ def teacher_targets(model: LongSideModel, cfg: TrainConfig) -> TeacherTargets:
     bb = model.backbone
     path = cfg.teacher_cache or cache_dir() / "teacher" / (
         f"{bb.name}-{bb.fingerprint}-w{cfg.teacher_window}-s{cfg.segment}-k{cfg.teacher_top_k}"
-        f"-m{cfg.side.memory_layer}{'-' + kind if (kind := (bb.quantization or {}).get('kind')) else ''}-v2")
+        f"-m{cfg.side.memory_layer}{'-' + kind if (kind := feature_quantization(bb)) else ''}-v2")
     fc = model.feature_cache
     return TeacherTargets(path, bb, cfg.teacher_window, cfg.segment, cfg.teacher_top_k, cfg.side.memory_layer,
                           student_encode=fc.encode if fc is not None else None)
