@@ -35,10 +35,15 @@ MAX_STEP_TOKENS = 16
 
 
 def _block_signature(backbone) -> tuple:
-    """What the cached fused products and module lists were built from: every block's
-    modules and where its first weight lives (a swapped layer or a `.to()` changes it)."""
+    """What the cached fused products and module lists were built from: each block's
+    layers and where the weights live (a swapped layer or a `.to()` changes it)."""
     first = backbone.parts.layers[0].input_layernorm.weight
-    return (first.device, first.dtype, *(id(m) for m in backbone.parts.layers.modules()))
+    sig = [first.device, first.dtype]
+    for layer in backbone.parts.layers:
+        sig += map(id, layer.self_attn._modules.values())
+        sig += map(id, layer.mlp._modules.values())
+        sig += map(id, layer._modules.values())
+    return tuple(sig)
 
 
 def _cached(backbone) -> dict:
@@ -111,7 +116,8 @@ class _Fused:
 
 
 def _fused_blocks(backbone) -> list[_Fused]:
-    cache = _cached(backbone)
+    # `can_step` has just checked the signature (Backbone.encode calls it first)
+    cache = getattr(backbone, "_decode_step_cache", None) or _cached(backbone)
     if cache["fused"] is None:
         cache["fused"] = [_Fused(layer) for layer in backbone.parts.layers]
     return cache["fused"]
