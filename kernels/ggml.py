@@ -39,6 +39,10 @@ GGML_TYPES: dict[str, tuple[int, int, int]] = {
 }
 
 
+# where each format keeps its f16 scales (byte offsets in a block)
+_SCALE_BYTES = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q8_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}
+
+
 def type_info(qtype: str) -> tuple[int, int, int]:
     """(ggml type id, elements per block, bytes per block) of a supported block type."""
     try:
@@ -138,6 +142,18 @@ def dequantize_reference(w: GGMLWeight) -> torch.Tensor:
     n, k = w.shape
     flat = w.blocks.reshape(-1, nbytes)
     return dequantize_blocks(flat, w.qtype).reshape(n, k)
+
+
+def random_weight(qtype: str, n: int, k: int, seed: int = 0, scale: float = 0.01) -> GGMLWeight:
+    """A weight `[n, k]` of random blocks whose f16 scale fields are small finite halves (as
+    a real file's are), for tests and benchmarks: kernel speed does not depend on the values."""
+    _, elems, nbytes = type_info(qtype)
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (n * k // elems, nbytes), dtype=torch.uint8, generator=g)
+    for at in _SCALE_BYTES[qtype]:
+        halves = (torch.randn(len(blocks), generator=g) * scale).half()
+        blocks[:, at:at + 2] = halves.view(torch.uint8).reshape(-1, 2)
+    return GGMLWeight(blocks.reshape(n, -1), qtype, (n, k))
 
 
 def llama_row_order(n_rows: int, n_head: int) -> torch.Tensor:

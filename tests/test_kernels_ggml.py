@@ -16,29 +16,17 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from longside.errors import LongsideError
 from longside.kernels import ggml_cpu
-from longside.kernels.ggml import GGML_TYPES, GGMLWeight, dequantize_blocks, dequantize_reference, llama_row_order
+from longside.kernels.ggml import (GGML_TYPES, GGMLWeight, dequantize_blocks, dequantize_reference, llama_row_order,
+                                   random_weight)
 from longside.kernels.gguf_linear import GGUFEmbedding, GGUFLinear, dequantize_ggml, matmul_ggml
 
 TYPES = list(GGML_TYPES)
-_HALVES = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q8_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}
 needs_c = pytest.mark.skipif(not ggml_cpu.available(), reason=f"GGUF C kernel not built: {ggml_cpu.BUILD_HINT}")
 
 
 def random_blocks(qtype: str, n_blocks: int, seed: int = 0) -> np.ndarray:
     """Random block bytes whose f16 scale fields are finite (as any real file's are)."""
-    rng = np.random.default_rng(seed)
-    nbytes = GGML_TYPES[qtype][2]
-    b = rng.integers(0, 256, size=(n_blocks, nbytes), dtype=np.uint8)
-    for o in _HALVES[qtype]:
-        halves = rng.normal(0, 0.05, n_blocks).astype(np.float16)
-        b[:, o:o + 2] = np.frombuffer(halves.tobytes(), np.uint8).reshape(n_blocks, 2)
-    return b
-
-
-def random_weight(qtype: str, n: int, k: int, seed: int = 0) -> GGMLWeight:
-    elems = GGML_TYPES[qtype][1]
-    b = random_blocks(qtype, n * k // elems, seed)
-    return GGMLWeight(torch.from_numpy(b.reshape(n, -1)), qtype, (n, k))
+    return random_weight(qtype, n_blocks, GGML_TYPES[qtype][1], seed, scale=0.05).blocks.numpy()
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

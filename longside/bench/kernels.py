@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from longside.bench.kernels_model import bench_model
 from longside.errors import LongsideError
 from longside.kernels import cpu, ggml_cpu
-from longside.kernels.ggml import GGML_TYPES, GGMLWeight
+from longside.kernels.ggml import GGML_TYPES, random_weight
 from longside.kernels.gguf_linear import FUSED_MAX_M as GGML_FUSED_MAX_M
 from longside.kernels.gguf_linear import matmul_ggml
 from longside.kernels.nf4 import quantize_nf4
@@ -114,22 +114,10 @@ def bench_shape(m: int, n: int, k: int, budget_s: float, with_bnb: bool) -> dict
             "spread_ms": {k: {f: t[f] for f in ("min", "max", "repeats")} for k, t in timings.items()}}
 
 
-def random_ggml(qtype: str, n: int, k: int, seed: int = 0) -> GGMLWeight:
-    """A ggml weight of random blocks whose f16 scale fields are small finite halves."""
-    _, elems, nbytes = GGML_TYPES[qtype]
-    g = torch.Generator().manual_seed(seed)
-    blocks = torch.randint(0, 256, (n * k // elems, nbytes), dtype=torch.uint8, generator=g)
-    scale_at = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q8_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}[qtype]
-    for o in scale_at:
-        halves = (torch.randn(len(blocks), generator=g) * 0.01).half()
-        blocks[:, o:o + 2] = halves.view(torch.uint8).reshape(-1, 2)
-    return GGMLWeight(blocks.reshape(n, -1), qtype, (n, k))
-
-
 def bench_ggml_shape(m: int, n: int, k: int, qtype: str, budget_s: float) -> list[dict]:
     """One row per path that runs at this M: int8 and fp32 fused kernels (M <= the fused
     limit), the tiled GEMM above it; each against F.linear on the exact weight."""
-    w = random_ggml(qtype, n, k, seed=n * 31 + k)
+    w = random_weight(qtype, n, k, seed=n * 31 + k)
     w_dense = ggml_cpu.dequantize_rows(w)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     ref = F.linear(x, w_dense)
