@@ -50,7 +50,7 @@ def side_by_side(left: str, right: str, width: int = 44) -> str:
 
 def main() -> int:
     t0 = time.time()
-    model, info = load_model(quantize="nf4")
+    model, info = load_model()  # the GGUF's own 4-bit blocks
     note = info["note"]
     print(f"model: {note}")
     book = next(b for b in load_books("test") if b["title"] == BOOK)
