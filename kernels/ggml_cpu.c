@@ -6,13 +6,12 @@
  *   ggml_dequant_rows: rows [n0, n1) -> fp32 [n1-n0, K], bit-identical to the gguf
  *                      package (same fp32 operations in the same order; built with
  *                      -ffp-contract=off so no multiply-add is fused).
- *   ggml_quantize_x:   fp32 activations [M, K] -> int8 blocks of 32 with an fp32 scale and
- *                      the scaled block sum (llama.cpp's Q8_1 idea), for the int8 path.
- *   ggml_gemv_q8:      y = x W^T from int8 activations: integer dot products per block
- *                      (vpmaddubsw, or vpdpbusd where AVX-VNNI exists), one fp32 FMA per
- *                      block. Q4_0, Q4_1, Q8_0.
- *   ggml_gemv_f32:     y = x W^T from fp32 activations: each weight row is decoded exactly
- *                      into a per-thread buffer, then dotted with every row of x. Any type.
+ *   ggml_gemv_int8:    y = x W^T with x quantized to int8 blocks of 32 (an fp32 scale and
+ *                      the scaled block sum, llama.cpp's Q8_1 idea): integer dot products
+ *                      per block (vpmaddubsw, or vpdpbusd where AVX-VNNI exists), four
+ *                      weight rows per pass, one fp32 FMA per block. Q4_0, Q4_1, Q8_0.
+ *   ggml_gemv_f32:     y = x W^T from fp32 activations, fused per type with AVX2 (equal
+ *                      to decode-then-dot up to summation order). Any type.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -196,20 +195,6 @@ AVX2 static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-AVX2 static float dot_avx2(const float *a, const float *b, int64_t K) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), s1);
-        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 16), _mm256_loadu_ps(b + k + 16), s2);
-        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 24), _mm256_loadu_ps(b + k + 24), s3);
-    }
-    float r = hsum8(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
-    for (; k < K; k++) r += a[k] * b[k];
-    return r;
-}
-
 static float dot_scalar(const float *a, const float *b, int64_t K) {
     float r = 0.0f;
     for (int64_t k = 0; k < K; k++) r += a[k] * b[k];
@@ -353,12 +338,11 @@ AVX2 static float row_dot_f32_q6_k(const uint8_t *row, const float *x, int64_t n
 }
 
 /* y[m, n] (row stride ldy) = sum_k x[m, k] (row stride ldx) * W[n, k] on fp32 x: fused for
- * every type with AVX2, otherwise each row decoded exactly into a buffer, then dotted. */
+ * every type with AVX2; the portable path decodes each row exactly into a buffer, then dots. */
 void ggml_gemv_f32(int type, const uint8_t *w, int64_t row_bytes, const float *x, int64_t ldx, int64_t M,
                    float *y, int64_t ldy, int64_t N, int64_t K, int nthreads, int use_avx2) {
     int nt = pick_threads(N * K, nthreads);
-    int fused = use_avx2;
-    if (fused) {
+    if (use_avx2) {
         int64_t nb = K / 32;
         float *xs = (float *)malloc(sizeof(float) * M * nb);
         for (int64_t m = 0; m < M; m++)
@@ -391,7 +375,7 @@ void ggml_gemv_f32(int type, const uint8_t *w, int64_t row_bytes, const float *x
         for (int64_t n = 0; n < N; n++) {
             dequant_row(type, w + n * row_bytes, K, buf);
             for (int64_t m = 0; m < M; m++)
-                y[m * ldy + n] = use_avx2 ? dot_avx2(buf, x + m * ldx, K) : dot_scalar(buf, x + m * ldx, K);
+                y[m * ldy + n] = dot_scalar(buf, x + m * ldx, K);
         }
         free(buf);
     }
@@ -401,7 +385,7 @@ void ggml_gemv_f32(int type, const uint8_t *w, int64_t row_bytes, const float *x
 
 /* x [M, K] (row stride ldx) -> qx int8 [M, K], dx [M, K/32] (scale), sx [M, K/32] (scale *
  * sum of the block's int8 values). Round half away from zero, like roundf. */
-void ggml_quantize_x(const float *x, int64_t ldx, int64_t M, int64_t K, int8_t *qx, float *dx, float *sx) {
+static void quantize_x(const float *x, int64_t ldx, int64_t M, int64_t K, int8_t *qx, float *dx, float *sx) {
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * ldx;
         for (int64_t b = 0; b < K / 32; b++) {
@@ -552,29 +536,11 @@ static float row_dot_scalar(int type, const uint8_t *row, const int8_t *qx, cons
     return acc;
 }
 
-/* y[m, n] = sum_k x[m, k] W[n, k] from fp32 x, quantized here (one call per product: decode
- * runs hundreds of them per token, so each saved call and allocation counts). */
-void ggml_gemv_q8(int type, const uint8_t *w, int64_t row_bytes, const int8_t *qx, const float *dx,
-                  const float *sx, int64_t M, float *y, int64_t ldy, int64_t N, int64_t K, int nthreads,
-                  int isa);
-
-void ggml_gemv_int8(int type, const uint8_t *w, int64_t row_bytes, const float *x, int64_t ldx, int64_t M,
-                    float *y, int64_t ldy, int64_t N, int64_t K, int nthreads, int isa) {
-    int64_t nb = K / 32;
-    int8_t *qx = (int8_t *)malloc((size_t)(M * K));
-    float *dx = (float *)malloc(sizeof(float) * M * nb), *sx = (float *)malloc(sizeof(float) * M * nb);
-    ggml_quantize_x(x, ldx, M, K, qx, dx, sx);
-    ggml_gemv_q8(type, w, row_bytes, qx, dx, sx, M, y, ldy, N, K, nthreads, isa);
-    free(qx);
-    free(dx);
-    free(sx);
-}
-
-/* y[m, n] = sum_k x[m, k] W[n, k] from quantized x (ggml_quantize_x). isa: 0 scalar, 1 AVX2,
+/* y[m, n] = sum_k x[m, k] W[n, k] from quantized x (quantize_x). isa: 0 scalar, 1 AVX2,
  * 2 AVX2 + AVX-VNNI. Types Q4_0, Q4_1, Q8_0. */
-void ggml_gemv_q8(int type, const uint8_t *w, int64_t row_bytes, const int8_t *qx, const float *dx,
-                  const float *sx, int64_t M, float *y, int64_t ldy, int64_t N, int64_t K, int nthreads,
-                  int isa) {
+static void gemv_q8(int type, const uint8_t *w, int64_t row_bytes, const int8_t *qx, const float *dx,
+                    const float *sx, int64_t M, float *y, int64_t ldy, int64_t N, int64_t K, int nthreads,
+                    int isa) {
     int nt = pick_threads(N * K, nthreads);
     int64_t nb = K / 32;
     int64_t groups = isa ? N / 4 : 0; /* the SIMD paths take rows four at a time */
@@ -601,4 +567,18 @@ void ggml_gemv_q8(int type, const uint8_t *w, int64_t row_bytes, const int8_t *q
             y[m * ldy + n] = v;
         }
     }
+}
+
+/* y[m, n] = sum_k x[m, k] W[n, k] from fp32 x, quantized here (one call per product: decode
+ * runs hundreds of them per token, so each saved call and allocation counts). */
+void ggml_gemv_int8(int type, const uint8_t *w, int64_t row_bytes, const float *x, int64_t ldx, int64_t M,
+                    float *y, int64_t ldy, int64_t N, int64_t K, int nthreads, int isa) {
+    int64_t nb = K / 32;
+    int8_t *qx = (int8_t *)malloc((size_t)(M * K));
+    float *dx = (float *)malloc(sizeof(float) * M * nb), *sx = (float *)malloc(sizeof(float) * M * nb);
+    quantize_x(x, ldx, M, K, qx, dx, sx);
+    gemv_q8(type, w, row_bytes, qx, dx, sx, M, y, ldy, N, K, nthreads, isa);
+    free(qx);
+    free(dx);
+    free(sx);
 }

@@ -31,10 +31,6 @@ def _lib() -> ctypes.CDLL | None:
     lib.ggml_dequant_rows.argtypes = [cint, ptr, i64, ptr, i64, i64, i64, cint]
     lib.ggml_gemv_f32.restype = None
     lib.ggml_gemv_f32.argtypes = [cint, ptr, i64, ptr, i64, i64, ptr, i64, i64, i64, cint, cint]
-    lib.ggml_quantize_x.restype = None
-    lib.ggml_quantize_x.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr]
-    lib.ggml_gemv_q8.restype = None
-    lib.ggml_gemv_q8.argtypes = [cint, ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, cint, cint]
     lib.ggml_gemv_int8.restype = None
     lib.ggml_gemv_int8.argtypes = [cint, ptr, i64, ptr, i64, i64, ptr, i64, i64, i64, cint, cint]
     return lib

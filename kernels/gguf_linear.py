@@ -147,12 +147,13 @@ class GGUFEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim, self.qtype = num_embeddings, embedding_dim, qtype
         self.register_buffer("blocks", torch.zeros(num_embeddings, embedding_dim // elems * nbytes, dtype=torch.uint8))
         self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).reshape(()), persistent=False)
+        self._scaled = float(scale) != 1.0
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         rows = self.blocks.index_select(0, input_ids.reshape(-1))
         w = GGMLWeight(rows, self.qtype, (rows.shape[0], self.embedding_dim))
         out = dequantize_ggml(w).to(self.blocks.device).reshape(*input_ids.shape, self.embedding_dim)
-        return out * self.scale if self.scale.item() != 1.0 else out
+        return out * self.scale if self._scaled else out
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.qtype}"
@@ -265,9 +266,8 @@ def load_gguf_layers(model: nn.Module, path: str | Path, activations: str = "int
             continue
         if tuple(lin.weight.shape) != w.shape:
             raise LongsideError(f"{path}: {name} is {w.shape} in the file, {tuple(lin.weight.shape)} in the model")
-        new = GGUFLinear.from_weight(w, lin.bias, activations)
+        new = GGUFLinear.from_weight(w, lin.bias, activations)  # a tied head holds the embedding's very blocks
         if w is shared_blocks:
-            new.blocks = shared_blocks.blocks  # one copy of the tied table
             report["layers"] += 1
             report["types"][w.qtype] = report["types"].get(w.qtype, 0) + 1
         else:

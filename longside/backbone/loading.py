@@ -38,7 +38,7 @@ def load_backbone(name_or_path: str | os.PathLike = "smollm2-135m", *, dtype: to
 
     `quantize`: None picks the default: "native" for a GGUF, "fp32" for a Hugging Face
     directory. "native" keeps the GGUF's own blocks (Q4_0/Q4_1/Q5_0/Q8_0/Q4_K/Q6_K) in
-    `GGUFLinear`/`GGUFEmbedding` layers, nothing dequantized; "fp32" runs the dequantized
+    `GGUFLinear`/`GGUFEmbedding` layers that multiply with them as they are; "fp32" runs the dequantized
     float32 copy (a reference for training and tests); "nf4" re-quantizes every decoder
     linear layer to a 4-bit `QuantLinear` (for bf16/fp16 Hugging Face checkpoints).
     The choice and its byte counts are kept as `backbone.quantization` (None for fp32).
