@@ -16,7 +16,7 @@ from longside.data import load_books
 
 
 def main() -> None:
-    fp32, _ = load_model()
+    fp32, _ = load_model(quantize="fp32")
     nf4, _ = load_model(quantize="nf4")
     book = load_books("test")[1]
     text = "\n\n".join(c["text"] for c in book["chapters"][:2])

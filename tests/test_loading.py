@@ -30,7 +30,7 @@ def test_nf4_backbone_stays_close_to_fp32():
     agreement (this model, 1024 tokens of this book: `python experiments/nf4_vs_fp32.py`).
     Tolerance: NF4 must be worse than fp32 (else the 4-bit path is not in use) by at most
     40%, and agree on the top-1 token at >= 55% of positions."""
-    fp32, _ = load_model()
+    fp32, _ = load_model(quantize="fp32")
     nf4, info = load_model(quantize="nf4")
     assert "nf4 backbone" in info["note"] and info["quantize"] == "nf4"
     tok = fp32.backbone.tokenizer

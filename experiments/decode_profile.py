@@ -1,0 +1,117 @@
+"""Where a decoded token's time goes, for the shipped model on its GGUF blocks (numbers in
+docs/results.md#generation-speed-native and the session-12 note).
+
+    python experiments/decode_profile.py profile    # cProfile of generate(): 33 tokens after a 128-token prompt
+    python experiments/decode_profile.py products   # the 90 MLP products of SmolLM2's 30 blocks, in a tight loop,
+                                                    # and the fixed cost of one call
+    python experiments/decode_profile.py compile    # the 30 MLP halves at T=1: eager against torch.compile,
+                                                    # the GGUF product as a torch.library custom op
+
+Threads: 2 (the bench's setting); `products` also times one. Timings are best/mean of a
+few repeats on a shared machine: compare within one run.
+"""
+
+import cProfile
+import pstats
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from longside import load_model
+from longside.backbone import load_backbone
+from longside.inference.generate import generate
+from longside.kernels import ggml_cpu
+from longside.kernels.ggml import GGMLWeight
+
+
+def profile() -> None:
+    model, _ = load_model()
+    prompt = torch.randint(0, 49000, (1, 128), generator=torch.Generator().manual_seed(0))
+    generate(model, prompt, 4, eos_token_id=[], write_memory=False)
+
+    def run(n):
+        t = time.perf_counter()
+        generate(model, prompt, n, eos_token_id=[], write_memory=False)
+        return time.perf_counter() - t
+
+    t1, tn = min(run(1) for _ in range(2)), min(run(33) for _ in range(2))
+    print(f"decode {32 / (tn - t1):.1f} tokens/s")
+    prof = cProfile.Profile()
+    prof.runcall(run, 33)
+    pstats.Stats(prof).sort_stats("cumtime").print_stats(40)
+
+
+def _mlp_weights(bb):
+    return [m.ggml_weight() for layer in bb.parts.layers
+            for m in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
+
+
+def products() -> None:
+    ws = _mlp_weights(load_backbone("smollm2-135m"))
+    xs = {k: torch.randn(1, k) for k in (576, 1536)}
+    nbytes = sum(w.blocks.numel() for w in ws)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+
+        def run():
+            for w in ws:
+                ggml_cpu.gemv_int8(xs[w.shape[1]], w)
+
+        run()
+        t = time.perf_counter()
+        for _ in range(20):
+            run()
+        dt = (time.perf_counter() - t) / 20
+        print(f"{threads} thread(s): {dt * 1e3:.2f} ms for {len(ws)} products, {nbytes / dt / 1e9:.1f} GB/s of weights")
+    tiny = GGMLWeight(ws[0].blocks[:4].contiguous(), ws[0].qtype, (4, ws[0].shape[1]))
+    for _ in range(100):
+        ggml_cpu.gemv_int8(xs[576], tiny)
+    t = time.perf_counter()
+    for _ in range(2000):
+        ggml_cpu.gemv_int8(xs[576], tiny)
+    print(f"fixed cost of one call (a 4 x 576 product): {(time.perf_counter() - t) / 2000 * 1e6:.1f} us")
+
+
+@torch.library.custom_op("longside_experiment::ggml_mm", mutates_args=())
+def _ggml_mm(x: torch.Tensor, blocks: torch.Tensor, qtype: str, n: int, k: int) -> torch.Tensor:
+    return ggml_cpu.gemv_int8(x.reshape(-1, k).contiguous(), GGMLWeight(blocks, qtype, (n, k))).reshape(*x.shape[:-1], n)
+
+
+@_ggml_mm.register_fake
+def _(x, blocks, qtype, n, k):
+    return x.new_empty(*x.shape[:-1], n)
+
+
+def compile_mlp() -> None:
+    layers = load_backbone("smollm2-135m").parts.layers
+
+    def lin(m, x):
+        return torch.ops.longside_experiment.ggml_mm(x, m.blocks, m.qtype, m.out_features, m.in_features)
+
+    def mlp_stack(h):
+        for layer in layers:
+            x = F.rms_norm(h, (h.shape[-1],), layer.post_attention_layernorm.weight, 1e-5)
+            h = h + lin(layer.mlp.down_proj, F.silu(lin(layer.mlp.gate_proj, x)) * lin(layer.mlp.up_proj, x))
+        return h
+
+    h = torch.randn(1, 1, 576)
+
+    def ms(f, reps=30):
+        f(h)
+        t = time.perf_counter()
+        for _ in range(reps):
+            f(h)
+        return (time.perf_counter() - t) / reps * 1e3
+
+    print(f"eager {ms(mlp_stack):.1f} ms")
+    t = time.perf_counter()
+    compiled = torch.compile(mlp_stack, dynamic=False)
+    compiled(h)
+    print(f"compile {time.perf_counter() - t:.0f} s; compiled {ms(compiled):.1f} ms; eager again {ms(mlp_stack):.1f} ms")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    {"profile": profile, "products": products, "compile": compile_mlp}[sys.argv[1] if len(sys.argv) > 1 else "profile"]()
