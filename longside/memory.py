@@ -77,6 +77,20 @@ class Memory:
                 distance=config.backbone_memory_distance or config.window, chunk_size=config.chunk_size,
                 capacity_tokens=config.capacity_tokens, index=config.index)
 
+    @classmethod
+    def stack(cls, memories: list["Memory"]) -> "Memory":
+        """A memory whose row b is row 0 of `memories[b]` (the banks are shared, not
+        copied): a batch of sequences that each keep a memory of their own. Without
+        backbone memory only."""
+        if not memories or any(m.rows != 1 or m.blocks is not None for m in memories):
+            raise LongsideError("Memory.stack takes one-row memories without backbone memory")
+        first = memories[0]
+        stacked = cls.__new__(cls)
+        stacked._backbone, stacked.config, stacked.token_layer = first._backbone, first.config, first.token_layer
+        stacked.layer = BatchMemory.of([m.banks[0] for m in memories])
+        stacked.blocks = None
+        return stacked
+
     # -- what it holds ---------------------------------------------------------------
     @property
     def rows(self) -> int:

@@ -164,14 +164,17 @@ class LongSideModel(nn.Module):
         backbone or with other backbone-memory blocks, and corrupt files."""
         self.memory.load(path, row)
 
-    def encode(self, input_ids: torch.Tensor, use_memory: bool = True, segment=None, **kwargs):
+    def encode(self, input_ids: torch.Tensor, use_memory: bool = True, segment=None, memory: Memory | None = None,
+               **kwargs):
         """`Backbone.encode` of `input_ids [B, T]` at the memory layer. With backbone memory,
         its blocks also read memory (`use_memory`) and record the tokens' keys/values in
         `segment` (a `backbone_memory.Segment`; default a new one, for a whole segment from
         position 0), which `write_segment` stores; the output keeps it as `out.backbone_segment`.
-        kwargs go to `Backbone.encode` (cache, positions for incremental decoding)."""
+        `memory`: whose backbone memory (default the model's). kwargs go to `Backbone.encode`
+        (cache, positions for incremental decoding)."""
         ids = input_ids.to(self.backbone.device)
-        bm = self._memory.blocks if self._memory is not None else None
+        memory = memory if memory is not None else self._memory
+        bm = memory.blocks if memory is not None else None
         if bm is None:
             return self.backbone.encode(ids, memory_layer=self.config.memory_layer, **kwargs)
         segment = segment if segment is not None else bm.segment()
@@ -195,20 +198,22 @@ class LongSideModel(nn.Module):
         """The token-cache keys `[B, T, d]` of a `BackboneOutput` (None without a token cache)."""
         return out.hidden_states[self.token_layer] if self.config.token_cache else None
 
-    def search_tokens(self, keys: torch.Tensor | None, ids: torch.Tensor | None = None) -> TokenHits | None:
+    def search_tokens(self, keys: torch.Tensor | None, ids: torch.Tensor | None = None,
+                      memory: Memory | None = None) -> TokenHits | None:
         """Token-cache hits for the positions of `keys [B, T, d]`: nearest stored contexts
         and, with the copy read, exact matches of the text ending there (`ids [B, C]`: the
         current segment's tokens up to these positions, C >= T). None when there is no
-        token cache or nothing stored yet."""
-        if keys is None or self._memory is None:
+        token cache or nothing stored yet. `memory`: whose (default the model's)."""
+        memory = memory if memory is not None else self._memory
+        if keys is None or memory is None:
             return None
-        sims, nxt = self._memory.layer.search_tokens(keys, self.config.token_k)
+        sims, nxt = memory.layer.search_tokens(keys, self.config.token_k)
         if not sims.shape[-1]:
             return None
         B, T = keys.shape[:2]
         ck = self.config.token_copy_k
         if ck and ids is not None:
-            lens, cnxt = self._memory.layer.match_tokens(ids, T, ck)
+            lens, cnxt = memory.layer.match_tokens(ids, T, ck)
         else:
             lens = cnxt = torch.zeros(B, T, 0, dtype=torch.int64, device=sims.device)
         return TokenHits(sims, nxt, lens.to(sims.device), cnxt.to(sims.device))

@@ -24,6 +24,16 @@ class BatchMemory:
             raise MemoryBankError(f"batch_size must be >= 1, got {batch_size}")
         self.banks = [MemoryBank(**bank_kwargs) for _ in range(batch_size)]
 
+    @classmethod
+    def of(cls, banks: Sequence[MemoryBank]) -> "BatchMemory":
+        """A batch whose row b is `banks[b]` itself (shared, not copied): rows that come
+        and go, each with a bank of its own (a server's users)."""
+        if not banks:
+            raise MemoryBankError("a batch needs at least one bank")
+        batch = cls.__new__(cls)
+        batch.banks = list(banks)
+        return batch
+
     def __len__(self) -> int:
         return len(self.banks)
 
@@ -63,11 +73,13 @@ class BatchMemory:
         nxt = torch.stack([torch.nn.functional.pad(n, (0, p), value=0) for (_, n), p in zip(hits, pad)])
         return sims, nxt
 
-    def match_tokens(self, context: torch.Tensor, n_queries: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`context [B, C]` token ids after each row's memorized text -> match lengths and
-        next ids `[B, n_queries, k]` int64 for its last `n_queries` positions (0: none)."""
-        if context.dim() != 2 or context.shape[0] != len(self.banks):
-            raise MemoryBankError(f"context must be [B={len(self.banks)}, C], got {tuple(context.shape)}")
+    def match_tokens(self, context, n_queries: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`context [B, C]` token ids after each row's memorized text (or a list of B `[C_b]`
+        tensors, rows of different lengths) -> match lengths and next ids `[B, n_queries, k]`
+        int64 for its last `n_queries` positions (0: none)."""
+        if len(context) != len(self.banks) or (isinstance(context, torch.Tensor) and context.dim() != 2):
+            shape = tuple(context.shape) if isinstance(context, torch.Tensor) else f"{len(context)} rows"
+            raise MemoryBankError(f"context must be [B={len(self.banks)}, C], got {shape}")
         hits = [bank.match_tokens(c, n_queries, k) for bank, c in zip(self.banks, context)]
         return torch.stack([h[0] for h in hits]), torch.stack([h[1] for h in hits])
 

@@ -21,6 +21,8 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("longside.cli.train", "train the side network"),
     "fit-cache": ("longside.cli.fit_cache", "fit the token cache's gate on validation books"),
     "eval": ("longside.cli.eval", "evaluations: ppl, chapterbreak, icl, passkey, all"),
+    "serve": ("longside.cli.serve", "an OpenAI-compatible server; every user keeps a memory"),
+    "keys": ("longside.cli.keys", "API keys for `longside serve` (add, list, remove)"),
 }
 _BENCHES: dict[str, tuple[str, str]] = {
     "kernels": ("longside.bench.kernels", "NF4 matmul kernels against fp32 and bitsandbytes"),

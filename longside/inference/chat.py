@@ -35,7 +35,7 @@ from longside.errors import LongsideError, MemoryBankError, SessionError
 from longside.inference.generate import decode_loop, eos_ids
 from longside.inference.sampling import GenerationConfig, TextPieces, make_generator
 from longside.inference.window import LocalWindow
-from longside.memory import MAIN_FILE, block_file, is_bank_file
+from longside.memory import MAIN_FILE, Memory, block_file, is_bank_file
 from longside.paths import atomic_dir, recover, sha256_file
 
 if TYPE_CHECKING:
@@ -56,18 +56,29 @@ class ChatSession:
     """
 
     def __init__(self, model: "LongSideModel", system: str | None = None, *,
-                 config: GenerationConfig | None = None, **options):
+                 config: GenerationConfig | None = None, memory: Memory | None = None, **options):
         self.model, self.system = model, system
         options.setdefault("max_new_tokens", 256 if config is None else config.max_new_tokens)
         self.config = (config or GenerationConfig()).updated(**options)
         self._gen = make_generator(self.config.seed)
-        model.memory_for(1)
+        # a memory of its own (one row; e.g. a server's user), or row 0 of the model's
+        self._memory = memory
+        if memory is None:
+            model.memory_for(1)
+        elif memory.rows != 1:
+            raise LongsideError(f"a chat session's memory has one row, got {memory.rows}")
+        self.meta: dict = {}  # what an application keeps with the session (saved with it, as JSON)
         self._new_conversation()
+
+    @property
+    def memory(self) -> Memory:
+        return self._memory if self._memory is not None else self.model.memory
 
     def _new_conversation(self) -> None:
         self.messages: list[dict[str, str]] = [{"role": "system", "content": self.system}] if self.system else []
-        self.window = LocalWindow(self.model, 1)
+        self.window = LocalWindow(self.model, 1, memory=self._memory)
         self._fed = ""  # the chat-template text whose tokens have been read (window + memory)
+        self._turn = ""  # the chat-template text of the last turn's prompt
 
     # -- talking -------------------------------------------------------------------------
     def send(self, message: str) -> str:
@@ -78,17 +89,8 @@ class ChatSession:
         """Yield the reply to `message` in pieces as it is generated."""
         if not isinstance(message, str) or not message.strip():
             raise LongsideError("empty message: type something to send")
-        tok = self.model.backbone.tokenizer
-        self.messages.append({"role": "user", "content": message})
-        # messages are text: special-token strings in them can never forge a role or turn
-        shown = [{**m, "content": plain_text(tok, m["content"])} for m in self.messages]
-        full = tok.apply_chat_template(shown, add_generation_prompt=True, tokenize=False)
-        # feed only what is new since the last turn. A template that rewrites earlier text
-        # (e.g. trims a reply) breaks the prefix; what was read stays read, so feed from
-        # where the texts part
-        same = len(os.path.commonprefix([full, self._fed]))
-        ids = torch.tensor([tokenize(tok, full[same:])])
-        pieces = TextPieces(tok, [])
+        ids = self.begin(self.messages + [{"role": "user", "content": message}])
+        pieces = TextPieces(self.model.backbone.tokenizer, [])
         chosen: list[int] = []
         try:
             for t, texts in decode_loop(self.window, ids, self.config,
@@ -100,40 +102,69 @@ class ChatSession:
             if tail:
                 yield tail
         finally:  # also when the caller stops early: keep what was said
-            self.messages.append({"role": "assistant", "content": pieces.text})
-            # every chosen token but the last has been read into the window
-            self._fed = full + tok.decode(chosen[:-1], skip_special_tokens=False)
+            self.end(chosen, pieces.text)
+
+    def begin(self, messages: list[dict[str, str]]) -> torch.Tensor:
+        """Start a turn whose conversation is `messages` (ending with the user's) -> the token
+        ids `[1, T]` to feed the window now: only what was not read before. Then the
+        caller decodes (`stream` does, or a server's batch) and calls `end`."""
+        tok = self.model.backbone.tokenizer
+        self.messages = list(messages)
+        # messages are text: special-token strings in them can never forge a role or turn
+        shown = [{**m, "content": plain_text(tok, m["content"])} for m in self.messages]
+        full = tok.apply_chat_template(shown, add_generation_prompt=True, tokenize=False)
+        # feed only what is new since the last turn. A template that rewrites earlier text
+        # (e.g. trims a reply) breaks the prefix; what was read stays read, so feed from
+        # where the texts part
+        same = len(os.path.commonprefix([full, self._fed]))
+        if self._fed and (not full[same:] or (self._turn and not full.startswith(self._turn))):
+            # another conversation (or the same turn again): what the window holds moves
+            # into memory, and the new conversation starts a window of its own
+            self.window.flush()
+            same = 0
+        self._turn = full
+        return torch.tensor([tokenize(tok, full[same:])])
+
+    def end(self, chosen: list[int], reply: str) -> None:
+        """Finish the turn `begin` started: `chosen` token ids were decoded (every one but
+        the last read into the window), `reply` is their text."""
+        self.messages.append({"role": "assistant", "content": reply})
+        self._fed = self._turn + self.model.backbone.tokenizer.decode(chosen[:-1], skip_special_tokens=False)
 
     # -- memory --------------------------------------------------------------------------
     def memorize(self, source, progress: bool = True) -> int:
         """Read text, a file or an iterable of those into this session's memory; returns tokens."""
-        return self.model.memorize(source, row=0, progress=progress)
+        return self.memory.memorize(source, rows=[0], progress=progress)
 
     def clear(self) -> None:
         """Forget the conversation and everything in memory (the system prompt stays)."""
-        self.model.reset_memory()
+        self.memory.reset()
         self._new_conversation()
 
     def stats(self) -> dict:
         """Turns, tokens in the local window and in memory, and the memory bank's stats."""
-        bank = self.model.memory.banks[0]
+        bank = self.memory.banks[0]
         return {"turns": sum(m["role"] == "user" for m in self.messages), "window_tokens": self.window.n,
                 "window": self.window.window, "segments_moved_to_memory": self.window.segments_written,
                 "memory_tokens": len(bank), "memory": bank.stats()}
 
     # -- persistence ---------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, *, memory_unchanged: bool = False) -> None:
         """Write transcript, local window and memory to the directory `path`, atomically:
-        a failure leaves any previous session at `path` as it was."""
+        a failure leaves any previous session at `path` as it was. `memory_unchanged`: the
+        caller knows memory was not written since the last save to `path`, whose memory
+        file is then kept (linked, not rewritten; a server saves after every turn)."""
         model = self.model
         path = Path(path)
         if path.is_symlink() and path.resolve().is_dir():
             path = path.resolve()  # a link to a session: save into the session it points to
         with atomic_dir(path, marker=_MANIFEST) as tmp:
             _keep_foreign_files(Path(path), tmp)
-            files = model.memory.write_files(tmp, 0)
+            memory = self.memory
+            files = _previous_memory(path, tmp) if memory_unchanged and memory.blocks is None else None
+            files = files or memory.write_files(tmp, 0)
             # with backbone memory, each block's bank too
-            blocks = {str(L): files[block_file(L)] for L in (model.memory.blocks.layers if model.memory.blocks else ())}
+            blocks = {str(L): files[block_file(L)] for L in (memory.blocks.layers if memory.blocks else ())}
             body = {
                 "format": FORMAT, "version": VERSION,
                 "owner": model.backbone.owner_id(model.config.memory_layer),
@@ -145,13 +176,19 @@ class ChatSession:
                 "memory_sha256": files[MAIN_FILE],
                 "backbone_memory_sha256": blocks,
             }
+            if self.meta:  # absent otherwise, so sessions saved before it still match
+                body["meta"] = self.meta
+            if self._turn:
+                body["turn"] = self._turn
             (tmp / _MANIFEST).write_text(json.dumps({"sha256": _sha256_json(body), "body": body}, indent=1))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: "LongSideModel", seed: int | None = None) -> "ChatSession":
+    def load(cls, path: str | os.PathLike, model: "LongSideModel", seed: int | None = None, *,
+             own_memory: bool = False) -> "ChatSession":
         """Resume a session saved with `save`. Raises SessionError if it is corrupt, from
         another format version, or made with another backbone or side network; the model's
-        memory is left untouched then."""
+        memory is left untouched then. `own_memory`: the session gets a memory of its own
+        instead of replacing the model's."""
         path = Path(path)
         recover(path)
         body = _read_manifest(path)
@@ -175,14 +212,36 @@ class ChatSession:
         except MemoryBankError as e:
             raise SessionError(f"session {path}: {e}") from None
         # everything was read and checked: only now does the session's memory replace the model's
-        model.init_memory(1).put_row(0, bank, block_banks)
-        session = cls(model, body["system"], config=config.updated(seed=seed))
+        memory = Memory(model.backbone, model.config, 1) if own_memory else model.init_memory(1)
+        memory.put_row(0, bank, block_banks)
+        session = cls(model, body["system"], config=config.updated(seed=seed),
+                      memory=memory if own_memory else None)
         session.messages, session._fed = body["messages"], body["fed"]
-        session.window = LocalWindow(model, 1)
+        session.meta, session._turn = body.get("meta", {}), body.get("turn", "")
+        session.window = LocalWindow(model, 1, memory=session._memory)
         if body["window_ids"]:  # rebuild the local caches by reading the window again
             session.window.feed(torch.tensor([body["window_ids"]]))
         session.window.segments_written = body["segments_written"]
         return session
+
+
+def saved_memory_sha256(path: str | os.PathLike) -> str | None:
+    """The checksum of the memory file of the session saved at `path` (None: none saved)."""
+    try:
+        return _read_manifest(Path(path))["memory_sha256"]
+    except (SessionError, KeyError):
+        return None
+
+
+def _previous_memory(old: Path, new: Path) -> dict[str, str] | None:
+    """Link the memory file of the session saved at `old` into `new` -> {file: sha256}
+    as its manifest recorded it, or None where there is none to keep."""
+    try:
+        digest = _read_manifest(old)["memory_sha256"]
+        os.link(old / _MEMORY, new / _MEMORY)
+    except (SessionError, OSError, KeyError):
+        return None
+    return {MAIN_FILE: digest}
 
 
 def _keep_foreign_files(old: Path, new: Path) -> None:
@@ -219,6 +278,10 @@ def _check_body(body: dict, model: "LongSideModel", path: Path) -> GenerationCon
     if (not isinstance(ids, list) or len(ids) >= model.config.window
             or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in ids)):
         raise bad(f"the local window is not a list of fewer than {model.config.window} token ids below {vocab}")
+    if not isinstance(body.get("meta", {}), dict):
+        raise bad("its application data (meta) is not an object")
+    if not isinstance(body.get("turn", ""), str):
+        raise bad("the last turn's prompt is not text")
     n = body["segments_written"]
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise bad("segments_written is not a count")

@@ -26,6 +26,7 @@ from longside.errors import LongsideError
 from longside.nn.memory_attention import memory_inputs
 
 if TYPE_CHECKING:
+    from longside.memory import Memory
     from longside.model import LongSideModel
 
 
@@ -44,14 +45,18 @@ class LocalWindow:
     """
 
     def __init__(self, model: "LongSideModel", batch_size: int = 1, *, use_memory: bool = True,
-                 write_memory: bool = True):
+                 write_memory: bool = True, memory: "Memory | None" = None):
         if batch_size < 1:
             raise LongsideError(f"batch_size must be >= 1, got {batch_size}")
+        if memory is not None and memory.rows != batch_size:
+            raise LongsideError(f"a memory of {memory.rows} row(s) for a batch of {batch_size}")
         self.model, self.batch_size = model, batch_size
         self.use_memory, self.write_memory = use_memory, write_memory
         self.window = model.config.window
         self.layer = model.config.memory_layer
-        if use_memory or write_memory:
+        # whose memory this window reads and writes: its own (a server's user), or the model's
+        self._own_memory = memory
+        if memory is None and (use_memory or write_memory):
             model.memory_for(batch_size)
         self.segments_written = 0
         self._restart()
@@ -66,8 +71,12 @@ class LocalWindow:
         self.keys = torch.zeros(B, 0, spec.num_kv_heads, spec.head_dim, device=dev)
         self.values = torch.zeros_like(self.keys)
         self.token_keys = torch.zeros(B, 0, spec.hidden_size, device=dev) if self.model.config.token_cache else None
-        bm = self.model.backbone_memory if self.model.config.backbone_memory_layers else None
+        bm = self.memory.blocks if self.model.config.backbone_memory_layers else None
         self.backbone_segment = bm.segment() if bm is not None else None  # this window's own
+
+    @property
+    def memory(self) -> "Memory":
+        return self._own_memory if self._own_memory is not None else self.model.memory
 
     @property
     def n(self) -> int:
@@ -80,7 +89,7 @@ class LocalWindow:
     def flush(self) -> None:
         """Write the current (possibly partial) segment to memory and start a new one."""
         if self.n and self.write_memory:
-            self.model.memory.add(self.keys, self.values, token_keys=self.token_keys,
+            self.memory.add(self.keys, self.values, token_keys=self.token_keys,
                                   token_ids=self.ids if self.token_keys is not None else None,
                                   backbone_segment=self.backbone_segment)
             self.segments_written += 1
@@ -121,7 +130,8 @@ class LocalWindow:
         B, T = ids.shape
         start = self.n
         position_ids = torch.arange(start, start + T, device=ids.device).expand(B, T)
-        out = model.encode(ids, self.use_memory, self.backbone_segment, cache=self.cache, use_cache=True,
+        memory = self.memory
+        out = model.encode(ids, self.use_memory, self.backbone_segment, memory, cache=self.cache, use_cache=True,
                            position_ids=position_ids)
         self.cache = out.cache
         self.ids = torch.cat([self.ids, ids], 1)
@@ -130,7 +140,7 @@ class LocalWindow:
         mem = None
         if self.use_memory:
             k = model.config.k_chunks
-            mem = memory_inputs(bb, out, self.layer, lambda q: model.memory.search(q, k),
+            mem = memory_inputs(bb, out, self.layer, lambda q: memory.search(q, k),
                                 start=start, window_keys=self.keys)
         # the side blocks see every new token (their caches need it); the LM head only
         # the positions whose logits are wanted
@@ -140,6 +150,6 @@ class LocalWindow:
             self.token_keys = torch.cat([self.token_keys, tok_keys], 1)
         if not all_logits:
             h, tok_keys = h[:, -1:], None if tok_keys is None else tok_keys[:, -1:]
-        hits = model.search_tokens(tok_keys, self.ids) if self.use_memory else None
+        hits = model.search_tokens(tok_keys, self.ids, memory) if self.use_memory else None
         logits = model.output(h, hits)
         return logits if all_logits else logits[:, -1]

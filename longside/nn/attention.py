@@ -23,10 +23,11 @@ def attend_retrieved(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return torch.einsum("bths,bthsd->bthd", p, values), lse, has
 
 
-def causal_lse(qr: torch.Tensor, kr: torch.Tensor) -> torch.Tensor:
+def causal_lse(qr: torch.Tensor, kr: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """log-sum-exp `[B, T, H, 1]` of local causal scores: rotated queries `qr [B, T, H, D]` at
     positions P..P+T-1 of the window against its rotated keys `kr [B, P+T, G, D]` (P > 0
-    during incremental decoding, where earlier keys are cached)."""
+    during incremental decoding, where earlier keys are cached). `key_mask [B, P+T]` bool:
+    which keys are real (rows of different lengths, padded)."""
     B, T, H, D = qr.shape
     G, P = kr.shape[2], kr.shape[1] - T
     # query head h reads kv head h // (H // G): score each kv head's queries together
@@ -34,5 +35,7 @@ def causal_lse(qr: torch.Tensor, kr: torch.Tensor) -> torch.Tensor:
     q = qr.reshape(B, T, G, H // G, D).permute(0, 2, 3, 1, 4).reshape(B, G, H // G * T, D)
     s = (q @ kr.permute(0, 2, 3, 1) / math.sqrt(D)).view(B, G, H // G, T, P + T)
     causal = torch.ones(T, P + T, dtype=torch.bool, device=qr.device).tril(P)
+    if key_mask is not None:
+        causal = causal & key_mask[:, None, None, None, :]
     lse = torch.logsumexp(s.masked_fill(~causal, float("-inf")), -1)  # [B, G, H // G, T]
     return lse.reshape(B, H, T).transpose(1, 2).unsqueeze(-1)

@@ -35,6 +35,7 @@ class MemoryInputs:
     out_proj: Callable
     rotate: Callable
     rotate_keys: Callable | None = None
+    key_mask: torch.Tensor | None = None  # [B, P+T] bool: real keys (rows of different lengths)
 
 
 class MemoryReader(nn.Module):
@@ -70,28 +71,39 @@ class MemoryReader(nn.Module):
         if self.mode == "gated":
             w = torch.sigmoid(self.gate).view(1, 1, -1, 1) * has
         else:
-            local = causal_lse(mem.rotate(q), (mem.rotate_keys or mem.rotate)(mem.keys))
+            local = causal_lse(mem.rotate(q), (mem.rotate_keys or mem.rotate)(mem.keys), mem.key_mask)
             w = torch.sigmoid(lse_mem - local) * has
         delta = w * (a_mem - mem.attn)
         return self.into_side(mem.out_proj(delta.flatten(2)))
 
 
 def memory_inputs(backbone: Backbone, out: BackboneOutput, layer: int, retrieve: Callable,
-                  start: int = 0, window_keys: torch.Tensor | None = None) -> MemoryInputs:
+                  start: int = 0, window_keys: torch.Tensor | None = None, *,
+                  positions: torch.Tensor | None = None, key_positions: torch.Tensor | None = None,
+                  key_mask: torch.Tensor | None = None) -> MemoryInputs:
     """Bundle what `MemoryReader` needs from one backbone pass (`out = encode(ids, layer)`).
 
     For a whole segment, `start = 0` and `window_keys = None`. For incremental decoding
     the T new tokens sit at positions `start..start+T-1` of the window and `window_keys
     [B, start+T, G, D]` are the memory layer's pre-rotary keys of the whole window so far
-    (the cached ones, then `out.memory_keys`)."""
+    (the cached ones, then `out.memory_keys`).
+
+    Rows at different positions (inference/ragged.py) give `positions [B, T]` of the new
+    tokens, `window_keys [B, S, G, D]` padded on the left, their `key_positions [B, S]`
+    and `key_mask [B, S]` (True: a real key); `start` is not used then."""
     B, T = out.memory_queries.shape[:2]
     dev = out.memory_queries.device
     keys = out.memory_keys if window_keys is None else window_keys
-    if keys.shape[1] != start + T:
-        raise LongsideError(f"window_keys cover {keys.shape[1]} positions, expected start + T = {start + T}")
-    pos = torch.arange(start, start + T, device=dev).expand(B, T)
-    key_pos = torch.arange(start + T, device=dev).expand(B, start + T)
+    if positions is None:
+        if keys.shape[1] != start + T:
+            raise LongsideError(f"window_keys cover {keys.shape[1]} positions, expected start + T = {start + T}")
+        positions = torch.arange(start, start + T, device=dev).expand(B, T)
+        if start:
+            key_positions = torch.arange(start + T, device=dev).expand(B, start + T)
+    elif key_positions is None or key_mask is None or window_keys is None:
+        raise LongsideError("positions per row need window_keys, key_positions and key_mask")
     return MemoryInputs(
         queries=out.memory_queries, attn=out.memory_attn, keys=keys, retrieve=retrieve,
-        out_proj=lambda a: backbone.attn_output(layer, a), rotate=lambda x: backbone.rotate(x, pos, layer),
-        rotate_keys=None if start == 0 else (lambda x: backbone.rotate(x, key_pos, layer)))
+        out_proj=lambda a: backbone.attn_output(layer, a), rotate=lambda x: backbone.rotate(x, positions, layer),
+        rotate_keys=None if key_positions is None else (lambda x: backbone.rotate(x, key_positions, layer)),
+        key_mask=key_mask)

@@ -55,14 +55,17 @@ class SideBlock(nn.Module):
         self.down = nn.Linear(ffn, dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """x `[B, T, s]`; cos/sin `[T, Dh]` for the new positions; cache `([B, G, P, Dh],)*2`.
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None, key_mask: torch.Tensor | None = None):
+        """x `[B, T, s]`; cos/sin `[T, Dh]` for the new positions, or `[B, T, Dh]` when rows
+        sit at different positions; cache `([B, G, P, Dh],)*2`; key_mask `[B, P+T]` bool
+        (True: a real key; rows of different lengths hide their padding).
 
         Returns (x `[B, T, s]`, (keys, values) including the new positions)."""
         B, T, _ = x.shape
+        cos, sin = (cos[:, None], sin[:, None]) if cos.dim() == 2 else (cos[:, :, None], sin[:, :, None])
         h = self.attn_norm(x)
-        q = apply_rotary(self.q(h).view(B, T, self.heads, self.head_dim), cos[:, None], sin[:, None]).transpose(1, 2)
-        k = apply_rotary(self.k(h).view(B, T, self.kv_heads, self.head_dim), cos[:, None], sin[:, None]).transpose(1, 2)
+        q = apply_rotary(self.q(h).view(B, T, self.heads, self.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rotary(self.k(h).view(B, T, self.kv_heads, self.head_dim), cos, sin).transpose(1, 2)
         v = self.v(h).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
@@ -70,10 +73,12 @@ class SideBlock(nn.Module):
         rep = self.heads // self.kv_heads
         kk, vv = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
         P = kk.shape[2] - T
-        if P == 0:
+        if P == 0 and key_mask is None:
             a = F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
         else:  # new queries see every cached position and the new ones causally
             mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)
+            if key_mask is not None:
+                mask = mask & key_mask[:, None, None, :]
             a = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
         x = x + self.o(a.transpose(1, 2).reshape(B, T, -1))
         h = self.mlp_norm(x)
@@ -217,19 +222,24 @@ class SideNetwork(nn.Module):
 
     # -- forward ---------------------------------------------------------------------
     def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin `[T, Dh]` for `positions [T]` (the side network's kept frequencies)."""
-        f = positions.float()[:, None] * self.inv_freq[None]
+        """cos, sin `[..., Dh]` for `positions [...]` (the side network's kept frequencies)."""
+        f = positions.float()[..., None] * self.inv_freq
         emb = torch.cat([f, f], -1)
         return emb.cos(), emb.sin()
 
     def forward(self, hidden_states: list[torch.Tensor], memory: MemoryInputs | None = None,
-                start: int = 0, caches: list | None = None):
+                start: int = 0, caches: list | None = None, positions: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None):
         """hidden_states: the backbone's N+1 states `[B, T, d]`; memory: the memory layer's
         inputs (None: memory off); start: position of the first token (with `caches`).
+        Rows at different positions (inference/ragged.py) give `positions [B, T]` instead
+        of `start`, and `key_mask [B, P+T]` (True: a real cached or new token).
 
         Returns (out `[B, T, d]` for the backbone's final norm + LM head, new caches)."""
         T = hidden_states[-1].shape[1]  # entries outside the layer map may be None (FeatureCache)
-        cos, sin = self.rotary(torch.arange(start, start + T, device=hidden_states[-1].device))
+        if positions is None:
+            positions = torch.arange(start, start + T, device=hidden_states[-1].device)
+        cos, sin = self.rotary(positions)
         gates = torch.sigmoid(self.gates)
         x = None
         new_caches = []
@@ -238,7 +248,7 @@ class SideNetwork(nn.Module):
             x = h if x is None else (1 - gates[j]) * h + gates[j] * x
             if j == self.memory_index and memory is not None:
                 x = x + self.reader(x, memory)
-            x, c = block(x, cos, sin, None if caches is None else caches[j])
+            x, c = block(x, cos, sin, None if caches is None else caches[j], key_mask)
             new_caches.append(c)
         out = hidden_states[-1] + torch.sigmoid(self.final_gate) * self.up(self.norm(x))
         return out, new_caches

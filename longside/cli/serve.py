@@ -1,0 +1,95 @@
+"""`longside serve`: an OpenAI-compatible server where every user has a persistent memory.
+
+    longside keys add alice --keys keys.json       # prints alice's key once
+    longside serve --keys keys.json --store ./memories
+    curl -s localhost:8000/v1/chat/completions -H "Authorization: Bearer $KEY" \\
+         -d '{"model": "longside", "messages": [{"role": "user", "content": "Hi!"}]}'
+
+Without --keys there is one local user and the server listens on loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from longside.errors import LongsideError
+from longside.paths import cache_dir, check_output_dir
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="longside serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", metavar="DIR", help="side-network checkpoint (default: the shipped one)")
+    p.add_argument("--quantize", choices=["native", "fp32", "nf4"], help="backbone weights (default: native)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--store", metavar="DIR", help="where users' memories live (default: the longside cache)")
+    p.add_argument("--keys", metavar="FILE", help="API keys (`longside keys add NAME`); without it one local user")
+    p.add_argument("--max-batch", type=int, default=8, help="chat turns decoded together (default 8)")
+    p.add_argument("--max-resident-gb", type=float, default=4.0,
+                   help="memories kept in RAM; idle users beyond it are unloaded, least recent first (default 4)")
+    p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body (default 8 MB)")
+    p.add_argument("--max-tokens", type=int, default=256, help="reply length when a request gives none")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.keys is None and args.host not in _LOOPBACK:
+        raise LongsideError(f"without --keys the server has one local user and listens on loopback only, not "
+                            f"{args.host}; add keys (`longside keys add NAME --keys FILE`) and pass --keys FILE")
+    if not 0 <= args.port < 65536:
+        raise LongsideError(f"--port must be 0..65535, got {args.port}")
+    for name in ("max_batch", "max_tokens"):
+        if getattr(args, name) < 1:
+            raise LongsideError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_resident_gb <= 0 or args.max_body_mb <= 0:
+        raise LongsideError("--max-resident-gb and --max-body-mb must be > 0")
+    store_dir = check_output_dir(Path(args.store) if args.store else cache_dir() / "server" / "store", "store")
+    keys = None
+    if args.keys is not None:
+        from longside.server.keys import KeyFile
+
+        keys = KeyFile(args.keys)
+        if not keys.names():
+            raise LongsideError(f"{args.keys} holds no keys; add one with `longside keys add NAME --keys {args.keys}`")
+
+    import socket
+
+    import uvicorn
+
+    from longside.loading import load_model
+    from longside.server.app import make_app
+    from longside.server.engine import Engine
+    from longside.server.store import UserStore
+
+    # bind before loading the model: a taken port is said at once, and `--port 0` is known
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        raise LongsideError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); choose another --port") from None
+    port = sock.getsockname()[1]
+    model, info = load_model(args.model, quantize=args.quantize)
+    print(f"longside serve: {info['note']}", file=sys.stderr)
+    store = UserStore(model, store_dir, max_resident_bytes=int(args.max_resident_gb * (1 << 30)),
+                      max_new_tokens=args.max_tokens)
+    engine = Engine(model, store, max_batch=args.max_batch).start()
+    model_id = f"longside-{model.backbone.name}"
+    app = make_app(engine, model_id, keys, max_body_bytes=int(args.max_body_mb * (1 << 20)))
+    logging.basicConfig(level=logging.WARNING)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"longside serve: {model_id} on http://{host}:{port} (store {store_dir}, "
+          f"{'keys ' + args.keys if keys else 'one local user'})", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        engine.stop()
+    return 0

@@ -1,0 +1,306 @@
+"""`RaggedWindows`: decode many sequences together, each at its own length, with its own memory.
+
+A `LocalWindow` decodes a batch in lockstep: every row sits at the same position of its
+segment. A server's users do not: one has 900 tokens in its window, another 12, and each
+reads its own memory bank. Here each row joins with the state of its own batch-1
+`LocalWindow` (after reading its prompt there) and leaves with it, and between the two
+every `step` feeds one token per row through backbone and side network as one batch:
+
+    columns 0..S-1 of every cache are shared; row b's real tokens are its last n_b
+        columns (padding on the left), at positions 0..n_b-1 of its segment;
+    a step writes column S for every row; `key_mask [B, S+1]` hides each row's padding
+        from the backbone's attention, the side blocks' and the memory layer's causal
+        softmax; positions, rotary angles and memory retrieval are per row;
+    a row whose segment fills writes it to its own bank and restarts at n_b = 0 (its old
+        columns become padding); columns no row uses are dropped now and then.
+
+A row's logits equal those its own `LocalWindow` would give to float rounding (tested),
+so rows never see each other. Llama-family backbones without backbone memory take the
+batched path (the lean decode step of backbone/decode_step.py); others step row by row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import DynamicCache
+
+from longside.backbone import BackboneOutput
+from longside.backbone.decode_step import llama_step
+from longside.errors import LongsideError
+from longside.inference.window import LocalWindow
+from longside.memory import Memory
+from longside.nn.memory_attention import memory_inputs
+
+if TYPE_CHECKING:
+    from longside.model import LongSideModel
+
+# columns that no row uses any more are dropped once this many have gathered
+_COMPACT_AT = 64
+
+
+class _Cache:
+    """The backbone's key/value cache for rows padded on the left: per block, keys and
+    values `[B, G, capacity, D]` of which the first `length` columns are used. Written in
+    place (a DynamicCache would copy the whole cache at every step)."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int):
+        self.keys, self.values = keys, values
+        self.lengths = [length] * len(keys)
+
+    def get_seq_length(self) -> int:
+        return self.lengths[0]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer: int):
+        """Append `k, v [B, G, T, D]` to block `layer` -> its keys, values `[B, G, S, D]`."""
+        n, T = self.lengths[layer], k.shape[2]
+        if n + T > self.keys[layer].shape[2]:
+            grow = max(n + T, 2 * self.keys[layer].shape[2], 64)
+            for store in (self.keys, self.values):
+                old = store[layer]
+                store[layer] = old.new_zeros(old.shape[0], old.shape[1], grow, old.shape[3])
+                store[layer][:, :, :n] = old[:, :, :n]
+        self.keys[layer][:, :, n:n + T] = k
+        self.values[layer][:, :, n:n + T] = v
+        self.lengths[layer] = n + T
+        return self.keys[layer][:, :, :n + T], self.values[layer][:, :, :n + T]
+
+    def columns(self, layer: int, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[layer][:, :, sl], self.values[layer][:, :, sl]
+
+
+@dataclass
+class _Row:
+    memory: Memory
+    n: int  # tokens in the row's current segment (its last n columns)
+    segments_written: int
+    window: LocalWindow | None = None  # the row's own window, when rows step one by one
+
+
+def batched_path(model: "LongSideModel") -> bool:
+    """Whether rows of `model` can step as one batch (else they step one by one)."""
+    return model.backbone.spec.family == "llama" and not model.config.backbone_memory_layers
+
+
+class RaggedWindows:
+    """Rows that decode together, each with its own length and memory (see the module docstring).
+
+    `join(window) -> row index` takes over a batch-1 `LocalWindow` (its caches, its
+    memory); `step(ids [B]) -> logits [B, V]` float32 feeds one token per row; `leave(i)`
+    gives the row back as a `LocalWindow` and the rows after it move up by one.
+    """
+
+    def __init__(self, model: "LongSideModel", *, use_memory: bool = True, write_memory: bool = True):
+        self.model, self.use_memory, self.write_memory = model, use_memory, write_memory
+        self.window = model.config.window
+        self.batched = batched_path(model)
+        self.rows: list[_Row] = []
+        self._empty()
+
+    def _empty(self) -> None:
+        spec, dev, dt = self.model.backbone.spec, self.model.backbone.device, torch.float32
+        G, D = spec.num_kv_heads, spec.head_dim
+        L = spec.num_layers
+        self.cache = _Cache([torch.zeros(0, G, 0, D, device=dev, dtype=dt) for _ in range(L)],
+                            [torch.zeros(0, G, 0, D, device=dev, dtype=dt) for _ in range(L)], 0)
+        side = self.model.side
+        hd, blocks = side.blocks[0].head_dim, len(side.blocks)
+        self.side_caches = [(torch.zeros(0, G, 0, hd, device=dev), torch.zeros(0, G, 0, hd, device=dev))
+                            for _ in range(blocks)]
+        self.ids = torch.zeros(0, 0, dtype=torch.long, device=dev)
+        self.keys = torch.zeros(0, 0, G, D, device=dev)
+        self.values = torch.zeros_like(self.keys)
+        self.token_keys = torch.zeros(0, 0, spec.hidden_size, device=dev) if self.model.config.token_cache else None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def columns(self) -> int:
+        """S: columns of every cache (the longest row's tokens plus padding)."""
+        return self.ids.shape[1]
+
+    # -- rows coming and going -------------------------------------------------------
+    def join(self, window: LocalWindow) -> int:
+        """Take over `window` (batch 1, with its own memory) as a new last row -> its index."""
+        if window.batch_size != 1:
+            raise LongsideError(f"a row joins from a batch-1 window, got a batch of {window.batch_size}")
+        if window.backbone_segment is not None:
+            raise LongsideError("windows with backbone memory step one by one; they cannot join a batch")
+        row = _Row(window.memory, window.n, window.segments_written)
+        if not self.batched:
+            row.window = window
+            self.rows.append(row)
+            return len(self.rows) - 1
+        n, S = window.n, self.columns
+        if n > S:
+            self._pad_left(n - S)
+            S = n
+        spec = self.model.backbone.spec
+        G, D = spec.num_kv_heads, spec.head_dim
+
+        def place(t: torch.Tensor | None, shape: tuple, dim: int) -> torch.Tensor:
+            """The row's last n entries along `dim`, padded on the left to S."""
+            out = torch.zeros(shape, dtype=t.dtype if t is not None else torch.float32, device=self.ids.device)
+            if n:
+                out.narrow(dim, S - n, n).copy_(t)
+            return out
+
+        L = spec.num_layers
+        for i in range(L):
+            k = window.cache.layers[i].keys if n else None
+            v = window.cache.layers[i].values if n else None
+            new_k, new_v = place(k, (1, G, S, D), 2), place(v, (1, G, S, D), 2)
+            self.cache.keys[i] = torch.cat([self.cache.keys[i][:, :, :S], new_k])
+            self.cache.values[i] = torch.cat([self.cache.values[i][:, :, :S], new_v])
+        self.cache.lengths = [S] * L
+        for j, blk in enumerate(self.model.side.blocks):
+            k = window.side_caches[j][0] if n else None
+            v = window.side_caches[j][1] if n else None
+            hd = blk.head_dim
+            self.side_caches[j] = (torch.cat([self.side_caches[j][0], place(k, (1, G, S, hd), 2)]),
+                                   torch.cat([self.side_caches[j][1], place(v, (1, G, S, hd), 2)]))
+        self.ids = torch.cat([self.ids, place(window.ids, (1, S), 1).long()])
+        self.keys = torch.cat([self.keys, place(window.keys, (1, S, G, D), 1)])
+        self.values = torch.cat([self.values, place(window.values, (1, S, G, D), 1)])
+        if self.token_keys is not None:
+            self.token_keys = torch.cat([self.token_keys, place(window.token_keys, (1, S, spec.hidden_size), 1)])
+        self.rows.append(row)
+        return len(self.rows) - 1
+
+    def leave(self, i: int) -> LocalWindow:
+        """Remove row `i` -> its state as a batch-1 `LocalWindow` (its own memory)."""
+        if not 0 <= i < len(self.rows):
+            raise LongsideError(f"row {i} out of range: {len(self.rows)} row(s) decode together")
+        row = self.rows.pop(i)
+        if row.window is not None:
+            return row.window
+        model, S, n = self.model, self.columns, row.n
+        win = LocalWindow(model, 1, use_memory=self.use_memory, write_memory=self.write_memory, memory=row.memory)
+        win.segments_written = row.segments_written
+        if n:
+            cols = slice(S - n, S)
+            cache = DynamicCache()
+            for L in range(model.backbone.spec.num_layers):
+                k, v = self.cache.columns(L, cols)
+                cache.update(k[i:i + 1].clone(), v[i:i + 1].clone(), L)
+            win.cache = cache
+            win.side_caches = [(k[i:i + 1, :, cols].clone(), v[i:i + 1, :, cols].clone()) for k, v in self.side_caches]
+            win.ids = self.ids[i:i + 1, cols].clone()
+            win.keys, win.values = self.keys[i:i + 1, cols].clone(), self.values[i:i + 1, cols].clone()
+            if self.token_keys is not None:
+                win.token_keys = self.token_keys[i:i + 1, cols].clone()
+        if not self.rows:
+            self._empty()
+            return win
+        keep = torch.tensor([r for r in range(len(self.rows) + 1) if r != i], device=self.ids.device)
+        self._select(keep)
+        self._compact()
+        return win
+
+    def _select(self, rows: torch.Tensor) -> None:
+        S = self.columns
+        for L in range(len(self.cache.keys)):
+            self.cache.keys[L] = self.cache.keys[L][:, :, :S].index_select(0, rows)
+            self.cache.values[L] = self.cache.values[L][:, :, :S].index_select(0, rows)
+        self.side_caches = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.side_caches]
+        self.ids, self.keys, self.values = (t.index_select(0, rows) for t in (self.ids, self.keys, self.values))
+        if self.token_keys is not None:
+            self.token_keys = self.token_keys.index_select(0, rows)
+
+    def _pad_left(self, p: int) -> None:
+        """Add `p` padding columns on the left of every row."""
+        S = self.columns
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            shape = list(t.shape)
+            shape[dim] = p
+            return torch.cat([t.new_zeros(shape), t], dim)
+
+        for L in range(len(self.cache.keys)):
+            self.cache.keys[L] = pad(self.cache.keys[L][:, :, :S], 2)
+            self.cache.values[L] = pad(self.cache.values[L][:, :, :S], 2)
+        self.cache.lengths = [S + p] * len(self.cache.keys)
+        self.side_caches = [(pad(k, 2), pad(v, 2)) for k, v in self.side_caches]
+        self.ids, self.keys, self.values = pad(self.ids, 1), pad(self.keys, 1), pad(self.values, 1)
+        if self.token_keys is not None:
+            self.token_keys = pad(self.token_keys, 1)
+
+    def _compact(self, at_least: int = 1) -> None:
+        """Drop the leading columns that no row uses, once there are `at_least` of them."""
+        S = self.columns
+        drop = S - max((r.n for r in self.rows), default=0)
+        if not self.batched or drop < at_least:
+            return
+        keep = slice(drop, S)
+        for L in range(len(self.cache.keys)):
+            self.cache.keys[L] = self.cache.keys[L][:, :, keep].contiguous()
+            self.cache.values[L] = self.cache.values[L][:, :, keep].contiguous()
+        self.cache.lengths = [S - drop] * len(self.cache.keys)
+        self.side_caches = [(k[:, :, keep].contiguous(), v[:, :, keep].contiguous()) for k, v in self.side_caches]
+        self.ids, self.keys, self.values = (t[:, keep].contiguous() for t in (self.ids, self.keys, self.values))
+        if self.token_keys is not None:
+            self.token_keys = self.token_keys[:, keep].contiguous()
+
+    # -- decoding --------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row, `ids [B]` int64 -> each row's next-token logits `[B, V]` float32."""
+        B = len(self.rows)
+        if B == 0:
+            raise LongsideError("no rows to step: join a window first")
+        ids = ids.reshape(-1).to(self.ids.device, torch.long)
+        if ids.shape[0] != B:
+            raise LongsideError(f"one token per row: expected {B}, got {ids.shape[0]}")
+        if not self.batched:
+            return torch.cat([r.window.feed(ids[b:b + 1, None]) for b, r in enumerate(self.rows)])
+        model, bb = self.model, self.model.backbone
+        S, dev = self.columns + 1, self.ids.device
+        n = torch.tensor([r.n for r in self.rows], device=dev)  # positions of the new tokens
+        first = S - 1 - n  # each row's first real column
+        cols = torch.arange(S, device=dev)
+        key_mask = cols[None] >= first[:, None]  # [B, S]
+        key_pos = (cols[None] - first[:, None]).clamp(min=0)
+        pos = n[:, None]
+        memory = Memory.stack([r.memory for r in self.rows])
+        step = llama_step(bb, ids[:, None], pos, self.cache, model.config.memory_layer, key_mask)
+        kv = step["kv"]
+        out = BackboneOutput(hidden_states=step["hidden"], last_hidden=step["last_hidden"], memory_keys=kv["k"],
+                             memory_values=kv["v"], memory_queries=kv["q"], memory_attn=kv["a"], cache=self.cache)
+        self.ids = torch.cat([self.ids, ids[:, None]], 1)
+        self.keys = torch.cat([self.keys, out.memory_keys], 1)
+        self.values = torch.cat([self.values, out.memory_values], 1)
+        mem = None
+        if self.use_memory:
+            k = model.config.k_chunks
+            mem = memory_inputs(bb, out, model.config.memory_layer, lambda q: memory.search(q, k),
+                                window_keys=self.keys, positions=pos, key_positions=key_pos, key_mask=key_mask)
+        h, self.side_caches = model.side(out.hidden_states, mem, caches=self.side_caches, positions=pos,
+                                         key_mask=key_mask)
+        tok_keys = model.token_keys(out)
+        if tok_keys is not None:
+            self.token_keys = torch.cat([self.token_keys, tok_keys], 1)
+        hits = None
+        if self.use_memory:
+            contexts = [self.ids[b, int(first[b]):] for b in range(B)]
+            hits = model.search_tokens(tok_keys, contexts, memory)
+        logits = model.output(h, hits)[:, -1]
+        for b, row in enumerate(self.rows):
+            row.n += 1
+            if row.n == self.window:  # the row's segment is complete: it leaves the window
+                self._flush(b)
+        if S - max(r.n for r in self.rows) >= _COMPACT_AT:
+            self._compact()
+        return logits
+
+    def _flush(self, b: int) -> None:
+        """Write row `b`'s full segment to its memory; the row restarts at position 0."""
+        row, W = self.rows[b], self.window
+        if self.write_memory:
+            tk = self.token_keys[b:b + 1, -W:] if self.token_keys is not None else None
+            row.memory.add(self.keys[b:b + 1, -W:], self.values[b:b + 1, -W:], token_keys=tk,
+                           token_ids=self.ids[b:b + 1, -W:] if tk is not None else None)
+            row.segments_written += 1
+        row.n = 0

@@ -1,0 +1,280 @@
+"""`Engine`: the one thread that runs the model for every user, decoding their turns together.
+
+Requests arrive as `Job`s from any thread (`submit`); the engine thread alone touches the
+model and the `UserStore`. Each pass of its loop:
+
+    admits waiting jobs of users not already busy: a chat turn reads its new text into
+        the user's own window (prefill, batch 1) and chooses its first token, then joins
+        the running batch (`RaggedWindows`: one row per user, each row its own length and
+        its own memory); a document, a forget or a look at memory starts or is answered;
+    writes one segment of every document being memorized (so long documents do not
+        stall the others' decoding), with a progress event;
+    steps the batch once: one new token per row; a row that ends leaves the batch at
+        once, its user is saved, and a waiting turn can join at the next pass
+        (continuous batching).
+
+A job reports through `emit(event)`, called on the engine thread with dicts:
+`{"type": "text", "text"}`, `{"type": "progress", "tokens_done", "tokens_total"}`,
+`{"type": "done", "finish_reason", "usage"}` (chat), `{"type": "result", "data"}`
+(other jobs), `{"type": "error", "status", "message"}`. A job whose `cancelled` is set
+(its client went away) ends at the next step, what was said so far kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from longside.backbone import tokenize
+from longside.errors import LongsideError
+from longside.inference.generate import eos_ids
+from longside.inference.ragged import RaggedWindows
+from longside.inference.sampling import GenerationConfig, TextPieces, make_generator, next_token
+from longside.server.store import UserStore, now
+
+if TYPE_CHECKING:
+    from longside.inference.chat import ChatSession
+    from longside.model import LongSideModel
+
+log = logging.getLogger("longside.server")
+
+
+@dataclass
+class Job:
+    """One request. kind: "chat" (messages, config), "memorize" (name, text), "forget", "info"."""
+
+    kind: str
+    user: str
+    emit: Callable[[dict], None]
+    messages: list | None = None
+    config: GenerationConfig | None = None
+    name: str = ""
+    text: str = ""
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Turn:
+    """A chat turn being decoded."""
+
+    job: Job
+    session: "ChatSession"
+    pieces: TextPieces
+    generator: torch.Generator
+    seen: torch.Tensor  # [1, S] ids of the turn so far, for the repetition penalty
+    prompt_tokens: int
+    segments_before: int
+    chosen: list[int] = field(default_factory=list)
+    finish: str | None = None
+
+
+@dataclass
+class _Document:
+    job: Job
+    session: "ChatSession"
+    ids: list[int]
+    done: int = 0
+
+
+class Engine:
+    """Runs `model` for every user of `store`, at most `max_batch` chat turns at once."""
+
+    def __init__(self, model: "LongSideModel", store: UserStore, max_batch: int = 8):
+        if max_batch < 1:
+            raise LongsideError(f"max_batch must be >= 1, got {max_batch}")
+        self.model, self.store, self.max_batch = model, store, max_batch
+        self.batch = RaggedWindows(model)
+        self._turns: list[_Turn] = []  # row i of the batch is _turns[i]
+        self._documents: list[_Document] = []
+        self._waiting: deque[Job] = deque()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._eos = eos_ids(model, None)
+        self.steps = 0  # batch steps taken (and rows stepped): for the bench
+        self.rows_stepped = 0
+
+    # -- control, from any thread ------------------------------------------------------
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._run, name="longside-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def submit(self, job: Job) -> Job:
+        with self._wake:
+            if self._stopping:
+                raise LongsideError("the server is shutting down")
+            self._waiting.append(job)
+            self._wake.notify()
+        return job
+
+    def stats(self) -> dict:
+        """Counters for a bench or a health check (read without locking: a snapshot)."""
+        return {"steps": self.steps, "rows_stepped": self.rows_stepped, "decoding": len(self._turns),
+                "memorizing": len(self._documents), "waiting": len(self._waiting),
+                "resident_users": len(self.store.resident()), "max_batch": self.max_batch,
+                "batched": self.batch.batched}
+
+    def wake(self) -> None:
+        """Look at the jobs again (e.g. one was cancelled)."""
+        with self._wake:
+            self._wake.notify()
+
+    # -- the engine thread -------------------------------------------------------------
+    def _busy(self) -> set[str]:
+        return {t.job.user for t in self._turns} | {d.job.user for d in self._documents}
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._waiting or self._turns or self._documents or self._stopping):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                admit, busy, room = [], self._busy(), self.max_batch - len(self._turns)
+                for job in list(self._waiting):
+                    if job.user in busy or (job.kind == "chat" and room <= 0):
+                        continue
+                    self._waiting.remove(job)
+                    admit.append(job)
+                    busy.add(job.user)
+                    room -= job.kind == "chat"
+            for job in admit:
+                self._guard(job, self._admit)
+            for doc in list(self._documents):
+                self._guard(doc.job, lambda _j, d=doc: self._memorize_segment(d))
+            if self._turns:
+                try:
+                    self._step()
+                except Exception as e:  # a failed batch step fails its turns, never the server
+                    log.exception("batch step failed")
+                    for turn in self._turns:
+                        turn.job.emit({"type": "error", "status": 500, "message": f"decoding failed: {e}"})
+                    for turn in self._turns:  # their windows were in the failed batch: reload from disk
+                        self.store.unload(turn.job.user)
+                    self._turns, self.batch = [], RaggedWindows(self.model)
+            self.store.evict(self._busy())
+
+    def _guard(self, job: Job, work: Callable[[Job], None]) -> None:
+        try:
+            work(job)
+        except LongsideError as e:
+            self._drop(job)
+            job.emit({"type": "error", "status": 400, "message": str(e)})
+        except Exception as e:
+            log.exception("%s job of %s failed", job.kind, job.user)
+            self._drop(job)
+            job.emit({"type": "error", "status": 500, "message": f"{type(e).__name__}: {e}"})
+
+    def _drop(self, job: Job) -> None:
+        self._documents = [d for d in self._documents if d.job is not job]
+
+    def _admit(self, job: Job) -> None:
+        if job.cancelled:
+            return
+        store = self.store
+        if job.kind == "info":
+            job.emit({"type": "result", "data": store.info(job.user)})
+        elif job.kind == "forget":
+            store.forget(job.user)
+            job.emit({"type": "result", "data": store.info(job.user)})
+        elif job.kind == "memorize":
+            session = store.session(job.user)
+            ids = tokenize(self.model.backbone.tokenizer, job.text)
+            if not ids:
+                raise LongsideError("empty document: there is no text to memorize")
+            self._documents.append(_Document(job, session, ids))
+        elif job.kind == "chat":
+            self._start_turn(job)
+        else:
+            raise LongsideError(f"unknown job {job.kind!r}")
+
+    def _memorize_segment(self, doc: _Document) -> None:
+        W = self.model.config.window
+        part = doc.ids[doc.done:doc.done + W]
+        doc.session.memory.write_ids(part, rows=[0])
+        doc.done += len(part)
+        doc.job.emit({"type": "progress", "tokens_done": doc.done, "tokens_total": len(doc.ids)})
+        if doc.done < len(doc.ids) and not doc.job.cancelled:
+            return
+        self._documents.remove(doc)
+        if doc.done < len(doc.ids):  # the client went away: what was written stays, unlisted
+            doc.session.meta.setdefault("documents", []).append(
+                {"name": doc.job.name, "tokens": doc.done, "added": now(), "partial": True})
+        else:
+            doc.session.meta.setdefault("documents", []).append(
+                {"name": doc.job.name, "tokens": doc.done, "added": now()})
+        self.store.save(doc.job.user)
+        doc.job.emit({"type": "result", "data": {"document": doc.session.meta["documents"][-1],
+                                                 "memory": self.store.info(doc.job.user)}})
+
+    # -- chat turns --------------------------------------------------------------------
+    def _start_turn(self, job: Job) -> None:
+        session = self.store.session(job.user)
+        before = session.window.segments_written
+        ids = session.begin(job.messages)
+        cfg = job.config
+        turn = _Turn(job, session, TextPieces(self.model.backbone.tokenizer, cfg.stops()),
+                     make_generator(cfg.seed), ids, ids.shape[1], before)
+        logits = session.window.feed(ids)  # the prefill, on the user's own window
+        self._choose(turn, logits)
+        if turn.finish is not None:
+            self._end_turn(turn)
+        else:
+            self.batch.join(session.window)
+            self._turns.append(turn)
+
+    def _choose(self, turn: _Turn, logits: torch.Tensor) -> None:
+        """Choose the turn's next token from `logits [1, V]`, emit its text, decide the end."""
+        cfg = turn.job.config
+        t = int(next_token(logits, turn.seen, cfg, turn.generator)[0])
+        turn.chosen.append(t)
+        turn.seen = torch.cat([turn.seen, torch.tensor([[t]])], 1)
+        if t in self._eos:
+            turn.finish = "stop"
+        else:
+            text = turn.pieces.push(t)
+            if text:
+                turn.job.emit({"type": "text", "text": text})
+            if turn.pieces.stopped:
+                turn.finish = "stop"
+        if turn.finish is None and (len(turn.chosen) >= cfg.max_new_tokens or turn.job.cancelled):
+            turn.finish = "length" if not turn.job.cancelled else "cancelled"
+
+    def _step(self) -> None:
+        logits = self.batch.step(torch.tensor([t.chosen[-1] for t in self._turns]))
+        self.steps += 1
+        self.rows_stepped += len(self._turns)
+        for b, turn in enumerate(self._turns):
+            self._choose(turn, logits[b:b + 1])
+        for b in reversed(range(len(self._turns))):
+            turn = self._turns[b]
+            if turn.finish is not None:
+                turn.session.window = self.batch.leave(b)
+                self._turns.pop(b)
+                self._end_turn(turn)
+
+    def _end_turn(self, turn: _Turn) -> None:
+        tail = turn.pieces.finish()
+        if tail:
+            turn.job.emit({"type": "text", "text": tail})
+        session = turn.session
+        session.end(turn.chosen, turn.pieces.text)
+        self.store.save(turn.job.user, memory_unchanged=session.window.segments_written == turn.segments_before)
+        usage = {"prompt_tokens": turn.prompt_tokens, "completion_tokens": len(turn.chosen),
+                 "total_tokens": turn.prompt_tokens + len(turn.chosen)}
+        turn.job.emit({"type": "done", "finish_reason": turn.finish, "usage": usage})

@@ -1,0 +1,113 @@
+"""Rows of different lengths decoding together (`RaggedWindows`): each row's logits equal
+those of its own `LocalWindow`, across segment boundaries, with rows joining and leaving.
+Real SmolLM2 backbone; a 24-token window and a perturbed side network so every read path
+(memory attention, side blocks, token cache) moves the logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longside.config import SideNetConfig
+from longside.errors import LongsideError
+from longside.inference.ragged import RaggedWindows
+from longside.inference.window import LocalWindow
+from longside.memory import Memory
+from longside.model import LongSideModel
+
+W = 24
+TEXTS = ["The lighthouse keeper on Skerry Rock kept a ledger of every ship that passed. " * 3,
+         "Marta grew tomatoes, basil and three kinds of beans in her allotment by the canal. " * 3,
+         "The quartet rehearsed the slow movement twice before the cellist broke a string. " * 3,
+         "A sudden squall drove the fishing boats back into the harbour before noon. " * 3]
+
+
+@pytest.fixture(scope="module")
+def model(smollm2):
+    model = LongSideModel(smollm2, SideNetConfig(window=W, capacity_tokens=4096))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in (model.side.up.weight, model.side.reader.q_delta.weight):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        model.side.final_gate.fill_(2.0)
+    return model.eval()
+
+
+def _memory(model, text: str) -> Memory:
+    mem = Memory(model.backbone, model.config, 1)
+    mem.memorize(text, progress=False, as_text=True)
+    return mem
+
+
+def _window(model, text: str, prompt_len: int):
+    """A fed window and an identical twin (same memory text, same prompt) as the reference."""
+    ids = torch.randint(0, 2000, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    out = []
+    for _ in range(2):
+        win = LocalWindow(model, 1, memory=_memory(model, text))
+        win.feed(ids)
+        out.append(win)
+    return out
+
+
+def test_rows_of_different_lengths_step_like_their_own_windows(model):
+    gen = torch.Generator().manual_seed(1)
+    pairs = [_window(model, t, n) for t, n in zip(TEXTS[:3], (20, 5, 11))]
+    ragged = RaggedWindows(model)
+    assert ragged.batched
+    for win, _ in pairs:
+        ragged.join(win)
+    refs = [ref for _, ref in pairs]
+    for step in range(40):  # every row crosses at least one segment boundary
+        if step == 13:  # a row leaves: its window goes on alone, exactly where it was
+            alone = ragged.leave(1)
+            ref_alone = refs.pop(1)
+        if step == 17:  # another joins mid-segment
+            win, ref = _window(model, TEXTS[3], 9)
+            ragged.join(win)
+            refs.append(ref)
+        ids = torch.randint(0, 2000, (len(refs),), generator=gen)
+        got = ragged.step(ids)
+        want = torch.cat([ref.feed(ids[b:b + 1, None]) for b, ref in enumerate(refs)])
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+        if step >= 13:
+            t = ids[:1, None]
+            torch.testing.assert_close(alone.feed(t), ref_alone.feed(t), atol=2e-4, rtol=1e-4)
+    # segments moved into each row's own memory, as its own window would have moved them
+    for row, ref in zip(ragged.rows, refs):
+        assert row.segments_written == ref.segments_written >= 1
+        assert len(row.memory.banks[0]) == len(ref.memory.banks[0])
+    # rows hand their state back intact
+    back = ragged.leave(0)
+    t = torch.tensor([[7]])
+    torch.testing.assert_close(back.feed(t), refs[0].feed(t), atol=2e-4, rtol=1e-4)
+
+
+def test_rows_read_only_their_own_memory(model):
+    """A row's logits do not change when another row's memory holds different text."""
+    a, _ = _window(model, TEXTS[0], 7)
+    b, _ = _window(model, TEXTS[1], 7)
+    c, _ = _window(model, TEXTS[2], 7)  # same prompt as b, other memory
+    r1, r2 = RaggedWindows(model), RaggedWindows(model)
+    r1.join(a)
+    r1.join(b)
+    a2, _ = _window(model, TEXTS[0], 7)
+    r2.join(a2)
+    r2.join(c)
+    ids = torch.tensor([5, 9])
+    l1, l2 = r1.step(ids), r2.step(ids)
+    torch.testing.assert_close(l1[0], l2[0], atol=2e-4, rtol=1e-4)
+    assert not torch.allclose(l1[1], l2[1], atol=1e-3)  # the memories differ, and it shows
+
+
+def test_bad_use_is_refused(model):
+    ragged = RaggedWindows(model)
+    with pytest.raises(LongsideError, match="join a window"):
+        ragged.step(torch.tensor([1]))
+    with pytest.raises(LongsideError, match="batch-1"):
+        ragged.join(LocalWindow(model, 2, memory=Memory(model.backbone, model.config, 2)))
+    ragged.join(LocalWindow(model, 1, memory=Memory(model.backbone, model.config, 1)))
+    with pytest.raises(LongsideError, match="one token per row"):
+        ragged.step(torch.tensor([1, 2]))
+    with pytest.raises(LongsideError, match="out of range"):
+        ragged.leave(3)
