@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install data test test-all demo bench clean-venv
+.PHONY: install data browser test test-all demo bench clean-venv
 
 $(STAMP): pyproject.toml requirements.lock setup.py $(wildcard kernels/*.c kernels/*.h)
 	@test -x $(PY) || python3 -m venv .venv
@@ -26,10 +26,16 @@ install: $(STAMP)
 data: install
 	$(PY) -m longside data prepare
 
-test: data
+# The web page test drives Debian's chromium (no browser download); installed when missing.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium is missing and could not be installed: the web page test will be skipped"
+
+test: data browser
 	$(PY) -m pytest -q -m "not slow"
 
-test-all: data
+test-all: data browser
 	$(PY) -m pytest -q
 
 demo: data

@@ -84,12 +84,21 @@ class Memory:
         backbone memory only."""
         if not memories or any(m.rows != 1 or m.blocks is not None for m in memories):
             raise LongsideError("Memory.stack takes one-row memories without backbone memory")
-        first = memories[0]
-        stacked = cls.__new__(cls)
-        stacked._backbone, stacked.config, stacked.token_layer = first._backbone, first.config, first.token_layer
-        stacked.layer = BatchMemory.of([m.banks[0] for m in memories])
-        stacked.blocks = None
-        return stacked
+        return memories[0]._sharing([m.banks[0] for m in memories])
+
+    def row(self, r: int) -> "Memory":
+        """A one-row memory sharing row `r`'s bank (e.g. to decode that row on its own).
+        Without backbone memory only."""
+        (r,) = self.check_rows([r])
+        if self.blocks is not None:
+            raise LongsideError("rows of a memory with backbone memory cannot be taken apart")
+        return self._sharing([self.banks[r]])
+
+    def _sharing(self, banks: list[MemoryBank]) -> "Memory":
+        shared = Memory.__new__(Memory)
+        shared._backbone, shared.config, shared.token_layer = self._backbone, self.config, self.token_layer
+        shared.layer, shared.blocks = BatchMemory.of(banks), None
+        return shared
 
     # -- what it holds ---------------------------------------------------------------
     @property

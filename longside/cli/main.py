@@ -29,6 +29,7 @@ _BENCHES: dict[str, tuple[str, str]] = {
     "memory": ("longside.bench.memory", "memory bank add/search/evict/save at 65k-1M tokens"),
     "train": ("longside.bench.train", "training step cost: side tuning vs QLoRA/LoRA/full"),
     "generate": ("longside.bench.generate", "prefill/decode speed with and without memory"),
+    "serve": ("longside.bench.serve", "users with their own memories: batched vs one by one, restart, isolation"),
 }
 
 

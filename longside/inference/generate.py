@@ -39,8 +39,10 @@ def eos_ids(model: "LongSideModel", eos_token_id: int | Sequence[int] | None = N
     return sorted(i for i in ids if i is not None)
 
 
-def encode_prompt(model: "LongSideModel", prompt, chat: bool = False, system: str | None = None) -> torch.Tensor:
-    """A prompt (text, a list of equally long texts, or ids `[T]`/`[B, T]`) -> ids `[B, T]` int64."""
+def encode_prompt(model: "LongSideModel", prompt, chat: bool = False, system: str | None = None,
+                  ragged: bool = False):
+    """A prompt (text, a list of equally long texts, or ids `[T]`/`[B, T]`) -> ids `[B, T]`
+    int64; with `ragged`, texts of different lengths give a list of `[1, T_b]` instead."""
     if isinstance(prompt, torch.Tensor):
         ids = prompt.unsqueeze(0) if prompt.dim() == 1 else prompt
         if ids.dim() != 2 or ids.shape[1] == 0 or ids.dtype not in (torch.int64, torch.int32):
@@ -61,6 +63,8 @@ def encode_prompt(model: "LongSideModel", prompt, chat: bool = False, system: st
     if any(len(r) == 0 for r in rows):
         raise LongsideError("empty prompt: give at least one token of text")
     if len({len(r) for r in rows}) > 1:
+        if ragged:
+            return [torch.tensor([r]) for r in rows]
         raise LongsideError(
             f"batched prompts must have the same number of tokens (got {sorted({len(r) for r in rows})}): "
             "each row decodes in lockstep with its own memory; generate rows of different lengths one by one")
@@ -112,13 +116,16 @@ def generate(model: "LongSideModel", prompt, max_new_tokens: int | None = None, 
     or as `config`.
 
     prompt: text (returns the new text, cut before any stop string, special tokens
-        skipped), a list of texts with equally many tokens (returns a list of texts;
-        row b reads memory row b), or token ids `[B, T]`/`[T]` (returns ids `[B, T + new]`
-        like HF `generate`, ended rows padded with the end-of-sequence id).
+        skipped), a list of texts (returns a list of texts; row b reads memory row b;
+        rows of different lengths decode together, see ragged.py), or token ids
+        `[B, T]`/`[T]` (returns ids `[B, T + new]` like HF `generate`, ended rows padded
+        with the end-of-sequence id).
     streamer: an HF streamer (`put(ids)`, `end()`, e.g. `TextStreamer`); batch size 1.
     """
     cfg = (config or GenerationConfig()).updated(max_new_tokens=max_new_tokens, **options)
-    ids = encode_prompt(model, prompt, chat=cfg.chat, system=cfg.system)
+    ids = encode_prompt(model, prompt, chat=cfg.chat, system=cfg.system, ragged=streamer is None)
+    if isinstance(ids, list):
+        return _generate_rows(model, ids, cfg)
     B = ids.shape[0]
     if streamer is not None and B != 1:
         raise LongsideError("a streamer needs batch size 1; generate rows one by one to stream them")
@@ -141,6 +148,38 @@ def generate(model: "LongSideModel", prompt, max_new_tokens: int | None = None, 
         return torch.cat([ids, torch.stack(chosen, 1)], 1)
     texts = [p.text + p.finish() for p in pieces]
     return texts[0] if isinstance(prompt, str) else texts
+
+
+def _generate_rows(model: "LongSideModel", rows: list[torch.Tensor], cfg: GenerationConfig) -> list[str]:
+    """Texts of rows of different lengths `[1, T_b]`, decoded together (RaggedWindows):
+    each row reads its prompt in its own window, then all step as one batch."""
+    from longside.inference.ragged import RaggedWindows
+
+    memory = model.memory_for(len(rows))
+    tok, eos, gen = model.backbone.tokenizer, eos_ids(model, cfg.eos_token_id), make_generator(cfg.seed)
+    batch = RaggedWindows(model, use_memory=cfg.use_memory, write_memory=cfg.write_memory)
+    pieces = [TextPieces(tok, cfg.stops()) for _ in rows]
+    logits = []
+    for b, ids in enumerate(rows):
+        window = LocalWindow(model, 1, use_memory=cfg.use_memory, write_memory=cfg.write_memory,
+                             memory=memory.row(b))
+        logits.append(window.feed(ids))
+        batch.join(window)
+    logits, seen, done = torch.cat(logits), [r.to(logits[0].device) for r in rows], [False] * len(rows)
+    for step in range(cfg.max_new_tokens):
+        chosen = [int(next_token(logits[b:b + 1], seen[b], cfg, gen)[0]) for b in range(len(rows))]
+        for b, t in enumerate(chosen):
+            if done[b]:
+                continue
+            seen[b] = torch.cat([seen[b], seen[b].new_tensor([[t]])], 1)
+            done[b] = t in eos
+            if not done[b]:
+                pieces[b].push(t)
+                done[b] = pieces[b].stopped
+        if all(done) or step == cfg.max_new_tokens - 1:
+            break
+        logits = batch.step(torch.tensor(chosen))  # ended rows go on (their tokens unused)
+    return [p.text + p.finish() for p in pieces]
 
 
 def stream(model: "LongSideModel", prompt: str, max_new_tokens: int | None = None, *,

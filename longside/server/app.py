@@ -131,7 +131,8 @@ def make_app(engine: Engine, model_id: str, keys: KeyFile | None = None, max_bod
     async def chat(request: Request):
         user = user_of(request)
         body = await body_of(request)
-        job = Job("chat", user, emit=lambda e: None, messages=_messages(body), config=_config(body, model_id))
+        job = Job("chat", user, emit=lambda e: None, messages=_messages(body), config=_config(body, model_id),
+                  ignore_eos=body.get("ignore_eos") is True)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": rid, "created": created, "model": model_id}
         if body.get("stream"):

@@ -56,6 +56,7 @@ class Job:
     config: GenerationConfig | None = None
     name: str = ""
     text: str = ""
+    ignore_eos: bool = False  # decode max_tokens whatever (benchmarks; vLLM's extension)
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -244,7 +245,7 @@ class Engine:
         t = int(next_token(logits, turn.seen, cfg, turn.generator)[0])
         turn.chosen.append(t)
         turn.seen = torch.cat([turn.seen, torch.tensor([[t]])], 1)
-        if t in self._eos:
+        if t in self._eos and not turn.job.ignore_eos:
             turn.finish = "stop"
         else:
             text = turn.pieces.push(t)
