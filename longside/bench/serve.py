@@ -36,7 +36,7 @@ from pathlib import Path
 
 import httpx
 
-from longside.backbone import tokenize
+from longside.backbone import load_tokenizer, tokenize
 from longside.data import load_books
 from longside.errors import LongsideError
 from longside.paths import check_output_file, write_json
@@ -127,8 +127,6 @@ def _log(msg: str) -> None:
 
 def _prepare(store: Path, keys: Path, users, headers, passwords, mem_tokens: int) -> None:
     """Each user memorizes different consecutive passages of the held-out Austen novels."""
-    from longside.backbone import load_tokenizer
-
     tok = load_tokenizer("smollm2-135m")
     ids: list[int] = []
     for book in load_books("test"):

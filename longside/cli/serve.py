@@ -12,11 +12,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 from pathlib import Path
 
+import uvicorn
+
 from longside.errors import LongsideError
+from longside.loading import load_model
 from longside.paths import cache_dir, check_output_dir
+from longside.server.app import make_app
+from longside.server.engine import Engine
+from longside.server.keys import KeyFile
+from longside.server.store import UserStore
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -53,20 +61,9 @@ def main(argv: list[str]) -> int:
     store_dir = check_output_dir(Path(args.store) if args.store else cache_dir() / "server" / "store", "store")
     keys = None
     if args.keys is not None:
-        from longside.server.keys import KeyFile
-
         keys = KeyFile(args.keys)
         if not keys.names():
             raise LongsideError(f"{args.keys} holds no keys; add one with `longside keys add NAME --keys {args.keys}`")
-
-    import socket
-
-    import uvicorn
-
-    from longside.loading import load_model
-    from longside.server.app import make_app
-    from longside.server.engine import Engine
-    from longside.server.store import UserStore
 
     # bind before loading the model: a taken port is said at once, and `--port 0` is known
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)

@@ -20,6 +20,7 @@ import torch
 
 from longside.backbone import check_token_ids, plain_text, tokenize
 from longside.errors import LongsideError
+from longside.inference.ragged import RaggedWindows
 from longside.inference.sampling import GenerationConfig, TextPieces, make_generator, next_token
 from longside.inference.window import LocalWindow
 
@@ -153,8 +154,6 @@ def generate(model: "LongSideModel", prompt, max_new_tokens: int | None = None, 
 def _generate_rows(model: "LongSideModel", rows: list[torch.Tensor], cfg: GenerationConfig) -> list[str]:
     """Texts of rows of different lengths `[1, T_b]`, decoded together (RaggedWindows):
     each row reads its prompt in its own window, then all step as one batch."""
-    from longside.inference.ragged import RaggedWindows
-
     memory = model.memory_for(len(rows))
     tok, eos, gen = model.backbone.tokenizer, eos_ids(model, cfg.eos_token_id), make_generator(cfg.seed)
     batch = RaggedWindows(model, use_memory=cfg.use_memory, write_memory=cfg.write_memory)
