@@ -107,7 +107,8 @@ def test_document_progress_is_streamed(server):
 
 @pytest.mark.parametrize("case", ["no key", "wrong key", "malformed json", "not an object", "oversize",
                                   "unknown model", "negative max_tokens", "no messages", "last not user",
-                                  "bad temperature", "empty document", "n=2"])
+                                  "bad temperature", "empty document", "n=2", "text/plain", "foreign origin",
+                                  "max_tokens too large", "unknown route"])
 def test_refusals(server, case):
     url, good = server.url, server.headers("alice")
     chat = {"model": "longside", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -125,11 +126,18 @@ def test_refusals(server, case):
         "bad temperature": ("POST", "/v1/chat/completions", good, {**chat, "temperature": "hot"}, 400),
         "empty document": ("POST", "/v1/memories/documents", good, {"text": "   "}, 400),
         "n=2": ("POST", "/v1/chat/completions", good, {**chat, "n": 2}, 400),
+        # what a foreign web page can send through the user's browser
+        "text/plain": ("POST", "/v1/memories/documents", {**good, "Content-Type": "text/plain"},
+                       {"text": "planted"}, 415),
+        "foreign origin": ("POST", "/v1/memories/documents", {**good, "Origin": "http://evil.example"},
+                           {"text": "planted"}, 403),
+        "max_tokens too large": ("POST", "/v1/chat/completions", good, {**chat, "max_tokens": 10 ** 9}, 400),
+        "unknown route": ("GET", "/v1/users/bob/memories", good, None, 404),
     }
     method, path, headers, body, status = requests[case]
     content = body if isinstance(body, bytes) else (json.dumps(body).encode() if body is not None else None)
     before = _memory(server, "alice")
-    r = httpx.request(method, url + path, headers={**headers, "Content-Type": "application/json"},
+    r = httpx.request(method, url + path, headers={"Content-Type": "application/json", **headers},
                       content=content, timeout=60)
     assert r.status_code == status, r.text
     err = r.json()["error"]
@@ -190,7 +198,32 @@ def test_restart_and_kill_keep_memory(tmp_path):
                     break
     with running_server(store, keys=keys) as s:
         assert httpx.get(s.url + "/v1/memories", headers=headers, timeout=60).json() == before
-        assert [p.name for p in (store / "users").iterdir()] == ["dora"]  # no half-written save left
+        saved = [p.name for p in (store / "users").iterdir()]
+        assert len(saved) == 1 and saved[0].startswith("dora+")  # no half-written save left behind
+
+
+def test_without_keys_one_local_user_on_loopback_only(tmp_path):
+    with running_server(tmp_path / "store") as s:
+        r = httpx.get(s.url + "/v1/memories", timeout=60)
+        assert r.status_code == 200 and r.json()["user"] == "local"
+        # a page on another name that resolves to 127.0.0.1 (DNS rebinding) is refused
+        r = httpx.get(s.url + "/v1/memories", headers={"Host": "evil.example"}, timeout=60)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "foreign_host"
+
+
+def test_a_name_added_again_is_a_new_user(tmp_path):
+    keys = tmp_path / "keys.json"
+    first = KeyFile(keys).add("gus")
+    with running_server(tmp_path / "store", keys=keys) as s:
+        r = httpx.post(s.url + "/v1/memories/documents", headers={"Authorization": f"Bearer {first}"},
+                       json={"name": "private.txt", "text": SECRETS["bob"]}, timeout=120)
+        assert r.status_code == 200, r.text
+        KeyFile(keys).remove("gus")
+        second = KeyFile(keys).add("gus")  # someone else under the same name: a running server sees it
+        r = httpx.get(s.url + "/v1/memories", headers={"Authorization": f"Bearer {second}"}, timeout=60)
+        assert r.status_code == 200 and r.json()["tokens"] == 0 and r.json()["documents"] == []
+        r = httpx.get(s.url + "/v1/memories", headers={"Authorization": f"Bearer {first}"}, timeout=60)
+        assert r.status_code == 401
 
 
 def test_idle_users_leave_ram_and_come_back(tmp_path):

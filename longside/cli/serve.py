@@ -21,7 +21,7 @@ import uvicorn
 from longside.errors import LongsideError
 from longside.loading import load_model
 from longside.paths import cache_dir, check_output_dir
-from longside.server.app import make_app
+from longside.server.app import MAX_TOKENS_LIMIT, make_app
 from longside.server.engine import Engine
 from longside.server.keys import KeyFile
 from longside.server.store import UserStore
@@ -56,6 +56,8 @@ def main(argv: list[str]) -> int:
     for name in ("max_batch", "max_tokens"):
         if getattr(args, name) < 1:
             raise LongsideError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_tokens > MAX_TOKENS_LIMIT:
+        raise LongsideError(f"--max-tokens must be at most {MAX_TOKENS_LIMIT}")
     if args.max_resident_gb <= 0 or args.max_body_mb <= 0:
         raise LongsideError("--max-resident-gb and --max-body-mb must be > 0")
     store_dir = check_output_dir(Path(args.store) if args.store else cache_dir() / "server" / "store", "store")
@@ -74,12 +76,16 @@ def main(argv: list[str]) -> int:
         raise LongsideError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); choose another --port") from None
     port = sock.getsockname()[1]
     model, info = load_model(args.model, quantize=args.quantize)
+    if model.config.backbone_memory_layers:
+        raise LongsideError(f"{args.model} reads backbone memory, which the server does not support yet (its "
+                            "rows cannot share a batch); serve a checkpoint without backbone_memory_layers")
     print(f"longside serve: {info['note']}", file=sys.stderr)
     store = UserStore(model, store_dir, max_resident_bytes=int(args.max_resident_gb * (1 << 30)),
                       max_new_tokens=args.max_tokens)
     engine = Engine(model, store, max_batch=args.max_batch).start()
     model_id = f"longside-{model.backbone.name}"
-    app = make_app(engine, model_id, keys, max_body_bytes=int(args.max_body_mb * (1 << 20)))
+    app = make_app(engine, model_id, keys, max_body_bytes=int(args.max_body_mb * (1 << 20)),
+                   default_max_tokens=args.max_tokens)
     logging.basicConfig(level=logging.WARNING)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"longside serve: {model_id} on http://{host}:{port} (store {store_dir}, "

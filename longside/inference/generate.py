@@ -165,8 +165,11 @@ def _generate_rows(model: "LongSideModel", rows: list[torch.Tensor], cfg: Genera
         logits.append(window.feed(ids))
         batch.join(window)
     logits, seen, done = torch.cat(logits), [r.to(logits[0].device) for r in rows], [False] * len(rows)
+    pad = eos[0] if eos else 0
     for step in range(cfg.max_new_tokens):
-        chosen = [int(next_token(logits[b:b + 1], seen[b], cfg, gen)[0]) for b in range(len(rows))]
+        # ended rows are fed the end-of-sequence id, as decode_loop pads them, and draw nothing
+        chosen = [pad if done[b] else int(next_token(logits[b:b + 1], seen[b], cfg, gen)[0])
+                  for b in range(len(rows))]
         for b, t in enumerate(chosen):
             if done[b]:
                 continue
@@ -177,7 +180,7 @@ def _generate_rows(model: "LongSideModel", rows: list[torch.Tensor], cfg: Genera
                 done[b] = pieces[b].stopped
         if all(done) or step == cfg.max_new_tokens - 1:
             break
-        logits = batch.step(torch.tensor(chosen))  # ended rows go on (their tokens unused)
+        logits = batch.step(torch.tensor(chosen))
     return [p.text + p.finish() for p in pieces]
 
 

@@ -23,9 +23,11 @@ import time
 import uuid
 from importlib import resources
 from typing import AsyncIterator
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from longside.errors import LongsideError
 from longside.inference.sampling import GenerationConfig
@@ -45,7 +47,8 @@ def _error(status: int, message: str, code: str, kind: str = "invalid_request_er
     return JSONResponse({"error": {"message": message, "type": kind, "code": code}}, status_code=status)
 
 
-def make_app(engine: Engine, model_id: str, keys: KeyFile | None = None, max_body_bytes: int = 8 << 20) -> FastAPI:
+def make_app(engine: Engine, model_id: str, keys: KeyFile | None = None, max_body_bytes: int = 8 << 20,
+             default_max_tokens: int = 256) -> FastAPI:
     """The FastAPI app serving `engine` as `model_id` (also answers to "longside")."""
     app = FastAPI(title="longside", docs_url=None, redoc_url=None, openapi_url=None)
     page = resources.files("longside.server").joinpath("static/index.html").read_text(encoding="utf-8")
@@ -54,8 +57,24 @@ def make_app(engine: Engine, model_id: str, keys: KeyFile | None = None, max_bod
     async def refused(_request: Request, e: _Refusal):
         return _error(e.status, e.message, e.code, e.kind)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def not_found(_request: Request, e: StarletteHTTPException):
+        return _error(e.status_code, f"{e.detail}: see GET /v1/models, /v1/chat/completions, /v1/memories",
+                      "not_found" if e.status_code == 404 else "invalid_request")
+
     def user_of(request: Request) -> str:
+        """The caller's user (where their memory is kept), after refusing requests that
+        another web site makes through the caller's browser."""
+        origin = request.headers.get("origin")
+        if origin and urlsplit(origin).netloc != request.headers.get("host"):
+            raise _Refusal(403, f"requests from the web page at {origin} are refused: only this server's own "
+                                "page may call it from a browser", "foreign_origin", "permission_error")
         if keys is None:
+            # one local user, no key: refuse a Host that is not loopback (DNS rebinding)
+            host = urlsplit("//" + request.headers.get("host", "")).hostname or ""
+            if host not in ("127.0.0.1", "localhost", "::1"):
+                raise _Refusal(403, f"this server has no keys and answers loopback only, not Host {host!r}",
+                               "foreign_host", "permission_error")
             return LOCAL_USER
         header = request.headers.get("authorization", "")
         key = header[7:].strip() if header.lower().startswith("bearer ") else None
@@ -63,9 +82,14 @@ def make_app(engine: Engine, model_id: str, keys: KeyFile | None = None, max_bod
         if user is None:
             raise _Refusal(401, "missing or wrong API key: send 'Authorization: Bearer KEY' with a key from "
                                 "`longside keys add NAME`", "invalid_api_key", "authentication_error")
-        return user
+        return keys.store_name(user)
 
     async def body_of(request: Request) -> dict:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            # a plain form or text post is what a foreign page can send without asking first
+            raise _Refusal(415, f"send the body as JSON with 'Content-Type: application/json' (got {kind or 'none'!r})",
+                           "unsupported_media_type")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
             raise _Refusal(413, f"request body of {int(declared)} bytes exceeds the server's limit of "
@@ -131,11 +155,11 @@ def make_app(engine: Engine, model_id: str, keys: KeyFile | None = None, max_bod
     async def chat(request: Request):
         user = user_of(request)
         body = await body_of(request)
-        job = Job("chat", user, emit=lambda e: None, messages=_messages(body), config=_config(body, model_id),
-                  ignore_eos=body.get("ignore_eos") is True)
+        job = Job("chat", user, emit=lambda e: None, messages=_messages(body),
+                  config=_config(body, model_id, default_max_tokens), ignore_eos=body.get("ignore_eos") is True)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": rid, "created": created, "model": model_id}
-        if body.get("stream"):
+        if body.get("stream") is True:
             async def events() -> AsyncIterator[str]:
                 first = {**base, "object": "chat.completion.chunk",
                          "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
@@ -190,7 +214,7 @@ def make_app(engine: Engine, model_id: str, keys: KeyFile | None = None, max_bod
         if not isinstance(name, str) or not 0 < len(name) <= 200:
             raise _Refusal(400, "'name' must be a string of 1 to 200 characters", "invalid_name")
         job = Job("memorize", user, emit=lambda e: None, name=name, text=text)
-        if body.get("stream"):
+        if body.get("stream") is True:
             async def events() -> AsyncIterator[str]:
                 async for ev in run(job):
                     data = ev["data"] if ev["type"] == "result" else (
@@ -226,16 +250,20 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
-def _config(body: dict, model_id: str) -> GenerationConfig:
+MAX_TOKENS_LIMIT = 4096  # a reply longer than this is refused: one row must not hold the batch for ever
+
+
+def _config(body: dict, model_id: str, default_max_tokens: int = 256) -> GenerationConfig:
     model = body.get("model")
     if model not in (model_id, "longside"):
         raise _Refusal(404, f"model {model!r} is not served here; use {model_id!r} (GET /v1/models)",
                        "model_not_found")
     if body.get("n", 1) != 1:
         raise _Refusal(400, "n must be 1: one reply per request", "invalid_n")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 256))
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise _Refusal(400, f"max_tokens must be a positive integer, got {max_tokens!r}", "invalid_max_tokens")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", default_max_tokens))
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+        raise _Refusal(400, f"max_tokens must be an integer from 1 to {MAX_TOKENS_LIMIT}, got {max_tokens!r}",
+                       "invalid_max_tokens")
     temperature = body.get("temperature")
     stop = body.get("stop")
     if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and len(stop) <= 4
@@ -249,8 +277,9 @@ def _config(body: dict, model_id: str) -> GenerationConfig:
         raise _Refusal(400, f"temperature must be a number in [0, 2], got {temperature!r}", "invalid_temperature")
     top_p = body.get("top_p", 1.0)
     try:
-        # greedy unless a temperature above 0 asks for sampling (OpenAI's 0 means near-greedy)
-        sample = temperature is not None and temperature > 0
+        # greedy unless a temperature asks for sampling (OpenAI's 0 means near-greedy; below
+        # 0.01 the division would overflow the logits)
+        sample = temperature is not None and temperature >= 0.01
         return GenerationConfig(max_new_tokens=max_tokens, do_sample=sample,
                                 temperature=float(temperature) if sample else 1.0,
                                 top_p=top_p, stop=stop, seed=seed)

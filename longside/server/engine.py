@@ -117,8 +117,8 @@ class Engine:
 
     def submit(self, job: Job) -> Job:
         with self._wake:
-            if self._stopping:
-                raise LongsideError("the server is shutting down")
+            if self._stopping or self._thread is None or not self._thread.is_alive():
+                raise LongsideError("the server is shutting down (or its engine stopped); try again later")
             self._waiting.append(job)
             self._wake.notify()
         return job
@@ -149,40 +149,48 @@ class Engine:
                 admit, busy, room = [], self._busy(), self.max_batch - len(self._turns)
                 for job in list(self._waiting):
                     if job.user in busy or (job.kind == "chat" and room <= 0):
+                        busy.add(job.user)  # the user's later jobs wait too: each user's run in order
                         continue
                     self._waiting.remove(job)
                     admit.append(job)
                     busy.add(job.user)
                     room -= job.kind == "chat"
-            for job in admit:
-                self._guard(job, self._admit)
-            for doc in list(self._documents):
-                self._guard(doc.job, lambda _j, d=doc: self._memorize_segment(d))
-            if self._turns:
-                try:
-                    self._step()
-                except Exception as e:  # a failed batch step fails its turns, never the server
-                    log.exception("batch step failed")
-                    for turn in self._turns:
-                        turn.job.emit({"type": "error", "status": 500, "message": f"decoding failed: {e}"})
-                    for turn in self._turns:  # their windows were in the failed batch: reload from disk
-                        self.store.unload(turn.job.user)
-                    self._turns, self.batch = [], RaggedWindows(self.model)
-            self.store.evict(self._busy())
+            try:
+                self._pass(admit)
+            except Exception:  # never let the engine thread die: every request would hang
+                log.exception("engine pass failed")
+
+    def _pass(self, admit: list[Job]) -> None:
+        for job in admit:
+            self._guard(job, self._admit)
+        for doc in list(self._documents):
+            self._guard(doc.job, lambda _j, d=doc: self._memorize_segment(d))
+        if self._turns:
+            try:
+                self._step()
+            except Exception as e:  # a failed batch step fails its turns, never the server
+                log.exception("batch step failed")
+                for turn in self._turns:  # their windows were in the failed batch: reload from disk
+                    self.store.unload(turn.job.user)
+                    turn.job.emit({"type": "error", "status": 500, "message": f"decoding failed: {e}"})
+                self._turns, self.batch = [], RaggedWindows(self.model)
+        self.store.evict(self._busy())
 
     def _guard(self, job: Job, work: Callable[[Job], None]) -> None:
+        """Run `work(job)`; a failure answers the job and puts its user back as last saved."""
         try:
             work(job)
-        except LongsideError as e:
-            self._drop(job)
-            job.emit({"type": "error", "status": 400, "message": str(e)})
         except Exception as e:
-            log.exception("%s job of %s failed", job.kind, job.user)
-            self._drop(job)
-            job.emit({"type": "error", "status": 500, "message": f"{type(e).__name__}: {e}"})
+            if not isinstance(e, LongsideError):
+                log.exception("%s job of %s failed", job.kind, job.user)
+            self._fail(job, 400 if isinstance(e, LongsideError) else 500,
+                       str(e) if isinstance(e, LongsideError) else f"{type(e).__name__}: {e}")
 
-    def _drop(self, job: Job) -> None:
+    def _fail(self, job: Job, status: int, message: str) -> None:
         self._documents = [d for d in self._documents if d.job is not job]
+        if job.kind in ("chat", "memorize"):  # half a turn or half a document stays out of memory
+            self.store.unload(job.user)
+        job.emit({"type": "error", "status": status, "message": message})
 
     def _admit(self, job: Job) -> None:
         if job.cancelled:
@@ -260,14 +268,28 @@ class Engine:
         logits = self.batch.step(torch.tensor([t.chosen[-1] for t in self._turns]))
         self.steps += 1
         self.rows_stepped += len(self._turns)
+        failed = {}
         for b, turn in enumerate(self._turns):
-            self._choose(turn, logits[b:b + 1])
+            try:
+                self._choose(turn, logits[b:b + 1])
+            except Exception as e:  # one turn's failure is its own
+                log.exception("choosing a token for %s failed", turn.job.user)
+                turn.finish, failed[id(turn)] = "error", f"{type(e).__name__}: {e}"
         for b in reversed(range(len(self._turns))):
             turn = self._turns[b]
-            if turn.finish is not None:
-                turn.session.window = self.batch.leave(b)
-                self._turns.pop(b)
+            if turn.finish is None:
+                continue
+            window = self.batch.leave(b)
+            self._turns.pop(b)
+            if id(turn) in failed:
+                self._fail(turn.job, 500, failed[id(turn)])
+                continue
+            turn.session.window = window
+            try:
                 self._end_turn(turn)
+            except Exception as e:
+                log.exception("ending the turn of %s failed", turn.job.user)
+                self._fail(turn.job, 500, f"the reply could not be saved ({type(e).__name__}: {e})")
 
     def _end_turn(self, turn: _Turn) -> None:
         tail = turn.pieces.finish()

@@ -58,7 +58,10 @@ class KeyFile:
                                 "choose another name")
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        users[name] = {"sha256": _hash(key), "created": created}
+        # the id names the user's memory on the server: a rotated key keeps it, while a
+        # name removed and added again is a new user who never sees the old one's memory
+        uid = users[name].get("id") if name in users else None
+        users[name] = {"sha256": _hash(key), "created": created, "id": uid or secrets.token_hex(6)}
         self._write(users)
         return key
 
@@ -69,6 +72,11 @@ class KeyFile:
             raise LongsideError(f"no user {name!r} in {self.path} (`longside keys list` shows the users)")
         del users[name]
         self._write(users)
+
+    def store_name(self, name: str) -> str:
+        """Where the server keeps `name`'s memory: the name and the user's id."""
+        uid = self._refresh()[name].get("id")
+        return f"{name}+{uid}" if isinstance(uid, str) and uid.isalnum() else name
 
     def names(self) -> list[str]:
         """The user names, sorted."""

@@ -30,7 +30,8 @@ from longside.paths import recover
 if TYPE_CHECKING:
     from longside.model import LongSideModel
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# a key file's user name, then "+" and the user's id (keys.KeyFile.store_name)
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(\+[0-9a-f]{1,32})?")
 
 
 def now() -> str:
@@ -91,15 +92,20 @@ class UserStore:
         return session
 
     def save(self, user: str, *, memory_unchanged: bool = False) -> None:
-        """Write the user's session to disk (atomically; see ChatSession.save)."""
-        self._resident[user].save(self.path(user), memory_unchanged=memory_unchanged)
+        """Write the user's session to disk (atomically; see ChatSession.save). If that
+        fails the user leaves RAM: what is in RAM and on disk never disagree unseen."""
+        try:
+            self._resident[user].save(self.path(user), memory_unchanged=memory_unchanged)
+        except BaseException:
+            self.unload(user)
+            raise
 
     def info(self, user: str) -> dict:
         """What the user's memory holds: tokens, documents, bytes, turns, the stored file's checksum."""
         s = self.session(user)
         bank = s.memory.banks[0]
         digest = saved_memory_sha256(self.path(user))
-        return {"user": user, "tokens": len(bank), "window_tokens": s.window.n,
+        return {"user": user.split("+")[0], "tokens": len(bank), "window_tokens": s.window.n,
                 "documents": list(s.meta.get("documents", [])), "bytes": bank.nbytes(),
                 "turns": sum(m["role"] == "user" for m in s.messages), "sha256": digest,
                 "file": MAIN_FILE}
