@@ -14,6 +14,7 @@ import argparse
 import logging
 import socket
 import sys
+import threading
 from pathlib import Path
 
 import uvicorn
@@ -82,17 +83,23 @@ def main(argv: list[str]) -> int:
     print(f"longside serve: {info['note']}", file=sys.stderr)
     store = UserStore(model, store_dir, max_resident_bytes=int(args.max_resident_gb * (1 << 30)),
                       max_new_tokens=args.max_tokens)
-    engine = Engine(model, store, max_batch=args.max_batch).start()
+    engine = Engine(model, store, max_batch=args.max_batch)
     model_id = f"longside-{model.backbone.name}"
     app = make_app(engine, model_id, keys, max_body_bytes=int(args.max_body_mb * (1 << 20)),
                    default_max_tokens=args.max_tokens)
     logging.basicConfig(level=logging.WARNING)
     host = f"[{args.host}]" if ":" in args.host else args.host
+    # HTTP on a thread, the model on the main thread (see Engine.start for why)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="longside-http", daemon=True)
+    http.start()
     print(f"longside serve: {model_id} on http://{host}:{port} (store {store_dir}, "
           f"{'keys ' + args.keys if keys else 'one local user'})", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     try:
-        server.run(sockets=[sock])
+        engine.run()
+    except KeyboardInterrupt:
+        pass
     finally:
-        engine.stop()
+        server.should_exit = True
+        http.join(10)
     return 0

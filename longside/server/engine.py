@@ -104,20 +104,32 @@ class Engine:
 
     # -- control, from any thread ------------------------------------------------------
     def start(self) -> "Engine":
+        """Run the engine on a thread of its own (in-process use, tests). `longside serve`
+        runs it on the main thread instead (`run`): OpenMP kernels called from another
+        thread ran 2.7x slower here (libgomp keeps no worker pool for it)."""
         self._thread = threading.Thread(target=self._run, name="longside-engine", daemon=True)
         self._thread.start()
         return self
+
+    def run(self) -> None:
+        """Run the engine on the calling thread until `stop` (or KeyboardInterrupt)."""
+        self._thread = threading.current_thread()
+        try:
+            self._run()
+        finally:
+            with self._wake:
+                self._stopping = True
 
     def stop(self) -> None:
         with self._wake:
             self._stopping = True
             self._wake.notify()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
 
     def submit(self, job: Job) -> Job:
         with self._wake:
-            if self._stopping or self._thread is None or not self._thread.is_alive():
+            if self._stopping or (self._thread is not None and not self._thread.is_alive()):
                 raise LongsideError("the server is shutting down (or its engine stopped); try again later")
             self._waiting.append(job)
             self._wake.notify()
@@ -143,7 +155,7 @@ class Engine:
         while True:
             with self._wake:
                 while not (self._waiting or self._turns or self._documents or self._stopping):
-                    self._wake.wait()
+                    self._wake.wait(0.5)  # with a timeout: the main thread then sees Ctrl-C
                 if self._stopping:
                     break
                 admit, busy, room = [], self._busy(), self.max_batch - len(self._turns)
