@@ -515,6 +515,77 @@ ROW_DOT(row_dot_vnni, dot_u8s8_vnni, VNNI_TARGET)
 ROWS4_DOT(rows4_dot_avx2, dot_u8s8, "avx2,fma,f16c")
 ROWS4_DOT(rows4_dot_vnni, dot_u8s8_vnni, VNNI_TARGET)
 
+/* Four weight rows against two quantized x rows (batched decode: one row per user): each
+ * weight block is unpacked once for both x rows, the costly part of a product of a few rows.
+ * Per (weight row, x row) the operations and their order are those of ROW_DOT, so results
+ * are identical to the one-row kernels. */
+#define ROWS4X2_DOT(NAME, DOT, TARGET)                                                              \
+    __attribute__((target(TARGET), always_inline)) static inline void NAME##_t(                    \
+        const int type, const uint8_t *row, int64_t row_bytes, const int8_t *qx0, const int8_t *qx1, \
+        const float *dx0, const float *dx1, const float *sx0, const float *sx1, int64_t nb,        \
+        float *out0, float *out1) {                                                                 \
+        const int bb = type == T_Q4_1 ? 20 : type == T_Q4_0 ? 18 : 34;                             \
+        __m256 acc0[4], acc1[4];                                                                    \
+        float extra0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, extra1[4] = {0.0f, 0.0f, 0.0f, 0.0f};          \
+        for (int r = 0; r < 4; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();                        \
+        for (int64_t b = 0; b < nb; b++) {                                                          \
+            __m256i xa = _mm256_loadu_si256((const __m256i *)(qx0 + b * 32));                      \
+            __m256i xb = _mm256_loadu_si256((const __m256i *)(qx1 + b * 32));                      \
+            for (int r = 0; r < 4; r++) {                                                           \
+                const uint8_t *blk = row + r * row_bytes + b * bb;                                  \
+                __m256i pa, pb;                                                                     \
+                float da, db;                                                                       \
+                if (type == T_Q4_1) {                                                               \
+                    float dw = f16c(blk), mw = f16c(blk + 2);                                       \
+                    da = dw * dx0[b];                                                               \
+                    db = dw * dx1[b];                                                               \
+                    extra0[r] += mw * sx0[b];                                                       \
+                    extra1[r] += mw * sx1[b];                                                       \
+                    __m256i wq = unpack_nibbles(blk + 4);                                           \
+                    pa = DOT(wq, xa);                                                               \
+                    pb = DOT(wq, xb);                                                               \
+                } else if (type == T_Q4_0) {                                                        \
+                    float dw = f16c(blk);                                                           \
+                    da = dw * dx0[b];                                                               \
+                    db = dw * dx1[b];                                                               \
+                    extra0[r] -= 8.0f * dw * sx0[b];                                                \
+                    extra1[r] -= 8.0f * dw * sx1[b];                                                \
+                    __m256i wq = unpack_nibbles(blk + 2);                                           \
+                    pa = DOT(wq, xa);                                                               \
+                    pb = DOT(wq, xb);                                                               \
+                } else {                                                                            \
+                    float dw = f16c(blk);                                                           \
+                    da = dw * dx0[b];                                                               \
+                    db = dw * dx1[b];                                                               \
+                    __m256i wq = _mm256_loadu_si256((const __m256i *)(blk + 2));                   \
+                    __m256i aw = _mm256_sign_epi8(wq, wq);                                          \
+                    pa = DOT(aw, _mm256_sign_epi8(xa, wq));                                         \
+                    pb = DOT(aw, _mm256_sign_epi8(xb, wq));                                         \
+                }                                                                                   \
+                acc0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pa), _mm256_set1_ps(da), acc0[r]);     \
+                acc1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pb), _mm256_set1_ps(db), acc1[r]);     \
+            }                                                                                       \
+        }                                                                                           \
+        for (int r = 0; r < 4; r++) {                                                               \
+            out0[r] = hsum8(acc0[r]) + extra0[r];                                                   \
+            out1[r] = hsum8(acc1[r]) + extra1[r];                                                   \
+        }                                                                                           \
+    }                                                                                               \
+    __attribute__((target(TARGET))) static void NAME(int type, const uint8_t *row, int64_t row_bytes, \
+                                                     const int8_t *qx0, const int8_t *qx1, const float *dx0, \
+                                                     const float *dx1, const float *sx0, const float *sx1, \
+                                                     int64_t nb, float *out0, float *out1) {        \
+        if (type == T_Q4_1)                                                                         \
+            NAME##_t(T_Q4_1, row, row_bytes, qx0, qx1, dx0, dx1, sx0, sx1, nb, out0, out1);         \
+        else if (type == T_Q4_0)                                                                    \
+            NAME##_t(T_Q4_0, row, row_bytes, qx0, qx1, dx0, dx1, sx0, sx1, nb, out0, out1);         \
+        else                                                                                        \
+            NAME##_t(T_Q8_0, row, row_bytes, qx0, qx1, dx0, dx1, sx0, sx1, nb, out0, out1);         \
+    }
+
+ROWS4X2_DOT(rows4x2_dot_avx2, dot_u8s8, "avx2,fma,f16c")
+ROWS4X2_DOT(rows4x2_dot_vnni, dot_u8s8_vnni, VNNI_TARGET)
+
 static float row_dot_scalar(int type, const uint8_t *row, const int8_t *qx, const float *dx, const float *sx,
                             int64_t nb) {
     float acc = 0.0f;
@@ -547,8 +618,19 @@ static void gemv_q8(int type, const uint8_t *w, int64_t row_bytes, const int8_t 
     #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *row = w + 4 * g * row_bytes;
-        float out[4];
-        for (int64_t m = 0; m < M; m++) {
+        float out[4], out1[4];
+        int64_t m = 0;
+        for (; m + 1 < M; m += 2) { /* x rows two at a time: each weight block unpacked once */
+            const int8_t *q0 = qx + m * K, *q1 = qx + (m + 1) * K;
+            const float *d0 = dx + m * nb, *d1 = dx + (m + 1) * nb, *s0 = sx + m * nb, *s1 = sx + (m + 1) * nb;
+            if (isa == 2)
+                rows4x2_dot_vnni(type, row, row_bytes, q0, q1, d0, d1, s0, s1, nb, out, out1);
+            else
+                rows4x2_dot_avx2(type, row, row_bytes, q0, q1, d0, d1, s0, s1, nb, out, out1);
+            memcpy(y + m * ldy + 4 * g, out, sizeof(out));
+            memcpy(y + (m + 1) * ldy + 4 * g, out1, sizeof(out1));
+        }
+        for (; m < M; m++) {
             if (isa == 2)
                 rows4_dot_vnni(type, row, row_bytes, qx + m * K, dx + m * nb, sx + m * nb, nb, out);
             else

@@ -87,6 +87,9 @@ for qtype in TYPES:
     if qtype in ggml_cpu.INT8_TYPES:
         err = (ggml_cpu.gemv_int8(x, w) - y).abs().max() / scale
         assert 0 < err < 0.03, (qtype, float(err))
+        # rows of x go two at a time (a batch of users): each equals the row alone, bit for bit
+        alone = torch.cat([ggml_cpu.gemv_int8(x[i:i + 1], w) for i in range(5)])
+        assert torch.equal(ggml_cpu.gemv_int8(x, w), alone), qtype
 print("OK")
 """
     env = {**os.environ, "LONGSIDE_GGML_ISA": isa}

@@ -37,8 +37,20 @@ def test_file_holds_hashes_not_keys(path):
     assert key not in text and key[3:] not in text
     data = json.loads(text)
     assert data["format"] == "longside-keys" and data["version"] == 1
-    assert set(data["users"]["alice"]) == {"sha256", "created"}
+    assert set(data["users"]["alice"]) == {"sha256", "created", "id"}
     assert data["users"]["alice"]["created"].endswith("Z")
+
+
+def test_store_name_survives_rotation_not_re_adding(path):
+    keys = KeyFile(path)
+    keys.add("alice")
+    first = keys.store_name("alice")
+    assert first.startswith("alice+")
+    keys.add("alice", replace=True)  # a rotated key: the same user, the same memory
+    assert keys.store_name("alice") == first
+    keys.remove("alice")
+    keys.add("alice")  # the name given to someone new: another memory
+    assert keys.store_name("alice") != first
 
 
 def test_user_for(path):

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from longside.errors import LongsideError
 from longside.inference.sampling import GenerationConfig
-from longside.server.engine import Engine, Job
+from longside.server.engine import Engine, Job, TooBusy
 from longside.server.keys import KeyFile
 
 LOCAL_USER = "local"
@@ -109,23 +109,29 @@ def make_app(engine: Engine, model_id: str, keys: KeyFile | None = None, max_bod
             raise _Refusal(400, "the body must be a JSON object", "invalid_json")
         return body
 
-    async def run(job: Job) -> AsyncIterator[dict]:
-        """Submit `job` to the engine and yield its events until the last."""
+    def run(job: Job) -> AsyncIterator[dict]:
+        """Submit `job` to the engine now (a refusal comes before any response is sent) ->
+        an iterator of its events until the last."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         job.emit = lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)
         try:
             engine.submit(job)
+        except TooBusy as e:
+            raise _Refusal(429, str(e), "rate_limit_exceeded", "rate_limit_error") from None
         except LongsideError as e:
             raise _Refusal(503, str(e), "unavailable", "server_error") from None
-        try:
-            while True:
-                event = await queue.get()
-                yield event
-                if event["type"] in ("done", "result", "error"):
-                    return
-        finally:  # the client went away (or we are done): the engine lets the job go
-            job.cancelled = True
-            engine.wake()
+
+        async def events() -> AsyncIterator[dict]:
+            try:
+                while True:
+                    event = await queue.get()
+                    yield event
+                    if event["type"] in ("done", "result", "error"):
+                        return
+            finally:  # the client went away (or we are done): the engine lets the job go
+                job.cancelled = True
+                engine.wake()
+        return events()
 
     async def answer(job: Job) -> dict:
         """The job's single result (non-streaming), or its error as a refusal."""
@@ -160,11 +166,13 @@ def make_app(engine: Engine, model_id: str, keys: KeyFile | None = None, max_bod
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": rid, "created": created, "model": model_id}
         if body.get("stream") is True:
+            job_events = run(job)
+
             async def events() -> AsyncIterator[str]:
                 first = {**base, "object": "chat.completion.chunk",
                          "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
                 yield f"data: {json.dumps(first)}\n\n"
-                async for ev in run(job):
+                async for ev in job_events:
                     if ev["type"] == "text":
                         chunk = {**base, "object": "chat.completion.chunk",
                                  "choices": [{"index": 0, "delta": {"content": ev["text"]}, "finish_reason": None}]}
@@ -172,7 +180,8 @@ def make_app(engine: Engine, model_id: str, keys: KeyFile | None = None, max_bod
                         chunk = {**base, "object": "chat.completion.chunk", "usage": ev["usage"],
                                  "choices": [{"index": 0, "delta": {}, "finish_reason": ev["finish_reason"]}]}
                     else:  # an error after the stream started: said in the stream, as OpenAI does
-                        chunk = {"error": {"message": ev["message"], "type": "server_error", "code": ev["status"]}}
+                        kind = "server_error" if ev["status"] >= 500 else "invalid_request_error"
+                        chunk = {"error": {"message": ev["message"], "type": kind, "code": ev["status"]}}
                     yield f"data: {json.dumps(chunk)}\n\n"
                 yield "data: [DONE]\n\n"
             return sse(events())
@@ -215,8 +224,10 @@ def make_app(engine: Engine, model_id: str, keys: KeyFile | None = None, max_bod
             raise _Refusal(400, "'name' must be a string of 1 to 200 characters", "invalid_name")
         job = Job("memorize", user, emit=lambda e: None, name=name, text=text)
         if body.get("stream") is True:
+            job_events = run(job)
+
             async def events() -> AsyncIterator[str]:
-                async for ev in run(job):
+                async for ev in job_events:
                     data = ev["data"] if ev["type"] == "result" else (
                         {"error": {"message": ev["message"], "code": ev["status"]}} if ev["type"] == "error"
                         else {"tokens_done": ev["tokens_done"], "tokens_total": ev["tokens_total"]})

@@ -44,6 +44,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("longside.server")
 
+MAX_WAITING = 16  # requests of one user queued at once
+
+
+class TooBusy(LongsideError):
+    """One user has too many requests waiting."""
+
 
 @dataclass
 class Job:
@@ -128,9 +134,13 @@ class Engine:
             self._thread.join()
 
     def submit(self, job: Job) -> Job:
+        """Queue `job`. Raises LongsideError when the engine is stopping, and `TooBusy`
+        when the user already has `MAX_WAITING` jobs waiting."""
         with self._wake:
             if self._stopping or (self._thread is not None and not self._thread.is_alive()):
                 raise LongsideError("the server is shutting down (or its engine stopped); try again later")
+            if sum(j.user == job.user for j in self._waiting) >= MAX_WAITING:
+                raise TooBusy(f"{MAX_WAITING} of your requests are already waiting; wait for them to finish")
             self._waiting.append(job)
             self._wake.notify()
         return job

@@ -111,8 +111,14 @@ class UserStore:
                 "file": MAIN_FILE}
 
     def forget(self, user: str) -> None:
-        """Clear the user's memory and conversation, and save that."""
-        s = self.session(user)
+        """Clear the user's memory and conversation, and save that. A stored memory that
+        cannot be read is moved aside (kept, `NAME.unreadable-TIME`), not deleted."""
+        try:
+            s = self.session(user)
+        except LongsideError:
+            path = self.path(user)
+            path.rename(path.with_name(f"{path.name}.unreadable-{now().replace(':', '')}"))
+            s = self.session(user)
         s.clear()
         s.meta = {"documents": [], "created": s.meta.get("created", now()), "forgotten": now()}
         self.save(user)
