@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -36,6 +37,7 @@ from longside.inference.generate import decode_loop, eos_ids
 from longside.inference.sampling import GenerationConfig, TextPieces, make_generator
 from longside.inference.window import LocalWindow
 from longside.memory import MAIN_FILE, Memory, block_file, is_bank_file
+from longside.memory_bank import MemoryBank
 from longside.paths import atomic_dir, recover, sha256_file
 
 if TYPE_CHECKING:
@@ -189,6 +191,12 @@ class ChatSession:
         another format version, or made with another backbone or side network; the model's
         memory is left untouched then. `own_memory`: the session gets a memory of its own
         instead of replacing the model's."""
+        return cls.resume(cls.read(path, model), model, seed, own_memory=own_memory)
+
+    @staticmethod
+    def read(path: str | os.PathLike, model: "LongSideModel") -> "SavedSession":
+        """The files of a saved session, read and checked (the first half of `load`; runs
+        no model, so a server reads one user from disk while it decodes for others)."""
         path = Path(path)
         recover(path)
         body = _read_manifest(path)
@@ -208,13 +216,22 @@ class ChatSession:
                                    "or replaced); the session cannot be resumed")
         config = _check_body(body, model, path)
         try:
-            bank, block_banks = model.memory.read_files(path / _MEMORY, path, [int(L) for L in blocks])
+            reader = Memory(model.backbone, model.config, 1)  # its own: nothing shared is touched
+            bank, block_banks = reader.read_files(path / _MEMORY, path, [int(L) for L in blocks])
         except MemoryBankError as e:
             raise SessionError(f"session {path}: {e}") from None
+        return SavedSession(body, config, bank, block_banks)
+
+    @classmethod
+    def resume(cls, saved: "SavedSession", model: "LongSideModel", seed: int | None = None, *,
+               own_memory: bool = False) -> "ChatSession":
+        """The session `read` returned, installed (the second half of `load`): the local
+        window is rebuilt by reading its tokens again."""
+        body = saved.body
         # everything was read and checked: only now does the session's memory replace the model's
         memory = Memory(model.backbone, model.config, 1) if own_memory else model.init_memory(1)
-        memory.put_row(0, bank, block_banks)
-        session = cls(model, body["system"], config=config.updated(seed=seed),
+        memory.put_row(0, saved.bank, saved.block_banks)
+        session = cls(model, body["system"], config=saved.config.updated(seed=seed),
                       memory=memory if own_memory else None)
         session.messages, session._fed = body["messages"], body["fed"]
         session.meta, session._turn = body.get("meta", {}), body.get("turn", "")
@@ -223,6 +240,16 @@ class ChatSession:
             session.window.feed(torch.tensor([body["window_ids"]]))
         session.window.segments_written = body["segments_written"]
         return session
+
+
+@dataclass
+class SavedSession:
+    """A saved session's checked contents (`ChatSession.read`), not yet installed."""
+
+    body: dict
+    config: GenerationConfig
+    bank: MemoryBank
+    block_banks: dict
 
 
 def saved_memory_sha256(path: str | os.PathLike) -> str | None:

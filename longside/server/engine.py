@@ -22,6 +22,7 @@ A job reports through `emit(event)`, called on the engine thread with dicts:
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
@@ -105,6 +106,10 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._eos = eos_ids(model, None)
+        # users whose memory is on disk are read here, off the model's thread (files only)
+        self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="longside-reader")
+        self._reading: dict[str, concurrent.futures.Future] = {}
+        self._read: dict[str, concurrent.futures.Future] = {}  # read, to install at admission
         self.steps = 0  # batch steps taken (and rows stepped): for the bench
         self.rows_stepped = 0
 
@@ -132,6 +137,7 @@ class Engine:
             self._wake.notify()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
+        self._reader.shutdown(wait=False, cancel_futures=True)
 
     def submit(self, job: Job) -> Job:
         """Queue `job`. Raises LongsideError when the engine is stopping, and `TooBusy`
@@ -168,19 +174,36 @@ class Engine:
                     self._wake.wait(0.5)  # with a timeout: the main thread then sees Ctrl-C
                 if self._stopping:
                     break
-                admit, busy, room = [], self._busy(), self.max_batch - len(self._turns)
-                for job in list(self._waiting):
-                    if job.user in busy or (job.kind == "chat" and room <= 0):
-                        busy.add(job.user)  # the user's later jobs wait too: each user's run in order
-                        continue
-                    self._waiting.remove(job)
-                    admit.append(job)
-                    busy.add(job.user)
-                    room -= job.kind == "chat"
+                admit = self._admissible()
+                if not (admit or self._turns or self._documents):
+                    self._wake.wait(0.5)  # only jobs whose users are being read: wait for a read
             try:
                 self._pass(admit)
             except Exception:  # never let the engine thread die: every request would hang
                 log.exception("engine pass failed")
+
+    def _admissible(self) -> list[Job]:
+        """Take the waiting jobs that can start now (under the lock). A user whose memory is
+        on disk only is read on the reader thread first, while the batch goes on."""
+        admit, busy, room = [], self._busy(), self.max_batch - len(self._turns)
+        for job in list(self._waiting):
+            if job.user in busy or (job.kind == "chat" and room <= 0):
+                busy.add(job.user)  # the user's later jobs wait too: each user's run in order
+                continue
+            if job.user not in self._read and self.store.on_disk_only(job.user):
+                if job.user not in self._reading:
+                    future = self._reader.submit(self.store.read, job.user)
+                    future.add_done_callback(lambda _f: self.wake())
+                    self._reading[job.user] = future
+                if not self._reading[job.user].done():
+                    busy.add(job.user)
+                    continue
+                self._read[job.user] = self._reading.pop(job.user)
+            self._waiting.remove(job)
+            admit.append(job)
+            busy.add(job.user)
+            room -= job.kind == "chat"
+        return admit
 
     def _pass(self, admit: list[Job]) -> None:
         for job in admit:
@@ -215,6 +238,15 @@ class Engine:
         job.emit({"type": "error", "status": status, "message": message})
 
     def _admit(self, job: Job) -> None:
+        read = self._read.pop(job.user, None)
+        if read is not None and job.user not in self.store.resident():
+            # what the reader thread read: installed here (rebuilding a window runs the model);
+            # a read that failed raises its error for this job (a forget moves the files aside)
+            try:
+                self.store.session(job.user, read.result())
+            except LongsideError:
+                if job.kind != "forget":
+                    raise
         if job.cancelled:
             return
         store = self.store

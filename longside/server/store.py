@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from longside.errors import LongsideError, SessionError
-from longside.inference.chat import ChatSession, saved_memory_sha256
+from longside.inference.chat import ChatSession, SavedSession, saved_memory_sha256
 from longside.memory import MAIN_FILE, Memory
 from longside.paths import recover
 
@@ -71,19 +71,28 @@ class UserStore:
         """Users in RAM, least recently used first."""
         return list(self._resident)
 
-    def session(self, user: str) -> ChatSession:
-        """The user's session: in RAM, else loaded from disk, else a new one."""
+    def on_disk_only(self, user: str) -> bool:
+        """Whether the user's session must be read from disk before use."""
+        return user not in self._resident and self.path(user).exists()
+
+    def read(self, user: str) -> SavedSession:
+        """Read and check the user's saved files (no model work; any thread may call it)."""
+        try:
+            return ChatSession.read(self.path(user), self.model)
+        except SessionError as e:
+            raise LongsideError(f"the stored memory of user {user!r} cannot be read ({e}); it was left as "
+                                "it is for an administrator to inspect (forgetting moves it aside)") from None
+
+    def session(self, user: str, saved: SavedSession | None = None) -> ChatSession:
+        """The user's session: in RAM, else `saved` (from `read`), else read from disk,
+        else a new one."""
         if user in self._resident:
             self._resident.move_to_end(user)
             return self._resident[user]
         path = self.path(user)
         recover(path)
-        if path.exists():
-            try:
-                session = ChatSession.load(path, self.model, own_memory=True)
-            except SessionError as e:
-                raise LongsideError(f"the stored memory of user {user!r} cannot be read ({e}); it was left as "
-                                    "it is for an administrator to inspect") from None
+        if saved is not None or path.exists():
+            session = ChatSession.resume(saved or self.read(user), self.model, own_memory=True)
         else:
             session = ChatSession(self.model, memory=Memory(self.model.backbone, self.model.config, 1),
                                   max_new_tokens=self.max_new_tokens)
