@@ -3,6 +3,7 @@
     longside keys add alice --keys keys.json       # prints alice's key once
     longside serve --keys keys.json --store ./memories
     curl -s localhost:8000/v1/chat/completions -H "Authorization: Bearer $KEY" \\
+         -H "Content-Type: application/json" \\
          -d '{"model": "longside", "messages": [{"role": "user", "content": "Hi!"}]}'
 
 Without --keys there is one local user and the server listens on loopback only.
