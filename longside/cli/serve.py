@@ -82,8 +82,7 @@ def main(argv: list[str]) -> int:
         raise LongsideError(f"{args.model} reads backbone memory, which the server does not support yet (its "
                             "rows cannot share a batch); serve a checkpoint without backbone_memory_layers")
     print(f"longside serve: {info['note']}", file=sys.stderr)
-    store = UserStore(model, store_dir, max_resident_bytes=int(args.max_resident_gb * (1 << 30)),
-                      max_new_tokens=args.max_tokens)
+    store = UserStore(model, store_dir, max_resident_bytes=int(args.max_resident_gb * (1 << 30)))
     engine = Engine(model, store, max_batch=args.max_batch)
     model_id = f"longside-{model.backbone.name}"
     app = make_app(engine, model_id, keys, max_body_bytes=int(args.max_body_mb * (1 << 20)),

@@ -291,8 +291,7 @@ class RaggedWindows:
             row.n += 1
             if row.n == self.window:  # the row's segment is complete: it leaves the window
                 self._flush(b)
-        if S - max(r.n for r in self.rows) >= _COMPACT_AT:
-            self._compact()
+        self._compact(_COMPACT_AT)
         return logits
 
     def _flush(self, b: int) -> None:

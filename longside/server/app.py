@@ -42,6 +42,13 @@ class _Refusal(Exception):
         super().__init__(message)
         self.status, self.message, self.code, self.kind = status, message, code, kind
 
+    @classmethod
+    def of(cls, event: dict) -> "_Refusal":
+        """The refusal for an engine's error event."""
+        server = event["status"] >= 500
+        return cls(event["status"], event["message"], "server_error" if server else "invalid_request",
+                   "server_error" if server else "invalid_request_error")
+
 
 def _error(status: int, message: str, code: str, kind: str = "invalid_request_error") -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "code": code}}, status_code=status)
@@ -137,9 +144,7 @@ def make_app(engine: Engine, model_id: str, keys: KeyFile | None = None, max_bod
         """The job's single result (non-streaming), or its error as a refusal."""
         async for event in run(job):
             if event["type"] == "error":
-                raise _Refusal(event["status"], event["message"],
-                               "server_error" if event["status"] >= 500 else "invalid_request",
-                               "server_error" if event["status"] >= 500 else "invalid_request_error")
+                raise _Refusal.of(event)
             if event["type"] == "result":
                 return event["data"]
         raise _Refusal(500, "the job ended without a result", "server_error", "server_error")
@@ -161,7 +166,7 @@ def make_app(engine: Engine, model_id: str, keys: KeyFile | None = None, max_bod
     async def chat(request: Request):
         user = user_of(request)
         body = await body_of(request)
-        job = Job("chat", user, emit=lambda e: None, messages=_messages(body),
+        job = Job("chat", user, messages=_messages(body),
                   config=_config(body, model_id, default_max_tokens), ignore_eos=body.get("ignore_eos") is True)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": rid, "created": created, "model": model_id}
@@ -180,8 +185,8 @@ def make_app(engine: Engine, model_id: str, keys: KeyFile | None = None, max_bod
                         chunk = {**base, "object": "chat.completion.chunk", "usage": ev["usage"],
                                  "choices": [{"index": 0, "delta": {}, "finish_reason": ev["finish_reason"]}]}
                     else:  # an error after the stream started: said in the stream, as OpenAI does
-                        kind = "server_error" if ev["status"] >= 500 else "invalid_request_error"
-                        chunk = {"error": {"message": ev["message"], "type": kind, "code": ev["status"]}}
+                        chunk = {"error": {"message": ev["message"], "type": _Refusal.of(ev).kind,
+                                           "code": ev["status"]}}
                     yield f"data: {json.dumps(chunk)}\n\n"
                 yield "data: [DONE]\n\n"
             return sse(events())
@@ -192,8 +197,7 @@ def make_app(engine: Engine, model_id: str, keys: KeyFile | None = None, max_bod
             elif ev["type"] == "done":
                 done = ev
             elif ev["type"] == "error":
-                raise _Refusal(ev["status"], ev["message"], "invalid_request" if ev["status"] < 500 else "server_error",
-                               "invalid_request_error" if ev["status"] < 500 else "server_error")
+                raise _Refusal.of(ev)
         return {**base, "object": "chat.completion", "usage": done["usage"],
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
                              "finish_reason": done["finish_reason"]}]}
@@ -206,11 +210,11 @@ def make_app(engine: Engine, model_id: str, keys: KeyFile | None = None, max_bod
 
     @app.get("/v1/memories")
     async def memories(request: Request):
-        return await answer(Job("info", user_of(request), emit=lambda e: None))
+        return await answer(Job("info", user_of(request)))
 
     @app.delete("/v1/memories")
     async def forget(request: Request):
-        data = await answer(Job("forget", user_of(request), emit=lambda e: None))
+        data = await answer(Job("forget", user_of(request)))
         return {"deleted": True, "memory": data}
 
     @app.post("/v1/memories/documents")
@@ -222,7 +226,7 @@ def make_app(engine: Engine, model_id: str, keys: KeyFile | None = None, max_bod
             raise _Refusal(400, "'text' must be a non-empty string: the document to memorize", "invalid_text")
         if not isinstance(name, str) or not 0 < len(name) <= 200:
             raise _Refusal(400, "'name' must be a string of 1 to 200 characters", "invalid_name")
-        job = Job("memorize", user, emit=lambda e: None, name=name, text=text)
+        job = Job("memorize", user, name=name, text=text)
         if body.get("stream") is True:
             job_events = run(job)
 

@@ -58,7 +58,7 @@ class Job:
 
     kind: str
     user: str
-    emit: Callable[[dict], None]
+    emit: Callable[[dict], None] = lambda _event: None  # set by whoever waits for the events
     messages: list | None = None
     config: GenerationConfig | None = None
     name: str = ""
@@ -209,6 +209,7 @@ class Engine:
         return admit
 
     def _pass(self, admit: list[Job]) -> None:
+        busy_before = self._busy()
         for job in admit:
             self._guard(job, self._admit)
         for doc in list(self._documents):
@@ -222,7 +223,8 @@ class Engine:
                     self.store.unload(turn.job.user)
                     turn.job.emit({"type": "error", "status": 500, "message": f"decoding failed: {e}"})
                 self._turns, self.batch = [], RaggedWindows(self.model)
-        self.store.evict(self._busy())
+        if admit or self._busy() != busy_before:  # users came or went: not at every decode step
+            self.store.evict(self._busy())
 
     def _guard(self, job: Job, work: Callable[[Job], None]) -> None:
         """Run `work(job)`; a failure answers the job and puts its user back as last saved."""

@@ -55,10 +55,9 @@ class UserStore:
     """Users' sessions under `root` (see the module docstring). Not thread-safe: the
     server's engine thread alone calls it."""
 
-    def __init__(self, model: "LongSideModel", root: str | Path, max_resident_bytes: int = 4 << 30,
-                 max_new_tokens: int = 256):
+    def __init__(self, model: "LongSideModel", root: str | Path, max_resident_bytes: int = 4 << 30):
         self.model, self.root = model, Path(root)
-        self.max_resident_bytes, self.max_new_tokens = max_resident_bytes, max_new_tokens
+        self.max_resident_bytes = max_resident_bytes
         self._resident: OrderedDict[str, ChatSession] = OrderedDict()
         (self.root / "users").mkdir(parents=True, exist_ok=True)
 
@@ -94,8 +93,8 @@ class UserStore:
         if saved is not None or path.exists():
             session = ChatSession.resume(saved or self.read(user), self.model, own_memory=True)
         else:
-            session = ChatSession(self.model, memory=Memory(self.model.backbone, self.model.config, 1),
-                                  max_new_tokens=self.max_new_tokens)
+            # decoding options come with each request (the engine), not from the session
+            session = ChatSession(self.model, memory=Memory(self.model.backbone, self.model.config, 1))
             session.meta = {"documents": [], "created": now()}
         self._resident[user] = session
         return session
