@@ -1,0 +1,136 @@
+"""Where the server's time goes (numbers in docs/results.md#server and the session-13 note).
+
+    python experiments/serve_profile.py threads   # one SmolLM2 product on the main thread, on a second
+                                                  # thread, and on the main thread after another thread
+                                                  # ran torch with (and without) its own OpenMP team
+    python experiments/serve_profile.py steps     # RaggedWindows: one batch step of 1 and of 8 rows
+                                                  # (each with ~19k tokens of memory), and a cProfile of 8
+    python experiments/serve_profile.py engine    # the server's Engine in-process (no HTTP): 8 users'
+                                                  # 64-token turns submitted at once
+
+Timings are means over many calls on a shared 2-core machine: compare within one run.
+"""
+
+import concurrent.futures
+import cProfile
+import pstats
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+from longside import load_model
+from longside.backbone import load_backbone
+from longside.data import load_books
+from longside.inference.ragged import RaggedWindows
+from longside.inference.sampling import GenerationConfig
+from longside.inference.window import LocalWindow
+from longside.memory import Memory
+from longside.server.engine import Engine, Job
+from longside.server.store import UserStore
+
+PROMPT = "Tell me what you remember about the story so far."
+
+
+def _book(chars: int) -> str:
+    return "".join(ch["text"] for ch in load_books("test")[0]["chapters"])[:chars]
+
+
+def threads() -> None:
+    layer = load_backbone("smollm2-135m").parts.layers[0].mlp.gate_proj
+    x = torch.randn(1, 1, 576)
+
+    def us(n: int = 2000) -> float:
+        with torch.no_grad():
+            for _ in range(50):
+                layer(x)
+            t = time.perf_counter()
+            for _ in range(n):
+                layer(x)
+            return (time.perf_counter() - t) / n * 1e6
+
+    print(f"main thread: {us():.0f} us per product")
+    out = []
+    t = threading.Thread(target=lambda: out.append(us()))
+    t.start()
+    t.join()
+    print(f"a second thread: {out[0]:.0f} us")
+    one = concurrent.futures.ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,))
+    one.submit(lambda: torch.randn(1000, 1000) @ torch.randn(1000, 1000)).result()
+    print(f"main, after torch on another thread with one OpenMP thread: {us():.0f} us")
+    team = concurrent.futures.ThreadPoolExecutor(1)
+    team.submit(lambda: torch.randn(1000, 1000) @ torch.randn(1000, 1000)).result()
+    print(f"main, after torch on another thread with its own OpenMP team: {us():.0f} us")
+
+
+def steps() -> None:
+    model, _ = load_model()
+    tok = model.backbone.tokenizer
+    mem = Memory(model.backbone, model.config, 1)
+    mem.memorize(_book(70000), progress=False, as_text=True)
+    ids = torch.tensor([tok(PROMPT)["input_ids"]])
+
+    def batch(rows: int) -> RaggedWindows:
+        ragged = RaggedWindows(model, write_memory=False)
+        for _ in range(rows):
+            w = LocalWindow(model, 1, memory=mem, write_memory=False)
+            w.feed(ids)
+            ragged.join(w)
+        return ragged
+
+    for rows in (1, 8):
+        ragged = batch(rows)
+        for i in range(4):
+            ragged.step(torch.tensor([100 + i] * rows))
+        t = time.perf_counter()
+        for i in range(16):
+            ragged.step(torch.tensor([100 + i] * rows))
+        print(f"{rows} row(s): {(time.perf_counter() - t) / 16 * 1000:.0f} ms per step")
+    prof = cProfile.Profile()
+    prof.enable()
+    for i in range(16):
+        ragged.step(torch.tensor([100 + i] * 8))
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+
+
+def engine() -> None:
+    model, _ = load_model()
+    store = UserStore(model, tempfile.mkdtemp())
+    eng = Engine(model, store)
+    text = _book(60000)
+
+    def submit(job: Job):
+        done, events = threading.Event(), []
+
+        def emit(e):
+            events.append((time.perf_counter(), e))
+            if e["type"] in ("done", "result", "error"):
+                done.set()
+        job.emit = emit
+        eng.submit(job)
+        return done, events
+
+    def client():
+        for d, _ in [submit(Job("memorize", f"u{i}", name="book", text=text)) for i in range(8)]:
+            d.wait()
+        t0 = time.perf_counter()
+        cfg = GenerationConfig(max_new_tokens=64)
+        turns = [submit(Job("chat", f"u{i}", messages=[{"role": "user", "content": PROMPT}], config=cfg,
+                            ignore_eos=True)) for i in range(8)]
+        for d, _ in turns:
+            d.wait()
+        wall = time.perf_counter() - t0
+        firsts = [next(t for t, e in ev if e["type"] == "text") - t0 for _, ev in turns]
+        print(f"8 users x 64 tokens: {wall:.2f} s, {512 / wall:.1f} tok/s, first tokens at "
+              f"{', '.join(f'{f:.2f}' for f in firsts)} s, {eng.steps} batch steps")
+        eng.stop()
+
+    threading.Thread(target=client, daemon=True).start()
+    eng.run()  # the model on the main thread, as `longside serve` runs it
+
+
+if __name__ == "__main__":
+    {"threads": threads, "steps": steps, "engine": engine}[sys.argv[1] if len(sys.argv) > 1 else "threads"]()
