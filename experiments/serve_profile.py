@@ -6,7 +6,8 @@
     python experiments/serve_profile.py steps     # RaggedWindows: one batch step of 1 and of 8 rows
                                                   # (each with ~19k tokens of memory), and a cProfile of 8
     python experiments/serve_profile.py engine    # the server's Engine in-process (no HTTP): 8 users'
-                                                  # 64-token turns submitted at once
+                                                  # 64-token turns one after another, then at once
+    python experiments/serve_profile.py engine-disk  # the same, every user read from disk first
 
 Timings are means over many calls on a shared 2-core machine: compare within one run.
 """
@@ -96,7 +97,7 @@ def steps() -> None:
     pstats.Stats(prof).sort_stats("tottime").print_stats(15)
 
 
-def engine() -> None:
+def engine(from_disk: bool = False) -> None:
     model, _ = load_model()
     store = UserStore(model, tempfile.mkdtemp())
     eng = Engine(model, store)
@@ -116,16 +117,33 @@ def engine() -> None:
     def client():
         for d, _ in [submit(Job("memorize", f"u{i}", name="book", text=text)) for i in range(8)]:
             d.wait()
-        t0 = time.perf_counter()
+        if from_disk:  # as after a restart: every user is read from disk at its first request
+            for i in range(8):
+                store.unload(f"u{i}")
         cfg = GenerationConfig(max_new_tokens=64)
-        turns = [submit(Job("chat", f"u{i}", messages=[{"role": "user", "content": PROMPT}], config=cfg,
-                            ignore_eos=True)) for i in range(8)]
-        for d, _ in turns:
-            d.wait()
-        wall = time.perf_counter() - t0
-        firsts = [next(t for t, e in ev if e["type"] == "text") - t0 for _, ev in turns]
-        print(f"8 users x 64 tokens: {wall:.2f} s, {512 / wall:.1f} tok/s, first tokens at "
-              f"{', '.join(f'{f:.2f}' for f in firsts)} s, {eng.steps} batch steps")
+
+        def turn(i):
+            return submit(Job("chat", f"u{i}", messages=[{"role": "user", "content": PROMPT}], config=cfg,
+                              ignore_eos=True))
+
+        for mode in ("one after another", "at once"):
+            if from_disk:  # as after a restart: every user is read from disk at its first request
+                for i in range(8):
+                    store.unload(f"u{i}")
+            t0, steps = time.perf_counter(), eng.steps
+            if mode == "at once":
+                turns = [turn(i) for i in range(8)]
+                for d, _ in turns:
+                    d.wait()
+            else:
+                turns = []
+                for i in range(8):
+                    turns.append(turn(i))
+                    turns[-1][0].wait()
+            wall = time.perf_counter() - t0
+            firsts = [next(t for t, e in ev if e["type"] == "text") - t0 for _, ev in turns]
+            print(f"8 users x 64 tokens {mode}: {wall:.2f} s, {512 / wall:.1f} tok/s, first tokens at "
+                  f"{', '.join(f'{f:.2f}' for f in firsts)} s, {eng.steps - steps} batch steps", flush=True)
         eng.stop()
 
     threading.Thread(target=client, daemon=True).start()
@@ -133,4 +151,4 @@ def engine() -> None:
 
 
 if __name__ == "__main__":
-    {"threads": threads, "steps": steps, "engine": engine}[sys.argv[1] if len(sys.argv) > 1 else "threads"]()
+    {"threads": threads, "steps": steps, "engine": engine, "engine-disk": lambda: engine(True)}[sys.argv[1] if len(sys.argv) > 1 else "threads"]()

@@ -83,6 +83,9 @@ int ggml_cpu_features(void) {
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) f |= 1;
 #if HAVE_AVXVNNI
     if (__builtin_cpu_supports("avxvnni")) f |= 2;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni"))
+        f |= 4;
 #endif
     return f;
 }
@@ -201,42 +204,71 @@ static float dot_scalar(const float *a, const float *b, int64_t K) {
     return r;
 }
 
-/* One Q4_0 / Q4_1 / Q8_0 weight row against one fp32 x row, fused: per block the integer
- * codes times x accumulate unscaled, then one FMA applies the block's scale; the offset
- * (Q4_1's m, Q4_0's -8d) multiplies the block's sum of x (xs). Equal to decoding the row
- * and taking the dot product, up to fp32 summation order. */
-AVX2 static float row_dot_f32(int type, const uint8_t *row, const float *x, const float *xs, int64_t nb) {
-    __m256 acc = _mm256_setzero_ps();
-    float extra = 0.0f;
+/* One Q4_0 / Q4_1 / Q8_0 weight row against MX fp32 x rows (row stride ldx), fused: per block
+ * the integer codes times x accumulate unscaled, then one FMA applies the block's scale; the
+ * offset (Q4_1's m, Q4_0's -8d) multiplies the block's sum of x (xs, rows of nb). Equal to
+ * decoding the row and taking the dot product, up to fp32 summation order. The codes are
+ * converted once for the MX rows; per x row the operations and their order do not depend on
+ * MX, so a row of a batch has the bits of the row alone. */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void rows_dot_f32_t(
+    const int type, const int MX, const uint8_t *row, const float *x, int64_t ldx, const float *xs, int64_t nb,
+    float *out) {
+    __m256 acc[4];
+    float extra[4];
+    for (int m = 0; m < MX; m++) {
+        acc[m] = _mm256_setzero_ps();
+        extra[m] = 0.0f;
+    }
     for (int64_t b = 0; b < nb; b++) {
-        const float *xb = x + b * 32;
-        __m256 s0, s1;
-        float d;
+        __m256 v0, v1, v2, v3;
+        float d, mw = 0.0f;
         if (type == T_Q8_0) {
             const uint8_t *blk = row + b * 34;
             d = f16c(blk);
             __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
             __m128i q0 = _mm256_castsi256_si128(q), q1 = _mm256_extracti128_si256(q, 1);
-            s0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q0)), _mm256_loadu_ps(xb));
-            s1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q0, 8))), _mm256_loadu_ps(xb + 8));
-            s0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q1)), _mm256_loadu_ps(xb + 16), s0);
-            s1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q1, 8))), _mm256_loadu_ps(xb + 24), s1);
+            v0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q0));
+            v1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q0, 8)));
+            v2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q1));
+            v3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q1, 8)));
         } else {
-            int q1 = type == T_Q4_1;
+            const int q1 = type == T_Q4_1;
             const uint8_t *blk = row + b * (q1 ? 20 : 18);
             d = f16c(blk);
-            extra += q1 ? f16c(blk + 2) * xs[b] : -8.0f * d * xs[b];
+            if (q1) mw = f16c(blk + 2);
             __m128i q = _mm_loadu_si128((const __m128i *)(blk + (q1 ? 4 : 2)));
             __m128i lo = _mm_and_si128(q, _mm_set1_epi8(0x0F));
             __m128i hi = _mm_and_si128(_mm_srli_epi16(q, 4), _mm_set1_epi8(0x0F));
-            s0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), _mm256_loadu_ps(xb));
-            s1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(xb + 8));
-            s0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), _mm256_loadu_ps(xb + 16), s0);
-            s1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(xb + 24), s1);
+            v0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+            v1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+            v2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+            v3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
         }
-        acc = _mm256_fmadd_ps(_mm256_add_ps(s0, s1), _mm256_set1_ps(d), acc);
+        for (int m = 0; m < MX; m++) {
+            const float *xb = x + m * ldx + b * 32;
+            __m256 s0 = _mm256_mul_ps(v0, _mm256_loadu_ps(xb));
+            __m256 s1 = _mm256_mul_ps(v1, _mm256_loadu_ps(xb + 8));
+            s0 = _mm256_fmadd_ps(v2, _mm256_loadu_ps(xb + 16), s0);
+            s1 = _mm256_fmadd_ps(v3, _mm256_loadu_ps(xb + 24), s1);
+            if (type == T_Q4_1) extra[m] += mw * xs[m * nb + b];
+            else if (type == T_Q4_0) extra[m] += -8.0f * d * xs[m * nb + b];
+            acc[m] = _mm256_fmadd_ps(_mm256_add_ps(s0, s1), _mm256_set1_ps(d), acc[m]);
+        }
     }
-    return hsum8(acc) + extra;
+    for (int m = 0; m < MX; m++) out[m] = hsum8(acc[m]) + extra[m];
+}
+
+#define ROWS_F32_TYPES(MX)                                                                          \
+    if (type == T_Q4_1) rows_dot_f32_t(T_Q4_1, MX, row, x, ldx, xs, nb, out);                      \
+    else if (type == T_Q4_0) rows_dot_f32_t(T_Q4_0, MX, row, x, ldx, xs, nb, out);                 \
+    else rows_dot_f32_t(T_Q8_0, MX, row, x, ldx, xs, nb, out);
+
+AVX2 static void rows_dot_f32(int type, int MX, const uint8_t *row, const float *x, int64_t ldx, const float *xs,
+                              int64_t nb, float *out) {
+    if (MX == 4) { ROWS_F32_TYPES(4) }
+    else if (MX == 3) { ROWS_F32_TYPES(3) }
+    else if (MX == 2) { ROWS_F32_TYPES(2) }
+    else { ROWS_F32_TYPES(1) }
 }
 
 /* 32 small integers (bytes, element order; signed or not) times 32 fp32 x: the two
@@ -352,7 +384,16 @@ void ggml_gemv_f32(int type, const uint8_t *w, int64_t row_bytes, const float *x
                 xs[m * nb + b] = t;
             }
         #pragma omp parallel for schedule(static) num_threads(nt)
-        for (int64_t n = 0; n < N; n++)
+        for (int64_t n = 0; n < N; n++) {
+            if (type == T_Q4_0 || type == T_Q4_1 || type == T_Q8_0) { /* x rows four at a time */
+                for (int64_t m = 0; m < M; m += 4) {
+                    float out[4];
+                    int MX = M - m < 4 ? (int)(M - m) : 4;
+                    rows_dot_f32(type, MX, w + n * row_bytes, x + m * ldx, ldx, xs + m * nb, nb, out);
+                    for (int j = 0; j < MX; j++) y[(m + j) * ldy + n] = out[j];
+                }
+                continue;
+            }
             for (int64_t m = 0; m < M; m++) {
                 const uint8_t *row = w + n * row_bytes;
                 const float *xm = x + m * ldx, *sm = xs + m * nb;
@@ -360,11 +401,11 @@ void ggml_gemv_f32(int type, const uint8_t *w, int64_t row_bytes, const float *x
                 switch (type) {
                 case T_Q5_0: v = row_dot_f32_q5_0(row, xm, sm, nb); break;
                 case T_Q4_K: v = row_dot_f32_q4_k(row, xm, sm, nb / 8); break;
-                case T_Q6_K: v = row_dot_f32_q6_k(row, xm, nb / 8); break;
-                default: v = row_dot_f32(type, row, xm, sm, nb);
+                default: v = row_dot_f32_q6_k(row, xm, nb / 8); /* T_Q6_K */
                 }
                 y[m * ldy + n] = v;
             }
+        }
         free(xs);
         return;
     }
@@ -383,11 +424,14 @@ void ggml_gemv_f32(int type, const uint8_t *w, int64_t row_bytes, const float *x
 
 /* ---------------------------------------------------------------- int8 activations */
 
-/* x [M, K] (row stride ldx) -> qx int8 [M, K], dx [M, K/32] (scale), sx [M, K/32] (scale *
- * sum of the block's int8 values). Round half away from zero, like roundf. */
-static void quantize_x(const float *x, int64_t ldx, int64_t M, int64_t K, int8_t *qx, float *dx, float *sx) {
+/* x [M, K] (row stride ldx) -> qx int8 [M, K], dx [M, stride] (scale per block of 32), sx
+ * [M, stride] (scale * sum of the block's int8 values; zero past K/32). Round half away from
+ * zero, like roundf. */
+static void quantize_x(const float *x, int64_t ldx, int64_t M, int64_t K, int8_t *qx, float *dx, float *sx,
+                       int64_t stride) {
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * ldx;
+        for (int64_t b = 0; b < stride; b++) dx[m * stride + b] = sx[m * stride + b] = 0.0f;
         for (int64_t b = 0; b < K / 32; b++) {
             const float *v = xm + b * 32;
             float amax = 0.0f;
@@ -403,11 +447,21 @@ static void quantize_x(const float *x, int64_t ldx, int64_t M, int64_t K, int8_t
                 q[j] = (int8_t)iv;
                 sum += iv;
             }
-            dx[m * (K / 32) + b] = d;
-            sx[m * (K / 32) + b] = d * (float)sum;
+            dx[m * stride + b] = d;
+            sx[m * stride + b] = d * (float)sum;
         }
     }
 }
+
+/* The int8 decode product of one weight row and one quantized x row, computed the same way on
+ * every SIMD path and in every tiling, so all give the same bits (rows of a batch equal the row
+ * alone; AVX2, AVX-VNNI and AVX-512 agree):
+ *   per block b: p_b = 8 int32 lanes (lane j: codes 4j..4j+3 times the x bytes); d_b = dw_b * dx_b;
+ *   acc[b % 2] = fma(float(p_b), d_b, acc[b % 2]): two accumulators, so that AVX-512 takes two
+ *   blocks per instruction (lanes 0-7 the even block, 8-15 the odd one);
+ *   the offset term (Q4_1: m_b, Q4_0: -8 dw_b, Q8_0: none) times sx_b, in 8 lanes (block b in
+ *   lane b % 8), weights c [nbp] and sx [nbp] zero-padded to a multiple of 8;
+ *   y = hsum8(acc[0] + acc[1]) + hsum8(offsets). */
 
 /* 16 packed bytes -> 32 unsigned nibbles in element order (low nibbles, then high). */
 AVX2 static inline __m256i unpack_nibbles(const uint8_t *p) {
@@ -417,7 +471,7 @@ AVX2 static inline __m256i unpack_nibbles(const uint8_t *p) {
     return _mm256_set_m128i(hi, lo);
 }
 
-/* sum over 32 lanes of u8 a * s8 b, as 8 int32 partial sums */
+/* sum over 32 lanes of u8 a * s8 b, as 8 int32 partial sums (no int16 overflow: |a*b| <= 128*127) */
 AVX2 static inline __m256i dot_u8s8(__m256i a, __m256i b) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
 }
@@ -432,159 +486,182 @@ __attribute__((target(VNNI_TARGET))) static inline __m256i dot_u8s8_vnni(__m256i
 #define dot_u8s8_vnni dot_u8s8
 #endif
 
-/* One weight row (nb blocks) against one quantized x row. VNNI selects the dot product. */
-#define ROW_DOT(NAME, DOT, TARGET) /* f16c: the hardware half -> float conversion */                                                                 \
-    __attribute__((target(TARGET))) static float NAME(int type, const uint8_t *row, const int8_t *qx, \
-                                                       const float *dx, const float *sx, int64_t nb) { \
-        __m256 acc = _mm256_setzero_ps();                                                          \
-        float extra = 0.0f;                                                                        \
-        for (int64_t b = 0; b < nb; b++) {                                                         \
-            __m256i xq = _mm256_loadu_si256((const __m256i *)(qx + b * 32));                      \
-            __m256i p;                                                                             \
-            float d;                                                                               \
-            if (type == T_Q4_1) {                                                                  \
-                const uint8_t *blk = row + b * 20;                                                 \
-                d = f16c(blk) * dx[b];                                                              \
-                extra += f16c(blk + 2) * sx[b];                                                     \
-                p = DOT(unpack_nibbles(blk + 4), xq);                                              \
-            } else if (type == T_Q4_0) {                                                           \
-                const uint8_t *blk = row + b * 18;                                                 \
-                float dw = f16c(blk);                                                               \
-                d = dw * dx[b];                                                                    \
-                extra -= 8.0f * dw * sx[b];                                                        \
-                p = DOT(unpack_nibbles(blk + 2), xq);                                              \
-            } else { /* Q8_0: signed x signed via |w| and sign(x, w) */                           \
-                const uint8_t *blk = row + b * 34;                                                 \
-                d = f16c(blk) * dx[b];                                                              \
-                __m256i wq = _mm256_loadu_si256((const __m256i *)(blk + 2));                      \
-                p = DOT(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq));                       \
-            }                                                                                      \
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d), acc);                  \
-        }                                                                                          \
-        return hsum8(acc) + extra;                                                                 \
+static inline int block_bytes_int8(int type) { return type == T_Q4_1 ? 20 : type == T_Q4_0 ? 18 : 34; }
+
+/* Per weight row: its block scales dw [nb] and offset weights c [nbp] (zero-padded). */
+AVX2 static void row_scales(int type, const uint8_t *row, int64_t nb, int64_t nbp, float *dw, float *c) {
+    const int bb = block_bytes_int8(type);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * bb;
+        dw[b] = f16c(blk);
+        c[b] = type == T_Q4_1 ? f16c(blk + 2) : type == T_Q4_0 ? -8.0f * dw[b] : 0.0f;
     }
+    for (int64_t b = nb; b < nbp; b++) c[b] = 0.0f;
+}
 
-ROW_DOT(row_dot_avx2, dot_u8s8, "avx2,fma,f16c")
-ROW_DOT(row_dot_vnni, dot_u8s8_vnni, VNNI_TARGET)
+/* hsum8 of the 8-lane offset sums c . s (block b in lane b % 8) */
+AVX2 static inline float offsets(const float *c, const float *s, int64_t nbp) {
+    __m256 e = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nbp; b += 8) e = _mm256_fmadd_ps(_mm256_loadu_ps(c + b), _mm256_loadu_ps(s + b), e);
+    return hsum8(e);
+}
 
-/* Four consecutive weight rows against one quantized x row: the x block is loaded once for
- * the four, and four independent accumulators keep the FMA pipeline busy. Per row the
- * operations and their order are those of ROW_DOT, so results are identical. The type is a
- * constant in each specialisation (the switch in NAME), so no branch stays in the loop. */
-#define ROWS4_DOT(NAME, DOT, TARGET)                                                                \
+/* R weight rows x MX x rows, 256-bit: out[r * MX + m] = hsum8(acc0 + acc1) (the offsets are
+ * added by the caller). Called with constant R, MX, type: the loops unroll, no branch stays. */
+#define TILE256(NAME, DOT, TARGET)                                                                  \
     __attribute__((target(TARGET), always_inline)) static inline void NAME##_t(                    \
-        const int type, const uint8_t *row, int64_t row_bytes, const int8_t *qx, const float *dx,  \
-        const float *sx, int64_t nb, float *out) {                                                  \
-        const int bb = type == T_Q4_1 ? 20 : type == T_Q4_0 ? 18 : 34;                             \
-        __m256 acc[4];                                                                              \
-        float extra[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                                  \
-        for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_ps();                                   \
+        const int type, const int R, const int MX, const uint8_t *row, int64_t row_bytes,         \
+        const int8_t *qx, int64_t K, const float *dw, const float *dx, int64_t ldd, int64_t nb,    \
+        float *out) {                                                                               \
+        const int bb = block_bytes_int8(type);                                                      \
+        __m256 acc[4][2][2];                                                                        \
+        for (int r = 0; r < R; r++)                                                                 \
+            for (int m = 0; m < MX; m++) acc[r][m][0] = acc[r][m][1] = _mm256_setzero_ps();         \
         for (int64_t b = 0; b < nb; b++) {                                                          \
-            __m256i xq = _mm256_loadu_si256((const __m256i *)(qx + b * 32));                       \
-            for (int r = 0; r < 4; r++) {                                                           \
+            const int h = (int)(b & 1);                                                             \
+            __m256i xq[2];                                                                          \
+            for (int m = 0; m < MX; m++) xq[m] = _mm256_loadu_si256((const __m256i *)(qx + m * K + b * 32)); \
+            for (int r = 0; r < R; r++) {                                                           \
                 const uint8_t *blk = row + r * row_bytes + b * bb;                                  \
-                __m256i p;                                                                          \
-                float d;                                                                            \
-                if (type == T_Q4_1) {                                                               \
-                    d = f16c(blk) * dx[b];                                                          \
-                    extra[r] += f16c(blk + 2) * sx[b];                                              \
-                    p = DOT(unpack_nibbles(blk + 4), xq);                                           \
-                } else if (type == T_Q4_0) {                                                        \
-                    float dw = f16c(blk);                                                           \
-                    d = dw * dx[b];                                                                 \
-                    extra[r] -= 8.0f * dw * sx[b];                                                  \
-                    p = DOT(unpack_nibbles(blk + 2), xq);                                           \
-                } else {                                                                            \
-                    d = f16c(blk) * dx[b];                                                          \
-                    __m256i wq = _mm256_loadu_si256((const __m256i *)(blk + 2));                   \
-                    p = DOT(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq));                    \
-                }                                                                                   \
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d), acc[r]);         \
-            }                                                                                       \
-        }                                                                                           \
-        for (int r = 0; r < 4; r++) out[r] = hsum8(acc[r]) + extra[r];                              \
-    }                                                                                               \
-    __attribute__((target(TARGET))) static void NAME(int type, const uint8_t *row, int64_t row_bytes, \
-                                                     const int8_t *qx, const float *dx, const float *sx, \
-                                                     int64_t nb, float *out) {                      \
-        if (type == T_Q4_1) NAME##_t(T_Q4_1, row, row_bytes, qx, dx, sx, nb, out);                  \
-        else if (type == T_Q4_0) NAME##_t(T_Q4_0, row, row_bytes, qx, dx, sx, nb, out);             \
-        else NAME##_t(T_Q8_0, row, row_bytes, qx, dx, sx, nb, out);                                 \
-    }
-
-ROWS4_DOT(rows4_dot_avx2, dot_u8s8, "avx2,fma,f16c")
-ROWS4_DOT(rows4_dot_vnni, dot_u8s8_vnni, VNNI_TARGET)
-
-/* Four weight rows against two quantized x rows (batched decode: one row per user): each
- * weight block is unpacked once for both x rows, the costly part of a product of a few rows.
- * Per (weight row, x row) the operations and their order are those of ROW_DOT, so results
- * are identical to the one-row kernels. */
-#define ROWS4X2_DOT(NAME, DOT, TARGET)                                                              \
-    __attribute__((target(TARGET), always_inline)) static inline void NAME##_t(                    \
-        const int type, const uint8_t *row, int64_t row_bytes, const int8_t *qx0, const int8_t *qx1, \
-        const float *dx0, const float *dx1, const float *sx0, const float *sx1, int64_t nb,        \
-        float *out0, float *out1) {                                                                 \
-        const int bb = type == T_Q4_1 ? 20 : type == T_Q4_0 ? 18 : 34;                             \
-        __m256 acc0[4], acc1[4];                                                                    \
-        float extra0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, extra1[4] = {0.0f, 0.0f, 0.0f, 0.0f};          \
-        for (int r = 0; r < 4; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();                        \
-        for (int64_t b = 0; b < nb; b++) {                                                          \
-            __m256i xa = _mm256_loadu_si256((const __m256i *)(qx0 + b * 32));                      \
-            __m256i xb = _mm256_loadu_si256((const __m256i *)(qx1 + b * 32));                      \
-            for (int r = 0; r < 4; r++) {                                                           \
-                const uint8_t *blk = row + r * row_bytes + b * bb;                                  \
-                __m256i pa, pb;                                                                     \
-                float da, db;                                                                       \
-                if (type == T_Q4_1) {                                                               \
-                    float dw = f16c(blk), mw = f16c(blk + 2);                                       \
-                    da = dw * dx0[b];                                                               \
-                    db = dw * dx1[b];                                                               \
-                    extra0[r] += mw * sx0[b];                                                       \
-                    extra1[r] += mw * sx1[b];                                                       \
-                    __m256i wq = unpack_nibbles(blk + 4);                                           \
-                    pa = DOT(wq, xa);                                                               \
-                    pb = DOT(wq, xb);                                                               \
-                } else if (type == T_Q4_0) {                                                        \
-                    float dw = f16c(blk);                                                           \
-                    da = dw * dx0[b];                                                               \
-                    db = dw * dx1[b];                                                               \
-                    extra0[r] -= 8.0f * dw * sx0[b];                                                \
-                    extra1[r] -= 8.0f * dw * sx1[b];                                                \
-                    __m256i wq = unpack_nibbles(blk + 2);                                           \
-                    pa = DOT(wq, xa);                                                               \
-                    pb = DOT(wq, xb);                                                               \
-                } else {                                                                            \
-                    float dw = f16c(blk);                                                           \
-                    da = dw * dx0[b];                                                               \
-                    db = dw * dx1[b];                                                               \
+                const __m256 w_d = _mm256_set1_ps(dw[r * nb + b]);                                  \
+                if (type == T_Q8_0) {                                                               \
                     __m256i wq = _mm256_loadu_si256((const __m256i *)(blk + 2));                   \
                     __m256i aw = _mm256_sign_epi8(wq, wq);                                          \
-                    pa = DOT(aw, _mm256_sign_epi8(xa, wq));                                         \
-                    pb = DOT(aw, _mm256_sign_epi8(xb, wq));                                         \
+                    for (int m = 0; m < MX; m++) {                                                  \
+                        __m256i p = DOT(aw, _mm256_sign_epi8(xq[m], wq));                           \
+                        __m256 d = _mm256_mul_ps(w_d, _mm256_set1_ps(dx[m * ldd + b]));             \
+                        acc[r][m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[r][m][h]);     \
+                    }                                                                               \
+                } else {                                                                            \
+                    __m256i wq = unpack_nibbles(blk + (type == T_Q4_1 ? 4 : 2));                    \
+                    for (int m = 0; m < MX; m++) {                                                  \
+                        __m256i p = DOT(wq, xq[m]);                                                 \
+                        __m256 d = _mm256_mul_ps(w_d, _mm256_set1_ps(dx[m * ldd + b]));             \
+                        acc[r][m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[r][m][h]);     \
+                    }                                                                               \
                 }                                                                                   \
-                acc0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pa), _mm256_set1_ps(da), acc0[r]);     \
-                acc1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pb), _mm256_set1_ps(db), acc1[r]);     \
             }                                                                                       \
         }                                                                                           \
-        for (int r = 0; r < 4; r++) {                                                               \
-            out0[r] = hsum8(acc0[r]) + extra0[r];                                                   \
-            out1[r] = hsum8(acc1[r]) + extra1[r];                                                   \
-        }                                                                                           \
+        for (int r = 0; r < R; r++)                                                                 \
+            for (int m = 0; m < MX; m++) out[r * MX + m] = hsum8(_mm256_add_ps(acc[r][m][0], acc[r][m][1])); \
     }                                                                                               \
-    __attribute__((target(TARGET))) static void NAME(int type, const uint8_t *row, int64_t row_bytes, \
-                                                     const int8_t *qx0, const int8_t *qx1, const float *dx0, \
-                                                     const float *dx1, const float *sx0, const float *sx1, \
-                                                     int64_t nb, float *out0, float *out1) {        \
-        if (type == T_Q4_1)                                                                         \
-            NAME##_t(T_Q4_1, row, row_bytes, qx0, qx1, dx0, dx1, sx0, sx1, nb, out0, out1);         \
-        else if (type == T_Q4_0)                                                                    \
-            NAME##_t(T_Q4_0, row, row_bytes, qx0, qx1, dx0, dx1, sx0, sx1, nb, out0, out1);         \
-        else                                                                                        \
-            NAME##_t(T_Q8_0, row, row_bytes, qx0, qx1, dx0, dx1, sx0, sx1, nb, out0, out1);         \
+    __attribute__((target(TARGET))) static void NAME(int type, int R, int MX, const uint8_t *row,   \
+                                                     int64_t row_bytes, const int8_t *qx, int64_t K, \
+                                                     const float *dw, const float *dx, int64_t ldd,   \
+                                                     int64_t nb, float *out) {                      \
+        if (R == 4 && MX == 1) {                                                                    \
+            if (type == T_Q4_1) NAME##_t(T_Q4_1, 4, 1, row, row_bytes, qx, K, dw, dx, ldd, nb, out); \
+            else if (type == T_Q4_0) NAME##_t(T_Q4_0, 4, 1, row, row_bytes, qx, K, dw, dx, ldd, nb, out); \
+            else NAME##_t(T_Q8_0, 4, 1, row, row_bytes, qx, K, dw, dx, ldd, nb, out);               \
+        } else if (R == 2 && MX == 2) {                                                             \
+            if (type == T_Q4_1) NAME##_t(T_Q4_1, 2, 2, row, row_bytes, qx, K, dw, dx, ldd, nb, out); \
+            else if (type == T_Q4_0) NAME##_t(T_Q4_0, 2, 2, row, row_bytes, qx, K, dw, dx, ldd, nb, out); \
+            else NAME##_t(T_Q8_0, 2, 2, row, row_bytes, qx, K, dw, dx, ldd, nb, out);               \
+        } else {                                                                                    \
+            for (int r = 0; r < R; r++)                                                             \
+                for (int m = 0; m < MX; m++) {                                                      \
+                    float v;                                                                        \
+                    if (type == T_Q4_1) NAME##_t(T_Q4_1, 1, 1, row + r * row_bytes, row_bytes, qx + m * K, K, dw + r * nb, dx + m * ldd, ldd, nb, &v); \
+                    else if (type == T_Q4_0) NAME##_t(T_Q4_0, 1, 1, row + r * row_bytes, row_bytes, qx + m * K, K, dw + r * nb, dx + m * ldd, ldd, nb, &v); \
+                    else NAME##_t(T_Q8_0, 1, 1, row + r * row_bytes, row_bytes, qx + m * K, K, dw + r * nb, dx + m * ldd, ldd, nb, &v); \
+                    out[r * MX + m] = v;                                                            \
+                }                                                                                   \
+        }                                                                                           \
     }
 
-ROWS4X2_DOT(rows4x2_dot_avx2, dot_u8s8, "avx2,fma,f16c")
-ROWS4X2_DOT(rows4x2_dot_vnni, dot_u8s8_vnni, VNNI_TARGET)
+TILE256(tile_avx2, dot_u8s8, "avx2,fma,f16c")
+TILE256(tile_vnni, dot_u8s8_vnni, VNNI_TARGET)
+
+#if HAVE_AVXVNNI
+#define HAVE_AVX512VNNI 1
+#define AVX512_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c"
+
+/* The codes of blocks b and b+1 (blk points at block b) as 64 unsigned bytes, block b's 32
+ * first, in element order. Q8_0: |w|, and in *neg the lanes where w < 0. */
+__attribute__((target(AVX512_TARGET), always_inline)) static inline __m512i codes2(const int type, const uint8_t *blk,
+                                                                                   int bb, __mmask64 *neg) {
+    if (type == T_Q8_0) {
+        __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(blk + 2))),
+                                       _mm256_loadu_si256((const __m256i *)(blk + bb + 2)), 1);
+        *neg = _mm512_movepi8_mask(w);
+        return _mm512_abs_epi8(w);
+    }
+    const int off = type == T_Q4_1 ? 4 : 2;
+    __m256i q = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(blk + bb + off)),
+                                 _mm_loadu_si128((const __m128i *)(blk + off)));
+    /* [b, b, b+1, b+1] by 128 bits; the second copy of each shifted to its high nibbles */
+    __m512i z = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3), _mm512_castsi256_si512(q));
+    z = _mm512_mask_blend_epi64(0xCC, z, _mm512_srli_epi16(z, 4));
+    return _mm512_and_si512(z, _mm512_set1_epi8(0x0F));
+}
+
+/* R weight rows x MX x rows, two blocks per instruction (the canonical arithmetic above: lanes
+ * 0-7 accumulate the even blocks, 8-15 the odd ones; an odd last block goes to lanes 0-7). */
+__attribute__((target(AVX512_TARGET), always_inline)) static inline void tile512_t(
+    const int type, const int R, const int MX, const uint8_t *row, int64_t row_bytes, const int8_t *qx, int64_t K,
+    const float *dw, const float *dx, int64_t ldd, int64_t nb, float *out) {
+    const int bb = block_bytes_int8(type);
+    __m512 acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < MX; m++) acc[r][m] = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 1 < nb; b += 2) {
+        __m512i xq[4];
+        __m512 xd[4];
+        for (int m = 0; m < MX; m++) {
+            xq[m] = _mm512_loadu_si512((const void *)(qx + m * K + b * 32));
+            xd[m] = _mm512_insertf32x8(_mm512_set1_ps(dx[m * ldd + b]), _mm256_set1_ps(dx[m * ldd + b + 1]), 1);
+        }
+        for (int r = 0; r < R; r++) {
+            __mmask64 neg = 0;
+            __m512i wq = codes2(type, row + r * row_bytes + b * bb, bb, &neg);
+            __m512 wd = _mm512_insertf32x8(_mm512_set1_ps(dw[r * nb + b]), _mm256_set1_ps(dw[r * nb + b + 1]), 1);
+            for (int m = 0; m < MX; m++) {
+                __m512i xm = type == T_Q8_0 ? _mm512_mask_sub_epi8(xq[m], neg, _mm512_setzero_si512(), xq[m]) : xq[m];
+                __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xm);
+                acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(wd, xd[m]), acc[r][m]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < MX; m++) {
+            __m256 lo = _mm512_castps512_ps256(acc[r][m]), hi = _mm512_extractf32x8_ps(acc[r][m], 1);
+            if (b < nb) {
+                const uint8_t *blk = row + r * row_bytes + b * bb;
+                __m256i xq = _mm256_loadu_si256((const __m256i *)(qx + m * K + b * 32)), p;
+                if (type == T_Q8_0) {
+                    __m256i wq = _mm256_loadu_si256((const __m256i *)(blk + 2));
+                    p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq));
+                } else {
+                    p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), unpack_nibbles(blk + (type == T_Q4_1 ? 4 : 2)), xq);
+                }
+                __m256 d = _mm256_mul_ps(_mm256_set1_ps(dw[r * nb + b]), _mm256_set1_ps(dx[m * ldd + b]));
+                lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, lo);
+            }
+            out[r * MX + m] = hsum8(_mm256_add_ps(lo, hi));
+        }
+}
+
+#define TILE512_TYPES(R, MX)                                                                        \
+    if (type == T_Q4_1) tile512_t(T_Q4_1, R, MX, row, row_bytes, qx, K, dw, dx, ldd, nb, out);      \
+    else if (type == T_Q4_0) tile512_t(T_Q4_0, R, MX, row, row_bytes, qx, K, dw, dx, ldd, nb, out); \
+    else tile512_t(T_Q8_0, R, MX, row, row_bytes, qx, K, dw, dx, ldd, nb, out);
+
+/* R = 4 with MX = 1..4, or R = MX = 1 */
+__attribute__((target(AVX512_TARGET))) static void tile_avx512(int type, int R, int MX, const uint8_t *row,
+                                                               int64_t row_bytes, const int8_t *qx, int64_t K,
+                                                               const float *dw, const float *dx, int64_t ldd,
+                                                               int64_t nb, float *out) {
+    if (R == 4 && MX == 4) { TILE512_TYPES(4, 4) }
+    else if (R == 4 && MX == 3) { TILE512_TYPES(4, 3) }
+    else if (R == 4 && MX == 2) { TILE512_TYPES(4, 2) }
+    else if (R == 4 && MX == 1) { TILE512_TYPES(4, 1) }
+    else { TILE512_TYPES(1, 1) }
+}
+#else
+#define HAVE_AVX512VNNI 0
+#define tile_avx512 tile_vnni /* never chosen at run time (features report no AVX-512 VNNI) */
+#endif
 
 static float row_dot_scalar(int type, const uint8_t *row, const int8_t *qx, const float *dx, const float *sx,
                             int64_t nb) {
@@ -607,47 +684,68 @@ static float row_dot_scalar(int type, const uint8_t *row, const int8_t *qx, cons
     return acc;
 }
 
-/* y[m, n] = sum_k x[m, k] W[n, k] from quantized x (quantize_x). isa: 0 scalar, 1 AVX2,
- * 2 AVX2 + AVX-VNNI. Types Q4_0, Q4_1, Q8_0. */
+/* y[m, n] = sum_k x[m, k] W[n, k] from quantized x (quantize_x; dx, sx rows of ldd floats).
+ * isa: 0 scalar, 1 AVX2, 2 AVX2 + AVX-VNNI, 3 AVX-512 VNNI. Types Q4_0, Q4_1, Q8_0. Weight
+ * rows go four at a time; x rows go two (AVX2) or four (AVX-512) at a time against each, so
+ * a weight block is unpacked once for them. */
 static void gemv_q8(int type, const uint8_t *w, int64_t row_bytes, const int8_t *qx, const float *dx,
-                    const float *sx, int64_t M, float *y, int64_t ldy, int64_t N, int64_t K, int nthreads,
-                    int isa) {
+                    const float *sx, int64_t ldd, int64_t M, float *y, int64_t ldy, int64_t N, int64_t K,
+                    int nthreads, int isa) {
     int nt = pick_threads(N * K, nthreads);
     int64_t nb = K / 32;
-    int64_t groups = isa ? N / 4 : 0; /* the SIMD paths take rows four at a time */
-    #pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t g = 0; g < groups; g++) {
-        const uint8_t *row = w + 4 * g * row_bytes;
-        float out[4], out1[4];
-        int64_t m = 0;
-        for (; m + 1 < M; m += 2) { /* x rows two at a time: each weight block unpacked once */
-            const int8_t *q0 = qx + m * K, *q1 = qx + (m + 1) * K;
-            const float *d0 = dx + m * nb, *d1 = dx + (m + 1) * nb, *s0 = sx + m * nb, *s1 = sx + (m + 1) * nb;
-            if (isa == 2)
-                rows4x2_dot_vnni(type, row, row_bytes, q0, q1, d0, d1, s0, s1, nb, out, out1);
-            else
-                rows4x2_dot_avx2(type, row, row_bytes, q0, q1, d0, d1, s0, s1, nb, out, out1);
-            memcpy(y + m * ldy + 4 * g, out, sizeof(out));
-            memcpy(y + (m + 1) * ldy + 4 * g, out1, sizeof(out1));
-        }
-        for (; m < M; m++) {
-            if (isa == 2)
-                rows4_dot_vnni(type, row, row_bytes, qx + m * K, dx + m * nb, sx + m * nb, nb, out);
-            else
-                rows4_dot_avx2(type, row, row_bytes, qx + m * K, dx + m * nb, sx + m * nb, nb, out);
-            memcpy(y + m * ldy + 4 * g, out, sizeof(out));
-        }
+    if (isa == 0) {
+        #pragma omp parallel for schedule(static) num_threads(nt)
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t m = 0; m < M; m++)
+                y[m * ldy + n] = row_dot_scalar(type, w + n * row_bytes, qx + m * K, dx + m * ldd, sx + m * ldd, nb);
+        return;
     }
-    for (int64_t n = 4 * groups; n < N; n++) {
-        const uint8_t *row = w + n * row_bytes;
-        for (int64_t m = 0; m < M; m++) {
-            const int8_t *q = qx + m * K;
-            const float *d = dx + m * nb, *s = sx + m * nb;
-            float v = isa == 2   ? row_dot_vnni(type, row, q, d, s, nb)
-                      : isa == 1 ? row_dot_avx2(type, row, q, d, s, nb)
-                                 : row_dot_scalar(type, row, q, d, s, nb);
-            y[m * ldy + n] = v;
+    int64_t groups = (N + 3) / 4;
+    #pragma omp parallel num_threads(nt)
+    {
+        float *dw = (float *)malloc(sizeof(float) * 4 * nb), *c = (float *)malloc(sizeof(float) * 4 * ldd);
+        #pragma omp for schedule(static)
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t n0 = 4 * g;
+            const int R = N - n0 >= 4 ? 4 : (int)(N - n0);
+            const uint8_t *row = w + n0 * row_bytes;
+            for (int r = 0; r < R; r++) row_scales(type, row + r * row_bytes, nb, ldd, dw + r * nb, c + r * ldd);
+            for (int64_t m = 0; m < M;) {
+                float out[16];
+                int MX;
+                if (R < 4) { /* the last rows of W, one pair at a time */
+                    MX = 1;
+                    for (int r = 0; r < R; r++)
+                        (isa == 3   ? tile_avx512
+                         : isa == 2 ? tile_vnni
+                                    : tile_avx2)(type, 1, 1, row + r * row_bytes, row_bytes, qx + m * K, K,
+                                                 dw + r * nb, dx + m * ldd, ldd, nb, out + r);
+                } else if (isa == 3) {
+                    MX = M - m < 4 ? (int)(M - m) : 4;
+                    tile_avx512(type, 4, MX, row, row_bytes, qx + m * K, K, dw, dx + m * ldd, ldd, nb, out);
+                } else if (M - m >= 2) { /* 2 x 2 twice: 16 ymm registers hold 8 accumulators */
+                    MX = 2;
+                    float half[4];
+                    for (int h = 0; h < 2; h++) {
+                        (isa == 2 ? tile_vnni : tile_avx2)(type, 2, 2, row + 2 * h * row_bytes, row_bytes,
+                                                            qx + m * K, K, dw + 2 * h * nb, dx + m * ldd, ldd, nb, half);
+                        memcpy(out + 4 * h, half, sizeof(half));
+                    }
+                } else {
+                    MX = 1;
+                    (isa == 2 ? tile_vnni : tile_avx2)(type, 4, 1, row, row_bytes, qx + m * K, K, dw, dx + m * ldd,
+                                                        ldd, nb, out);
+                }
+                for (int r = 0; r < R; r++)
+                    for (int j = 0; j < MX; j++) {
+                        float e = type == T_Q8_0 ? 0.0f : offsets(c + r * ldd, sx + (m + j) * ldd, ldd);
+                        y[(m + j) * ldy + n0 + r] = out[r * MX + j] + e;
+                    }
+                m += MX;
+            }
         }
+        free(dw);
+        free(c);
     }
 }
 
@@ -655,11 +753,11 @@ static void gemv_q8(int type, const uint8_t *w, int64_t row_bytes, const int8_t 
  * runs hundreds of them per token, so each saved call and allocation counts). */
 void ggml_gemv_int8(int type, const uint8_t *w, int64_t row_bytes, const float *x, int64_t ldx, int64_t M,
                     float *y, int64_t ldy, int64_t N, int64_t K, int nthreads, int isa) {
-    int64_t nb = K / 32;
+    int64_t nb = K / 32, ldd = (nb + 7) / 8 * 8;
     int8_t *qx = (int8_t *)malloc((size_t)(M * K));
-    float *dx = (float *)malloc(sizeof(float) * M * nb), *sx = (float *)malloc(sizeof(float) * M * nb);
-    quantize_x(x, ldx, M, K, qx, dx, sx);
-    gemv_q8(type, w, row_bytes, qx, dx, sx, M, y, ldy, N, K, nthreads, isa);
+    float *dx = (float *)malloc(sizeof(float) * M * ldd), *sx = (float *)malloc(sizeof(float) * M * ldd);
+    quantize_x(x, ldx, M, K, qx, dx, sx, ldd);
+    gemv_q8(type, w, row_bytes, qx, dx, sx, ldd, M, y, ldy, N, K, nthreads, isa);
     free(qx);
     free(dx);
     free(sx);

@@ -1,7 +1,7 @@
 """ctypes bindings of the GGUF block kernels (kernels/ggml_cpu.c, built as
 `longside.kernels._ggml_cpu`), loaded once per process on first use.
 
-`LONGSIDE_GGML_ISA=scalar|avx2|vnni` caps the instruction set (tests run every path the
+`LONGSIDE_GGML_ISA=scalar|avx2|vnni|avx512` caps the instruction set (tests run every path the
 machine has); by default the best one is used.
 """
 
@@ -44,14 +44,15 @@ def available() -> bool:
 @functools.cache
 def _isa_level() -> int:
     feats = _lib().ggml_cpu_features()
-    best = 2 if feats & 3 == 3 else 1 if feats & 1 else 0
-    cap = {"scalar": 0, "avx2": 1, "vnni": 2}.get(os.environ.get("LONGSIDE_GGML_ISA", "vnni"), 2)
-    return min(best, cap)
+    has = [True, bool(feats & 1), feats & 3 == 3, bool(feats & 1 and feats & 4)]  # bit 4: AVX-512 VNNI
+    cap = {"scalar": 0, "avx2": 1, "vnni": 2, "avx512": 3}.get(os.environ.get("LONGSIDE_GGML_ISA", "avx512"), 3)
+    return max(level for level in range(cap + 1) if has[level])
 
 
 def isa() -> str:
-    """The instruction set the kernels use here: "vnni" (AVX2 + AVX-VNNI), "avx2" or "scalar"."""
-    return ("scalar", "avx2", "vnni")[_isa_level()]
+    """The instruction set the int8 kernels use here: "avx512" (AVX-512 VNNI, two blocks per
+    instruction), "vnni" (AVX2 + AVX-VNNI), "avx2" or "scalar"."""
+    return ("scalar", "avx2", "vnni", "avx512")[_isa_level()]
 
 
 def _tid(w: GGMLWeight) -> int:

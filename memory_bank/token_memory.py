@@ -39,6 +39,15 @@ def _ngram_hashes(seq: torch.Tensor, n: int) -> torch.Tensor:
     int64 in [0, 2^31). Equal n-grams hash equal; unequal ones rarely collide (matches are
     verified token by token afterwards)."""
     L = seq.shape[0] - n + 1
+    if 0 < L <= 4:  # decoding asks for one: n tiny tensor ops cost ~20x this loop
+        vals = seq.tolist()
+        out = []
+        for s in range(L):
+            h = 0
+            for t in vals[s:s + n]:
+                h = (h * _HASH_BASE + t + 2) % _HASH_P
+            out.append(h)
+        return torch.tensor(out, dtype=torch.int64, device=seq.device)
     h = torch.zeros(max(L, 0), dtype=torch.int64, device=seq.device)
     for i in range(n):
         h = (h * _HASH_BASE + seq[i:i + L] + 2) % _HASH_P

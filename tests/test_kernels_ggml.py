@@ -61,7 +61,7 @@ def test_llama_row_order_inverts_llama_cpp_permutation():
 
 
 @needs_c
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "vnni"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "vnni", "avx512"])
 def test_c_kernels_every_path(isa):
     """Each ISA path in a fresh process (the choice is made once per process): exact
     dequantization, fp32 GEMV to fp32 rounding, int8 GEMV to the error of int8 activations."""
@@ -70,7 +70,7 @@ import torch
 from longside.kernels import ggml_cpu
 from tests.test_kernels_ggml import random_weight, TYPES
 from longside.kernels.ggml import dequantize_reference
-want = {{"scalar": "scalar", "avx2": "avx2", "vnni": "vnni"}}[{isa!r}]
+want = {isa!r}
 if ggml_cpu.isa() != want:
     print("SKIP", ggml_cpu.isa()); raise SystemExit(0)
 g = torch.Generator().manual_seed(0)
@@ -90,6 +90,17 @@ for qtype in TYPES:
         # rows of x go two at a time (a batch of users): each equals the row alone, bit for bit
         alone = torch.cat([ggml_cpu.gemv_int8(x[i:i + 1], w) for i in range(5)])
         assert torch.equal(ggml_cpu.gemv_int8(x, w), alone), qtype
+    if qtype in ggml_cpu.INT8_TYPES:
+        # odd blocks per row (9), rows of W not a multiple of 4, every tiling of 1..9 x rows:
+        # each x row of a batch has the bits of the row alone, on both decode paths
+        w9 = random_weight(qtype, 43, 288, seed=4)
+        x9 = torch.randn(9, 288, generator=g)
+        y9 = x9 @ dequantize_reference(w9).t()
+        for gemv in (ggml_cpu.gemv_int8, ggml_cpu.gemv_f32):
+            alone = torch.cat([gemv(x9[i:i + 1], w9) for i in range(9)])
+            assert (alone - y9).abs().max() <= 0.03 * y9.abs().max(), (qtype, gemv.__name__)
+            for m in range(1, 10):
+                assert torch.equal(gemv(x9[:m], w9), alone[:m]), (qtype, gemv.__name__, m)
 print("OK")
 """
     env = {**os.environ, "LONGSIDE_GGML_ISA": isa}
@@ -103,27 +114,28 @@ print("OK")
 
 @needs_c
 def test_int8_paths_agree_exactly_across_avx2_and_vnni():
-    """vpmaddubsw and vpdpbusd sum the same integers; the fp32 arithmetic after is shared."""
+    """vpmaddubsw and vpdpbusd (ymm, or zmm two blocks at a time) sum the same integers; the
+    fp32 arithmetic after is shared, lane for lane."""
     code = """
 import torch
 from longside.kernels import ggml_cpu
 from tests.test_kernels_ggml import random_weight
-x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0))
-ys = [ggml_cpu.gemv_int8(x, random_weight(q, 40, 256, seed=2)) for q in ggml_cpu.INT8_TYPES]
+x = torch.randn(6, 288, generator=torch.Generator().manual_seed(0))
+ys = [ggml_cpu.gemv_int8(x, random_weight(q, 42, 288, seed=2)) for q in ggml_cpu.INT8_TYPES]
 y = torch.cat(ys)
 print(ggml_cpu.isa(), y.view(torch.int32).sum().item(), y.sum().item())
 """
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     outs = {}
-    for isa in ("avx2", "vnni"):
+    for isa in ("avx2", "vnni", "avx512"):
         r = subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "LONGSIDE_GGML_ISA": isa},
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr[-2000:]
         got_isa, *vals = r.stdout.split()
         outs[got_isa] = vals
     if len(outs) < 2:
-        pytest.skip("this CPU has no AVX-VNNI")
-    assert outs["avx2"] == outs["vnni"]
+        pytest.skip("this CPU has no AVX-VNNI and no AVX-512 VNNI")
+    assert len({tuple(v) for v in outs.values()}) == 1, outs
 
 
 @needs_c

@@ -140,3 +140,15 @@ def test_projected_shortlist_finds_the_exact_neighbours_of_low_rank_keys(tmp_pat
         torch.testing.assert_close(a, b)
     tm.clear()
     assert tm._basis is None and len(tm) == 0
+
+
+def test_ngram_hashes_short_path_equals_tensor_path():
+    """Decoding hashes one n-gram in Python; it must equal the tensor loop's hash."""
+    from longside.memory_bank.token_memory import _ngram_hashes
+
+    seq = torch.randint(-1, 50000, (40,), generator=torch.Generator().manual_seed(0))
+    for n in (2, 4, 8, 16, 32):
+        whole = _ngram_hashes(seq, n)  # many n-grams: the tensor loop
+        for L in (1, 2, 4):
+            tail = seq[seq.shape[0] - (n + L - 1):]
+            assert torch.equal(_ngram_hashes(tail, n), whole[-L:]), (n, L)
