@@ -523,7 +523,8 @@ class MemoryBank:
              eviction: EvictionPolicy | None = None) -> "MemoryBank":
         """Read a bank written by `save`. Raises MemoryBankError if the file is corrupt or
         truncated, or if `expect_owner` is given and differs from the bank's owner.
-        `eviction` supplies a custom policy object that was saved by name."""
+        `eviction` supplies a custom policy object that was saved by name. The bank's
+        `file_sha256` is then the SHA-256 (hex) of the whole file it was read from."""
         return load_bank(cls, Path(path), expect_owner=expect_owner, device=device, eviction=eviction)
 
     def __repr__(self) -> str:

@@ -106,8 +106,10 @@ def load_bank(cls: type, path: Path, *, expect_owner: str | None, device, evicti
         raise _corrupt(path, f"only {len(data)} bytes")
     if bytes(data[:4]) != MAGIC:
         raise _corrupt(path, "bad magic number")
-    if hashlib.sha256(data[:-_DIGEST]).digest() != bytes(data[-_DIGEST:]):
+    sha = hashlib.sha256(data[:-_DIGEST])
+    if sha.digest() != bytes(data[-_DIGEST:]):
         raise _corrupt(path, "checksum mismatch")
+    sha.update(data[-_DIGEST:])  # the whole file's SHA-256 for callers that keep one, without a second pass
     version, head_len = struct.unpack("<IQ", data[4:16])
     if version != FORMAT_VERSION:
         raise MemoryBankError(
@@ -143,6 +145,7 @@ def load_bank(cls: type, path: Path, *, expect_owner: str | None, device, evicti
                 "that policy object as MemoryBank.load(..., eviction=policy)") from None
     dtype = getattr(torch, cfg.pop("dtype"))
     bank = cls(**cfg, dtype=dtype, device=device, eviction=eviction)
+    bank.file_sha256 = sha.hexdigest()
 
     used = state["used"]
     if used > bank.capacity_chunks:
@@ -183,6 +186,11 @@ def load_bank(cls: type, path: Path, *, expect_owner: str | None, device, evicti
             if len(arrays["token_basis"]) % (4 * tm.dim):
                 raise _corrupt(path, "token basis of the wrong size")
             tm_arrays["token_basis"] = tensor("token_basis", torch.float32, (tm.dim, -1))
+            if "token_proj" in arrays:  # absent from files written before it was saved: recomputed
+                width = tm_arrays["token_basis"].shape[1]
+                if len(arrays["token_proj"]) != n * width * tm.dtype.itemsize:
+                    raise _corrupt(path, "projected token keys of the wrong size")
+                tm_arrays["token_proj"] = tensor("token_proj", tm.dtype, (n, width))
         tm.restore(state["token_memory"], tm_arrays)
     if bank._ivf is not None and "ivf0" in arrays:
         bank._ivf.load_serialized([np.frombuffer(arrays[f"ivf{h}"], dtype=np.uint8) for h in range(H)])

@@ -133,9 +133,14 @@ class TokenMemory:
         _, vecs = torch.linalg.eigh(sample.T @ sample)  # ascending eigenvalues
         self._set_basis(vecs[:, -self.shortlist_dim:].flip(-1).contiguous())
 
-    def _set_basis(self, basis: torch.Tensor) -> None:
+    def _set_basis(self, basis: torch.Tensor, proj: torch.Tensor | None = None) -> None:
+        """Use `basis [dim, s]` float32; `proj [size, s]` (the stored keys' projections, as
+        saved) is taken as it is, else computed."""
         self._basis = basis.to(self.device, torch.float32)
         self._proj = torch.empty(self.capacity, basis.shape[1], dtype=self.dtype, device=self.device)
+        if proj is not None:
+            self._proj[:self._size] = proj.view(self._size, basis.shape[1])
+            return
         for i in range(0, self._size, 8192):
             self._proj[i:i + 8192] = (self._keys[i:i + 8192].float() @ self._basis).to(self.dtype)
 
@@ -253,8 +258,9 @@ class TokenMemory:
     def arrays(self) -> dict[str, torch.Tensor]:
         out = {"token_keys": self._keys[:self._size], "token_next": self._next[:self._size],
                "token_pending": self._pending}
-        if self._basis is not None:  # the projected keys are recomputed on load
+        if self._basis is not None:  # saved with their projection: recomputing it took half a load
             out["token_basis"] = self._basis
+            out["token_proj"] = self._proj[:self._size]
         return out
 
     def restore(self, state: dict, arrays: dict[str, torch.Tensor]) -> None:
@@ -268,6 +274,6 @@ class TokenMemory:
         self._match_index = None
         self._basis = self._proj = None
         if "token_basis" in arrays:
-            self._set_basis(arrays["token_basis"].view(self.dim, -1))
+            self._set_basis(arrays["token_basis"].view(self.dim, -1), arrays.get("token_proj"))
         elif self.shortlist_dim and n >= self.basis_after:  # saved before bases existed
             self._fit_basis()

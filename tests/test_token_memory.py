@@ -115,7 +115,7 @@ def test_match_survives_save_and_load(tmp_path):
     assert back.match_tokens(ctx, 5, 2)[1][-1, 0] == 9  # "1 4 1 5" -> 9
 
 
-def test_projected_shortlist_finds_the_exact_neighbours_of_low_rank_keys(tmp_path):
+def test_projected_shortlist_finds_the_exact_neighbours_of_low_rank_keys(tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(0)
     # keys that live mostly in 6 directions, like hidden states (which are far from isotropic)
     keys = torch.randn(300, 6, generator=g) @ torch.randn(6, 32, generator=g) + 0.05 * torch.randn(300, 32, generator=g)
@@ -136,8 +136,17 @@ def test_projected_shortlist_finds_the_exact_neighbours_of_low_rank_keys(tmp_pat
     mb.save(tmp_path / "b.bank")
     back = MemoryBank.load(tmp_path / "b.bank")
     torch.testing.assert_close(back.tokens._basis, tm._basis)
+    n = len(tm)
+    assert torch.equal(back.tokens._proj[:n], tm._proj[:n])  # saved with the file, not recomputed
     for a, b in zip(tm.search(q, 5), back.search_tokens(q, 5)):
         torch.testing.assert_close(a, b)
+    # a file written before the projection was saved: recomputed on load, to the same bits
+    plain = TokenMemory.arrays
+    monkeypatch.setattr(TokenMemory, "arrays", lambda self: {k: v for k, v in plain(self).items() if k != "token_proj"})
+    mb.save(tmp_path / "old.bank")
+    monkeypatch.undo()
+    old = MemoryBank.load(tmp_path / "old.bank")
+    assert torch.equal(old.tokens._proj[:n], tm._proj[:n])
     tm.clear()
     assert tm._basis is None and len(tm) == 0
 

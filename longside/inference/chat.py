@@ -38,7 +38,7 @@ from longside.inference.sampling import GenerationConfig, TextPieces, make_gener
 from longside.inference.window import LocalWindow
 from longside.memory import MAIN_FILE, Memory, block_file, is_bank_file
 from longside.memory_bank import MemoryBank
-from longside.paths import atomic_dir, recover, sha256_file
+from longside.paths import atomic_dir, recover
 
 if TYPE_CHECKING:
     from longside.model import LongSideModel
@@ -206,20 +206,23 @@ class ChatSession:
         if body["window"] != model.config.window or body["side_config"] != _side_identity(model):
             raise SessionError(f"session {path} was made with another side network configuration; "
                                "load it with the model that saved it")
-        if _sha256_file(path / _MEMORY) != body["memory_sha256"]:
-            raise SessionError(f"session {path}: {_MEMORY} does not match its checksum (corrupt or "
-                               "replaced); the session cannot be resumed")
         blocks = body.get("backbone_memory_sha256", {})
-        for L, digest in blocks.items():
-            if _sha256_file(path / block_file(int(L))) != digest:
-                raise SessionError(f"session {path}: {block_file(int(L))} does not match its checksum (corrupt "
-                                   "or replaced); the session cannot be resumed")
+        for name in [_MEMORY] + [block_file(int(L)) for L in blocks]:
+            if not (path / name).is_file():
+                raise SessionError(f"{path / name} is missing: the session directory is incomplete")
         config = _check_body(body, model, path)
         try:
             reader = Memory(model.backbone, model.config, 1)  # its own: nothing shared is touched
             bank, block_banks = reader.read_files(path / _MEMORY, path, [int(L) for L in blocks])
         except MemoryBankError as e:
-            raise SessionError(f"session {path}: {e}") from None
+            raise SessionError(f"session {path}: {e} (the memory does not match its checksum or cannot be "
+                               "read; the session cannot be resumed)") from None
+        # each file read once: the banks carry their files' checksums
+        for name, have, want in [(_MEMORY, bank.file_sha256, body["memory_sha256"])] + [
+                (block_file(int(L)), block_banks[int(L)].file_sha256, digest) for L, digest in blocks.items()]:
+            if have != want:
+                raise SessionError(f"session {path}: {name} does not match its checksum (corrupt or replaced); "
+                                   "the session cannot be resumed")
         return SavedSession(body, config, bank, block_banks)
 
     @classmethod
@@ -332,12 +335,6 @@ def _side_identity(model: "LongSideModel") -> dict:
 def _sha256_json(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
-
-def _sha256_file(path: Path) -> str:
-    try:
-        return sha256_file(path)
-    except FileNotFoundError:
-        raise SessionError(f"{path} is missing: the session directory is incomplete") from None
 
 
 def _read_manifest(path: Path) -> dict:
