@@ -3,7 +3,7 @@
     python experiments/serve_profile.py threads   # one SmolLM2 product on the main thread, on a second
                                                   # thread, and on the main thread after another thread
                                                   # ran torch with (and without) its own OpenMP team
-    python experiments/serve_profile.py steps     # RaggedWindows: one batch step of 1 and of 8 rows
+    python experiments/serve_profile.py steps     # RaggedWindows: one batch step of 1, 2, 4 and 8 rows
                                                   # (each with ~19k tokens of memory), and a cProfile of 8
     python experiments/serve_profile.py engine    # the server's Engine in-process (no HTTP): 8 users'
                                                   # 64-token turns one after another, then at once
@@ -81,7 +81,7 @@ def steps() -> None:
             ragged.join(w)
         return ragged
 
-    for rows in (1, 8):
+    for rows in (1, 2, 4, 8):
         ragged = batch(rows)
         for i in range(4):
             ragged.step(torch.tensor([100 + i] * rows))

@@ -194,7 +194,10 @@ class Engine:
             if job.user in busy or (job.kind == "chat" and room <= 0):
                 busy.add(job.user)  # the user's later jobs wait too: each user's run in order
                 continue
-            if job.user not in self._read and self.store.on_disk_only(job.user):
+            # with nothing decoding, a user is read at admission on this thread (no one waits
+            # for it, and a second thread would only contend for the cores)
+            idle = not (self._turns or self._documents or self._reading)
+            if not idle and job.user not in self._read and self.store.on_disk_only(job.user):
                 if job.user not in self._reading:
                     future = self._reader.submit(self.store.read, job.user)
                     future.add_done_callback(lambda _f: self.wake())
