@@ -5,6 +5,7 @@
                                                   # ran torch with (and without) its own OpenMP team
     python experiments/serve_profile.py steps     # RaggedWindows: one batch step of 1, 2, 4 and 8 rows
                                                   # (each with ~19k tokens of memory), and a cProfile of 8
+    python experiments/serve_profile.py read      # ChatSession.read of a user with ~19k tokens of memory
     python experiments/serve_profile.py engine    # the server's Engine in-process (no HTTP): 8 users'
                                                   # 64-token turns one after another, then at once
     python experiments/serve_profile.py engine-disk  # the same, every user read from disk first
@@ -97,6 +98,21 @@ def steps() -> None:
     pstats.Stats(prof).sort_stats("tottime").print_stats(15)
 
 
+def read() -> None:
+    model, _ = load_model()
+    store = UserStore(model, tempfile.mkdtemp())
+    session = store.session("u")
+    session.memory.memorize(_book(80000), progress=False, as_text=True)
+    store.save("u")
+    for _ in range(2):
+        store.read("u")
+    t = time.perf_counter()
+    for _ in range(5):
+        store.read("u")
+    print(f"reading a user with {len(session.memory.banks[0])} tokens of memory from disk: "
+          f"{(time.perf_counter() - t) / 5:.3f} s")
+
+
 def engine(from_disk: bool = False) -> None:
     model, _ = load_model()
     store = UserStore(model, tempfile.mkdtemp())
@@ -151,4 +167,4 @@ def engine(from_disk: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    {"threads": threads, "steps": steps, "engine": engine, "engine-disk": lambda: engine(True)}[sys.argv[1] if len(sys.argv) > 1 else "threads"]()
+    {"threads": threads, "steps": steps, "read": read, "engine": engine, "engine-disk": lambda: engine(True)}[sys.argv[1] if len(sys.argv) > 1 else "threads"]()

@@ -22,7 +22,6 @@ A job reports through `emit(event)`, called on the engine thread with dicts:
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import threading
 import time
@@ -106,14 +105,6 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._eos = eos_ids(model, None)
-        # users whose memory is on disk are read here, off the model's thread (files only)
-        # with one OpenMP thread: an OpenMP team made on a second thread slowed every kernel of
-        # the model's thread 2.7x for as long as that thread lived (measured: 75 -> 205 us)
-        self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="longside-reader",
-                                                             initializer=torch.set_num_threads, initargs=(1,))
-        self._reading: dict[str, concurrent.futures.Future] = {}
-        self._threads = torch.get_num_threads()
-        self._read: dict[str, concurrent.futures.Future] = {}  # read, to install at admission
         self.steps = 0  # batch steps taken (and rows stepped): for the bench
         self.rows_stepped = 0
 
@@ -141,7 +132,6 @@ class Engine:
             self._wake.notify()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
-        self._reader.shutdown(wait=False, cancel_futures=True)
 
     def submit(self, job: Job) -> Job:
         """Queue `job`. Raises LongsideError when the engine is stopping, and `TooBusy`
@@ -179,33 +169,18 @@ class Engine:
                 if self._stopping:
                     break
                 admit = self._admissible()
-                if not (admit or self._turns or self._documents):
-                    self._wake.wait(0.5)  # only jobs whose users are being read: wait for a read
             try:
                 self._pass(admit)
             except Exception:  # never let the engine thread die: every request would hang
                 log.exception("engine pass failed")
 
     def _admissible(self) -> list[Job]:
-        """Take the waiting jobs that can start now (under the lock). A user whose memory is
-        on disk only is read on the reader thread first, while the batch goes on."""
+        """Take the waiting jobs that can start now (under the lock)."""
         admit, busy, room = [], self._busy(), self.max_batch - len(self._turns)
         for job in list(self._waiting):
             if job.user in busy or (job.kind == "chat" and room <= 0):
                 busy.add(job.user)  # the user's later jobs wait too: each user's run in order
                 continue
-            # with nothing decoding, a user is read at admission on this thread (no one waits
-            # for it, and a second thread would only contend for the cores)
-            idle = not (self._turns or self._documents or self._reading)
-            if not idle and job.user not in self._read and self.store.on_disk_only(job.user):
-                if job.user not in self._reading:
-                    future = self._reader.submit(self.store.read, job.user)
-                    future.add_done_callback(lambda _f: self.wake())
-                    self._reading[job.user] = future
-                if not self._reading[job.user].done():
-                    busy.add(job.user)
-                    continue
-                self._read[job.user] = self._reading.pop(job.user)
             self._waiting.remove(job)
             admit.append(job)
             busy.add(job.user)
@@ -214,12 +189,6 @@ class Engine:
 
     def _pass(self, admit: list[Job]) -> None:
         busy_before = self._busy()
-        # while the reader thread works, the model runs on one thread fewer: a team of OpenMP
-        # threads that outnumbers the free cores waits at every barrier for one that is not
-        # running (measured: prefills 4x slower and reads 3x slower while they overlapped)
-        threads = max(1, self._threads - 1) if self._reading else self._threads
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
         for job in admit:
             self._guard(job, self._admit)
         for doc in list(self._documents):
@@ -253,15 +222,10 @@ class Engine:
         job.emit({"type": "error", "status": status, "message": message})
 
     def _admit(self, job: Job) -> None:
-        read = self._read.pop(job.user, None)
-        if read is not None and job.user not in self.store.resident():
-            # what the reader thread read: installed here (rebuilding a window runs the model);
-            # a read that failed raises its error for this job (a forget moves the files aside)
-            try:
-                self.store.session(job.user, read.result())
-            except LongsideError:
-                if job.kind != "forget":
-                    raise
+        # a user whose memory is on disk only is read here, on the model's thread, between two
+        # batch steps (~0.07 s for 19k tokens). A reader thread beside it was slower: its
+        # work and the model's OpenMP team contended for the two cores (measured: 86 against
+        # 96 tokens/s for 8 users at once; docs/results.md#server)
         if job.cancelled:
             return
         store = self.store

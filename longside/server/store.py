@@ -70,10 +70,6 @@ class UserStore:
         """Users in RAM, least recently used first."""
         return list(self._resident)
 
-    def on_disk_only(self, user: str) -> bool:
-        """Whether the user's session must be read from disk before use."""
-        return user not in self._resident and self.path(user).exists()
-
     def read(self, user: str) -> SavedSession:
         """Read and check the user's saved files (no model work; any thread may call it)."""
         try:
