@@ -29,6 +29,7 @@ from longside.data import load_books
 from longside.inference.ragged import RaggedWindows
 from longside.inference.sampling import GenerationConfig
 from longside.inference.window import LocalWindow
+from longside.kernels import ggml_cpu
 from longside.memory import Memory
 from longside.server.engine import Engine, Job
 from longside.server.store import UserStore
@@ -82,14 +83,30 @@ def steps() -> None:
             ragged.join(w)
         return ragged
 
+    spent = {"gemv_int8": 0.0, "gemv_f32": 0.0}  # the C decode products, timed in place
+
+    def timed(name):
+        f = getattr(ggml_cpu, name)
+
+        def run(*args):
+            t = time.perf_counter()
+            out = f(*args)
+            spent[name] += time.perf_counter() - t
+            return out
+        return run
+
+    for name in spent:
+        setattr(ggml_cpu, name, timed(name))
     for rows in (1, 2, 4, 8):
         ragged = batch(rows)
         for i in range(4):
             ragged.step(torch.tensor([100 + i] * rows))
+        spent.update(gemv_int8=0.0, gemv_f32=0.0)
         t = time.perf_counter()
         for i in range(16):
             ragged.step(torch.tensor([100 + i] * rows))
-        print(f"{rows} row(s): {(time.perf_counter() - t) / 16 * 1000:.0f} ms per step")
+        print(f"{rows} row(s): {(time.perf_counter() - t) / 16 * 1000:.0f} ms per step, of which int8 products "
+              f"{spent['gemv_int8'] / 16 * 1000:.1f} ms and fp32 products (the LM head) {spent['gemv_f32'] / 16 * 1000:.1f} ms")
     prof = cProfile.Profile()
     prof.enable()
     for i in range(16):
