@@ -150,9 +150,6 @@ def engine(from_disk: bool = False) -> None:
     def client():
         for d, _ in [submit(Job("memorize", f"u{i}", name="book", text=text)) for i in range(8)]:
             d.wait()
-        if from_disk:  # as after a restart: every user is read from disk at its first request
-            for i in range(8):
-                store.unload(f"u{i}")
         cfg = GenerationConfig(max_new_tokens=64)
 
         def turn(i):

@@ -65,7 +65,7 @@ int ggml_block_elems(int type) {
     }
 }
 
-int ggml_block_bytes(int type) {
+static inline int block_bytes(int type) {
     switch (type) {
     case T_Q4_0: return 18;
     case T_Q4_1: return 20;
@@ -76,6 +76,8 @@ int ggml_block_bytes(int type) {
     default: return 0;
     }
 }
+
+int ggml_block_bytes(int type) { return block_bytes(type); }
 
 int ggml_cpu_features(void) {
     __builtin_cpu_init();
@@ -486,11 +488,9 @@ __attribute__((target(VNNI_TARGET))) static inline __m256i dot_u8s8_vnni(__m256i
 #define dot_u8s8_vnni dot_u8s8
 #endif
 
-static inline int block_bytes_int8(int type) { return type == T_Q4_1 ? 20 : type == T_Q4_0 ? 18 : 34; }
-
 /* Per weight row: its block scales dw [nb] and offset weights c [nbp] (zero-padded). */
 AVX2 static void row_scales(int type, const uint8_t *row, int64_t nb, int64_t nbp, float *dw, float *c) {
-    const int bb = block_bytes_int8(type);
+    const int bb = block_bytes(type);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * bb;
         dw[b] = f16c(blk);
@@ -506,14 +506,20 @@ AVX2 static inline float offsets(const float *c, const float *s, int64_t nbp) {
     return hsum8(e);
 }
 
+#define TILE256_TYPES(NAME, R, MX)                                                                  \
+    if (type == T_Q4_1) NAME##_t(T_Q4_1, R, MX, row, row_bytes, qx, K, dw, dx, ldd, nb, out);       \
+    else if (type == T_Q4_0) NAME##_t(T_Q4_0, R, MX, row, row_bytes, qx, K, dw, dx, ldd, nb, out);  \
+    else NAME##_t(T_Q8_0, R, MX, row, row_bytes, qx, K, dw, dx, ldd, nb, out);
+
 /* R weight rows x MX x rows, 256-bit: out[r * MX + m] = hsum8(acc0 + acc1) (the offsets are
- * added by the caller). Called with constant R, MX, type: the loops unroll, no branch stays. */
+ * added by the caller). (R, MX) is (4, 1), (2, 2) or (1, 1); each is specialised with the type
+ * as a constant, so the loops unroll and no branch stays. */
 #define TILE256(NAME, DOT, TARGET)                                                                  \
     __attribute__((target(TARGET), always_inline)) static inline void NAME##_t(                    \
         const int type, const int R, const int MX, const uint8_t *row, int64_t row_bytes,         \
         const int8_t *qx, int64_t K, const float *dw, const float *dx, int64_t ldd, int64_t nb,    \
         float *out) {                                                                               \
-        const int bb = block_bytes_int8(type);                                                      \
+        const int bb = block_bytes(type);                                                      \
         __m256 acc[4][2][2];                                                                        \
         for (int r = 0; r < R; r++)                                                                 \
             for (int m = 0; m < MX; m++) acc[r][m][0] = acc[r][m][1] = _mm256_setzero_ps();         \
@@ -549,31 +555,15 @@ AVX2 static inline float offsets(const float *c, const float *s, int64_t nbp) {
                                                      int64_t row_bytes, const int8_t *qx, int64_t K, \
                                                      const float *dw, const float *dx, int64_t ldd,   \
                                                      int64_t nb, float *out) {                      \
-        if (R == 4 && MX == 1) {                                                                    \
-            if (type == T_Q4_1) NAME##_t(T_Q4_1, 4, 1, row, row_bytes, qx, K, dw, dx, ldd, nb, out); \
-            else if (type == T_Q4_0) NAME##_t(T_Q4_0, 4, 1, row, row_bytes, qx, K, dw, dx, ldd, nb, out); \
-            else NAME##_t(T_Q8_0, 4, 1, row, row_bytes, qx, K, dw, dx, ldd, nb, out);               \
-        } else if (R == 2 && MX == 2) {                                                             \
-            if (type == T_Q4_1) NAME##_t(T_Q4_1, 2, 2, row, row_bytes, qx, K, dw, dx, ldd, nb, out); \
-            else if (type == T_Q4_0) NAME##_t(T_Q4_0, 2, 2, row, row_bytes, qx, K, dw, dx, ldd, nb, out); \
-            else NAME##_t(T_Q8_0, 2, 2, row, row_bytes, qx, K, dw, dx, ldd, nb, out);               \
-        } else {                                                                                    \
-            for (int r = 0; r < R; r++)                                                             \
-                for (int m = 0; m < MX; m++) {                                                      \
-                    float v;                                                                        \
-                    if (type == T_Q4_1) NAME##_t(T_Q4_1, 1, 1, row + r * row_bytes, row_bytes, qx + m * K, K, dw + r * nb, dx + m * ldd, ldd, nb, &v); \
-                    else if (type == T_Q4_0) NAME##_t(T_Q4_0, 1, 1, row + r * row_bytes, row_bytes, qx + m * K, K, dw + r * nb, dx + m * ldd, ldd, nb, &v); \
-                    else NAME##_t(T_Q8_0, 1, 1, row + r * row_bytes, row_bytes, qx + m * K, K, dw + r * nb, dx + m * ldd, ldd, nb, &v); \
-                    out[r * MX + m] = v;                                                            \
-                }                                                                                   \
-        }                                                                                           \
+        if (R == 4 && MX == 1) { TILE256_TYPES(NAME, 4, 1) }                                       \
+        else if (R == 2 && MX == 2) { TILE256_TYPES(NAME, 2, 2) }                                  \
+        else { TILE256_TYPES(NAME, 1, 1) }                                                         \
     }
 
 TILE256(tile_avx2, dot_u8s8, "avx2,fma,f16c")
 TILE256(tile_vnni, dot_u8s8_vnni, VNNI_TARGET)
 
 #if HAVE_AVXVNNI
-#define HAVE_AVX512VNNI 1
 #define AVX512_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c"
 
 /* The codes of blocks b and b+1 (blk points at block b) as 64 unsigned bytes, block b's 32
@@ -600,7 +590,7 @@ __attribute__((target(AVX512_TARGET), always_inline)) static inline __m512i code
 __attribute__((target(AVX512_TARGET), always_inline)) static inline void tile512_t(
     const int type, const int R, const int MX, const uint8_t *row, int64_t row_bytes, const int8_t *qx, int64_t K,
     const float *dw, const float *dx, int64_t ldd, int64_t nb, float *out) {
-    const int bb = block_bytes_int8(type);
+    const int bb = block_bytes(type);
     __m512 acc[4][4];
     for (int r = 0; r < R; r++)
         for (int m = 0; m < MX; m++) acc[r][m] = _mm512_setzero_ps();
@@ -659,7 +649,6 @@ __attribute__((target(AVX512_TARGET))) static void tile_avx512(int type, int R, 
     else { TILE512_TYPES(1, 1) }
 }
 #else
-#define HAVE_AVX512VNNI 0
 #define tile_avx512 tile_vnni /* never chosen at run time (features report no AVX-512 VNNI) */
 #endif
 

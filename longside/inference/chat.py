@@ -196,7 +196,7 @@ class ChatSession:
     @staticmethod
     def read(path: str | os.PathLike, model: "LongSideModel") -> "SavedSession":
         """The files of a saved session, read and checked (the first half of `load`; runs
-        no model, so a server reads one user from disk while it decodes for others)."""
+        no model, and installs nothing: a failure leaves everything as it was)."""
         path = Path(path)
         recover(path)
         body = _read_manifest(path)
@@ -334,7 +334,6 @@ def _side_identity(model: "LongSideModel") -> dict:
 
 def _sha256_json(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
 
 
 def _read_manifest(path: Path) -> dict:

@@ -222,10 +222,10 @@ class Engine:
         job.emit({"type": "error", "status": status, "message": message})
 
     def _admit(self, job: Job) -> None:
-        # a user whose memory is on disk only is read here, on the model's thread, between two
-        # batch steps (~0.07 s for 19k tokens). A reader thread beside it was slower: its
-        # work and the model's OpenMP team contended for the two cores (measured: 86 against
-        # 96 tokens/s for 8 users at once; docs/results.md#server)
+        # a user whose memory is on disk only is read here (store.session), on the model's
+        # thread between two batch steps (~0.07 s for 19k tokens). A reader thread beside it
+        # was slower: its work and the model's OpenMP team contended for the two cores
+        # (8 users at once: 86.8 tok/s with it, 95.7 without; docs/results.md#server)
         if job.cancelled:
             return
         store = self.store

@@ -71,23 +71,22 @@ class UserStore:
         return list(self._resident)
 
     def read(self, user: str) -> SavedSession:
-        """Read and check the user's saved files (no model work; any thread may call it)."""
+        """Read and check the user's saved files (no model work)."""
         try:
             return ChatSession.read(self.path(user), self.model)
         except SessionError as e:
             raise LongsideError(f"the stored memory of user {user!r} cannot be read ({e}); it was left as "
                                 "it is for an administrator to inspect (forgetting moves it aside)") from None
 
-    def session(self, user: str, saved: SavedSession | None = None) -> ChatSession:
-        """The user's session: in RAM, else `saved` (from `read`), else read from disk,
-        else a new one."""
+    def session(self, user: str) -> ChatSession:
+        """The user's session: in RAM, else read from disk, else a new one."""
         if user in self._resident:
             self._resident.move_to_end(user)
             return self._resident[user]
         path = self.path(user)
         recover(path)
-        if saved is not None or path.exists():
-            session = ChatSession.resume(saved or self.read(user), self.model, own_memory=True)
+        if path.exists():
+            session = ChatSession.resume(self.read(user), self.model, own_memory=True)
         else:
             # decoding options come with each request (the engine), not from the session
             session = ChatSession(self.model, memory=Memory(self.model.backbone, self.model.config, 1))
