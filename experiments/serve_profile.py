@@ -4,11 +4,13 @@
                                                   # thread, and on the main thread after another thread
                                                   # ran torch with (and without) its own OpenMP team
     python experiments/serve_profile.py steps     # RaggedWindows: one batch step of 1, 2, 4 and 8 rows
-                                                  # (each with ~19k tokens of memory), and a cProfile of 8
+                                                  # (each with its own copy of ~19k tokens of memory),
+                                                  # and a cProfile of 8
+    python experiments/serve_profile.py prefill   # 8 users' chat prompts read one by one, then together
     python experiments/serve_profile.py read      # ChatSession.read of a user with ~19k tokens of memory
     python experiments/serve_profile.py engine    # the server's Engine in-process (no HTTP): 8 users'
-                                                  # 64-token turns one after another, then at once
-    python experiments/serve_profile.py engine-disk  # the same, every user read from disk first
+                                                  # 64-token turns one after another, then at once,
+                                                  # each mode from the same stored users (as the bench)
 
 Timings are means over many calls on a shared 2-core machine: compare within one run.
 """
@@ -16,16 +18,19 @@ Timings are means over many calls on a shared 2-core machine: compare within one
 import concurrent.futures
 import cProfile
 import pstats
+import shutil
 import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import torch
 
 from longside import load_model
 from longside.backbone import load_backbone
 from longside.data import load_books
+from longside.inference.chat import ChatSession
 from longside.inference.ragged import RaggedWindows
 from longside.inference.sampling import GenerationConfig
 from longside.inference.window import LocalWindow
@@ -73,12 +78,18 @@ def steps() -> None:
     tok = model.backbone.tokenizer
     mem = Memory(model.backbone, model.config, 1)
     mem.memorize(_book(70000), progress=False, as_text=True)
+    path = Path(tempfile.mkdtemp()) / "memory.safetensors"
+    mem.save(path)
+    mems = []  # each row its own copy, as each user of a server has its own bank
+    for _ in range(8):
+        mems.append(Memory(model.backbone, model.config, 1))
+        mems[-1].load(path)
     ids = torch.tensor([tok(PROMPT)["input_ids"]])
 
     def batch(rows: int) -> RaggedWindows:
         ragged = RaggedWindows(model, write_memory=False)
-        for _ in range(rows):
-            w = LocalWindow(model, 1, memory=mem, write_memory=False)
+        for r in range(rows):
+            w = LocalWindow(model, 1, memory=mems[r], write_memory=False)
             w.feed(ids)
             ragged.join(w)
         return ragged
@@ -115,6 +126,41 @@ def steps() -> None:
     pstats.Stats(prof).sort_stats("tottime").print_stats(15)
 
 
+def prefill() -> None:
+    """8 users' chat prompts (each user its own copy of ~19k tokens of memory), read one by
+    one (`LocalWindow.feed` each) and together (`RaggedWindows.feed`, as the engine does)."""
+    model, _ = load_model()
+    mem = Memory(model.backbone, model.config, 1)
+    mem.memorize(_book(70000), progress=False, as_text=True)
+    path = Path(tempfile.mkdtemp()) / "memory.safetensors"
+    mem.save(path)
+    mems = []
+    for _ in range(8):
+        mems.append(Memory(model.backbone, model.config, 1))
+        mems[-1].load(path)
+    ids = ChatSession(model, memory=mems[0]).begin([{"role": "user", "content": PROMPT}])[0]
+
+    def one_by_one():
+        for m in mems:
+            LocalWindow(model, 1, memory=m, write_memory=False).feed(ids[None])
+
+    def together():
+        group = RaggedWindows(model, write_memory=False)
+        for m in mems:
+            group.join(LocalWindow(model, 1, memory=m, write_memory=False))
+        group.feed([ids] * len(mems))
+        for _ in mems:
+            group.leave(0)
+
+    for f in (one_by_one, together) * 2:
+        f()
+        t = time.perf_counter()
+        for _ in range(3):
+            f()
+        print(f"8 prompts of {len(ids)} tokens, {f.__name__.replace('_', ' ')}: "
+              f"{(time.perf_counter() - t) / 3 * 1000:.0f} ms", flush=True)
+
+
 def read() -> None:
     model, _ = load_model()
     store = UserStore(model, tempfile.mkdtemp())
@@ -130,9 +176,13 @@ def read() -> None:
           f"{(time.perf_counter() - t) / 5:.3f} s")
 
 
-def engine(from_disk: bool = False) -> None:
+def engine() -> None:
+    """As `longside bench serve` does, without HTTP: both modes start from the same stored
+    users (each has memorized ~15k tokens and not chatted yet), each read from disk at its
+    first request."""
     model, _ = load_model()
-    store = UserStore(model, tempfile.mkdtemp())
+    root = Path(tempfile.mkdtemp())
+    store = UserStore(model, root / "store")
     eng = Engine(model, store)
     text = _book(60000)
 
@@ -150,6 +200,7 @@ def engine(from_disk: bool = False) -> None:
     def client():
         for d, _ in [submit(Job("memorize", f"u{i}", name="book", text=text)) for i in range(8)]:
             d.wait()
+        shutil.copytree(root / "store", root / "prepared")
         cfg = GenerationConfig(max_new_tokens=64)
 
         def turn(i):
@@ -157,9 +208,15 @@ def engine(from_disk: bool = False) -> None:
                               ignore_eos=True))
 
         for mode in ("one after another", "at once"):
-            if from_disk:  # as after a restart: every user is read from disk at its first request
-                for i in range(8):
-                    store.unload(f"u{i}")
+            done = threading.Event()
+            eng.submit(Job("info", "u0", emit=lambda _e: done.set()))  # the engine idle: swap the store
+            done.wait()
+            for i in range(8):
+                store.unload(f"u{i}")
+            shutil.rmtree(root / "store" / "users")
+            shutil.copytree(root / "prepared" / "users", root / "store" / "users")
+            for i in range(8):
+                store.unload(f"u{i}")  # "info" read u0 back in
             t0, steps = time.perf_counter(), eng.steps
             if mode == "at once":
                 turns = [turn(i) for i in range(8)]
@@ -181,4 +238,4 @@ def engine(from_disk: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    {"threads": threads, "steps": steps, "read": read, "engine": engine, "engine-disk": lambda: engine(True)}[sys.argv[1] if len(sys.argv) > 1 else "threads"]()
+    {"threads": threads, "steps": steps, "read": read, "prefill": prefill, "engine": engine}[sys.argv[1] if len(sys.argv) > 1 else "threads"]()

@@ -83,6 +83,38 @@ def test_rows_of_different_lengths_step_like_their_own_windows(model):
     torch.testing.assert_close(back.feed(t), refs[0].feed(t), atol=2e-4, rtol=1e-4)
 
 
+def test_rows_read_prompts_of_different_lengths_together(model):
+    """`feed`: each row its own number of tokens at once (rows mid-segment, one empty; some
+    cross one or two segment boundaries), then decoding goes on, all as the rows' own windows."""
+    gen = torch.Generator().manual_seed(2)
+    pairs = [_window(model, t, n) for t, n in zip(TEXTS[:3], (20, 5, 11))]
+    pairs.append(tuple(LocalWindow(model, 1, memory=_memory(model, TEXTS[3])) for _ in range(2)))
+    ragged = RaggedWindows(model)
+    for win, _ in pairs:
+        ragged.join(win)
+    refs = [ref for _, ref in pairs]
+    prompts = [torch.randint(0, 2000, (k,), generator=gen) for k in (9, 30, 3, 50)]
+    got = ragged.feed(prompts)
+    want = torch.cat([ref.feed(p[None]) for ref, p in zip(refs, prompts)])
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    assert [r.n for r in ragged.rows] == [ref.n for ref in refs] == [5, 11, 14, 2]
+    for _ in range(12):  # rows 0 and 2 cross a boundary while decoding
+        ids = torch.randint(0, 2000, (len(refs),), generator=gen)
+        torch.testing.assert_close(ragged.step(ids), torch.cat([ref.feed(ids[b:b + 1, None])
+                                                                for b, ref in enumerate(refs)]), atol=2e-4, rtol=1e-4)
+    for row, ref in zip(ragged.rows, refs):
+        assert row.segments_written == ref.segments_written >= 1
+        assert len(row.memory.banks[0]) == len(ref.memory.banks[0])
+    # a second prompt after decoding: rows joined at different columns still line up
+    prompts = [torch.randint(0, 2000, (k,), generator=gen) for k in (4, 1, 17, 8)]
+    got = ragged.feed(prompts)
+    want = torch.cat([ref.feed(p[None]) for ref, p in zip(refs, prompts)])
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    back = ragged.leave(2)
+    t = torch.tensor([[11]])
+    torch.testing.assert_close(back.feed(t), refs[2].feed(t), atol=2e-4, rtol=1e-4)
+
+
 def test_rows_read_only_their_own_memory(model):
     """A row's logits do not change when another row's memory holds different text."""
     a, _ = _window(model, TEXTS[0], 7)
@@ -109,5 +141,9 @@ def test_bad_use_is_refused(model):
     ragged.join(LocalWindow(model, 1, memory=Memory(model.backbone, model.config, 1)))
     with pytest.raises(LongsideError, match="one token per row"):
         ragged.step(torch.tensor([1, 2]))
+    with pytest.raises(LongsideError, match="one sequence of token ids per row"):
+        ragged.feed([torch.tensor([1]), torch.tensor([2])])
+    with pytest.raises(LongsideError, match="at least one token"):
+        ragged.feed([torch.tensor([], dtype=torch.long)])
     with pytest.raises(LongsideError, match="out of range"):
         ragged.leave(3)

@@ -131,13 +131,15 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def llama_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor | None, cache: Any,
                memory_layer: int | None, key_mask: torch.Tensor | None = None) -> dict:
-    """`input_ids [B, T]` (T <= MAX_STEP_TOKENS) after `cache.get_seq_length()` cached
+    """`input_ids [B, T]` (T <= MAX_STEP_TOKENS from `Backbone.encode`; a ragged batch's
+    prefill feeds up to inference/ragged.py's FEED_TOKENS) after `cache.get_seq_length()` cached
     positions -> {"hidden": N+1 states `[B, T, d]`, "last_hidden" (final norm), "kv": the
     memory layer's q, k, v `[B, T, heads, D]` and attention output a `[B, T, H, D]`}.
     The cache grows by T positions, as with the Hugging Face forward.
 
-    `key_mask [B, S]` bool (S = cached + T positions; True: a real key): rows of a batch
-    whose texts have different lengths (see inference/ragged.py) hide their padding. `cache`
+    `key_mask [B, S]` bool (S = cached + T positions; True: a real key), or `[B, T, S]` (one
+    per new token): rows of a batch whose texts have different lengths (see
+    inference/ragged.py) hide their padding. `cache`
     is anything with `update(k, v, layer)` and `get_seq_length()` like a DynamicCache."""
     spec, parts = backbone.spec, backbone.parts
     base = parts.base
@@ -174,7 +176,10 @@ def llama_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor | N
         scores = (qg @ keys.transpose(-1, -2)) * scaling  # [B, G, H/G*T, S]
         if mask is not None:
             scores = scores.view(B, G, H // G, T, -1).masked_fill(~mask, float("-inf")).view(B, G, H // G * T, -1)
-        if key_mask is not None:
+        if key_mask is not None and key_mask.dim() == 3:  # a mask per new token
+            scores = scores.view(B, G, H // G, T, -1).masked_fill(~key_mask[:, None, None], float("-inf"))
+            scores = scores.view(B, G, H // G * T, -1)
+        elif key_mask is not None:
             scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
         a = (scores.softmax(-1) @ values).reshape(B, G, H // G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
         if i == memory_layer:

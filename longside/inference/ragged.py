@@ -14,6 +14,12 @@ every `step` feeds one token per row through backbone and side network as one ba
     a row whose segment fills writes it to its own bank and restarts at n_b = 0 (its old
         columns become padding); columns no row uses are dropped now and then.
 
+`feed` reads several tokens per row at once, as many as each row has (users joining with
+prompts of different lengths, read together instead of one by one): the T new columns
+hold row b's t_b tokens at their end, padding before them (each padding column sees only
+itself, so nothing in it is undefined), and afterwards row b's earlier columns move right
+past that padding, so its real tokens are again its last n_b columns.
+
 A row's logits equal those its own `LocalWindow` would give to float rounding (tested),
 so rows never see each other. Llama-family backbones without backbone memory take the
 batched path (the lean decode step of backbone/decode_step.py); others step row by row.
@@ -39,6 +45,8 @@ if TYPE_CHECKING:
 
 # columns that no row uses any more are dropped once this many have gathered
 _COMPACT_AT = 64
+# at most this many tokens per row in one `feed` step (bounds the [B, heads, T, S] scores)
+FEED_TOKENS = 128
 
 
 class _Cache:
@@ -88,8 +96,9 @@ class RaggedWindows:
     """Rows that decode together, each with its own length and memory (see the module docstring).
 
     `join(window) -> row index` takes over a batch-1 `LocalWindow` (its caches, its
-    memory); `step(ids [B]) -> logits [B, V]` float32 feeds one token per row; `leave(i)`
-    gives the row back as a `LocalWindow` and the rows after it move up by one.
+    memory); `step(ids [B]) -> logits [B, V]` float32 feeds one token per row; `feed([ids_b])`
+    any number per row; `leave(i)` gives the row back as a `LocalWindow` and the rows after
+    it move up by one.
     """
 
     def __init__(self, model: "LongSideModel", *, use_memory: bool = True, write_memory: bool = True):
@@ -293,6 +302,101 @@ class RaggedWindows:
                 self._flush(b)
         self._compact(_COMPACT_AT)
         return logits
+
+    @torch.no_grad()
+    def feed(self, ids: list[torch.Tensor]) -> torch.Tensor:
+        """Feed each row its own tokens, `ids[b] [T_b]` int64 (T_b >= 1, lengths may differ),
+        together -> each row's next-token logits after its last token `[B, V]` float32. Each
+        row splits at its segment boundaries as `LocalWindow.feed` does; a row whose tokens
+        are all read waits as padding while longer ones go on."""
+        B = len(self.rows)
+        if B == 0:
+            raise LongsideError("no rows to feed: join a window first")
+        if len(ids) != B:
+            raise LongsideError(f"one sequence of token ids per row: expected {B}, got {len(ids)}")
+        ids = [t.reshape(-1).to(self.ids.device, torch.long) for t in ids]
+        if any(t.numel() == 0 for t in ids):
+            raise LongsideError("every row needs at least one token to feed")
+        if not self.batched:
+            return torch.cat([r.window.feed(t[None]) for r, t in zip(self.rows, ids)])
+        logits: list[torch.Tensor | None] = [None] * B
+        done = [0] * B
+        while any(d < len(t) for d, t in zip(done, ids)):
+            take = [min(len(t) - d, self.window - r.n, FEED_TOKENS) for t, d, r in zip(ids, done, self.rows)]
+            out = self._feed_step([t[d:d + k] for t, d, k in zip(ids, done, take)])
+            for b, k in enumerate(take):
+                done[b] += k
+                if k and done[b] == len(ids[b]):
+                    logits[b] = out[b]
+        return torch.stack(logits)
+
+    def _feed_step(self, chunks: list[torch.Tensor]) -> torch.Tensor:
+        """Row b reads `chunks[b]` (t_b tokens, 0 <= t_b <= its segment's room) -> logits
+        `[B, V]` after each row's last column (meaningful where t_b > 0)."""
+        model, bb, dev = self.model, self.model.backbone, self.ids.device
+        B, S = len(self.rows), self.columns
+        t = torch.tensor([len(c) for c in chunks], device=dev)
+        T = int(t.max())
+        n = torch.tensor([r.n for r in self.rows], device=dev)
+        new = torch.zeros(B, T, dtype=torch.long, device=dev)
+        for b, c in enumerate(chunks):
+            new[b, T - len(c):] = c
+        j = torch.arange(T, device=dev)
+        pad = T - t  # padding columns before each row's new tokens
+        pos = (n[:, None] + j[None] - pad[:, None]).clamp(min=0)  # [B, T]
+        cols = torch.arange(S + T, device=dev)
+        real = ((cols[None] >= (S - n)[:, None]) & (cols[None] < S)) | (cols[None] >= (S + pad)[:, None])
+        own = cols[None] == (S + j)[:, None]  # [T, S+T]
+        key_mask = ((cols[None] <= (S + j)[:, None])[None] & real[:, None]) | own[None]  # [B, T, S+T]
+        key_pos = torch.cat([(cols[None, :S] - (S - n)[:, None]).clamp(min=0), pos], 1)
+        memory = Memory.stack([r.memory for r in self.rows])
+        step = llama_step(bb, new, pos, self.cache, model.config.memory_layer, key_mask)
+        kv = step["kv"]
+        out = BackboneOutput(hidden_states=step["hidden"], last_hidden=step["last_hidden"], memory_keys=kv["k"],
+                             memory_values=kv["v"], memory_queries=kv["q"], memory_attn=kv["a"], cache=self.cache)
+        self.ids = torch.cat([self.ids, new], 1)
+        self.keys = torch.cat([self.keys, out.memory_keys], 1)
+        self.values = torch.cat([self.values, out.memory_values], 1)
+        mem = None
+        if self.use_memory:
+            k = model.config.k_chunks
+            mem = memory_inputs(bb, out, model.config.memory_layer, lambda q: memory.search(q, k),
+                                window_keys=self.keys, positions=pos, key_positions=key_pos, key_mask=key_mask)
+        h, self.side_caches = model.side(out.hidden_states, mem, caches=self.side_caches, positions=pos,
+                                         key_mask=key_mask)
+        tok_keys = model.token_keys(out)
+        if tok_keys is not None:
+            self.token_keys = torch.cat([self.token_keys, tok_keys], 1)
+        for b, row in enumerate(self.rows):
+            if row.n and pad[b]:  # the row's earlier tokens move up to its new ones
+                self._shift_row(b, S - row.n, S, int(pad[b]))
+            row.n += len(chunks[b])
+        hits = None
+        if self.use_memory:
+            contexts = [self.ids[b, S + T - r.n:] for b, r in enumerate(self.rows)]
+            hits = model.search_tokens(tok_keys[:, -1:] if tok_keys is not None else None, contexts, memory)
+        logits = model.output(h[:, -1:], hits)[:, -1]
+        for b, row in enumerate(self.rows):
+            if row.n == self.window:
+                self._flush(b)
+        self._compact(_COMPACT_AT)
+        return logits
+
+    def _shift_row(self, b: int, start: int, end: int, by: int) -> None:
+        """Move row `b`'s columns [start, end) of every cache `by` columns to the right."""
+        def move(t: torch.Tensor, dim: int) -> None:
+            row = t[b]
+            row.narrow(dim, start + by, end - start).copy_(row.narrow(dim, start, end - start).clone())
+
+        for store in (self.cache.keys, self.cache.values):
+            for L in range(len(store)):
+                move(store[L], 1)
+        for k, v in self.side_caches:
+            move(k, 1)
+            move(v, 1)
+        for t in (self.ids, self.keys, self.values, self.token_keys):
+            if t is not None:
+                move(t, 0)
 
     def _flush(self, b: int) -> None:
         """Write row `b`'s full segment to its memory; the row restarts at position 0."""

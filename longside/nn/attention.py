@@ -23,11 +23,17 @@ def attend_retrieved(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return torch.einsum("bths,bthsd->bthd", p, values), lse, has
 
 
+def per_query(key_mask: torch.Tensor) -> torch.Tensor:
+    """A key mask `[B, S]` (the same keys for every new token) or `[B, T, S]` (its own for
+    each; rows fed several tokens at once, inference/ragged.py) -> `[B, T or 1, S]`."""
+    return key_mask if key_mask.dim() == 3 else key_mask[:, None]
+
+
 def causal_lse(qr: torch.Tensor, kr: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """log-sum-exp `[B, T, H, 1]` of local causal scores: rotated queries `qr [B, T, H, D]` at
     positions P..P+T-1 of the window against its rotated keys `kr [B, P+T, G, D]` (P > 0
-    during incremental decoding, where earlier keys are cached). `key_mask [B, P+T]` bool:
-    which keys are real (rows of different lengths, padded)."""
+    during incremental decoding, where earlier keys are cached). `key_mask [B, P+T]` or
+    `[B, T, P+T]` bool: which keys are real (rows of different lengths, padded)."""
     B, T, H, D = qr.shape
     G, P = kr.shape[2], kr.shape[1] - T
     # query head h reads kv head h // (H // G): score each kv head's queries together
@@ -36,6 +42,6 @@ def causal_lse(qr: torch.Tensor, kr: torch.Tensor, key_mask: torch.Tensor | None
     s = (q @ kr.permute(0, 2, 3, 1) / math.sqrt(D)).view(B, G, H // G, T, P + T)
     causal = torch.ones(T, P + T, dtype=torch.bool, device=qr.device).tril(P)
     if key_mask is not None:
-        causal = causal & key_mask[:, None, None, None, :]
+        causal = causal & per_query(key_mask)[:, None, None]
     lse = torch.logsumexp(s.masked_fill(~causal, float("-inf")), -1)  # [B, G, H // G, T]
     return lse.reshape(B, H, T).transpose(1, 2).unsqueeze(-1)

@@ -35,7 +35,7 @@ class MemoryInputs:
     out_proj: Callable
     rotate: Callable
     rotate_keys: Callable | None = None
-    key_mask: torch.Tensor | None = None  # [B, P+T] bool: real keys (rows of different lengths)
+    key_mask: torch.Tensor | None = None  # [B, P+T] or [B, T, P+T] bool: real keys (rows of different lengths)
 
 
 class MemoryReader(nn.Module):

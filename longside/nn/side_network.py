@@ -24,6 +24,7 @@ from torch import nn
 from longside.backbone import Backbone, BackboneSpec, apply_rotary
 from longside.config import SideNetConfig
 from longside.errors import CheckpointError
+from longside.nn.attention import per_query
 from longside.nn.memory_attention import MemoryInputs, MemoryReader
 from longside.nn.token_cache import TokenCacheReader
 
@@ -57,8 +58,8 @@ class SideBlock(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor] | None = None, key_mask: torch.Tensor | None = None):
         """x `[B, T, s]`; cos/sin `[T, Dh]` for the new positions, or `[B, T, Dh]` when rows
-        sit at different positions; cache `([B, G, P, Dh],)*2`; key_mask `[B, P+T]` bool
-        (True: a real key; rows of different lengths hide their padding).
+        sit at different positions; cache `([B, G, P, Dh],)*2`; key_mask `[B, P+T]` or
+        `[B, T, P+T]` bool (True: a real key; rows of different lengths hide their padding).
 
         Returns (x `[B, T, s]`, (keys, values) including the new positions)."""
         B, T, _ = x.shape
@@ -78,7 +79,7 @@ class SideBlock(nn.Module):
         else:  # new queries see every cached position and the new ones causally
             mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)
             if key_mask is not None:
-                mask = mask & key_mask[:, None, None, :]
+                mask = mask & per_query(key_mask)[:, None]
             a = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
         x = x + self.o(a.transpose(1, 2).reshape(B, T, -1))
         h = self.mlp_norm(x)
@@ -233,7 +234,7 @@ class SideNetwork(nn.Module):
         """hidden_states: the backbone's N+1 states `[B, T, d]`; memory: the memory layer's
         inputs (None: memory off); start: position of the first token (with `caches`).
         Rows at different positions (inference/ragged.py) give `positions [B, T]` instead
-        of `start`, and `key_mask [B, P+T]` (True: a real cached or new token).
+        of `start`, and `key_mask [B, P+T]` or `[B, T, P+T]` (True: a real cached or new token).
 
         Returns (out `[B, T, d]` for the backbone's final norm + LM head, new caches)."""
         T = hidden_states[-1].shape[1]  # entries outside the layer map may be None (FeatureCache)

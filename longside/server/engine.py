@@ -3,10 +3,11 @@
 Requests arrive as `Job`s from any thread (`submit`); the engine thread alone touches the
 model and the `UserStore`. Each pass of its loop:
 
-    admits waiting jobs of users not already busy: a chat turn reads its new text into
-        the user's own window (prefill, batch 1) and chooses its first token, then joins
-        the running batch (`RaggedWindows`: one row per user, each row its own length and
-        its own memory); a document, a forget or a look at memory starts or is answered;
+    admits waiting jobs of users not already busy: the chat turns admitted together read
+        their new text together (prefill: `RaggedWindows.feed`, each user's window and
+        memory its own, prompts of any lengths), choose their first tokens and join the
+        running batch (one row per user, each row its own length and its own memory); a
+        document, a forget or a look at memory starts or is answered;
     writes one segment of every document being memorized (so long documents do not
         stall the others' decoding), with a progress event;
     steps the batch once: one new token per row; a row that ends leaves the batch at
@@ -45,6 +46,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("longside.server")
 
 MAX_WAITING = 16  # requests of one user queued at once
+# chat turns admitted together read their prompts together up to this many tokens each;
+# a longer prompt is read alone (the prefill's BLAS products already have rows enough)
+PREFILL_TOGETHER_TOKENS = 512
 
 
 class TooBusy(LongsideError):
@@ -107,6 +111,7 @@ class Engine:
         self._eos = eos_ids(model, None)
         self.steps = 0  # batch steps taken (and rows stepped): for the bench
         self.rows_stepped = 0
+        self.prompts_together = 0  # chat prompts read together with others
 
     # -- control, from any thread ------------------------------------------------------
     def start(self) -> "Engine":
@@ -149,6 +154,7 @@ class Engine:
         """Counters for a bench or a health check (read without locking: a snapshot)."""
         return {"steps": self.steps, "rows_stepped": self.rows_stepped, "decoding": len(self._turns),
                 "memorizing": len(self._documents), "waiting": len(self._waiting),
+                "prompts_together": self.prompts_together,
                 "resident_users": len(self.store.resident()), "max_batch": self.max_batch,
                 "batched": self.batch.batched}
 
@@ -189,8 +195,11 @@ class Engine:
 
     def _pass(self, admit: list[Job]) -> None:
         busy_before = self._busy()
+        starting: list[tuple[_Turn, torch.Tensor]] = []  # chat turns begun, their prompts not yet read
         for job in admit:
-            self._guard(job, self._admit)
+            self._guard(job, lambda j: self._admit(j, starting))
+        if starting:
+            self._prefill(starting)
         for doc in list(self._documents):
             self._guard(doc.job, lambda _j, d=doc: self._memorize_segment(d))
         if self._turns:
@@ -221,7 +230,7 @@ class Engine:
             self.store.unload(job.user)
         job.emit({"type": "error", "status": status, "message": message})
 
-    def _admit(self, job: Job) -> None:
+    def _admit(self, job: Job, starting: list) -> None:
         # a user whose memory is on disk only is read here (store.session), on the model's
         # thread between two batch steps (~0.07 s for 19k tokens). A reader thread beside it
         # was slower: its work and the model's OpenMP team contended for the two cores
@@ -241,7 +250,7 @@ class Engine:
                 raise LongsideError("empty document: there is no text to memorize")
             self._documents.append(_Document(job, session, ids))
         elif job.kind == "chat":
-            self._start_turn(job)
+            starting.append(self._begin_turn(job))
         else:
             raise LongsideError(f"unknown job {job.kind!r}")
 
@@ -265,19 +274,52 @@ class Engine:
                                                  "memory": self.store.info(doc.job.user)}})
 
     # -- chat turns --------------------------------------------------------------------
-    def _start_turn(self, job: Job) -> None:
+    def _begin_turn(self, job: Job) -> tuple[_Turn, torch.Tensor]:
+        """The turn of a chat job, and the prompt ids `[1, T]` its window has still to read."""
         session = self.store.session(job.user)
         before = session.window.segments_written
         ids = session.begin(job.messages)
         cfg = job.config
         turn = _Turn(job, session, TextPieces(self.model.backbone.tokenizer, cfg.stops()),
                      make_generator(cfg.seed), ids, ids.shape[1], before)
-        logits = session.window.feed(ids)  # the prefill, on the user's own window
+        return turn, ids
+
+    def _prefill(self, starting: list[tuple[_Turn, torch.Tensor]]) -> None:
+        """Read the begun turns' prompts into their users' windows, choose each first token,
+        and let the turns that go on join the batch. Short prompts are read together (one
+        forward for all: ~2x faster than one by one for 8 chat prompts); a failure there
+        fails those turns (their users reload from disk), as a failed batch step does."""
+        together = [(t, ids) for t, ids in starting if ids.shape[1] <= PREFILL_TOGETHER_TOKENS]
+        if len(together) < 2 or not self.batch.batched:
+            together = []
+        for turn, ids in starting:
+            if not any(turn is t for t, _ in together):
+                self._guard(turn.job, lambda _j, t=turn, i=ids: self._first(t, t.session.window.feed(i)))
+        if not together:
+            return
+        try:
+            group = RaggedWindows(self.model)
+            for turn, _ in together:
+                group.join(turn.session.window)
+            logits = group.feed([ids[0] for _, ids in together])
+            windows = [group.leave(0) for _ in together]
+            self.prompts_together += len(together)
+        except Exception as e:
+            log.exception("reading %d prompts together failed", len(together))
+            for turn, _ in together:
+                self._fail(turn.job, 500, f"reading the prompt failed: {type(e).__name__}: {e}")
+            return
+        for b, (turn, _) in enumerate(together):
+            turn.session.window = windows[b]
+            self._guard(turn.job, lambda _j, t=turn, x=logits[b:b + 1]: self._first(t, x))
+
+    def _first(self, turn: _Turn, logits: torch.Tensor) -> None:
+        """The turn's prompt is read (`logits [1, V]` after it): its first token, then the batch."""
         self._choose(turn, logits)
         if turn.finish is not None:
             self._end_turn(turn)
         else:
-            self.batch.join(session.window)
+            self.batch.join(turn.session.window)
             self._turns.append(turn)
 
     def _choose(self, turn: _Turn, logits: torch.Tensor) -> None:

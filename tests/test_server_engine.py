@@ -1,0 +1,71 @@
+"""The server's `Engine` in-process: chat turns admitted together read their prompts
+together (one `RaggedWindows.feed`) and say what each would have said alone. The shipped
+checkpoint on the real SmolLM2 (fp32 decode activations: the two orders differ only by
+float rounding)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from longside import load_model
+from longside.inference.sampling import GenerationConfig
+from longside.server.engine import Engine, Job
+from longside.server.store import UserStore
+
+NOTES = {"ann": "Ann's boat is called the Kittiwake. It is moored at pier nine, beside the ferry.",
+         "ben": "Ben repairs clocks in a narrow shop on Tanner Street; the oldest dates from 1790.",
+         "cy": "Cy keeps bees on the roof of the town library and sells the honey on Saturdays."}
+QUESTIONS = {"ann": "Where is my boat?", "ben": "What do I repair, and on which street is my shop?",
+             "cy": "What do I keep on the roof, and what do I sell?"}
+
+
+@pytest.fixture(scope="module")
+def model(smollm2):
+    return load_model(backbone=smollm2)[0]
+
+
+def _serve(model, root, together: bool) -> tuple[dict, dict, list]:
+    store = UserStore(model, root)
+    for user, text in NOTES.items():
+        store.session(user).memorize(text, progress=False)
+        store.save(user)
+        store.unload(user)  # read back from disk at the turn, as after a restart
+    engine = Engine(model, store)
+    replies, ends = {u: [] for u in NOTES}, []
+    jobs = []
+    for user in NOTES:
+        done = threading.Event()
+
+        def emit(e, user=user, done=done):
+            if e["type"] == "text":
+                replies[user].append(e["text"])
+            elif e["type"] in ("done", "error"):
+                ends.append(e)
+                done.set()
+        jobs.append((Job("chat", user, emit=emit, messages=[{"role": "user", "content": QUESTIONS[user]}],
+                         config=GenerationConfig(max_new_tokens=8), ignore_eos=True), done))
+    if together:  # all waiting before the engine starts: its first pass admits them all
+        for job, _ in jobs:
+            engine.submit(job)
+        engine.start()
+        for _, done in jobs:
+            assert done.wait(300)
+    else:
+        engine.start()
+        for job, done in jobs:
+            engine.submit(job)
+            assert done.wait(300)
+    engine.stop()
+    return {u: "".join(r) for u, r in replies.items()}, engine.stats(), ends
+
+
+def test_prompts_read_together_answer_as_alone(model, tmp_path):
+    alone, alone_stats, alone_ends = _serve(model, tmp_path / "alone", together=False)
+    together, stats, ends = _serve(model, tmp_path / "together", together=True)
+    assert alone_stats["prompts_together"] == 0 and stats["prompts_together"] == len(NOTES)
+    assert [e["type"] for e in ends + alone_ends] == ["done"] * 2 * len(NOTES)
+    assert all(e["usage"]["completion_tokens"] == 8 for e in ends)
+    assert together == alone
+    assert len(set(together.values())) == len(NOTES)  # three users, three different replies
