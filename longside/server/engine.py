@@ -23,6 +23,7 @@ A job reports through `emit(event)`, called on the engine thread with dicts:
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
@@ -40,7 +41,7 @@ from longside.inference.sampling import GenerationConfig, TextPieces, make_gener
 from longside.server.store import UserStore, now
 
 if TYPE_CHECKING:
-    from longside.inference.chat import ChatSession
+    from longside.inference.chat import ChatSession, SavedSession
     from longside.model import LongSideModel
 
 log = logging.getLogger("longside.server")
@@ -109,6 +110,11 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._eos = eos_ids(model, None)
+        # reads users from disk beside the engine thread while the model waits for them (one
+        # torch thread: no OpenMP team of its own to contend with the model's afterwards)
+        self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="longside-read",
+                                                             initializer=torch.set_num_threads, initargs=(1,))
+        self._read: dict[str, "SavedSession | Exception"] = {}  # users read ahead in this pass
         self.steps = 0  # batch steps taken (and rows stepped): for the bench
         self.rows_stepped = 0
         self.prompts_together = 0  # chat prompts read together with others
@@ -130,6 +136,7 @@ class Engine:
         finally:
             with self._wake:
                 self._stopping = True
+            self._reader.shutdown(wait=False)
 
     def stop(self) -> None:
         with self._wake:
@@ -168,17 +175,22 @@ class Engine:
         return {t.job.user for t in self._turns} | {d.job.user for d in self._documents}
 
     def _run(self) -> None:
-        while True:
-            with self._wake:
-                while not (self._waiting or self._turns or self._documents or self._stopping):
-                    self._wake.wait(0.5)  # with a timeout: the main thread then sees Ctrl-C
-                if self._stopping:
-                    break
-                admit = self._admissible()
-            try:
-                self._pass(admit)
-            except Exception:  # never let the engine thread die: every request would hang
-                log.exception("engine pass failed")
+        try:
+            while True:
+                with self._wake:
+                    while not (self._waiting or self._turns or self._documents or self._stopping):
+                        self._wake.wait(0.5)  # with a timeout: the main thread then sees Ctrl-C
+                    if self._stopping:
+                        break
+                    admit = self._admissible()
+                try:
+                    self._pass(admit)
+                except Exception:  # never let the engine thread die: every request would hang
+                    log.exception("engine pass failed")
+                finally:
+                    self._read.clear()  # what a cancelled job left unread is read again when asked for
+        finally:
+            self._reader.shutdown(wait=False)
 
     def _admissible(self) -> list[Job]:
         """Take the waiting jobs that can start now (under the lock)."""
@@ -195,6 +207,7 @@ class Engine:
 
     def _pass(self, admit: list[Job]) -> None:
         busy_before = self._busy()
+        self._read_ahead(admit)
         starting: list[tuple[_Turn, torch.Tensor]] = []  # chat turns begun, their prompts not yet read
         for job in admit:
             self._guard(job, lambda j: self._admit(j, starting))
@@ -214,6 +227,36 @@ class Engine:
         if admit or self._busy() != busy_before:  # users came or went: not at every decode step
             self.store.evict(self._busy())
 
+    def _read_ahead(self, admit: list[Job]) -> None:
+        """Read the users of `admit` whose sessions are on disk only, two at a time (one on
+        this thread, one on the reader thread): file reads, checksums and copies, no model
+        work, while the model waits for them anyway. (A reader thread that read *beside*
+        decoding was slower: it contended with the model's OpenMP team for the two cores.)"""
+        users = []
+        for job in admit:
+            try:
+                if job.kind in ("chat", "memorize") and job.user not in users and self.store.on_disk_only(job.user):
+                    users.append(job.user)
+            except LongsideError:
+                pass  # an invalid name: its job fails with the reason when admitted
+        if len(users) < 2:
+            return
+
+        def read(user: str) -> "SavedSession | Exception":
+            try:
+                return self.store.read(user)
+            except Exception as e:  # raised when the user's job asks for the session
+                return e
+
+        theirs = {u: self._reader.submit(read, u) for u in users[1::2]}
+        for u in users[0::2]:
+            self._read[u] = read(u)
+        for u, future in theirs.items():
+            self._read[u] = future.result()
+
+    def _session(self, user: str) -> "ChatSession":
+        return self.store.session(user, self._read.pop(user, None))
+
     def _guard(self, job: Job, work: Callable[[Job], None]) -> None:
         """Run `work(job)`; a failure answers the job and puts its user back as last saved."""
         try:
@@ -231,10 +274,8 @@ class Engine:
         job.emit({"type": "error", "status": status, "message": message})
 
     def _admit(self, job: Job, starting: list) -> None:
-        # a user whose memory is on disk only is read here (store.session), on the model's
-        # thread between two batch steps (~0.07 s for 19k tokens). A reader thread beside it
-        # was slower: its work and the model's OpenMP team contended for the two cores
-        # (8 users at once: 86.8 tok/s with it, 95.7 without; docs/results.md#server)
+        # a user whose memory is on disk only is read here on the model's thread (~0.07 s
+        # for 19k tokens), or, when several are, two at a time before (`_read_ahead`)
         if job.cancelled:
             return
         store = self.store
@@ -244,7 +285,7 @@ class Engine:
             store.forget(job.user)
             job.emit({"type": "result", "data": store.info(job.user)})
         elif job.kind == "memorize":
-            session = store.session(job.user)
+            session = self._session(job.user)
             ids = tokenize(self.model.backbone.tokenizer, job.text)
             if not ids:
                 raise LongsideError("empty document: there is no text to memorize")
@@ -276,7 +317,7 @@ class Engine:
     # -- chat turns --------------------------------------------------------------------
     def _begin_turn(self, job: Job) -> tuple[_Turn, torch.Tensor]:
         """The turn of a chat job, and the prompt ids `[1, T]` its window has still to read."""
-        session = self.store.session(job.user)
+        session = self._session(job.user)
         before = session.window.segments_written
         ids = session.begin(job.messages)
         cfg = job.config

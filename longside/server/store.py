@@ -78,21 +78,29 @@ class UserStore:
             raise LongsideError(f"the stored memory of user {user!r} cannot be read ({e}); it was left as "
                                 "it is for an administrator to inspect (forgetting moves it aside)") from None
 
-    def session(self, user: str) -> ChatSession:
-        """The user's session: in RAM, else read from disk, else a new one."""
+    def session(self, user: str, saved: SavedSession | Exception | None = None) -> ChatSession:
+        """The user's session: in RAM, else read from disk, else a new one. `saved`: what
+        `read(user)` returned (or raised) just before, e.g. on another thread, so it is
+        not read twice."""
         if user in self._resident:
             self._resident.move_to_end(user)
             return self._resident[user]
+        if isinstance(saved, Exception):
+            raise saved
         path = self.path(user)
         recover(path)
-        if path.exists():
-            session = ChatSession.resume(self.read(user), self.model, own_memory=True)
+        if saved is not None or path.exists():
+            session = ChatSession.resume(saved or self.read(user), self.model, own_memory=True)
         else:
             # decoding options come with each request (the engine), not from the session
             session = ChatSession(self.model, memory=Memory(self.model.backbone, self.model.config, 1))
             session.meta = {"documents": [], "created": now()}
         self._resident[user] = session
         return session
+
+    def on_disk_only(self, user: str) -> bool:
+        """Whether the user's session is stored but not in RAM (its next use reads it)."""
+        return user not in self._resident and self.path(user).exists()
 
     def save(self, user: str, *, memory_unchanged: bool = False) -> None:
         """Write the user's session to disk (atomically; see ChatSession.save). If that
