@@ -7,6 +7,8 @@
                                                   # (each with its own copy of ~19k tokens of memory),
                                                   # and a cProfile of 8
     python experiments/serve_profile.py prefill   # 8 users' chat prompts read one by one, then together
+    python experiments/serve_profile.py reader    # 8-row steps before and after a read on a reader
+                                                  # thread (one torch thread there, or default)
     python experiments/serve_profile.py read      # ChatSession.read of a user with ~19k tokens of memory
     python experiments/serve_profile.py engine    # the server's Engine in-process (no HTTP): 8 users'
                                                   # 64-token turns one after another, then at once,
@@ -161,6 +163,44 @@ def prefill() -> None:
               f"{(time.perf_counter() - t) / 3 * 1000:.0f} ms", flush=True)
 
 
+def reader() -> None:
+    """8-row batch steps before and after a user is read on a reader thread (as the engine's
+    `_read_ahead` does): with torch on one OpenMP thread there, and with a default thread."""
+    model, _ = load_model()
+    mem = Memory(model.backbone, model.config, 1)
+    mem.memorize(_book(70000), progress=False, as_text=True)
+    path = Path(tempfile.mkdtemp()) / "memory.safetensors"
+    mem.save(path)
+    store = UserStore(model, tempfile.mkdtemp())
+    store.session("u").memory.load(path)
+    store.save("u")
+    ids = torch.tensor([model.backbone.tokenizer(PROMPT)["input_ids"]])
+    ragged = RaggedWindows(model, write_memory=False)
+    for _ in range(8):
+        m = Memory(model.backbone, model.config, 1)
+        m.load(path)
+        w = LocalWindow(model, 1, memory=m, write_memory=False)
+        w.feed(ids)
+        ragged.join(w)
+
+    def step_ms(n: int = 24) -> float:
+        t = time.perf_counter()
+        for i in range(n):
+            ragged.step(torch.tensor([100 + i] * 8))
+        return (time.perf_counter() - t) / n * 1000
+
+    step_ms(8)
+    # the default-thread reader last: its OpenMP team slows the main thread while it lives
+    for name, pool in (("on this thread", None),
+                       ("reader thread, one torch thread", concurrent.futures.ThreadPoolExecutor(
+                           1, initializer=torch.set_num_threads, initargs=(1,))),
+                       ("reader thread, default threads", concurrent.futures.ThreadPoolExecutor(1))):
+        for _ in range(3):
+            before = step_ms()
+            store.read("u") if pool is None else pool.submit(store.read, "u").result()
+            print(f"read {name}: 8-row step {before:.1f} ms before, {step_ms():.1f} ms after", flush=True)
+
+
 def read() -> None:
     model, _ = load_model()
     store = UserStore(model, tempfile.mkdtemp())
@@ -238,4 +278,4 @@ def engine() -> None:
 
 
 if __name__ == "__main__":
-    {"threads": threads, "steps": steps, "read": read, "prefill": prefill, "engine": engine}[sys.argv[1] if len(sys.argv) > 1 else "threads"]()
+    {"threads": threads, "steps": steps, "read": read, "reader": reader, "prefill": prefill, "engine": engine}[sys.argv[1] if len(sys.argv) > 1 else "threads"]()

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
+import os
 import struct
 from pathlib import Path
 from typing import BinaryIO
@@ -94,10 +96,20 @@ def _corrupt(path: Path, why: str) -> MemoryBankError:
         "longside memory bank. Delete it, or restore the previous copy, and rebuild the memory.")
 
 
+def _map(path: Path) -> memoryview:
+    """The file's bytes, mapped copy-on-write: checked and copied out without reading the
+    file into a buffer first (a 16k-token bank is ~36 MB), writable so that tensors can view
+    it, and a write to them would never reach the file."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return memoryview(b"")
+        return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY))
+
+
 def load_bank(cls: type, path: Path, *, expect_owner: str | None, device, eviction):
     recover(path)
     try:
-        data = memoryview(bytearray(path.read_bytes()))
+        data = _map(path)
     except FileNotFoundError:
         raise MemoryBankError(f"no memory bank at {path}; save one first with MemoryBank.save") from None
     except OSError as e:
@@ -185,7 +197,8 @@ def load_bank(cls: type, path: Path, *, expect_owner: str | None, device, evicti
         if "token_basis" in arrays:
             if len(arrays["token_basis"]) % (4 * tm.dim):
                 raise _corrupt(path, "token basis of the wrong size")
-            tm_arrays["token_basis"] = tensor("token_basis", torch.float32, (tm.dim, -1))
+            # a copy: the basis is kept, and would otherwise keep the file's mapping alive
+            tm_arrays["token_basis"] = tensor("token_basis", torch.float32, (tm.dim, -1)).clone()
             if "token_proj" in arrays:  # absent from files written before it was saved: recomputed
                 width = tm_arrays["token_basis"].shape[1]
                 if len(arrays["token_proj"]) != n * width * tm.dtype.itemsize:
