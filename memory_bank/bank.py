@@ -413,6 +413,14 @@ class MemoryBank:
         out = torch.full((H, Tq, k), C, dtype=torch.long, device=self.device)
         kk = min(k, used)
         freed = torch.from_numpy(self._free[:self._nfree]).to(self.device) if self._nfree else None
+        if H * Tq * used <= _SCORE_BUDGET:  # decoding: every head at once (3x fewer calls)
+            scores = torch.bmm(q, self._chunk_keys[:, :used].float().transpose(1, 2))  # [H, Tq, used]
+            if freed is not None:
+                scores.index_fill_(2, freed, float("-inf"))
+            top, idx = scores.topk(kk, dim=2)
+            idx[top == float("-inf")] = C
+            out[:, :, :kk] = idx
+            return out
         rows = max(1, _SCORE_BUDGET // used)  # bound the score matrix's memory
         for h in range(H):
             keys_t = self._chunk_keys[h, :used].float().T  # [D, used]
