@@ -9,6 +9,7 @@
     python experiments/serve_profile.py prefill   # 8 users' chat prompts read one by one, then together
     python experiments/serve_profile.py reader    # 8-row steps before and after a read on a reader
                                                   # thread (one torch thread there, or default)
+    python experiments/serve_profile.py search    # one row's memory reads in a decode step
     python experiments/serve_profile.py read      # ChatSession.read of a user with ~19k tokens of memory
     python experiments/serve_profile.py engine    # the server's Engine in-process (no HTTP): 8 users'
                                                   # 64-token turns one after another, then at once,
@@ -201,6 +202,31 @@ def reader() -> None:
             print(f"read {name}: 8-row step {before:.1f} ms before, {step_ms():.1f} ms after", flush=True)
 
 
+def search() -> None:
+    """One row's memory reads in a decode step, a bank of ~19k tokens: the chunk search of
+    the memory layer (9 query heads), the token cache's neighbours and its exact-match read."""
+    model, _ = load_model()
+    mem = Memory(model.backbone, model.config, 1)
+    mem.memorize(_book(70000), progress=False, as_text=True)
+    bank, cfg = mem.banks[0], model.config
+    spec = model.backbone.spec
+    q = torch.randn(1, spec.num_heads, spec.head_dim)
+    key = torch.randn(1, spec.hidden_size)
+    context = torch.randint(0, 1000, (50,))
+
+    def us(f, n: int = 300) -> float:
+        for _ in range(10):
+            f()
+        t = time.perf_counter()
+        for _ in range(n):
+            f()
+        return (time.perf_counter() - t) / n * 1e6
+
+    print(f"a bank of {len(bank)} tokens, one query token: chunk search {us(lambda: bank.search(q, cfg.k_chunks)):.0f} us, "
+          f"token-cache neighbours {us(lambda: bank.tokens.search(key, cfg.token_k)):.0f} us, "
+          f"exact-match read {us(lambda: bank.tokens.match(context, 1, cfg.token_copy_k)):.0f} us")
+
+
 def read() -> None:
     model, _ = load_model()
     store = UserStore(model, tempfile.mkdtemp())
@@ -278,4 +304,4 @@ def engine() -> None:
 
 
 if __name__ == "__main__":
-    {"threads": threads, "steps": steps, "read": read, "reader": reader, "prefill": prefill, "engine": engine}[sys.argv[1] if len(sys.argv) > 1 else "threads"]()
+    {"threads": threads, "steps": steps, "read": read, "reader": reader, "search": search, "prefill": prefill, "engine": engine}[sys.argv[1] if len(sys.argv) > 1 else "threads"]()
