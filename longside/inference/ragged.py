@@ -265,7 +265,6 @@ class RaggedWindows:
             raise LongsideError(f"one token per row: expected {B}, got {ids.shape[0]}")
         if not self.batched:
             return torch.cat([r.window.feed(ids[b:b + 1, None]) for b, r in enumerate(self.rows)])
-        model, bb = self.model, self.model.backbone
         S, dev = self.columns + 1, self.ids.device
         n = torch.tensor([r.n for r in self.rows], device=dev)  # positions of the new tokens
         first = S - 1 - n  # each row's first real column
@@ -274,34 +273,10 @@ class RaggedWindows:
         key_pos = (cols[None] - first[:, None]).clamp(min=0)
         pos = n[:, None]
         memory = Memory.stack([r.memory for r in self.rows])
-        step = llama_step(bb, ids[:, None], pos, self.cache, model.config.memory_layer, key_mask)
-        kv = step["kv"]
-        out = BackboneOutput(hidden_states=step["hidden"], last_hidden=step["last_hidden"], memory_keys=kv["k"],
-                             memory_values=kv["v"], memory_queries=kv["q"], memory_attn=kv["a"], cache=self.cache)
-        self.ids = torch.cat([self.ids, ids[:, None]], 1)
-        self.keys = torch.cat([self.keys, out.memory_keys], 1)
-        self.values = torch.cat([self.values, out.memory_values], 1)
-        mem = None
-        if self.use_memory:
-            k = model.config.k_chunks
-            mem = memory_inputs(bb, out, model.config.memory_layer, lambda q: memory.search(q, k),
-                                window_keys=self.keys, positions=pos, key_positions=key_pos, key_mask=key_mask)
-        h, self.side_caches = model.side(out.hidden_states, mem, caches=self.side_caches, positions=pos,
-                                         key_mask=key_mask)
-        tok_keys = model.token_keys(out)
-        if tok_keys is not None:
-            self.token_keys = torch.cat([self.token_keys, tok_keys], 1)
-        hits = None
-        if self.use_memory:
-            contexts = [self.ids[b, int(first[b]):] for b in range(B)]
-            hits = model.search_tokens(tok_keys, contexts, memory)
-        logits = model.output(h, hits)[:, -1]
-        for b, row in enumerate(self.rows):
+        h, tok_keys = self._forward(ids[:, None], pos, key_mask, key_pos, memory)
+        for row in self.rows:
             row.n += 1
-            if row.n == self.window:  # the row's segment is complete: it leaves the window
-                self._flush(b)
-        self._compact(_COMPACT_AT)
-        return logits
+        return self._read_out(h, tok_keys, memory)
 
     @torch.no_grad()
     def feed(self, ids: list[torch.Tensor]) -> torch.Tensor:
@@ -333,7 +308,7 @@ class RaggedWindows:
     def _feed_step(self, chunks: list[torch.Tensor]) -> torch.Tensor:
         """Row b reads `chunks[b]` (t_b tokens, 0 <= t_b <= its segment's room) -> logits
         `[B, V]` after each row's last column (meaningful where t_b > 0)."""
-        model, bb, dev = self.model, self.model.backbone, self.ids.device
+        dev = self.ids.device
         B, S = len(self.rows), self.columns
         t = torch.tensor([len(c) for c in chunks], device=dev)
         T = int(t.max())
@@ -350,11 +325,24 @@ class RaggedWindows:
         key_mask = ((cols[None] <= (S + j)[:, None])[None] & real[:, None]) | own[None]  # [B, T, S+T]
         key_pos = torch.cat([(cols[None, :S] - (S - n)[:, None]).clamp(min=0), pos], 1)
         memory = Memory.stack([r.memory for r in self.rows])
-        step = llama_step(bb, new, pos, self.cache, model.config.memory_layer, key_mask)
+        h, tok_keys = self._forward(new, pos, key_mask, key_pos, memory)
+        for b, row in enumerate(self.rows):
+            if row.n and pad[b]:  # the row's earlier tokens move up to its new ones
+                self._shift_row(b, S - row.n, S, int(pad[b]))
+            row.n += len(chunks[b])
+        return self._read_out(h, tok_keys, memory)
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, key_mask: torch.Tensor, key_pos: torch.Tensor,
+                 memory: Memory) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`ids [B, T]` at `pos [B, T]` through backbone, memory read and side network,
+        appended to every cache -> the side network's output `[B, T, d]` and the token-cache
+        keys `[B, T, d]` (or None). `key_mask [B, S+T]` or `[B, T, S+T]`; `key_pos [B, S+T]`."""
+        model, bb = self.model, self.model.backbone
+        step = llama_step(bb, ids, pos, self.cache, model.config.memory_layer, key_mask)
         kv = step["kv"]
         out = BackboneOutput(hidden_states=step["hidden"], last_hidden=step["last_hidden"], memory_keys=kv["k"],
                              memory_values=kv["v"], memory_queries=kv["q"], memory_attn=kv["a"], cache=self.cache)
-        self.ids = torch.cat([self.ids, new], 1)
+        self.ids = torch.cat([self.ids, ids], 1)
         self.keys = torch.cat([self.keys, out.memory_keys], 1)
         self.values = torch.cat([self.values, out.memory_values], 1)
         mem = None
@@ -367,17 +355,18 @@ class RaggedWindows:
         tok_keys = model.token_keys(out)
         if tok_keys is not None:
             self.token_keys = torch.cat([self.token_keys, tok_keys], 1)
-        for b, row in enumerate(self.rows):
-            if row.n and pad[b]:  # the row's earlier tokens move up to its new ones
-                self._shift_row(b, S - row.n, S, int(pad[b]))
-            row.n += len(chunks[b])
+        return h, tok_keys
+
+    def _read_out(self, h: torch.Tensor, tok_keys: torch.Tensor | None, memory: Memory) -> torch.Tensor:
+        """After `_forward` (each row's n counting its new tokens): the logits `[B, V]` after
+        every row's last column; then rows whose segment is complete write it to memory."""
         hits = None
         if self.use_memory:
-            contexts = [self.ids[b, S + T - r.n:] for b, r in enumerate(self.rows)]
-            hits = model.search_tokens(tok_keys[:, -1:] if tok_keys is not None else None, contexts, memory)
-        logits = model.output(h[:, -1:], hits)[:, -1]
+            contexts = [self.ids[b, self.columns - r.n:] for b, r in enumerate(self.rows)]
+            hits = self.model.search_tokens(None if tok_keys is None else tok_keys[:, -1:], contexts, memory)
+        logits = self.model.output(h[:, -1:], hits)[:, -1]
         for b, row in enumerate(self.rows):
-            if row.n == self.window:
+            if row.n == self.window:  # the row's segment is complete: it leaves the window
                 self._flush(b)
         self._compact(_COMPACT_AT)
         return logits
