@@ -115,6 +115,23 @@ def test_rows_read_prompts_of_different_lengths_together(model):
     torch.testing.assert_close(back.feed(t), refs[2].feed(t), atol=2e-4, rtol=1e-4)
 
 
+def test_a_row_whose_prompt_ends_a_segment_waits_for_the_others(model):
+    """Row 0's prompt fills its segment exactly (its window is then empty) while row 1's goes
+    on into the next segment: row 0 waits as padding with no tokens of its own."""
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 2000, (W,), generator=gen), torch.randint(0, 2000, (W + 6,), generator=gen)]
+    ragged, refs = RaggedWindows(model), []
+    for text in TEXTS[:2]:
+        ragged.join(LocalWindow(model, 1, memory=_memory(model, text)))
+        refs.append(LocalWindow(model, 1, memory=_memory(model, text)))
+    got = ragged.feed(prompts)
+    torch.testing.assert_close(got, torch.cat([r.feed(p[None]) for r, p in zip(refs, prompts)]), atol=2e-4, rtol=1e-4)
+    assert [r.n for r in ragged.rows] == [0, 6]
+    ids = torch.tensor([5, 6])
+    torch.testing.assert_close(ragged.step(ids), torch.cat([r.feed(ids[b:b + 1, None]) for b, r in enumerate(refs)]),
+                               atol=2e-4, rtol=1e-4)
+
+
 def test_rows_read_only_their_own_memory(model):
     """A row's logits do not change when another row's memory holds different text."""
     a, _ = _window(model, TEXTS[0], 7)

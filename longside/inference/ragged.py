@@ -362,7 +362,9 @@ class RaggedWindows:
         every row's last column; then rows whose segment is complete write it to memory."""
         hits = None
         if self.use_memory:
-            contexts = [self.ids[b, self.columns - r.n:] for b, r in enumerate(self.rows)]
+            # a row waiting in `feed` right after its segment ended has no tokens: its logits
+            # are not used, but the exact-match read needs one token to look up
+            contexts = [self.ids[b, self.columns - max(r.n, 1):] for b, r in enumerate(self.rows)]
             hits = self.model.search_tokens(None if tok_keys is None else tok_keys[:, -1:], contexts, memory)
         logits = self.model.output(h[:, -1:], hits)[:, -1]
         for b, row in enumerate(self.rows):
