@@ -135,9 +135,9 @@ class Memory:
         return targets
 
     # -- reading and writing ---------------------------------------------------------
-    def search(self, queries: torch.Tensor, k_chunks: int):
+    def search(self, queries: torch.Tensor, k_chunks: int, counted: torch.Tensor | None = None):
         """The memory layer's retrieval for `queries [B, T, H, D]`: see `BatchMemory.search`."""
-        return self.layer.search(queries, k_chunks)
+        return self.layer.search(queries, k_chunks, counted=counted)
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, token_keys: torch.Tensor | None = None,
             token_ids: torch.Tensor | None = None, backbone_segment=None) -> None:

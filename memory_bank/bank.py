@@ -381,7 +381,9 @@ class MemoryBank:
         return keys, values, mask
 
     def _search_into(self, queries: torch.Tensor, k: int, keys_out: torch.Tensor,
-                     values_out: torch.Tensor, mask_out: torch.Tensor) -> None:
+                     values_out: torch.Tensor, mask_out: torch.Tensor, counted: torch.Tensor | None = None) -> None:
+        """`search` into given tensors; `counted [T]` bool: the query tokens whose retrievals
+        count as hits (None: all)."""
         T, Hq, D = queries.shape
         H, S, C = self.num_kv_heads, self.chunk_size, self.capacity_chunks
         g = Hq // H
@@ -394,7 +396,8 @@ class MemoryBank:
                 slots = self._ivf_topk(q, k)
             else:
                 slots = self._flat_topk(q, k)
-            real = slots[slots != C]
+            hit = slots if counted is None else slots.view(H, T, g, k)[:, counted.to(self.device)]
+            real = hit[hit != C]
             if real.numel():
                 self._hits.index_add_(0, real, torch.ones_like(real, dtype=torch.int32))
             # [H, T*g, k] -> [T, Hq, k], then rows of the flattened [H*(C+1), S*D] storage
@@ -413,7 +416,7 @@ class MemoryBank:
         out = torch.full((H, Tq, k), C, dtype=torch.long, device=self.device)
         kk = min(k, used)
         freed = torch.from_numpy(self._free[:self._nfree]).to(self.device) if self._nfree else None
-        if H * Tq * used <= _SCORE_BUDGET:  # decoding: every head at once (3x fewer calls)
+        if H * max(Tq, self.head_dim) * used <= _SCORE_BUDGET:  # decoding: every head at once (3x fewer calls)
             scores = torch.bmm(q, self._chunk_keys[:, :used].float().transpose(1, 2))  # [H, Tq, used]
             if freed is not None:
                 scores.index_fill_(2, freed, float("-inf"))

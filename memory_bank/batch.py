@@ -83,11 +83,12 @@ class BatchMemory:
         hits = [bank.match_tokens(c, n_queries, k) for bank, c in zip(self.banks, context)]
         return torch.stack([h[0] for h in hits]), torch.stack([h[1] for h in hits])
 
-    def search(self, queries: torch.Tensor, k_chunks: int, rows: Sequence[int] | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def search(self, queries: torch.Tensor, k_chunks: int, rows: Sequence[int] | None = None,
+               counted: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`queries [B, T, H_q, D]` -> keys, values `[B, T, H_q, k_chunks*chunk_size, D]`
         float32 and mask `[B, T, H_q, k_chunks*chunk_size]` bool; row b from bank b, or
-        from bank `rows[b]` when `rows` is given."""
+        from bank `rows[b]` when `rows` is given. `counted [B, T]` bool: the queries whose
+        retrievals count in the banks' hit counters (default all; padding does not)."""
         banks = self.banks if rows is None else [self[r] for r in rows]
         self._check_batch(queries, "queries", len(banks))
         B, T, Hq, D = queries.shape
@@ -98,7 +99,8 @@ class BatchMemory:
         values = torch.empty_like(keys)
         mask = torch.empty(B, T, Hq, L, dtype=torch.bool, device=first.device)
         for b, bank in enumerate(banks):  # written in place: no stacking copy
-            bank._search_into(queries[b], k_chunks, keys[b], values[b], mask[b])
+            bank._search_into(queries[b], k_chunks, keys[b], values[b], mask[b],
+                              None if counted is None else counted[b])
         return keys, values, mask
 
     def reset(self, rows: Iterable[int] | torch.Tensor | None = None) -> None:

@@ -98,6 +98,9 @@ def test_rows_read_prompts_of_different_lengths_together(model):
     want = torch.cat([ref.feed(p[None]) for ref, p in zip(refs, prompts)])
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
     assert [r.n for r in ragged.rows] == [ref.n for ref in refs] == [5, 11, 14, 2]
+    # padding's retrievals are not counted: each bank's hit total is its own window's
+    assert [int(r.memory.banks[0]._hits.sum()) for r in ragged.rows] == \
+        [int(ref.memory.banks[0]._hits.sum()) for ref in refs]
     for _ in range(12):  # rows 0 and 2 cross a boundary while decoding
         ids = torch.randint(0, 2000, (len(refs),), generator=gen)
         torch.testing.assert_close(ragged.step(ids), torch.cat([ref.feed(ids[b:b + 1, None])

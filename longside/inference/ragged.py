@@ -16,8 +16,9 @@ every `step` feeds one token per row through backbone and side network as one ba
 
 `feed` reads several tokens per row at once, as many as each row has (users joining with
 prompts of different lengths, read together instead of one by one): the T new columns
-hold row b's t_b tokens at their end, padding before them (each padding column sees only
-itself, so nothing in it is undefined), and afterwards row b's earlier columns move right
+hold row b's t_b tokens at their end, padding before them (a padding column sees the
+row's earlier tokens and itself, never an empty softmax, and no real token sees it; its
+retrievals do not count as bank hits), and afterwards row b's earlier columns move right
 past that padding, so its real tokens are again its last n_b columns.
 
 A row's logits equal those its own `LocalWindow` would give to float rounding (tested),
@@ -325,7 +326,7 @@ class RaggedWindows:
         key_mask = ((cols[None] <= (S + j)[:, None])[None] & real[:, None]) | own[None]  # [B, T, S+T]
         key_pos = torch.cat([(cols[None, :S] - (S - n)[:, None]).clamp(min=0), pos], 1)
         memory = Memory.stack([r.memory for r in self.rows])
-        h, tok_keys = self._forward(new, pos, key_mask, key_pos, memory)
+        h, tok_keys = self._forward(new, pos, key_mask, key_pos, memory, real=j[None] >= pad[:, None])
         for b, row in enumerate(self.rows):
             if row.n and pad[b]:  # the row's earlier tokens move up to its new ones
                 self._shift_row(b, S - row.n, S, int(pad[b]))
@@ -333,10 +334,12 @@ class RaggedWindows:
         return self._read_out(h, tok_keys, memory)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, key_mask: torch.Tensor, key_pos: torch.Tensor,
-                 memory: Memory) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 memory: Memory, real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`ids [B, T]` at `pos [B, T]` through backbone, memory read and side network,
         appended to every cache -> the side network's output `[B, T, d]` and the token-cache
-        keys `[B, T, d]` (or None). `key_mask [B, S+T]` or `[B, T, S+T]`; `key_pos [B, S+T]`."""
+        keys `[B, T, d]` (or None). `key_mask [B, S+T]` or `[B, T, S+T]`; `key_pos [B, S+T]`;
+        `real [B, T]` bool: which new tokens are not padding (their retrievals alone count
+        in a bank's hit counters, so a row's stored state never depends on the others)."""
         model, bb = self.model, self.model.backbone
         step = llama_step(bb, ids, pos, self.cache, model.config.memory_layer, key_mask)
         kv = step["kv"]
@@ -348,7 +351,7 @@ class RaggedWindows:
         mem = None
         if self.use_memory:
             k = model.config.k_chunks
-            mem = memory_inputs(bb, out, model.config.memory_layer, lambda q: memory.search(q, k),
+            mem = memory_inputs(bb, out, model.config.memory_layer, lambda q: memory.search(q, k, real),
                                 window_keys=self.keys, positions=pos, key_positions=key_pos, key_mask=key_mask)
         h, self.side_caches = model.side(out.hidden_states, mem, caches=self.side_caches, positions=pos,
                                          key_mask=key_mask)

@@ -237,8 +237,8 @@ class Engine:
             try:
                 if job.kind in ("chat", "memorize") and job.user not in users and self.store.on_disk_only(job.user):
                     users.append(job.user)
-            except LongsideError:
-                pass  # an invalid name: its job fails with the reason when admitted
+            except Exception:
+                pass  # an invalid name, an unreadable directory: its job fails with the reason when admitted
         if len(users) < 2:
             return
 
@@ -248,7 +248,10 @@ class Engine:
             except Exception as e:  # raised when the user's job asks for the session
                 return e
 
-        theirs = {u: self._reader.submit(read, u) for u in users[1::2]}
+        try:
+            theirs = {u: self._reader.submit(read, u) for u in users[1::2]}
+        except RuntimeError:  # the pool is shut down or broken: each is read when admitted
+            return
         for u in users[0::2]:
             self._read[u] = read(u)
         for u, future in theirs.items():
