@@ -416,24 +416,20 @@ class MemoryBank:
         out = torch.full((H, Tq, k), C, dtype=torch.long, device=self.device)
         kk = min(k, used)
         freed = torch.from_numpy(self._free[:self._nfree]).to(self.device) if self._nfree else None
-        if H * max(Tq, self.head_dim) * used <= _SCORE_BUDGET:  # decoding: every head at once (3x fewer calls)
-            scores = torch.bmm(q, self._chunk_keys[:, :used].float().transpose(1, 2))  # [H, Tq, used]
-            if freed is not None:
-                scores.index_fill_(2, freed, float("-inf"))
-            top, idx = scores.topk(kk, dim=2)
-            idx[top == float("-inf")] = C
-            out[:, :, :kk] = idx
-            return out
-        rows = max(1, _SCORE_BUDGET // used)  # bound the score matrix's memory
-        for h in range(H):
-            keys_t = self._chunk_keys[h, :used].float().T  # [D, used]
+        # every head in one product where scores and keys fit the budget (decoding: 3x fewer
+        # calls), else a head at a time, in blocks of query rows
+        together = H * max(Tq, self.head_dim) * used <= _SCORE_BUDGET
+        heads = [slice(0, H)] if together else [slice(h, h + 1) for h in range(H)]
+        rows = Tq if together else max(1, _SCORE_BUDGET // used)
+        for hs in heads:
+            keys_t = self._chunk_keys[hs, :used].float().transpose(1, 2)  # [heads, D, used]
             for a in range(0, Tq, rows):
-                scores = q[h, a:a + rows] @ keys_t  # [rows, used]
+                scores = torch.bmm(q[hs, a:a + rows], keys_t)  # [heads, rows, used]
                 if freed is not None:  # freed slots below _used: never returned
-                    scores.index_fill_(1, freed, float("-inf"))
-                top, idx = scores.topk(kk, dim=1)
+                    scores.index_fill_(2, freed, float("-inf"))
+                top, idx = scores.topk(kk, dim=2)
                 idx[top == float("-inf")] = C
-                out[h, a:a + rows, :kk] = idx
+                out[hs, a:a + rows, :kk] = idx
         return out
 
     def _ivf_topk(self, q: torch.Tensor, k: int) -> torch.Tensor:

@@ -176,11 +176,10 @@ def llama_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor | N
         scores = (qg @ keys.transpose(-1, -2)) * scaling  # [B, G, H/G*T, S]
         if mask is not None:
             scores = scores.view(B, G, H // G, T, -1).masked_fill(~mask, float("-inf")).view(B, G, H // G * T, -1)
-        if key_mask is not None and key_mask.dim() == 3:  # a mask per new token
-            scores = scores.view(B, G, H // G, T, -1).masked_fill(~key_mask[:, None, None], float("-inf"))
+        if key_mask is not None:  # [B, S], or one per new token [B, T, S]
+            km = key_mask if key_mask.dim() == 3 else key_mask[:, None]
+            scores = scores.view(B, G, H // G, T, -1).masked_fill(~km[:, None, None], float("-inf"))
             scores = scores.view(B, G, H // G * T, -1)
-        elif key_mask is not None:
-            scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
         a = (scores.softmax(-1) @ values).reshape(B, G, H // G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
         if i == memory_layer:
             kv["a"] = a.reshape(B, T, H, D).float()

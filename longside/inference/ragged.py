@@ -321,9 +321,9 @@ class RaggedWindows:
         pad = T - t  # padding columns before each row's new tokens
         pos = (n[:, None] + j[None] - pad[:, None]).clamp(min=0)  # [B, T]
         cols = torch.arange(S + T, device=dev)
-        real = ((cols[None] >= (S - n)[:, None]) & (cols[None] < S)) | (cols[None] >= (S + pad)[:, None])
+        filled = ((cols[None] >= (S - n)[:, None]) & (cols[None] < S)) | (cols[None] >= (S + pad)[:, None])
         own = cols[None] == (S + j)[:, None]  # [T, S+T]
-        key_mask = ((cols[None] <= (S + j)[:, None])[None] & real[:, None]) | own[None]  # [B, T, S+T]
+        key_mask = ((cols[None] <= (S + j)[:, None])[None] & filled[:, None]) | own[None]  # [B, T, S+T]
         key_pos = torch.cat([(cols[None, :S] - (S - n)[:, None]).clamp(min=0), pos], 1)
         memory = Memory.stack([r.memory for r in self.rows])
         h, tok_keys = self._forward(new, pos, key_mask, key_pos, memory, real=j[None] >= pad[:, None])

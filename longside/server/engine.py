@@ -136,7 +136,6 @@ class Engine:
         finally:
             with self._wake:
                 self._stopping = True
-            self._reader.shutdown(wait=False)
 
     def stop(self) -> None:
         with self._wake:
