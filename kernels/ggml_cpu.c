@@ -428,9 +428,12 @@ void ggml_gemv_f32(int type, const uint8_t *w, int64_t row_bytes, const float *x
 
 /* x [M, K] (row stride ldx) -> qx int8 [M, K], dx [M, stride] (scale per block of 32), sx
  * [M, stride] (scale * sum of the block's int8 values; zero past K/32). Round half away from
- * zero, like roundf. */
-static void quantize_x(const float *x, int64_t ldx, int64_t M, int64_t K, int8_t *qx, float *dx, float *sx,
-                       int64_t stride) {
+ * zero, like roundf. The SIMD versions give the same bits: the block's max |v| is exact in
+ * any order, v * id is one rounding either way, and roundf is trunc(v) plus the sign where
+ * |v - trunc(v)| >= 0.5 (v - trunc(v) is exact). Decode quantizes every product's input, so
+ * a scalar loop here cost ~30% of an 8-row product. */
+static void quantize_x_scalar(const float *x, int64_t ldx, int64_t M, int64_t K, int8_t *qx, float *dx, float *sx,
+                              int64_t stride) {
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * ldx;
         for (int64_t b = 0; b < stride; b++) dx[m * stride + b] = sx[m * stride + b] = 0.0f;
@@ -453,6 +456,63 @@ static void quantize_x(const float *x, int64_t ldx, int64_t M, int64_t K, int8_t
             sx[m * stride + b] = d * (float)sum;
         }
     }
+}
+
+/* roundf of 8 floats (|v| < 2^23), as int32 */
+AVX2 static inline __m256i round_away8(__m256 v) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    __m256 frac = _mm256_andnot_ps(sign, _mm256_sub_ps(v, t));
+    __m256 step = _mm256_and_ps(_mm256_cmp_ps(frac, _mm256_set1_ps(0.5f), _CMP_GE_OQ),
+                                _mm256_or_ps(_mm256_set1_ps(1.0f), _mm256_and_ps(sign, v)));
+    return _mm256_cvttps_epi32(_mm256_add_ps(t, step));
+}
+
+AVX2 static void quantize_x_avx2(const float *x, int64_t ldx, int64_t M, int64_t K, int8_t *qx, float *dx,
+                                 float *sx, int64_t stride) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * ldx;
+        for (int64_t b = 0; b < stride; b++) dx[m * stride + b] = sx[m * stride + b] = 0.0f;
+        for (int64_t b = 0; b < K / 32; b++) {
+            const float *v = xm + b * 32;
+            __m256 f[4], amax = _mm256_setzero_ps();
+            for (int i = 0; i < 4; i++) {
+                f[i] = _mm256_loadu_ps(v + 8 * i);
+                amax = _mm256_max_ps(_mm256_andnot_ps(sign, f[i]), amax); /* a NaN is skipped, as above */
+            }
+            __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+            float d = _mm_cvtss_f32(h) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+            __m256i q[4], total = _mm256_setzero_si256();
+            for (int i = 0; i < 4; i++) {
+                q[i] = round_away8(_mm256_mul_ps(f[i], _mm256_set1_ps(id)));
+                total = _mm256_add_epi32(total, q[i]);
+            }
+            /* int32 -> int8 in element order: packs interleave 128-bit lanes, the permute undoes it */
+            __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+            p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256((__m256i *)(qx + m * K + b * 32), p);
+            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+            dx[m * stride + b] = d;
+            sx[m * stride + b] = d * (float)_mm_cvtsi128_si32(s4);
+        }
+    }
+}
+
+/* isa as in gemv_q8: 0 scalar, else AVX2 */
+static void quantize_x(const float *x, int64_t ldx, int64_t M, int64_t K, int8_t *qx, float *dx, float *sx,
+                       int64_t stride, int isa) {
+    (isa ? quantize_x_avx2 : quantize_x_scalar)(x, ldx, M, K, qx, dx, sx, stride);
+}
+
+/* The quantized activations themselves (tests: every path gives the scalar loop's bits). */
+void ggml_quantize_x(const float *x, int64_t ldx, int64_t M, int64_t K, int8_t *qx, float *dx, float *sx,
+                     int64_t stride, int isa) {
+    quantize_x(x, ldx, M, K, qx, dx, sx, stride, isa);
 }
 
 /* The int8 decode product of one weight row and one quantized x row, computed the same way on
@@ -745,7 +805,7 @@ void ggml_gemv_int8(int type, const uint8_t *w, int64_t row_bytes, const float *
     int64_t nb = K / 32, ldd = (nb + 7) / 8 * 8;
     int8_t *qx = (int8_t *)malloc((size_t)(M * K));
     float *dx = (float *)malloc(sizeof(float) * M * ldd), *sx = (float *)malloc(sizeof(float) * M * ldd);
-    quantize_x(x, ldx, M, K, qx, dx, sx, ldd);
+    quantize_x(x, ldx, M, K, qx, dx, sx, ldd, isa);
     gemv_q8(type, w, row_bytes, qx, dx, sx, ldd, M, y, ldy, N, K, nthreads, isa);
     free(qx);
     free(dx);

@@ -33,6 +33,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.ggml_gemv_f32.argtypes = [cint, ptr, i64, ptr, i64, i64, ptr, i64, i64, i64, cint, cint]
     lib.ggml_gemv_int8.restype = None
     lib.ggml_gemv_int8.argtypes = [cint, ptr, i64, ptr, i64, i64, ptr, i64, i64, i64, cint, cint]
+    lib.ggml_quantize_x.restype = None
+    lib.ggml_quantize_x.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, cint]
     return lib
 
 
@@ -91,6 +93,18 @@ def gemv_int8(x: torch.Tensor, w: GGMLWeight) -> torch.Tensor:
     _lib().ggml_gemv_int8(_tid(w), w.blocks.data_ptr(), w.row_bytes, x.data_ptr(), x.stride(0), m,
                           y.data_ptr(), n, n, k, torch.get_num_threads(), _isa_level())
     return y
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The int8 activations `gemv_int8` multiplies with: float32 x `[M, K]` (K a multiple of
+    32) -> codes int8 `[M, K]`, scales float32 `[M, K/32]` and scale * code sums `[M, K/32]`."""
+    m, k = x.shape
+    x = x.float().contiguous()
+    nb = k // 32
+    q = torch.empty(m, k, dtype=torch.int8)
+    d, s = torch.empty(m, nb, dtype=torch.float32), torch.empty(m, nb, dtype=torch.float32)
+    _lib().ggml_quantize_x(x.data_ptr(), k, m, k, q.data_ptr(), d.data_ptr(), s.data_ptr(), nb, _isa_level())
+    return q, d, s
 
 
 def gemm_tiled(x: torch.Tensor, w: GGMLWeight) -> torch.Tensor:

@@ -113,6 +113,37 @@ print("OK")
 
 
 @needs_c
+def test_int8_activations_have_the_scalar_bits_on_every_path():
+    """The SIMD quantization of decode inputs equals the scalar loop (roundf: halves away from
+    zero) bit for bit, scales and sums included."""
+    code = """
+import hashlib, torch
+from longside.kernels import ggml_cpu
+g = torch.Generator().manual_seed(0)
+x = torch.randn(7, 288, generator=g) * torch.logspace(-30, 3, 7)[:, None]
+x[0, :32] = torch.arange(-16, 16).float() + 0.5  # a block of max 127 has scale 1: exact halves
+x[0, 5] = 127.0
+x[1, 32:64] = 0.0
+q, d, s = ggml_cpu.quantize_int8(x)
+want = torch.where(x[0, :32] < 0, -(x[0, :32].abs() + 0.5).floor(), (x[0, :32] + 0.5).floor())
+assert torch.equal(q[0, :32].float(), want), q[0, :32]
+assert d[0, 0] == 1.0 and d[1, 1] == 0.0 and not q[1, 32:64].any()
+print(ggml_cpu.isa(), hashlib.sha256(b"".join(t.numpy().tobytes() for t in (q, d, s))).hexdigest())
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outs = {}
+    for isa in ("scalar", "avx2", "avx512"):
+        r = subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "LONGSIDE_GGML_ISA": isa},
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        got_isa, digest = r.stdout.split()
+        outs[got_isa] = digest
+    if len(outs) < 2:
+        pytest.skip("this CPU has no AVX2")
+    assert len(set(outs.values())) == 1, outs
+
+
+@needs_c
 def test_int8_paths_agree_exactly_across_avx2_and_vnni():
     """vpmaddubsw and vpdpbusd (ymm, or zmm two blocks at a time) sum the same integers; the
     fp32 arithmetic after is shared, lane for lane."""
