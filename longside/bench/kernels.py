@@ -38,7 +38,7 @@ from longside.bench.kernels_model import bench_model
 from longside.errors import LongsideError
 from longside.kernels import cpu, ggml_cpu
 from longside.kernels.ggml import GGML_TYPES, random_weight
-from longside.kernels.gguf_linear import FUSED_MAX_M as GGML_FUSED_MAX_M
+from longside.kernels.gguf_linear import FUSED_MAX_M as GGML_FUSED_MAX_M, INT8_MAX_M as GGML_INT8_MAX_M
 from longside.kernels.gguf_linear import matmul_ggml
 from longside.kernels.nf4 import quantize_nf4
 from longside.kernels.ops import CPU_FUSED_MAX_M, dequantize, matmul_nf4
@@ -115,19 +115,21 @@ def bench_shape(m: int, n: int, k: int, budget_s: float, with_bnb: bool) -> dict
 
 
 def bench_ggml_shape(m: int, n: int, k: int, qtype: str, budget_s: float) -> list[dict]:
-    """One row per path that runs at this M: int8 and fp32 fused kernels (M <= the fused
-    limit), the tiled GEMM above it; each against F.linear on the exact weight."""
+    """One row per path that runs at this M: the fused int8 kernel (M <= its limit), the fused
+    fp32 kernel (M <= the fused limit), the tiled GEMM above it; each against F.linear on the
+    exact weight."""
     w = random_weight(qtype, n, k, seed=n * 31 + k)
     w_dense = ggml_cpu.dequantize_rows(w)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     ref = F.linear(x, w_dense)
     fp32 = _time_ms(lambda: F.linear(x, w_dense), budget_s)["median"]
+    paths = {}
+    if qtype in ggml_cpu.INT8_TYPES and m <= GGML_INT8_MAX_M:
+        paths["ggml_int8"] = lambda: ggml_cpu.gemv_int8(x, w)
     if m <= GGML_FUSED_MAX_M:
-        paths = {"ggml_fp32": lambda: ggml_cpu.gemv_f32(x, w)}
-        if qtype in ggml_cpu.INT8_TYPES:
-            paths = {"ggml_int8": lambda: ggml_cpu.gemv_int8(x, w), **paths}
+        paths["ggml_fp32"] = lambda: ggml_cpu.gemv_f32(x, w)
     else:
-        paths = {"ggml_tiled": lambda: ggml_cpu.gemm_tiled(x, w)}
+        paths["ggml_tiled"] = lambda: ggml_cpu.gemm_tiled(x, w)
     rows = []
     for op, fn in paths.items():
         t = _time_ms(fn, budget_s)
