@@ -34,6 +34,14 @@ MATCH_ORDERS = (2, 4, 8, 16, 32)  # n-gram lengths looked up, longest found firs
 MAX_MATCH = 64  # match lengths are counted up to this
 
 
+def _hash_ints(tokens: list[int]) -> int:
+    """The hash `_ngram_hashes` gives the n-gram `tokens`, on Python ints."""
+    h = 0
+    for t in tokens:
+        h = (h * _HASH_BASE + t + 2) % _HASH_P
+    return h
+
+
 def _ngram_hashes(seq: torch.Tensor, n: int) -> torch.Tensor:
     """`seq [L]` int64 -> hash of the n tokens ending at each position n-1..L-1, `[L - n + 1]`
     int64 in [0, 2^31). Equal n-grams hash equal; unequal ones rarely collide (matches are
@@ -41,13 +49,7 @@ def _ngram_hashes(seq: torch.Tensor, n: int) -> torch.Tensor:
     L = seq.shape[0] - n + 1
     if 0 < L <= 4:  # decoding asks for one: n tiny tensor ops cost ~20x this loop
         vals = seq.tolist()
-        out = []
-        for s in range(L):
-            h = 0
-            for t in vals[s:s + n]:
-                h = (h * _HASH_BASE + t + 2) % _HASH_P
-            out.append(h)
-        return torch.tensor(out, dtype=torch.int64, device=seq.device)
+        return torch.tensor([_hash_ints(vals[s:s + n]) for s in range(L)], dtype=torch.int64, device=seq.device)
     h = torch.zeros(max(L, 0), dtype=torch.int64, device=seq.device)
     for i in range(n):
         h = (h * _HASH_BASE + seq[i:i + L] + 2) % _HASH_P
@@ -222,6 +224,42 @@ class TokenMemory:
         text, nxt, orders = self._index()
         stream = torch.cat([text, context.to(dev, torch.int64)])  # memory, then the segment
         qpos = torch.arange(stream.shape[0] - Q, stream.shape[0], device=dev)
+        if Q == 1:
+            pos, found = self._candidates_of_one(stream, orders, k)
+        else:
+            pos, found = self._candidates(stream, orders, Q, k)
+        back = torch.arange(MAX_MATCH, device=dev)
+        p, q = pos[..., None] - back, qpos[:, None, None] - back  # [Q, k, MAX_MATCH]
+        same = (stream[p.clamp_min(0)] == stream[q.clamp_min(0)]) & (p >= 1) & found[..., None]
+        lens = same.long().cumprod(-1).sum(-1)
+        return lens, torch.where(lens > 0, nxt[pos], 0)
+
+    def _candidates_of_one(self, stream: torch.Tensor, orders: dict, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_candidates` for the last position alone (a decode step), on Python ints: one
+        search per n-gram order instead of ~20 tiny tensor ops. The same result."""
+        tail = stream[-max(orders):].tolist()
+        pos, found = [0] * k, [False] * k
+        for n in sorted(orders, reverse=True):
+            if len(tail) < n:  # too short: no hash
+                continue
+            vals, positions = orders[n]
+            h = _hash_ints(tail[-n:])
+            # hashes are integers: the right bound of h is the left bound of h + 1
+            lo, hi = torch.searchsorted(vals, torch.tensor([h, h + 1], device=vals.device)).tolist()
+            if hi > lo:
+                idx = [hi - 1 - j for j in range(k)]  # most recent first
+                found = [i >= lo for i in idx]
+                got = positions[torch.tensor([max(i, 0) for i in idx], device=vals.device)].tolist()
+                pos = [g if f else 0 for g, f in zip(got, found)]
+                break
+        dev = stream.device
+        return torch.tensor([pos], dtype=torch.int64, device=dev), torch.tensor([found], dtype=torch.bool, device=dev)
+
+    def _candidates(self, stream: torch.Tensor, orders: dict, Q: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each of the last Q positions of `stream`, the k most recent stored positions
+        whose preceding n tokens equal the query's, for the longest n in `orders` found:
+        positions `[Q, k]` int64 and which of them exist `[Q, k]` bool."""
+        dev = stream.device
         pos = torch.zeros(Q, k, dtype=torch.int64, device=dev)
         found = torch.zeros(Q, k, dtype=torch.bool, device=dev)
         done = torch.zeros(Q, dtype=torch.bool, device=dev)
@@ -241,11 +279,7 @@ class TokenMemory:
                 done |= new
             if done.all():
                 break
-        back = torch.arange(MAX_MATCH, device=dev)
-        p, q = pos[..., None] - back, qpos[:, None, None] - back  # [Q, k, MAX_MATCH]
-        same = (stream[p.clamp_min(0)] == stream[q.clamp_min(0)]) & (p >= 1) & found[..., None]
-        lens = same.long().cumprod(-1).sum(-1)
-        return lens, torch.where(lens > 0, nxt[pos], 0)
+        return pos, found
 
     def nbytes(self) -> int:
         width = self.dim + (self._basis.shape[1] if self._basis is not None else 0)

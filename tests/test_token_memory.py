@@ -103,6 +103,34 @@ def test_match_counts_back_through_memory_and_context_in_a_full_ring():
         tm.match(torch.tensor([9, 10]), 3, 3)
 
 
+def test_match_of_one_query_equals_the_batched_lookup():
+    """A decode step's one query takes a path of its own (Python ints): it gives what the
+    last row of a many-query lookup gives, on a small vocabulary full of repeats, long
+    and short contexts, in a ring that wrapped."""
+    g = torch.Generator().manual_seed(0)
+    tm = TokenMemory(4, capacity=3000, dtype=torch.float32)
+    text = torch.randint(0, 6, (4000,), generator=g)
+    text[1000:1100] = text[200:300]  # a long repeat: orders up to 32 hit
+    tm.add(_unit(len(text), 4), text)
+    hits = 0
+    for trial in range(60):
+        n = int(torch.randint(2, 80, (1,), generator=g))
+        ctx = torch.randint(0, 6, (n,), generator=g)
+        if trial % 3 == 0:
+            ctx = torch.cat([ctx, text[220:220 + trial % 40]])
+        q = min(len(ctx), 3)  # >= 2: the many-query path
+        one = tm.match(ctx, 1, 4)
+        many = tm.match(ctx, q, 4)
+        assert torch.equal(one[0], many[0][-1:]) and torch.equal(one[1], many[1][-1:]), trial
+        hits += int(one[0][0, 0] > 0)
+    assert hits > 30
+    text_, _, orders = tm._index()  # a one-token context: both candidate searches directly
+    for t in range(6):
+        stream = torch.cat([text_, torch.tensor([t])])
+        one, many = tm._candidates_of_one(stream, orders, 4), tm._candidates(stream, orders, 1, 4)
+        assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+
+
 def test_match_survives_save_and_load(tmp_path):
     bank = _bank(owner="x")
     ids = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5])
