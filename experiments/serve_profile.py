@@ -11,6 +11,8 @@
                                                   # thread (one torch thread there, or default)
     python experiments/serve_profile.py search    # one row's memory reads in a decode step
     python experiments/serve_profile.py read      # ChatSession.read of a user with ~19k tokens of memory
+    python experiments/serve_profile.py products  # SmolLM2's products on M rows: the int8 kernel against
+                                                  # exact tiles + BLAS (the prefill path above INT8_MAX_M)
     python experiments/serve_profile.py engine    # the server's Engine in-process (no HTTP): 8 users'
                                                   # 64-token turns one after another, then at once,
                                                   # each mode from the same stored users (as the bench)
@@ -74,6 +76,31 @@ def threads() -> None:
     team = concurrent.futures.ThreadPoolExecutor(1)
     team.submit(lambda: torch.randn(1000, 1000) @ torch.randn(1000, 1000)).result()
     print(f"main, after torch on another thread with its own OpenMP team: {us():.0f} us")
+
+
+def products() -> None:
+    """A decoder block's four products (fused q/k/v, o, fused gate/up, down) of SmolLM2 on M
+    rows: `gemv_int8` (what matmul_ggml runs up to INT8_MAX_M rows) against `gemm_tiled`."""
+    from longside.backbone.decode_step import _Fused
+
+    layer = load_backbone("smollm2-135m").parts.layers[0]
+    fused = _Fused(layer)
+    shapes = {"qkv": fused.qkv, "o": layer.self_attn.o_proj, "gate_up": fused.gate_up, "down": layer.mlp.down_proj}
+    for m in (1, 8, 16, 41, 64, 128, 328, 512):
+        cells = []
+        for name, lin in shapes.items():
+            w, x = lin.ggml_weight(), torch.randn(m, lin.in_features)
+            us = []
+            for f in (ggml_cpu.gemv_int8, ggml_cpu.gemm_tiled):
+                for _ in range(5):
+                    f(x, w)
+                reps = max(10, 2000 // m)
+                t = time.perf_counter()
+                for _ in range(reps):
+                    f(x, w)
+                us.append((time.perf_counter() - t) / reps * 1e6)
+            cells.append(f"{name} {us[0]:.0f}/{us[1]:.0f} us ({us[1] / us[0]:.2f}x)")
+        print(f"M={m:3d}: int8/tiles " + ", ".join(cells), flush=True)
 
 
 def steps() -> None:
@@ -304,4 +331,4 @@ def engine() -> None:
 
 
 if __name__ == "__main__":
-    {"threads": threads, "steps": steps, "read": read, "reader": reader, "search": search, "prefill": prefill, "engine": engine}[sys.argv[1] if len(sys.argv) > 1 else "threads"]()
+    {"threads": threads, "products": products, "steps": steps, "read": read, "reader": reader, "search": search, "prefill": prefill, "engine": engine}[sys.argv[1] if len(sys.argv) > 1 else "threads"]()
