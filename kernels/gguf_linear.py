@@ -27,7 +27,8 @@ from longside.errors import LongsideError
 
 # Up to this many rows of x the fused fp32-activation kernel runs; above, tiled dequantize +
 # BLAS wins. The int8 kernel is faster than the tiles at every M measured (SmolLM2's products,
-# M 16-328: 1.2-2.9x, 2 threads, AVX-512 VNNI); its bound keeps window-sized segments exact.
+# M 16-512: 1.5-5.7x, 2 threads, AVX-512 VNNI: experiments/serve_profile.py products); its
+# bound keeps window-sized segments exact.
 FUSED_MAX_M = 16
 INT8_MAX_M = 512
 ACTIVATIONS = ("int8", "fp32")
