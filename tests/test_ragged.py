@@ -167,3 +167,38 @@ def test_bad_use_is_refused(model):
         ragged.feed([torch.tensor([], dtype=torch.long)])
     with pytest.raises(LongsideError, match="out of range"):
         ragged.leave(3)
+
+
+def test_the_readers_window_keys_come_rotated_from_the_cache(model, monkeypatch):
+    """During decoding the memory reader takes the window's rotated keys from the backbone's
+    cache instead of rotating them again: the same bits, in a window and in a ragged batch
+    (padding columns aside), across a segment boundary."""
+    import longside.inference.ragged as ragged_mod
+    import longside.inference.window as window_mod
+    from longside.nn import memory_attention
+
+    checked = []
+
+    def checking(*args, **kwargs):
+        mem = memory_attention.memory_inputs(*args, **kwargs)
+        if kwargs.get("window_keys") is not None and mem.queries.shape[1] == 1:  # a decode step
+            assert mem.rotated_keys is not None
+            again = (mem.rotate_keys or mem.rotate)(mem.keys)
+            real = torch.ones(again.shape[:2], dtype=torch.bool) if mem.key_mask is None else \
+                (mem.key_mask if mem.key_mask.dim() == 2 else mem.key_mask.any(1))
+            assert torch.equal(mem.rotated_keys[real], again[real])
+            checked.append(mem.keys.shape[1])
+        return mem
+
+    monkeypatch.setattr(ragged_mod, "memory_inputs", checking)
+    monkeypatch.setattr(window_mod, "memory_inputs", checking)
+    gen = torch.Generator().manual_seed(3)
+    pairs = [_window(model, t, n) for t, n in zip(TEXTS[:2], (20, 5))]
+    ragged = RaggedWindows(model)
+    for win, ref in pairs:
+        ragged.join(win)
+    for _ in range(8):  # row 0 crosses its segment boundary
+        ids = torch.randint(0, 2000, (2,), generator=gen)
+        ragged.step(ids)
+        pairs[0][1].feed(ids[:1, None])
+    assert len(checked) >= 16 and max(checked) > 5

@@ -70,6 +70,9 @@ class BackboneOutput:
     memory_attn: `[B, T, H_q, D]` the memory layer's local attention output, before its
         output projection (what `Backbone.attn_output` maps back to the residual stream).
     cache: the backbone's key/value cache when `use_cache=True`, else None.
+    memory_keys_rotated: `[B, H_kv, S, D]` the memory layer's rotated keys of every cached
+        position after this pass (the lean decode step with a cache; None otherwise): what
+        the memory reader's local attention would otherwise rotate again.
     backbone_segment: set by `LongSideModel.encode` when blocks read backbone memory: the
         `backbone_memory.Segment` holding their keys/values of these tokens.
     """
@@ -81,6 +84,7 @@ class BackboneOutput:
     memory_queries: torch.Tensor | None = None
     memory_attn: torch.Tensor | None = None
     cache: Any = None
+    memory_keys_rotated: torch.Tensor | None = None
     backbone_segment: Any = None
 
 
@@ -230,7 +234,7 @@ class Backbone:
             kv = step["kv"]
             return BackboneOutput(hidden_states=step["hidden"], last_hidden=step["last_hidden"],
                                   memory_keys=kv.get("k"), memory_values=kv.get("v"), memory_queries=kv.get("q"),
-                                  memory_attn=kv.get("a"), cache=cache)
+                                  memory_attn=kv.get("a"), cache=cache, memory_keys_rotated=kv.get("kr"))
         hidden: list[torch.Tensor | None] = [None] * (n + 1)
         kv: dict[str, torch.Tensor] = {}
 

@@ -134,7 +134,9 @@ def llama_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor | N
     """`input_ids [B, T]` (T <= MAX_STEP_TOKENS from `Backbone.encode`; a ragged batch's
     prefill feeds up to inference/ragged.py's FEED_TOKENS) after `cache.get_seq_length()` cached
     positions -> {"hidden": N+1 states `[B, T, d]`, "last_hidden" (final norm), "kv": the
-    memory layer's q, k, v `[B, T, heads, D]` and attention output a `[B, T, H, D]`}.
+    memory layer's q, k, v `[B, T, heads, D]`, attention output a `[B, T, H, D]` and its
+    rotated keys of every cached position after this step, kr `[B, G, S, D]` (a view of the
+    cache: valid until the cache changes)}.
     The cache grows by T positions, as with the Hugging Face forward.
 
     `key_mask [B, S]` bool (S = cached + T positions; True: a real key), or `[B, T, S]` (one
@@ -170,6 +172,8 @@ def llama_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor | N
         if i == memory_layer:
             kv.update(q=q.float(), k=k.float(), v=v.float())
         keys, values = cache.update(apply_rotary(k, cos, sin).transpose(1, 2), v.transpose(1, 2), i)  # [B, G, S, D]
+        if i == memory_layer:  # the memory reader's local log-sum-exp needs them: not rotated twice
+            kv["kr"] = keys
         # grouped-query attention without repeating keys: the H/G query heads of a group,
         # times T positions, attend together
         qg = apply_rotary(q, cos, sin).reshape(B, T, G, H // G, D).permute(0, 2, 3, 1, 4).reshape(B, G, H // G * T, D)

@@ -344,7 +344,8 @@ class RaggedWindows:
         step = llama_step(bb, ids, pos, self.cache, model.config.memory_layer, key_mask)
         kv = step["kv"]
         out = BackboneOutput(hidden_states=step["hidden"], last_hidden=step["last_hidden"], memory_keys=kv["k"],
-                             memory_values=kv["v"], memory_queries=kv["q"], memory_attn=kv["a"], cache=self.cache)
+                             memory_values=kv["v"], memory_queries=kv["q"], memory_attn=kv["a"], cache=self.cache,
+                             memory_keys_rotated=kv.get("kr"))
         self.ids = torch.cat([self.ids, ids], 1)
         self.keys = torch.cat([self.keys, out.memory_keys], 1)
         self.values = torch.cat([self.values, out.memory_values], 1)

@@ -36,6 +36,7 @@ class MemoryInputs:
     rotate: Callable
     rotate_keys: Callable | None = None
     key_mask: torch.Tensor | None = None  # [B, P+T] or [B, T, P+T] bool: real keys (rows of different lengths)
+    rotated_keys: torch.Tensor | None = None  # [B, P+T, G, D]: `keys` already rotated (the backbone's cache)
 
 
 class MemoryReader(nn.Module):
@@ -71,7 +72,8 @@ class MemoryReader(nn.Module):
         if self.mode == "gated":
             w = torch.sigmoid(self.gate).view(1, 1, -1, 1) * has
         else:
-            local = causal_lse(mem.rotate(q), (mem.rotate_keys or mem.rotate)(mem.keys), mem.key_mask)
+            kr = mem.rotated_keys if mem.rotated_keys is not None else (mem.rotate_keys or mem.rotate)(mem.keys)
+            local = causal_lse(mem.rotate(q), kr, mem.key_mask)
             w = torch.sigmoid(lse_mem - local) * has
         delta = w * (a_mem - mem.attn)
         return self.into_side(mem.out_proj(delta.flatten(2)))
@@ -102,8 +104,13 @@ def memory_inputs(backbone: Backbone, out: BackboneOutput, layer: int, retrieve:
             key_positions = torch.arange(start + T, device=dev).expand(B, start + T)
     elif key_positions is None or key_mask is None or window_keys is None:
         raise LongsideError("positions per row need window_keys, key_positions and key_mask")
+    # during decoding the cache holds the window's keys rotated at their positions: the
+    # same bits as rotating `keys` again (one rotary function, the same positions)
+    rotated = out.memory_keys_rotated
+    if window_keys is None or rotated is None or rotated.shape[2] != keys.shape[1]:
+        rotated = None
     return MemoryInputs(
         queries=out.memory_queries, attn=out.memory_attn, keys=keys, retrieve=retrieve,
         out_proj=lambda a: backbone.attn_output(layer, a), rotate=lambda x: backbone.rotate(x, positions, layer),
         rotate_keys=None if key_positions is None else (lambda x: backbone.rotate(x, key_positions, layer)),
-        key_mask=key_mask)
+        key_mask=key_mask, rotated_keys=None if rotated is None else rotated.transpose(1, 2))
