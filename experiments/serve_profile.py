@@ -6,6 +6,7 @@
     python experiments/serve_profile.py steps     # RaggedWindows: one batch step of 1, 2, 4 and 8 rows
                                                   # (each with its own copy of ~19k tokens of memory),
                                                   # and a cProfile of 8
+    python experiments/serve_profile.py long      # batch steps of 1 and 8 rows whose windows hold ~940 tokens
     python experiments/serve_profile.py prefill   # 8 users' chat prompts read one by one, then together
     python experiments/serve_profile.py reader    # 8-row steps before and after a read on a reader
                                                   # thread (one torch thread there, or default)
@@ -154,6 +155,34 @@ def steps() -> None:
         ragged.step(torch.tensor([100 + i] * 8))
     prof.disable()
     pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+
+
+def long_windows() -> None:
+    """Batch steps of 1 and 8 rows (each its own copy of ~19k tokens of memory) whose windows
+    already hold 900 tokens of a book: a long conversation's decoding."""
+    model, _ = load_model()
+    mem = Memory(model.backbone, model.config, 1)
+    mem.memorize(_book(70000), progress=False, as_text=True)
+    path = Path(tempfile.mkdtemp()) / "memory.safetensors"
+    mem.save(path)
+    ids = torch.tensor([model.backbone.tokenizer(_book(106000)[100000:])["input_ids"][:900]])
+    for rows in (1, 8):
+        ragged = RaggedWindows(model, write_memory=False)
+        for _ in range(rows):
+            m = Memory(model.backbone, model.config, 1)
+            m.load(path)
+            w = LocalWindow(model, 1, memory=m, write_memory=False)
+            w.feed(ids)
+            ragged.join(w)
+        for i in range(3):
+            ragged.step(torch.tensor([100 + i] * rows))
+        best = []
+        for _ in range(3):
+            t = time.perf_counter()
+            for i in range(12):
+                ragged.step(torch.tensor([100 + i] * rows))
+            best.append((time.perf_counter() - t) / 12 * 1000)
+        print(f"{rows} row(s), {ragged.columns} columns: {min(best):.1f} ms per step (best of 3 x 12)", flush=True)
 
 
 def prefill() -> None:
@@ -331,4 +360,4 @@ def engine() -> None:
 
 
 if __name__ == "__main__":
-    {"threads": threads, "products": products, "steps": steps, "read": read, "reader": reader, "search": search, "prefill": prefill, "engine": engine}[sys.argv[1] if len(sys.argv) > 1 else "threads"]()
+    {"threads": threads, "products": products, "steps": steps, "long": long_windows, "read": read, "reader": reader, "search": search, "prefill": prefill, "engine": engine}[sys.argv[1] if len(sys.argv) > 1 else "threads"]()

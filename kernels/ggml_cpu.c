@@ -445,10 +445,12 @@ static void quantize_x_scalar(const float *x, int64_t ldx, int64_t M, int64_t K,
                 if (a > amax) amax = a;
             }
             float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+            if (!(id < INFINITY)) id = 0.0f; /* a block of tiny values (1/d overflows): all codes 0 */
             int sum = 0;
             int8_t *q = qx + m * K + b * 32;
             for (int j = 0; j < 32; j++) {
-                int iv = (int)roundf(v[j] * id);
+                float r = v[j] * id;
+                int iv = r == r ? (int)roundf(r) : 0; /* NaN (an inf or NaN input): code 0 */
                 q[j] = (int8_t)iv;
                 sum += iv;
             }
@@ -485,9 +487,11 @@ AVX2 static void quantize_x_avx2(const float *x, int64_t ldx, int64_t M, int64_t
             h = _mm_max_ps(h, _mm_movehl_ps(h, h));
             h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
             float d = _mm_cvtss_f32(h) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+            if (!(id < INFINITY)) id = 0.0f;
             __m256i q[4], total = _mm256_setzero_si256();
             for (int i = 0; i < 4; i++) {
-                q[i] = round_away8(_mm256_mul_ps(f[i], _mm256_set1_ps(id)));
+                __m256 r = _mm256_mul_ps(f[i], _mm256_set1_ps(id));
+                q[i] = round_away8(_mm256_and_ps(r, _mm256_cmp_ps(r, r, _CMP_ORD_Q))); /* NaN -> 0 */
                 total = _mm256_add_epi32(total, q[i]);
             }
             /* int32 -> int8 in element order: packs interleave 128-bit lanes, the permute undoes it */

@@ -12,6 +12,7 @@ import functools
 import os
 
 import torch
+from longside.errors import LongsideError
 from longside.kernels.clib import BUILD_HINT, load_library
 from longside.kernels.ggml import GGMLWeight, type_info
 
@@ -99,6 +100,9 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     """The int8 activations `gemv_int8` multiplies with: float32 x `[M, K]` (K a multiple of
     32) -> codes int8 `[M, K]`, scales float32 `[M, K/32]` and scale * code sums `[M, K/32]`."""
     m, k = x.shape
+    if k % 32 or not available():
+        raise LongsideError(f"quantize_int8 needs the compiled kernels and K a multiple of 32, got K={k} "
+                            f"({'built' if available() else BUILD_HINT})")
     x = x.float().contiguous()
     nb = k // 32
     q = torch.empty(m, k, dtype=torch.int8)

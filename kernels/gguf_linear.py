@@ -2,12 +2,12 @@
 `load_gguf_layers`, which swaps a model's linear layers and token embedding for them.
 
 Nothing is dequantized to fp32 and re-quantized: the bytes of the file are the weights.
-`matmul_ggml` picks the path by M and the activation kind: int8 activations (Q4_0/Q4_1/Q8_0,
-as llama.cpp does) run the fused int8 kernel up to `INT8_MAX_M` rows (decode steps, chat
-prompts, several users' prompts read together); exact fp32 activations run a fused kernel up
-to `FUSED_MAX_M` rows; everything else exact dequantization of cache-sized tiles and one BLAS
-GEMM per tile (the 1024-token segments that memorize and evaluate: their logits stay the fp32
-copy's).
+`matmul_ggml` picks the path by M: up to `FUSED_MAX_M` rows (decode) a fused kernel (int8
+activations for Q4_0/Q4_1/Q8_0 as llama.cpp does, or exact fp32 activations), above it exact
+dequantization of cache-sized tiles and one BLAS GEMM per tile (segment reads: evaluation,
+memorizing, training features keep the fp32 copy's logits). The lean decode step
+(backbone/decode_step.py) lets int8 products run the int8 kernel up to `INT8_MAX_M` rows: the
+prompts it reads, one user's or several users' together.
 """
 
 from __future__ import annotations
@@ -25,19 +25,21 @@ from tqdm.auto import tqdm
 
 from longside.errors import LongsideError
 
-# Up to this many rows of x the fused fp32-activation kernel runs; above, tiled dequantize +
-# BLAS wins. The int8 kernel is faster than the tiles at every M measured (SmolLM2's products,
-# M 16-512: 1.5-5.7x, 2 threads, AVX-512 VNNI: experiments/serve_profile.py products); its
-# bound keeps window-sized segments exact.
+# Up to this many rows of x the fused kernels run; above, tiled dequantize + BLAS wins for fp32
+# activations. The int8 kernel beats the tiles at every M measured (SmolLM2's products, M
+# 16-512: 1.5-5.7x, 2 threads, AVX-512 VNNI: experiments/serve_profile.py products): the
+# lean decode step lets it run up to INT8_MAX_M rows (`int8_max_m`).
 FUSED_MAX_M = 16
 INT8_MAX_M = 512
 ACTIVATIONS = ("int8", "fp32")
 
 
-def matmul_ggml(x: torch.Tensor, w: GGMLWeight, activations: str = "int8") -> torch.Tensor:
+def matmul_ggml(x: torch.Tensor, w: GGMLWeight, activations: str = "int8",
+                int8_max_m: int | None = None) -> torch.Tensor:
     """`x @ W.T` for a ggml weight W `[N, K]`: x float `[..., K]` -> float32 `[..., N]` on
     CPU (x's dtype on CUDA). `activations="int8"` quantizes x per block of 32 on the fused
-    path (Q4_0/Q4_1/Q8_0 only); "fp32" keeps it exact."""
+    path (Q4_0/Q4_1/Q8_0 only), taken up to `int8_max_m` rows (default `FUSED_MAX_M`);
+    "fp32" keeps it exact."""
     n, k = w.shape
     if x.shape[-1] != k:
         raise LongsideError(f"matmul_ggml: x has {x.shape[-1]} features, the weight expects {k}")
@@ -60,7 +62,7 @@ def matmul_ggml(x: torch.Tensor, w: GGMLWeight, activations: str = "int8") -> to
                       f"{ggml_cpu.BUILD_HINT}", RuntimeWarning, stacklevel=2)
         return (x2 @ dequantize_reference(w).t()).reshape(*lead, n)
     m = x2.shape[0]
-    if activations == "int8" and w.qtype in ggml_cpu.INT8_TYPES and m <= INT8_MAX_M:
+    if activations == "int8" and w.qtype in ggml_cpu.INT8_TYPES and m <= (int8_max_m or FUSED_MAX_M):
         y = ggml_cpu.gemv_int8(x2, w)
     elif m <= FUSED_MAX_M:
         y = ggml_cpu.gemv_f32(x2, w)
@@ -129,11 +131,13 @@ class GGUFLinear(nn.Module):
         """The weight as float32 `[out_features, in_features]` (e.g. to prune a side network from)."""
         return dequantize_ggml(self.ggml_weight())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, int8_max_m: int | None = None) -> torch.Tensor:
+        """`int8_max_m`: up to how many rows int8 activations take the int8 kernel (default
+        `FUSED_MAX_M`; the lean decode step passes `INT8_MAX_M`)."""
         if x.requires_grad and torch.is_grad_enabled():
             y = _MatmulGGML.apply(x, self.ggml_weight(), self.activations)
         else:  # decode: no autograd node to build
-            y = matmul_ggml(x, self.ggml_weight(), self.activations)
+            y = matmul_ggml(x, self.ggml_weight(), self.activations, int8_max_m)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype)

@@ -237,8 +237,8 @@ class TokenMemory:
     def _candidates_of_one(self, stream: torch.Tensor, orders: dict, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`_candidates` for the last position alone (a decode step), on Python ints: one
         search per n-gram order instead of ~20 tiny tensor ops. The same result."""
-        tail = stream[-max(orders):].tolist()
         pos, found = [0] * k, [False] * k
+        tail = stream[-max(orders, default=0):].tolist() if orders else []
         for n in sorted(orders, reverse=True):
             if len(tail) < n:  # too short: no hash
                 continue

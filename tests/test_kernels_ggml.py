@@ -18,7 +18,7 @@ from longside.errors import LongsideError
 from longside.kernels import ggml_cpu
 from longside.kernels.ggml import (GGML_TYPES, GGMLWeight, dequantize_blocks, dequantize_reference, llama_row_order,
                                    random_weight)
-from longside.kernels.gguf_linear import INT8_MAX_M, GGUFEmbedding, GGUFLinear, dequantize_ggml, matmul_ggml
+from longside.kernels.gguf_linear import FUSED_MAX_M, INT8_MAX_M, GGUFEmbedding, GGUFLinear, dequantize_ggml, matmul_ggml
 
 TYPES = list(GGML_TYPES)
 needs_c = pytest.mark.skipif(not ggml_cpu.available(), reason=f"GGUF C kernel not built: {ggml_cpu.BUILD_HINT}")
@@ -124,10 +124,13 @@ x = torch.randn(7, 288, generator=g) * torch.logspace(-30, 3, 7)[:, None]
 x[0, :32] = torch.arange(-16, 16).float() + 0.5  # a block of max 127 has scale 1: exact halves
 x[0, 5] = 127.0
 x[1, 32:64] = 0.0
+x[2, :32] = 1e-40  # 1/scale overflows: codes 0
+x[3, 3], x[4, 40] = float("nan"), float("inf")  # codes 0 there
 q, d, s = ggml_cpu.quantize_int8(x)
 want = torch.where(x[0, :32] < 0, -(x[0, :32].abs() + 0.5).floor(), (x[0, :32] + 0.5).floor())
 assert torch.equal(q[0, :32].float(), want), q[0, :32]
-assert d[0, 0] == 1.0 and d[1, 1] == 0.0 and not q[1, 32:64].any()
+assert d[0, 0] == 1.0 and d[1, 1] == 0.0 and not q[1, 32:64].any() and not q[2, :32].any()
+assert q[3, 3] == 0 and not q[4, 32:64].any()
 print(ggml_cpu.isa(), hashlib.sha256(b"".join(t.numpy().tobytes() for t in (q, d, s))).hexdigest())
 """
     outs = _printed_per_isa(code, ("scalar", "avx2", "avx512"))
@@ -177,14 +180,17 @@ def test_gguf_linear_paths(qtype):
     ref = dequantize_reference(w)
     exact = GGUFLinear.from_weight(w, bias, activations="fp32")
     assert torch.equal(exact.dequantize(), ref)
-    for m in (1, 3, 40, 300):  # fused (int8: 2m rows <= INT8_MAX_M; fp32: <= 16) and tiled paths
+    fast = GGUFLinear.from_weight(w, bias)
+    for m in (1, 3, 40, 300):  # fused (2m rows <= the bound) and tiled paths
         x = torch.randn(2, m, 256)
         want = x @ ref.t() + bias
         scale = want.abs().max()
         assert (exact(x) - want).abs().max() <= 1e-5 * scale
-        fast = GGUFLinear.from_weight(w, bias)(x)
-        tol = 3e-2 if (2 * m <= INT8_MAX_M and qtype in ggml_cpu.INT8_TYPES) else 1e-5  # int8 activations round x
-        assert (fast - want).abs().max() <= tol * scale
+        for bound in (None, INT8_MAX_M):  # default FUSED_MAX_M; the lean decode step's INT8_MAX_M
+            int8 = 2 * m <= (bound or FUSED_MAX_M) and qtype in ggml_cpu.INT8_TYPES
+            err = (fast(x, int8_max_m=bound) - want).abs().max()
+            assert err <= (3e-2 if int8 else 1e-5) * scale  # int8 activations round x
+            assert int8 or err <= 1e-5 * scale
     # gradient w.r.t. the input only, through the exact weight
     x = torch.randn(4, 256, requires_grad=True)
     exact(x).pow(2).sum().backward()

@@ -183,6 +183,7 @@ def test_the_readers_window_keys_come_rotated_from_the_cache(model, monkeypatch)
         mem = memory_attention.memory_inputs(*args, **kwargs)
         if kwargs.get("window_keys") is not None and mem.queries.shape[1] == 1:  # a decode step
             assert mem.rotated_keys is not None
+        if mem.rotated_keys is not None:
             again = (mem.rotate_keys or mem.rotate)(mem.keys)
             real = torch.ones(again.shape[:2], dtype=torch.bool) if mem.key_mask is None else \
                 (mem.key_mask if mem.key_mask.dim() == 2 else mem.key_mask.any(1))
@@ -200,5 +201,10 @@ def test_the_readers_window_keys_come_rotated_from_the_cache(model, monkeypatch)
     for _ in range(8):  # row 0 crosses its segment boundary
         ids = torch.randint(0, 2000, (2,), generator=gen)
         ragged.step(ids)
-        pairs[0][1].feed(ids[:1, None])
-    assert len(checked) >= 16 and max(checked) > 5
+    ragged.feed([torch.randint(0, 2000, (n,), generator=gen) for n in (3, 9)])  # padding, rows shifted
+    for _ in range(3):
+        ragged.step(torch.randint(0, 2000, (2,), generator=gen))
+    alone = ragged.leave(1)
+    for _ in range(3):
+        alone.feed(torch.randint(0, 2000, (1, 1), generator=gen))
+    assert len(checked) >= 15 and max(checked) > 5

@@ -124,6 +124,9 @@ def test_match_of_one_query_equals_the_batched_lookup():
         assert torch.equal(one[0], many[0][-1:]) and torch.equal(one[1], many[1][-1:]), trial
         hits += int(one[0][0, 0] > 0)
     assert hits > 30
+    tiny = TokenMemory(4, capacity=8, dtype=torch.float32)  # one stored pair: no n-gram order yet
+    tiny.add(_unit(2, 4), torch.tensor([3, 4]))
+    assert tiny.match(torch.tensor([3, 4]), 1, 4)[0].sum() == 0
     text_, _, orders = tm._index()  # a one-token context: both candidate searches directly
     for t in range(6):
         stream = torch.cat([text_, torch.tensor([t])])

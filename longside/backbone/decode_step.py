@@ -29,6 +29,7 @@ from transformers.cache_utils import DynamicLayer
 
 from longside.backbone.rotary import apply_rotary
 from longside.kernels import GGUFLinear
+from longside.kernels.gguf_linear import INT8_MAX_M
 
 # Up to this many new tokens a step takes the lean path (prefill goes through Hugging Face).
 MAX_STEP_TOKENS = 16
@@ -123,6 +124,13 @@ def _fused_blocks(backbone) -> list[_Fused]:
     return cache["fused"]
 
 
+def _product(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A block's product in this step: GGUF layers on int8 activations take the int8 kernel up
+    to INT8_MAX_M rows (the prompts read here, one user's or several users' together: 1.5-5.7x
+    the exact tiles), where segment reads elsewhere keep exact tiles."""
+    return layer(x, int8_max_m=INT8_MAX_M) if isinstance(layer, GGUFLinear) else layer(x)
+
+
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
     return F.rms_norm(x, (x.shape[-1],), norm.weight, eps)
@@ -165,9 +173,9 @@ def llama_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor | N
         attn, mlp = layer.self_attn, layer.mlp
         x = _rms_norm(layer.input_layernorm, h)
         if fused.qkv is not None:
-            q, k, v = fused.qkv(x).split(fused.sizes, dim=-1)
+            q, k, v = _product(fused.qkv, x).split(fused.sizes, dim=-1)
         else:
-            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            q, k, v = _product(attn.q_proj, x), _product(attn.k_proj, x), _product(attn.v_proj, x)
         q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, G, D), v.reshape(B, T, G, D)
         if i == memory_layer:
             kv.update(q=q.float(), k=k.float(), v=v.float())
@@ -187,12 +195,12 @@ def llama_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor | N
         a = (scores.softmax(-1) @ values).reshape(B, G, H // G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
         if i == memory_layer:
             kv["a"] = a.reshape(B, T, H, D).float()
-        h = h + attn.o_proj(a)
+        h = h + _product(attn.o_proj, a)
         x = _rms_norm(layer.post_attention_layernorm, h)
         if fused.gate_up is not None:
-            gate, up = fused.gate_up(x).split([fused.ffn, fused.ffn], dim=-1)
+            gate, up = _product(fused.gate_up, x).split([fused.ffn, fused.ffn], dim=-1)
         else:
-            gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-        h = h + mlp.down_proj(mlp.act_fn(gate) * up)
+            gate, up = _product(mlp.gate_proj, x), _product(mlp.up_proj, x)
+        h = h + _product(mlp.down_proj, mlp.act_fn(gate) * up)
         hidden.append(h)
     return {"hidden": hidden, "last_hidden": base.norm(h), "kv": kv}

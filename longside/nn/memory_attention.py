@@ -107,7 +107,7 @@ def memory_inputs(backbone: Backbone, out: BackboneOutput, layer: int, retrieve:
     # during decoding the cache holds the window's keys rotated at their positions: the
     # same bits as rotating `keys` again (one rotary function, the same positions)
     rotated = out.memory_keys_rotated
-    if window_keys is None or rotated is None or rotated.shape[2] != keys.shape[1]:
+    if window_keys is None or rotated is None or rotated.shape[2] != keys.shape[1] or rotated.dtype != keys.dtype:
         rotated = None
     return MemoryInputs(
         queries=out.memory_queries, attn=out.memory_attn, keys=keys, retrieve=retrieve,
