@@ -238,7 +238,7 @@ class TokenMemory:
         """`_candidates` for the last position alone (a decode step), on Python ints: one
         search per n-gram order instead of ~20 tiny tensor ops. The same result."""
         pos, found = [0] * k, [False] * k
-        tail = stream[-max(orders, default=0):].tolist() if orders else []
+        tail = stream[-max(orders):].tolist() if orders else []  # no order yet: nothing to look up
         for n in sorted(orders, reverse=True):
             if len(tail) < n:  # too short: no hash
                 continue

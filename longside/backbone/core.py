@@ -87,6 +87,14 @@ class BackboneOutput:
     memory_keys_rotated: torch.Tensor | None = None
     backbone_segment: Any = None
 
+    @classmethod
+    def of_step(cls, step: dict, cache: Any) -> "BackboneOutput":
+        """The output of one `decode_step.llama_step` (its dict) that grew `cache`."""
+        kv = step["kv"]
+        return cls(hidden_states=step["hidden"], last_hidden=step["last_hidden"], memory_keys=kv.get("k"),
+                   memory_values=kv.get("v"), memory_queries=kv.get("q"), memory_attn=kv.get("a"), cache=cache,
+                   memory_keys_rotated=kv.get("kr"))
+
 
 class Backbone:
     """A frozen causal LM and its tokenizer behind a family-agnostic interface.
@@ -230,11 +238,8 @@ class Backbone:
                 raise BackboneError(f"memory_layer {memory_layer} out of range for {n} layers")
             memory_layer %= n
         if self.spec.family == "llama" and use_cache and decode_step.can_step(self, T, attention_mask, cache):
-            step = decode_step.llama_step(self, input_ids, position_ids, cache, memory_layer)
-            kv = step["kv"]
-            return BackboneOutput(hidden_states=step["hidden"], last_hidden=step["last_hidden"],
-                                  memory_keys=kv.get("k"), memory_values=kv.get("v"), memory_queries=kv.get("q"),
-                                  memory_attn=kv.get("a"), cache=cache, memory_keys_rotated=kv.get("kr"))
+            return BackboneOutput.of_step(decode_step.llama_step(self, input_ids, position_ids, cache, memory_layer),
+                                          cache)
         hidden: list[torch.Tensor | None] = [None] * (n + 1)
         kv: dict[str, torch.Tensor] = {}
 

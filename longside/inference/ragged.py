@@ -341,11 +341,8 @@ class RaggedWindows:
         `real [B, T]` bool: which new tokens are not padding (their retrievals alone count
         in a bank's hit counters, so a row's stored state never depends on the others)."""
         model, bb = self.model, self.model.backbone
-        step = llama_step(bb, ids, pos, self.cache, model.config.memory_layer, key_mask)
-        kv = step["kv"]
-        out = BackboneOutput(hidden_states=step["hidden"], last_hidden=step["last_hidden"], memory_keys=kv["k"],
-                             memory_values=kv["v"], memory_queries=kv["q"], memory_attn=kv["a"], cache=self.cache,
-                             memory_keys_rotated=kv.get("kr"))
+        out = BackboneOutput.of_step(llama_step(bb, ids, pos, self.cache, model.config.memory_layer, key_mask),
+                                     self.cache)
         self.ids = torch.cat([self.ids, ids], 1)
         self.keys = torch.cat([self.keys, out.memory_keys], 1)
         self.values = torch.cat([self.values, out.memory_values], 1)
