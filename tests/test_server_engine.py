@@ -26,7 +26,10 @@ def model(smollm2):
     return load_model(backbone=smollm2)[0]
 
 
-def _serve(model, root, together: bool) -> tuple[dict, dict, list]:
+def _serve(model, root, arrive: str) -> tuple[dict, dict, list]:
+    """arrive: "waiting" (all queued before the engine starts), "while reading" (the others
+    sent while an idle engine reads the first one's user from disk), "one by one" (each
+    after the previous answer)."""
     store = UserStore(model, root)
     for user, text in NOTES.items():
         store.session(user).memorize(text, progress=False)
@@ -46,26 +49,50 @@ def _serve(model, root, together: bool) -> tuple[dict, dict, list]:
                 done.set()
         jobs.append((Job("chat", user, emit=emit, messages=[{"role": "user", "content": QUESTIONS[user]}],
                          config=GenerationConfig(max_new_tokens=8), ignore_eos=True), done))
-    if together:  # all waiting before the engine starts: its first pass admits them all
+    if arrive == "waiting":  # all waiting before the engine starts: its first pass admits them all
         for job, _ in jobs:
             engine.submit(job)
         engine.start()
-        for _, done in jobs:
-            assert done.wait(300)
+    elif arrive == "while reading":
+        reading, read_on = threading.Event(), threading.Event()
+        read = store.read
+
+        def slow_read(user):
+            if user == jobs[0][0].user:
+                reading.set()
+                assert read_on.wait(60)
+            return read(user)
+        store.read = slow_read
+        engine.start()
+        engine.submit(jobs[0][0])
+        assert reading.wait(60)
+        for job, _ in jobs[1:]:
+            engine.submit(job)
+        read_on.set()
     else:
         engine.start()
         for job, done in jobs:
             engine.submit(job)
             assert done.wait(300)
+    for _, done in jobs:
+        assert done.wait(300)
     engine.stop()
     return {u: "".join(r) for u, r in replies.items()}, engine.stats(), ends
 
 
 def test_prompts_read_together_answer_as_alone(model, tmp_path):
-    alone, alone_stats, alone_ends = _serve(model, tmp_path / "alone", together=False)
-    together, stats, ends = _serve(model, tmp_path / "together", together=True)
+    alone, alone_stats, alone_ends = _serve(model, tmp_path / "alone", "one by one")
+    together, stats, ends = _serve(model, tmp_path / "together", "waiting")
     assert alone_stats["prompts_together"] == 0 and stats["prompts_together"] == len(NOTES)
     assert [e["type"] for e in ends + alone_ends] == ["done"] * 2 * len(NOTES)
     assert all(e["usage"]["completion_tokens"] == 8 for e in ends)
     assert together == alone
     assert len(set(together.values())) == len(NOTES)  # three users, three different replies
+
+
+def test_requests_arriving_while_the_first_user_is_read_start_with_it(model, tmp_path):
+    # without it the first request's prompt is read alone and the others' after it
+    replies, stats, ends = _serve(model, tmp_path / "while", "while reading")
+    assert stats["prompts_together"] == len(NOTES)
+    assert [e["type"] for e in ends] == ["done"] * len(NOTES)
+    assert len(set(replies.values())) == len(NOTES)

@@ -3,8 +3,9 @@
 Requests arrive as `Job`s from any thread (`submit`); the engine thread alone touches the
 model and the `UserStore`. Each pass of its loop:
 
-    admits waiting jobs of users not already busy: the chat turns admitted together read
-        their new text together (prefill: `RaggedWindows.feed`, each user's window and
+    admits waiting jobs of users not already busy (an idle engine also takes those that
+        arrive while it reads the first ones' users from disk): the chat turns admitted
+        together read their new text together (prefill: `RaggedWindows.feed`, each user's window and
         memory its own, prompts of any lengths), choose their first tokens and join the
         running batch (one row per user, each row its own length and its own memory); a
         document, a forget or a look at memory starts or is answered;
@@ -191,9 +192,11 @@ class Engine:
         finally:
             self._reader.shutdown(wait=False)
 
-    def _admissible(self) -> list[Job]:
-        """Take the waiting jobs that can start now (under the lock)."""
-        admit, busy, room = [], self._busy(), self.max_batch - len(self._turns)
+    def _admissible(self, taken: list[Job] = ()) -> list[Job]:
+        """Take the waiting jobs that can start now besides `taken`, those taken in this pass
+        already (under the lock)."""
+        busy = self._busy() | {j.user for j in taken}
+        admit, room = [], self.max_batch - len(self._turns) - sum(j.kind == "chat" for j in taken)
         for job in list(self._waiting):
             if job.user in busy or (job.kind == "chat" and room <= 0):
                 busy.add(job.user)  # the user's later jobs wait too: each user's run in order
@@ -207,6 +210,16 @@ class Engine:
     def _pass(self, admit: list[Job]) -> None:
         busy_before = self._busy()
         self._read_ahead(admit)
+        if not busy_before and any(j.kind == "chat" for j in admit):
+            # the engine was idle: chat requests that came while these users were read from
+            # disk join them, and all their prompts are read together
+            while True:
+                with self._wake:
+                    more = self._admissible(admit)
+                if not more:
+                    break
+                self._read_ahead(more)
+                admit = admit + more
         starting: list[tuple[_Turn, torch.Tensor]] = []  # chat turns begun, their prompts not yet read
         for job in admit:
             self._guard(job, lambda j: self._admit(j, starting))
@@ -230,7 +243,9 @@ class Engine:
         """Read the users of `admit` whose sessions are on disk only, two at a time (one on
         this thread, one on the reader thread): file reads, checksums and copies, no model
         work, while the model waits for them anyway. (A reader thread that read *beside*
-        decoding was slower: it contended with the model's OpenMP team for the two cores.)"""
+        decoding was slower: it contended with the model's OpenMP team for the two cores.)
+        A user read here is read before any turn starts: requests arriving meanwhile can
+        still join them (`_pass`)."""
         users = []
         for job in admit:
             try:
@@ -238,7 +253,7 @@ class Engine:
                     users.append(job.user)
             except Exception:
                 pass  # an invalid name, an unreadable directory: its job fails with the reason when admitted
-        if len(users) < 2:
+        if not users:
             return
 
         def read(user: str) -> "SavedSession | Exception":
@@ -276,8 +291,8 @@ class Engine:
         job.emit({"type": "error", "status": status, "message": message})
 
     def _admit(self, job: Job, starting: list) -> None:
-        # a user whose memory is on disk only is read here on the model's thread (~0.07 s
-        # for 19k tokens), or, when several are, two at a time before (`_read_ahead`)
+        # a user whose memory is on disk only was read before (`_read_ahead`; ~0.07 s for
+        # 19k tokens, two users at a time)
         if job.cancelled:
             return
         store = self.store
