@@ -1,0 +1,28 @@
+"""`longside bench serve`: it runs end to end over real servers and reports the median pair."""
+
+import json
+
+import pytest
+
+from longside.bench import serve as bench
+from longside.errors import LongsideError
+
+
+def test_sizes_are_checked_before_any_work(tmp_path):
+    with pytest.raises(LongsideError, match="must be >= 1"):
+        bench.main(["--repeats", "0", "--json", str(tmp_path / "serve.json")])
+    assert not (tmp_path / "serve.json").exists()
+
+
+@pytest.mark.slow
+def test_bench_writes_the_median_pair(tmp_path):
+    out = tmp_path / "serve.json"
+    assert bench.main(["--quick", "--users", "2", "--memory-tokens", "256", "--new-tokens", "4",
+                       "--requests", "10", "--repeats", "2", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["repeats"] == 2 and len(r["pairs"]) == 2
+    ratios = sorted(p["ratio"] for p in r["pairs"])
+    assert r["concurrent_over_sequential_tokens_per_s"] == ratios[0]  # the lower of two
+    assert r["sequential"]["tokens"] == r["concurrent"]["tokens"] == 2 * 4
+    assert r["restart"]["users_identical_checksum"] == 2
+    assert r["isolation"]["cross_user_reads"] == 0 and r["isolation"]["failed"] == 0
