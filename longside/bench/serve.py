@@ -1,14 +1,15 @@
 """`longside bench serve`: users with their own long memories, served together versus one by one.
 
-    longside bench serve [--users 8] [--memory-tokens 16384] [--new-tokens 64] [--requests 1000]
+    longside bench serve [--users 8] [--memory-tokens 16384] [--new-tokens 64] [--requests 1000] [--repeats 3]
 
 1. Prepare a store: each user memorizes their own `--memory-tokens` of held-out Austen
    (consecutive, different passages) plus one sentence with a password of their own.
 2. Sequential: a server on a copy of the store; each user's chat turn (streamed,
    `--new-tokens` tokens with `ignore_eos`) is sent after the previous one ended.
 3. Concurrent: a server on another copy; the same turns sent all at once.
-   Steps 2 and 3 alternate `--repeats` times, each on fresh copies (a shared machine's
-   speed drifts within minutes: one pair alone has moved the ratio by a quarter).
+   Steps 2 and 3 alternate `--repeats` times, each on fresh copies, the concurrent one
+   first in every other pair (a shared machine's speed drifts within minutes: one pair
+   alone has moved the ratio by a quarter).
    Reported: each pair's total new tokens / wall time and their ratio; the headline ratio
    is the median pair's (the lower one of the middle two for an even count; target
    >= 3x), with its time to first token p50 / p95 and how many users the engine decoded
@@ -55,7 +56,7 @@ WORDS = ["amber", "basalt", "cobalt", "dahlia", "ember", "fennel", "garnet", "he
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="longside bench serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="4 users, 2k-token memories, 16 tokens, 100 requests")
+    p.add_argument("--quick", action="store_true", help="4 users, 2k-token memories, 16 tokens, 100 requests, 1 pair")
     p.add_argument("--users", type=int, default=None, help="default 8 (quick 4)")
     p.add_argument("--memory-tokens", type=int, default=None, help="per user; default 16384 (quick 2048)")
     p.add_argument("--new-tokens", type=int, default=None, help="per turn; default 64 (quick 16)")
@@ -94,15 +95,16 @@ def main(argv: list[str]) -> int:
             for name in ("sequential", "concurrent"):
                 shutil.rmtree(tmp / name, ignore_errors=True)  # the previous pair's
                 shutil.copytree(tmp / "store", tmp / name)
-            _log(f"sequential ({r + 1}/{repeats})")
-            with running_server(tmp / "sequential", keys=keys) as s:
-                seq = _turns(s.url, headers, prompts, new_tokens, concurrent=False)
-            _log(f"concurrent ({r + 1}/{repeats})")
-            with running_server(tmp / "concurrent", keys=keys) as s:
-                stats0 = httpx.get(s.url + "/v1/stats", headers=headers[users[0]]).json()
-                con = _turns(s.url, headers, prompts, new_tokens, concurrent=True)
-                stats1 = httpx.get(s.url + "/v1/stats", headers=headers[users[0]]).json()
-                before = {u: _memory(s.url, headers[u]) for u in users}
+            for mode in ("sequential", "concurrent")[::-1 if r % 2 else 1]:
+                _log(f"{mode} ({r + 1}/{repeats})")
+                with running_server(tmp / mode, keys=keys) as s:
+                    if mode == "sequential":
+                        seq = _turns(s.url, headers, prompts, new_tokens, concurrent=False)
+                        continue
+                    stats0 = httpx.get(s.url + "/v1/stats", headers=headers[users[0]]).json()
+                    con = _turns(s.url, headers, prompts, new_tokens, concurrent=True)
+                    stats1 = httpx.get(s.url + "/v1/stats", headers=headers[users[0]]).json()
+                    before = {u: _memory(s.url, headers[u]) for u in users}
             steps = stats1["steps"] - stats0["steps"]
             pairs.append({"sequential": seq, "concurrent": con,
                           "ratio": round(con["tokens_per_s"] / seq["tokens_per_s"], 2),
@@ -124,7 +126,8 @@ def main(argv: list[str]) -> int:
         "mean_rows_per_step": median["mean_rows_per_step"],
         "pairs": [{"sequential_tokens_per_s": p["sequential"]["tokens_per_s"],
                    "concurrent_tokens_per_s": p["concurrent"]["tokens_per_s"], "ratio": p["ratio"],
-                   "concurrent_ttft_p50_s": p["concurrent"]["ttft_p50_s"]} for p in pairs],
+                   "concurrent_ttft_p50_s": p["concurrent"]["ttft_p50_s"],
+                   "mean_rows_per_step": p["mean_rows_per_step"]} for p in pairs],
         "restart": {"users_identical_checksum": same, "users": users_n,
                     "memory_tokens": {u: after[u]["tokens"] for u in users}},
         "isolation": isolation,

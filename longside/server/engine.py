@@ -209,17 +209,18 @@ class Engine:
 
     def _pass(self, admit: list[Job]) -> None:
         busy_before = self._busy()
-        self._read_ahead(admit)
         if not busy_before and any(j.kind == "chat" for j in admit):
             # the engine was idle: chat requests that came while these users were read from
-            # disk join them, and all their prompts are read together
-            while True:
+            # disk join them, and all their prompts are read together (again while those
+            # joining took a read, as long as a chat turn has room)
+            read = self._read_ahead(admit)
+            while read and sum(j.kind == "chat" for j in admit) < self.max_batch:
                 with self._wake:
                     more = self._admissible(admit)
-                if not more:
-                    break
-                self._read_ahead(more)
+                read = self._read_ahead(more)
                 admit = admit + more
+        else:
+            self._read_ahead(admit)
         starting: list[tuple[_Turn, torch.Tensor]] = []  # chat turns begun, their prompts not yet read
         for job in admit:
             self._guard(job, lambda j: self._admit(j, starting))
@@ -239,22 +240,23 @@ class Engine:
         if admit or self._busy() != busy_before:  # users came or went: not at every decode step
             self.store.evict(self._busy())
 
-    def _read_ahead(self, admit: list[Job]) -> None:
+    def _read_ahead(self, admit: list[Job]) -> int:
         """Read the users of `admit` whose sessions are on disk only, two at a time (one on
         this thread, one on the reader thread): file reads, checksums and copies, no model
         work, while the model waits for them anyway. (A reader thread that read *beside*
         decoding was slower: it contended with the model's OpenMP team for the two cores.)
         A user read here is read before any turn starts: requests arriving meanwhile can
-        still join them (`_pass`)."""
+        still join them (`_pass`). Returns how many users were read."""
         users = []
         for job in admit:
             try:
-                if job.kind in ("chat", "memorize") and job.user not in users and self.store.on_disk_only(job.user):
+                if job.kind in ("chat", "memorize") and not job.cancelled and job.user not in users \
+                        and self.store.on_disk_only(job.user):
                     users.append(job.user)
             except Exception:
                 pass  # an invalid name, an unreadable directory: its job fails with the reason when admitted
         if not users:
-            return
+            return 0
 
         def read(user: str) -> "SavedSession | Exception":
             try:
@@ -265,11 +267,12 @@ class Engine:
         try:
             theirs = {u: self._reader.submit(read, u) for u in users[1::2]}
         except RuntimeError:  # the pool is shut down or broken: each is read when admitted
-            return
+            return 0
         for u in users[0::2]:
             self._read[u] = read(u)
         for u, future in theirs.items():
             self._read[u] = future.result()
+        return len(users)
 
     def _session(self, user: str) -> "ChatSession":
         return self.store.session(user, self._read.pop(user, None))
@@ -291,8 +294,8 @@ class Engine:
         job.emit({"type": "error", "status": status, "message": message})
 
     def _admit(self, job: Job, starting: list) -> None:
-        # a user whose memory is on disk only was read before (`_read_ahead`; ~0.07 s for
-        # 19k tokens, two users at a time)
+        # a user whose memory is on disk only was normally read before (`_read_ahead`; ~0.03-
+        # 0.07 s for 19k tokens, two users at a time), else `_session` reads it here
         if job.cancelled:
             return
         store = self.store
