@@ -99,3 +99,34 @@ def test_requests_arriving_while_the_first_user_is_read_start_with_it(model, tmp
     assert stats["prompts_together"] == len(NOTES)
     assert [e["type"] for e in ends] == ["done"] * len(NOTES)
     assert replies == alone
+
+
+def test_a_failed_admission_answers_its_requests_and_the_engine_goes_on(model, tmp_path):
+    store = UserStore(model, tmp_path)
+    store.session("ann").memorize(NOTES["ann"], progress=False)
+    store.save("ann")
+    store.unload("ann")
+    engine = Engine(model, store)
+    read = engine._read_ahead
+
+    def broken(_admit):
+        raise OSError("disk unplugged")
+    engine._read_ahead = broken
+    engine.start()
+    try:
+        for expect in ("error", "done"):
+            done, events = threading.Event(), []
+
+            def emit(e, events=events, done=done):
+                events.append(e)
+                if e["type"] in ("done", "error"):
+                    done.set()
+            engine.submit(Job("chat", "ann", emit=emit, messages=[{"role": "user", "content": QUESTIONS["ann"]}],
+                              config=GenerationConfig(max_new_tokens=2), ignore_eos=True))
+            assert done.wait(120)
+            assert events[-1]["type"] == expect
+            if expect == "error":
+                assert events[-1]["status"] == 500 and "disk unplugged" in events[-1]["message"]
+            engine._read_ahead = read
+    finally:
+        engine.stop()

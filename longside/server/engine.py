@@ -209,18 +209,13 @@ class Engine:
 
     def _pass(self, admit: list[Job]) -> None:
         busy_before = self._busy()
-        if not busy_before and any(j.kind == "chat" for j in admit):
-            # the engine was idle: chat requests that came while these users were read from
-            # disk join them, and all their prompts are read together (again while those
-            # joining took a read, as long as a chat turn has room)
-            read = self._read_ahead(admit)
-            while read and sum(j.kind == "chat" for j in admit) < self.max_batch:
-                with self._wake:
-                    more = self._admissible(admit)
-                read = self._read_ahead(more)
-                admit = admit + more
-        else:
-            self._read_ahead(admit)
+        try:
+            self._take_and_read(admit, idle=not busy_before)
+        except Exception as e:  # none of them has begun: each is answered, none left hanging
+            log.exception("admitting %d requests failed", len(admit))
+            for job in admit:
+                self._fail(job, 500, f"the request could not be admitted ({type(e).__name__}: {e})")
+            admit = []
         starting: list[tuple[_Turn, torch.Tensor]] = []  # chat turns begun, their prompts not yet read
         for job in admit:
             self._guard(job, lambda j: self._admit(j, starting))
@@ -239,6 +234,20 @@ class Engine:
                 self._turns, self.batch = [], RaggedWindows(self.model)
         if admit or self._busy() != busy_before:  # users came or went: not at every decode step
             self.store.evict(self._busy())
+
+    def _take_and_read(self, admit: list[Job], idle: bool) -> None:
+        """Read the users of `admit` that are on disk only. An idle engine then takes into
+        `admit` (in place) the requests that came while they were read, and reads those,
+        again while the newcomers' reads took time and a chat turn has room: chat turns sent
+        together then read their prompts together."""
+        read = self._read_ahead(admit)
+        if not idle or not any(j.kind == "chat" for j in admit):
+            return
+        while read and sum(j.kind == "chat" for j in admit) < self.max_batch:
+            with self._wake:
+                more = self._admissible(admit)
+                admit.extend(more)  # taken from the queue: in `admit` at once, whatever happens next
+            read = self._read_ahead(more)
 
     def _read_ahead(self, admit: list[Job]) -> int:
         """Read the users of `admit` whose sessions are on disk only, two at a time (one on
