@@ -5,10 +5,10 @@ model and the `UserStore`. Each pass of its loop:
 
     admits waiting jobs of users not already busy (an idle engine also takes those that
         arrive while it reads the first ones' users from disk): the chat turns admitted
-        together read their new text together (prefill: `RaggedWindows.feed`, each user's window and
-        memory its own, prompts of any lengths), choose their first tokens and join the
-        running batch (one row per user, each row its own length and its own memory); a
-        document, a forget or a look at memory starts or is answered;
+        together read their new text together (prefill: `RaggedWindows.feed`, each user's
+        window and memory its own, prompts of any lengths), choose their first tokens and
+        join the running batch (one row per user, each row its own length and its own
+        memory); a document, a forget or a look at memory starts or is answered;
     writes one segment of every document being memorized (so long documents do not
         stall the others' decoding), with a progress event;
     steps the batch once: one new token per row; a row that ends leaves the batch at
