@@ -255,7 +255,7 @@ class Engine:
         work, while the model waits for them anyway. (A reader thread that read *beside*
         decoding was slower: it contended with the model's OpenMP team for the two cores.)
         A user read here is read before any turn starts: requests arriving meanwhile can
-        still join them (`_pass`). Returns how many users were read."""
+        still join them (`_take_and_read`). Returns how many users were read."""
         users = []
         for job in admit:
             try:
