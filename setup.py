@@ -1,5 +1,5 @@
-"""Builds the CPU kernels (kernels/nf4_cpu.c, kernels/ggml_cpu.c) as `longside.kernels._nf4_cpu`
-and `longside.kernels._ggml_cpu`.
+"""Builds the CPU kernels (kernels/nf4_cpu.c, kernels/ggml_cpu.c, memory_bank/search_cpu.c) as
+`longside.kernels._nf4_cpu`, `longside.kernels._ggml_cpu` and `longside.memory_bank._search_cpu`.
 
 Package metadata lives in pyproject.toml; this file only adds the C extensions. Each is a
 plain shared library (no Python or torch headers) loaded with ctypes by kernels/cpu.py.
@@ -34,6 +34,12 @@ setup(
             "longside.kernels._ggml_cpu",
             sources=["kernels/ggml_cpu.c"],
             extra_compile_args=["-O3", "-std=c11", "-ffp-contract=off", *_openmp],
+            extra_link_args=[*_openmp, "-lm"],
+        ),
+        Extension(
+            "longside.memory_bank._search_cpu",
+            sources=["memory_bank/search_cpu.c"],
+            extra_compile_args=["-O3", "-std=c11", *_openmp],
             extra_link_args=[*_openmp, "-lm"],
         ),
     ],

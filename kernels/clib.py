@@ -11,10 +11,11 @@ _HERE = Path(__file__).resolve().parent
 BUILD_HINT = "run `pip install --no-deps --no-build-isolation -e .` (or `make install`) in the longside checkout"
 
 
-def load_library(stem: str) -> ctypes.CDLL | None:
-    """`kernels/<stem><extension suffix>` loaded with ctypes, or None when it was not built."""
+def load_library(stem: str, where: Path = _HERE) -> ctypes.CDLL | None:
+    """`<where>/<stem><extension suffix>` (default: kernels/) loaded with ctypes, or None when
+    it was not built."""
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = _HERE / f"{stem}{suffix}"
+        path = where / f"{stem}{suffix}"
         if path.exists():
             return ctypes.CDLL(str(path))
     return None

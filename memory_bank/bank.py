@@ -13,9 +13,11 @@ at, so a missing result gathers zeros without a second pass. Unfilled token rows
 partial chunk are zero too.
 
 Search. "flat" is exact: a float32 matmul of the queries against the chunk keys of the
-slots in use, then `topk`. On the 2-core dev CPU this beat faiss's IndexFlatIP for the
-~3k queries per head a segment brings (285 vs 353 ms per head at 16k chunks, same run),
-and the same code runs on a CUDA device, where it is the GPU path.
+slots in use, then `topk`; for one query token (a decode step) on CPU with float16 keys,
+one C call that does the same (search_cpu.py; equal scores go to the lower slot). On the
+2-core dev CPU the matmul beat faiss's IndexFlatIP for the ~3k queries per head a segment
+brings (285 vs 353 ms per head at 16k chunks, same run), and the same code runs on a CUDA
+device, where it is the GPU path.
 "ivf" and "hnsw" use faiss IVF indexes (see ivf.py) once enough chunks exist to train
 them, then rerank `rerank * k` candidates exactly against `chunk_keys`; before training
 they search exactly like "flat".
@@ -46,6 +48,7 @@ import torch
 
 from longside.errors import MemoryBankError
 
+from . import search_cpu
 from .eviction import EvictionPolicy, SlotQueue, make_policy
 from .ivf import IVFIndexes
 from .persist import load_bank, save_bank
@@ -394,6 +397,9 @@ class MemoryBank:
                 slots = torch.full((H, T * g, k), C, dtype=torch.long, device=self.device)
             elif self._ivf is not None and self._ivf.trained:
                 slots = self._ivf_topk(q, k)
+            elif T == 1 and self._one_call_search():
+                freed = self._free[:self._nfree] if self._nfree else None
+                slots = search_cpu.search_chunks(q, self._chunk_keys, self._used, k, C, freed)
             else:
                 slots = self._flat_topk(q, k)
             hit = slots if counted is None else slots.view(H, T, g, k)[:, counted.to(self.device)]
@@ -408,6 +414,10 @@ class MemoryBank:
             for store, out in ((self._keys, keys_out), (self._values, values_out)):
                 out.view(-1, S * D).copy_(store.view(H * (C + 1), S * D).index_select(0, rows))
         mask_out.copy_((torch.arange(S, device=self.device) < fill.unsqueeze(-1)).view(T, Hq, k * S))
+
+    def _one_call_search(self) -> bool:
+        """Whether a decode step's search runs in one C call (search_cpu.py) here."""
+        return self.device.type == "cpu" and self._chunk_keys.dtype == torch.float16 and search_cpu.fast()
 
     def _flat_topk(self, q: torch.Tensor, k: int) -> torch.Tensor:
         """Exact top-k slots `[H, Tq, k]` (sentinel C where fewer exist)."""

@@ -28,6 +28,8 @@ import torch
 
 from longside.errors import MemoryBankError
 
+from . import search_cpu
+
 _HASH_P = 2_147_483_647  # a prime below 2^31: hash * base stays inside int64
 _HASH_BASE = 1_000_003
 MATCH_ORDERS = (2, 4, 8, 16, 32)  # n-gram lengths looked up, longest found first
@@ -150,7 +152,8 @@ class TokenMemory:
         """`queries [T, dim]` (normalised here) -> cosine similarities `[T, k']` float32
         (exact against the stored keys), best first, and the next token ids `[T, k']` int64
         of those contexts; k' = min(k, len(self)) (0 for an empty memory). The k' are the
-        best of a shortlist (2k by bfloat16 products, or 4k by the projection)."""
+        best of a shortlist (2k by bfloat16 products, or 4k by the projection). One query on
+        CPU runs in one C call (search_cpu.py; equal scores go to the lower index there)."""
         if queries.dim() != 2 or queries.shape[1] != self.dim:
             raise MemoryBankError(f"token memory search needs queries [T, {self.dim}], got {tuple(queries.shape)}")
         kk = min(k, self._size)
@@ -166,11 +169,13 @@ class TokenMemory:
         # projection drops the keys' minor directions): use it to shortlist candidates,
         # then score those exactly in float32
         if self._basis is not None:
-            short = min(4 * kk, self._size)
-            approx = (q @ self._basis).to(self.dtype) @ self._proj[:self._size].T
+            short, qs, rows = min(4 * kk, self._size), (q @ self._basis).to(self.dtype), self._proj
         else:
-            short = min(2 * kk, self._size)
-            approx = q.to(self.dtype) @ live.T
+            short, qs, rows = min(2 * kk, self._size), q.to(self.dtype), self._keys
+        if T == 1 and self.dtype == torch.bfloat16 and self.device.type == "cpu" and search_cpu.fast():
+            sims, idx = search_cpu.search_tokens(q, live, qs, rows, short, kk)  # a decode step: one call
+            return sims, self._next[idx]
+        approx = qs @ rows[:self._size].T
         cand = approx.topk(short, dim=-1).indices  # [T, short]
         tops, idxs = [], []
         for i in range(0, T, 256):  # blocks bound the gathered [block, short, dim] keys

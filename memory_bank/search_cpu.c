@@ -1,0 +1,303 @@
+/* Memory reads of a decode step, called through ctypes (memory_bank/search_cpu.py).
+ *
+ * At one query token a search is a scan of the stored keys and a small top-k: torch runs it
+ * as a dozen small operations whose dispatch costs more than the arithmetic. Each function
+ * here is that whole search in one call; the answers equal torch's up to fp32 summation
+ * order, and ties go to the lower stored index.
+ *
+ *   search_chunks_f16: top-k chunk slots per (head, query) by q . key over float16 chunk
+ *                      keys (MemoryBank._flat_topk).
+ *   search_tokens_bf16: TokenMemory.search: a shortlist by bfloat16 products (over the keys'
+ *                      projection, or the keys themselves), rounded to bfloat16 as torch's
+ *                      product rounds them, rescored exactly in fp32 (also ties to the lower
+ *                      stored index, as TokenMemory's torch path).
+ *
+ * isa: 0 plain C, 1 AVX2 + FMA + F16C (chosen at run time; the library runs on any x86-64).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+
+int search_cpu_features(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+/* ---------------------------------------------------------------- number formats */
+
+static inline float bf16_f32(uint16_t h) {
+    uint32_t b = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+/* round to nearest even, as torch's .to(torch.bfloat16) */
+static inline float round_bf16(float f) {
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    if ((b & 0x7fffffffu) > 0x7f800000u) return f; /* NaN */
+    b = (b + 0x7fffu + ((b >> 16) & 1u)) & 0xffff0000u;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+static inline float f16_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        float f = (float)man * (1.0f / 16777216.0f); /* subnormal: man * 2^-24, exact */
+        memcpy(&bits, &f, 4);
+        bits |= sign;
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* ---------------------------------------------------------------- top-k */
+
+/* The k best (score, index) pairs seen, as a min-heap whose root is the worst kept. A pair
+ * beats another by a higher score, or an equal score and a lower index. */
+typedef struct {
+    float *score;
+    int64_t *index;
+    int64_t size, k;
+} Best;
+
+static inline int beats(float s, int64_t i, float t, int64_t j) { return s > t || (s == t && i < j); }
+
+static void best_push(Best *b, float s, int64_t i) {
+    int64_t n;
+    if (b->size < b->k) { /* sift up from the end */
+        n = b->size++;
+        while (n > 0) {
+            int64_t p = (n - 1) / 2;
+            if (!beats(b->score[p], b->index[p], s, i)) break;
+            b->score[n] = b->score[p];
+            b->index[n] = b->index[p];
+            n = p;
+        }
+    } else { /* replace the root, sift down */
+        if (!beats(s, i, b->score[0], b->index[0])) return;
+        n = 0;
+        for (;;) {
+            int64_t c = 2 * n + 1;
+            if (c >= b->size) break;
+            if (c + 1 < b->size && beats(b->score[c], b->index[c], b->score[c + 1], b->index[c + 1])) c++;
+            if (!beats(s, i, b->score[c], b->index[c])) break;
+            b->score[n] = b->score[c];
+            b->index[n] = b->index[c];
+            n = c;
+        }
+    }
+    b->score[n] = s;
+    b->index[n] = i;
+}
+
+/* a cut below which nothing enters: -inf until the heap is full */
+static inline float best_floor(const Best *b) { return b->size < b->k ? -INFINITY : b->score[0]; }
+
+/* empties the heap into score/index arrays, best first */
+static void best_sorted(Best *b, float *score, int64_t *index) {
+    int64_t n = b->size;
+    for (int64_t m = n - 1; m >= 0; m--) { /* pop the worst to the back */
+        score[m] = b->score[0];
+        index[m] = b->index[0];
+        float s = b->score[b->size - 1];
+        int64_t i = b->index[b->size - 1];
+        b->size--;
+        if (b->size == 0) break;
+        int64_t p = 0;
+        for (;;) {
+            int64_t c = 2 * p + 1;
+            if (c >= b->size) break;
+            if (c + 1 < b->size && beats(b->score[c], b->index[c], b->score[c + 1], b->index[c + 1])) c++;
+            if (!beats(s, i, b->score[c], b->index[c])) break;
+            b->score[p] = b->score[c];
+            b->index[p] = b->index[c];
+            p = c;
+        }
+        b->score[p] = s;
+        b->index[p] = i;
+    }
+}
+
+/* ---------------------------------------------------------------- dot products, 8 rows at a time */
+
+AVX2 static inline __m256 hsum_8x8(const __m256 v[8]) { /* lane r: the sum of v[r]'s lanes */
+    __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    __m256 cd = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
+}
+
+AVX2 static inline __m256 load_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+AVX2 static inline __m256 load_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+
+/* out[r] = x . rows[r] for 8 rows of n (a multiple of 8) 16-bit values, row stride ld */
+#define DOT8(NAME, LOAD)                                                                            \
+    AVX2 static void NAME(const float *x, const uint16_t *rows, int64_t ld, int64_t n, float *out) { \
+        __m256 acc[8];                                                                              \
+        for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();                                   \
+        for (int64_t c = 0; c < n; c += 8) {                                                        \
+            __m256 xc = _mm256_loadu_ps(x + c);                                                     \
+            for (int r = 0; r < 8; r++) acc[r] = _mm256_fmadd_ps(LOAD(rows + r * ld + c), xc, acc[r]); \
+        }                                                                                           \
+        _mm256_storeu_ps(out, hsum_8x8(acc));                                                       \
+    }
+DOT8(dot8_bf16, load_bf16)
+DOT8(dot8_f16, load_f16)
+
+AVX2 static float dot1_bf16(const float *x, const uint16_t *row, int64_t n) { /* n % 8 == 0 */
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t c = 0; c < n; c += 8) acc = _mm256_fmadd_ps(load_bf16(row + c), _mm256_loadu_ps(x + c), acc);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+}
+
+static float dot_bf16(const float *x, const uint16_t *row, int64_t n) {
+    float s = 0.0f;
+    for (int64_t c = 0; c < n; c++) s += x[c] * bf16_f32(row[c]);
+    return s;
+}
+
+static float dot_f16(const float *x, const uint16_t *row, int64_t n) {
+    float s = 0.0f;
+    for (int64_t c = 0; c < n; c++) s += x[c] * f16_f32(row[c]);
+    return s;
+}
+
+/* scores[j] = x . rows[j] for j in [0, N), 16-bit rows (float16 or bfloat16) of n values
+ * with stride ld; the vector path for n % 8 == 0 */
+static void dots(int f16, const float *x, const uint16_t *rows, int64_t ld, int64_t n, int64_t N, float *scores,
+                 int isa) {
+    int64_t j = 0;
+    if (isa && n % 8 == 0)
+        for (; j + 8 <= N; j += 8) (f16 ? dot8_f16 : dot8_bf16)(x, rows + j * ld, ld, n, scores + j);
+    for (; j < N; j++) scores[j] = (f16 ? dot_f16 : dot_bf16)(x, rows + j * ld, n);
+}
+
+/* ---------------------------------------------------------------- scans */
+
+#define BLOCK 256 /* rows scored at a time (in L1 for the next query), then offered to the heaps */
+#define MIN_WORK_PER_THREAD (1 << 18) /* multiply-adds: below this a second thread costs more */
+
+/* Offer rows [j0, j1) to the heaps best[0..nq): query i's score of row j is x[i] . rows[j]
+ * (16-bit rows of n values, stride ld), rounded to bfloat16 when `round`; rows with
+ * skip[j] set or a score of -inf are left out. */
+static void scan(int f16, int round, const float *x, int64_t nq, const uint16_t *rows, int64_t ld, int64_t n,
+                 int64_t j0, int64_t j1, const uint8_t *skip, Best *best, int isa) {
+    float score[BLOCK];
+    for (int64_t a = j0; a < j1; a += BLOCK) {
+        int64_t m = j1 - a < BLOCK ? j1 - a : BLOCK;
+        for (int64_t i = 0; i < nq; i++) {
+            dots(f16, x + i * n, rows + a * ld, ld, n, m, score, isa);
+            float floor = best_floor(&best[i]);
+            for (int64_t j = 0; j < m; j++) {
+                float v = round ? round_bf16(score[j]) : score[j];
+                if (v >= floor && v != -INFINITY && !(skip && skip[a + j])) {
+                    best_push(&best[i], v, a + j);
+                    floor = best_floor(&best[i]);
+                }
+            }
+        }
+    }
+}
+
+/* `scan` of rows [0, N) on up to nthreads threads, each over its own range into its own
+ * heaps, merged into best[0..nq) (k each, empty on entry). The k best under a strict order
+ * do not depend on how the rows were split. */
+static void scan_all(int f16, int round, const float *x, int64_t nq, const uint16_t *rows, int64_t ld, int64_t n,
+                     int64_t N, const uint8_t *skip, int64_t k, Best *best, int nthreads, int isa) {
+    int64_t useful = N * n * nq / MIN_WORK_PER_THREAD;
+    int nt = useful < nthreads ? (int)useful : nthreads;
+    if (nt <= 1) {
+        scan(f16, round, x, nq, rows, ld, n, 0, N, skip, best, isa);
+        return;
+    }
+    float *hs = (float *)malloc(sizeof(float) * nt * nq * k);
+    int64_t *hi = (int64_t *)malloc(sizeof(int64_t) * nt * nq * k);
+    Best *own = (Best *)malloc(sizeof(Best) * nt * nq);
+    for (int64_t i = 0; i < nt * nq; i++) own[i] = (Best){hs + i * k, hi + i * k, 0, k};
+    #pragma omp parallel for schedule(static, 1) num_threads(nt)
+    for (int p = 0; p < nt; p++)
+        scan(f16, round, x, nq, rows, ld, n, N * p / nt, N * (p + 1) / nt, skip, own + p * nq, isa);
+    for (int p = 0; p < nt; p++)
+        for (int64_t i = 0; i < nq; i++)
+            for (int64_t e = 0; e < own[p * nq + i].size; e++)
+                best_push(&best[i], own[p * nq + i].score[e], own[p * nq + i].index[e]);
+    free(hs);
+    free(hi);
+    free(own);
+}
+
+/* ---------------------------------------------------------------- chunk search
+
+ * For H heads, Tq queries each (q [H, Tq, D] fp32) against the first `used` chunk keys of
+ * each head (keys: head h's row j at keys + h * head_stride + j * D, float16): the k best
+ * slots per (head, query), best first, into out [H, Tq, k] int64; `sentinel` where fewer
+ * exist. skip [used] (or NULL): nonzero marks a freed slot, never returned. */
+void search_chunks_f16(const float *q, int64_t H, int64_t Tq, int64_t D, const uint16_t *keys, int64_t head_stride,
+                       int64_t used, const uint8_t *skip, int64_t k, int64_t sentinel, int64_t *out, int nthreads,
+                       int isa) {
+    float *hs = (float *)malloc(sizeof(float) * Tq * (k + 1)), *sorted = hs + Tq * k;
+    int64_t *hi = (int64_t *)malloc(sizeof(int64_t) * Tq * k);
+    Best *best = (Best *)malloc(sizeof(Best) * Tq);
+    (void)sorted;
+    for (int64_t h = 0; h < H; h++) {
+        for (int64_t t = 0; t < Tq; t++) best[t] = (Best){hs + t * k, hi + t * k, 0, k};
+        scan_all(1, 0, q + h * Tq * D, Tq, keys + h * head_stride, D, D, used, skip, k, best, nthreads, isa);
+        for (int64_t t = 0; t < Tq; t++) {
+            int64_t *o = out + (h * Tq + t) * k, got = best[t].size;
+            float sc[got > 0 ? got : 1];
+            best_sorted(&best[t], sc, o);
+            for (int64_t i = got; i < k; i++) o[i] = sentinel;
+        }
+    }
+    free(hs);
+    free(hi);
+    free(best);
+}
+
+/* ---------------------------------------------------------------- token search */
+
+/* For T unit queries q [T, dim] fp32 against N stored keys [N, dim] bfloat16: the kk best by
+ * exact fp32 cosine, of a shortlist of the `shortlist` best by an approximate score, into
+ * sims [T, kk] fp32 and index [T, kk] int64, best first.
+ *
+ * The approximate score of key j is bf16(qs[t] . rows[j]) for rows [N, s] bfloat16 (the keys'
+ * projections, or the keys themselves) and qs [T, s] the queries as the caller rounded them:
+ * torch's bfloat16 product, which rounds its output to bfloat16 too. */
+void search_tokens_bf16(const float *q, int64_t T, int64_t dim, const float *qs, const uint16_t *rows, int64_t s,
+                        const uint16_t *keys, int64_t N, int64_t shortlist, int64_t kk, float *sims, int64_t *index,
+                        int nthreads, int isa) {
+    float *hs = (float *)malloc(sizeof(float) * 2 * shortlist), *approx = hs + shortlist;
+    int64_t *hi = (int64_t *)malloc(sizeof(int64_t) * 2 * shortlist), *cand = hi + shortlist;
+    for (int64_t t = 0; t < T; t++) {
+        const float *x = q + t * dim;
+        Best best = {hs, hi, 0, shortlist};
+        scan_all(0, 1, qs + t * s, 1, rows, s, s, N, NULL, shortlist, &best, nthreads, isa);
+        int64_t got = best.size;
+        best_sorted(&best, approx, cand);
+        Best top = {hs, hi, 0, kk};
+        for (int64_t i = 0; i < got; i++) /* the candidates are scattered: one row at a time */
+            best_push(&top, (isa && dim % 8 == 0 ? dot1_bf16 : dot_bf16)(x, keys + cand[i] * dim, dim), cand[i]);
+        best_sorted(&top, sims + t * kk, index + t * kk);
+    }
+    free(hs);
+    free(hi);
+}

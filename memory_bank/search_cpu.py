@@ -1,0 +1,115 @@
+"""ctypes bindings of the decode-step memory searches (memory_bank/search_cpu.c, built as
+`longside.memory_bank._search_cpu`), loaded once per process on first use.
+
+A decode step asks each user's memory one query token; torch answers it with a dozen small
+operations per search, whose dispatch costs more than the scan itself. These run a whole
+search in one call (a scan in blocks that stay in L1, a heap for the top-k, both threads on
+the larger scans). Callers keep torch's path for
+many queries at once (a segment, a prompt), where one large product is faster, and where
+the library was not built.
+
+`LONGSIDE_SEARCH_ISA=scalar` runs the plain C path (tests run both), `off` torch's path; by
+default AVX2 is used where the CPU has it, and torch's path where it does not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from longside.kernels.clib import load_library
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL | None:
+    lib = load_library("_search_cpu", Path(__file__).resolve().parent)
+    if lib is None:
+        return None
+    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.search_cpu_features.restype = cint
+    lib.search_cpu_features.argtypes = []
+    lib.search_chunks_f16.restype = None
+    lib.search_chunks_f16.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, i64, ptr, cint, cint]
+    lib.search_tokens_bf16.restype = None
+    lib.search_tokens_bf16.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, ptr, ptr, cint, cint]
+    return lib
+
+
+def available() -> bool:
+    """True when the compiled library is present."""
+    return _lib() is not None
+
+
+@functools.cache
+def _vector_isa() -> bool:
+    return bool(_lib().search_cpu_features())
+
+
+def _isa() -> int:
+    """1: the AVX2 path; 0: plain C (no AVX2 here, or LONGSIDE_SEARCH_ISA=scalar)."""
+    return int(os.environ.get("LONGSIDE_SEARCH_ISA") != "scalar" and _vector_isa())
+
+
+def fast() -> bool:
+    """Whether searches of one query token take the one-call path: the library is built and
+    runs its vector path here (the plain C path is slower than torch: it is there for tests),
+    or `LONGSIDE_SEARCH_ISA=scalar` asks for it; `LONGSIDE_SEARCH_ISA=off` keeps torch's path."""
+    mode = os.environ.get("LONGSIDE_SEARCH_ISA")
+    if mode == "off" or _lib() is None:
+        return False
+    return mode == "scalar" or _vector_isa()
+
+
+def isa() -> str:
+    """The instruction set the searches use here: "avx2" or "scalar"."""
+    return ("scalar", "avx2")[_isa()]
+
+
+def search_chunks(q: torch.Tensor, keys: torch.Tensor, used: int, k: int, sentinel: int,
+                  freed: np.ndarray | None = None) -> torch.Tensor:
+    """The `k` best of the first `used` chunk slots per (head, query) by q . key, best first.
+
+    q `[H, Tq, D]` float32; keys `[H, slots, D]` float16 (rows of D contiguous, slots >=
+    used); freed: slot indices below `used` never returned. -> `[H, Tq, k]` int64 slots,
+    `sentinel` where fewer than k exist (or were all -inf)."""
+    H, Tq, D = q.shape
+    q = q.float().contiguous()
+    if keys.dtype != torch.float16 or keys.stride(2) != 1 or keys.stride(1) != D:
+        raise ValueError(f"search_chunks needs float16 keys with contiguous [slots, D] rows per head, got "
+                         f"{keys.dtype} strides {keys.stride()}")
+    skip = None
+    if freed is not None and len(freed):
+        skip = np.zeros(used, dtype=np.uint8)
+        skip[freed] = 1
+    out = torch.empty(H, Tq, k, dtype=torch.int64)
+    _lib().search_chunks_f16(q.data_ptr(), H, Tq, D, keys.data_ptr(), keys.stride(0), used,
+                             None if skip is None else skip.ctypes.data, k, sentinel, out.data_ptr(),
+                             torch.get_num_threads(), _isa())
+    return out
+
+
+def search_tokens(q: torch.Tensor, keys: torch.Tensor, qs: torch.Tensor, rows: torch.Tensor, shortlist: int,
+                  k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """TokenMemory's search in one call: unit queries q `[T, dim]` float32 against keys
+    `[N, dim]` bfloat16 -> exact cosines `[T, k]` float32 and key indices `[T, k]` int64,
+    best first, the k best of the `shortlist` (k <= shortlist <= N) best by the bfloat16
+    product of `qs [T, s]` bfloat16 (the queries projected and rounded) with `rows [>= N, s]`
+    bfloat16 (the keys' projections, or the keys themselves). Equal scores: the lower index."""
+    T, dim = q.shape
+    N, s = keys.shape[0], qs.shape[1]
+    if keys.dtype != torch.bfloat16 or rows.dtype != torch.bfloat16 or not keys.is_contiguous() \
+            or not rows.is_contiguous() or rows.shape[0] < N or rows.shape[1] != s or not 1 <= k <= shortlist <= N:
+        raise ValueError(f"search_tokens needs contiguous bfloat16 keys and rows [>= N, {s}] and "
+                         f"1 <= k <= shortlist <= N, got {keys.dtype}/{rows.dtype}, k={k}, shortlist={shortlist}, N={N}")
+    q = q.float().contiguous()
+    qs = qs.float().contiguous()
+    sims = torch.empty(T, k, dtype=torch.float32)
+    index = torch.empty(T, k, dtype=torch.int64)
+    _lib().search_tokens_bf16(q.data_ptr(), T, dim, qs.data_ptr(), rows.data_ptr(), s, keys.data_ptr(), N,
+                              shortlist, k, sims.data_ptr(), index.data_ptr(), torch.get_num_threads(), _isa())
+    return sims, index

@@ -1,0 +1,123 @@
+"""The one-call searches of a decode step (memory_bank/search_cpu.c) against torch's path."""
+
+import numpy as np
+import pytest
+import torch
+from longside.memory_bank import MemoryBank, TokenMemory, search_cpu
+
+pytestmark = pytest.mark.skipif(not search_cpu.available(), reason="the search library is not built")
+
+
+@pytest.fixture(params=["vector", "scalar"])
+def isa(request, monkeypatch):
+    """Every path the machine has: the AVX2 one where it exists, and plain C."""
+    if request.param == "vector" and search_cpu.isa() != "avx2":
+        pytest.skip("no AVX2 here")
+    if request.param == "scalar":
+        monkeypatch.setenv("LONGSIDE_SEARCH_ISA", "scalar")
+    return request.param
+
+
+def _ranked(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k best of `scores [..., N]`, ties to the lower index: the order the
+    library promises (torch's topk leaves ties unordered)."""
+    idx = torch.arange(scores.shape[-1]).expand_as(scores)
+    order = torch.sort(idx, dim=-1).indices  # stable sort by score below keeps index order
+    by_score = torch.sort(scores.gather(-1, order), dim=-1, descending=True, stable=True).indices
+    return order.gather(-1, by_score)[..., :k]
+
+
+@pytest.mark.parametrize("tq,used", [(1, 3000), (3, 4219), (5, 37), (2, 9)])
+def test_chunk_search_is_torch_topk(isa, tq, used):
+    g = torch.Generator().manual_seed(tq)
+    H, D, k, slots = 3, 64, 16, 5000
+    keys = torch.randn(H, slots + 1, D, generator=g).half()
+    q = torch.randn(H, tq, D, generator=g)
+    got = search_cpu.search_chunks(q, keys, used, k, slots)
+    scores = torch.bmm(q, keys[:, :used].float().transpose(1, 2))
+    want = torch.full((H, tq, k), slots)
+    kk = min(k, used)
+    want[..., :kk] = _ranked(scores, kk)
+    assert torch.equal(got, want)
+
+
+def test_chunk_search_ties_go_to_the_lower_slot_and_freed_slots_never_return(isa):
+    H, D, slots = 1, 8, 20
+    keys = torch.zeros(H, slots + 1, D, dtype=torch.float16)
+    keys[0, :6, 0] = torch.tensor([1.0, 2.0, 2.0, 3.0, 2.0, 3.0])  # equal scores: 1, 2, 4 and 3, 5
+    q = torch.zeros(H, 1, D)
+    q[0, 0, 0] = 1.0
+    got = search_cpu.search_chunks(q, keys, 6, 5, slots)
+    assert got[0, 0].tolist() == [3, 5, 1, 2, 4]
+    got = search_cpu.search_chunks(q, keys, 6, 8, slots, freed=np.array([5, 2]))
+    assert got[0, 0].tolist() == [3, 1, 4, 0, slots, slots, slots, slots]
+
+
+def test_token_search_is_the_shortlist_then_the_exact_rescore(isa):
+    """Keys and queries on a coarse grid make every product exact in any summation order, so
+    the library must return exactly what the definition gives (many ties, all to the lower index)."""
+    g = torch.Generator().manual_seed(0)
+    N, dim, s, short, k = 700, 64, 16, 40, 10
+    keys = (torch.randint(-4, 5, (N, dim), generator=g) / 8).to(torch.bfloat16)
+    rows = (torch.randint(-4, 5, (N + 5, s), generator=g) / 8).to(torch.bfloat16)  # more rows than keys: unused
+    q = torch.randint(-4, 5, (3, dim), generator=g) / 8
+    qs = (torch.randint(-4, 5, (3, s), generator=g) / 8).to(torch.bfloat16)
+    sims, idx = search_cpu.search_tokens(q, keys, qs, rows, short, k)
+    approx = (qs.float() @ rows[:N].float().T).to(torch.bfloat16).float()
+    cand = _ranked(approx, short)
+    exact = torch.einsum("td,tkd->tk", q, keys[cand].float())
+    # rank the candidates by exact score, ties to the lower key index
+    order = cand.sort(dim=-1)
+    pick = _ranked(exact.gather(-1, order.indices), k)
+    want_idx = order.values.gather(-1, pick)
+    assert torch.equal(idx, want_idx)
+    assert torch.equal(sims, (q[:, None] * keys[want_idx].float()).sum(-1))
+
+
+def test_token_memory_search_of_one_query_equals_torch_path(isa, monkeypatch):
+    """Through TokenMemory, with and without the projection shortlist: one C call or torch's
+    operations. Keys of rank 24 (the projection keeps them whole) whose best neighbours stand
+    clear of the shortlist's cut, so the two agree whatever their summation order."""
+    g = torch.Generator().manual_seed(1)
+    dim, rank = 96, 24
+    mix = torch.linalg.qr(torch.randn(dim, rank, generator=g))[0].T  # [rank, dim] orthonormal rows
+    keys = torch.randn(5000, rank, generator=g) @ mix
+    queries = torch.randn(12, rank, generator=g) @ mix
+    for size, basis_after in ((5000, 1000), (300, 4096)):  # projected shortlist, then plain bfloat16
+        tm = TokenMemory(dim, capacity=8000, shortlist_dim=32, basis_after=basis_after)
+        tm.add(keys[:size], torch.arange(size))
+        assert (tm._basis is not None) == (size >= basis_after)
+        got = [tm.search(queries[i:i + 1], 16) for i in range(12)]
+        monkeypatch.setenv("LONGSIDE_SEARCH_ISA", "off")
+        want = [tm.search(queries[i:i + 1], 16) for i in range(12)]
+        monkeypatch.setenv("LONGSIDE_SEARCH_ISA", "scalar" if isa == "scalar" else "avx2")
+        for (gs, gn), (ws, wn) in zip(got, want):
+            torch.testing.assert_close(gs, ws, atol=1e-6, rtol=0)
+            assert gn.tolist() == wn.tolist()
+
+
+def test_bank_search_of_one_query_token_equals_torch_path(isa, monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    bank = MemoryBank(num_kv_heads=3, head_dim=64, capacity_tokens=4096, chunk_size=4, dtype=torch.float16,
+                      eviction="keep-most-retrieved")
+    for _ in range(3):  # past capacity: evicted slots are reused out of order
+        kv = torch.randn(1999, 3, 64, generator=g)
+        bank.add(kv, kv.flip(0))
+        bank.search(torch.randn(40, 9, 64, generator=g), 16)  # retrievals steer the eviction
+    q = torch.randn(1, 9, 64, generator=g)
+    hits = bank._hits.clone()
+    got = bank.search(q, 16)
+    monkeypatch.setenv("LONGSIDE_SEARCH_ISA", "off")
+    counted = bank._hits.clone()
+    want = bank.search(q, 16)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert torch.equal(bank._hits - counted, counted - hits)  # both count the same hits
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="float16"):
+        search_cpu.search_chunks(torch.zeros(1, 1, 8), torch.zeros(1, 4, 8), 4, 2, 4)
+    keys = torch.zeros(10, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="shortlist"):
+        search_cpu.search_tokens(torch.zeros(1, 8), keys, torch.zeros(1, 8, dtype=torch.bfloat16), keys, 20, 5)
