@@ -301,3 +301,48 @@ void search_tokens_bf16(const float *q, int64_t T, int64_t dim, const float *qs,
     free(hs);
     free(hi);
 }
+
+/* ---------------------------------------------------------------- exact-match read */
+
+#define HASH_P 2147483647LL /* TokenMemory's n-gram hash (token_memory.py) */
+#define HASH_BASE 1000003LL
+
+static int64_t first_at_least(const int64_t *v, int64_t n, int64_t x) { /* searchsorted, left */
+    int64_t lo = 0, hi = n;
+    while (lo < hi) {
+        int64_t mid = lo + (hi - lo) / 2;
+        if (v[mid] < x) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+/* TokenMemory.match for the last position of stream = text [M1] ++ context [C] (a decode
+ * step): for the longest order n (orders[i], descending) whose n-gram ending there occurs in
+ * memory (vals[i] [len[i]]: its sorted hashes; pos[i]: the text position each ends at), the
+ * k most recent occurrences; lens [k]: how many tokens agree counting back from each (up to
+ * max_match, never into text[0]), 0 where there is no candidate; follow [k]: the token after
+ * it (next_ids[p], 0 where lens is 0). */
+void match_last(const int64_t *text, int64_t M1, const int64_t *context, int64_t C, int64_t n_orders,
+                const int64_t *orders, const int64_t *const *vals, const int64_t *const *pos, const int64_t *len,
+                const int64_t *next_ids, int64_t k, int64_t max_match, int64_t *lens, int64_t *follow) {
+    const int64_t S = M1 + C, q = S - 1;
+#define AT(j) ((j) < M1 ? text[j] : context[(j) - M1])
+    for (int64_t j = 0; j < k; j++) lens[j] = follow[j] = 0;
+    for (int64_t i = 0; i < n_orders; i++) {
+        int64_t n = orders[i];
+        if (n > S) continue;
+        int64_t h = 0;
+        for (int64_t j = S - n; j < S; j++) h = (h * HASH_BASE + AT(j) + 2) % HASH_P;
+        int64_t lo = first_at_least(vals[i], len[i], h), hi = first_at_least(vals[i], len[i], h + 1);
+        if (hi <= lo) continue;
+        for (int64_t j = 0; j < k && hi - 1 - j >= lo; j++) { /* most recent first */
+            int64_t p = pos[i][hi - 1 - j], m = 0;
+            while (m < max_match && p - m >= 1 && AT(p - m) == AT(q - m)) m++;
+            lens[j] = m;
+            follow[j] = m > 0 ? next_ids[p] : 0;
+        }
+        break;
+    }
+#undef AT
+}

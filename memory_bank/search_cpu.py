@@ -37,6 +37,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.search_chunks_f16.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, i64, ptr, cint, cint]
     lib.search_tokens_bf16.restype = None
     lib.search_tokens_bf16.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, ptr, ptr, cint, cint]
+    lib.match_last.restype = None
+    lib.match_last.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr]
     return lib
 
 
@@ -113,3 +115,24 @@ def search_tokens(q: torch.Tensor, keys: torch.Tensor, qs: torch.Tensor, rows: t
     _lib().search_tokens_bf16(q.data_ptr(), T, dim, qs.data_ptr(), rows.data_ptr(), s, keys.data_ptr(), N,
                               shortlist, k, sims.data_ptr(), index.data_ptr(), torch.get_num_threads(), _isa())
     return sims, index
+
+
+def match_last(text: torch.Tensor, context: torch.Tensor, orders: dict, next_ids: torch.Tensor, k: int,
+               max_match: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """TokenMemory.match for the last position of `context` alone (a decode step), from the
+    memory's match index (`TokenMemory._index`): text `[M + 1]`, orders {n: (sorted hashes,
+    positions)} and next ids `[M]`, all int64 -> lens and next ids `[1, k]` int64."""
+    ns = sorted(orders, reverse=True)
+    arrays = [(orders[n][0].contiguous(), orders[n][1].contiguous()) for n in ns]
+    text, context, next_ids = text.contiguous(), context.to(torch.int64).contiguous(), next_ids.contiguous()
+    # every buffer the call reads is named here, so none is freed before it returns
+    order_n = np.array(ns or [0], dtype=np.int64)
+    lengths = np.array([v.shape[0] for v, _ in arrays] or [0], dtype=np.int64)
+    ptrs = ctypes.c_void_p * max(len(ns), 1)
+    vals, positions = ptrs(*[v.data_ptr() for v, _ in arrays]), ptrs(*[p.data_ptr() for _, p in arrays])
+    lens = torch.empty(1, k, dtype=torch.int64)
+    follow = torch.empty(1, k, dtype=torch.int64)
+    _lib().match_last(text.data_ptr(), text.shape[0], context.data_ptr(), context.shape[0], len(ns),
+                      order_n.ctypes.data, vals, positions, lengths.ctypes.data, next_ids.data_ptr(), k, max_match,
+                      lens.data_ptr(), follow.data_ptr())
+    return lens, follow

@@ -227,6 +227,8 @@ class TokenMemory:
         if self._size == 0 or not self._has_pending or k < 1:
             return lens, lens.clone()
         text, nxt, orders = self._index()
+        if Q == 1 and dev.type == "cpu" and search_cpu.fast():  # a decode step: one call, no copy of the text
+            return search_cpu.match_last(text, context, orders, nxt, k, MAX_MATCH)
         stream = torch.cat([text, context.to(dev, torch.int64)])  # memory, then the segment
         qpos = torch.arange(stream.shape[0] - Q, stream.shape[0], device=dev)
         if Q == 1:

@@ -121,3 +121,26 @@ def test_bad_arguments_are_refused():
     keys = torch.zeros(10, 8, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="shortlist"):
         search_cpu.search_tokens(torch.zeros(1, 8), keys, torch.zeros(1, 8, dtype=torch.bfloat16), keys, 20, 5)
+
+
+def test_exact_match_of_the_last_position_equals_torch_path(monkeypatch):
+    """Text drawn from few tokens repeats itself everywhere: many candidates, long matches,
+    matches running back into text[0] and a full ring."""
+    g = torch.Generator().manual_seed(3)
+    for capacity, n in ((4000, 3000), (500, 3000), (4000, 40)):
+        tm = TokenMemory(4, capacity=capacity, dtype=torch.float32)
+        text = torch.randint(0, 3, (n,), generator=g)
+        tm.add(torch.randn(n, 4, generator=g), text)
+        for c in (1, 2, 7, 90):
+            for _ in range(5):
+                if n > c and torch.rand(1, generator=g).item() < 0.5:  # continues an earlier passage
+                    start = int(torch.randint(0, n - c, (1,), generator=g))
+                    context = text[start:start + c].clone()
+                else:
+                    context = torch.randint(0, 3, (c,), generator=g)
+                monkeypatch.setenv("LONGSIDE_SEARCH_ISA", "avx2")
+                got = tm.match(context, 1, 16)
+                monkeypatch.setenv("LONGSIDE_SEARCH_ISA", "off")
+                want = tm.match(context, 1, 16)
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+                assert want[0].max() > 0 or c == 1
