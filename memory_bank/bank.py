@@ -397,9 +397,14 @@ class MemoryBank:
                 slots = torch.full((H, T * g, k), C, dtype=torch.long, device=self.device)
             elif self._ivf is not None and self._ivf.trained:
                 slots = self._ivf_topk(q, k)
-            elif T == 1 and self._one_call_search():
+            elif T == 1 and self._one_call_search() and keys_out.is_contiguous() and values_out.is_contiguous() \
+                    and mask_out.is_contiguous():  # a decode step: the search and the reading, two C calls
                 freed = self._free[:self._nfree] if self._nfree else None
                 slots = search_cpu.search_chunks(q, self._chunk_keys, self._used, k, C, freed)
+                search_cpu.read_chunks(slots, T, self._keys, self._values, self._fill, self._hits,
+                                       None if counted is None else counted.to(self.device),
+                                       keys_out, values_out, mask_out)
+                return
             else:
                 slots = self._flat_topk(q, k)
             hit = slots if counted is None else slots.view(H, T, g, k)[:, counted.to(self.device)]

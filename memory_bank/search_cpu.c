@@ -346,3 +346,42 @@ void match_last(const int64_t *text, int64_t M1, const int64_t *context, int64_t
     }
 #undef AT
 }
+
+/* ---------------------------------------------------------------- reading the chunks found */
+
+AVX2 static void f16_to_f32_avx2(const uint16_t *in, int64_t n, float *out) { /* n % 8 == 0 */
+    for (int64_t c = 0; c < n; c += 8) _mm256_storeu_ps(out + c, load_f16(in + c));
+}
+
+/* What MemoryBank.search returns for the slots search_chunks_f16 chose: slots [H, T*g, k]
+ * (row t*g + i: query token t, query head i of kv head h) -> keys_out, values_out
+ * [T, H*g, k*S, D] fp32 (chunk j's S tokens at j*S) and mask [T, H*g, k*S] (1: a stored
+ * token) from keys, values [H, C+1, S, D] float16 and fill [C+1] (tokens in each slot; slot C
+ * is the empty sentinel). hits [C+1] int32 (or NULL) counts each real slot a counted query
+ * token (counted [T], or NULL: all) retrieved. */
+void read_chunks_f16(const int64_t *slots, int64_t H, int64_t T, int64_t g, int64_t k, int64_t S, int64_t D,
+                     const uint16_t *keys, const uint16_t *values, const uint8_t *fill, int64_t C, int32_t *hits,
+                     const uint8_t *counted, float *keys_out, float *values_out, uint8_t *mask, int isa) {
+    const int64_t chunk = S * D, Hq = H * g;
+    for (int64_t h = 0; h < H; h++)
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t i = 0; i < g; i++) {
+                const int64_t *sl = slots + (h * T * g + t * g + i) * k, hq = h * g + i;
+                float *ko = keys_out + (t * Hq + hq) * k * chunk, *vo = values_out + (t * Hq + hq) * k * chunk;
+                uint8_t *mo = mask + (t * Hq + hq) * k * S;
+                for (int64_t j = 0; j < k; j++) {
+                    const int64_t s = sl[j], at = (h * (C + 1) + s) * chunk;
+                    if (hits && s != C && (!counted || counted[t])) hits[s]++;
+                    if (isa && chunk % 8 == 0) {
+                        f16_to_f32_avx2(keys + at, chunk, ko + j * chunk);
+                        f16_to_f32_avx2(values + at, chunk, vo + j * chunk);
+                    } else {
+                        for (int64_t e = 0; e < chunk; e++) {
+                            ko[j * chunk + e] = f16_f32(keys[at + e]);
+                            vo[j * chunk + e] = f16_f32(values[at + e]);
+                        }
+                    }
+                    for (int64_t r = 0; r < S; r++) mo[j * S + r] = r < fill[s];
+                }
+            }
+}

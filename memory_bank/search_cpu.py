@@ -37,6 +37,9 @@ def _lib() -> ctypes.CDLL | None:
     lib.search_chunks_f16.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, i64, ptr, cint, cint]
     lib.search_tokens_bf16.restype = None
     lib.search_tokens_bf16.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, ptr, ptr, cint, cint]
+    lib.read_chunks_f16.restype = None
+    lib.read_chunks_f16.argtypes = [ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr,
+                                    cint]
     lib.match_last.restype = None
     lib.match_last.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr]
     return lib
@@ -93,6 +96,30 @@ def search_chunks(q: torch.Tensor, keys: torch.Tensor, used: int, k: int, sentin
                              None if skip is None else skip.ctypes.data, k, sentinel, out.data_ptr(),
                              torch.get_num_threads(), _isa())
     return out
+
+
+def read_chunks(slots: torch.Tensor, T: int, keys: torch.Tensor, values: torch.Tensor, fill: torch.Tensor,
+                hits: torch.Tensor | None, counted: torch.Tensor | None, keys_out: torch.Tensor,
+                values_out: torch.Tensor, mask_out: torch.Tensor) -> None:
+    """What MemoryBank.search returns for `slots [H, T*g, k]` (from `search_chunks`), written
+    into keys_out, values_out `[T, H*g, k*S, D]` float32 and mask_out `[T, H*g, k*S]` bool,
+    from the bank's keys, values `[H, C+1, S, D]` float16 and fill `[C+1]` uint8; adds one to
+    `hits [C+1]` int32 for each real slot a counted token (`counted [T]` bool, None: all)
+    retrieved."""
+    H, Tg, k = slots.shape
+    _, C1, S, D = keys.shape
+    for t, dtype in ((keys, torch.float16), (values, torch.float16), (fill, torch.uint8), (keys_out, torch.float32),
+                     (values_out, torch.float32), (mask_out, torch.bool)):
+        if t.dtype != dtype or not t.is_contiguous():
+            raise ValueError(f"read_chunks needs contiguous {dtype} tensors, got {t.dtype}")
+    if hits is not None and (hits.dtype != torch.int32 or not hits.is_contiguous()):
+        raise ValueError("read_chunks counts hits in a contiguous int32 tensor")
+    slots = slots.contiguous()
+    counted = None if counted is None else counted.to(torch.uint8).contiguous()
+    _lib().read_chunks_f16(slots.data_ptr(), H, T, Tg // T, k, S, D, keys.data_ptr(), values.data_ptr(),
+                           fill.data_ptr(), C1 - 1, None if hits is None else hits.data_ptr(),
+                           None if counted is None else counted.data_ptr(), keys_out.data_ptr(),
+                           values_out.data_ptr(), mask_out.data_ptr(), _isa())
 
 
 def search_tokens(q: torch.Tensor, keys: torch.Tensor, qs: torch.Tensor, rows: torch.Tensor, shortlist: int,

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from longside.memory_bank import MemoryBank, TokenMemory, search_cpu
+from longside.memory_bank import BatchMemory, MemoryBank, TokenMemory, search_cpu
 
 pytestmark = pytest.mark.skipif(not search_cpu.available(), reason="the search library is not built")
 
@@ -113,6 +113,14 @@ def test_bank_search_of_one_query_token_equals_torch_path(isa, monkeypatch):
     for a, b in zip(got, want):
         assert torch.equal(a, b)
     assert torch.equal(bank._hits - counted, counted - hits)  # both count the same hits
+    assert (bank._hits - counted).sum() == 9 * 16
+    batch = BatchMemory.of([bank, bank])  # a padding row (not counted) and a real one
+    for mode in ("scalar" if isa == "scalar" else "avx2", "off"):
+        monkeypatch.setenv("LONGSIDE_SEARCH_ISA", mode)
+        before = bank._hits.clone()
+        out = batch.search(torch.cat([q, q])[:, None], 16, counted=torch.tensor([[False], [True]]))
+        assert torch.equal(out[0][0], want[0]) and torch.equal(out[2][1], want[2])
+        assert torch.equal(bank._hits - before, counted - hits)
 
 
 def test_bad_arguments_are_refused():
