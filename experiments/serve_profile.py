@@ -10,7 +10,9 @@
     python experiments/serve_profile.py prefill   # 8 users' chat prompts read one by one, then together
     python experiments/serve_profile.py reader    # 8-row steps before and after a read on a reader
                                                   # thread (one torch thread there, or default)
-    python experiments/serve_profile.py search    # one row's memory reads in a decode step
+    python experiments/serve_profile.py search    # one row's memory reads in a decode step, torch's
+                                                  # operations and the one-call C searches
+    python experiments/serve_profile.py agree     # how often the C searches return torch's answer
     python experiments/serve_profile.py read      # ChatSession.read of a user with ~19k tokens of memory
     python experiments/serve_profile.py products  # SmolLM2's products on M rows: the int8 kernel against
                                                   # exact tiles + BLAS (the prefill path above INT8_MAX_M)
@@ -23,6 +25,7 @@ Timings are means over many calls on a shared 2-core machine: compare within one
 
 import concurrent.futures
 import cProfile
+import os
 import pstats
 import shutil
 import sys
@@ -260,17 +263,29 @@ def reader() -> None:
 
 def search() -> None:
     """One row's memory reads in a decode step, a bank of ~19k tokens: the chunk search of
-    the memory layer (9 query heads), the token cache's neighbours and its exact-match read."""
+    the memory layer (9 query heads), the token cache's neighbours and its exact-match read,
+    by torch's operations (LONGSIDE_SEARCH_ISA=off) and by one C call each (the default), each
+    timed on one bank and round-robin over 8 copies (as 8 users' banks in a step, which do not
+    all stay in cache)."""
     model, _ = load_model()
     mem = Memory(model.backbone, model.config, 1)
     mem.memorize(_book(70000), progress=False, as_text=True)
-    bank, cfg = mem.banks[0], model.config
-    spec = model.backbone.spec
+    path = Path(tempfile.mkdtemp()) / "memory.safetensors"
+    mem.save(path)
+    banks = []
+    for _ in range(8):
+        m = Memory(model.backbone, model.config, 1)
+        m.load(path)
+        banks.append(m.banks[0])
+    cfg, spec = model.config, model.backbone.spec
     q = torch.randn(1, spec.num_heads, spec.head_dim)
     key = torch.randn(1, spec.hidden_size)
     context = torch.randint(0, 1000, (50,))
+    reads = {"chunk search": lambda b: b.search(q, cfg.k_chunks),
+             "token-cache neighbours": lambda b: b.tokens.search(key, cfg.token_k),
+             "exact-match read": lambda b: b.tokens.match(context, 1, cfg.token_copy_k)}
 
-    def us(f, n: int = 300) -> float:
+    def us(f, n: int = 200) -> float:
         for _ in range(10):
             f()
         t = time.perf_counter()
@@ -278,9 +293,54 @@ def search() -> None:
             f()
         return (time.perf_counter() - t) / n * 1e6
 
-    print(f"a bank of {len(bank)} tokens, one query token: chunk search {us(lambda: bank.search(q, cfg.k_chunks)):.0f} us, "
-          f"token-cache neighbours {us(lambda: bank.tokens.search(key, cfg.token_k)):.0f} us, "
-          f"exact-match read {us(lambda: bank.tokens.match(context, 1, cfg.token_copy_k)):.0f} us")
+    print(f"a bank of {len(banks[0])} tokens, one query token, us per read (one bank / round-robin over 8):")
+    for mode in ("off", "avx2"):
+        os.environ["LONGSIDE_SEARCH_ISA"] = mode
+        cells = []
+        for name, read in reads.items():
+            one = us(lambda: read(banks[0]))
+            rr = us(lambda: [read(b) for b in banks], n=50) / 8
+            cells.append(f"{name} {one:.0f} / {rr:.0f}")
+        print(f"  {'torch' if mode == 'off' else 'one C call'}: " + ", ".join(cells))
+
+
+def agree() -> None:
+    """How often a decode step's one-call searches (memory_bank/search_cpu.c) return what
+    torch's path returns, on real text: a memory of ~16.9k tokens of a held-out novel, queried
+    by the token-cache keys (and chunk keys) of the ~12.5k tokens that follow it."""
+    model, _ = load_model()
+    book = _book(120000)
+    mem, after = Memory(model.backbone, model.config, 1), Memory(model.backbone, model.config, 1)
+    mem.memorize(book[:70000], progress=False, as_text=True)
+    after.memorize(book[70000:], progress=False, as_text=True)
+    bank, later = mem.banks[0], after.banks[0]
+    queries = later.tokens._keys[:len(later.tokens)].float()
+    k = model.config.token_k
+    same_order = same_set = 0
+    for i in range(queries.shape[0]):
+        got = []
+        for mode in ("off", "avx2"):
+            os.environ["LONGSIDE_SEARCH_ISA"] = mode
+            got.append(bank.tokens.search(queries[i:i + 1], k)[1][0].tolist())
+        same_order += got[0] == got[1]
+        same_set += sorted(got[0]) == sorted(got[1])
+    n = queries.shape[0]
+    print(f"token-cache neighbours ({k}) of {n} real queries: the same in the same order {same_order / n:.2%}, "
+          f"the same set {same_set / n:.2%}")
+    spec = model.backbone.spec
+    heads = later._chunk_keys[:, :later._used].float()  # [H, used, D]: real memory-layer keys as queries
+    g = spec.num_heads // spec.num_kv_heads
+    same = total = 0
+    for j in range(0, heads.shape[1] - g, g):
+        q = heads[:, j:j + g].permute(1, 0, 2).reshape(1, spec.num_heads, spec.head_dim)
+        got = []
+        for mode in ("off", "avx2"):
+            os.environ["LONGSIDE_SEARCH_ISA"] = mode
+            got.append(bank.search(q, model.config.k_chunks)[0])
+        same += torch.equal(got[0], got[1])
+        total += 1
+    print(f"chunk search ({model.config.k_chunks} chunks x {spec.num_heads} heads) of {total} real queries: "
+          f"the same keys read {same / total:.2%}")
 
 
 def read() -> None:
@@ -360,4 +420,4 @@ def engine() -> None:
 
 
 if __name__ == "__main__":
-    {"threads": threads, "products": products, "steps": steps, "long": long_windows, "read": read, "reader": reader, "search": search, "prefill": prefill, "engine": engine}[sys.argv[1] if len(sys.argv) > 1 else "threads"]()
+    {"threads": threads, "products": products, "steps": steps, "long": long_windows, "read": read, "reader": reader, "search": search, "agree": agree, "prefill": prefill, "engine": engine}[sys.argv[1] if len(sys.argv) > 1 else "threads"]()
