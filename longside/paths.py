@@ -1,9 +1,12 @@
-"""Where longside keeps its on-disk cache, and atomic writes into it."""
+"""Where longside keeps its on-disk cache, atomic writes into it, and where its compiled
+libraries are."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
+import importlib.machinery
 import json
 import os
 import re
@@ -20,6 +23,16 @@ def cache_dir() -> Path:
     root = Path(os.environ.get("LONGSIDE_CACHE") or Path.home() / ".cache" / "longside")
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def compiled_library(folder: Path, stem: str) -> ctypes.CDLL | None:
+    """`<folder>/<stem><extension suffix>` (a plain shared library the build put beside its
+    Python bindings) loaded with ctypes, or None when it was not built."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = folder / f"{stem}{suffix}"
+        if path.exists():
+            return ctypes.CDLL(str(path))
+    return None
 
 
 def write_json(data, path: str | os.PathLike, indent: int = 1) -> Path:

@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from longside.kernels.clib import load_library
+from longside.paths import compiled_library
 
 
 @functools.cache
 def _lib() -> ctypes.CDLL | None:
-    lib = load_library("_search_cpu", Path(__file__).resolve().parent)
+    lib = compiled_library(Path(__file__).resolve().parent, "_search_cpu")
     if lib is None:
         return None
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
