@@ -296,7 +296,12 @@ void search_tokens_bf16(const float *q, int64_t T, int64_t dim, const float *qs,
         Best top = {hs, hi, 0, kk};
         for (int64_t i = 0; i < got; i++) /* the candidates are scattered: one row at a time */
             best_push(&top, (isa && dim % 8 == 0 ? dot1_bf16 : dot_bf16)(x, keys + cand[i] * dim, dim), cand[i]);
+        int64_t found = top.size;
         best_sorted(&top, sims + t * kk, index + t * kk);
+        for (int64_t i = found; i < kk; i++) { /* NaN scores enter no heap: as the batch pads rows */
+            sims[t * kk + i] = -INFINITY;
+            index[t * kk + i] = 0;
+        }
     }
     free(hs);
     free(hi);

@@ -84,9 +84,13 @@ def search_chunks(q: torch.Tensor, keys: torch.Tensor, used: int, k: int, sentin
     `sentinel` where fewer than k exist (or were all -inf)."""
     H, Tq, D = q.shape
     q = q.float().contiguous()
-    if keys.dtype != torch.float16 or keys.stride(2) != 1 or keys.stride(1) != D:
-        raise ValueError(f"search_chunks needs float16 keys with contiguous [slots, D] rows per head, got "
-                         f"{keys.dtype} strides {keys.stride()}")
+    if keys.dtype != torch.float16 or keys.dim() != 3 or keys.shape[0] != H or keys.shape[2] != D \
+            or keys.stride(2) != 1 or keys.stride(1) != D:
+        raise ValueError(f"search_chunks needs float16 keys [{H}, slots, {D}] with contiguous rows, got "
+                         f"{keys.dtype} {tuple(keys.shape)} strides {keys.stride()}")
+    if not 1 <= used <= keys.shape[1] or k < 1 or q.device.type != "cpu" or keys.device.type != "cpu":
+        raise ValueError(f"search_chunks needs CPU tensors, 1 <= used <= {keys.shape[1]} slots and k >= 1, "
+                         f"got used={used}, k={k}")
     skip = None
     if freed is not None and len(freed):
         skip = np.zeros(used, dtype=np.uint8)
@@ -108,6 +112,10 @@ def read_chunks(slots: torch.Tensor, T: int, keys: torch.Tensor, values: torch.T
     retrieved."""
     H, Tg, k = slots.shape
     _, C1, S, D = keys.shape
+    if keys_out.shape != (T, H * (Tg // T), k * S, D) or mask_out.shape != keys_out.shape[:3] \
+            or values_out.shape != keys_out.shape or values.shape != keys.shape or Tg % T:
+        raise ValueError(f"read_chunks: outputs must be [T, H*g, k*S, D] = {(T, H * (Tg // T), k * S, D)}, got "
+                         f"{tuple(keys_out.shape)}")
     for t, dtype in ((keys, torch.float16), (values, torch.float16), (fill, torch.uint8), (keys_out, torch.float32),
                      (values_out, torch.float32), (mask_out, torch.bool)):
         if t.dtype != dtype or not t.is_contiguous():
@@ -132,9 +140,10 @@ def search_tokens(q: torch.Tensor, keys: torch.Tensor, qs: torch.Tensor, rows: t
     T, dim = q.shape
     N, s = keys.shape[0], qs.shape[1]
     if keys.dtype != torch.bfloat16 or rows.dtype != torch.bfloat16 or not keys.is_contiguous() \
-            or not rows.is_contiguous() or rows.shape[0] < N or rows.shape[1] != s or not 1 <= k <= shortlist <= N:
-        raise ValueError(f"search_tokens needs contiguous bfloat16 keys and rows [>= N, {s}] and "
-                         f"1 <= k <= shortlist <= N, got {keys.dtype}/{rows.dtype}, k={k}, shortlist={shortlist}, N={N}")
+            or not rows.is_contiguous() or rows.shape[0] < N or rows.shape[1] != s or not 1 <= k <= shortlist <= N \
+            or keys.shape[1] != dim or qs.shape[0] != T or any(t.device.type != "cpu" for t in (q, keys, qs, rows)):
+        raise ValueError(f"search_tokens needs CPU tensors, q [T, dim], contiguous bfloat16 keys [N, dim] and "
+                         f"rows [>= N, {s}], qs [T, {s}], 1 <= k <= shortlist <= N, got {keys.dtype}/{rows.dtype}, k={k}, shortlist={shortlist}, N={N}")
     q = q.float().contiguous()
     qs = qs.float().contiguous()
     sims = torch.empty(T, k, dtype=torch.float32)
@@ -151,7 +160,8 @@ def match_last(text: torch.Tensor, context: torch.Tensor, orders: dict, next_ids
     positions)} and next ids `[M]`, all int64 -> lens and next ids `[1, k]` int64."""
     ns = sorted(orders, reverse=True)
     arrays = [(orders[n][0].contiguous(), orders[n][1].contiguous()) for n in ns]
-    text, context, next_ids = text.contiguous(), context.to(torch.int64).contiguous(), next_ids.contiguous()
+    text, next_ids = text.contiguous(), next_ids.contiguous()
+    context = context.to(text.device, torch.int64).contiguous()  # the memory's (CPU) device, as the text
     # every buffer the call reads is named here, so none is freed before it returns
     order_n = np.array(ns or [0], dtype=np.int64)
     lengths = np.array([v.shape[0] for v, _ in arrays] or [0], dtype=np.int64)

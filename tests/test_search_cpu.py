@@ -123,17 +123,47 @@ def test_bank_search_of_one_query_token_equals_torch_path(isa, monkeypatch):
         assert torch.equal(bank._hits - before, counted - hits)
 
 
+def test_token_search_on_both_threads_and_with_nan_scores(isa):
+    """A scan large enough for both threads (each its own heap, merged) gives what one thread
+    gives; a query whose scores are NaN gets a row padded as the batch pads rows."""
+    g = torch.Generator().manual_seed(4)
+    N, dim, s = 40000, 32, 16  # 40000 x 16 products: past the threads' threshold
+    keys = (torch.randint(-4, 5, (N, dim), generator=g) / 8).to(torch.bfloat16)
+    rows = (torch.randint(-4, 5, (N, s), generator=g) / 8).to(torch.bfloat16)
+    q = torch.randint(-4, 5, (2, dim), generator=g) / 8
+    qs = (torch.randint(-4, 5, (2, s), generator=g) / 8).to(torch.bfloat16)
+    got = search_cpu.search_tokens(q, keys, qs, rows, 100, 20)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = search_cpu.search_tokens(q, keys, qs, rows, 100, 20)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got[0], alone[0]) and torch.equal(got[1], alone[1])
+    nan = torch.full((1, dim), float("nan"))  # a NaN query: its projection is NaN too
+    nan = search_cpu.search_tokens(nan, keys, nan[:, :s].to(torch.bfloat16), rows, 100, 20)
+    assert torch.equal(nan[0], torch.full((1, 20), float("-inf"))) and torch.equal(nan[1], torch.zeros(1, 20, dtype=torch.int64))
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="float16"):
         search_cpu.search_chunks(torch.zeros(1, 1, 8), torch.zeros(1, 4, 8), 4, 2, 4)
     keys = torch.zeros(10, 8, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="shortlist"):
         search_cpu.search_tokens(torch.zeros(1, 8), keys, torch.zeros(1, 8, dtype=torch.bfloat16), keys, 20, 5)
+    with pytest.raises(ValueError, match="k >= 1"):
+        search_cpu.search_chunks(torch.zeros(1, 1, 8), torch.zeros(1, 4, 8, dtype=torch.float16), 4, 0, 4)
+    with pytest.raises(ValueError, match="used"):
+        search_cpu.search_chunks(torch.zeros(1, 1, 8), torch.zeros(1, 4, 8, dtype=torch.float16), 5, 2, 4)
+    with pytest.raises(ValueError, match="dim"):
+        search_cpu.search_tokens(torch.zeros(1, 4), keys, torch.zeros(1, 8, dtype=torch.bfloat16), keys, 5, 5)
 
 
 def test_exact_match_of_the_last_position_equals_torch_path(monkeypatch):
     """Text drawn from few tokens repeats itself everywhere: many candidates, long matches,
     matches running back into text[0] and a full ring."""
+    if search_cpu.isa() != "avx2":
+        pytest.skip("no AVX2 here: the one-call path is not taken")
     g = torch.Generator().manual_seed(3)
     for capacity, n in ((4000, 3000), (500, 3000), (4000, 40)):
         tm = TokenMemory(4, capacity=capacity, dtype=torch.float32)
