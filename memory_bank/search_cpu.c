@@ -77,6 +77,22 @@ typedef struct {
 
 static inline int beats(float s, int64_t i, float t, int64_t j) { return s > t || (s == t && i < j); }
 
+/* puts (s, i) at the root in place of the root's pair and sifts it down to its place */
+static void root_down(Best *b, float s, int64_t i) {
+    int64_t n = 0;
+    for (;;) {
+        int64_t c = 2 * n + 1;
+        if (c >= b->size) break;
+        if (c + 1 < b->size && beats(b->score[c], b->index[c], b->score[c + 1], b->index[c + 1])) c++;
+        if (!beats(s, i, b->score[c], b->index[c])) break;
+        b->score[n] = b->score[c];
+        b->index[n] = b->index[c];
+        n = c;
+    }
+    b->score[n] = s;
+    b->index[n] = i;
+}
+
 static void best_push(Best *b, float s, int64_t i) {
     int64_t n;
     if (b->size < b->k) { /* sift up from the end */
@@ -88,21 +104,11 @@ static void best_push(Best *b, float s, int64_t i) {
             b->index[n] = b->index[p];
             n = p;
         }
-    } else { /* replace the root, sift down */
-        if (!beats(s, i, b->score[0], b->index[0])) return;
-        n = 0;
-        for (;;) {
-            int64_t c = 2 * n + 1;
-            if (c >= b->size) break;
-            if (c + 1 < b->size && beats(b->score[c], b->index[c], b->score[c + 1], b->index[c + 1])) c++;
-            if (!beats(s, i, b->score[c], b->index[c])) break;
-            b->score[n] = b->score[c];
-            b->index[n] = b->index[c];
-            n = c;
-        }
+        b->score[n] = s;
+        b->index[n] = i;
+    } else if (beats(s, i, b->score[0], b->index[0])) {
+        root_down(b, s, i); /* it replaces the worst kept */
     }
-    b->score[n] = s;
-    b->index[n] = i;
 }
 
 /* a cut below which nothing enters: -inf until the heap is full */
@@ -114,22 +120,9 @@ static void best_sorted(Best *b, float *score, int64_t *index) {
     for (int64_t m = n - 1; m >= 0; m--) { /* pop the worst to the back */
         score[m] = b->score[0];
         index[m] = b->index[0];
-        float s = b->score[b->size - 1];
-        int64_t i = b->index[b->size - 1];
         b->size--;
         if (b->size == 0) break;
-        int64_t p = 0;
-        for (;;) {
-            int64_t c = 2 * p + 1;
-            if (c >= b->size) break;
-            if (c + 1 < b->size && beats(b->score[c], b->index[c], b->score[c + 1], b->index[c + 1])) c++;
-            if (!beats(s, i, b->score[c], b->index[c])) break;
-            b->score[p] = b->score[c];
-            b->index[p] = b->index[c];
-            p = c;
-        }
-        b->score[p] = s;
-        b->index[p] = i;
+        root_down(b, b->score[b->size], b->index[b->size]); /* the last pair fills the root */
     }
 }
 
