@@ -247,17 +247,15 @@ static void scan_all(int f16, int round, const float *x, int64_t nq, const uint1
 void search_chunks_f16(const float *q, int64_t H, int64_t Tq, int64_t D, const uint16_t *keys, int64_t head_stride,
                        int64_t used, const uint8_t *skip, int64_t k, int64_t sentinel, int64_t *out, int nthreads,
                        int isa) {
-    float *hs = (float *)malloc(sizeof(float) * Tq * (k + 1)), *sorted = hs + Tq * k;
+    float *hs = (float *)malloc(sizeof(float) * (Tq + 1) * k), *scores = hs + Tq * k; /* scores: not returned */
     int64_t *hi = (int64_t *)malloc(sizeof(int64_t) * Tq * k);
     Best *best = (Best *)malloc(sizeof(Best) * Tq);
-    (void)sorted;
     for (int64_t h = 0; h < H; h++) {
         for (int64_t t = 0; t < Tq; t++) best[t] = (Best){hs + t * k, hi + t * k, 0, k};
         scan_all(1, 0, q + h * Tq * D, Tq, keys + h * head_stride, D, D, used, skip, k, best, nthreads, isa);
         for (int64_t t = 0; t < Tq; t++) {
             int64_t *o = out + (h * Tq + t) * k, got = best[t].size;
-            float sc[got > 0 ? got : 1];
-            best_sorted(&best[t], sc, o);
+            best_sorted(&best[t], scores, o);
             for (int64_t i = got; i < k; i++) o[i] = sentinel;
         }
     }
