@@ -24,6 +24,7 @@ spelled out 50k tokens ago, where a hidden-state neighbour is only roughly right
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from longside.errors import MemoryBankError
@@ -44,11 +45,26 @@ def _hash_ints(tokens: list[int]) -> int:
     return h
 
 
-def _ngram_hashes(seq: torch.Tensor, n: int) -> torch.Tensor:
+def _sort_hashes(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`h [L]` int64 in [0, 2^31) -> (sorted hashes, their positions) `[L]` int64, equal
+    hashes in time order (a stable sort). On CPU one sort of the unique keys hash * 2^32 +
+    position: numpy sorts int64 with SIMD, ~18x torch's stable sort of 16k hashes here."""
+    if h.device.type != "cpu" or h.shape[0] >= 1 << 32:
+        return torch.sort(h, stable=True)
+    key = torch.from_numpy(np.sort(((h << 32) | torch.arange(h.shape[0])).numpy()))
+    return key >> 32, key & 0xFFFFFFFF
+
+
+def _ngram_hashes(seq: torch.Tensor, n: int, half: torch.Tensor | None = None) -> torch.Tensor:
     """`seq [L]` int64 -> hash of the n tokens ending at each position n-1..L-1, `[L - n + 1]`
     int64 in [0, 2^31). Equal n-grams hash equal; unequal ones rarely collide (matches are
-    verified token by token afterwards)."""
+    verified token by token afterwards). `half`: this function's hashes of `seq` for n // 2
+    (n even), from which the n-gram hashes take two operations instead of n (the hash is a
+    polynomial: an n-gram's is its first half's times base^(n/2) plus its second half's)."""
     L = seq.shape[0] - n + 1
+    if half is not None and n % 2 == 0 and L > 0:
+        shift = pow(_HASH_BASE, n // 2, _HASH_P)  # < 2^31, so half * shift stays inside int64
+        return (half[:L] * shift + half[n // 2:n // 2 + L]) % _HASH_P
     if 0 < L <= 4:  # decoding asks for one: n tiny tensor ops cost ~20x this loop
         vals = seq.tolist()
         return torch.tensor([_hash_ints(vals[s:s + n]) for s in range(L)], dtype=torch.int64, device=seq.device)
@@ -199,11 +215,11 @@ class TokenMemory:
             if M == self.capacity:  # full ring: the oldest pair sits at the head
                 nxt = torch.roll(nxt, -self._head)
             text = torch.cat([nxt.new_full((1,), -1), nxt])
-            orders = {}
+            orders, hashes = {}, {}
             for n in MATCH_ORDERS:
-                if M >= n:
-                    h = _ngram_hashes(text[:M], n)  # n-grams ending at pairs n-1..M-1
-                    vals, order = torch.sort(h, stable=True)  # equal hashes keep time order
+                if M >= n:  # n-grams ending at pairs n-1..M-1 (from the half-length ones where known)
+                    hashes[n] = h = _ngram_hashes(text[:M], n, hashes.get(n // 2))
+                    vals, order = _sort_hashes(h)
                     orders[n] = (vals, order + (n - 1))
             self._match_index = (text, nxt, orders)
         return self._match_index

@@ -192,3 +192,35 @@ def test_ngram_hashes_short_path_equals_tensor_path():
         for L in (1, 2, 4):
             tail = seq[seq.shape[0] - (n + L - 1):]
             assert torch.equal(_ngram_hashes(tail, n), whole[-L:]), (n, L)
+
+
+def test_ngram_hashes_from_half_equal_the_direct_hashes():
+    """The match index builds each order's hashes from the half order's; they must equal the
+    n-step loop's bit for bit (largest ids, the -1 of text[0], every length down to one n-gram)."""
+    from longside.memory_bank.token_memory import _ngram_hashes
+
+    g = torch.Generator().manual_seed(1)
+    for length in (2, 3, 5, 33, 64, 500):
+        seq = torch.randint(-1, 49152, (length,), generator=g)
+        seq[0] = -1
+        seq[-1] = 49151
+        half = None
+        for n in (2, 4, 8, 16, 32):
+            if length < n:
+                break
+            direct = _ngram_hashes(seq, n)
+            doubled = _ngram_hashes(seq, n, half) if half is not None else direct
+            assert torch.equal(doubled, direct), (length, n)
+            half = doubled
+
+
+def test_sort_hashes_equals_a_stable_sort():
+    """The match index's sort: equal hashes stay in time order, as torch's stable sort keeps them."""
+    from longside.memory_bank.token_memory import _sort_hashes
+
+    g = torch.Generator().manual_seed(2)
+    for length, top in ((1, 5), (7, 3), (1000, 50), (20000, 2**31 - 1)):  # many ties, then almost none
+        h = torch.randint(0, top, (length,), generator=g)
+        vals, order = _sort_hashes(h)
+        want_vals, want_order = torch.sort(h, stable=True)
+        assert torch.equal(vals, want_vals) and torch.equal(order, want_order), length
