@@ -247,6 +247,70 @@ def test_streamed_pieces_never_show_a_stop_string(smollm2):
     assert out == "naïve café ☕"
 
 
+def _whole_decode_pieces(tok, ids, stops):
+    """What the pieces must be: each token, decode the whole sequence so far; wait on a
+    half character; cut at the first stop string; hold back a tail that may start one.
+    -> the pieces, the text shown (at a stop) or finished (the last whole decoding), stopped."""
+    shown, out, last = "", [], ""
+    for n in range(1, len(ids) + 1):
+        full = tok.decode(ids[:n], skip_special_tokens=True)
+        if full.endswith("\ufffd"):
+            out.append("")
+            continue
+        last = full
+        cut = min((i for i in (full.find(s) for s in stops) if i >= 0), default=-1)
+        if cut >= 0:
+            new = full[:cut][len(shown):]
+            out.append(new)
+            return out, shown + new, True
+        held = max((k for s in stops for k in range(1, len(s)) if full.endswith(s[:k])), default=0)
+        upto = full[:len(full) - held]
+        new = upto[len(shown):] if upto.startswith(shown) else ""
+        shown += new
+        out.append(new)
+    return out, last, False
+
+
+def test_text_pieces_equal_decoding_the_whole_sequence_each_token(smollm2):
+    """TextPieces decodes a few tokens per push; piece by piece it must equal decoding the
+    whole sequence at every token (multi-byte characters split across tokens, special tokens
+    in the middle, random ids, stop strings anywhere), and no decode may grow with the text."""
+    import random
+
+    tok = smollm2.tokenizer
+    text = "It was a truth universally acknowledged — “naïve café ☕”, 日本語 🎉 Ünïcödé.\n\n" * 6
+    ids = tok(text, add_special_tokens=False).input_ids
+    special = tok.convert_tokens_to_ids("<|im_end|>")
+    rng = random.Random(0)
+    longest = []
+
+    class Counting:  # the tokenizer, recording how many ids each decode is given
+        def decode(self, ids, **kw):
+            longest.append(len(ids))
+            return tok.decode(ids, **kw)
+
+    for trial in range(60):
+        seq = ids[rng.randrange(0, len(ids) // 2):][:rng.randrange(1, 120)]
+        if trial % 3 == 1:
+            seq = seq[:len(seq) // 2] + [special] + seq[len(seq) // 2:]
+        if trial % 5 == 2:
+            seq = [rng.randrange(0, tok.vocab_size) for _ in range(40)]
+        full = tok.decode(seq, skip_special_tokens=True)
+        stops = [full[i:i + 3], "zzqq"] if trial % 2 and len(full) > 8 and (i := rng.randrange(len(full) - 4)) else []
+        want, want_text, want_stopped = _whole_decode_pieces(tok, seq, stops)
+        pieces = TextPieces(Counting(), stops)
+        got = [pieces.push(t) for t in seq]
+        assert got[:len(want)] == want and pieces.stopped == want_stopped, (trial, stops)
+        tail = pieces.finish()
+        assert pieces.text == want_text and (tail == "" or not want_stopped)
+    longest.clear()
+    pieces = TextPieces(Counting(), ["zzqq"])
+    for t in ids * 4:
+        pieces.push(t)
+    assert pieces.text + pieces.finish() == tok.decode(ids * 4, skip_special_tokens=True)
+    assert max(longest) <= 8, max(longest)  # a few tokens per decode, not the reply so far
+
+
 def test_hf_streamer_receives_prompt_then_each_token(model):
     class Recorder:
         def __init__(self):

@@ -131,6 +131,12 @@ class TextPieces:
     `push(token_id) -> str` returns the new text that is safe to show; `.stopped` turns
     True once the text contains a stop string (the text is cut before it); `finish()`
     returns whatever was held back. `.text` is the full text shown so far.
+
+    Each push decodes only the last few tokens, twice (with and without the new one, from
+    the same first token, so a tokenizer's treatment of a sequence's start cancels out),
+    and looks for stop strings only where the new text can complete one: the cost of a
+    token does not grow with the reply (decoding the whole reply each time did: 0.4 ms a
+    token at 2,048 tokens here, per row of a batch).
     """
 
     def __init__(self, tokenizer, stop: list[str] | tuple[str, ...] = (), skip_special_tokens: bool = True):
@@ -139,17 +145,32 @@ class TextPieces:
         self.ids: list[int] = []
         self.text = ""
         self.stopped = False
-        self._full = ""
+        self._full = ""  # the decoded text up to token _read
+        self._prefix = 0  # ids[_prefix:_read] is the context the next decode starts from
+        self._read = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def push(self, token_id: int) -> str:
         if self.stopped:
             return ""
         self.ids.append(int(token_id))
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
-        if full.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its next byte
+        before = self._decode(self.ids[self._prefix:self._read])
+        after = self._decode(self.ids[self._prefix:])
+        if after.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its next byte
             return ""
-        self._full = full
-        cut = min((i for i in (full.find(s) for s in self.stop) if i >= 0), default=-1)
+        searched = len(self._full)
+        if after.startswith(before):
+            self._full += after[len(before):]
+        else:  # the new token changed how the context decodes (rare): decode everything once
+            self._full = self._decode(self.ids)
+            searched = 0
+        self._prefix, self._read = self._read, len(self.ids)
+        full = self._full
+        # a stop string found now ends in the new text: earlier starts were searched before
+        start = max(0, searched - max((len(s) for s in self.stop), default=0) + 1)
+        cut = min((i for i in (full.find(s, start) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             self.stopped = True
             return self._emit(full[:cut])
@@ -166,8 +187,8 @@ class TextPieces:
         return best
 
     def _emit(self, upto: str) -> str:
-        # decoding the whole sequence can revise earlier text (rare, e.g. merged spaces);
-        # only what extends the shown text is emitted
+        # a revised decoding (above) can change earlier text: only what extends the shown
+        # text is emitted
         new = upto[len(self.text):] if upto.startswith(self.text) else ""
         self.text += new
         return new
