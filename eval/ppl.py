@@ -68,6 +68,9 @@ class PplConfig:
     # a JSON file keeping each finished book's scores: a run that stops (or covers only
     # `max_books`) continues where it left off when given the same file again
     resume: str | None = None
+    # prepared books to read without --data: "test" (Austen) or "unseen" (Moby-Dick: prose
+    # neither training nor the cache fit read)
+    split: str = "test"
 
     @classmethod
     def quick(cls) -> "PplConfig":
@@ -167,7 +170,9 @@ def run(model, info: dict, config: PplConfig, data=None) -> dict:
         raise EvalError(f"rows must be some of {', '.join(ROW_KINDS)}, got {config.rows}")
     if list(config.buckets) != sorted(set(config.buckets)) or config.buckets[0] != 0:
         raise EvalError(f"buckets must be increasing lower edges starting at 0, got {config.buckets}")
-    books, data_id = load_book_data(data, "test")
+    if config.split not in ("test", "unseen"):
+        raise EvalError(f"split must be test or unseen (held-out books), got {config.split!r}")
+    books, data_id = load_book_data(data, config.split)
     books = books[:config.max_books] if config.max_books else books
     streams = []
     for book in books:
@@ -265,6 +270,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--native-stride", type=int, help="tokens scored per long-context forward (default: half)")
     p.add_argument("--resume", metavar="PATH", help="keep each finished book's scores in this JSON file, and skip "
                    "the books it already holds (same options, model and data): a long run can stop and go on later")
+    p.add_argument("--split", choices=("test", "unseen"), help="prepared books: test (Austen, the default) or "
+                   "unseen (Melville's Moby-Dick, prose neither training nor the cache fit read)")
     p.add_argument("--rows", nargs="+", choices=ROW_KINDS, help="rows to score (default all: the bare backbone "
                    "at the local window and at its native context, longside with memory off and on)")
 

@@ -95,14 +95,27 @@ def test_every_book_has_chapters_and_no_boilerplate(books_by_id):
             assert not re.search(r"Project Gutenberg|\*\*\* ?(START|END) OF", chapter["text"]), book_id
 
 
+def test_moby_dick_by_chapter(report, books_by_id):
+    _need(report, "tokenizers")
+    book = books_by_id["melville/moby_dick"]
+    titles = _titles(book)
+    assert len(titles) == 136 and titles[0] == "CHAPTER 1. Loomings." and titles[-1] == "Epilogue"
+    assert book["chapters"][0]["text"].startswith("Call me Ishmael.")
+    assert book["chapters"][-1]["text"].endswith("only found another\norphan.")
+    assert not any("Gutenberg" in c["text"] for c in book["chapters"])  # licence and header dropped
+
+
 def test_split_rule(report, books_by_id):
     _need(report, "janeaustenr")
-    by_split = {s: load_books(s) for s in ("train", "validation", "test")}
+    _need(report, "tokenizers")
+    by_split = {s: load_books(s) for s in ("train", "validation", "test", "unseen")}
     ids = {s: set(ds["book_id"]) for s, ds in by_split.items()}
     assert set(by_split["test"]["source"]) == {"austen"}
-    assert "austen" not in set(by_split["train"]["source"]) | set(by_split["validation"]["source"])
-    assert not (ids["train"] & ids["validation"] or ids["train"] & ids["test"] or ids["validation"] & ids["test"])
-    assert ids["train"] | ids["validation"] | ids["test"] == set(books_by_id)
+    assert set(by_split["unseen"]["source"]) == {"melville"}
+    seen = set(by_split["train"]["source"]) | set(by_split["validation"]["source"])
+    assert "austen" not in seen and "melville" not in seen
+    assert sum(len(v) for v in ids.values()) == len(set().union(*ids.values()))  # no book in two splits
+    assert set().union(*ids.values()) == set(books_by_id)
     assert ids["validation"] == set(VALIDATION_BOOKS)
     # The assignment is stored in the dataset, not recomputed on load.
     assert all(b["split"] == "test" for b in by_split["test"])

