@@ -27,7 +27,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -70,7 +69,6 @@ class Job:
     text: str = ""
     ignore_eos: bool = False  # decode max_tokens whatever (benchmarks; vLLM's extension)
     cancelled: bool = False
-    submitted: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
