@@ -1,4 +1,5 @@
-"""Builds the CPU kernels (kernels/nf4_cpu.c, kernels/ggml_cpu.c, memory_bank/search_cpu.c) as
+"""Builds the CPU kernels (kernels/nf4_cpu.c, kernels/ggml_cpu.c with kernels/decode_cpu.c,
+memory_bank/search_cpu.c) as
 `longside.kernels._nf4_cpu`, `longside.kernels._ggml_cpu` and `longside.memory_bank._search_cpu`.
 
 Package metadata lives in pyproject.toml; this file only adds the C extensions. Each is a
@@ -32,7 +33,7 @@ setup(
         # -ffp-contract=off: dequantization must round like the gguf package (no fused multiply-add)
         Extension(
             "longside.kernels._ggml_cpu",
-            sources=["kernels/ggml_cpu.c"],
+            sources=["kernels/ggml_cpu.c", "kernels/decode_cpu.c"],
             extra_compile_args=["-O3", "-std=c11", "-ffp-contract=off", *_openmp],
             extra_link_args=[*_openmp, "-lm"],
         ),

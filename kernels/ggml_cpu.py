@@ -36,6 +36,9 @@ def _lib() -> ctypes.CDLL | None:
     lib.ggml_gemv_int8.argtypes = [cint, ptr, i64, ptr, i64, i64, ptr, i64, i64, i64, cint, cint]
     lib.ggml_quantize_x.restype = None
     lib.ggml_quantize_x.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, cint]
+    lib.llama_decode_step.restype = cint
+    lib.llama_decode_step.argtypes = [i64] * 7 + [ptr, ptr, ptr, ptr, i64, ptr, i64, ctypes.c_float, ctypes.c_float,
+                                                  i64, ptr, ptr, ptr, ptr, cint, cint]
     return lib
 
 
@@ -94,6 +97,36 @@ def gemv_int8(x: torch.Tensor, w: GGMLWeight) -> torch.Tensor:
     _lib().ggml_gemv_int8(_tid(w), w.blocks.data_ptr(), w.row_bytes, x.data_ptr(), x.stride(0), m,
                           y.data_ptr(), n, n, k, torch.get_num_threads(), _isa_level())
     return y
+
+
+# words per block in `llama_decode_step`'s table (kernels/decode_cpu.c): a product is 4 words
+DECODE_TABLE_WORDS = 21
+DECODE_WORDS = {"attn_norm": 0, "qkv": 1, "o": 5, "ffn_norm": 9, "gate_up": 10, "down": 14, "kbuf": 18, "vbuf": 19,
+                "cap": 20}
+
+
+def product_words(w: GGMLWeight, int8: bool) -> list[int]:
+    """A product's 4 words in the decode table: blocks pointer, type id, row bytes, int8 flag."""
+    return [w.blocks.data_ptr(), _tid(w), w.row_bytes, int(int8)]
+
+
+def llama_decode_step(table: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n: int,
+                      key_mask: torch.Tensor | None, eps: float, scaling: float, heads: int, kv_heads: int,
+                      ffn: int, mem_layer: int, mem: tuple[torch.Tensor, ...]) -> None:
+    """Every block of a Llama-style backbone for one new token per row, in one call
+    (kernels/decode_cpu.c). `table` int64 `[L, DECODE_TABLE_WORDS]` (weights, norms, each
+    block's cache buffers `[B, G, cap, D]`); `hidden` float32 `[L+1, B, d]`, row 0 filled,
+    the rest written; `cos, sin [B, D]`; `n` cached columns (the new key/value goes to column
+    n of every buffer); `key_mask` uint8 `[B, >= n+1]` or None; `mem`: the memory layer's q,
+    k, v, attention output `[B, H*D]`, `[B, G*D]`, `[B, G*D]`, `[B, H*D]`, written."""
+    L, B, d = table.shape[0], hidden.shape[1], hidden.shape[2]
+    D = cos.shape[1]
+    mask_ptr, ldm = (key_mask.data_ptr(), key_mask.stride(0)) if key_mask is not None else (None, 0)
+    rc = _lib().llama_decode_step(L, B, d, heads, kv_heads, D, ffn, table.data_ptr(), hidden.data_ptr(),
+                                  cos.data_ptr(), sin.data_ptr(), n, mask_ptr, ldm, eps, scaling, mem_layer,
+                                  *(t.data_ptr() for t in mem), torch.get_num_threads(), _isa_level())
+    if rc:
+        raise MemoryError("llama_decode_step: could not allocate its scratch buffers")
 
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

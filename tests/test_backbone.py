@@ -336,6 +336,100 @@ def test_lean_decode_step_equals_the_hugging_face_forward(smollm2, monkeypatch):
     assert not decode_step.can_step(smollm2, 1, None, object())
 
 
+def _steps(bb, ids, cuts, cache, **kw):
+    return [bb.encode(ids[:, a:b], memory_layer=15, cache=cache, use_cache=True, **kw) for a, b in zip(cuts, cuts[1:])]
+
+
+def _assert_outputs_close(ref, new, rel=1e-5):
+    for r, n in zip(ref, new):
+        for a, b in zip(r.hidden_states, n.hidden_states):
+            assert (a - b).abs().max() <= rel * a.abs().max()
+        for f in ("last_hidden", "memory_keys", "memory_values", "memory_queries", "memory_attn", "memory_keys_rotated"):
+            a, b = getattr(r, f), getattr(n, f)
+            if a is None:  # a prefill read by the Hugging Face forward keeps no rotated keys
+                assert b is None, f
+                continue
+            assert a.shape == b.shape and (a - b).abs().max() <= rel * a.abs().max(), f
+
+
+def test_native_decode_step_equals_the_torch_step(smollm2, monkeypatch):
+    """One token per row goes through every block in one C call (kernels/decode_cpu.c): with
+    exact activations it gives the torch step's hidden states, memory-layer tensors and cache,
+    also after a multi-token step in between (Hugging Face's concatenation replaces the
+    cache's buffers), and with a key mask hiding another row's padding."""
+    from transformers import DynamicCache
+
+    from longside.backbone import decode_step
+    from longside.inference.ragged import _Cache
+    from longside.kernels import ggml_cpu
+
+    ids = torch.randint(0, smollm2.spec.vocab_size, (2, 48), generator=torch.Generator().manual_seed(5))
+    cuts = [0, 30, 31, 32, 33, 36, 37, 38, 39, 40, 41]  # one 3-token step among single tokens
+    calls = []
+    step = ggml_cpu.llama_decode_step
+    monkeypatch.setattr(ggml_cpu, "llama_decode_step", lambda *a, **k: (calls.append(1), step(*a, **k))[1])
+
+    def run(native):
+        monkeypatch.setattr(decode_step, "NATIVE_STEP", native)
+        cache = DynamicCache()
+        return _steps(smollm2, ids, cuts, cache), cache
+
+    (ref, ref_cache), (new, new_cache) = run(False), run(True)
+    assert len(calls) == 8  # every single-token step, nothing else
+    _assert_outputs_close(ref, new)
+    for i in range(smollm2.spec.num_layers):
+        assert torch.allclose(ref_cache.layers[i].keys, new_cache.layers[i].keys, atol=1e-4)
+        assert torch.allclose(ref_cache.layers[i].values, new_cache.layers[i].values, atol=1e-4)
+
+    # a padded batch (the server's rows): row 0's first 7 columns are another text's padding
+    def padded(native):
+        monkeypatch.setattr(decode_step, "NATIVE_STEP", native)
+        prefix = DynamicCache()
+        smollm2.encode(ids[:, :20], cache=prefix, use_cache=True)
+        cache = _Cache([layer.keys.clone() for layer in prefix.layers], [layer.values.clone() for layer in prefix.layers], 20)
+        mask = torch.ones(2, 48, dtype=torch.bool)
+        mask[0, :7] = False
+        outs = []
+        for t in range(20, 26):
+            pos = torch.tensor([[t - 7], [t]])
+            out = decode_step.llama_step(smollm2, ids[:, t:t + 1], pos, cache, 15, mask[:, :t + 1])
+            outs.append(torch.stack(out["hidden"]))
+        return torch.stack(outs), cache
+
+    (a, ca), (b, cb) = padded(False), padded(True)
+    # row 0 reads no attention sink (its first columns are hidden): rounding grows a little more
+    assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+    assert torch.allclose(ca.keys[3][:, :, :26], cb.keys[3][:, :, :26], atol=1e-4)
+
+
+def test_native_decode_step_int8_perplexity(smollm2, monkeypatch):
+    """Decoding token by token through the C step on int8 activations (the loader's default)
+    stays within 0.5% perplexity of the exact whole-segment read (2 x 256 tokens of held-out
+    Austen), as the torch step's int8 products do."""
+    from transformers import DynamicCache
+
+    from longside.backbone import decode_step
+    from longside.kernels import gguf_linear
+
+    ids = _held_out_ids(smollm2.tokenizer, 512).reshape(2, 256)
+
+    def nll(logits):
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
+
+    with torch.no_grad():
+        exact = nll(smollm2.logits(ids))
+    gguf_linear.set_activations(smollm2.model, "int8")
+    try:
+        cache, rows = DynamicCache(), []
+        for out in _steps(smollm2, ids, list(range(257)), cache):
+            rows.append(smollm2.parts.lm_head(out.last_hidden))
+    finally:
+        gguf_linear.set_activations(smollm2.model, "fp32")
+    decoded = nll(torch.cat(rows, 1))
+    assert decode_step.NATIVE_STEP and smollm2._decode_step_cache["native"]  # the C step ran
+    assert abs(decoded - exact) <= 0.005, (exact, decoded)  # nats: perplexity within 0.5%
+
+
 def test_lean_decode_step_follows_swapped_layers():
     """The fused products are rebuilt when a block's layers change (e.g. re-quantization)."""
     from transformers import DynamicCache

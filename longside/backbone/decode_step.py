@@ -11,6 +11,11 @@ needs no repeated keys. What `Backbone.encode` returns (every block's hidden sta
 memory layer's pre-rotary q/k/v and attention output) is collected on the way, so the
 caller cannot tell the two paths apart except by speed; the tests compare them.
 
+One new token per row on GGUF blocks (decoding) goes further: every block runs in one C
+call (`kernels/decode_cpu.c`: the same product kernels, the norms, rotary and attention as
+plain loops, keys/values written in place into capacity buffers of the cache), which halves
+the backbone's share of a decoded token; other steps take the torch loop.
+
 It runs only where nothing else watches the blocks: `Backbone.encode` falls back to the
 Hugging Face forward when any hook is registered on a block (backbone memory edits the
 attention through hooks), for masks, for long inputs and for other families.
@@ -28,11 +33,13 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from longside.backbone.rotary import apply_rotary
-from longside.kernels import GGUFLinear
-from longside.kernels.gguf_linear import INT8_MAX_M
+from longside.kernels import GGUFLinear, ggml_cpu
+from longside.kernels.gguf_linear import FUSED_MAX_M, INT8_MAX_M
 
 # Up to this many new tokens a step takes the lean path (prefill goes through Hugging Face).
 MAX_STEP_TOKENS = 16
+# One new token per row on GGUF blocks takes the one-call C step (tests switch it off to compare).
+NATIVE_STEP = True
 
 
 def _block_signature(backbone) -> tuple:
@@ -136,6 +143,129 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), norm.weight, eps)
 
 
+def _native_words(backbone, B: int) -> torch.Tensor | None:
+    """The C step's table `[L, DECODE_TABLE_WORDS]` int64 with every block's weight words
+    filled (the cache words are the step's), for a batch of B rows; None where a block cannot
+    take it (a product that is not GGUF blocks, a bias, another activation function, more
+    rows than its kernel takes). Cached per kind of batch."""
+    fused = _fused_blocks(backbone)
+    for f, layer in zip(fused, backbone.parts.layers):
+        f.sync(layer)
+    kinds = tuple(f.activations for f in fused)
+    key = (B <= FUSED_MAX_M, B <= INT8_MAX_M, kinds)
+    memo = _cached(backbone).setdefault("native", {})
+    if key in memo:
+        return memo[key]
+    rows = []
+    for f, layer in zip(fused, backbone.parts.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        prods = [f.qkv, attn.o_proj, f.gate_up, mlp.down_proj]
+        norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+        if not all(isinstance(p, GGUFLinear) and p.bias is None and p.blocks.is_contiguous() for p in prods) \
+                or type(mlp.act_fn).__name__ not in ("SiLUActivation", "SiLU") \
+                or not all(w.dtype == torch.float32 and w.is_contiguous() for w in norms):
+            memo[key] = None
+            return None
+        words = []
+        for p in prods:
+            int8 = p.activations == "int8" and p.qtype in ggml_cpu.INT8_TYPES and B <= INT8_MAX_M
+            if not int8 and B > FUSED_MAX_M:  # the torch path tiles these
+                memo[key] = None
+                return None
+            words.append(ggml_cpu.product_words(p.ggml_weight(), int8))
+        rows.append([norms[0].data_ptr(), *words[0], *words[1], norms[1].data_ptr(), *words[2], *words[3], 0, 0, 0])
+    memo[key] = torch.tensor(rows, dtype=torch.int64)
+    return memo[key]
+
+
+def _dynamic_rooms(cache: DynamicCache, n: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Capacity buffers `[B, G, cap, D]` (cap > n) behind each layer of a DynamicCache, whose
+    keys/values become views of their first n columns: a step then writes one column in place
+    instead of concatenating the whole cache. A layer changed elsewhere (Hugging Face's
+    update concatenates, a deep copy copies) gets a new buffer."""
+    rooms = []
+    for layer in cache.layers:
+        k, v = layer.keys, layer.values
+        if k is None or k.dim() != 4 or k.shape[2] != n or k.dtype != torch.float32 or v.shape != k.shape:
+            return None
+        room = getattr(layer, "_longside_room", None)
+        if room is None or room[0].shape[2] <= n or room[0].shape[:2] != k.shape[:2] \
+                or k.data_ptr() != room[0].data_ptr() or v.data_ptr() != room[1].data_ptr() \
+                or k.stride() != room[0].stride() or v.stride() != room[1].stride():
+            B, G, _, D = k.shape
+            cap = max(64, 2 * n)
+            room = (k.new_empty(B, G, cap, D), v.new_empty(B, G, cap, D))
+            room[0][:, :, :n] = k
+            room[1][:, :, :n] = v
+            layer._longside_room = room
+        rooms.append(room)
+    return rooms
+
+
+def _native_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor | None, cache: Any,
+                 memory_layer: int | None, key_mask: torch.Tensor | None) -> dict | None:
+    """`llama_step` for one new token per row in one C call, or None where it cannot run."""
+    B, T = input_ids.shape
+    if not NATIVE_STEP or T != 1 or input_ids.device.type != "cpu" or not ggml_cpu.available():
+        return None
+    n = cache.get_seq_length()
+    if n == 0:
+        return None
+    words = _native_words(backbone, B)
+    if words is None:
+        return None
+    if isinstance(cache, DynamicCache):
+        if not all(type(layer) is DynamicLayer for layer in cache.layers):
+            return None
+        rooms = _dynamic_rooms(cache, n)
+    else:
+        rooms = cache.rooms(1) if hasattr(cache, "rooms") else None
+    spec, base = backbone.spec, backbone.parts.base
+    H, G, D, L, d = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.num_layers, spec.hidden_size
+    if rooms is None or len(rooms) != L or not all(
+            t.dtype == torch.float32 and t.is_contiguous() and t.shape[:2] == (B, G) and t.shape[2] > n
+            and t.shape[3] == D for room in rooms for t in room):
+        return None
+    if position_ids is None:
+        position_ids = torch.full((B, 1), n, device=input_ids.device)
+    h = base.embed_tokens(input_ids)
+    if h.dtype != torch.float32:
+        return None
+    cos, sin = base.rotary_emb(h, position_ids)
+    cos, sin = cos[:, 0].float().contiguous(), sin[:, 0].float().contiguous()  # [B, D]
+    mask = None
+    if key_mask is not None:  # [B, S] or [B, 1, S]: the new token's keys
+        mask = (key_mask if key_mask.dim() == 2 else key_mask[:, -1]).to(torch.uint8).contiguous()
+        if mask.shape != (B, n + 1):
+            return None
+    table = words.clone()
+    w = ggml_cpu.DECODE_WORDS
+    table[:, w["kbuf"]] = torch.tensor([k.data_ptr() for k, _ in rooms])
+    table[:, w["vbuf"]] = torch.tensor([v.data_ptr() for _, v in rooms])
+    table[:, w["cap"]] = torch.tensor([k.shape[2] for k, _ in rooms])
+    hidden = h.new_empty(L + 1, B, d)
+    hidden[0] = h[:, 0]
+    mem = (h.new_empty(B, H * D), h.new_empty(B, G * D), h.new_empty(B, G * D), h.new_empty(B, H * D))
+    attn = backbone.parts.layers[0].self_attn
+    norm = backbone.parts.layers[0].input_layernorm
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+    ggml_cpu.llama_decode_step(table, hidden, cos, sin, n, mask, eps, getattr(attn, "scaling", None) or D ** -0.5,
+                               H, G, backbone.parts.layers[0].mlp.gate_proj.out_features,
+                               -1 if memory_layer is None else memory_layer, mem)
+    if isinstance(cache, DynamicCache):
+        for layer, (k, v) in zip(cache.layers, rooms):
+            layer.keys, layer.values = k[:, :, :n + 1], v[:, :, :n + 1]
+    else:
+        cache.advance(1)
+    states = [hidden[i].unsqueeze(1) for i in range(L + 1)]
+    kv: dict[str, torch.Tensor] = {}
+    if memory_layer is not None:
+        q, k, v, a = mem
+        kv = {"q": q.view(B, 1, H, D), "k": k.view(B, 1, G, D), "v": v.view(B, 1, G, D), "a": a.view(B, 1, H, D),
+              "kr": rooms[memory_layer][0][:, :, :n + 1]}
+    return {"hidden": states, "last_hidden": base.norm(states[-1]), "kv": kv}
+
+
 @torch.no_grad()
 def llama_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor | None, cache: Any,
                memory_layer: int | None, key_mask: torch.Tensor | None = None) -> dict:
@@ -151,6 +281,9 @@ def llama_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor | N
     per new token): rows of a batch whose texts have different lengths (see
     inference/ragged.py) hide their padding. `cache`
     is anything with `update(k, v, layer)` and `get_seq_length()` like a DynamicCache."""
+    native = _native_step(backbone, input_ids, position_ids, cache, memory_layer, key_mask)
+    if native is not None:
+        return native
     spec, parts = backbone.spec, backbone.parts
     base = parts.base
     B, T = input_ids.shape

@@ -62,15 +62,33 @@ class _Cache:
     def get_seq_length(self) -> int:
         return self.lengths[0]
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, layer: int):
-        """Append `k, v [B, G, T, D]` to block `layer` -> its keys, values `[B, G, S, D]`."""
-        n, T = self.lengths[layer], k.shape[2]
+    def _reserve(self, layer: int, T: int) -> None:
+        n = self.lengths[layer]
         if n + T > self.keys[layer].shape[2]:
             grow = max(n + T, 2 * self.keys[layer].shape[2], 64)
             for store in (self.keys, self.values):
                 old = store[layer]
                 store[layer] = old.new_zeros(old.shape[0], old.shape[1], grow, old.shape[3])
                 store[layer][:, :, :n] = old[:, :, :n]
+
+    def rooms(self, T: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Every block's key and value buffers `[B, G, capacity, D]` (contiguous), with room
+        for T more columns after the `length` used (the decode step's C path writes them in
+        place, then calls `advance(T)`); None where they are not laid out so."""
+        for layer in range(len(self.keys)):
+            self._reserve(layer, T)
+        rooms = list(zip(self.keys, self.values))
+        if len(set(self.lengths)) != 1 or not all(k.is_contiguous() and v.is_contiguous() for k, v in rooms):
+            return None
+        return rooms
+
+    def advance(self, T: int) -> None:
+        self.lengths = [n + T for n in self.lengths]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer: int):
+        """Append `k, v [B, G, T, D]` to block `layer` -> its keys, values `[B, G, S, D]`."""
+        n, T = self.lengths[layer], k.shape[2]
+        self._reserve(layer, T)
         self.keys[layer][:, :, n:n + T] = k
         self.values[layer][:, :, n:n + T] = v
         self.lengths[layer] = n + T

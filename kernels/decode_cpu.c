@@ -1,0 +1,199 @@
+/* One decode step of a Llama-style backbone on GGUF blocks, every block in one C call.
+ *
+ * The lean Python step (longside/backbone/decode_step.py) spends about as long in ~20 small
+ * torch ops per block (norms, rotary, a grouped-query attention of one query, cache appends)
+ * as in the block's four products; here they are plain loops between the same product
+ * kernels (ggml_gemv_int8 / ggml_gemv_f32 of ggml_cpu.c, so the products give the same bits
+ * as in Python), and the key/value cache is written in place.
+ *
+ * Shapes (all float32, row-major): hidden [L+1, B, d] (hidden[0] is filled by the caller,
+ * block i writes hidden[i+1]); cos, sin [B, D] (rotary of each row's new position); block i's
+ * cache kbuf, vbuf [B, G, cap_i, D], rotated keys, of which columns [0, n) hold the past: the
+ * new token goes to column n. key_mask [B, ldm] uint8 (nonzero: a real key; NULL: all are).
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef __x86_64__
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+void ggml_gemv_int8(int type, const uint8_t *w, int64_t row_bytes, const float *x, int64_t ldx, int64_t M,
+                    float *y, int64_t ldy, int64_t N, int64_t K, int nthreads, int isa);
+void ggml_gemv_f32(int type, const uint8_t *w, int64_t row_bytes, const float *x, int64_t ldx, int64_t M,
+                   float *y, int64_t ldy, int64_t N, int64_t K, int nthreads, int use_avx2);
+
+/* One block's entry in the caller's table of int64 words. A product is 4 words: blocks
+ * pointer, ggml type id, row bytes, 1 for int8 activations (0: exact fp32 activations). */
+enum {
+    E_ATTN_NORM = 0, E_QKV = 1, E_O = 5, E_FFN_NORM = 9, E_GATE_UP = 10, E_DOWN = 14,
+    E_KBUF = 18, E_VBUF = 19, E_CAP = 20, TABLE_WORDS = 21
+};
+
+static void product(const int64_t *p, const float *x, int64_t M, float *y, int64_t N, int64_t K, int nthreads,
+                    int isa) {
+    const uint8_t *w = (const uint8_t *)(intptr_t)p[0];
+    if (p[3])
+        ggml_gemv_int8((int)p[1], w, p[2], x, K, M, y, N, N, K, nthreads, isa);
+    else
+        ggml_gemv_f32((int)p[1], w, p[2], x, K, M, y, N, N, K, nthreads, isa > 0);
+}
+
+/* y = x / sqrt(mean(x^2) + eps) * w, x and y [d] (as torch's rms_norm: the mean in float) */
+static void rms_norm(const float *x, const float *w, float eps, int64_t d, float *y) {
+    float ss = 0.0f;
+    for (int64_t i = 0; i < d; i++) ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / (float)d + eps);
+    for (int64_t i = 0; i < d; i++) y[i] = x[i] * r * w[i];
+}
+
+/* rotate-half rotary of one head x [D] in place */
+static void rotary(float *x, const float *cos, const float *sin, int64_t D) {
+    const int64_t h = D / 2;
+    for (int64_t i = 0; i < h; i++) {
+        const float a = x[i], b = x[i + h];
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + h] = b * cos[i + h] + a * sin[i + h];
+    }
+}
+
+#ifdef __x86_64__
+__attribute__((target("avx2,fma"))) static float dot_avx2(const float *a, const float *b, int64_t D) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    float t = _mm_cvtss_f32(s);
+    for (; i < D; i++) t += a[i] * b[i];
+    return t;
+}
+
+/* y[D] += p * x[D] */
+__attribute__((target("avx2,fma"))) static void axpy_avx2(float p, const float *x, float *y, int64_t D) {
+    const __m256 pv = _mm256_set1_ps(p);
+    int64_t i = 0;
+    for (; i + 8 <= D; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < D; i++) y[i] += p * x[i];
+}
+#endif
+
+static float dot(const float *a, const float *b, int64_t D, int simd) {
+#ifdef __x86_64__
+    if (simd) return dot_avx2(a, b, D);
+#endif
+    float t = 0.0f;
+    for (int64_t i = 0; i < D; i++) t += a[i] * b[i];
+    return t;
+}
+
+static void axpy(float p, const float *x, float *y, int64_t D, int simd) {
+#ifdef __x86_64__
+    if (simd) {
+        axpy_avx2(p, x, y, D);
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < D; i++) y[i] += p * x[i];
+}
+
+/* One query head against S cached keys/values of its group: out [D]. The sums over keys run
+ * in key order, one at a time, so a row's result does not depend on how many masked columns
+ * (another row's padding) come before its keys. */
+static void attend(const float *q, const float *k, const float *v, int64_t S, int64_t D, const uint8_t *mask,
+                   float scaling, float *scores, float *out, int simd) {
+    float mx = -INFINITY;
+    for (int64_t s = 0; s < S; s++) {
+        if (mask && !mask[s]) {
+            scores[s] = -INFINITY;
+            continue;
+        }
+        scores[s] = dot(q, k + s * D, D, simd) * scaling;
+        if (scores[s] > mx) mx = scores[s];
+    }
+    float sum = 0.0f;
+    for (int64_t s = 0; s < S; s++) {
+        scores[s] = scores[s] == -INFINITY ? 0.0f : expf(scores[s] - mx);
+        sum += scores[s];
+    }
+    memset(out, 0, sizeof(float) * D);
+    const float inv = 1.0f / sum;
+    for (int64_t s = 0; s < S; s++)
+        if (scores[s] != 0.0f) axpy(scores[s] * inv, v + s * D, out, D, simd);
+}
+
+/* Returns 0, or -1 when a scratch allocation failed (nothing was written to the caches). */
+int llama_decode_step(int64_t L, int64_t B, int64_t d, int64_t H, int64_t G, int64_t D, int64_t F,
+                      const int64_t *table, float *hidden, const float *cos, const float *sin, int64_t n,
+                      const uint8_t *key_mask, int64_t ldm, float eps, float scaling, int64_t mem_layer,
+                      float *mq, float *mk, float *mv, float *ma, int nthreads, int isa) {
+    const int64_t nq = H * D, nkv = G * D, nqkv = nq + 2 * nkv, S = n + 1, per = H / G;
+    const int simd = isa > 0;
+    float *x = (float *)malloc(sizeof(float) * B * (d > F ? d : F));
+    float *qkv = (float *)malloc(sizeof(float) * B * nqkv);
+    float *att = (float *)malloc(sizeof(float) * B * nq);
+    float *gu = (float *)malloc(sizeof(float) * B * 2 * F);
+    float *y = (float *)malloc(sizeof(float) * B * d);
+    int nt = nthreads < 1 ? 1 : nthreads;
+    float *scores = (float *)malloc(sizeof(float) * nt * S);
+    if (!x || !qkv || !att || !gu || !y || !scores) {
+        free(x), free(qkv), free(att), free(gu), free(y), free(scores);
+        return -1;
+    }
+    for (int64_t l = 0; l < L; l++) {
+        const int64_t *t = table + l * TABLE_WORDS;
+        const float *h = hidden + l * B * d;
+        float *out = hidden + (l + 1) * B * d;
+        const float *attn_norm = (const float *)(intptr_t)t[E_ATTN_NORM];
+        const float *ffn_norm = (const float *)(intptr_t)t[E_FFN_NORM];
+        float *kc = (float *)(intptr_t)t[E_KBUF], *vc = (float *)(intptr_t)t[E_VBUF];
+        const int64_t cap = t[E_CAP];
+        for (int64_t b = 0; b < B; b++) rms_norm(h + b * d, attn_norm, eps, d, x + b * d);
+        product(t + E_QKV, x, B, qkv, nqkv, d, nthreads, isa);
+        for (int64_t b = 0; b < B; b++) {
+            float *q = qkv + b * nqkv, *k = q + nq, *v = k + nkv;
+            if (l == mem_layer) { /* the memory layer's pre-rotary q, k, v */
+                memcpy(mq + b * nq, q, sizeof(float) * nq);
+                memcpy(mk + b * nkv, k, sizeof(float) * nkv);
+                memcpy(mv + b * nkv, v, sizeof(float) * nkv);
+            }
+            for (int64_t j = 0; j < H; j++) rotary(q + j * D, cos + b * D, sin + b * D, D);
+            for (int64_t g = 0; g < G; g++) {
+                rotary(k + g * D, cos + b * D, sin + b * D, D);
+                memcpy(kc + ((b * G + g) * cap + n) * D, k + g * D, sizeof(float) * D);
+                memcpy(vc + ((b * G + g) * cap + n) * D, v + g * D, sizeof(float) * D);
+            }
+        }
+        /* one query head per (row, head): a few hundred keys each, spread over the threads */
+        #pragma omp parallel for schedule(static) num_threads(nt)
+        for (int64_t bj = 0; bj < B * H; bj++) {
+            const int64_t b = bj / H, j = bj % H, g = j / per;
+            int me = 0;
+#ifdef _OPENMP
+            me = omp_get_thread_num();
+#endif
+            attend(qkv + b * nqkv + j * D, kc + (b * G + g) * cap * D, vc + (b * G + g) * cap * D, S, D,
+                   key_mask ? key_mask + b * ldm : NULL, scaling, scores + me * S, att + b * nq + j * D, simd);
+        }
+        if (l == mem_layer) memcpy(ma, att, sizeof(float) * B * nq);
+        product(t + E_O, att, B, y, d, nq, nthreads, isa);
+        for (int64_t i = 0; i < B * d; i++) out[i] = h[i] + y[i];
+        for (int64_t b = 0; b < B; b++) rms_norm(out + b * d, ffn_norm, eps, d, x + b * d);
+        product(t + E_GATE_UP, x, B, gu, 2 * F, d, nthreads, isa);
+        for (int64_t b = 0; b < B; b++) {
+            const float *gate = gu + b * 2 * F, *up = gate + F;
+            for (int64_t i = 0; i < F; i++) x[b * F + i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+        }
+        product(t + E_DOWN, x, B, y, d, F, nthreads, isa);
+        for (int64_t i = 0; i < B * d; i++) out[i] += y[i];
+    }
+    free(x), free(qkv), free(att), free(gu), free(y), free(scores);
+    return 0;
+}
