@@ -197,3 +197,89 @@ int llama_decode_step(int64_t L, int64_t B, int64_t d, int64_t H, int64_t G, int
     free(x), free(qkv), free(att), free(gu), free(y), free(scores);
     return 0;
 }
+
+/* ------------------------------------------------------------ the side network's blocks */
+
+/* y[N] = W[N, K] x[K], float32 weights (the side network's small trained layers) */
+static void matvec(const float *W, const float *x, float *y, int64_t N, int64_t K, int simd) {
+    for (int64_t n = 0; n < N; n++) y[n] = dot(W + n * K, x, K, simd);
+}
+
+/* x / sqrt(mean(x^2) + eps) * w, as longside/nn/side_network.py's RMSNorm */
+static void side_norm(const float *x, const float *w, float eps, int64_t s, float *y) {
+    float ss = 0.0f;
+    for (int64_t i = 0; i < s; i++) ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / (float)s + eps);
+    for (int64_t i = 0; i < s; i++) y[i] = x[i] * r * w[i];
+}
+
+/* Per side layer, the caller's table of int64 words. */
+enum {
+    S_STATE = 0, S_MIX = 1, S_BLOCK = 2, S_ATTN_NORM = 3, S_Q = 4, S_K = 5, S_V = 6, S_O = 7, S_MLP_NORM = 8,
+    S_GATE = 9, S_UP = 10, S_DOWN = 11, S_KOLD = 12, S_VOLD = 13, S_KNEW = 14, S_VNEW = 15, SIDE_WORDS = 16
+};
+
+/* Side layers for one new token per row. x [B, s] in/out. Layer j: S_MIX 2 sets x to the
+ * backbone state's kept dimensions (state [B, d] rows, keep [s]), 1 mixes them in with
+ * gates[j] ((1 - g) h + g x), 0 leaves x; S_BLOCK 1 runs the block: RMSNorm, rotary GQA
+ * attention over the P cached keys/values [B, G, P, Dh] (S_KOLD, S_VOLD; may be absent when
+ * P = 0) and the new one, written with them to S_KNEW, S_VNEW [B, G, P+1, Dh], SwiGLU. */
+int side_decode_layers(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H, int64_t G, int64_t Dh, int64_t F,
+                       const int64_t *table, const float *gates, const int64_t *keep, float *x, const float *cos,
+                       const float *sin, int64_t P, const uint8_t *key_mask, int64_t ldm, float eps, int isa) {
+    const int simd = isa > 0;
+    const int64_t nq = H * Dh, nkv = G * Dh, per = H / G, S = P + 1;
+    const float scaling = 1.0f / sqrtf((float)Dh);
+    float *hn = (float *)malloc(sizeof(float) * (s > F ? s : F)), *q = (float *)malloc(sizeof(float) * nq);
+    float *kv = (float *)malloc(sizeof(float) * 2 * nkv), *att = (float *)malloc(sizeof(float) * nq);
+    float *y = (float *)malloc(sizeof(float) * s), *g = (float *)malloc(sizeof(float) * 2 * F);
+    float *scores = (float *)malloc(sizeof(float) * S);
+    if (!hn || !q || !kv || !att || !y || !g || !scores) {
+        free(hn), free(q), free(kv), free(att), free(y), free(g), free(scores);
+        return -1;
+    }
+    for (int64_t j = 0; j < J; j++) {
+        const int64_t *t = table + j * SIDE_WORDS;
+        for (int64_t b = 0; b < B; b++) {
+            float *xb = x + b * s;
+            if (t[S_MIX]) {
+                const float *h = (const float *)(intptr_t)t[S_STATE] + b * d;
+                const float gj = gates[j], keepw = 1.0f - gates[j];
+                for (int64_t i = 0; i < s; i++) xb[i] = t[S_MIX] == 2 ? h[keep[i]] : keepw * h[keep[i]] + gj * xb[i];
+            }
+            if (!t[S_BLOCK]) continue;
+            const float *ko = (const float *)(intptr_t)t[S_KOLD], *vo = (const float *)(intptr_t)t[S_VOLD];
+            float *kn = (float *)(intptr_t)t[S_KNEW], *vn = (float *)(intptr_t)t[S_VNEW];
+            side_norm(xb, (const float *)(intptr_t)t[S_ATTN_NORM], eps, s, hn);
+            matvec((const float *)(intptr_t)t[S_Q], hn, q, nq, s, simd);
+            matvec((const float *)(intptr_t)t[S_K], hn, kv, nkv, s, simd);
+            matvec((const float *)(intptr_t)t[S_V], hn, kv + nkv, nkv, s, simd);
+            for (int64_t h = 0; h < H; h++) rotary(q + h * Dh, cos + b * Dh, sin + b * Dh, Dh);
+            for (int64_t gi = 0; gi < G; gi++) {
+                rotary(kv + gi * Dh, cos + b * Dh, sin + b * Dh, Dh);
+                const int64_t row = b * G + gi;
+                if (P) {
+                    memcpy(kn + row * S * Dh, ko + row * P * Dh, sizeof(float) * P * Dh);
+                    memcpy(vn + row * S * Dh, vo + row * P * Dh, sizeof(float) * P * Dh);
+                }
+                memcpy(kn + (row * S + P) * Dh, kv + gi * Dh, sizeof(float) * Dh);
+                memcpy(vn + (row * S + P) * Dh, kv + nkv + gi * Dh, sizeof(float) * Dh);
+            }
+            for (int64_t h = 0; h < H; h++) {
+                const int64_t row = b * G + h / per;
+                attend(q + h * Dh, kn + row * S * Dh, vn + row * S * Dh, S, Dh, key_mask ? key_mask + b * ldm : NULL,
+                       scaling, scores, att + h * Dh, simd);
+            }
+            matvec((const float *)(intptr_t)t[S_O], att, y, s, nq, simd);
+            for (int64_t i = 0; i < s; i++) xb[i] += y[i];
+            side_norm(xb, (const float *)(intptr_t)t[S_MLP_NORM], eps, s, hn);
+            matvec((const float *)(intptr_t)t[S_GATE], hn, g, F, s, simd);
+            matvec((const float *)(intptr_t)t[S_UP], hn, g + F, F, s, simd);
+            for (int64_t i = 0; i < F; i++) hn[i] = g[i] / (1.0f + expf(-g[i])) * g[F + i];
+            matvec((const float *)(intptr_t)t[S_DOWN], hn, y, s, F, simd);
+            for (int64_t i = 0; i < s; i++) xb[i] += y[i];
+        }
+    }
+    free(hn), free(q), free(kv), free(att), free(y), free(g), free(scores);
+    return 0;
+}

@@ -39,6 +39,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.llama_decode_step.restype = cint
     lib.llama_decode_step.argtypes = [i64] * 7 + [ptr, ptr, ptr, ptr, i64, ptr, i64, ctypes.c_float, ctypes.c_float,
                                                   i64, ptr, ptr, ptr, ptr, cint, cint]
+    lib.side_decode_layers.restype = cint
+    lib.side_decode_layers.argtypes = [i64] * 8 + [ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, ctypes.c_float, cint]
     return lib
 
 
@@ -127,6 +129,27 @@ def llama_decode_step(table: torch.Tensor, hidden: torch.Tensor, cos: torch.Tens
                                   *(t.data_ptr() for t in mem), torch.get_num_threads(), _isa_level())
     if rc:
         raise MemoryError("llama_decode_step: could not allocate its scratch buffers")
+
+
+SIDE_WORDS = {"state": 0, "mix": 1, "block": 2, "attn_norm": 3, "q": 4, "k": 5, "v": 6, "o": 7, "mlp_norm": 8,
+              "gate": 9, "up": 10, "down": 11, "k_old": 12, "v_old": 13, "k_new": 14, "v_new": 15}
+
+
+def side_decode_layers(table: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor, x: torch.Tensor,
+                       cos: torch.Tensor, sin: torch.Tensor, P: int, key_mask: torch.Tensor | None, eps: float,
+                       dims: tuple[int, int, int, int, int]) -> None:
+    """Side-network layers for one new token per row in one call (kernels/decode_cpu.c):
+    `table` int64 `[J, len(SIDE_WORDS)]`, `gates` float32 `[J]` (sigmoid of each layer's mix
+    gate), `keep` int64 `[s]` (the kept backbone dimensions), `x` float32 `[B, s]` updated in
+    place, `cos, sin [B, Dh]`, `P` cached positions, `key_mask` uint8 `[B, >= P+1]` or None,
+    `dims` = (d, H, G, Dh, ffn)."""
+    J, (B, s_) = table.shape[0], x.shape
+    d, H, G, Dh, F = dims
+    mask_ptr, ldm = (key_mask.data_ptr(), key_mask.stride(0)) if key_mask is not None else (None, 0)
+    rc = _lib().side_decode_layers(J, B, d, s_, H, G, Dh, F, table.data_ptr(), gates.data_ptr(), keep.data_ptr(),
+                                   x.data_ptr(), cos.data_ptr(), sin.data_ptr(), P, mask_ptr, ldm, eps, _isa_level())
+    if rc:
+        raise MemoryError("side_decode_layers: could not allocate its scratch buffers")
 
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

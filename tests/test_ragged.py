@@ -208,3 +208,36 @@ def test_the_readers_window_keys_come_rotated_from_the_cache(model, monkeypatch)
     for _ in range(3):
         alone.feed(torch.randint(0, 2000, (1, 1), generator=gen))
     assert len(checked) >= 15 and max(checked) > 5
+
+
+def test_decoding_in_c_equals_the_torch_loops(model, monkeypatch):
+    """One token per row goes through the backbone's and the side network's blocks in C
+    (kernels/decode_cpu.c); for rows of different lengths (padding hidden by key masks),
+    across segment boundaries and reading memory, the logits are the torch loops'."""
+    from longside.backbone import decode_step
+    from longside.kernels import ggml_cpu
+    from longside.nn.side_network import SideNetwork
+
+    calls = {"llama_decode_step": 0, "side_decode_layers": 0}
+    for name in calls:
+        def counted(*a, _f=getattr(ggml_cpu, name), _n=name, **k):
+            calls[_n] += 1
+            return _f(*a, **k)
+        monkeypatch.setattr(ggml_cpu, name, counted)
+
+    def run(native: bool) -> torch.Tensor:
+        monkeypatch.setattr(decode_step, "NATIVE_STEP", native)
+        if not native:
+            monkeypatch.setattr(SideNetwork, "_native_ok", lambda *a, **k: False)
+        gen = torch.Generator().manual_seed(4)
+        ragged = RaggedWindows(model)
+        for text, n in zip(TEXTS[:3], (20, 5, 11)):
+            ragged.join(_window(model, text, n)[0])
+        return torch.stack([ragged.step(torch.randint(0, 2000, (3,), generator=gen)) for _ in range(30)])
+
+    c = run(True)
+    assert calls["llama_decode_step"] >= 25 and calls["side_decode_layers"] >= 50  # nearly every step in C
+    done = dict(calls)
+    loops = run(False)
+    assert calls == done  # the reference never entered C
+    torch.testing.assert_close(c, loops, atol=2e-4, rtol=1e-4)  # as the tests above

@@ -147,35 +147,45 @@ def _native_words(backbone, B: int) -> torch.Tensor | None:
     """The C step's table `[L, DECODE_TABLE_WORDS]` int64 with every block's weight words
     filled (the cache words are the step's), for a batch of B rows; None where a block cannot
     take it (a product that is not GGUF blocks, a bias, another activation function, more
-    rows than its kernel takes). Cached per kind of batch."""
+    rows than its kernel takes). Cached per kind of batch and activations; the cache holds
+    the tensors it points to, so a layer whose blocks are replaced in place (not by swapping
+    the layer, which `can_step`'s signature sees) keeps its old weights here, as the fused
+    products of the torch step do."""
     fused = _fused_blocks(backbone)
-    for f, layer in zip(fused, backbone.parts.layers):
+    cache = backbone._decode_step_cache  # `_fused_blocks` made it
+    layers = backbone.parts.layers
+    if "unfused" not in cache:
+        cache["unfused"] = [(layer.self_attn.o_proj, layer.mlp.down_proj) for layer in layers]
+    for f, layer in zip(fused, layers):
         f.sync(layer)
-    kinds = tuple(f.activations for f in fused)
+    kinds = tuple(f.activations for f in fused) + tuple(getattr(m, "activations", None)
+                                                        for pair in cache["unfused"] for m in pair)
     key = (B <= FUSED_MAX_M, B <= INT8_MAX_M, kinds)
-    memo = _cached(backbone).setdefault("native", {})
+    memo = cache.setdefault("native", {})
     if key in memo:
-        return memo[key]
-    rows = []
-    for f, layer in zip(fused, backbone.parts.layers):
+        return memo[key][0]
+    rows, held = [], []
+    for f, layer in zip(fused, layers):
         attn, mlp = layer.self_attn, layer.mlp
         prods = [f.qkv, attn.o_proj, f.gate_up, mlp.down_proj]
         norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
         if not all(isinstance(p, GGUFLinear) and p.bias is None and p.blocks.is_contiguous() for p in prods) \
                 or type(mlp.act_fn).__name__ not in ("SiLUActivation", "SiLU") \
                 or not all(w.dtype == torch.float32 and w.is_contiguous() for w in norms):
-            memo[key] = None
+            memo[key] = (None, [])
             return None
         words = []
         for p in prods:
             int8 = p.activations == "int8" and p.qtype in ggml_cpu.INT8_TYPES and B <= INT8_MAX_M
             if not int8 and B > FUSED_MAX_M:  # the torch path tiles these
-                memo[key] = None
+                memo[key] = (None, [])
                 return None
             words.append(ggml_cpu.product_words(p.ggml_weight(), int8))
+            held.append(p.blocks)
+        held += norms
         rows.append([norms[0].data_ptr(), *words[0], *words[1], norms[1].data_ptr(), *words[2], *words[3], 0, 0, 0])
-    memo[key] = torch.tensor(rows, dtype=torch.int64)
-    return memo[key]
+    memo[key] = (torch.tensor(rows, dtype=torch.int64), held)
+    return memo[key][0]
 
 
 def _dynamic_rooms(cache: DynamicCache, n: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:

@@ -24,6 +24,7 @@ from torch import nn
 from longside.backbone import Backbone, BackboneSpec, apply_rotary
 from longside.config import SideNetConfig
 from longside.errors import CheckpointError
+from longside.kernels import ggml_cpu
 from longside.nn.attention import per_query
 from longside.nn.memory_attention import MemoryInputs, MemoryReader
 from longside.nn.token_cache import TokenCacheReader
@@ -241,6 +242,8 @@ class SideNetwork(nn.Module):
         if positions is None:
             positions = torch.arange(start, start + T, device=hidden_states[-1].device)
         cos, sin = self.rotary(positions)
+        if T == 1 and caches is not None and self._native_ok(hidden_states, caches, key_mask):
+            return self._decode_native(hidden_states, memory, caches, cos, sin, key_mask)
         gates = torch.sigmoid(self.gates)
         x = None
         new_caches = []
@@ -252,6 +255,66 @@ class SideNetwork(nn.Module):
             x, c = block(x, cos, sin, None if caches is None else caches[j], key_mask)
             new_caches.append(c)
         out = hidden_states[-1] + torch.sigmoid(self.final_gate) * self.up(self.norm(x))
+        return out, new_caches
+
+
+    # -- one token per row in C (decoding) ----------------------------------------------
+    def _native_ok(self, hidden_states: list, caches: list, key_mask: torch.Tensor | None) -> bool:
+        """True where `_decode_native` gives what the loop above gives: no gradient, float32
+        on the CPU, pruned downsampling, every block's cache a contiguous `[B, G, P, Dh]`."""
+        if torch.is_grad_enabled() or not ggml_cpu.available() or self.config.downsample != "prune":
+            return False
+        last = hidden_states[-1]
+        if last.device.type != "cpu" or last.dtype != torch.float32 or self.up.weight.dtype != torch.float32:
+            return False
+        B, hd, G = last.shape[0], self.blocks[0].head_dim, self.blocks[0].kv_heads
+        P = None if caches[0] is None else caches[0][0].shape[2]
+        for c in caches:
+            if c is None or not all(t.dtype == torch.float32 and t.is_contiguous() and t.dim() == 4
+                                    and t.shape[0] == B and t.shape[1] == G and t.shape[2] == P and t.shape[3] == hd
+                                    for t in c):
+                return False
+        if key_mask is not None and key_mask.shape[-1] != P + 1:
+            return False
+        return len({n.eps for blk in self.blocks for n in (blk.attn_norm, blk.mlp_norm)}) == 1
+
+    def _decode_native(self, hidden_states: list, memory: MemoryInputs | None, caches: list, cos: torch.Tensor,
+                       sin: torch.Tensor, key_mask: torch.Tensor | None):
+        """`forward` for one new token per row: the blocks before and after the memory read,
+        each run in one C call (kernels/decode_cpu.c); the memory read stays in torch."""
+        last = hidden_states[-1]
+        B, s = last.shape[0], self.norm.weight.shape[0]
+        blk0 = self.blocks[0]
+        H, G, hd, F = blk0.heads, blk0.kv_heads, blk0.head_dim, blk0.gate.weight.shape[0]
+        P = caches[0][0].shape[2]
+        cos, sin = (t.reshape(-1, hd).expand(B, hd).contiguous() for t in (cos, sin))
+        mask = None
+        if key_mask is not None:
+            mask = (key_mask if key_mask.dim() == 2 else key_mask[:, -1]).to(torch.uint8).contiguous()
+        states = [hidden_states[l].reshape(B, -1).contiguous() for l in self.layer_map]
+        new_caches = [(last.new_empty(B, G, P + 1, hd), last.new_empty(B, G, P + 1, hd)) for _ in self.blocks]
+        rows = []
+        for j, (blk, h, (k_old, v_old), (k_new, v_new)) in enumerate(zip(self.blocks, states, caches, new_caches)):
+            rows.append([h.data_ptr(), 2 if j == 0 else 1, 1, blk.attn_norm.weight.data_ptr(),
+                         *(m.weight.data_ptr() for m in (blk.q, blk.k, blk.v, blk.o)), blk.mlp_norm.weight.data_ptr(),
+                         *(m.weight.data_ptr() for m in (blk.gate, blk.up, blk.down)),
+                         k_old.data_ptr(), v_old.data_ptr(), k_new.data_ptr(), v_new.data_ptr()])
+        table = torch.tensor(rows, dtype=torch.int64)
+        gates = torch.sigmoid(self.gates.detach()).float().contiguous()
+        x = last.new_empty(B, s)
+        mi, w = self.memory_index, ggml_cpu.SIDE_WORDS
+        keep = self.keep.contiguous()
+        dims = (last.shape[-1], H, G, hd, F)
+        eps = blk0.attn_norm.eps
+        # the memory layer's mixing, then the read, then its block
+        before, after = table[:mi + 1].clone(), table[mi:].clone()
+        before[mi, w["block"]] = 0
+        after[0, w["mix"]] = 0
+        ggml_cpu.side_decode_layers(before, gates[:mi + 1], keep, x, cos, sin, P, mask, eps, dims)
+        if memory is not None:
+            x += self.reader(x.view(B, 1, s), memory).view(B, s)
+        ggml_cpu.side_decode_layers(after, gates[mi:].contiguous(), keep, x, cos, sin, P, mask, eps, dims)
+        out = last + torch.sigmoid(self.final_gate) * self.up(self.norm(x.view(B, 1, s)))
         return out, new_caches
 
 
