@@ -2,7 +2,9 @@
 `longside.kernels._ggml_cpu`), loaded once per process on first use.
 
 `LONGSIDE_GGML_ISA=scalar|avx2|vnni|avx512` caps the instruction set (tests run every path the
-machine has); by default the best one is used.
+machine has); by default the best one is used. `LONGSIDE_DECODE=torch` sends decode steps
+through the torch loops instead of the one-call C steps (`llama_decode_step`,
+`side_decode_layers`): the baseline `bench generate` compares them with.
 """
 
 from __future__ import annotations
@@ -61,6 +63,11 @@ def isa() -> str:
     """The instruction set the int8 kernels use here: "avx512" (AVX-512 VNNI, two blocks per
     instruction), "vnni" (AVX2 + AVX-VNNI), "avx2" or "scalar"."""
     return ("scalar", "avx2", "vnni", "avx512")[_isa_level()]
+
+
+def decode_in_c() -> bool:
+    """True when decode steps may run in C: the library is built and `LONGSIDE_DECODE` is not "torch"."""
+    return os.environ.get("LONGSIDE_DECODE", "c") != "torch" and available()
 
 
 def _tid(w: GGMLWeight) -> int:

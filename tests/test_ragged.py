@@ -214,9 +214,7 @@ def test_decoding_in_c_equals_the_torch_loops(model, monkeypatch):
     """One token per row goes through the backbone's and the side network's blocks in C
     (kernels/decode_cpu.c); for rows of different lengths (padding hidden by key masks),
     across segment boundaries and reading memory, the logits are the torch loops'."""
-    from longside.backbone import decode_step
     from longside.kernels import ggml_cpu
-    from longside.nn.side_network import SideNetwork
 
     calls = {"llama_decode_step": 0, "side_decode_layers": 0}
     for name in calls:
@@ -226,9 +224,7 @@ def test_decoding_in_c_equals_the_torch_loops(model, monkeypatch):
         monkeypatch.setattr(ggml_cpu, name, counted)
 
     def run(native: bool) -> torch.Tensor:
-        monkeypatch.setattr(decode_step, "NATIVE_STEP", native)
-        if not native:
-            monkeypatch.setattr(SideNetwork, "_native_ok", lambda *a, **k: False)
+        monkeypatch.setenv("LONGSIDE_DECODE", "c" if native else "torch")
         gen = torch.Generator().manual_seed(4)
         ragged = RaggedWindows(model)
         for text, n in zip(TEXTS[:3], (20, 5, 11)):

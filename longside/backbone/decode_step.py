@@ -38,8 +38,6 @@ from longside.kernels.gguf_linear import FUSED_MAX_M, INT8_MAX_M
 
 # Up to this many new tokens a step takes the lean path (prefill goes through Hugging Face).
 MAX_STEP_TOKENS = 16
-# One new token per row on GGUF blocks takes the one-call C step (tests switch it off to compare).
-NATIVE_STEP = True
 
 
 def _block_signature(backbone) -> tuple:
@@ -216,7 +214,7 @@ def _native_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor |
                  memory_layer: int | None, key_mask: torch.Tensor | None) -> dict | None:
     """`llama_step` for one new token per row in one C call, or None where it cannot run."""
     B, T = input_ids.shape
-    if not NATIVE_STEP or T != 1 or input_ids.device.type != "cpu" or not ggml_cpu.available():
+    if T != 1 or input_ids.device.type != "cpu" or not ggml_cpu.decode_in_c():
         return None
     n = cache.get_seq_length()
     if n == 0:

@@ -7,6 +7,8 @@ with bitsandbytes 4-bit NF4; llama.cpp (llama-cpp-python, when installed: `pip i
 'longside[bench]'`) on the very same GGUF file with the same threads, prompt and token
 counts; longside on the GGUF's own blocks (`longside-native`, the default) and on NF4
 re-quantized weights (`longside-nf4`), each with 0, 16k and 64k tokens in memory;
+`longside-native+torch` with 0 and 64k, its decode steps in the torch loops instead of the
+one-call C steps (`LONGSIDE_DECODE=torch`: the C steps' same-run baseline);
 longside on the fp32 copy without memory, to separate the kernels' effect from the side
 network's. With
 `--backbone-memory BLOCKS` (e.g. 15-29), rows `longside-nf4+bm` time the same with
@@ -53,6 +55,8 @@ ROWS = [  # (name, memory tokens)
     ("longside-native", 0),
     ("longside-native", 16384),
     ("longside-native", 65536),
+    ("longside-native+torch", 0),
+    ("longside-native+torch", 65536),
     ("longside-nf4", 0),
     ("longside-nf4", 16384),
     ("longside-nf4", 65536),
@@ -125,6 +129,8 @@ def _spawn(args, name: str, mem: int) -> dict:
     if name.endswith("+bm"):
         cmd += ["--backbone-memory", args.backbone_memory]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if name.endswith("+torch"):
+        env["LONGSIDE_DECODE"] = "torch"
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     run = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -161,6 +167,9 @@ def _summary(results: list[dict]) -> dict:
         "prefill_longside_native_over_llamacpp": ratio(field("longside-native", 0, "prefill_tokens_per_s"),
                                                        field("llama.cpp", 0, "prefill_tokens_per_s")),
         "decode_longside_native_over_nf4": ratio(native, nf4),
+        "decode_c_steps_over_torch_loops": ratio(native, speed("longside-native+torch")),
+        "decode_c_steps_over_torch_loops_64k": ratio(speed("longside-native", 65536),
+                                                     speed("longside-native+torch", 65536)),
     }
     bm = {f"decode_backbone_memory_{k}_over_without": ratio(speed("longside-nf4+bm", m), speed("longside-nf4", m))
           for k, m in (("0", 0), ("16k", 16384), ("64k", 65536)) if speed("longside-nf4+bm", m)}
@@ -299,6 +308,8 @@ def _longside_row(name: str, mem: int, quick: bool, backbone_memory: str | None 
              "model_note": note, "side_state_hash": info["side_state_hash"]}
     if variant == "bm":
         extra["backbone_memory_layers"] = model.config.backbone_memory_layers
+    extra["decode_steps"] = "torch loops (LONGSIDE_DECODE=torch)" if os.environ.get("LONGSIDE_DECODE") == "torch" \
+        else "C (one call per step for the backbone's blocks, two for the side network's)"
     if mem and variant == "bm":  # block banks depend on what each block read: memorize for real
 
         model.init_memory(1)

@@ -262,7 +262,7 @@ class SideNetwork(nn.Module):
     def _native_ok(self, hidden_states: list, caches: list, key_mask: torch.Tensor | None) -> bool:
         """True where `_decode_native` gives what the loop above gives: no gradient, float32
         on the CPU, pruned downsampling, every block's cache a contiguous `[B, G, P, Dh]`."""
-        if torch.is_grad_enabled() or not ggml_cpu.available() or self.config.downsample != "prune":
+        if torch.is_grad_enabled() or not ggml_cpu.decode_in_c() or self.config.downsample != "prune":
             return False
         last = hidden_states[-1]
         if last.device.type != "cpu" or last.dtype != torch.float32 or self.up.weight.dtype != torch.float32:
