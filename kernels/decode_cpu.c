@@ -226,60 +226,71 @@ enum {
  * P = 0) and the new one, written with them to S_KNEW, S_VNEW [B, G, P+1, Dh], SwiGLU. */
 int side_decode_layers(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H, int64_t G, int64_t Dh, int64_t F,
                        const int64_t *table, const float *gates, const int64_t *keep, float *x, const float *cos,
-                       const float *sin, int64_t P, const uint8_t *key_mask, int64_t ldm, float eps, int isa) {
+                       const float *sin, int64_t P, const uint8_t *key_mask, int64_t ldm, float eps, int nthreads,
+                       int isa) {
     const int simd = isa > 0;
     const int64_t nq = H * Dh, nkv = G * Dh, per = H / G, S = P + 1;
     const float scaling = 1.0f / sqrtf((float)Dh);
-    float *hn = (float *)malloc(sizeof(float) * (s > F ? s : F)), *q = (float *)malloc(sizeof(float) * nq);
-    float *kv = (float *)malloc(sizeof(float) * 2 * nkv), *att = (float *)malloc(sizeof(float) * nq);
-    float *y = (float *)malloc(sizeof(float) * s), *g = (float *)malloc(sizeof(float) * 2 * F);
-    float *scores = (float *)malloc(sizeof(float) * S);
-    if (!hn || !q || !kv || !att || !y || !g || !scores) {
-        free(hn), free(q), free(kv), free(att), free(y), free(g), free(scores);
-        return -1;
-    }
-    for (int64_t j = 0; j < J; j++) {
-        const int64_t *t = table + j * SIDE_WORDS;
-        for (int64_t b = 0; b < B; b++) {
-            float *xb = x + b * s;
-            if (t[S_MIX]) {
-                const float *h = (const float *)(intptr_t)t[S_STATE] + b * d;
-                const float gj = gates[j], keepw = 1.0f - gates[j];
-                for (int64_t i = 0; i < s; i++) xb[i] = t[S_MIX] == 2 ? h[keep[i]] : keepw * h[keep[i]] + gj * xb[i];
-            }
-            if (!t[S_BLOCK]) continue;
-            const float *ko = (const float *)(intptr_t)t[S_KOLD], *vo = (const float *)(intptr_t)t[S_VOLD];
-            float *kn = (float *)(intptr_t)t[S_KNEW], *vn = (float *)(intptr_t)t[S_VNEW];
-            side_norm(xb, (const float *)(intptr_t)t[S_ATTN_NORM], eps, s, hn);
-            matvec((const float *)(intptr_t)t[S_Q], hn, q, nq, s, simd);
-            matvec((const float *)(intptr_t)t[S_K], hn, kv, nkv, s, simd);
-            matvec((const float *)(intptr_t)t[S_V], hn, kv + nkv, nkv, s, simd);
-            for (int64_t h = 0; h < H; h++) rotary(q + h * Dh, cos + b * Dh, sin + b * Dh, Dh);
-            for (int64_t gi = 0; gi < G; gi++) {
-                rotary(kv + gi * Dh, cos + b * Dh, sin + b * Dh, Dh);
-                const int64_t row = b * G + gi;
-                if (P) {
-                    memcpy(kn + row * S * Dh, ko + row * P * Dh, sizeof(float) * P * Dh);
-                    memcpy(vn + row * S * Dh, vo + row * P * Dh, sizeof(float) * P * Dh);
-                }
-                memcpy(kn + (row * S + P) * Dh, kv + gi * Dh, sizeof(float) * Dh);
-                memcpy(vn + (row * S + P) * Dh, kv + nkv + gi * Dh, sizeof(float) * Dh);
-            }
-            for (int64_t h = 0; h < H; h++) {
-                const int64_t row = b * G + h / per;
-                attend(q + h * Dh, kn + row * S * Dh, vn + row * S * Dh, S, Dh, key_mask ? key_mask + b * ldm : NULL,
-                       scaling, scores, att + h * Dh, simd);
-            }
-            matvec((const float *)(intptr_t)t[S_O], att, y, s, nq, simd);
-            for (int64_t i = 0; i < s; i++) xb[i] += y[i];
-            side_norm(xb, (const float *)(intptr_t)t[S_MLP_NORM], eps, s, hn);
-            matvec((const float *)(intptr_t)t[S_GATE], hn, g, F, s, simd);
-            matvec((const float *)(intptr_t)t[S_UP], hn, g + F, F, s, simd);
-            for (int64_t i = 0; i < F; i++) hn[i] = g[i] / (1.0f + expf(-g[i])) * g[F + i];
-            matvec((const float *)(intptr_t)t[S_DOWN], hn, y, s, F, simd);
-            for (int64_t i = 0; i < s; i++) xb[i] += y[i];
+    int failed = 0;
+    /* rows are independent through every layer: each thread takes whole rows */
+    const int nt = (int)(B < nthreads ? B : (nthreads < 1 ? 1 : nthreads));
+    #pragma omp parallel num_threads(nt)
+    {
+        float *hn = (float *)malloc(sizeof(float) * (s > F ? s : F)), *q = (float *)malloc(sizeof(float) * nq);
+        float *kv = (float *)malloc(sizeof(float) * 2 * nkv), *att = (float *)malloc(sizeof(float) * nq);
+        float *y = (float *)malloc(sizeof(float) * s), *g = (float *)malloc(sizeof(float) * 2 * F);
+        float *scores = (float *)malloc(sizeof(float) * S);
+        if (!hn || !q || !kv || !att || !y || !g || !scores) {
+            #pragma omp atomic write
+            failed = 1;
         }
+        #pragma omp barrier
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b++) {
+            if (failed) continue;
+            float *xb = x + b * s;
+            for (int64_t j = 0; j < J; j++) {
+                const int64_t *t = table + j * SIDE_WORDS;
+                if (t[S_MIX]) {
+                    const float *h = (const float *)(intptr_t)t[S_STATE] + b * d;
+                    const float gj = gates[j], keepw = 1.0f - gates[j];
+                    for (int64_t i = 0; i < s; i++)
+                        xb[i] = t[S_MIX] == 2 ? h[keep[i]] : keepw * h[keep[i]] + gj * xb[i];
+                }
+                if (!t[S_BLOCK]) continue;
+                const float *ko = (const float *)(intptr_t)t[S_KOLD], *vo = (const float *)(intptr_t)t[S_VOLD];
+                float *kn = (float *)(intptr_t)t[S_KNEW], *vn = (float *)(intptr_t)t[S_VNEW];
+                side_norm(xb, (const float *)(intptr_t)t[S_ATTN_NORM], eps, s, hn);
+                matvec((const float *)(intptr_t)t[S_Q], hn, q, nq, s, simd);
+                matvec((const float *)(intptr_t)t[S_K], hn, kv, nkv, s, simd);
+                matvec((const float *)(intptr_t)t[S_V], hn, kv + nkv, nkv, s, simd);
+                for (int64_t h = 0; h < H; h++) rotary(q + h * Dh, cos + b * Dh, sin + b * Dh, Dh);
+                for (int64_t gi = 0; gi < G; gi++) {
+                    rotary(kv + gi * Dh, cos + b * Dh, sin + b * Dh, Dh);
+                    const int64_t row = b * G + gi;
+                    if (P) {
+                        memcpy(kn + row * S * Dh, ko + row * P * Dh, sizeof(float) * P * Dh);
+                        memcpy(vn + row * S * Dh, vo + row * P * Dh, sizeof(float) * P * Dh);
+                    }
+                    memcpy(kn + (row * S + P) * Dh, kv + gi * Dh, sizeof(float) * Dh);
+                    memcpy(vn + (row * S + P) * Dh, kv + nkv + gi * Dh, sizeof(float) * Dh);
+                }
+                for (int64_t h = 0; h < H; h++) {
+                    const int64_t row = b * G + h / per;
+                    attend(q + h * Dh, kn + row * S * Dh, vn + row * S * Dh, S, Dh,
+                           key_mask ? key_mask + b * ldm : NULL, scaling, scores, att + h * Dh, simd);
+                }
+                matvec((const float *)(intptr_t)t[S_O], att, y, s, nq, simd);
+                for (int64_t i = 0; i < s; i++) xb[i] += y[i];
+                side_norm(xb, (const float *)(intptr_t)t[S_MLP_NORM], eps, s, hn);
+                matvec((const float *)(intptr_t)t[S_GATE], hn, g, F, s, simd);
+                matvec((const float *)(intptr_t)t[S_UP], hn, g + F, F, s, simd);
+                for (int64_t i = 0; i < F; i++) hn[i] = g[i] / (1.0f + expf(-g[i])) * g[F + i];
+                matvec((const float *)(intptr_t)t[S_DOWN], hn, y, s, F, simd);
+                for (int64_t i = 0; i < s; i++) xb[i] += y[i];
+            }
+        }
+        free(hn), free(q), free(kv), free(att), free(y), free(g), free(scores);
     }
-    free(hn), free(q), free(kv), free(att), free(y), free(g), free(scores);
-    return 0;
+    return failed ? -1 : 0;
 }

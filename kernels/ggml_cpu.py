@@ -42,7 +42,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.llama_decode_step.argtypes = [i64] * 7 + [ptr, ptr, ptr, ptr, i64, ptr, i64, ctypes.c_float, ctypes.c_float,
                                                   i64, ptr, ptr, ptr, ptr, cint, cint]
     lib.side_decode_layers.restype = cint
-    lib.side_decode_layers.argtypes = [i64] * 8 + [ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, ctypes.c_float, cint]
+    lib.side_decode_layers.argtypes = [i64] * 8 + [ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, ctypes.c_float, cint,
+                                                  cint]
     return lib
 
 
@@ -154,7 +155,8 @@ def side_decode_layers(table: torch.Tensor, gates: torch.Tensor, keep: torch.Ten
     d, H, G, Dh, F = dims
     mask_ptr, ldm = (key_mask.data_ptr(), key_mask.stride(0)) if key_mask is not None else (None, 0)
     rc = _lib().side_decode_layers(J, B, d, s_, H, G, Dh, F, table.data_ptr(), gates.data_ptr(), keep.data_ptr(),
-                                   x.data_ptr(), cos.data_ptr(), sin.data_ptr(), P, mask_ptr, ldm, eps, _isa_level())
+                                   x.data_ptr(), cos.data_ptr(), sin.data_ptr(), P, mask_ptr, ldm, eps,
+                                   torch.get_num_threads(), _isa_level())
     if rc:
         raise MemoryError("side_decode_layers: could not allocate its scratch buffers")
 
