@@ -4,6 +4,8 @@ docs/results.md#generation-speed-native and the session-12 note).
     python experiments/decode_profile.py profile    # cProfile of generate(): 33 tokens after a 128-token prompt
     python experiments/decode_profile.py products   # the 90 MLP products of SmolLM2's 30 blocks, in a tight loop,
                                                     # and the fixed cost of one call
+    python experiments/decode_profile.py rows       # the same 90 products for 1, 2, 4 and 8 rows of x (a server's
+                                                    # batch step), 2 threads
     python experiments/decode_profile.py compile    # the 30 MLP halves at T=1: eager against torch.compile,
                                                     # the GGUF product as a torch.library custom op
 
@@ -74,6 +76,25 @@ def products() -> None:
     print(f"fixed cost of one call (a 4 x 576 product): {(time.perf_counter() - t) / 2000 * 1e6:.1f} us")
 
 
+def rows() -> None:
+    ws = _mlp_weights(load_backbone("smollm2-135m"))
+    torch.set_num_threads(2)
+    for m in (1, 2, 4, 8):
+        xs = {k: torch.randn(m, k) for k in (576, 1536)}
+
+        def run():
+            for w in ws:
+                ggml_cpu.gemv_int8(xs[w.shape[1]], w)
+
+        run()
+        best = float("inf")
+        for _ in range(10):
+            t = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - t)
+        print(f"{m} row(s) of x: {best * 1e3:.2f} ms for {len(ws)} products (best of 10, isa {ggml_cpu.isa()})")
+
+
 @torch.library.custom_op("longside_experiment::ggml_mm", mutates_args=())
 def _ggml_mm(x: torch.Tensor, blocks: torch.Tensor, qtype: str, n: int, k: int) -> torch.Tensor:
     return ggml_cpu.gemv_int8(x.reshape(-1, k).contiguous(), GGMLWeight(blocks, qtype, (n, k))).reshape(*x.shape[:-1], n)
@@ -114,4 +135,4 @@ def compile_mlp() -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(2)
-    {"profile": profile, "products": products, "compile": compile_mlp}[sys.argv[1] if len(sys.argv) > 1 else "profile"]()
+    {"profile": profile, "products": products, "rows": rows, "compile": compile_mlp}[sys.argv[1] if len(sys.argv) > 1 else "profile"]()
