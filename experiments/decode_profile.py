@@ -1,7 +1,8 @@
 """Where a decoded token's time goes, for the shipped model on its GGUF blocks (numbers in
 docs/results.md#generation-speed-native and the session-12 note).
 
-    python experiments/decode_profile.py profile    # cProfile of generate(): 33 tokens after a 128-token prompt
+    python experiments/decode_profile.py profile [MEMORY_TOKENS]  # cProfile of generate(): 33 tokens after a
+                                                    # 128-token prompt (memory filled as bench generate --quick does)
     python experiments/decode_profile.py products   # the 90 MLP products of SmolLM2's 30 blocks, in a tight loop,
                                                     # and the fixed cost of one call
     python experiments/decode_profile.py rows       # the same 90 products for 1, 2, 4 and 8 rows of x (a server's
@@ -28,21 +29,31 @@ from longside.kernels import ggml_cpu
 from longside.kernels.ggml import GGMLWeight
 
 
-def profile() -> None:
-    model, _ = load_model()
+def profile(memory_tokens: int = 0) -> None:
+    """cProfile of 33 generated tokens after a 128-token prompt; with `memory_tokens`, memory
+    filled as `longside bench generate --quick` fills it (real keys of 4,096 memorized tokens,
+    repeated)."""
+    if memory_tokens:
+        from longside.bench.generate import _longside_row
+
+        gen_fn, _ = _longside_row("longside-native", memory_tokens, True)
+        gen = lambda prompt, n: gen_fn(prompt, n)  # noqa: E731
+    else:
+        model, _ = load_model()
+        gen = lambda prompt, n: generate(model, prompt, n, eos_token_id=[], write_memory=False)  # noqa: E731
     prompt = torch.randint(0, 49000, (1, 128), generator=torch.Generator().manual_seed(0))
-    generate(model, prompt, 4, eos_token_id=[], write_memory=False)
+    gen(prompt, 4)
 
     def run(n):
         t = time.perf_counter()
-        generate(model, prompt, n, eos_token_id=[], write_memory=False)
+        gen(prompt, n)
         return time.perf_counter() - t
 
     t1, tn = min(run(1) for _ in range(2)), min(run(33) for _ in range(2))
     print(f"decode {32 / (tn - t1):.1f} tokens/s")
     prof = cProfile.Profile()
     prof.runcall(run, 33)
-    pstats.Stats(prof).sort_stats("cumtime").print_stats(40)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(40)
 
 
 def _mlp_weights(bb):
@@ -135,4 +146,8 @@ def compile_mlp() -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(2)
-    {"profile": profile, "products": products, "rows": rows, "compile": compile_mlp}[sys.argv[1] if len(sys.argv) > 1 else "profile"]()
+    mode = sys.argv[1] if len(sys.argv) > 1 else "profile"
+    if mode == "profile":
+        profile(int(sys.argv[2]) if len(sys.argv) > 2 else 0)
+    else:
+        {"products": products, "rows": rows, "compile": compile_mlp}[mode]()
