@@ -109,15 +109,40 @@ def gemv_int8(x: torch.Tensor, w: GGMLWeight) -> torch.Tensor:
     return y
 
 
-# words per block in `llama_decode_step`'s table (kernels/decode_cpu.c): a product is 4 words
-DECODE_TABLE_WORDS = 21
+# The tables `llama_decode_step` and `side_decode_layers` read (kernels/decode_cpu.c's enums):
+# one row of int64 words per block; a product is 4 words (see `product_words`).
 DECODE_WORDS = {"attn_norm": 0, "qkv": 1, "o": 5, "ffn_norm": 9, "gate_up": 10, "down": 14, "kbuf": 18, "vbuf": 19,
                 "cap": 20}
+DECODE_TABLE_WORDS = 21
+SIDE_WORDS = {"state": 0, "mix": 1, "block": 2, "attn_norm": 3, "q": 4, "k": 5, "v": 6, "o": 7, "mlp_norm": 8,
+              "gate": 9, "up": 10, "down": 11, "k_old": 12, "v_old": 13, "k_new": 14, "v_new": 15}
+
+
+def table_row(layout: dict[str, int], width: int, **words: int | list[int]) -> list[int]:
+    """One block's row of a decode table: each named entry (a word, or a product's 4 words)
+    at its place in `layout`; entries not given are 0."""
+    row = [0] * width
+    for name, value in words.items():
+        value = value if isinstance(value, list) else [value]
+        row[layout[name]:layout[name] + len(value)] = value
+    return row
 
 
 def product_words(w: GGMLWeight, int8: bool) -> list[int]:
     """A product's 4 words in the decode table: blocks pointer, type id, row bytes, int8 flag."""
     return [w.blocks.data_ptr(), _tid(w), w.row_bytes, int(int8)]
+
+
+def key_mask_bytes(key_mask: torch.Tensor | None, B: int, S: int) -> torch.Tensor | None:
+    """A decode step's key mask for its one new token per row, `[B, S]` or `[B, T, S]` bool,
+    as the C steps read it: uint8 `[B, S]` contiguous (None stays None). Raises ValueError
+    for another shape."""
+    if key_mask is None:
+        return None
+    mask = (key_mask if key_mask.dim() == 2 else key_mask[:, -1]).to(torch.uint8).contiguous()
+    if mask.shape != (B, S):
+        raise ValueError(f"a key mask for {B} rows of {S} keys, got {tuple(key_mask.shape)}")
+    return mask
 
 
 def llama_decode_step(table: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n: int,
@@ -137,10 +162,6 @@ def llama_decode_step(table: torch.Tensor, hidden: torch.Tensor, cos: torch.Tens
                                   *(t.data_ptr() for t in mem), torch.get_num_threads(), _isa_level())
     if rc:
         raise MemoryError("llama_decode_step: could not allocate its scratch buffers")
-
-
-SIDE_WORDS = {"state": 0, "mix": 1, "block": 2, "attn_norm": 3, "q": 4, "k": 5, "v": 6, "o": 7, "mlp_norm": 8,
-              "gate": 9, "up": 10, "down": 11, "k_old": 12, "v_old": 13, "k_new": 14, "v_new": 15}
 
 
 def side_decode_layers(table: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor, x: torch.Tensor,

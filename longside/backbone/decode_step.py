@@ -181,7 +181,9 @@ def _native_words(backbone, B: int) -> torch.Tensor | None:
             words.append(ggml_cpu.product_words(p.ggml_weight(), int8))
             held.append(p.blocks)
         held += norms
-        rows.append([norms[0].data_ptr(), *words[0], *words[1], norms[1].data_ptr(), *words[2], *words[3], 0, 0, 0])
+        rows.append(ggml_cpu.table_row(ggml_cpu.DECODE_WORDS, ggml_cpu.DECODE_TABLE_WORDS, attn_norm=norms[0].data_ptr(),
+                                       qkv=words[0], o=words[1], ffn_norm=norms[1].data_ptr(), gate_up=words[2],
+                                       down=words[3]))
     memo[key] = (torch.tensor(rows, dtype=torch.int64), held)
     return memo[key][0]
 
@@ -241,11 +243,10 @@ def _native_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor |
         return None
     cos, sin = base.rotary_emb(h, position_ids)
     cos, sin = cos[:, 0].float().contiguous(), sin[:, 0].float().contiguous()  # [B, D]
-    mask = None
-    if key_mask is not None:  # [B, S] or [B, 1, S]: the new token's keys
-        mask = (key_mask if key_mask.dim() == 2 else key_mask[:, -1]).to(torch.uint8).contiguous()
-        if mask.shape != (B, n + 1):
-            return None
+    try:
+        mask = ggml_cpu.key_mask_bytes(key_mask, B, n + 1)
+    except ValueError:
+        return None
     table = words.clone()
     w = ggml_cpu.DECODE_WORDS
     table[:, w["kbuf"]] = torch.tensor([k.data_ptr() for k, _ in rooms])

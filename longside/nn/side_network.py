@@ -257,7 +257,6 @@ class SideNetwork(nn.Module):
         out = hidden_states[-1] + torch.sigmoid(self.final_gate) * self.up(self.norm(x))
         return out, new_caches
 
-
     # -- one token per row in C (decoding) ----------------------------------------------
     def _native_ok(self, hidden_states: list, caches: list, key_mask: torch.Tensor | None) -> bool:
         """True where `_decode_native` gives what the loop above gives: no gradient, float32
@@ -288,21 +287,21 @@ class SideNetwork(nn.Module):
         H, G, hd, F = blk0.heads, blk0.kv_heads, blk0.head_dim, blk0.gate.weight.shape[0]
         P = caches[0][0].shape[2]
         cos, sin = (t.reshape(-1, hd).expand(B, hd).contiguous() for t in (cos, sin))
-        mask = None
-        if key_mask is not None:
-            mask = (key_mask if key_mask.dim() == 2 else key_mask[:, -1]).to(torch.uint8).contiguous()
+        mask = ggml_cpu.key_mask_bytes(key_mask, B, P + 1)  # `_native_ok` checked its length
         states = [hidden_states[l].reshape(B, -1).contiguous() for l in self.layer_map]
         new_caches = [(last.new_empty(B, G, P + 1, hd), last.new_empty(B, G, P + 1, hd)) for _ in self.blocks]
+        w = ggml_cpu.SIDE_WORDS
         rows = []
         for j, (blk, h, (k_old, v_old), (k_new, v_new)) in enumerate(zip(self.blocks, states, caches, new_caches)):
-            rows.append([h.data_ptr(), 2 if j == 0 else 1, 1, blk.attn_norm.weight.data_ptr(),
-                         *(m.weight.data_ptr() for m in (blk.q, blk.k, blk.v, blk.o)), blk.mlp_norm.weight.data_ptr(),
-                         *(m.weight.data_ptr() for m in (blk.gate, blk.up, blk.down)),
-                         k_old.data_ptr(), v_old.data_ptr(), k_new.data_ptr(), v_new.data_ptr()])
+            ptrs = {name: getattr(blk, name).weight.data_ptr() for name in ("q", "k", "v", "o", "gate", "up", "down")}
+            rows.append(ggml_cpu.table_row(
+                w, len(w), state=h.data_ptr(), mix=2 if j == 0 else 1, block=1,
+                attn_norm=blk.attn_norm.weight.data_ptr(), mlp_norm=blk.mlp_norm.weight.data_ptr(), **ptrs,
+                k_old=k_old.data_ptr(), v_old=v_old.data_ptr(), k_new=k_new.data_ptr(), v_new=v_new.data_ptr()))
         table = torch.tensor(rows, dtype=torch.int64)
         gates = torch.sigmoid(self.gates.detach()).float().contiguous()
         x = last.new_empty(B, s)
-        mi, w = self.memory_index, ggml_cpu.SIDE_WORDS
+        mi = self.memory_index
         keep = self.keep.contiguous()
         dims = (last.shape[-1], H, G, hd, F)
         eps = blk0.attn_norm.eps
