@@ -216,14 +216,17 @@ static void side_norm(const float *x, const float *w, float eps, int64_t s, floa
 /* Per side layer, the caller's table of int64 words. */
 enum {
     S_STATE = 0, S_MIX = 1, S_BLOCK = 2, S_ATTN_NORM = 3, S_Q = 4, S_K = 5, S_V = 6, S_O = 7, S_MLP_NORM = 8,
-    S_GATE = 9, S_UP = 10, S_DOWN = 11, S_KOLD = 12, S_VOLD = 13, S_KNEW = 14, S_VNEW = 15, SIDE_WORDS = 16
+    S_GATE = 9, S_UP = 10, S_DOWN = 11, S_KOLD = 12, S_VOLD = 13, S_KNEW = 14, S_VNEW = 15, S_OLD_CAP = 16,
+    S_NEW_CAP = 17, SIDE_WORDS = 18
 };
 
 /* Side layers for one new token per row. x [B, s] in/out. Layer j: S_MIX 2 sets x to the
  * backbone state's kept dimensions (state [B, d] rows, keep [s]), 1 mixes them in with
  * gates[j] ((1 - g) h + g x), 0 leaves x; S_BLOCK 1 runs the block: RMSNorm, rotary GQA
- * attention over the P cached keys/values [B, G, P, Dh] (S_KOLD, S_VOLD; may be absent when
- * P = 0) and the new one, written with them to S_KNEW, S_VNEW [B, G, P+1, Dh], SwiGLU. */
+ * attention over the P cached keys/values (S_KOLD, S_VOLD: [B, G, S_OLD_CAP, Dh] buffers whose
+ * first P positions are cached; may be absent when P = 0) and the new one, written with them
+ * to S_KNEW, S_VNEW ([B, G, S_NEW_CAP, Dh], S_NEW_CAP > P), SwiGLU. Where the new buffers are
+ * the old ones (a cache with room to grow) only position P is written. */
 int side_decode_layers(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H, int64_t G, int64_t Dh, int64_t F,
                        const int64_t *table, const float *gates, const int64_t *keep, float *x, const float *cos,
                        const float *sin, int64_t P, const uint8_t *key_mask, int64_t ldm, float eps, int nthreads,
@@ -260,6 +263,7 @@ int side_decode_layers(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H, in
                 if (!t[S_BLOCK]) continue;
                 const float *ko = (const float *)(intptr_t)t[S_KOLD], *vo = (const float *)(intptr_t)t[S_VOLD];
                 float *kn = (float *)(intptr_t)t[S_KNEW], *vn = (float *)(intptr_t)t[S_VNEW];
+                const int64_t oc = t[S_OLD_CAP], nc = t[S_NEW_CAP];
                 side_norm(xb, (const float *)(intptr_t)t[S_ATTN_NORM], eps, s, hn);
                 matvec((const float *)(intptr_t)t[S_Q], hn, q, nq, s, simd);
                 matvec((const float *)(intptr_t)t[S_K], hn, kv, nkv, s, simd);
@@ -268,16 +272,16 @@ int side_decode_layers(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H, in
                 for (int64_t gi = 0; gi < G; gi++) {
                     rotary(kv + gi * Dh, cos + b * Dh, sin + b * Dh, Dh);
                     const int64_t row = b * G + gi;
-                    if (P) {
-                        memcpy(kn + row * S * Dh, ko + row * P * Dh, sizeof(float) * P * Dh);
-                        memcpy(vn + row * S * Dh, vo + row * P * Dh, sizeof(float) * P * Dh);
+                    if (P && kn != ko) {
+                        memcpy(kn + row * nc * Dh, ko + row * oc * Dh, sizeof(float) * P * Dh);
+                        memcpy(vn + row * nc * Dh, vo + row * oc * Dh, sizeof(float) * P * Dh);
                     }
-                    memcpy(kn + (row * S + P) * Dh, kv + gi * Dh, sizeof(float) * Dh);
-                    memcpy(vn + (row * S + P) * Dh, kv + nkv + gi * Dh, sizeof(float) * Dh);
+                    memcpy(kn + (row * nc + P) * Dh, kv + gi * Dh, sizeof(float) * Dh);
+                    memcpy(vn + (row * nc + P) * Dh, kv + nkv + gi * Dh, sizeof(float) * Dh);
                 }
                 for (int64_t h = 0; h < H; h++) {
                     const int64_t row = b * G + h / per;
-                    attend(q + h * Dh, kn + row * S * Dh, vn + row * S * Dh, S, Dh,
+                    attend(q + h * Dh, kn + row * nc * Dh, vn + row * nc * Dh, S, Dh,
                            key_mask ? key_mask + b * ldm : NULL, scaling, scores, att + h * Dh, simd);
                 }
                 matvec((const float *)(intptr_t)t[S_O], att, y, s, nq, simd);

@@ -101,6 +101,42 @@ def test_fork_continues_a_prefix_without_touching_it(model):
     torch.testing.assert_close(window.feed(conts[1], all_logits=True), whole[1], atol=1e-4, rtol=1e-5)
 
 
+def test_decoding_in_c_grows_side_caches_in_place_and_forks_stay_apart(smollm2, monkeypatch):
+    """One token per row in C writes each side block's new position into a buffer with room
+    to grow (no copy of the cache per token). Forks share that buffer with their prefix and
+    whichever grows second copies it: the prefix and two forks, stepped in turn past the
+    buffer's first capacity, each give the torch loops' logits."""
+    model = LongSideModel(smollm2, SideNetConfig(window=160, capacity_tokens=4096))
+    with torch.no_grad():
+        model.side.up.weight.copy_(torch.randn(model.side.up.weight.shape, generator=torch.Generator().manual_seed(0))
+                                   * 0.1)
+    model.init_memory(1)
+    model.memorize("A first text to remember, so that memory is read. " * 20)
+    prefix, conts = ids_of(20), [ids_of(90, seed=s) for s in (2, 3, 4)]
+
+    def run(native: bool):
+        monkeypatch.setenv("LONGSIDE_DECODE", "c" if native else "torch")
+        window = LocalWindow(model, write_memory=False)
+        window.feed(prefix[:, :19])
+        window.feed(prefix[:, 19:])  # one token: the side caches now view a buffer with room
+        assert not native or hasattr(window.side_caches[0], "room")
+        wins, outs, rooms = [window.fork(), window.fork(), window], [[], [], []], [{}, {}, {}]
+        for t in range(90):
+            for w, c, out, seen in zip(wins, conts, outs, rooms):
+                out.append(w.feed(c[:, t:t + 1]))
+                room = getattr(w.side_caches[0], "room", None)
+                seen[id(room)] = room  # held: an id is not reused while the test looks
+        return [torch.cat(o) for o in outs], rooms
+
+    c, rooms = run(True)
+    # each grew in place: a buffer of its own after the shared one (the first fork keeps the
+    # shared one), and one more when 64 positions were full
+    assert all(2 <= len(r) <= 3 for r in rooms), rooms
+    loops, _ = run(False)
+    for a, b in zip(c, loops):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
+
+
 def test_greedy_equals_transformers_generate_when_side_is_silent(smollm2):
     model = LongSideModel(smollm2, SideNetConfig(window=W, capacity_tokens=4096))  # up == 0: the backbone
     ids = smollm2.tokenizer("The capital of France is", return_tensors="pt").input_ids

@@ -212,6 +212,32 @@ def _dynamic_rooms(cache: DynamicCache, n: int) -> list[tuple[torch.Tensor, torc
     return rooms
 
 
+class _StepTable:
+    """The C step's table of a DynamicCache's last step, with what it points to: the next
+    step reuses it while every layer's keys/values are still the views that step left (the
+    same tensor objects over the same buffers, with room for one more position)."""
+
+    def __init__(self, table: torch.Tensor, words: torch.Tensor, rooms: list, cache: DynamicCache):
+        self.table, self.words, self.rooms = table, words, rooms
+        self.views = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+        self.ptrs = [t.data_ptr() for t in self.views]
+        self.cap = min(k.shape[2] for k, _ in rooms)
+
+
+def _last_table(cache: Any, words: torch.Tensor, n: int) -> _StepTable | None:
+    """The cache's last C step's record where its table still holds, else None. A
+    deep copy of the cache (`LocalWindow.fork`) copies the record too, but its buffers have
+    other addresses, which the pointer check sees."""
+    last = getattr(cache, "_longside_table", None)
+    if last is None or last.words is not words or n >= last.cap or type(cache) is not DynamicCache:
+        return None
+    views = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    if len(views) != len(last.views) or not all(a is b for a, b in zip(views, last.views)) \
+            or [t.data_ptr() for t in views] != last.ptrs:
+        return None
+    return last
+
+
 def _native_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor | None, cache: Any,
                  memory_layer: int | None, key_mask: torch.Tensor | None) -> dict | None:
     """`llama_step` for one new token per row in one C call, or None where it cannot run."""
@@ -224,18 +250,27 @@ def _native_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor |
     words = _native_words(backbone, B)
     if words is None:
         return None
-    if isinstance(cache, DynamicCache):
-        if not all(type(layer) is DynamicLayer for layer in cache.layers):
-            return None
-        rooms = _dynamic_rooms(cache, n)
-    else:
-        rooms = cache.rooms(1) if hasattr(cache, "rooms") else None
     spec, base = backbone.spec, backbone.parts.base
     H, G, D, L, d = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.num_layers, spec.hidden_size
-    if rooms is None or len(rooms) != L or not all(
-            t.dtype == torch.float32 and t.is_contiguous() and t.shape[:2] == (B, G) and t.shape[2] > n
-            and t.shape[3] == D for room in rooms for t in room):
-        return None
+    w = ggml_cpu.DECODE_WORDS
+    last = _last_table(cache, words, n)
+    if last is None:
+        if isinstance(cache, DynamicCache):
+            if not all(type(layer) is DynamicLayer for layer in cache.layers):
+                return None
+            rooms = _dynamic_rooms(cache, n)
+        else:
+            rooms = cache.rooms(1) if hasattr(cache, "rooms") else None
+        if rooms is None or len(rooms) != L or not all(
+                t.dtype == torch.float32 and t.is_contiguous() and t.shape[:2] == (B, G) and t.shape[2] > n
+                and t.shape[3] == D for room in rooms for t in room):
+            return None
+        table = words.clone()
+        table[:, w["kbuf"]] = torch.tensor([k.data_ptr() for k, _ in rooms])
+        table[:, w["vbuf"]] = torch.tensor([v.data_ptr() for _, v in rooms])
+        table[:, w["cap"]] = torch.tensor([k.shape[2] for k, _ in rooms])
+    else:
+        table, rooms = last.table, last.rooms
     if position_ids is None:
         position_ids = torch.full((B, 1), n, device=input_ids.device)
     h = base.embed_tokens(input_ids)
@@ -247,11 +282,6 @@ def _native_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor |
         mask = ggml_cpu.key_mask_bytes(key_mask, B, n + 1)
     except ValueError:
         return None
-    table = words.clone()
-    w = ggml_cpu.DECODE_WORDS
-    table[:, w["kbuf"]] = torch.tensor([k.data_ptr() for k, _ in rooms])
-    table[:, w["vbuf"]] = torch.tensor([v.data_ptr() for _, v in rooms])
-    table[:, w["cap"]] = torch.tensor([k.shape[2] for k, _ in rooms])
     hidden = h.new_empty(L + 1, B, d)
     hidden[0] = h[:, 0]
     mem = (h.new_empty(B, H * D), h.new_empty(B, G * D), h.new_empty(B, G * D), h.new_empty(B, H * D))
@@ -264,9 +294,10 @@ def _native_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor |
     if isinstance(cache, DynamicCache):
         for layer, (k, v) in zip(cache.layers, rooms):
             layer.keys, layer.values = k[:, :, :n + 1], v[:, :, :n + 1]
+        cache._longside_table = _StepTable(table, words, rooms, cache)
     else:
         cache.advance(1)
-    states = [hidden[i].unsqueeze(1) for i in range(L + 1)]
+    states = list(hidden.unsqueeze(2).unbind(0))
     kv: dict[str, torch.Tensor] = {}
     if memory_layer is not None:
         q, k, v, a = mem

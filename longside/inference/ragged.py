@@ -365,7 +365,7 @@ class RaggedWindows:
         self.keys = torch.cat([self.keys, out.memory_keys], 1)
         self.values = torch.cat([self.values, out.memory_values], 1)
         mem = None
-        if self.use_memory:
+        if self.use_memory and not memory.is_empty():  # an empty memory adds exactly nothing
             k = model.config.k_chunks
             mem = memory_inputs(bb, out, model.config.memory_layer, lambda q: memory.search(q, k, real),
                                 window_keys=self.keys, positions=pos, key_positions=key_pos, key_mask=key_mask)
@@ -380,7 +380,7 @@ class RaggedWindows:
         """After `_forward` (each row's n counting its new tokens): the logits `[B, V]` after
         every row's last column; then rows whose segment is complete write it to memory."""
         hits = None
-        if self.use_memory:
+        if self.use_memory and not memory.is_empty():
             # a row waiting in `feed` right after its segment ended has no tokens: its logits
             # are not used, but the exact-match read needs one token to look up
             contexts = [self.ids[b, self.columns - max(r.n, 1):] for b, r in enumerate(self.rows)]

@@ -137,8 +137,11 @@ class LocalWindow:
         self.ids = torch.cat([self.ids, ids], 1)
         self.keys = torch.cat([self.keys, out.memory_keys], 1)
         self.values = torch.cat([self.values, out.memory_values], 1)
+        # an empty memory adds exactly nothing (the reader's contribution is zero, no token
+        # hits): skip the searches
+        reads = self.use_memory and not memory.is_empty()
         mem = None
-        if self.use_memory:
+        if reads:
             k = model.config.k_chunks
             mem = memory_inputs(bb, out, self.layer, lambda q: memory.search(q, k),
                                 start=start, window_keys=self.keys)
@@ -150,6 +153,6 @@ class LocalWindow:
             self.token_keys = torch.cat([self.token_keys, tok_keys], 1)
         if not all_logits:
             h, tok_keys = h[:, -1:], None if tok_keys is None else tok_keys[:, -1:]
-        hits = model.search_tokens(tok_keys, self.ids, memory) if self.use_memory else None
+        hits = model.search_tokens(tok_keys, self.ids, memory) if reads else None
         logits = model.output(h, hits)
         return logits if all_logits else logits[:, -1]

@@ -260,27 +260,52 @@ class SideNetwork(nn.Module):
     # -- one token per row in C (decoding) ----------------------------------------------
     def _native_ok(self, hidden_states: list, caches: list, key_mask: torch.Tensor | None) -> bool:
         """True where `_decode_native` gives what the loop above gives: no gradient, float32
-        on the CPU, pruned downsampling, every block's cache a contiguous `[B, G, P, Dh]`."""
+        on the CPU, pruned downsampling, every block's cache `[B, G, P, Dh]` float32."""
         if torch.is_grad_enabled() or not ggml_cpu.decode_in_c() or self.config.downsample != "prune":
             return False
         last = hidden_states[-1]
         if last.device.type != "cpu" or last.dtype != torch.float32 or self.up.weight.dtype != torch.float32:
             return False
-        B, hd, G = last.shape[0], self.blocks[0].head_dim, self.blocks[0].kv_heads
+        blk0 = self.blocks[0]
+        B, hd, G = last.shape[0], blk0.head_dim, blk0.kv_heads
         P = None if caches[0] is None else caches[0][0].shape[2]
         for c in caches:
-            if c is None or not all(t.dtype == torch.float32 and t.is_contiguous() and t.dim() == 4
-                                    and t.shape[0] == B and t.shape[1] == G and t.shape[2] == P and t.shape[3] == hd
+            if c is None or not all(t.dtype == torch.float32 and t.dim() == 4 and t.shape == (B, G, P, hd)
                                     for t in c):
                 return False
         if key_mask is not None and key_mask.shape[-1] != P + 1:
             return False
-        return len({n.eps for blk in self.blocks for n in (blk.attn_norm, blk.mlp_norm)}) == 1
+        return self._native_weights() is not None
+
+    def _native_weights(self) -> torch.Tensor | None:
+        """The C table `[J, len(SIDE_WORDS)]` int64 with the weight and norm words filled
+        (the step fills state and cache words), or None where the blocks' norms differ in
+        eps. Built once per set of weights: rebuilt when any weight's storage changes (`.to()`,
+        a replaced layer or parameter), which its key of data pointers sees."""
+        weights = [blk._modules[name]._parameters["weight"] for blk in self.blocks
+                   for name in ("q", "k", "v", "o", "gate", "up", "down", "attn_norm", "mlp_norm")]
+        key = tuple(t.data_ptr() for t in weights)
+        memo = self.__dict__.get("_native_memo")
+        if memo is not None and memo[0] == key:
+            return memo[1]
+        table = None
+        if len({n.eps for blk in self.blocks for n in (blk.attn_norm, blk.mlp_norm)}) == 1:
+            w = ggml_cpu.SIDE_WORDS
+            table = torch.tensor([ggml_cpu.table_row(
+                w, len(w), mix=2 if j == 0 else 1, block=1,
+                **{name: getattr(blk, name).weight.data_ptr()
+                   for name in ("q", "k", "v", "o", "gate", "up", "down", "attn_norm", "mlp_norm")})
+                for j, blk in enumerate(self.blocks)], dtype=torch.int64)
+        # the memo holds the weights it points to, so they outlive any replacement
+        self.__dict__["_native_memo"] = (key, table, weights)
+        return table
 
     def _decode_native(self, hidden_states: list, memory: MemoryInputs | None, caches: list, cos: torch.Tensor,
                        sin: torch.Tensor, key_mask: torch.Tensor | None):
         """`forward` for one new token per row: the blocks before and after the memory read,
-        each run in one C call (kernels/decode_cpu.c); the memory read stays in torch."""
+        each run in one C call (kernels/decode_cpu.c); the memory read stays in torch. The
+        returned caches view buffers with room to grow (`_RoomCache`), so the next step
+        writes one position in place instead of copying the whole cache."""
         last = hidden_states[-1]
         B, s = last.shape[0], self.norm.weight.shape[0]
         blk0 = self.blocks[0]
@@ -288,17 +313,21 @@ class SideNetwork(nn.Module):
         P = caches[0][0].shape[2]
         cos, sin = (t.reshape(-1, hd).expand(B, hd).contiguous() for t in (cos, sin))
         mask = ggml_cpu.key_mask_bytes(key_mask, B, P + 1)  # `_native_ok` checked its length
-        states = [hidden_states[l].reshape(B, -1).contiguous() for l in self.layer_map]
-        new_caches = [(last.new_empty(B, G, P + 1, hd), last.new_empty(B, G, P + 1, hd)) for _ in self.blocks]
         w = ggml_cpu.SIDE_WORDS
-        rows = []
-        for j, (blk, h, (k_old, v_old), (k_new, v_new)) in enumerate(zip(self.blocks, states, caches, new_caches)):
-            ptrs = {name: getattr(blk, name).weight.data_ptr() for name in ("q", "k", "v", "o", "gate", "up", "down")}
-            rows.append(ggml_cpu.table_row(
-                w, len(w), state=h.data_ptr(), mix=2 if j == 0 else 1, block=1,
-                attn_norm=blk.attn_norm.weight.data_ptr(), mlp_norm=blk.mlp_norm.weight.data_ptr(), **ptrs,
-                k_old=k_old.data_ptr(), v_old=v_old.data_ptr(), k_new=k_new.data_ptr(), v_new=v_new.data_ptr()))
-        table = torch.tensor(rows, dtype=torch.int64)
+        table = self._native_weights().clone()  # `_native_ok` built it
+        states = [hidden_states[l].reshape(B, -1).contiguous() for l in self.layer_map]
+        words, new_caches, copies = [], [], []  # `copies` keeps what the C call reads alive
+        for h, c in zip(states, caches):
+            if not all(t.stride(3) == 1 and t.stride(2) == hd and t.stride(1) % hd == 0 and t.stride(1) >= P * hd
+                       and t.stride(0) == G * t.stride(1) for t in c):  # e.g. a prefill's [B, P, G, Dh] transposed
+                c = tuple(t.contiguous() for t in c)
+                copies.append(c)
+            room = _Room.append(c, P)
+            new_caches.append(room.view(P + 1))
+            words.append([h.data_ptr(), c[0].data_ptr(), c[1].data_ptr(), room.k.data_ptr(), room.v.data_ptr(),
+                          c[0].stride(1) // hd, room.k.shape[2]])
+        cols = [w[name] for name in ("state", "k_old", "v_old", "k_new", "v_new", "old_cap", "new_cap")]
+        table[:, cols] = torch.tensor(words, dtype=torch.int64)
         gates = torch.sigmoid(self.gates.detach()).float().contiguous()
         x = last.new_empty(B, s)
         mi = self.memory_index
@@ -315,6 +344,38 @@ class SideNetwork(nn.Module):
         ggml_cpu.side_decode_layers(after, gates[mi:].contiguous(), keep, x, cos, sin, P, mask, eps, dims)
         out = last + torch.sigmoid(self.final_gate) * self.up(self.norm(x.view(B, 1, s)))
         return out, new_caches
+
+
+class _Room:
+    """Buffers `k, v [B, G, cap, Dh]` float32 behind side-block caches that view their first
+    positions. `filled`: the most positions any view was handed; a cache that views exactly
+    that many may grow in place, a shorter one (a fork whose twin grew first) may not."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, filled: int):
+        self.k, self.v, self.filled = k, v, filled
+
+    @classmethod
+    def append(cls, cache: tuple[torch.Tensor, torch.Tensor], P: int) -> "_Room":
+        """The room a block's next position goes to: the cache's own where it can grow in
+        place, else a new one (its first P positions are then copied by the C step)."""
+        room = getattr(cache, "room", None)
+        k = cache[0]
+        if room is None or room.filled != P or room.k.shape[2] <= P or room.k.shape[:2] != k.shape[:2] \
+                or k.data_ptr() != room.k.data_ptr() or cache[1].data_ptr() != room.v.data_ptr():
+            B, G, _, hd = k.shape
+            cap = max(64, 2 * (P + 1))
+            room = cls(k.new_empty(B, G, cap, hd), k.new_empty(B, G, cap, hd), P)
+        room.filled = P + 1
+        return room
+
+    def view(self, n: int) -> "_RoomCache":
+        cache = _RoomCache((self.k[:, :, :n], self.v[:, :, :n]))
+        cache.room = self
+        return cache
+
+
+class _RoomCache(tuple):
+    """A side block's cache `(keys, values)` `[B, G, n, Dh]` that views a `_Room`."""
 
 
 # -- helpers ---------------------------------------------------------------------------
