@@ -226,11 +226,15 @@ enum {
  * attention over the P cached keys/values (S_KOLD, S_VOLD: [B, G, S_OLD_CAP, Dh] buffers whose
  * first P positions are cached; may be absent when P = 0) and the new one, written with them
  * to S_KNEW, S_VNEW ([B, G, S_NEW_CAP, Dh], S_NEW_CAP > P), SwiGLU. Where the new buffers are
- * the old ones (a cache with room to grow) only position P is written. */
+ * the old ones (a cache with room to grow) only position P is written. first_mix 0 skips
+ * the first layer's mixing, last_block 0 the last layer's block (a call that stops at the
+ * memory read, and the one after it). With final_norm, each row ends with the side
+ * network's output: out [B, d] = last [B, d] + final_gate * (up [d, s] . RMSNorm(x)). */
 int side_decode_layers(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H, int64_t G, int64_t Dh, int64_t F,
                        const int64_t *table, const float *gates, const int64_t *keep, float *x, const float *cos,
-                       const float *sin, int64_t P, const uint8_t *key_mask, int64_t ldm, float eps, int nthreads,
-                       int isa) {
+                       const float *sin, int64_t P, const uint8_t *key_mask, int64_t ldm, float eps, int first_mix,
+                       int last_block, const float *final_norm, float final_eps, const float *up, float final_gate,
+                       const float *last, float *out, int nthreads, int isa) {
     const int simd = isa > 0;
     const int64_t nq = H * Dh, nkv = G * Dh, per = H / G, S = P + 1;
     const float scaling = 1.0f / sqrtf((float)Dh);
@@ -254,13 +258,13 @@ int side_decode_layers(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H, in
             float *xb = x + b * s;
             for (int64_t j = 0; j < J; j++) {
                 const int64_t *t = table + j * SIDE_WORDS;
-                if (t[S_MIX]) {
+                if (t[S_MIX] && (j || first_mix)) {
                     const float *h = (const float *)(intptr_t)t[S_STATE] + b * d;
                     const float gj = gates[j], keepw = 1.0f - gates[j];
                     for (int64_t i = 0; i < s; i++)
                         xb[i] = t[S_MIX] == 2 ? h[keep[i]] : keepw * h[keep[i]] + gj * xb[i];
                 }
-                if (!t[S_BLOCK]) continue;
+                if (!t[S_BLOCK] || (j == J - 1 && !last_block)) continue;
                 const float *ko = (const float *)(intptr_t)t[S_KOLD], *vo = (const float *)(intptr_t)t[S_VOLD];
                 float *kn = (float *)(intptr_t)t[S_KNEW], *vn = (float *)(intptr_t)t[S_VNEW];
                 const int64_t oc = t[S_OLD_CAP], nc = t[S_NEW_CAP];
@@ -292,6 +296,10 @@ int side_decode_layers(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H, in
                 for (int64_t i = 0; i < F; i++) hn[i] = g[i] / (1.0f + expf(-g[i])) * g[F + i];
                 matvec((const float *)(intptr_t)t[S_DOWN], hn, y, s, F, simd);
                 for (int64_t i = 0; i < s; i++) xb[i] += y[i];
+            }
+            if (final_norm) {
+                side_norm(xb, final_norm, final_eps, s, hn);
+                for (int64_t i = 0; i < d; i++) out[b * d + i] = last[b * d + i] + final_gate * dot(up + i * s, hn, s, simd);
             }
         }
         free(hn), free(q), free(kv), free(att), free(y), free(g), free(scores);

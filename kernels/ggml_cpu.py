@@ -43,7 +43,7 @@ def _lib() -> ctypes.CDLL | None:
                                                   i64, ptr, ptr, ptr, ptr, cint, cint]
     lib.side_decode_layers.restype = cint
     lib.side_decode_layers.argtypes = [i64] * 8 + [ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, ctypes.c_float, cint,
-                                                  cint]
+                                                  cint, ptr, ctypes.c_float, ptr, ctypes.c_float, ptr, ptr, cint, cint]
     return lib
 
 
@@ -167,18 +167,25 @@ def llama_decode_step(table: torch.Tensor, hidden: torch.Tensor, cos: torch.Tens
 
 def side_decode_layers(table: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor, x: torch.Tensor,
                        cos: torch.Tensor, sin: torch.Tensor, P: int, key_mask: torch.Tensor | None, eps: float,
-                       dims: tuple[int, int, int, int, int]) -> None:
+                       dims: tuple[int, int, int, int, int], first_mix: bool = True, last_block: bool = True,
+                       final: tuple | None = None) -> None:
     """Side-network layers for one new token per row in one call (kernels/decode_cpu.c):
-    `table` int64 `[J, len(SIDE_WORDS)]`, `gates` float32 `[J]` (sigmoid of each layer's mix
-    gate), `keep` int64 `[s]` (the kept backbone dimensions), `x` float32 `[B, s]` updated in
-    place, `cos, sin [B, Dh]`, `P` cached positions, `key_mask` uint8 `[B, >= P+1]` or None,
-    `dims` = (d, H, G, Dh, ffn)."""
+    `table` int64 `[J, len(SIDE_WORDS)]` (rows contiguous), `gates` float32 `[J]` (sigmoid of
+    each layer's mix gate), `keep` int64 `[s]` (the kept backbone dimensions), `x` float32
+    `[B, s]` updated in place, `cos, sin [B, Dh]`, `P` cached positions, `key_mask` uint8
+    `[B, >= P+1]` or None, `dims` = (d, H, G, Dh, ffn). `first_mix=False` skips the first
+    layer's mixing, `last_block=False` the last layer's block. `final` = (norm weight `[s]`,
+    its eps, up `[d, s]`, gate value, last `[B, d]`, out `[B, d]`): each row then ends with
+    out = last + gate * up(norm(x)) (the side network's output)."""
     J, (B, s_) = table.shape[0], x.shape
     d, H, G, Dh, F = dims
     mask_ptr, ldm = (key_mask.data_ptr(), key_mask.stride(0)) if key_mask is not None else (None, 0)
+    norm, final_eps, up, gate, last, out = (None, 0.0, None, 0.0, None, None) if final is None else final
+    ptr = (lambda t: None if t is None else t.data_ptr())
     rc = _lib().side_decode_layers(J, B, d, s_, H, G, Dh, F, table.data_ptr(), gates.data_ptr(), keep.data_ptr(),
                                    x.data_ptr(), cos.data_ptr(), sin.data_ptr(), P, mask_ptr, ldm, eps,
-                                   torch.get_num_threads(), _isa_level())
+                                   int(first_mix), int(last_block), ptr(norm), final_eps, ptr(up), gate, ptr(last),
+                                   ptr(out), torch.get_num_threads(), _isa_level())
     if rc:
         raise MemoryError("side_decode_layers: could not allocate its scratch buffers")
 

@@ -40,24 +40,30 @@ from longside.kernels.gguf_linear import FUSED_MAX_M, INT8_MAX_M
 MAX_STEP_TOKENS = 16
 
 
-def _block_signature(backbone) -> tuple:
-    """What the cached fused products and module lists were built from: each block's
-    layers and where the weights live (a swapped layer or a `.to()` changes it)."""
-    first = backbone.parts.layers[0].input_layernorm.weight
-    sig = [first.device, first.dtype]
+def _module_dicts(backbone) -> list[dict]:
+    """The child dicts whose contents `_cached` was built from: the block list's, each
+    block's and its attention's and MLP's (a swapped layer changes one)."""
+    dicts = [backbone.parts.layers._modules]
     for layer in backbone.parts.layers:
-        sig += map(id, layer.self_attn._modules.values())
-        sig += map(id, layer.mlp._modules.values())
-        sig += map(id, layer._modules.values())
-    return tuple(sig)
+        dicts += [layer._modules, layer.self_attn._modules, layer.mlp._modules]
+    return dicts
 
 
 def _cached(backbone) -> dict:
-    sig = _block_signature(backbone)
+    """The per-backbone record of the lean step: its module lists, fused products and C
+    tables, rebuilt when a layer was swapped or the weights moved (`.to()`). Checked every
+    step, so the check runs at C speed: `map` over the recorded dicts."""
+    first = backbone.parts.layers[0].input_layernorm.weight
     cache = getattr(backbone, "_decode_step_cache", None)
-    if cache is None or cache["signature"] != sig:
-        cache = backbone._decode_step_cache = {"signature": sig, "modules": list(backbone.parts.layers.modules()),
-                                               "fused": None}
+    if cache is not None and cache["where"] == (first.device, first.dtype) \
+            and list(map(tuple, map(dict.values, cache["dicts"]))) == cache["children"]:
+        return cache
+    dicts = _module_dicts(backbone)
+    modules = list(backbone.parts.layers.modules())
+    cache = backbone._decode_step_cache = {
+        "where": (first.device, first.dtype), "dicts": dicts, "children": list(map(tuple, map(dict.values, dicts))),
+        "modules": modules, "hooks": [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)],
+        "fused": None}
     return cache
 
 
@@ -71,7 +77,7 @@ def can_step(backbone, n_tokens: int, attention_mask: Any, cache: Any) -> bool:
         return False
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return False
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in _cached(backbone)["modules"])
+    return not any(map(len, _cached(backbone)["hooks"]))
 
 
 def _fuse(mods: list[nn.Module]) -> nn.Module | None:

@@ -275,6 +275,8 @@ class SideNetwork(nn.Module):
                 return False
         if key_mask is not None and key_mask.shape[-1] != P + 1:
             return False
+        if not (self.up.weight.is_contiguous() and self.norm.weight.dtype == torch.float32):
+            return False
         return self._native_weights() is not None
 
     def _native_weights(self) -> torch.Tensor | None:
@@ -334,15 +336,16 @@ class SideNetwork(nn.Module):
         keep = self.keep.contiguous()
         dims = (last.shape[-1], H, G, hd, F)
         eps = blk0.attn_norm.eps
-        # the memory layer's mixing, then the read, then its block
-        before, after = table[:mi + 1].clone(), table[mi:].clone()
-        before[mi, w["block"]] = 0
-        after[0, w["mix"]] = 0
-        ggml_cpu.side_decode_layers(before, gates[:mi + 1], keep, x, cos, sin, P, mask, eps, dims)
+        # the memory layer's mixing, then the read, then its block and the output
+        ggml_cpu.side_decode_layers(table[:mi + 1], gates[:mi + 1], keep, x, cos, sin, P, mask, eps, dims,
+                                    last_block=False)
         if memory is not None:
             x += self.reader(x.view(B, 1, s), memory).view(B, s)
-        ggml_cpu.side_decode_layers(after, gates[mi:].contiguous(), keep, x, cos, sin, P, mask, eps, dims)
-        out = last + torch.sigmoid(self.final_gate) * self.up(self.norm(x.view(B, 1, s)))
+        out = last.new_empty(B, 1, last.shape[-1])
+        final = (self.norm.weight, self.norm.eps, self.up.weight, float(torch.sigmoid(self.final_gate)),
+                 last.reshape(B, -1).contiguous(), out)
+        ggml_cpu.side_decode_layers(table[mi:], gates[mi:].contiguous(), keep, x, cos, sin, P, mask, eps, dims,
+                                    first_mix=False, final=final)
         return out, new_caches
 
 
