@@ -158,12 +158,14 @@ def _native_words(backbone, B: int) -> torch.Tensor | None:
     fused = _fused_blocks(backbone)
     cache = backbone._decode_step_cache  # `_fused_blocks` made it
     layers = backbone.parts.layers
-    if "unfused" not in cache:
-        cache["unfused"] = [(layer.self_attn.o_proj, layer.mlp.down_proj) for layer in layers]
-    for f, layer in zip(fused, layers):
-        f.sync(layer)
-    kinds = tuple(f.activations for f in fused) + tuple(getattr(m, "activations", None)
-                                                        for pair in cache["unfused"] for m in pair)
+    if "watched" not in cache:  # whose activation kinds the fused products and the table follow
+        cache["watched"] = [layer.self_attn.q_proj for layer in layers] + \
+            [m for layer in layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)]
+    kinds = tuple(getattr(m, "activations", None) for m in cache["watched"])
+    if cache.get("synced") != kinds:
+        for f, layer in zip(fused, layers):
+            f.sync(layer)
+        cache["synced"] = kinds
     key = (B <= FUSED_MAX_M, B <= INT8_MAX_M, kinds)
     memo = cache.setdefault("native", {})
     if key in memo:
@@ -244,6 +246,26 @@ def _last_table(cache: Any, words: torch.Tensor, n: int) -> _StepTable | None:
     return last
 
 
+def _rotary(backbone, h: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin `[B, D]` float32 at `position_ids [B, 1]`: rows of a table the backbone's own
+    rotary embedding made for positions 0..n-1 (the same function of the position, so the same
+    bits), grown as positions grow; a rotary embedding that also depends on the sequence
+    (dynamic scaling) is called each step."""
+    rot = backbone.parts.base.rotary_emb
+    if getattr(rot, "rope_type", "default") != "default":
+        cos, sin = rot(h, position_ids)
+        return cos[:, 0].float().contiguous(), sin[:, 0].float().contiguous()
+    cache = backbone._decode_step_cache
+    table = cache.get("rotary")
+    need = int(position_ids.max()) + 1
+    if table is None or table[0].shape[0] < need or table[2] is not rot.inv_freq:
+        n = max(need, 1024, 0 if table is None else 2 * table[0].shape[0])
+        cos, sin = rot(h[:1], torch.arange(n, device=h.device)[None])
+        table = cache["rotary"] = (cos[0].float(), sin[0].float(), rot.inv_freq)
+    idx = position_ids[:, 0]
+    return table[0].index_select(0, idx), table[1].index_select(0, idx)
+
+
 def _native_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor | None, cache: Any,
                  memory_layer: int | None, key_mask: torch.Tensor | None) -> dict | None:
     """`llama_step` for one new token per row in one C call, or None where it cannot run."""
@@ -282,8 +304,7 @@ def _native_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor |
     h = base.embed_tokens(input_ids)
     if h.dtype != torch.float32:
         return None
-    cos, sin = base.rotary_emb(h, position_ids)
-    cos, sin = cos[:, 0].float().contiguous(), sin[:, 0].float().contiguous()  # [B, D]
+    cos, sin = _rotary(backbone, h, position_ids)
     try:
         mask = ggml_cpu.key_mask_bytes(key_mask, B, n + 1)
     except ValueError:

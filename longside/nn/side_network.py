@@ -316,20 +316,30 @@ class SideNetwork(nn.Module):
         cos, sin = (t.reshape(-1, hd).expand(B, hd).contiguous() for t in (cos, sin))
         mask = ggml_cpu.key_mask_bytes(key_mask, B, P + 1)  # `_native_ok` checked its length
         w = ggml_cpu.SIDE_WORDS
-        table = self._native_weights().clone()  # `_native_ok` built it
+        weights = self._native_weights()  # `_native_ok` built it
         states = [hidden_states[l].reshape(B, -1).contiguous() for l in self.layer_map]
-        words, new_caches, copies = [], [], []  # `copies` keeps what the C call reads alive
-        for h, c in zip(states, caches):
-            if not all(t.stride(3) == 1 and t.stride(2) == hd and t.stride(1) % hd == 0 and t.stride(1) >= P * hd
-                       and t.stride(0) == G * t.stride(1) for t in c):  # e.g. a prefill's [B, P, G, Dh] transposed
-                c = tuple(t.contiguous() for t in c)
-                copies.append(c)
-            room = _Room.append(c, P)
-            new_caches.append(room.view(P + 1))
-            words.append([h.data_ptr(), c[0].data_ptr(), c[1].data_ptr(), room.k.data_ptr(), room.v.data_ptr(),
-                          c[0].stride(1) // hd, room.k.shape[2]])
-        cols = [w[name] for name in ("state", "k_old", "v_old", "k_new", "v_new", "old_cap", "new_cap")]
-        table[:, cols] = torch.tensor(words, dtype=torch.int64)
+        copies = []  # keeps what the C call reads alive
+        reused = type(caches) is _RoomCaches and caches.continues(weights, P)
+        if reused:
+            # the caches this method returned last step, untouched since: every block grows
+            # in its own room, so only the states' words change
+            table, rooms = caches.table, caches.rooms
+            table[:, w["state"]] = torch.tensor([h.data_ptr() for h in states])
+            for room in rooms:
+                room.filled = P + 1
+        else:
+            table, rooms, words = weights.clone(), [], []
+            for h, c in zip(states, caches):
+                if not all(t.stride(3) == 1 and t.stride(2) == hd and t.stride(1) % hd == 0 and t.stride(1) >= P * hd
+                           and t.stride(0) == G * t.stride(1) for t in c):  # e.g. a prefill's [B, P, G, Dh] transposed
+                    c = tuple(t.contiguous() for t in c)
+                    copies.append(c)
+                room = _Room.append(c, P)
+                rooms.append(room)
+                words.append([h.data_ptr(), c[0].data_ptr(), c[1].data_ptr(), room.k.data_ptr(), room.v.data_ptr(),
+                              c[0].stride(1) // hd, room.k.shape[2]])
+            cols = [w[name] for name in ("state", "k_old", "v_old", "k_new", "v_new", "old_cap", "new_cap")]
+            table[:, cols] = torch.tensor(words, dtype=torch.int64)
         gates = torch.sigmoid(self.gates.detach()).float().contiguous()
         x = last.new_empty(B, s)
         mi = self.memory_index
@@ -346,7 +356,10 @@ class SideNetwork(nn.Module):
                  last.reshape(B, -1).contiguous(), out)
         ggml_cpu.side_decode_layers(table[mi:], gates[mi:].contiguous(), keep, x, cos, sin, P, mask, eps, dims,
                                     first_mix=False, final=final)
-        return out, new_caches
+        if not reused:  # from the next step on, each block's old and new buffers are its room
+            for name, col in (("k_old", "k_new"), ("v_old", "v_new"), ("old_cap", "new_cap")):
+                table[:, w[name]] = table[:, w[col]]
+        return out, _RoomCaches(table, rooms, weights, P + 1)
 
 
 class _Room:
@@ -379,6 +392,23 @@ class _Room:
 
 class _RoomCache(tuple):
     """A side block's cache `(keys, values)` `[B, G, n, Dh]` that views a `_Room`."""
+
+
+class _RoomCaches(list):
+    """The caches `_decode_native` returns (one `_RoomCache` per block), with the C table of
+    the step that made them (its cache words already naming each block's room as both old and
+    new buffers), so the next step can reuse it."""
+
+    def __init__(self, table: torch.Tensor, rooms: list[_Room], weights: torch.Tensor, n: int):
+        super().__init__(room.view(n) for room in rooms)
+        self.table, self.rooms, self.weights, self.views = table, rooms, weights, tuple(self)
+
+    def continues(self, weights: torch.Tensor, P: int) -> bool:
+        """True where the next step can reuse the table: the same weights, no cache replaced
+        in this list, and every room grown by no one else and with room for one more."""
+        return self.weights is weights and len(self) == len(self.views) \
+            and all(a is b for a, b in zip(self, self.views)) \
+            and all(r.filled == P and r.k.shape[2] > P for r in self.rooms)
 
 
 # -- helpers ---------------------------------------------------------------------------
