@@ -144,3 +144,35 @@ def test_causal_lse_is_the_logsumexp_of_the_masked_grouped_scores():
         s = s.masked_fill(~torch.ones(T, P + T, dtype=torch.bool).tril(P), float("-inf"))
         want = torch.logsumexp(s, -1).transpose(1, 2).unsqueeze(-1)  # [B, T, H, 1]
         torch.testing.assert_close(causal_lse(qr, kr), want, atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_in_c_follows_replaced_weights(monkeypatch):
+    """The C decode step's table of side-block weights is built once and reused: a replaced
+    layer, a replaced parameter and a `.to()` round trip (new storage) each rebuild it, so a
+    step in C still equals the torch loop."""
+    from torch import nn
+
+    bb = _tiny()
+    side = _side(bb)
+    with torch.no_grad():
+        side.up.weight.normal_(0, 0.1)
+    out = bb.encode(torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(3)), memory_layer=1)
+
+    def step(native: bool) -> torch.Tensor:
+        monkeypatch.setenv("LONGSIDE_DECODE", "c" if native else "torch")
+        _, caches = side([h[:, :5] for h in out.hidden_states], None)
+        return side([h[:, 5:] for h in out.hidden_states], None, start=5, caches=caches)[0]
+
+    with torch.no_grad():
+        before = step(True)
+        torch.testing.assert_close(before, step(False), atol=1e-5, rtol=1e-5)
+        q = side.blocks[0].q
+        side.blocks[0].q = nn.Linear(q.in_features, q.out_features, bias=False)
+        side.blocks[1].k.weight = nn.Parameter(torch.randn_like(side.blocks[1].k.weight))
+        changed = step(True)
+        assert (changed - before).abs().max() > 1e-3
+        torch.testing.assert_close(changed, step(False), atol=1e-5, rtol=1e-5)
+        side.double()
+        side.float()  # every weight in new storage
+        torch.testing.assert_close(step(True), changed, atol=1e-5, rtol=1e-5)
+    assert side.__dict__.get("_native_memo") is not None  # the C step ran

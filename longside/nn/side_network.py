@@ -264,43 +264,50 @@ class SideNetwork(nn.Module):
         if torch.is_grad_enabled() or not ggml_cpu.decode_in_c() or self.config.downsample != "prune":
             return False
         last = hidden_states[-1]
-        if last.device.type != "cpu" or last.dtype != torch.float32 or self.up.weight.dtype != torch.float32:
+        up = self.up.weight
+        if last.device.type != "cpu" or last.dtype != torch.float32 or up.dtype != torch.float32 \
+                or not up.is_contiguous() or self.norm.weight.dtype != torch.float32:
             return False
         blk0 = self.blocks[0]
         B, hd, G = last.shape[0], blk0.head_dim, blk0.kv_heads
         P = None if caches[0] is None else caches[0][0].shape[2]
+        if type(caches) is _RoomCaches and caches.continues(self._native_weights(), P) \
+                and caches.rooms[0].k.shape[0] == B and (key_mask is None or key_mask.shape[-1] == P + 1):
+            return True  # what the last step returned: checked when it was made
         for c in caches:
             if c is None or not all(t.dtype == torch.float32 and t.dim() == 4 and t.shape == (B, G, P, hd)
                                     for t in c):
                 return False
         if key_mask is not None and key_mask.shape[-1] != P + 1:
             return False
-        if not (self.up.weight.is_contiguous() and self.norm.weight.dtype == torch.float32):
-            return False
         return self._native_weights() is not None
 
     def _native_weights(self) -> torch.Tensor | None:
         """The C table `[J, len(SIDE_WORDS)]` int64 with the weight and norm words filled
         (the step fills state and cache words), or None where the blocks' norms differ in
-        eps. Built once per set of weights: rebuilt when any weight's storage changes (`.to()`,
-        a replaced layer or parameter), which its key of data pointers sees."""
-        weights = [blk._modules[name]._parameters["weight"] for blk in self.blocks
-                   for name in ("q", "k", "v", "o", "gate", "up", "down", "attn_norm", "mlp_norm")]
-        key = tuple(t.data_ptr() for t in weights)
+        eps. Built once per set of weights: rebuilt after `.to()` (`_apply`) and when a
+        block's layer or weight was replaced, which its key (the children and parameters of
+        every block, read by `map`s at C speed: it is checked every token) sees."""
         memo = self.__dict__.get("_native_memo")
-        if memo is not None and memo[0] == key:
+        if memo is not None and list(map(tuple, map(dict.values, memo[2]))) == memo[0]:
             return memo[1]
+        names = ("q", "k", "v", "o", "gate", "up", "down", "attn_norm", "mlp_norm")
+        dicts = [self.blocks._modules] + [d for blk in self.blocks
+                                          for d in (blk._modules, *(blk._modules[n]._parameters for n in names))]
         table = None
         if len({n.eps for blk in self.blocks for n in (blk.attn_norm, blk.mlp_norm)}) == 1:
             w = ggml_cpu.SIDE_WORDS
             table = torch.tensor([ggml_cpu.table_row(
                 w, len(w), mix=2 if j == 0 else 1, block=1,
-                **{name: getattr(blk, name).weight.data_ptr()
-                   for name in ("q", "k", "v", "o", "gate", "up", "down", "attn_norm", "mlp_norm")})
+                **{name: getattr(blk, name).weight.data_ptr() for name in names})
                 for j, blk in enumerate(self.blocks)], dtype=torch.int64)
-        # the memo holds the weights it points to, so they outlive any replacement
-        self.__dict__["_native_memo"] = (key, table, weights)
+        # the key holds the weights the table points to, so they outlive any replacement
+        self.__dict__["_native_memo"] = (list(map(tuple, map(dict.values, dicts))), table, dicts)
         return table
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_native_memo", None)  # `.to()` may move the weights the table names
+        return super()._apply(fn, *args, **kwargs)
 
     def _decode_native(self, hidden_states: list, memory: MemoryInputs | None, caches: list, cos: torch.Tensor,
                        sin: torch.Tensor, key_mask: torch.Tensor | None):
