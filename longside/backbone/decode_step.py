@@ -196,27 +196,36 @@ def _native_words(backbone, B: int) -> torch.Tensor | None:
     return memo[key][0]
 
 
-def _dynamic_rooms(cache: DynamicCache, n: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """Capacity buffers `[B, G, cap, D]` (cap > n) behind each layer of a DynamicCache, whose
-    keys/values become views of their first n columns: a step then writes one column in place
-    instead of concatenating the whole cache. A layer changed elsewhere (Hugging Face's
-    update concatenates, a deep copy copies) gets a new buffer."""
-    rooms = []
-    for layer in cache.layers:
+def _dynamic_rooms(cache: DynamicCache, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Capacity buffers `[L, B, G, cap, D]` (cap > n) for keys and values behind every layer
+    of a DynamicCache, whose keys/values become views of their layer's first n columns: a step
+    then writes one column in place instead of concatenating the whole cache, and the views of
+    all layers come from one `unbind`. Layers changed elsewhere (Hugging Face's update
+    concatenates, a deep copy copies) get new buffers, their contents copied in."""
+    layers = cache.layers
+    k0 = layers[0].keys
+    if k0 is None or k0.dim() != 4 or k0.shape[2] != n or k0.dtype != torch.float32:
+        return None
+    shape = k0.shape
+    for layer in layers:
         k, v = layer.keys, layer.values
-        if k is None or k.dim() != 4 or k.shape[2] != n or k.dtype != torch.float32 or v.shape != k.shape:
+        if k is None or k.shape != shape or v is None or v.shape != shape or k.dtype != torch.float32 \
+                or v.dtype != torch.float32:
             return None
-        room = getattr(layer, "_longside_room", None)
-        if room is None or room[0].shape[2] <= n or room[0].shape[:2] != k.shape[:2] \
-                or k.data_ptr() != room[0].data_ptr() or v.data_ptr() != room[1].data_ptr() \
-                or k.stride() != room[0].stride() or v.stride() != room[1].stride():
-            B, G, _, D = k.shape
-            cap = max(64, 2 * n)
-            room = (k.new_empty(B, G, cap, D), v.new_empty(B, G, cap, D))
-            room[0][:, :, :n] = k
-            room[1][:, :, :n] = v
-            layer._longside_room = room
-        rooms.append(room)
+    rooms = getattr(cache, "_longside_rooms", None)
+    if rooms is not None and rooms[0].shape[1:3] == shape[:2] and rooms[0].shape[3] > n \
+            and rooms[0].shape[0] == len(layers) and all(
+            layer.keys.data_ptr() == k.data_ptr() and layer.values.data_ptr() == v.data_ptr()
+            and layer.keys.stride() == k.stride() and layer.values.stride() == v.stride()
+            for layer, k, v in zip(layers, rooms[0], rooms[1])):
+        return rooms
+    B, G, _, D = shape
+    cap = max(64, 2 * n)
+    rooms = (k0.new_empty(len(layers), B, G, cap, D), k0.new_empty(len(layers), B, G, cap, D))
+    for layer, k, v in zip(layers, rooms[0], rooms[1]):
+        k[:, :, :n] = layer.keys
+        v[:, :, :n] = layer.values
+    cache._longside_rooms = rooms
     return rooms
 
 
@@ -225,23 +234,21 @@ class _StepTable:
     step reuses it while every layer's keys/values are still the views that step left (the
     same tensor objects over the same buffers, with room for one more position)."""
 
-    def __init__(self, table: torch.Tensor, words: torch.Tensor, rooms: list, cache: DynamicCache):
-        self.table, self.words, self.rooms = table, words, rooms
-        self.views = [t for layer in cache.layers for t in (layer.keys, layer.values)]
-        self.ptrs = [t.data_ptr() for t in self.views]
-        self.cap = min(k.shape[2] for k, _ in rooms)
+    def __init__(self, table: torch.Tensor, words: torch.Tensor, rooms: tuple, views: list[torch.Tensor]):
+        self.table, self.words, self.rooms, self.views = table, words, rooms, views
+        self.ptr = rooms[0].data_ptr()
 
 
 def _last_table(cache: Any, words: torch.Tensor, n: int) -> _StepTable | None:
-    """The cache's last C step's record where its table still holds, else None. A
-    deep copy of the cache (`LocalWindow.fork`) copies the record too, but its buffers have
-    other addresses, which the pointer check sees."""
+    """The cache's last C step's record where its table still holds, else None. A deep copy
+    of the cache (`LocalWindow.fork`) copies the record too, views and buffers alike, but into
+    other memory, which the pointer check sees."""
     last = getattr(cache, "_longside_table", None)
-    if last is None or last.words is not words or n >= last.cap or type(cache) is not DynamicCache:
+    if last is None or last.words is not words or n >= last.rooms[0].shape[3] or type(cache) is not DynamicCache:
         return None
     views = [t for layer in cache.layers for t in (layer.keys, layer.values)]
     if len(views) != len(last.views) or not all(a is b for a, b in zip(views, last.views)) \
-            or [t.data_ptr() for t in views] != last.ptrs:
+            or views[0].data_ptr() != last.ptr:
         return None
     return last
 
@@ -287,6 +294,7 @@ def _native_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor |
             if not all(type(layer) is DynamicLayer for layer in cache.layers):
                 return None
             rooms = _dynamic_rooms(cache, n)
+            rooms = None if rooms is None else list(zip(*rooms))
         else:
             rooms = cache.rooms(1) if hasattr(cache, "rooms") else None
         if rooms is None or len(rooms) != L or not all(
@@ -298,7 +306,7 @@ def _native_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor |
         table[:, w["vbuf"]] = torch.tensor([v.data_ptr() for _, v in rooms])
         table[:, w["cap"]] = torch.tensor([k.shape[2] for k, _ in rooms])
     else:
-        table, rooms = last.table, last.rooms
+        table, rooms = last.table, None  # the buffers stay the cache's `_longside_rooms`
     if position_ids is None:
         position_ids = torch.full((B, 1), n, device=input_ids.device)
     h = base.embed_tokens(input_ids)
@@ -319,17 +327,21 @@ def _native_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor |
                                H, G, backbone.parts.layers[0].mlp.gate_proj.out_features,
                                -1 if memory_layer is None else memory_layer, mem)
     if isinstance(cache, DynamicCache):
-        for layer, (k, v) in zip(cache.layers, rooms):
-            layer.keys, layer.values = k[:, :, :n + 1], v[:, :, :n + 1]
-        cache._longside_table = _StepTable(table, words, rooms, cache)
+        kall, vall = cache._longside_rooms  # `_dynamic_rooms` made them
+        views = []
+        for layer, k, v in zip(cache.layers, kall[:, :, :, :n + 1].unbind(0), vall[:, :, :, :n + 1].unbind(0)):
+            layer.keys, layer.values = k, v
+            views += (k, v)
+        cache._longside_table = _StepTable(table, words, (kall, vall), views)
     else:
         cache.advance(1)
     states = list(hidden.unsqueeze(2).unbind(0))
     kv: dict[str, torch.Tensor] = {}
     if memory_layer is not None:
         q, k, v, a = mem
+        kr = cache.layers[memory_layer].keys if isinstance(cache, DynamicCache) else rooms[memory_layer][0][:, :, :n + 1]
         kv = {"q": q.view(B, 1, H, D), "k": k.view(B, 1, G, D), "v": v.view(B, 1, G, D), "a": a.view(B, 1, H, D),
-              "kr": rooms[memory_layer][0][:, :, :n + 1]}
+              "kr": kr}
     return {"hidden": states, "last_hidden": base.norm(states[-1]), "kv": kv}
 
 
