@@ -1,0 +1,79 @@
+"""Decode speed against llama.cpp in pairs, in one process: on a machine whose speed drifts
+(a shared VM), rows timed minutes apart by `longside bench generate` can differ by more than
+what separates the two programs. Here both are loaded once and timed in turn, A B B A ...,
+each pair giving one ratio; the median ratio is the figure to quote, the spread shows the noise.
+
+    python experiments/decode_pairs.py [--memory-tokens 0] [--pairs 9] [--new-tokens 64] [--json PATH]
+
+Each timing is the bench's: decode = N / (t(1 + N) - t(1)), greedy, a 128-token prompt of the
+held-out books, 2 threads; longside is the shipped checkpoint on the GGUF's blocks, with memory
+filled as `bench generate --quick` fills it; llama.cpp runs the very same GGUF file
+(llama-cpp-python, `pip install 'longside[bench]'`).
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from longside.bench.generate import QUICK_FILL, _llamacpp_row, _longside_row, _texts
+from longside.provenance import RunRecord
+
+
+def _decode_speed(gen, prompt: torch.Tensor, n: int) -> float:
+    t = time.perf_counter()
+    gen(prompt, 1)
+    t1 = time.perf_counter() - t
+    t = time.perf_counter()
+    gen(prompt, 1 + n)
+    return n / max(time.perf_counter() - t - t1, 1e-9)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--memory-tokens", type=int, default=0)
+    ap.add_argument("--pairs", type=int, default=9)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    run = RunRecord.start(["python", "experiments/decode_pairs.py", *sys.argv[1:]])
+    torch.set_num_threads(args.threads)
+    ours, extra = _longside_row("longside-native", args.memory_tokens, True)
+    tok = extra.pop("tokenizer")
+    theirs, _ = _llamacpp_row(args.prompt_tokens + args.new_tokens + 16)
+    ids, _ = _texts(max(args.memory_tokens, QUICK_FILL) + 2048 + args.prompt_tokens, tok)
+    prompt = torch.tensor([ids[-args.prompt_tokens:]])
+    for gen in (ours, theirs):  # warm-up
+        gen(prompt[:, :8], 2)
+        gen(prompt, 4)
+    pairs = []
+    for i in range(args.pairs):
+        order = (("longside", ours), ("llama.cpp", theirs))[:: 1 if i % 2 == 0 else -1]
+        speeds = {name: _decode_speed(gen, prompt, args.new_tokens) for name, gen in order}
+        pairs.append({k: round(v, 2) for k, v in speeds.items()} | {
+            "ratio": round(speeds["longside"] / speeds["llama.cpp"], 3)})
+        print(pairs[-1], flush=True)
+    ratios = [p["ratio"] for p in pairs]
+    report = {
+        "benchmark": "decode pairs against llama.cpp (one process, alternating)",
+        "memory_tokens": args.memory_tokens, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+        "threads": args.threads, "pairs": pairs,
+        "ratio_median": round(statistics.median(ratios), 3), "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "longside_median_tokens_per_s": round(statistics.median(p["longside"] for p in pairs), 2),
+        "llamacpp_median_tokens_per_s": round(statistics.median(p["llama.cpp"] for p in pairs), 2),
+        "model_note": extra.get("model_note"), "memory_fill": extra.get("memory_fill"),
+        "provenance": run.finish(),
+    }
+    print(json.dumps({k: v for k, v in report.items() if k != "pairs"}, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
