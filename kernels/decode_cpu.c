@@ -220,6 +220,111 @@ enum {
     S_NEW_CAP = 17, SIDE_WORDS = 18
 };
 
+/* side_decode_layers for fewer rows than threads (one user decoding): the side weights are
+ * ~9 MB of float32 a token, which one core reads at about half the speed two do, so the team
+ * splits each product's output rows (every y[n] the same dot as the one-thread path, so the
+ * same bits) and one thread does the small steps between them. */
+static int side_rows_team(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H, int64_t G, int64_t Dh, int64_t F,
+                          const int64_t *table, const float *gates, const int64_t *keep, float *x, const float *cos,
+                          const float *sin, int64_t P, const uint8_t *key_mask, int64_t ldm, float eps, int first_mix,
+                          int last_block, const float *final_norm, float final_eps, const float *up,
+                          float final_gate, const float *last, float *out, int nt, int simd) {
+    const int64_t nq = H * Dh, nkv = G * Dh, per = H / G, S = P + 1;
+    const float scaling = 1.0f / sqrtf((float)Dh);
+    float *hn = (float *)malloc(sizeof(float) * (s > F ? s : F)), *qkv = (float *)malloc(sizeof(float) * (nq + 2 * nkv));
+    float *att = (float *)malloc(sizeof(float) * nq), *y = (float *)malloc(sizeof(float) * s);
+    float *g = (float *)malloc(sizeof(float) * 2 * F), *scores = (float *)malloc(sizeof(float) * S * nt);
+    if (!hn || !qkv || !att || !y || !g || !scores) {
+        free(hn), free(qkv), free(att), free(y), free(g), free(scores);
+        return -1;
+    }
+    float *q = qkv, *kv = qkv + nq;
+    #pragma omp parallel num_threads(nt)
+    for (int64_t b = 0; b < B; b++) {
+        float *xb = x + b * s;
+        for (int64_t j = 0; j < J; j++) {
+            const int64_t *t = table + j * SIDE_WORDS;
+            const int block = t[S_BLOCK] && !(j == J - 1 && !last_block);
+            #pragma omp single
+            {
+                if (t[S_MIX] && (j || first_mix)) {
+                    const float *h = (const float *)(intptr_t)t[S_STATE] + b * d;
+                    const float gj = gates[j], keepw = 1.0f - gates[j];
+                    for (int64_t i = 0; i < s; i++)
+                        xb[i] = t[S_MIX] == 2 ? h[keep[i]] : keepw * h[keep[i]] + gj * xb[i];
+                }
+                if (block) side_norm(xb, (const float *)(intptr_t)t[S_ATTN_NORM], eps, s, hn);
+            }
+            if (!block) continue;
+            const float *wq = (const float *)(intptr_t)t[S_Q], *wk = (const float *)(intptr_t)t[S_K];
+            const float *wv = (const float *)(intptr_t)t[S_V];
+            #pragma omp for schedule(static)
+            for (int64_t n = 0; n < nq + 2 * nkv; n++) {
+                const float *w = n < nq ? wq + n * s : n < nq + nkv ? wk + (n - nq) * s : wv + (n - nq - nkv) * s;
+                qkv[n] = dot(w, hn, s, simd);
+            }
+            #pragma omp single
+            {
+                const float *ko = (const float *)(intptr_t)t[S_KOLD], *vo = (const float *)(intptr_t)t[S_VOLD];
+                float *kn = (float *)(intptr_t)t[S_KNEW], *vn = (float *)(intptr_t)t[S_VNEW];
+                const int64_t oc = t[S_OLD_CAP], nc = t[S_NEW_CAP];
+                for (int64_t h = 0; h < H; h++) rotary(q + h * Dh, cos + b * Dh, sin + b * Dh, Dh);
+                for (int64_t gi = 0; gi < G; gi++) {
+                    rotary(kv + gi * Dh, cos + b * Dh, sin + b * Dh, Dh);
+                    const int64_t row = b * G + gi;
+                    if (P && kn != ko) {
+                        memcpy(kn + row * nc * Dh, ko + row * oc * Dh, sizeof(float) * P * Dh);
+                        memcpy(vn + row * nc * Dh, vo + row * oc * Dh, sizeof(float) * P * Dh);
+                    }
+                    memcpy(kn + (row * nc + P) * Dh, kv + gi * Dh, sizeof(float) * Dh);
+                    memcpy(vn + (row * nc + P) * Dh, kv + nkv + gi * Dh, sizeof(float) * Dh);
+                }
+            }
+            {
+                const float *kn = (const float *)(intptr_t)t[S_KNEW], *vn = (const float *)(intptr_t)t[S_VNEW];
+                const int64_t nc = t[S_NEW_CAP];
+                int me = 0;
+#ifdef _OPENMP
+                me = omp_get_thread_num();
+#endif
+                float *sc = scores + (int64_t)me * S;
+                #pragma omp for schedule(static)
+                for (int64_t h = 0; h < H; h++) {
+                    const int64_t row = b * G + h / per;
+                    attend(q + h * Dh, kn + row * nc * Dh, vn + row * nc * Dh, S, Dh,
+                           key_mask ? key_mask + b * ldm : NULL, scaling, sc, att + h * Dh, simd);
+                }
+            }
+            const float *wo = (const float *)(intptr_t)t[S_O];
+            #pragma omp for schedule(static)
+            for (int64_t n = 0; n < s; n++) y[n] = dot(wo + n * nq, att, nq, simd);
+            #pragma omp single
+            {
+                for (int64_t i = 0; i < s; i++) xb[i] += y[i];
+                side_norm(xb, (const float *)(intptr_t)t[S_MLP_NORM], eps, s, hn);
+            }
+            const float *wg = (const float *)(intptr_t)t[S_GATE], *wu = (const float *)(intptr_t)t[S_UP];
+            #pragma omp for schedule(static)
+            for (int64_t n = 0; n < 2 * F; n++) g[n] = dot(n < F ? wg + n * s : wu + (n - F) * s, hn, s, simd);
+            #pragma omp single
+            for (int64_t i = 0; i < F; i++) hn[i] = g[i] / (1.0f + expf(-g[i])) * g[F + i];
+            const float *wd = (const float *)(intptr_t)t[S_DOWN];
+            #pragma omp for schedule(static)
+            for (int64_t n = 0; n < s; n++) y[n] = dot(wd + n * F, hn, F, simd);
+            #pragma omp single
+            for (int64_t i = 0; i < s; i++) xb[i] += y[i];
+        }
+        if (final_norm) {
+            #pragma omp single
+            side_norm(xb, final_norm, final_eps, s, hn);
+            #pragma omp for schedule(static)
+            for (int64_t i = 0; i < d; i++) out[b * d + i] = last[b * d + i] + final_gate * dot(up + i * s, hn, s, simd);
+        }
+    }
+    free(hn), free(qkv), free(att), free(y), free(g), free(scores);
+    return 0;
+}
+
 /* Side layers for one new token per row. x [B, s] in/out. Layer j: S_MIX 2 sets x to the
  * backbone state's kept dimensions (state [B, d] rows, keep [s]), 1 mixes them in with
  * gates[j] ((1 - g) h + g x), 0 leaves x; S_BLOCK 1 runs the block: RMSNorm, rotary GQA
@@ -236,6 +341,9 @@ int side_decode_layers(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H, in
                        int last_block, const float *final_norm, float final_eps, const float *up, float final_gate,
                        const float *last, float *out, int nthreads, int isa) {
     const int simd = isa > 0;
+    if (B < nthreads)
+        return side_rows_team(J, B, d, s, H, G, Dh, F, table, gates, keep, x, cos, sin, P, key_mask, ldm, eps,
+                              first_mix, last_block, final_norm, final_eps, up, final_gate, last, out, nthreads, simd);
     const int64_t nq = H * Dh, nkv = G * Dh, per = H / G, S = P + 1;
     const float scaling = 1.0f / sqrtf((float)Dh);
     int failed = 0;

@@ -176,3 +176,30 @@ def test_decoding_in_c_follows_replaced_weights(monkeypatch):
         side.float()  # every weight in new storage
         torch.testing.assert_close(step(True), changed, atol=1e-5, rtol=1e-5)
     assert side.__dict__.get("_native_memo") is not None  # the C step ran
+
+
+def test_decoding_in_c_gives_the_same_bits_on_one_thread_and_a_team(monkeypatch):
+    """With fewer rows than threads the C step splits each product's outputs over the team
+    (one user decoding); every output is the same dot as on one thread, so the bits agree."""
+    bb = _tiny()
+    side = _side(bb)
+    with torch.no_grad():
+        side.up.weight.normal_(0, 0.1)
+    monkeypatch.setenv("LONGSIDE_DECODE", "c")
+    out = bb.encode(torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(4)), memory_layer=1)
+    threads = torch.get_num_threads()
+
+    def steps(n_threads: int) -> torch.Tensor:
+        torch.set_num_threads(n_threads)
+        try:
+            _, caches = side([h[:, :30] for h in out.hidden_states], None)
+            ys = []
+            for t in range(30, 40):
+                y, caches = side([h[:, t:t + 1] for h in out.hidden_states], None, start=t, caches=caches)
+                ys.append(y)
+            return torch.cat(ys, 1)
+        finally:
+            torch.set_num_threads(threads)
+
+    with torch.no_grad():
+        assert torch.equal(steps(1), steps(2))
