@@ -3,6 +3,8 @@ docs/results.md#generation-speed-native and the session-12 note).
 
     python experiments/decode_profile.py profile [MEMORY_TOKENS]  # cProfile of generate(): 33 tokens after a
                                                     # 128-token prompt (memory filled as bench generate --quick does)
+    python experiments/decode_profile.py phases [MEMORY_TOKENS]  # a token's phases timed in place (no profiler):
+                                                    # each C call, the Python around it, the memory reads
     python experiments/decode_profile.py products   # the 90 MLP products of SmolLM2's 30 blocks, in a tight loop,
                                                     # and the fixed cost of one call
     python experiments/decode_profile.py rows       # the same 90 products for 1, 2, 4 and 8 rows of x (a server's
@@ -54,6 +56,60 @@ def profile(memory_tokens: int = 0) -> None:
     prof = cProfile.Profile()
     prof.runcall(run, 33)
     pstats.Stats(prof).sort_stats("tottime").print_stats(40)
+
+
+def phases(memory_tokens: int = 0) -> None:
+    """Each phase of a decoded token, timed where it runs (a wrapper per function, no
+    profiler: cProfile's own cost per call hides the Python being measured): 65 tokens after a
+    128-token prompt of the held-out books, memory filled as `bench generate --quick` fills
+    it; per phase the mean of the middle half of its calls, in ms per token, three times."""
+    import collections
+
+    import longside.inference.window as window_mod
+    import longside.memory_bank.batch as batch_mod
+    from longside.backbone import decode_step
+    from longside.bench.generate import _longside_row, _texts
+
+    gen, extra = _longside_row("longside-native", memory_tokens, True)
+    model = gen.__closure__[0].cell_contents  # the row's model
+    ids, _ = _texts(max(memory_tokens, 4096) + 2048 + 128, extra["tokenizer"])
+    prompt = torch.tensor([ids[-128:]])
+    times, on = collections.defaultdict(list), [False]
+
+    def wrap(obj, name, label):
+        f = getattr(obj, name)
+
+        def timed(*a, **k):
+            if not on[0]:
+                return f(*a, **k)
+            t = time.perf_counter()
+            out = f(*a, **k)
+            times[label].append(time.perf_counter() - t)
+            return out
+        setattr(obj, name, timed)
+
+    wrap(window_mod.LocalWindow, "_step", "whole step")
+    wrap(model, "encode", "backbone (encode)")
+    wrap(decode_step, "_native_step", "  its C step, with set-up")
+    wrap(ggml_cpu, "llama_decode_step", "    the C call")
+    wrap(model.side, "forward", "side network")
+    wrap(ggml_cpu, "side_decode_layers", "  its C calls")
+    wrap(batch_mod.BatchMemory, "search", "  memory search")
+    wrap(model.side.reader, "forward", "  memory reader (with search)")
+    wrap(model, "search_tokens", "token cache search")
+    wrap(model, "output", "LM head and token-cache mix")
+    wrap(ggml_cpu, "gemv_f32", "  the LM head's product")
+    gen(prompt, 65)
+    for _ in range(3):
+        times.clear()
+        on[0] = True
+        gen(prompt, 65)
+        on[0] = False
+        print(f"{memory_tokens} tokens in memory, ms per decoded token:")
+        for label, ts in times.items():
+            ts = sorted(ts[1:] if label != "    the C call" else ts)  # the first step is the prompt's
+            mid = ts[len(ts) // 4: 3 * len(ts) // 4] or ts
+            print(f"  {label:34s} {sum(mid) / len(mid) * 1e3 * len(ts) / 64:6.2f}")
 
 
 def _mlp_weights(bb):
@@ -147,7 +203,7 @@ def compile_mlp() -> None:
 if __name__ == "__main__":
     torch.set_num_threads(2)
     mode = sys.argv[1] if len(sys.argv) > 1 else "profile"
-    if mode == "profile":
-        profile(int(sys.argv[2]) if len(sys.argv) > 2 else 0)
+    if mode in ("profile", "phases"):
+        (profile if mode == "profile" else phases)(int(sys.argv[2]) if len(sys.argv) > 2 else 0)
     else:
         {"products": products, "rows": rows, "compile": compile_mlp}[mode]()

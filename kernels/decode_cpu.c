@@ -220,6 +220,27 @@ enum {
     S_NEW_CAP = 17, SIDE_WORDS = 18
 };
 
+/* A side block's new position for row b: q [H*Dh] and k rotated, the cache's first P positions
+ * copied from the old buffers where the new ones are others, the new key/value (kv [2*G*Dh])
+ * written at position P. */
+static void side_cache_write(const int64_t *t, int64_t b, int64_t H, int64_t G, int64_t Dh, int64_t P, float *q,
+                             float *kv, const float *cos, const float *sin) {
+    const float *ko = (const float *)(intptr_t)t[S_KOLD], *vo = (const float *)(intptr_t)t[S_VOLD];
+    float *kn = (float *)(intptr_t)t[S_KNEW], *vn = (float *)(intptr_t)t[S_VNEW];
+    const int64_t oc = t[S_OLD_CAP], nc = t[S_NEW_CAP], nkv = G * Dh;
+    for (int64_t h = 0; h < H; h++) rotary(q + h * Dh, cos + b * Dh, sin + b * Dh, Dh);
+    for (int64_t gi = 0; gi < G; gi++) {
+        rotary(kv + gi * Dh, cos + b * Dh, sin + b * Dh, Dh);
+        const int64_t row = b * G + gi;
+        if (P && kn != ko) {
+            memcpy(kn + row * nc * Dh, ko + row * oc * Dh, sizeof(float) * P * Dh);
+            memcpy(vn + row * nc * Dh, vo + row * oc * Dh, sizeof(float) * P * Dh);
+        }
+        memcpy(kn + (row * nc + P) * Dh, kv + gi * Dh, sizeof(float) * Dh);
+        memcpy(vn + (row * nc + P) * Dh, kv + nkv + gi * Dh, sizeof(float) * Dh);
+    }
+}
+
 /* side_decode_layers for fewer rows than threads (one user decoding): the side weights are
  * ~9 MB of float32 a token, which one core reads at about half the speed two do, so the team
  * splits each product's output rows (every y[n] the same dot as the one-thread path, so the
@@ -264,22 +285,7 @@ static int side_rows_team(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H,
                 qkv[n] = dot(w, hn, s, simd);
             }
             #pragma omp single
-            {
-                const float *ko = (const float *)(intptr_t)t[S_KOLD], *vo = (const float *)(intptr_t)t[S_VOLD];
-                float *kn = (float *)(intptr_t)t[S_KNEW], *vn = (float *)(intptr_t)t[S_VNEW];
-                const int64_t oc = t[S_OLD_CAP], nc = t[S_NEW_CAP];
-                for (int64_t h = 0; h < H; h++) rotary(q + h * Dh, cos + b * Dh, sin + b * Dh, Dh);
-                for (int64_t gi = 0; gi < G; gi++) {
-                    rotary(kv + gi * Dh, cos + b * Dh, sin + b * Dh, Dh);
-                    const int64_t row = b * G + gi;
-                    if (P && kn != ko) {
-                        memcpy(kn + row * nc * Dh, ko + row * oc * Dh, sizeof(float) * P * Dh);
-                        memcpy(vn + row * nc * Dh, vo + row * oc * Dh, sizeof(float) * P * Dh);
-                    }
-                    memcpy(kn + (row * nc + P) * Dh, kv + gi * Dh, sizeof(float) * Dh);
-                    memcpy(vn + (row * nc + P) * Dh, kv + nkv + gi * Dh, sizeof(float) * Dh);
-                }
-            }
+            side_cache_write(t, b, H, G, Dh, P, q, kv, cos, sin);
             {
                 const float *kn = (const float *)(intptr_t)t[S_KNEW], *vn = (const float *)(intptr_t)t[S_VNEW];
                 const int64_t nc = t[S_NEW_CAP];
@@ -373,24 +379,13 @@ int side_decode_layers(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H, in
                         xb[i] = t[S_MIX] == 2 ? h[keep[i]] : keepw * h[keep[i]] + gj * xb[i];
                 }
                 if (!t[S_BLOCK] || (j == J - 1 && !last_block)) continue;
-                const float *ko = (const float *)(intptr_t)t[S_KOLD], *vo = (const float *)(intptr_t)t[S_VOLD];
-                float *kn = (float *)(intptr_t)t[S_KNEW], *vn = (float *)(intptr_t)t[S_VNEW];
-                const int64_t oc = t[S_OLD_CAP], nc = t[S_NEW_CAP];
+                const float *kn = (const float *)(intptr_t)t[S_KNEW], *vn = (const float *)(intptr_t)t[S_VNEW];
+                const int64_t nc = t[S_NEW_CAP];
                 side_norm(xb, (const float *)(intptr_t)t[S_ATTN_NORM], eps, s, hn);
                 matvec((const float *)(intptr_t)t[S_Q], hn, q, nq, s, simd);
                 matvec((const float *)(intptr_t)t[S_K], hn, kv, nkv, s, simd);
                 matvec((const float *)(intptr_t)t[S_V], hn, kv + nkv, nkv, s, simd);
-                for (int64_t h = 0; h < H; h++) rotary(q + h * Dh, cos + b * Dh, sin + b * Dh, Dh);
-                for (int64_t gi = 0; gi < G; gi++) {
-                    rotary(kv + gi * Dh, cos + b * Dh, sin + b * Dh, Dh);
-                    const int64_t row = b * G + gi;
-                    if (P && kn != ko) {
-                        memcpy(kn + row * nc * Dh, ko + row * oc * Dh, sizeof(float) * P * Dh);
-                        memcpy(vn + row * nc * Dh, vo + row * oc * Dh, sizeof(float) * P * Dh);
-                    }
-                    memcpy(kn + (row * nc + P) * Dh, kv + gi * Dh, sizeof(float) * Dh);
-                    memcpy(vn + (row * nc + P) * Dh, kv + nkv + gi * Dh, sizeof(float) * Dh);
-                }
+                side_cache_write(t, b, H, G, Dh, P, q, kv, cos, sin);
                 for (int64_t h = 0; h < H; h++) {
                     const int64_t row = b * G + h / per;
                     attend(q + h * Dh, kn + row * nc * Dh, vn + row * nc * Dh, S, Dh,
