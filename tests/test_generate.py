@@ -137,6 +137,26 @@ def test_decoding_in_c_grows_side_caches_in_place_and_forks_stay_apart(smollm2, 
         torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
 
 
+def test_window_grows_its_per_token_tensors_in_place(model):
+    """A token's ids, memory keys/values and token-cache keys are written into buffers with
+    room (no copy of the segment so far per token); a fork shares them until one grows, and
+    each then holds its own text."""
+    ids = ids_of(40)
+    window = LocalWindow(model, write_memory=False)
+    window.feed(ids[:, :5])
+    ptrs = [t.data_ptr() for t in (window.ids, window.keys, window.token_keys)]
+    for t in range(5, 30):
+        window.feed(ids[:, t:t + 1])
+    assert [t.data_ptr() for t in (window.ids, window.keys, window.token_keys)] == ptrs
+    assert torch.equal(window.ids, ids[:, :30])
+    fork = window.fork()
+    fork.feed(ids[:, 30:35])
+    window.feed(ids[:, 35:40])
+    assert torch.equal(fork.ids, ids[:, :35]) and torch.equal(window.ids, torch.cat([ids[:, :30], ids[:, 35:]], 1))
+    assert fork.keys.data_ptr() == ptrs[1] and window.keys.data_ptr() != ptrs[1]  # the fork grew first
+    torch.testing.assert_close(fork.keys[:, :30], window.keys[:, :30])
+
+
 def test_greedy_equals_transformers_generate_when_side_is_silent(smollm2):
     model = LongSideModel(smollm2, SideNetConfig(window=W, capacity_tokens=4096))  # up == 0: the backbone
     ids = smollm2.tokenizer("The capital of France is", return_tensors="pt").input_ids

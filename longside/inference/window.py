@@ -71,6 +71,7 @@ class LocalWindow:
         self.keys = torch.zeros(B, 0, spec.num_kv_heads, spec.head_dim, device=dev)
         self.values = torch.zeros_like(self.keys)
         self.token_keys = torch.zeros(B, 0, spec.hidden_size, device=dev) if self.model.config.token_cache else None
+        self._grown: dict[str, _Grown] = {}  # the buffers behind ids, keys, values, token_keys
         bm = self.memory.blocks if self.model.config.backbone_memory_layers else None
         self.backbone_segment = bm.segment() if bm is not None else None  # this window's own
 
@@ -104,6 +105,7 @@ class LocalWindow:
         twin = copy.copy(self)
         twin.cache = copy.deepcopy(self.cache)  # DynamicCache grows in place
         twin.side_caches = None if self.side_caches is None else list(self.side_caches)
+        twin._grown = dict(self._grown)  # shared buffers: whichever grows second copies
         if self.backbone_segment is not None:
             twin.backbone_segment = self.backbone_segment.fork()
         return twin
@@ -124,6 +126,23 @@ class LocalWindow:
                 self.flush()
         return torch.cat(outs, 1) if all_logits else outs[-1]
 
+    def _grow(self, name: str, now: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """`now [B, n, ...]` followed by `new [B, t, ...]` along dim 1, as a view of a buffer
+        with room to grow: a token writes its own columns instead of copying the segment so far
+        (`torch.cat` did, every token). A buffer shared with a fork grows in place for the first
+        of the two only (`_Grown.filled`); the other copies into a buffer of its own."""
+        n, t = now.shape[1], new.shape[1]
+        room = self._grown.get(name)
+        if room is None or room.filled != n or room.buf.shape[1] < n + t or room.buf.dtype != new.dtype \
+                or room.buf.shape[0] != now.shape[0] or room.buf.shape[2:] != now.shape[2:] \
+                or now.data_ptr() != room.buf.data_ptr():
+            buf = new.new_empty(now.shape[0], max(64, 2 * (n + t)), *now.shape[2:])
+            buf[:, :n] = now
+            room = self._grown[name] = _Grown(buf, n)
+        room.buf[:, n:n + t] = new
+        room.filled = n + t
+        return room.buf[:, :n + t]
+
     def _step(self, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
         """T new tokens that fit in the current segment -> logits `[B, T, V]` or `[B, V]`."""
         model, bb = self.model, self.model.backbone
@@ -134,9 +153,9 @@ class LocalWindow:
         out = model.encode(ids, self.use_memory, self.backbone_segment, memory, cache=self.cache, use_cache=True,
                            position_ids=position_ids)
         self.cache = out.cache
-        self.ids = torch.cat([self.ids, ids], 1)
-        self.keys = torch.cat([self.keys, out.memory_keys], 1)
-        self.values = torch.cat([self.values, out.memory_values], 1)
+        self.ids = self._grow("ids", self.ids, ids)
+        self.keys = self._grow("keys", self.keys, out.memory_keys)
+        self.values = self._grow("values", self.values, out.memory_values)
         # an empty memory adds exactly nothing (the reader's contribution is zero, no token
         # hits): skip the searches
         reads = self.use_memory and not memory.is_empty()
@@ -150,9 +169,18 @@ class LocalWindow:
         h, self.side_caches = model.side(out.hidden_states, mem, start=start, caches=self.side_caches)
         tok_keys = model.token_keys(out)
         if tok_keys is not None:
-            self.token_keys = torch.cat([self.token_keys, tok_keys], 1)
+            self.token_keys = self._grow("token_keys", self.token_keys, tok_keys)
         if not all_logits:
             h, tok_keys = h[:, -1:], None if tok_keys is None else tok_keys[:, -1:]
         hits = model.search_tokens(tok_keys, self.ids, memory) if reads else None
         logits = model.output(h, hits)
         return logits if all_logits else logits[:, -1]
+
+
+class _Grown:
+    """A buffer `[B, cap, ...]` behind one of `LocalWindow`'s per-token tensors, which views its
+    first columns. `filled`: the most columns any view was handed; only a view of exactly that
+    many may grow in place (a fork whose twin grew first must copy)."""
+
+    def __init__(self, buf: torch.Tensor, filled: int):
+        self.buf, self.filled = buf, filled
