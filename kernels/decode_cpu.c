@@ -216,35 +216,28 @@ static void side_norm(const float *x, const float *w, float eps, int64_t s, floa
 /* Per side layer, the caller's table of int64 words. */
 enum {
     S_STATE = 0, S_MIX = 1, S_BLOCK = 2, S_ATTN_NORM = 3, S_Q = 4, S_K = 5, S_V = 6, S_O = 7, S_MLP_NORM = 8,
-    S_GATE = 9, S_UP = 10, S_DOWN = 11, S_KOLD = 12, S_VOLD = 13, S_KNEW = 14, S_VNEW = 15, S_OLD_CAP = 16,
-    S_NEW_CAP = 17, SIDE_WORDS = 18
+    S_GATE = 9, S_UP = 10, S_DOWN = 11, S_KBUF = 12, S_VBUF = 13, S_CAP = 14, SIDE_WORDS = 15
 };
 
-/* A side block's new position for row b: q [H*Dh] and k rotated, the cache's first P positions
- * copied from the old buffers where the new ones are others, the new key/value (kv [2*G*Dh])
- * written at position P. */
+/* A side block's new position for row b: q [H*Dh] and k rotated, the new key/value
+ * (kv [2*G*Dh]) written at position P of the block's buffers. */
 static void side_cache_write(const int64_t *t, int64_t b, int64_t H, int64_t G, int64_t Dh, int64_t P, float *q,
                              float *kv, const float *cos, const float *sin) {
-    const float *ko = (const float *)(intptr_t)t[S_KOLD], *vo = (const float *)(intptr_t)t[S_VOLD];
-    float *kn = (float *)(intptr_t)t[S_KNEW], *vn = (float *)(intptr_t)t[S_VNEW];
-    const int64_t oc = t[S_OLD_CAP], nc = t[S_NEW_CAP], nkv = G * Dh;
+    float *kc = (float *)(intptr_t)t[S_KBUF], *vc = (float *)(intptr_t)t[S_VBUF];
+    const int64_t cap = t[S_CAP], nkv = G * Dh;
     for (int64_t h = 0; h < H; h++) rotary(q + h * Dh, cos + b * Dh, sin + b * Dh, Dh);
     for (int64_t gi = 0; gi < G; gi++) {
         rotary(kv + gi * Dh, cos + b * Dh, sin + b * Dh, Dh);
         const int64_t row = b * G + gi;
-        if (P && kn != ko) {
-            memcpy(kn + row * nc * Dh, ko + row * oc * Dh, sizeof(float) * P * Dh);
-            memcpy(vn + row * nc * Dh, vo + row * oc * Dh, sizeof(float) * P * Dh);
-        }
-        memcpy(kn + (row * nc + P) * Dh, kv + gi * Dh, sizeof(float) * Dh);
-        memcpy(vn + (row * nc + P) * Dh, kv + nkv + gi * Dh, sizeof(float) * Dh);
+        memcpy(kc + (row * cap + P) * Dh, kv + gi * Dh, sizeof(float) * Dh);
+        memcpy(vc + (row * cap + P) * Dh, kv + nkv + gi * Dh, sizeof(float) * Dh);
     }
 }
 
-/* side_decode_layers for fewer rows than threads (one user decoding): the side weights are
- * ~9 MB of float32 a token, which one core reads at about half the speed two do, so the team
- * splits each product's output rows (every y[n] the same dot as the one-thread path, so the
- * same bits) and one thread does the small steps between them. */
+/* side_decode_layers for fewer rows than threads (one user decoding): rows cannot be split
+ * over the threads, so the team splits each product's output rows and the attention's heads
+ * (every output the same dot as on the one-thread path, so the same bits) and one thread does
+ * the small steps between them. */
 static int side_rows_team(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H, int64_t G, int64_t Dh, int64_t F,
                           const int64_t *table, const float *gates, const int64_t *keep, float *x, const float *cos,
                           const float *sin, int64_t P, const uint8_t *key_mask, int64_t ldm, float eps, int first_mix,
@@ -287,8 +280,8 @@ static int side_rows_team(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H,
             #pragma omp single
             side_cache_write(t, b, H, G, Dh, P, q, kv, cos, sin);
             {
-                const float *kn = (const float *)(intptr_t)t[S_KNEW], *vn = (const float *)(intptr_t)t[S_VNEW];
-                const int64_t nc = t[S_NEW_CAP];
+                const float *kn = (const float *)(intptr_t)t[S_KBUF], *vn = (const float *)(intptr_t)t[S_VBUF];
+                const int64_t nc = t[S_CAP];
                 int me = 0;
 #ifdef _OPENMP
                 me = omp_get_thread_num();
@@ -334,10 +327,9 @@ static int side_rows_team(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H,
 /* Side layers for one new token per row. x [B, s] in/out. Layer j: S_MIX 2 sets x to the
  * backbone state's kept dimensions (state [B, d] rows, keep [s]), 1 mixes them in with
  * gates[j] ((1 - g) h + g x), 0 leaves x; S_BLOCK 1 runs the block: RMSNorm, rotary GQA
- * attention over the P cached keys/values (S_KOLD, S_VOLD: [B, G, S_OLD_CAP, Dh] buffers whose
- * first P positions are cached; may be absent when P = 0) and the new one, written with them
- * to S_KNEW, S_VNEW ([B, G, S_NEW_CAP, Dh], S_NEW_CAP > P), SwiGLU. Where the new buffers are
- * the old ones (a cache with room to grow) only position P is written. first_mix 0 skips
+ * attention over the P cached keys/values (S_KBUF, S_VBUF: [B, G, S_CAP, Dh] buffers whose
+ * first P positions are cached, S_CAP > P) and the new one, written at position P, SwiGLU.
+ * first_mix 0 skips
  * the first layer's mixing, last_block 0 the last layer's block (a call that stops at the
  * memory read, and the one after it). With final_norm, each row ends with the side
  * network's output: out [B, d] = last [B, d] + final_gate * (up [d, s] . RMSNorm(x)). */
@@ -379,8 +371,8 @@ int side_decode_layers(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H, in
                         xb[i] = t[S_MIX] == 2 ? h[keep[i]] : keepw * h[keep[i]] + gj * xb[i];
                 }
                 if (!t[S_BLOCK] || (j == J - 1 && !last_block)) continue;
-                const float *kn = (const float *)(intptr_t)t[S_KNEW], *vn = (const float *)(intptr_t)t[S_VNEW];
-                const int64_t nc = t[S_NEW_CAP];
+                const float *kn = (const float *)(intptr_t)t[S_KBUF], *vn = (const float *)(intptr_t)t[S_VBUF];
+                const int64_t nc = t[S_CAP];
                 side_norm(xb, (const float *)(intptr_t)t[S_ATTN_NORM], eps, s, hn);
                 matvec((const float *)(intptr_t)t[S_Q], hn, q, nq, s, simd);
                 matvec((const float *)(intptr_t)t[S_K], hn, kv, nkv, s, simd);

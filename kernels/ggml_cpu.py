@@ -115,8 +115,7 @@ DECODE_WORDS = {"attn_norm": 0, "qkv": 1, "o": 5, "ffn_norm": 9, "gate_up": 10, 
                 "cap": 20}
 DECODE_TABLE_WORDS = 21
 SIDE_WORDS = {"state": 0, "mix": 1, "block": 2, "attn_norm": 3, "q": 4, "k": 5, "v": 6, "o": 7, "mlp_norm": 8,
-              "gate": 9, "up": 10, "down": 11, "k_old": 12, "v_old": 13, "k_new": 14, "v_new": 15, "old_cap": 16,
-              "new_cap": 17}
+              "gate": 9, "up": 10, "down": 11, "kbuf": 12, "vbuf": 13, "cap": 14}
 
 
 def table_row(layout: dict[str, int], width: int, **words: int | list[int]) -> list[int]:

@@ -119,12 +119,12 @@ def test_decoding_in_c_grows_side_caches_in_place_and_forks_stay_apart(smollm2, 
         window = LocalWindow(model, write_memory=False)
         window.feed(prefix[:, :19])
         window.feed(prefix[:, 19:])  # one token: the side caches now view a buffer with room
-        assert not native or hasattr(window.side_caches[0], "room")
+        assert not native or hasattr(window.side_caches[0], "rooms")
         wins, outs, rooms = [window.fork(), window.fork(), window], [[], [], []], [{}, {}, {}]
         for t in range(90):
             for w, c, out, seen in zip(wins, conts, outs, rooms):
                 out.append(w.feed(c[:, t:t + 1]))
-                room = getattr(w.side_caches[0], "room", None)
+                room = getattr(w.side_caches[0], "rooms", (None,))[0]
                 seen[id(room)] = room  # held: an id is not reused while the test looks
         return [torch.cat(o) for o in outs], rooms
 

@@ -23,6 +23,7 @@ import torch
 from transformers import DynamicCache
 
 from longside.errors import LongsideError
+from longside.nn.growing import Room
 from longside.nn.memory_attention import memory_inputs
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ class LocalWindow:
         self.keys = torch.zeros(B, 0, spec.num_kv_heads, spec.head_dim, device=dev)
         self.values = torch.zeros_like(self.keys)
         self.token_keys = torch.zeros(B, 0, spec.hidden_size, device=dev) if self.model.config.token_cache else None
-        self._grown: dict[str, _Grown] = {}  # the buffers behind ids, keys, values, token_keys
+        self._grown: dict[str, Room] = {}  # the buffers behind ids, keys, values, token_keys
         bm = self.memory.blocks if self.model.config.backbone_memory_layers else None
         self.backbone_segment = bm.segment() if bm is not None else None  # this window's own
 
@@ -128,20 +129,12 @@ class LocalWindow:
 
     def _grow(self, name: str, now: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """`now [B, n, ...]` followed by `new [B, t, ...]` along dim 1, as a view of a buffer
-        with room to grow: a token writes its own columns instead of copying the segment so far
-        (`torch.cat` did, every token). A buffer shared with a fork grows in place for the first
-        of the two only (`_Grown.filled`); the other copies into a buffer of its own."""
+        with room (`Room`): a token writes its own columns instead of copying the segment so
+        far (`torch.cat` did, every token)."""
         n, t = now.shape[1], new.shape[1]
-        room = self._grown.get(name)
-        if room is None or room.filled != n or room.buf.shape[1] < n + t or room.buf.dtype != new.dtype \
-                or room.buf.shape[0] != now.shape[0] or room.buf.shape[2:] != now.shape[2:] \
-                or now.data_ptr() != room.buf.data_ptr():
-            buf = new.new_empty(now.shape[0], max(64, 2 * (n + t)), *now.shape[2:])
-            buf[:, :n] = now
-            room = self._grown[name] = _Grown(buf, n)
+        room = self._grown[name] = Room.grow(self._grown.get(name), now, t, 1)
         room.buf[:, n:n + t] = new
-        room.filled = n + t
-        return room.buf[:, :n + t]
+        return room.view(n + t)
 
     def _step(self, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
         """T new tokens that fit in the current segment -> logits `[B, T, V]` or `[B, V]`."""
@@ -175,12 +168,3 @@ class LocalWindow:
         hits = model.search_tokens(tok_keys, self.ids, memory) if reads else None
         logits = model.output(h, hits)
         return logits if all_logits else logits[:, -1]
-
-
-class _Grown:
-    """A buffer `[B, cap, ...]` behind one of `LocalWindow`'s per-token tensors, which views its
-    first columns. `filled`: the most columns any view was handed; only a view of exactly that
-    many may grow in place (a fork whose twin grew first must copy)."""
-
-    def __init__(self, buf: torch.Tensor, filled: int):
-        self.buf, self.filled = buf, filled

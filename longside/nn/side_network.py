@@ -26,6 +26,7 @@ from longside.config import SideNetConfig
 from longside.errors import CheckpointError
 from longside.kernels import ggml_cpu
 from longside.nn.attention import per_query
+from longside.nn.growing import Room
 from longside.nn.memory_attention import MemoryInputs, MemoryReader
 from longside.nn.token_cache import TokenCacheReader
 
@@ -272,7 +273,7 @@ class SideNetwork(nn.Module):
         B, hd, G = last.shape[0], blk0.head_dim, blk0.kv_heads
         P = None if caches[0] is None else caches[0][0].shape[2]
         if type(caches) is _RoomCaches and caches.continues(self._native_weights(), P) \
-                and caches.rooms[0].k.shape[0] == B and (key_mask is None or key_mask.shape[-1] == P + 1):
+                and caches.rooms[0][0].buf.shape[0] == B and (key_mask is None or key_mask.shape[-1] == P + 1):
             return True  # what the last step returned: checked when it was made
         for c in caches:
             if c is None or not all(t.dtype == torch.float32 and t.dim() == 4 and t.shape == (B, G, P, hd)
@@ -313,8 +314,8 @@ class SideNetwork(nn.Module):
                        sin: torch.Tensor, key_mask: torch.Tensor | None):
         """`forward` for one new token per row: the blocks before and after the memory read,
         each run in one C call (kernels/decode_cpu.c); the memory read stays in torch. The
-        returned caches view buffers with room to grow (`_RoomCache`), so the next step
-        writes one position in place instead of copying the whole cache."""
+        returned caches view buffers with room to grow (`Room`), so the next step writes one
+        position in place instead of copying the whole cache."""
         last = hidden_states[-1]
         B, s = last.shape[0], self.norm.weight.shape[0]
         blk0 = self.blocks[0]
@@ -325,28 +326,23 @@ class SideNetwork(nn.Module):
         w = ggml_cpu.SIDE_WORDS
         weights = self._native_weights()  # `_native_ok` built it
         states = [hidden_states[l].reshape(B, -1).contiguous() for l in self.layer_map]
-        copies = []  # keeps what the C call reads alive
-        reused = type(caches) is _RoomCaches and caches.continues(weights, P)
-        if reused:
+        if type(caches) is _RoomCaches and caches.continues(weights, P):
             # the caches this method returned last step, untouched since: every block grows
-            # in its own room, so only the states' words change
+            # in its own rooms, so only the states' words change
             table, rooms = caches.table, caches.rooms
             table[:, w["state"]] = torch.tensor([h.data_ptr() for h in states])
-            for room in rooms:
+            for room in (r for pair in rooms for r in pair):
                 room.filled = P + 1
         else:
             table, rooms, words = weights.clone(), [], []
             for h, c in zip(states, caches):
-                if not all(t.stride(3) == 1 and t.stride(2) == hd and t.stride(1) % hd == 0 and t.stride(1) >= P * hd
-                           and t.stride(0) == G * t.stride(1) for t in c):  # e.g. a prefill's [B, P, G, Dh] transposed
-                    c = tuple(t.contiguous() for t in c)
-                    copies.append(c)
-                room = _Room.append(c, P)
-                rooms.append(room)
-                words.append([h.data_ptr(), c[0].data_ptr(), c[1].data_ptr(), room.k.data_ptr(), room.v.data_ptr(),
-                              c[0].stride(1) // hd, room.k.shape[2]])
-            cols = [w[name] for name in ("state", "k_old", "v_old", "k_new", "v_new", "old_cap", "new_cap")]
-            table[:, cols] = torch.tensor(words, dtype=torch.int64)
+                pair = getattr(c, "rooms", (None, None))
+                kr, vr = (Room.grow(r, t, 1, 2) for r, t in zip(pair, c))
+                if kr.buf.shape[2] != vr.buf.shape[2]:  # one of the two was replaced: the C step takes one capacity
+                    kr, vr = (Room.grow(None, t, 1, 2) for t in c)
+                rooms.append((kr, vr))
+                words.append([h.data_ptr(), kr.buf.data_ptr(), vr.buf.data_ptr(), kr.buf.shape[2]])
+            table[:, [w[name] for name in ("state", "kbuf", "vbuf", "cap")]] = torch.tensor(words, dtype=torch.int64)
         gates = torch.sigmoid(self.gates.detach()).float().contiguous()
         x = last.new_empty(B, s)
         mi = self.memory_index
@@ -363,59 +359,30 @@ class SideNetwork(nn.Module):
                  last.reshape(B, -1).contiguous(), out)
         ggml_cpu.side_decode_layers(table[mi:], gates[mi:].contiguous(), keep, x, cos, sin, P, mask, eps, dims,
                                     first_mix=False, final=final)
-        if not reused:  # from the next step on, each block's old and new buffers are its room
-            for name, col in (("k_old", "k_new"), ("v_old", "v_new"), ("old_cap", "new_cap")):
-                table[:, w[name]] = table[:, w[col]]
         return out, _RoomCaches(table, rooms, weights, P + 1)
 
 
-class _Room:
-    """Buffers `k, v [B, G, cap, Dh]` float32 behind side-block caches that view their first
-    positions. `filled`: the most positions any view was handed; a cache that views exactly
-    that many may grow in place, a shorter one (a fork whose twin grew first) may not."""
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, filled: int):
-        self.k, self.v, self.filled = k, v, filled
-
-    @classmethod
-    def append(cls, cache: tuple[torch.Tensor, torch.Tensor], P: int) -> "_Room":
-        """The room a block's next position goes to: the cache's own where it can grow in
-        place, else a new one (its first P positions are then copied by the C step)."""
-        room = getattr(cache, "room", None)
-        k = cache[0]
-        if room is None or room.filled != P or room.k.shape[2] <= P or room.k.shape[:2] != k.shape[:2] \
-                or k.data_ptr() != room.k.data_ptr() or cache[1].data_ptr() != room.v.data_ptr():
-            B, G, _, hd = k.shape
-            cap = max(64, 2 * (P + 1))
-            room = cls(k.new_empty(B, G, cap, hd), k.new_empty(B, G, cap, hd), P)
-        room.filled = P + 1
-        return room
-
-    def view(self, n: int) -> "_RoomCache":
-        cache = _RoomCache((self.k[:, :, :n], self.v[:, :, :n]))
-        cache.room = self
-        return cache
-
-
 class _RoomCache(tuple):
-    """A side block's cache `(keys, values)` `[B, G, n, Dh]` that views a `_Room`."""
+    """A side block's cache `(keys, values)` `[B, G, n, Dh]`, views of its two `Room`s."""
 
 
 class _RoomCaches(list):
     """The caches `_decode_native` returns (one `_RoomCache` per block), with the C table of
-    the step that made them (its cache words already naming each block's room as both old and
-    new buffers), so the next step can reuse it."""
+    the step that made them (its cache words naming each block's rooms), so the next step can
+    reuse it."""
 
-    def __init__(self, table: torch.Tensor, rooms: list[_Room], weights: torch.Tensor, n: int):
-        super().__init__(room.view(n) for room in rooms)
+    def __init__(self, table: torch.Tensor, rooms: list[tuple[Room, Room]], weights: torch.Tensor, n: int):
+        super().__init__(_RoomCache((k.view(n), v.view(n))) for k, v in rooms)
+        for cache, pair in zip(self, rooms):
+            cache.rooms = pair
         self.table, self.rooms, self.weights, self.views = table, rooms, weights, tuple(self)
 
     def continues(self, weights: torch.Tensor, P: int) -> bool:
         """True where the next step can reuse the table: the same weights, no cache replaced
-        in this list, and every room grown by no one else and with room for one more."""
+        in this list, and every room grown by no one else and with space for one more."""
         return self.weights is weights and len(self) == len(self.views) \
             and all(a is b for a, b in zip(self, self.views)) \
-            and all(r.filled == P and r.k.shape[2] > P for r in self.rooms)
+            and all(r.filled == P and r.buf.shape[2] > P for pair in self.rooms for r in pair)
 
 
 # -- helpers ---------------------------------------------------------------------------
