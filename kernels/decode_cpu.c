@@ -104,10 +104,10 @@ static void axpy(float p, const float *x, float *y, int64_t D, int simd) {
     for (int64_t i = 0; i < D; i++) y[i] += p * x[i];
 }
 
-/* One query head against S cached keys/values of its group: out [D]. The sums over keys run
+/* One query head against S cached keys/values of its group: out [D] (AVX2 or plain loops). The sums over keys run
  * in key order, one at a time, so a row's result does not depend on how many masked columns
  * (another row's padding) come before its keys. */
-static void attend(const float *q, const float *k, const float *v, int64_t S, int64_t D, const uint8_t *mask,
+static void attend_portable(const float *q, const float *k, const float *v, int64_t S, int64_t D, const uint8_t *mask,
                    float scaling, float *scores, float *out, int simd) {
     float mx = -INFINITY;
     for (int64_t s = 0; s < S; s++) {
@@ -129,6 +129,103 @@ static void attend(const float *q, const float *k, const float *v, int64_t S, in
         if (scores[s] != 0.0f) axpy(scores[s] * inv, v + s * D, out, D, simd);
 }
 
+#ifdef __x86_64__
+#define AVX512 __attribute__((target("avx512f,avx2,fma")))
+
+/* exp(x), x <= 88.7, to about 1 ulp: x = n ln2 + r, |r| <= ln2/2, exp(r) by Cephes' expf
+ * polynomial, times 2^n (vscalefps; large negative x gives 0). */
+AVX512 static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-103.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* y[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u, i < n */
+AVX512 static void swiglu512(const float *g, const float *u, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        const __m512 gv = _mm512_maskz_loadu_ps(m, g + i);
+        const __m512 e = exp512(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv), _mm512_set1_ps(88.0f)));
+        const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+        _mm512_mask_storeu_ps(y + i, m, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, u + i)));
+    }
+}
+
+/* attend for D a multiple of 16 up to 128: the real keys (by the mask) are listed first, so
+ * scores, exponentials and sums run over them alone, in key order, and a row's result does not
+ * depend on how many masked columns come before its keys; the output stays in registers.
+ * scores: 2 S floats of scratch (the second half holds the real keys' columns). */
+AVX512 static void attend512(const float *q, const float *k, const float *v, int64_t S, int64_t D,
+                             const uint8_t *mask, float scaling, float *scores, float *out) {
+    int32_t *col = (int32_t *)(scores + S);
+    int64_t nr = 0;
+    for (int64_t s = 0; s < S; s++)
+        if (!mask || mask[s]) col[nr++] = (int32_t)s;
+    const int C = (int)(D / 16);
+    __m512 qv[8], o[8];
+    for (int c = 0; c < C; c++) qv[c] = _mm512_loadu_ps(q + 16 * c);
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < nr; i++) {
+        const float *ks = k + (int64_t)col[i] * D;
+        __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(ks));
+        for (int c = 1; c < C; c++) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(ks + 16 * c), acc);
+        const float sc = _mm512_reduce_add_ps(acc) * scaling;
+        scores[i] = sc;
+        mx = sc > mx ? sc : mx;
+    }
+    __m512 sum = _mm512_setzero_ps();
+    const __m512 mxv = _mm512_set1_ps(mx);
+    for (int64_t i = 0; i < nr; i += 16) {
+        const __mmask16 m = nr - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nr - i)) - 1);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + i), mxv));
+        _mm512_mask_storeu_ps(scores + i, m, e);
+        sum = _mm512_mask_add_ps(sum, m, sum, e);
+    }
+    const float inv = 1.0f / _mm512_reduce_add_ps(sum);
+    for (int c = 0; c < C; c++) o[c] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < nr; i++) {
+        const __m512 pv = _mm512_set1_ps(scores[i] * inv);
+        const float *vs = v + (int64_t)col[i] * D;
+        for (int c = 0; c < C; c++) o[c] = _mm512_fmadd_ps(pv, _mm512_loadu_ps(vs + 16 * c), o[c]);
+    }
+    for (int c = 0; c < C; c++) _mm512_storeu_ps(out + 16 * c, o[c]);
+}
+#endif
+
+/* One query head against S cached keys/values: out [D]. isa 3 (AVX-512) takes attend512 where
+ * D allows; scores: 2 S floats of scratch. */
+static void attend(const float *q, const float *k, const float *v, int64_t S, int64_t D, const uint8_t *mask,
+                   float scaling, float *scores, float *out, int isa) {
+#ifdef __x86_64__
+    if (isa == 3 && D % 16 == 0 && D <= 128) {
+        attend512(q, k, v, S, D, mask, scaling, scores, out);
+        return;
+    }
+#endif
+    attend_portable(q, k, v, S, D, mask, scaling, scores, out, isa > 0);
+}
+
+/* y[i] = silu(g[i]) * u[i] */
+static void swiglu(const float *g, const float *u, float *y, int64_t n, int isa) {
+#ifdef __x86_64__
+    if (isa == 3) {
+        swiglu512(g, u, y, n);
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < n; i++) y[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
 /* Returns 0, or -1 when a scratch allocation failed (nothing was written to the caches). */
 int llama_decode_step(int64_t L, int64_t B, int64_t d, int64_t H, int64_t G, int64_t D, int64_t F,
                       const int64_t *table, float *hidden, const float *cos, const float *sin, int64_t n,
@@ -142,7 +239,7 @@ int llama_decode_step(int64_t L, int64_t B, int64_t d, int64_t H, int64_t G, int
     float *gu = (float *)malloc(sizeof(float) * B * 2 * F);
     float *y = (float *)malloc(sizeof(float) * B * d);
     int nt = nthreads < 1 ? 1 : nthreads;
-    float *scores = (float *)malloc(sizeof(float) * nt * S);
+    float *scores = (float *)malloc(sizeof(float) * nt * 2 * S);
     if (!x || !qkv || !att || !gu || !y || !scores) {
         free(x), free(qkv), free(att), free(gu), free(y), free(scores);
         return -1;
@@ -180,17 +277,14 @@ int llama_decode_step(int64_t L, int64_t B, int64_t d, int64_t H, int64_t G, int
             me = omp_get_thread_num();
 #endif
             attend(qkv + b * nqkv + j * D, kc + (b * G + g) * cap * D, vc + (b * G + g) * cap * D, S, D,
-                   key_mask ? key_mask + b * ldm : NULL, scaling, scores + me * S, att + b * nq + j * D, simd);
+                   key_mask ? key_mask + b * ldm : NULL, scaling, scores + me * 2 * S, att + b * nq + j * D, isa);
         }
         if (l == mem_layer) memcpy(ma, att, sizeof(float) * B * nq);
         product(t + E_O, att, B, y, d, nq, nthreads, isa);
         for (int64_t i = 0; i < B * d; i++) out[i] = h[i] + y[i];
         for (int64_t b = 0; b < B; b++) rms_norm(out + b * d, ffn_norm, eps, d, x + b * d);
         product(t + E_GATE_UP, x, B, gu, 2 * F, d, nthreads, isa);
-        for (int64_t b = 0; b < B; b++) {
-            const float *gate = gu + b * 2 * F, *up = gate + F;
-            for (int64_t i = 0; i < F; i++) x[b * F + i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
-        }
+        for (int64_t b = 0; b < B; b++) swiglu(gu + b * 2 * F, gu + b * 2 * F + F, x + b * F, F, isa);
         product(t + E_DOWN, x, B, y, d, F, nthreads, isa);
         for (int64_t i = 0; i < B * d; i++) out[i] += y[i];
     }
@@ -242,12 +336,13 @@ static int side_rows_team(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H,
                           const int64_t *table, const float *gates, const int64_t *keep, float *x, const float *cos,
                           const float *sin, int64_t P, const uint8_t *key_mask, int64_t ldm, float eps, int first_mix,
                           int last_block, const float *final_norm, float final_eps, const float *up,
-                          float final_gate, const float *last, float *out, int nt, int simd) {
+                          float final_gate, const float *last, float *out, int nt, int isa) {
+    const int simd = isa > 0;
     const int64_t nq = H * Dh, nkv = G * Dh, per = H / G, S = P + 1;
     const float scaling = 1.0f / sqrtf((float)Dh);
     float *hn = (float *)malloc(sizeof(float) * (s > F ? s : F)), *qkv = (float *)malloc(sizeof(float) * (nq + 2 * nkv));
     float *att = (float *)malloc(sizeof(float) * nq), *y = (float *)malloc(sizeof(float) * s);
-    float *g = (float *)malloc(sizeof(float) * 2 * F), *scores = (float *)malloc(sizeof(float) * S * nt);
+    float *g = (float *)malloc(sizeof(float) * 2 * F), *scores = (float *)malloc(sizeof(float) * 2 * S * nt);
     if (!hn || !qkv || !att || !y || !g || !scores) {
         free(hn), free(qkv), free(att), free(y), free(g), free(scores);
         return -1;
@@ -286,12 +381,12 @@ static int side_rows_team(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H,
 #ifdef _OPENMP
                 me = omp_get_thread_num();
 #endif
-                float *sc = scores + (int64_t)me * S;
+                float *sc = scores + (int64_t)me * 2 * S;
                 #pragma omp for schedule(static)
                 for (int64_t h = 0; h < H; h++) {
                     const int64_t row = b * G + h / per;
                     attend(q + h * Dh, kn + row * nc * Dh, vn + row * nc * Dh, S, Dh,
-                           key_mask ? key_mask + b * ldm : NULL, scaling, sc, att + h * Dh, simd);
+                           key_mask ? key_mask + b * ldm : NULL, scaling, sc, att + h * Dh, isa);
                 }
             }
             const float *wo = (const float *)(intptr_t)t[S_O];
@@ -306,7 +401,7 @@ static int side_rows_team(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H,
             #pragma omp for schedule(static)
             for (int64_t n = 0; n < 2 * F; n++) g[n] = dot(n < F ? wg + n * s : wu + (n - F) * s, hn, s, simd);
             #pragma omp single
-            for (int64_t i = 0; i < F; i++) hn[i] = g[i] / (1.0f + expf(-g[i])) * g[F + i];
+            swiglu(g, g + F, hn, F, isa);
             const float *wd = (const float *)(intptr_t)t[S_DOWN];
             #pragma omp for schedule(static)
             for (int64_t n = 0; n < s; n++) y[n] = dot(wd + n * F, hn, F, simd);
@@ -341,7 +436,7 @@ int side_decode_layers(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H, in
     const int simd = isa > 0;
     if (B < nthreads)
         return side_rows_team(J, B, d, s, H, G, Dh, F, table, gates, keep, x, cos, sin, P, key_mask, ldm, eps,
-                              first_mix, last_block, final_norm, final_eps, up, final_gate, last, out, nthreads, simd);
+                              first_mix, last_block, final_norm, final_eps, up, final_gate, last, out, nthreads, isa);
     const int64_t nq = H * Dh, nkv = G * Dh, per = H / G, S = P + 1;
     const float scaling = 1.0f / sqrtf((float)Dh);
     int failed = 0;
@@ -352,7 +447,7 @@ int side_decode_layers(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H, in
         float *hn = (float *)malloc(sizeof(float) * (s > F ? s : F)), *q = (float *)malloc(sizeof(float) * nq);
         float *kv = (float *)malloc(sizeof(float) * 2 * nkv), *att = (float *)malloc(sizeof(float) * nq);
         float *y = (float *)malloc(sizeof(float) * s), *g = (float *)malloc(sizeof(float) * 2 * F);
-        float *scores = (float *)malloc(sizeof(float) * S);
+        float *scores = (float *)malloc(sizeof(float) * 2 * S);
         if (!hn || !q || !kv || !att || !y || !g || !scores) {
             #pragma omp atomic write
             failed = 1;
@@ -381,14 +476,14 @@ int side_decode_layers(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H, in
                 for (int64_t h = 0; h < H; h++) {
                     const int64_t row = b * G + h / per;
                     attend(q + h * Dh, kn + row * nc * Dh, vn + row * nc * Dh, S, Dh,
-                           key_mask ? key_mask + b * ldm : NULL, scaling, scores, att + h * Dh, simd);
+                           key_mask ? key_mask + b * ldm : NULL, scaling, scores, att + h * Dh, isa);
                 }
                 matvec((const float *)(intptr_t)t[S_O], att, y, s, nq, simd);
                 for (int64_t i = 0; i < s; i++) xb[i] += y[i];
                 side_norm(xb, (const float *)(intptr_t)t[S_MLP_NORM], eps, s, hn);
                 matvec((const float *)(intptr_t)t[S_GATE], hn, g, F, s, simd);
                 matvec((const float *)(intptr_t)t[S_UP], hn, g + F, F, s, simd);
-                for (int64_t i = 0; i < F; i++) hn[i] = g[i] / (1.0f + expf(-g[i])) * g[F + i];
+                swiglu(g, g + F, hn, F, isa);
                 matvec((const float *)(intptr_t)t[S_DOWN], hn, y, s, F, simd);
                 for (int64_t i = 0; i < s; i++) xb[i] += y[i];
             }
