@@ -83,6 +83,29 @@ def test_rows_of_different_lengths_step_like_their_own_windows(model):
     torch.testing.assert_close(back.feed(t), refs[0].feed(t), atol=2e-4, rtol=1e-4)
 
 
+def test_rows_grow_their_per_token_tensors_in_place(model):
+    """A step writes each row's new id, memory keys/values and token-cache key into buffers
+    with room (no copy of every row's columns so far per step); a row leaving makes new ones."""
+    pairs = [_window(model, t, n) for t, n in zip(TEXTS[:2], (3, 6))]
+    ragged = RaggedWindows(model)
+    for win, _ in pairs:
+        ragged.join(win)
+    steps = torch.randint(0, 2000, (12, 2), generator=torch.Generator().manual_seed(5))
+    ragged.step(steps[0])
+    held = lambda: [t.data_ptr() for t in (ragged.ids, ragged.keys, ragged.values, ragged.token_keys)]  # noqa: E731
+    ptrs = held()
+    for ids in steps[1:]:
+        ragged.step(ids)
+    assert held() == ptrs
+    assert torch.equal(ragged.ids[:, -12:], steps.t())
+    for (_, ref), row in zip(pairs, steps.t()):
+        ref.feed(row[None])
+    back = ragged.leave(0)
+    torch.testing.assert_close(back.keys, pairs[0][1].keys, atol=2e-4, rtol=1e-4)
+    assert held()[0] != ptrs[0]  # the remaining row's columns were selected into new tensors
+    torch.testing.assert_close(ragged.token_keys[:, -pairs[1][1].n:], pairs[1][1].token_keys, atol=2e-4, rtol=1e-4)
+
+
 def test_rows_read_prompts_of_different_lengths_together(model):
     """`feed`: each row its own number of tokens at once (rows mid-segment, one empty; some
     cross one or two segment boundaries), then decoding goes on, all as the rows' own windows."""
