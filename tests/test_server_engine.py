@@ -26,16 +26,20 @@ def model(smollm2):
     return load_model(backbone=smollm2)[0]
 
 
-def _serve(model, root, arrive: str) -> tuple[dict, dict, list]:
+def _serve(model, root, arrive: str, warm: bool = False) -> tuple[dict, dict, list]:
     """arrive: "waiting" (all queued before the engine starts), "while reading" (the others
     sent while an idle engine reads the first one's user from disk), "one by one" (each
-    after the previous answer)."""
+    after the previous answer). warm: `Engine.warm_up` first, as `longside serve` does."""
     store = UserStore(model, root)
     for user, text in NOTES.items():
         store.session(user).memorize(text, progress=False)
         store.save(user)
         store.unload(user)  # read back from disk at the turn, as after a restart
     engine = Engine(model, store)
+    if warm:
+        before = sorted(p.name for p in root.iterdir())
+        assert engine.warm_up() > 0
+        assert sorted(p.name for p in root.iterdir()) == before and store.resident() == []
     replies, ends = {u: [] for u in NOTES}, []
     jobs = []
     for user in NOTES:
@@ -90,6 +94,13 @@ def test_prompts_read_together_answer_as_alone(model, tmp_path):
     assert all(e["usage"]["completion_tokens"] == 8 for e in ends)
     assert together == alone
     assert len(set(together.values())) == len(NOTES)  # three users, three different replies
+
+
+def test_warming_up_stores_nothing_and_changes_no_reply(model, tmp_path):
+    warmed, _, ends = _serve(model, tmp_path / "warmed", "waiting", warm=True)
+    cold, _, _ = _serve(model, tmp_path / "cold", "waiting")
+    assert [e["type"] for e in ends] == ["done"] * len(NOTES)
+    assert warmed == cold
 
 
 def test_requests_arriving_while_the_first_user_is_read_start_with_it(model, tmp_path):

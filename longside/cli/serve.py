@@ -84,6 +84,8 @@ def main(argv: list[str]) -> int:
     print(f"longside serve: {info['note']}", file=sys.stderr)
     store = UserStore(model, store_dir, max_resident_bytes=int(args.max_resident_gb * (1 << 30)))
     engine = Engine(model, store, max_batch=args.max_batch)
+    warm = engine.warm_up()  # the first user's request would pay this; here, before listening
+    print(f"longside serve: warmed up in {warm:.1f} s", file=sys.stderr)
     model_id = f"longside-{model.backbone.name}"
     app = make_app(engine, model_id, keys, max_body_bytes=int(args.max_body_mb * (1 << 20)),
                    default_max_tokens=args.max_tokens)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -117,6 +118,37 @@ class Engine:
         self.steps = 0  # batch steps taken (and rows stepped): for the bench
         self.rows_stepped = 0
         self.prompts_together = 0  # chat prompts read together with others
+
+    def warm_up(self) -> float:
+        """Run what a first request would otherwise pay for once (kernel tables, fused
+        weights, thread pools, the chat template, a memory's search structures) on two
+        throwaway sessions with a small memory of their own; nothing is stored. Call it on the
+        thread that will run the engine (OpenMP keeps its worker pool per calling thread).
+        Returns the seconds it took."""
+        from longside.inference.chat import ChatSession
+        from longside.memory import Memory
+
+        t = time.perf_counter()
+        model = self.model
+        tok = model.backbone.tokenizer
+        text = "The keeper of the lighthouse wrote down every ship that passed the rock. " * 8
+        sessions = []
+        for _ in range(2):
+            memory = Memory(model.backbone, model.config, 1)
+            memory.write_ids(tokenize(tok, text))
+            sessions.append(ChatSession(model, memory=memory))
+        prompts = [s.begin([{"role": "user", "content": f"Which ship passed {n}?"}]) for n, s in enumerate(sessions)]
+        logits = sessions[0].window.feed(prompts[0])  # one prompt alone, as a lone user's
+        batch = RaggedWindows(model)
+        batch.join(sessions[1].window)
+        batch.feed([prompts[1][0]])  # prompts read together, then steps of a batch of two
+        batch.join(sessions[0].window)
+        cfg, generator = GenerationConfig(), make_generator(0)
+        ids = torch.cat([logits.argmax(-1)] * 2)
+        for _ in range(3):
+            ids = next_token(batch.step(ids), None, cfg, generator)
+        TextPieces(tok, cfg.stops()).push(int(ids[0]))
+        return time.perf_counter() - t
 
     # -- control, from any thread ------------------------------------------------------
     def start(self) -> "Engine":
