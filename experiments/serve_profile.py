@@ -19,6 +19,9 @@
     python experiments/serve_profile.py engine    # the server's Engine in-process (no HTTP): 8 users'
                                                   # 64-token turns one after another, then at once,
                                                   # each mode from the same stored users (as the bench)
+    python experiments/serve_profile.py first     # the first chat turns of a fresh engine process (users
+                                                  # with ~15k tokens of memory, read from disk), without
+                                                  # and with Engine.warm_up, three fresh processes each
 
 Timings are means over many calls on a shared 2-core machine: compare within one run.
 """
@@ -419,5 +422,62 @@ def engine() -> None:
     eng.run()  # the model on the main thread, as `longside serve` runs it
 
 
+def first() -> None:
+    """A store of three users who memorized ~15k tokens each, made once; then fresh processes
+    (`first_turns`), alternately cold and warmed up, each answering the users' first turns one
+    after another."""
+    import subprocess
+
+    root = Path(tempfile.mkdtemp())
+    model, _ = load_model()
+    store = UserStore(model, root / "store")
+    text = _book(60000)
+    for i in range(3):
+        store.session(f"u{i}").memorize(text[i * 1000:], progress=False)
+        store.save(f"u{i}")
+    del model, store
+    for i in range(6):
+        mode = ("cold", "warm")[i % 2]
+        shutil.rmtree(root / "copy", ignore_errors=True)
+        shutil.copytree(root / "store", root / "copy")
+        out = subprocess.run([sys.executable, __file__, "first_turns", mode, str(root / "copy")],
+                             capture_output=True, text=True, check=True)
+        print(out.stdout.strip(), flush=True)
+
+
+def first_turns(mode: str, store_dir: str) -> None:
+    torch.set_num_threads(2)
+    model, _ = load_model()
+    eng = Engine(model, UserStore(model, Path(store_dir)))
+    warm = eng.warm_up() if mode == "warm" else 0.0
+    times = []
+
+    def client():
+        cfg = GenerationConfig(max_new_tokens=4)
+        for i in range(3):
+            done, first = threading.Event(), []
+            t0 = time.perf_counter()
+
+            def emit(e, first=first, done=done, t0=t0):
+                if e["type"] == "text" and not first:
+                    first.append(time.perf_counter() - t0)
+                if e["type"] in ("done", "error"):
+                    done.set()
+            eng.submit(Job("chat", f"u{i}", emit=emit, messages=[{"role": "user", "content": PROMPT}], config=cfg,
+                           ignore_eos=True))
+            done.wait()
+            times.append(first[0])
+        eng.stop()
+
+    threading.Thread(target=client, daemon=True).start()
+    eng.run()  # the model on the main thread, as `longside serve` runs it
+    print(f"{mode:4s} (warm-up {warm:.2f} s): time to first token of users 1, 2, 3: "
+          f"{', '.join(f'{t:.3f}' for t in times)} s", flush=True)
+    os._exit(0)  # the engine's reader thread would abort a normal interpreter exit
+
+
 if __name__ == "__main__":
-    {"threads": threads, "products": products, "steps": steps, "long": long_windows, "read": read, "reader": reader, "search": search, "agree": agree, "prefill": prefill, "engine": engine}[sys.argv[1] if len(sys.argv) > 1 else "threads"]()
+    if len(sys.argv) > 1 and sys.argv[1] == "first_turns":
+        first_turns(sys.argv[2], sys.argv[3])
+        raise SystemExit(0)
+    {"threads": threads, "products": products, "steps": steps, "long": long_windows, "read": read, "reader": reader, "search": search, "agree": agree, "prefill": prefill, "engine": engine, "first": first}[sys.argv[1] if len(sys.argv) > 1 else "threads"]()
