@@ -104,9 +104,9 @@ static void axpy(float p, const float *x, float *y, int64_t D, int simd) {
     for (int64_t i = 0; i < D; i++) y[i] += p * x[i];
 }
 
-/* One query head against S cached keys/values of its group: out [D] (AVX2 or plain loops). The sums over keys run
- * in key order, one at a time, so a row's result does not depend on how many masked columns
- * (another row's padding) come before its keys. */
+/* One query head against S cached keys/values of its group: out [D] (AVX2 or plain loops).
+ * The sums over keys run in key order, one at a time, so a row's result does not depend on how
+ * many masked columns (another row's padding) come before its keys. */
 static void attend_portable(const float *q, const float *k, const float *v, int64_t S, int64_t D, const uint8_t *mask,
                    float scaling, float *scores, float *out, int simd) {
     float mx = -INFINITY;
@@ -132,7 +132,7 @@ static void attend_portable(const float *q, const float *k, const float *v, int6
 #ifdef __x86_64__
 #define AVX512 __attribute__((target("avx512f,avx2,fma")))
 
-/* exp(x), x <= 88.7, to about 1 ulp: x = n ln2 + r, |r| <= ln2/2, exp(r) by Cephes' expf
+/* exp(x), x <= 88.7, within ~2 ulp: x = n ln2 + r, |r| <= ln2/2, exp(r) by Cephes' expf
  * polynomial, times 2^n (vscalefps; large negative x gives 0). */
 AVX512 static inline __m512 exp512(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-103.0f));

@@ -141,7 +141,7 @@ class Engine:
         logits = sessions[0].window.feed(prompts[0])  # one prompt alone, as a lone user's
         batch = RaggedWindows(model)
         batch.join(sessions[1].window)
-        batch.feed([prompts[1][0]])  # prompts read together, then steps of a batch of two
+        batch.feed([prompts[1][0]])  # a prompt on the batch path (prompts read together), then two rows step
         batch.join(sessions[0].window)
         cfg, generator = GenerationConfig(), make_generator(0)
         ids = torch.cat([logits.argmax(-1)] * 2)
