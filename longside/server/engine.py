@@ -36,13 +36,15 @@ import torch
 
 from longside.backbone import tokenize
 from longside.errors import LongsideError
+from longside.inference.chat import ChatSession
 from longside.inference.generate import eos_ids
 from longside.inference.ragged import RaggedWindows
 from longside.inference.sampling import GenerationConfig, TextPieces, make_generator, next_token
+from longside.memory import Memory
 from longside.server.store import UserStore, now
 
 if TYPE_CHECKING:
-    from longside.inference.chat import ChatSession, SavedSession
+    from longside.inference.chat import SavedSession
     from longside.model import LongSideModel
 
 log = logging.getLogger("longside.server")
@@ -125,9 +127,6 @@ class Engine:
         throwaway sessions with a small memory of their own; nothing is stored. Call it on the
         thread that will run the engine (OpenMP keeps its worker pool per calling thread).
         Returns the seconds it took."""
-        from longside.inference.chat import ChatSession
-        from longside.memory import Memory
-
         t = time.perf_counter()
         model = self.model
         tok = model.backbone.tokenizer
