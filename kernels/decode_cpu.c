@@ -232,7 +232,6 @@ int llama_decode_step(int64_t L, int64_t B, int64_t d, int64_t H, int64_t G, int
                       const uint8_t *key_mask, int64_t ldm, float eps, float scaling, int64_t mem_layer,
                       float *mq, float *mk, float *mv, float *ma, int nthreads, int isa) {
     const int64_t nq = H * D, nkv = G * D, nqkv = nq + 2 * nkv, S = n + 1, per = H / G;
-    const int simd = isa > 0;
     float *x = (float *)malloc(sizeof(float) * B * (d > F ? d : F));
     float *qkv = (float *)malloc(sizeof(float) * B * nqkv);
     float *att = (float *)malloc(sizeof(float) * B * nq);

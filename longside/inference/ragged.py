@@ -39,7 +39,7 @@ from longside.backbone.decode_step import llama_step
 from longside.errors import LongsideError
 from longside.inference.window import LocalWindow
 from longside.memory import Memory
-from longside.nn.growing import Room
+from longside.nn.growing import Room, append
 from longside.nn.memory_attention import memory_inputs
 
 if TYPE_CHECKING:
@@ -143,6 +143,7 @@ class RaggedWindows:
         self.values = torch.zeros_like(self.keys)
         self.token_keys = torch.zeros(0, 0, spec.hidden_size, device=dev) if self.model.config.token_cache else None
         self._grown: dict[str, Room] = {}  # the buffers behind ids, keys, values, token_keys
+        # (rows joining or leaving and columns dropped make new tensors: they continue in new buffers)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -363,9 +364,9 @@ class RaggedWindows:
         model, bb = self.model, self.model.backbone
         out = BackboneOutput.of_step(llama_step(bb, ids, pos, self.cache, model.config.memory_layer, key_mask),
                                      self.cache)
-        self.ids = self._grow("ids", self.ids, ids)
-        self.keys = self._grow("keys", self.keys, out.memory_keys)
-        self.values = self._grow("values", self.values, out.memory_values)
+        self.ids = append(self._grown, "ids", self.ids, ids)
+        self.keys = append(self._grown, "keys", self.keys, out.memory_keys)
+        self.values = append(self._grown, "values", self.values, out.memory_values)
         mem = None
         if self.use_memory and not memory.is_empty():  # an empty memory adds exactly nothing
             k = model.config.k_chunks
@@ -375,18 +376,8 @@ class RaggedWindows:
                                          key_mask=key_mask)
         tok_keys = model.token_keys(out)
         if tok_keys is not None:
-            self.token_keys = self._grow("token_keys", self.token_keys, tok_keys)
+            self.token_keys = append(self._grown, "token_keys", self.token_keys, tok_keys)
         return h, tok_keys
-
-    def _grow(self, name: str, now: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        """`now [B, S, ...]` followed by `new [B, T, ...]` along dim 1, as a view of a buffer
-        with room (`Room`): a step writes its own columns instead of copying every row's
-        columns so far. Rows joining, leaving or dropping columns make new tensors, which
-        continue in new buffers."""
-        n, t = now.shape[1], new.shape[1]
-        room = self._grown[name] = Room.grow(self._grown.get(name), now, t, 1)
-        room.buf[:, n:n + t] = new
-        return room.view(n + t)
 
     def _read_out(self, h: torch.Tensor, tok_keys: torch.Tensor | None, memory: Memory) -> torch.Tensor:
         """After `_forward` (each row's n counting its new tokens): the logits `[B, V]` after

@@ -23,7 +23,7 @@ import torch
 from transformers import DynamicCache
 
 from longside.errors import LongsideError
-from longside.nn.growing import Room
+from longside.nn.growing import Room, append
 from longside.nn.memory_attention import memory_inputs
 
 if TYPE_CHECKING:
@@ -127,15 +127,6 @@ class LocalWindow:
                 self.flush()
         return torch.cat(outs, 1) if all_logits else outs[-1]
 
-    def _grow(self, name: str, now: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        """`now [B, n, ...]` followed by `new [B, t, ...]` along dim 1, as a view of a buffer
-        with room (`Room`): a token writes its own columns instead of copying the segment so
-        far (`torch.cat` did, every token)."""
-        n, t = now.shape[1], new.shape[1]
-        room = self._grown[name] = Room.grow(self._grown.get(name), now, t, 1)
-        room.buf[:, n:n + t] = new
-        return room.view(n + t)
-
     def _step(self, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
         """T new tokens that fit in the current segment -> logits `[B, T, V]` or `[B, V]`."""
         model, bb = self.model, self.model.backbone
@@ -146,9 +137,9 @@ class LocalWindow:
         out = model.encode(ids, self.use_memory, self.backbone_segment, memory, cache=self.cache, use_cache=True,
                            position_ids=position_ids)
         self.cache = out.cache
-        self.ids = self._grow("ids", self.ids, ids)
-        self.keys = self._grow("keys", self.keys, out.memory_keys)
-        self.values = self._grow("values", self.values, out.memory_values)
+        self.ids = append(self._grown, "ids", self.ids, ids)
+        self.keys = append(self._grown, "keys", self.keys, out.memory_keys)
+        self.values = append(self._grown, "values", self.values, out.memory_values)
         # an empty memory adds exactly nothing (the reader's contribution is zero, no token
         # hits): skip the searches
         reads = self.use_memory and not memory.is_empty()
@@ -162,7 +153,7 @@ class LocalWindow:
         h, self.side_caches = model.side(out.hidden_states, mem, start=start, caches=self.side_caches)
         tok_keys = model.token_keys(out)
         if tok_keys is not None:
-            self.token_keys = self._grow("token_keys", self.token_keys, tok_keys)
+            self.token_keys = append(self._grown, "token_keys", self.token_keys, tok_keys)
         if not all_logits:
             h, tok_keys = h[:, -1:], None if tok_keys is None else tok_keys[:, -1:]
         hits = model.search_tokens(tok_keys, self.ids, memory) if reads else None

@@ -39,3 +39,13 @@ class Room:
     def view(self, n: int) -> torch.Tensor:
         """The first n positions."""
         return self.buf.narrow(self.dim, 0, n)
+
+
+def append(rooms: dict[str, Room], name: str, now: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """`now [B, n, ...]` followed by `new [B, t, ...]` along dim 1, as a view of the buffer
+    `rooms[name]` (made or replaced as `Room.grow` decides): only the t new positions are
+    written, not the n so far (`torch.cat` copies them every time)."""
+    n, t = now.shape[1], new.shape[1]
+    room = rooms[name] = Room.grow(rooms.get(name), now, t, 1)
+    room.buf[:, n:n + t] = new
+    return room.view(n + t)

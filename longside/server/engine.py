@@ -124,18 +124,15 @@ class Engine:
     def warm_up(self) -> float:
         """Run what a first request would otherwise pay for once (kernel tables, fused
         weights, thread pools, the chat template, a memory's search structures) on two
-        throwaway sessions with a small memory of their own; nothing is stored. Call it on the
+        throwaway sessions sharing a small throwaway memory; nothing is stored. Call it on the
         thread that will run the engine (OpenMP keeps its worker pool per calling thread).
         Returns the seconds it took."""
         t = time.perf_counter()
         model = self.model
         tok = model.backbone.tokenizer
-        text = "The keeper of the lighthouse wrote down every ship that passed the rock. " * 8
-        sessions = []
-        for _ in range(2):
-            memory = Memory(model.backbone, model.config, 1)
-            memory.write_ids(tokenize(tok, text))
-            sessions.append(ChatSession(model, memory=memory))
+        memory = Memory(model.backbone, model.config, 1)
+        memory.write_ids(tokenize(tok, "The keeper of the lighthouse wrote down every ship that passed the rock. " * 8))
+        sessions = [ChatSession(model, memory=memory) for _ in range(2)]
         prompts = [s.begin([{"role": "user", "content": f"Which ship passed {n}?"}]) for n, s in enumerate(sessions)]
         logits = sessions[0].window.feed(prompts[0])  # one prompt alone, as a lone user's
         batch = RaggedWindows(model)
