@@ -106,9 +106,11 @@ static void axpy(float p, const float *x, float *y, int64_t D, int simd) {
 
 /* One query head against S cached keys/values of its group: out [D] (AVX2 or plain loops).
  * The sums over keys run in key order, one at a time, so a row's result does not depend on how
- * many masked columns (another row's padding) come before its keys. */
+ * many masked columns (another row's padding) come before its keys. lse (unless NULL): the
+ * log-sum-exp of the scaled scores; v NULL: that alone, no output. No real key: out zeros,
+ * lse -inf. */
 static void attend_portable(const float *q, const float *k, const float *v, int64_t S, int64_t D, const uint8_t *mask,
-                   float scaling, float *scores, float *out, int simd) {
+                   float scaling, float *scores, float *out, float *lse, int simd) {
     float mx = -INFINITY;
     for (int64_t s = 0; s < S; s++) {
         if (mask && !mask[s]) {
@@ -118,11 +120,18 @@ static void attend_portable(const float *q, const float *k, const float *v, int6
         scores[s] = dot(q, k + s * D, D, simd) * scaling;
         if (scores[s] > mx) mx = scores[s];
     }
+    if (mx == -INFINITY) { /* no real key */
+        if (v) memset(out, 0, sizeof(float) * D);
+        if (lse) *lse = -INFINITY;
+        return;
+    }
     float sum = 0.0f;
     for (int64_t s = 0; s < S; s++) {
         scores[s] = scores[s] == -INFINITY ? 0.0f : expf(scores[s] - mx);
         sum += scores[s];
     }
+    if (lse) *lse = mx + logf(sum);
+    if (!v) return;
     memset(out, 0, sizeof(float) * D);
     const float inv = 1.0f / sum;
     for (int64_t s = 0; s < S; s++)
@@ -166,7 +175,7 @@ AVX512 static void swiglu512(const float *g, const float *u, float *y, int64_t n
  * depend on how many masked columns come before its keys; the output stays in registers.
  * scores: 2 S floats of scratch (the second half holds the real keys' columns). */
 AVX512 static void attend512(const float *q, const float *k, const float *v, int64_t S, int64_t D,
-                             const uint8_t *mask, float scaling, float *scores, float *out) {
+                             const uint8_t *mask, float scaling, float *scores, float *out, float *lse) {
     int32_t *col = (int32_t *)(scores + S);
     int64_t nr = 0;
     for (int64_t s = 0; s < S; s++)
@@ -183,6 +192,11 @@ AVX512 static void attend512(const float *q, const float *k, const float *v, int
         scores[i] = sc;
         mx = sc > mx ? sc : mx;
     }
+    if (nr == 0) { /* no real key */
+        if (v) memset(out, 0, sizeof(float) * D);
+        if (lse) *lse = -INFINITY;
+        return;
+    }
     __m512 sum = _mm512_setzero_ps();
     const __m512 mxv = _mm512_set1_ps(mx);
     for (int64_t i = 0; i < nr; i += 16) {
@@ -191,7 +205,9 @@ AVX512 static void attend512(const float *q, const float *k, const float *v, int
         _mm512_mask_storeu_ps(scores + i, m, e);
         sum = _mm512_mask_add_ps(sum, m, sum, e);
     }
-    const float inv = 1.0f / _mm512_reduce_add_ps(sum);
+    const float total = _mm512_reduce_add_ps(sum), inv = 1.0f / total;
+    if (lse) *lse = mx + logf(total);
+    if (!v) return;
     for (int c = 0; c < C; c++) o[c] = _mm512_setzero_ps();
     for (int64_t i = 0; i < nr; i++) {
         const __m512 pv = _mm512_set1_ps(scores[i] * inv);
@@ -205,14 +221,14 @@ AVX512 static void attend512(const float *q, const float *k, const float *v, int
 /* One query head against S cached keys/values: out [D]. isa 3 (AVX-512) takes attend512 where
  * D allows; scores: 2 S floats of scratch. */
 static void attend(const float *q, const float *k, const float *v, int64_t S, int64_t D, const uint8_t *mask,
-                   float scaling, float *scores, float *out, int isa) {
+                   float scaling, float *scores, float *out, float *lse, int isa) {
 #ifdef __x86_64__
     if (isa == 3 && D % 16 == 0 && D <= 128) {
-        attend512(q, k, v, S, D, mask, scaling, scores, out);
+        attend512(q, k, v, S, D, mask, scaling, scores, out, lse);
         return;
     }
 #endif
-    attend_portable(q, k, v, S, D, mask, scaling, scores, out, isa > 0);
+    attend_portable(q, k, v, S, D, mask, scaling, scores, out, lse, isa > 0);
 }
 
 /* y[i] = silu(g[i]) * u[i] */
@@ -276,7 +292,7 @@ int llama_decode_step(int64_t L, int64_t B, int64_t d, int64_t H, int64_t G, int
             me = omp_get_thread_num();
 #endif
             attend(qkv + b * nqkv + j * D, kc + (b * G + g) * cap * D, vc + (b * G + g) * cap * D, S, D,
-                   key_mask ? key_mask + b * ldm : NULL, scaling, scores + me * 2 * S, att + b * nq + j * D, isa);
+                   key_mask ? key_mask + b * ldm : NULL, scaling, scores + me * 2 * S, att + b * nq + j * D, NULL, isa);
         }
         if (l == mem_layer) memcpy(ma, att, sizeof(float) * B * nq);
         product(t + E_O, att, B, y, d, nq, nthreads, isa);
@@ -385,7 +401,7 @@ static int side_rows_team(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H,
                 for (int64_t h = 0; h < H; h++) {
                     const int64_t row = b * G + h / per;
                     attend(q + h * Dh, kn + row * nc * Dh, vn + row * nc * Dh, S, Dh,
-                           key_mask ? key_mask + b * ldm : NULL, scaling, sc, att + h * Dh, isa);
+                           key_mask ? key_mask + b * ldm : NULL, scaling, sc, att + h * Dh, NULL, isa);
                 }
             }
             const float *wo = (const float *)(intptr_t)t[S_O];
@@ -475,7 +491,7 @@ int side_decode_layers(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H, in
                 for (int64_t h = 0; h < H; h++) {
                     const int64_t row = b * G + h / per;
                     attend(q + h * Dh, kn + row * nc * Dh, vn + row * nc * Dh, S, Dh,
-                           key_mask ? key_mask + b * ldm : NULL, scaling, scores, att + h * Dh, isa);
+                           key_mask ? key_mask + b * ldm : NULL, scaling, scores, att + h * Dh, NULL, isa);
                 }
                 matvec((const float *)(intptr_t)t[S_O], att, y, s, nq, simd);
                 for (int64_t i = 0; i < s; i++) xb[i] += y[i];
@@ -492,6 +508,122 @@ int side_decode_layers(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H, in
             }
         }
         free(hn), free(q), free(kv), free(att), free(y), free(g), free(scores);
+    }
+    return failed ? -1 : 0;
+}
+
+/* Per row of logits x [N, V] (row stride ldx): out[3n] = logsumexp, out[3n+1] = entropy of
+ * the softmax (-sum p log p), out[3n+2] = the largest log-probability, in two passes over
+ * the row (its max, then the sums of e = exp(x - max) and e * (x - max)) instead of the
+ * several vocabulary-wide tensors torch makes for them: lse = max + log S, entropy =
+ * log S - T / S, max log-prob = -log S. Differences below -104 count as -104 (their
+ * exponentials vanish either way, and a -inf logit gives no 0 * inf). */
+#ifdef __x86_64__
+AVX512 static void logit_stats512(const float *x, int64_t V, double *S, double *T, float *mx) {
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    int64_t i = 0;
+    for (; i + 16 <= V; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + i));
+    float mm = _mm512_reduce_max_ps(m);
+    for (; i < V; i++) mm = x[i] > mm ? x[i] : mm;
+    const __m512 mv = _mm512_set1_ps(mm), lo = _mm512_set1_ps(-104.0f);
+    __m512 s = _mm512_setzero_ps(), t = _mm512_setzero_ps();
+    for (i = 0; i < V; i += 16) {
+        const __mmask16 k = V - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (V - i)) - 1);
+        const __m512 dlt = _mm512_max_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), mv), lo);
+        const __m512 e = _mm512_maskz_mov_ps(k, exp512(dlt));
+        s = _mm512_add_ps(s, e);
+        t = _mm512_fmadd_ps(e, dlt, t);
+    }
+    *S = _mm512_reduce_add_ps(s), *T = _mm512_reduce_add_ps(t), *mx = mm;
+}
+#endif
+
+static void logit_stats_portable(const float *x, int64_t V, double *S, double *T, float *mx) {
+    float mm = -INFINITY;
+    for (int64_t i = 0; i < V; i++) mm = x[i] > mm ? x[i] : mm;
+    double s = 0.0, t = 0.0;
+    for (int64_t i = 0; i < V; i++) {
+        float dlt = x[i] - mm;
+        dlt = dlt < -104.0f ? -104.0f : dlt;
+        const float e = expf(dlt);
+        s += e, t += (double)e * dlt;
+    }
+    *S = s, *T = t, *mx = mm;
+}
+
+void logit_stats(const float *x, int64_t N, int64_t V, int64_t ldx, float *out, int nthreads, int isa) {
+    const int nt = N < nthreads ? (int)N : nthreads; /* one row is ~50k floats: not worth a team */
+    #pragma omp parallel for schedule(static) num_threads(nt > 0 ? nt : 1)
+    for (int64_t n = 0; n < N; n++) {
+        double S, T;
+        float mx;
+#ifdef __x86_64__
+        if (isa == 3) logit_stats512(x + n * ldx, V, &S, &T, &mx);
+        else
+#endif
+            logit_stats_portable(x + n * ldx, V, &S, &T, &mx);
+        const double ls = log(S);
+        out[3 * n] = (float)(mx + ls);
+        out[3 * n + 1] = (float)(ls - T / S);
+        out[3 * n + 2] = (float)(-ls);
+    }
+}
+
+/* The side network's memory read (MemoryReader) for one new token per row, in the backbone's
+ * key space at the memory layer. Per row b and query head h (group g = h / (H / G)):
+ *   a_mem, lse_mem: position-free attention of q[b, h] over the retrieved keys/values [b, h]
+ *       (S slots, mask [b, h] uint8: real ones);
+ *   lse_local: the log-sum-exp of the rotated query qr[b, h] against the window's rotated keys
+ *       of group g (P1 of them, key p of row b at kr + b*sb + g*sg + p*D; kmask [b] uint8 of
+ *       ldm bytes, NULL: all real);
+ *   w = sigmoid(lse_mem - lse_local) (the joint softmax's share of memory), or sigmoid(gate[h])
+ *       when gate is given (the gated mode); w = 0 for a head that retrieved nothing;
+ *   delta[b, h] = w (a_mem - a_local[b, h]).
+ * q, qr, a_local, delta [B, H, D]; keys, values [B, H, S, D]; all float32 and contiguous.
+ * Returns 0, or -1 when a scratch allocation failed (delta not written). */
+int memory_read_step(int64_t B, int64_t H, int64_t G, int64_t D, int64_t S, int64_t P1, const float *q,
+                     const float *qr, const float *keys, const float *values, const uint8_t *mask,
+                     const float *kr, int64_t sb, int64_t sg, const uint8_t *kmask, int64_t ldm,
+                     const float *a_local, const float *gate, float scaling, float *delta, int nthreads,
+                     int isa) {
+    const int64_t n = B * H, most = S > P1 ? S : P1;
+    int nt = (int)(n < nthreads ? n : nthreads);
+    if (n * (S + P1) * D < (1 << 16)) nt = 1; /* a team costs more than it saves */
+    int failed = 0;
+    #pragma omp parallel num_threads(nt > 0 ? nt : 1)
+    {
+        float *scores = (float *)malloc(sizeof(float) * 2 * (size_t)most), *a = (float *)malloc(sizeof(float) * D);
+        if (!scores || !a) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp barrier
+        if (!failed) {
+            #pragma omp for schedule(static)
+            for (int64_t i = 0; i < n; i++) {
+                const int64_t b = i / H, h = i % H, g = h / (H / G);
+                float lse_mem, lse_local;
+                attend(q + i * D, keys + i * S * D, values + i * S * D, S, D, mask + i * S, scaling, scores, a,
+                       &lse_mem, isa);
+                float *out = delta + i * D;
+                if (lse_mem == -INFINITY) {
+                    memset(out, 0, sizeof(float) * D);
+                    continue;
+                }
+                float w;
+                if (gate) {
+                    w = 1.0f / (1.0f + expf(-gate[h]));
+                } else {
+                    attend(qr + i * D, kr + b * sb + g * sg, NULL, P1, D, kmask ? kmask + b * ldm : NULL, scaling,
+                           scores, NULL, &lse_local, isa);
+                    w = 1.0f / (1.0f + expf(lse_local - lse_mem));
+                }
+                const float *al = a_local + i * D;
+                for (int64_t j = 0; j < D; j++) out[j] = w * (a[j] - al[j]);
+            }
+        }
+        free(scores);
+        free(a);
     }
     return failed ? -1 : 0;
 }

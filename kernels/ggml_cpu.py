@@ -44,6 +44,11 @@ def _lib() -> ctypes.CDLL | None:
     lib.side_decode_layers.restype = cint
     lib.side_decode_layers.argtypes = [i64] * 8 + [ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, ctypes.c_float, cint,
                                                   cint, ptr, ctypes.c_float, ptr, ctypes.c_float, ptr, ptr, cint, cint]
+    lib.memory_read_step.restype = cint
+    lib.memory_read_step.argtypes = [i64] * 6 + [ptr] * 6 + [i64, i64, ptr, i64, ptr, ptr, ctypes.c_float, ptr, cint,
+                                                           cint]
+    lib.logit_stats.restype = None
+    lib.logit_stats.argtypes = [ptr, i64, i64, i64, ptr, cint, cint]
     return lib
 
 
@@ -162,6 +167,52 @@ def llama_decode_step(table: torch.Tensor, hidden: torch.Tensor, cos: torch.Tens
                                   *(t.data_ptr() for t in mem), torch.get_num_threads(), _isa_level())
     if rc:
         raise MemoryError("llama_decode_step: could not allocate its scratch buffers")
+
+
+def logit_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits `[N, V]` float32 (rows contiguous) -> logsumexp `[N, 1]`, the softmax's entropy
+    `[N]` and its largest log-probability `[N]`, float32, in one C call (kernels/decode_cpu.c):
+    what `logsumexp`, `-(p * log p).sum()` and `log_softmax(...).max()` give, to float
+    rounding, without their vocabulary-wide temporaries."""
+    if logits.dim() != 2 or logits.dtype != torch.float32 or logits.device.type != "cpu" \
+            or logits.stride(1) != 1:
+        raise ValueError(f"logit_stats needs float32 [N, V] rows on the CPU, got {logits.dtype} {tuple(logits.shape)}")
+    N, V = logits.shape
+    out = torch.empty(N, 3)
+    _lib().logit_stats(logits.data_ptr(), N, V, logits.stride(0), out.data_ptr(), torch.get_num_threads(),
+                       _isa_level())
+    return out[:, :1], out[:, 1], out[:, 2]
+
+
+def memory_read_step(q: torch.Tensor, qr: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     mask: torch.Tensor, kr: torch.Tensor, key_mask: torch.Tensor | None, a_local: torch.Tensor,
+                     gate: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """The side network's memory read for one token per row in one C call (kernels/decode_cpu.c):
+    q, qr `[B, H, D]` (the query, and rotated at the token's position), retrieved keys, values
+    `[B, H, S, D]` and mask `[B, H, S]` bool, the window's rotated keys `kr [B, G, P1, D]`
+    (each position's D contiguous), `key_mask` uint8 `[B, P1]` or None, the layer's local
+    attention output `a_local [B, H, D]`, `gate [H]` float32 (gated mode) or None (joint) ->
+    `delta [B, H, D]` = w (a_mem - a_local), what `MemoryReader` adds before its projections.
+    All float32 on the CPU. Raises ValueError for other layouts."""
+    B, H, D = q.shape
+    S, G, P1 = keys.shape[2], kr.shape[1], kr.shape[2]
+    parts = [q, qr, keys, values, a_local] + ([] if gate is None else [gate])
+    if any(t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu" for t in parts) \
+            or qr.shape != q.shape or a_local.shape != q.shape or keys.shape != (B, H, S, D) \
+            or values.shape != keys.shape or mask.shape != (B, H, S) or mask.dtype != torch.bool \
+            or kr.dtype != torch.float32 or kr.shape[0] != B or kr.shape[3] != D or kr.stride(3) != 1 \
+            or kr.stride(2) != D or H % G or (key_mask is not None and key_mask.shape != (B, P1)):
+        raise ValueError("memory_read_step: unexpected shapes, dtypes or layouts")
+    mask = mask.contiguous().view(torch.uint8)
+    delta = torch.empty_like(q)
+    rc = _lib().memory_read_step(B, H, G, D, S, P1, q.data_ptr(), qr.data_ptr(), keys.data_ptr(),
+                                 values.data_ptr(), mask.data_ptr(), kr.data_ptr(), kr.stride(0), kr.stride(1),
+                                 None if key_mask is None else key_mask.data_ptr(), P1, a_local.data_ptr(),
+                                 None if gate is None else gate.data_ptr(), scaling, delta.data_ptr(),
+                                 torch.get_num_threads(), _isa_level())
+    if rc:
+        raise MemoryError("memory_read_step: could not allocate its scratch buffers")
+    return delta
 
 
 def side_decode_layers(table: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor, x: torch.Tensor,

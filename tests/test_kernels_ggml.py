@@ -139,6 +139,34 @@ print(ggml_cpu.isa(), hashlib.sha256(b"".join(t.numpy().tobytes() for t in (q, d
     assert len(set(outs.values())) == 1, outs
 
 
+@needs_c
+def test_logit_stats_equal_torch_on_every_path():
+    """logsumexp, entropy and largest log-probability of each row, from one C pass (AVX-512
+    exponentials, or expf), against torch: an odd vocabulary (a masked tail), a -inf logit,
+    a peaked row."""
+    code = """
+import torch
+from longside.kernels import ggml_cpu
+g = torch.Generator().manual_seed(0)
+x = torch.randn(5, 49157, generator=g) * 4
+x[1, 7] = float("-inf")
+x[2] *= 30
+x[3, 11] = 60.0
+lse, ent, mx = ggml_cpu.logit_stats(x)
+rl = x.logsumexp(-1, keepdim=True)
+lp = x - rl
+p = lp.exp()
+re = -(p * torch.where(p > 0, lp, 0.0)).sum(-1)
+errs = [float((lse - rl).abs().max() / rl.abs().max()), float((ent - re).abs().max()),
+        float((mx - lp.max(-1).values).abs().max())]
+assert lse.shape == (5, 1) and ent.shape == mx.shape == (5,)
+assert errs[0] < 1e-6 and errs[1] < 1e-4 and errs[2] < 1e-4, errs
+print(ggml_cpu.isa(), "ok")
+"""
+    outs = _printed_per_isa(code, ("scalar", "avx512"))
+    assert all(v == ("ok",) for v in outs.values()), outs
+
+
 def _printed_per_isa(code: str, isas: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
     """Run `code` in a fresh process per instruction-set cap -> {path it took: what it printed
     after the path's name} (a cap the CPU lacks falls to a lower path: fewer entries)."""

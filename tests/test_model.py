@@ -301,10 +301,14 @@ def test_training_loss_with_token_cache_equals_the_mixture_of_the_output():
     torch.testing.assert_close(out.loss, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_token_cache_mix_is_the_dense_mixture():
+@pytest.mark.parametrize("path", ["c", "torch"])
+def test_token_cache_mix_is_the_dense_mixture(path, monkeypatch):
     # mix computes only the voted tokens; it must equal log(pi_m p + pi_k votes_k + pi_c
-    # votes_c) written out densely, with repeated tokens, padding and silent rows
+    # votes_c) written out densely, with repeated tokens, padding and silent rows; its
+    # softmax statistics come from one C pass (decoding) or from torch
     from longside.nn.token_cache import TokenCacheReader, TokenHits
+
+    monkeypatch.setenv("LONGSIDE_DECODE", path)
 
     torch.manual_seed(0)
     N, V, k, c = 12, 96, 8, 4

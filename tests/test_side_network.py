@@ -203,3 +203,49 @@ def test_decoding_in_c_gives_the_same_bits_on_one_thread_and_a_team(monkeypatch)
 
     with torch.no_grad():
         assert torch.equal(steps(1), steps(2))
+
+
+@pytest.mark.parametrize("mode", ["joint", "gated"])
+def test_memory_read_of_one_token_per_row_in_c_equals_torch(mode, monkeypatch):
+    """A decode step's memory read in one C call gives the torch read's values: two rows of
+    different lengths (the short one padded on the left), a head that retrieved nothing, masked
+    slots holding garbage."""
+    from types import SimpleNamespace
+
+    from longside.kernels import ggml_cpu
+
+    if not ggml_cpu.available():
+        pytest.skip("the C kernels are not built")
+    bb = _tiny()
+    side = _side(bb, memory_attention=mode)
+    with torch.no_grad():
+        side.reader.q_delta.weight.normal_(0, 0.1)
+        side.reader.gate.normal_(0, 1.0)
+    past = bb.encode(torch.randint(0, 96, (2, 12)), memory_layer=1)
+    out = bb.encode(torch.randint(0, 96, (2, 7)), memory_layer=1)
+    H = bb.spec.num_heads
+    valid = torch.rand(2, 1, H, 8, generator=torch.Generator().manual_seed(3)) > 0.3
+    valid[0, :, 1] = False  # row 0's head 1 retrieves nothing
+    base = _brute_retrieve(past.memory_keys, past.memory_values, valid=valid)
+
+    def retrieve(q):
+        k, v, m = base(q)
+        return k.masked_fill(~m[..., None], 1e4).contiguous(), v.masked_fill(~m[..., None], -1e4).contiguous(), m
+    key_mask = torch.ones(2, 7, dtype=torch.bool)
+    key_mask[1, :2] = False  # row 1 is two tokens shorter
+    last = SimpleNamespace(memory_queries=out.memory_queries[:, -1:], memory_attn=out.memory_attn[:, -1:],
+                           memory_keys=out.memory_keys[:, -1:], memory_keys_rotated=None)
+    pos = torch.tensor([[6], [6]])
+    mem = memory_inputs(bb, last, 1, retrieve, window_keys=out.memory_keys, positions=pos,
+                        key_positions=torch.arange(7).expand(2, 7), key_mask=key_mask)
+    x = torch.randn(2, 1, 32)
+    calls = []
+    step = ggml_cpu.memory_read_step
+    monkeypatch.setattr(ggml_cpu, "memory_read_step", lambda *a: calls.append(1) or step(*a))
+    with torch.no_grad():
+        monkeypatch.setenv("LONGSIDE_DECODE", "torch")
+        want = side.reader(x, mem)
+        monkeypatch.setenv("LONGSIDE_DECODE", "c")
+        got = side.reader(x, mem)
+    assert calls == [1] and want.abs().sum() > 0
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)

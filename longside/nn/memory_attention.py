@@ -11,6 +11,7 @@ from torch import nn
 
 from longside.backbone import Backbone, BackboneOutput, BackboneSpec
 from longside.errors import LongsideError
+from longside.kernels import ggml_cpu
 from longside.nn.attention import attend_retrieved, causal_lse
 
 
@@ -68,6 +69,14 @@ class MemoryReader(nn.Module):
         keys, values, mask = mem.retrieve(q.detach())
         if keys.shape[3] == 0 or not bool(mask.any()):
             return x.new_zeros(x.shape)
+        delta = self._read_step(q, keys, values, mask, mem) if T == 1 else None
+        if delta is None:
+            delta = self._read(q, keys, values, mask, mem)
+        return self.into_side(mem.out_proj(delta.flatten(2)))
+
+    def _read(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+              mem: MemoryInputs) -> torch.Tensor:
+        """What memory changes in the layer's attention output, `[B, T, H, D]`."""
         a_mem, lse_mem, has = attend_retrieved(q, keys, values, mask)
         if self.mode == "gated":
             w = torch.sigmoid(self.gate).view(1, 1, -1, 1) * has
@@ -75,8 +84,35 @@ class MemoryReader(nn.Module):
             kr = mem.rotated_keys if mem.rotated_keys is not None else (mem.rotate_keys or mem.rotate)(mem.keys)
             local = causal_lse(mem.rotate(q), kr, mem.key_mask)
             w = torch.sigmoid(lse_mem - local) * has
-        delta = w * (a_mem - mem.attn)
-        return self.into_side(mem.out_proj(delta.flatten(2)))
+        return w * (a_mem - mem.attn)
+
+    def _read_step(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                   mem: MemoryInputs) -> torch.Tensor | None:
+        """`_read` for one token per row in one C call (a decode step: the ~30 small torch ops
+        of `_read` cost more than their arithmetic), or None where it cannot run (gradients,
+        another device or layout)."""
+        if torch.is_grad_enabled() or q.device.type != "cpu" or q.dtype != torch.float32 \
+                or not ggml_cpu.decode_in_c():
+            return None
+        B, _, H, D = q.shape
+        gate = None
+        if self.mode == "gated":
+            gate, qr = self.gate.detach().float().contiguous(), q
+            kr = mem.keys.new_zeros(B, 1, 1, D)  # not read in the gated mode
+        else:
+            qr = mem.rotate(q)
+            kr = mem.rotated_keys if mem.rotated_keys is not None else (mem.rotate_keys or mem.rotate)(mem.keys)
+            kr = kr.transpose(1, 2)  # [B, G, P+1, D]: the caches' own layout, usually
+            if kr.stride(-1) != 1 or kr.stride(-2) != D:
+                kr = kr.contiguous()
+        try:
+            key_mask = ggml_cpu.key_mask_bytes(mem.key_mask, B, kr.shape[2]) if gate is None else None
+            delta = ggml_cpu.memory_read_step(q[:, 0].contiguous(), qr[:, 0].contiguous(), keys[:, 0], values[:, 0],
+                                              mask[:, 0], kr, key_mask, mem.attn[:, 0].contiguous(), gate,
+                                              D ** -0.5)
+        except ValueError:
+            return None
+        return delta[:, None]
 
 
 def memory_inputs(backbone: Backbone, out: BackboneOutput, layer: int, retrieve: Callable,

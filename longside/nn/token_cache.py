@@ -43,6 +43,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from longside.kernels import ggml_cpu
+
 FEATURES = ("bias", "top_similarity", "lm_entropy", "lm_max_log_prob", "agreement")
 SPREAD_FEATURES = ("vote_spread", "vote_spread_x_top_similarity")
 COPY_FEATURES = ("bias", "log_match_length", "agreement", "lm_entropy", "lm_max_log_prob")
@@ -143,19 +145,20 @@ class TokenCacheReader(nn.Module):
         does for a target); every other token keeps the model's share, log pi_model + its
         log-probability, without a dense `[N, V]` vote tensor."""
         logits = logits.float()
-        lse = logits.logsumexp(-1, keepdim=True)
-        lp = logits - lse
-        ent = -(lp.exp() * lp).sum(-1)
-        log_pi, wk, wc = self._mixture(hits, ent, lp.max(-1).values)
+        lse, ent, lpmax = _logit_stats(logits)
+        log_pi, wk, wc = self._mixture(hits, ent, lpmax)
         voted = torch.cat([hits.nxt, hits.copy_nxt], -1).clamp_min(0)  # [N, k + c], padding -> token 0, weight 0
-        terms = [log_pi[:, :1] + lp.gather(1, voted)]
+        at_model = logits.gather(1, voted)
+        terms = [log_pi[:, :1] + (at_model - lse)]
         for j, (w, nxt) in enumerate(((wk, hits.nxt), (wc, hits.copy_nxt)), 1):
             if w.shape[-1]:
                 vote = (w[:, None, :] * (nxt.clamp_min(0)[:, None, :] == voted[:, :, None])).sum(-1)
                 terms.append(log_pi[:, j:j + 1] + vote.clamp_min(1e-30).log())
         at_voted = torch.stack(terms).logsumexp(0) + lse
-        mixed = (logits + log_pi[:, :1]).scatter_(1, voted, at_voted)
-        return torch.where(log_pi[:, :1] < 0, mixed, logits)
+        # where memory is silent log pi_model is exactly 0: logits + 0 and the model's own
+        # values at the voted tokens give those rows' logits bit for bit
+        at_voted = torch.where(log_pi[:, :1] < 0, at_voted, at_model)
+        return (logits + log_pi[:, :1]).scatter_(1, voted, at_voted)
 
     def log_prob(self, hits: TokenHits, target: torch.Tensor, lp_target: torch.Tensor,
                  ent: torch.Tensor, lpmax: torch.Tensor) -> torch.Tensor:
@@ -169,6 +172,18 @@ class TokenCacheReader(nn.Module):
                 vote = (w * (nxt == target[:, None])).sum(-1)
                 terms.append(log_pi[:, j] + vote.clamp_min(1e-30).log())
         return torch.stack(terms).logsumexp(0)
+
+
+def _logit_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits `[N, V]` float32 -> logsumexp `[N, 1]`, entropy `[N]`, max log-probability `[N]`;
+    in one C pass where it can run (a decode step's few rows: the torch ops below make
+    several vocabulary-wide temporaries, ~3 ms of an 8-row step), else in torch."""
+    if not (logits.requires_grad and torch.is_grad_enabled()) and logits.device.type == "cpu" \
+            and logits.is_contiguous() and ggml_cpu.available() and ggml_cpu.decode_in_c():
+        return ggml_cpu.logit_stats(logits)
+    lse = logits.logsumexp(-1, keepdim=True)
+    lp = logits - lse
+    return lse, -(lp.exp() * lp).sum(-1), lp.max(-1).values
 
 
 def target_terms(logits: torch.Tensor, target: torch.Tensor):
