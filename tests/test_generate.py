@@ -516,11 +516,11 @@ def test_bench_generate_times_backbone_memory_rows(tmp_path):
 
     from longside.bench.generate import main
     out = tmp_path / "b.json"
-    assert main(["--quick", "--rows", "longside-nf4+bm", "--backbone-memory", "29", "--prompt-tokens", "16",
+    assert main(["--quick", "--rows", "longside-native+bm", "--backbone-memory", "29", "--prompt-tokens", "16",
                  "--new-tokens", "2", "--threads", "1", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     rows = report["results"]
-    assert [(r["model"], r["memory_tokens"]) for r in rows] == [("longside-nf4+bm", m) for m in (0, 16384, 65536)]
+    assert [(r["model"], r["memory_tokens"]) for r in rows] == [("longside-native+bm", m) for m in (0, 16384, 65536)]
     for r in rows:
         assert r["decode_tokens_per_s"] > 0 and r["backbone_memory_layers"] == [29]
     assert "65536" in rows[2]["memory_fill"] or "times over" in rows[2]["memory_fill"]

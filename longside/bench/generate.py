@@ -11,7 +11,7 @@ re-quantized weights (`longside-nf4`), each with 0, 16k and 64k tokens in memory
 one-call C steps (`LONGSIDE_DECODE=torch`: the C steps' same-run baseline);
 longside on the fp32 copy without memory, to separate the kernels' effect from the side
 network's. With
-`--backbone-memory BLOCKS` (e.g. 15-29), rows `longside-nf4+bm` time the same with
+`--backbone-memory BLOCKS` (e.g. 15-29), rows `longside-native+bm` and `longside-nf4+bm` time the same with
 backbone memory on in those blocks (its block banks filled from real text always).
 
 Each row runs in its own process (so `rss_mb` is that model's, not the sum of all rows):
@@ -61,7 +61,7 @@ ROWS = [  # (name, memory tokens)
     ("longside-nf4", 16384),
     ("longside-nf4", 65536),
 ]
-BM_ROWS = [("longside-nf4+bm", 0), ("longside-nf4+bm", 16384), ("longside-nf4+bm", 65536)]
+BM_ROWS = [(f"longside-{q}+bm", m) for q in ("native", "nf4") for m in (0, 16384, 65536)]
 QUICK_FILL = 4096
 
 
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None, help="default 1 (quick) / 3")
     p.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
     p.add_argument("--backbone-memory", metavar="BLOCKS",
-                   help="also time longside-nf4+bm rows: backbone memory in these blocks, e.g. 15-29")
+                   help="also time the +bm rows: backbone memory in these blocks, e.g. 15-29")
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     p.add_argument("--memory-tokens", type=int, default=0, help=argparse.SUPPRESS)
     return p
@@ -95,7 +95,7 @@ def main(argv: list[str]) -> int:
     wanted = set(args.rows.split(",")) if args.rows else None
     rows = ROWS + (BM_ROWS if args.backbone_memory else [])
     if wanted and any(n.endswith("+bm") for n in wanted) and not args.backbone_memory:
-        raise LongsideError("rows longside-nf4+bm need --backbone-memory BLOCKS (e.g. 15-29)")
+        raise LongsideError("the +bm rows need --backbone-memory BLOCKS (e.g. 15-29)")
     if args.backbone_memory:
         parse_blocks(args.backbone_memory)  # a bad spec fails here, not in every row
     results = []
@@ -171,8 +171,9 @@ def _summary(results: list[dict]) -> dict:
         "decode_c_steps_over_torch_loops_64k": ratio(speed("longside-native", 65536),
                                                      speed("longside-native+torch", 65536)),
     }
-    bm = {f"decode_backbone_memory_{k}_over_without": ratio(speed("longside-nf4+bm", m), speed("longside-nf4", m))
-          for k, m in (("0", 0), ("16k", 16384), ("64k", 65536)) if speed("longside-nf4+bm", m)}
+    bm = {f"decode_backbone_memory_{k}_over_without{q}": ratio(speed(f"longside-{w}+bm", m), speed(f"longside-{w}", m))
+          for w, q in (("native", "_native"), ("nf4", "")) for k, m in (("0", 0), ("16k", 16384), ("64k", 65536))
+          if speed(f"longside-{w}+bm", m)}
     return {**vs_llama, **bm,
         "decode_native_64k_memory_over_no_memory": ratio(speed("longside-native", 65536), native),
         "decode_64k_memory_over_no_memory": ratio(speed("longside-nf4", 65536), nf4),
