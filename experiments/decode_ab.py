@@ -9,6 +9,12 @@ apart cannot separate a change of a few percent).
     python experiments/decode_ab.py /tmp/a.so /tmp/b.so [--rows 8] [--memory-tokens 16384]
         [--prompt-tokens 60] [--steps 96] [--json PATH]
 
+With `--reads` instead of two libraries, A and B are one build and differ in Python: A reads
+the token cache's softmax statistics and the side network's memory read in torch (as before
+commit 7519938), B in their C calls (`logit_stats`, `memory_read_step`):
+
+    python experiments/decode_ab.py --reads [--rows 8] [--memory-tokens 16384] [--json PATH]
+
 A batch of `--rows` users (RaggedWindows, as the server decodes them), each with a memory of
 its own (`--memory-tokens`: real keys of 4,096 memorized tokens of the held-out books,
 repeated) and a prompt of about `--prompt-tokens` tokens (row b: 5 b more, so rows differ);
@@ -38,7 +44,16 @@ from longside.inference.window import LocalWindow
 from longside.kernels import ggml_cpu
 from longside.loading import load_model
 from longside.memory import Memory
+from longside.nn import token_cache
+from longside.nn.memory_attention import MemoryReader
 from longside.provenance import RunRecord
+
+
+def _torch_stats(logits: torch.Tensor):
+    """The token cache's statistics as torch computed them before `logit_stats`."""
+    lse = logits.logsumexp(-1, keepdim=True)
+    lp = logits - lse
+    return lse, -(lp.exp() * lp).sum(-1), lp.max(-1).values
 
 
 def _load(path: str) -> ctypes.CDLL:
@@ -56,8 +71,9 @@ def _load(path: str) -> ctypes.CDLL:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("a")
-    ap.add_argument("b")
+    ap.add_argument("a", nargs="?", help="library A (not with --reads)")
+    ap.add_argument("b", nargs="?", help="library B (not with --reads)")
+    ap.add_argument("--reads", action="store_true", help="A: statistics and memory read in torch; B: in C")
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--memory-tokens", type=int, default=16384)
     ap.add_argument("--prompt-tokens", type=int, default=60)
@@ -66,7 +82,14 @@ def main() -> None:
     args = ap.parse_args()
     run = RunRecord.start(["python", "experiments/decode_ab.py", *sys.argv[1:]])
     torch.set_num_threads(2)
-    libs = [_load(args.a), _load(args.b)]
+    if args.reads == bool(args.a or args.b) or (not args.reads and not (args.a and args.b)):
+        ap.error("give two libraries, or --reads alone")
+    if args.reads:
+        args.a, args.b = "torch reads", "C reads"
+        libs = [ggml_cpu._lib()] * 2
+        paths = [(_torch_stats, lambda *a, **k: None), (token_cache._logit_stats, MemoryReader._read_step)]
+    else:
+        libs = [_load(args.a), _load(args.b)]
     current = [libs[0]]
     ggml_cpu._lib = lambda: current[0]
     model, _ = load_model()
@@ -113,6 +136,8 @@ def main() -> None:
     for i in range(args.steps):
         which[0] = i % 2
         current[0] = libs[which[0]]
+        if args.reads:
+            token_cache._logit_stats, MemoryReader._read_step = paths[which[0]]
         t = time.perf_counter()
         nxt = batch.step(nxt).argmax(-1)
         steps.append(time.perf_counter() - t)
@@ -124,7 +149,8 @@ def main() -> None:
             "side_c_ms": round(statistics.median(times[("side_decode_layers", w)]) * 1e3 *
                                len(times[("side_decode_layers", w)]) / n, 2),
             "step_ms": round(statistics.median(steps[w::2]) * 1e3, 2)}
-    report = {"benchmark": "two kernel builds, alternating decode steps of one batch", "rows": args.rows,
+    report = {"benchmark": ("torch against C reads" if args.reads else "two kernel builds") +
+              ", alternating decode steps of one batch", "rows": args.rows,
               "memory_tokens": args.memory_tokens, "prompt_tokens": args.prompt_tokens, "steps": args.steps,
               "columns_at_end": batch.columns, "per_library": per_step,
               "step_ratio_b_over_a_median": round(statistics.median(
