@@ -517,14 +517,27 @@ int side_decode_layers(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H, in
  * the row (its max, then the sums of e = exp(x - max) and e * (x - max)) instead of the
  * several vocabulary-wide tensors torch makes for them: lse = max + log S, entropy =
  * log S - T / S, max log-prob = -log S. Differences below -104 count as -104 (their
- * exponentials vanish either way, and a -inf logit gives no 0 * inf). */
+ * exponentials vanish either way, and a -inf logit gives no 0 * inf). A NaN logit makes its
+ * row's three NaN, as in torch. */
 #ifdef __x86_64__
 AVX512 static void logit_stats512(const float *x, int64_t V, double *S, double *T, float *mx) {
     __m512 m = _mm512_set1_ps(-INFINITY);
+    __mmask16 nan = 0; /* vmaxps drops a NaN: they are looked for beside it */
     int64_t i = 0;
-    for (; i + 16 <= V; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + i));
+    for (; i + 16 <= V; i += 16) {
+        const __m512 v = _mm512_loadu_ps(x + i);
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        m = _mm512_max_ps(m, v);
+    }
     float mm = _mm512_reduce_max_ps(m);
-    for (; i < V; i++) mm = x[i] > mm ? x[i] : mm;
+    for (; i < V; i++) {
+        nan |= x[i] != x[i];
+        mm = x[i] > mm ? x[i] : mm;
+    }
+    if (nan) {
+        *S = *T = NAN, *mx = NAN;
+        return;
+    }
     const __m512 mv = _mm512_set1_ps(mm), lo = _mm512_set1_ps(-104.0f);
     __m512 s = _mm512_setzero_ps(), t = _mm512_setzero_ps();
     for (i = 0; i < V; i += 16) {
@@ -540,7 +553,13 @@ AVX512 static void logit_stats512(const float *x, int64_t V, double *S, double *
 
 static void logit_stats_portable(const float *x, int64_t V, double *S, double *T, float *mx) {
     float mm = -INFINITY;
-    for (int64_t i = 0; i < V; i++) mm = x[i] > mm ? x[i] : mm;
+    for (int64_t i = 0; i < V; i++) {
+        if (x[i] != x[i]) {
+            *S = *T = NAN, *mx = NAN;
+            return;
+        }
+        mm = x[i] > mm ? x[i] : mm;
+    }
     double s = 0.0, t = 0.0;
     for (int64_t i = 0; i < V; i++) {
         float dlt = x[i] - mm;
@@ -562,6 +581,10 @@ void logit_stats(const float *x, int64_t N, int64_t V, int64_t ldx, float *out, 
         else
 #endif
             logit_stats_portable(x + n * ldx, V, &S, &T, &mx);
+        if (mx == -INFINITY) { /* every logit -inf: no distribution (torch: -inf, NaN, NaN) */
+            out[3 * n] = -INFINITY, out[3 * n + 1] = out[3 * n + 2] = NAN;
+            continue;
+        }
         const double ls = log(S);
         out[3 * n] = (float)(mx + ls);
         out[3 * n + 1] = (float)(ls - T / S);

@@ -178,7 +178,7 @@ def logit_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
             or logits.stride(1) != 1:
         raise ValueError(f"logit_stats needs float32 [N, V] rows on the CPU, got {logits.dtype} {tuple(logits.shape)}")
     N, V = logits.shape
-    out = torch.empty(N, 3)
+    out = torch.empty(N, 3, dtype=torch.float32)
     _lib().logit_stats(logits.data_ptr(), N, V, logits.stride(0), out.data_ptr(), torch.get_num_threads(),
                        _isa_level())
     return out[:, :1], out[:, 1], out[:, 2]
@@ -201,7 +201,9 @@ def memory_read_step(q: torch.Tensor, qr: torch.Tensor, keys: torch.Tensor, valu
             or qr.shape != q.shape or a_local.shape != q.shape or keys.shape != (B, H, S, D) \
             or values.shape != keys.shape or mask.shape != (B, H, S) or mask.dtype != torch.bool \
             or kr.dtype != torch.float32 or kr.shape[0] != B or kr.shape[3] != D or kr.stride(3) != 1 \
-            or kr.stride(2) != D or H % G or (key_mask is not None and key_mask.shape != (B, P1)):
+            or kr.stride(2) != D or H % G or (gate is not None and gate.shape != (H,)) \
+            or (key_mask is not None and (key_mask.shape != (B, P1) or key_mask.dtype != torch.uint8
+                                          or not key_mask.is_contiguous())):
         raise ValueError("memory_read_step: unexpected shapes, dtypes or layouts")
     mask = mask.contiguous().view(torch.uint8)
     delta = torch.empty_like(q)

@@ -143,7 +143,7 @@ print(ggml_cpu.isa(), hashlib.sha256(b"".join(t.numpy().tobytes() for t in (q, d
 def test_logit_stats_equal_torch_on_every_path():
     """logsumexp, entropy and largest log-probability of each row, from one C pass (AVX-512
     exponentials, or expf), against torch: an odd vocabulary (a masked tail), a -inf logit,
-    a peaked row."""
+    a peaked row; a NaN logit (in the vectors or the tail) and a row of -inf as torch has them."""
     code = """
 import torch
 from longside.kernels import ggml_cpu
@@ -161,6 +161,14 @@ errs = [float((lse - rl).abs().max() / rl.abs().max()), float((ent - re).abs().m
         float((mx - lp.max(-1).values).abs().max())]
 assert lse.shape == (5, 1) and ent.shape == mx.shape == (5,)
 assert errs[0] < 1e-6 and errs[1] < 1e-4 and errs[2] < 1e-4, errs
+y = torch.randn(4, 100, generator=g)  # 6 vectors of 16 and a tail of 4
+y[1, 50] = y[2, 98] = float("nan")
+y[3] = float("-inf")
+l2, e2, m2 = ggml_cpu.logit_stats(y)
+assert torch.isfinite(l2[0]).all() and torch.isfinite(e2[0]) and torch.isfinite(m2[0])
+for r in (1, 2):  # a NaN logit: NaN statistics, as torch gives
+    assert torch.isnan(l2[r]).all() and torch.isnan(e2[r]) and torch.isnan(m2[r]), r
+assert l2[3, 0] == float("-inf") and torch.isnan(e2[3]) and torch.isnan(m2[3])
 print(ggml_cpu.isa(), "ok")
 """
     outs = _printed_per_isa(code, ("scalar", "avx512"))

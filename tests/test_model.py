@@ -308,7 +308,13 @@ def test_token_cache_mix_is_the_dense_mixture(path, monkeypatch):
     # softmax statistics come from one C pass (decoding) or from torch
     from longside.nn.token_cache import TokenCacheReader, TokenHits
 
+    from longside.kernels import ggml_cpu
+
     monkeypatch.setenv("LONGSIDE_DECODE", path)
+    calls = []
+    if ggml_cpu.available():
+        stats = ggml_cpu.logit_stats
+        monkeypatch.setattr(ggml_cpu, "logit_stats", lambda x: (stats(x), calls.append(1))[0])
 
     torch.manual_seed(0)
     N, V, k, c = 12, 96, 8, 4
@@ -338,6 +344,7 @@ def test_token_cache_mix_is_the_dense_mixture(path, monkeypatch):
     silent = log_pi[:, 0] == 0
     assert silent[:2].all() and torch.equal(out[silent], logits[silent])  # untouched where memory is silent
     assert not silent[3:].any()
+    assert len(calls) == (path == "c" and ggml_cpu.available())  # the statistics came from the path named
 
 
 def test_batch_rows_never_read_each_other(smollm2):

@@ -205,17 +205,22 @@ def test_decoding_in_c_gives_the_same_bits_on_one_thread_and_a_team(monkeypatch)
         assert torch.equal(steps(1), steps(2))
 
 
+@pytest.mark.parametrize("isa", [0, 1, 3])
 @pytest.mark.parametrize("mode", ["joint", "gated"])
-def test_memory_read_of_one_token_per_row_in_c_equals_torch(mode, monkeypatch):
-    """A decode step's memory read in one C call gives the torch read's values: two rows of
-    different lengths (the short one padded on the left), a head that retrieved nothing, masked
-    slots holding garbage."""
+def test_memory_read_of_one_token_per_row_in_c_equals_torch(mode, isa, monkeypatch):
+    """A decode step's memory read in one C call gives the torch read's values, on each
+    instruction-set path the CPU has (0 scalar, 1 AVX2, 3 AVX-512): two rows of different
+    lengths (the short one padded on the left), a head that retrieved nothing, masked slots
+    holding garbage."""
     from types import SimpleNamespace
 
     from longside.kernels import ggml_cpu
 
     if not ggml_cpu.available():
         pytest.skip("the C kernels are not built")
+    if isa > ggml_cpu._isa_level() or (isa == 1 and ggml_cpu._isa_level() == 0):
+        pytest.skip(f"this CPU has no path {isa}")
+    monkeypatch.setattr(ggml_cpu, "_isa_level", lambda: isa)
     bb = _tiny()
     side = _side(bb, memory_attention=mode)
     with torch.no_grad():
@@ -241,7 +246,7 @@ def test_memory_read_of_one_token_per_row_in_c_equals_torch(mode, monkeypatch):
     x = torch.randn(2, 1, 32)
     calls = []
     step = ggml_cpu.memory_read_step
-    monkeypatch.setattr(ggml_cpu, "memory_read_step", lambda *a: calls.append(1) or step(*a))
+    monkeypatch.setattr(ggml_cpu, "memory_read_step", lambda *a: (step(*a), calls.append(1))[0])
     with torch.no_grad():
         monkeypatch.setenv("LONGSIDE_DECODE", "torch")
         want = side.reader(x, mem)

@@ -183,7 +183,8 @@ def _logit_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
         return ggml_cpu.logit_stats(logits)
     lse = logits.logsumexp(-1, keepdim=True)
     lp = logits - lse
-    return lse, -(lp.exp() * lp).sum(-1), lp.max(-1).values
+    p = lp.exp()
+    return lse, -torch.where(p > 0, p * lp, 0.0).sum(-1), lp.max(-1).values  # a -inf logit adds 0, not NaN
 
 
 def target_terms(logits: torch.Tensor, target: torch.Tensor):
