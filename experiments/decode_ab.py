@@ -46,6 +46,7 @@ from longside.loading import load_model
 from longside.memory import Memory
 from longside.nn import token_cache
 from longside.nn.memory_attention import MemoryReader
+from longside.paths import check_output_file, write_json
 from longside.provenance import RunRecord
 
 
@@ -80,6 +81,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=96)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
+    check_output_file(args.json, "--json")
     run = RunRecord.start(["python", "experiments/decode_ab.py", *sys.argv[1:]])
     torch.set_num_threads(2)
     if args.reads == bool(args.a or args.b) or (not args.reads and not (args.a and args.b)):
@@ -158,8 +160,7 @@ def main() -> None:
               "provenance": run.finish()}
     print(json.dumps({k: v for k, v in report.items() if k != "provenance"}, indent=1))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(report, args.json)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import time
 import torch
 
 from longside.bench.generate import QUICK_FILL, _llamacpp_row, _longside_row, _texts
+from longside.paths import check_output_file, write_json
 from longside.provenance import RunRecord
 
 
@@ -41,6 +42,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
+    check_output_file(args.json, "--json")
     run = RunRecord.start(["python", "experiments/decode_pairs.py", *sys.argv[1:]])
     torch.set_num_threads(args.threads)
     ours, extra = _longside_row("longside-native", args.memory_tokens, True)
@@ -71,8 +73,7 @@ def main() -> None:
     }
     print(json.dumps({k: v for k, v in report.items() if k != "pairs"}, indent=1))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(report, args.json)
 
 
 if __name__ == "__main__":

@@ -191,24 +191,30 @@ def memory_read_step(q: torch.Tensor, qr: torch.Tensor, keys: torch.Tensor, valu
     q, qr `[B, H, D]` (the query, and rotated at the token's position), retrieved keys, values
     `[B, H, S, D]` and mask `[B, H, S]` bool, the window's rotated keys `kr [B, G, P1, D]`
     (each position's D contiguous), `key_mask` uint8 `[B, P1]` or None, the layer's local
-    attention output `a_local [B, H, D]`, `gate [H]` float32 (gated mode) or None (joint) ->
+    attention output `a_local [B, H, D]`, `gate [H]` float32 (gated mode, with `kr` and
+    `key_mask` None: nothing local is read) or None (joint) ->
     `delta [B, H, D]` = w (a_mem - a_local), what `MemoryReader` adds before its projections.
     All float32 on the CPU. Raises ValueError for other layouts."""
     B, H, D = q.shape
-    S, G, P1 = keys.shape[2], kr.shape[1], kr.shape[2]
+    if kr is None and gate is None:
+        raise ValueError("memory_read_step: the joint mode reads the window's keys `kr`")
+    S = keys.shape[2]
+    G, P1 = (1, 0) if kr is None else kr.shape[1:3]
     parts = [q, qr, keys, values, a_local] + ([] if gate is None else [gate])
     if any(t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu" for t in parts) \
             or qr.shape != q.shape or a_local.shape != q.shape or keys.shape != (B, H, S, D) \
             or values.shape != keys.shape or mask.shape != (B, H, S) or mask.dtype != torch.bool \
-            or kr.dtype != torch.float32 or kr.shape[0] != B or kr.shape[3] != D or kr.stride(3) != 1 \
-            or kr.stride(2) != D or H % G or (gate is not None and gate.shape != (H,)) \
+            or (kr is not None and (kr.dtype != torch.float32 or kr.shape[0] != B or kr.shape[3] != D
+                                    or kr.stride(3) != 1 or kr.stride(2) != D)) \
+            or H % G or (gate is not None and gate.shape != (H,)) \
             or (key_mask is not None and (key_mask.shape != (B, P1) or key_mask.dtype != torch.uint8
                                           or not key_mask.is_contiguous())):
         raise ValueError("memory_read_step: unexpected shapes, dtypes or layouts")
     mask = mask.contiguous().view(torch.uint8)
     delta = torch.empty_like(q)
     rc = _lib().memory_read_step(B, H, G, D, S, P1, q.data_ptr(), qr.data_ptr(), keys.data_ptr(),
-                                 values.data_ptr(), mask.data_ptr(), kr.data_ptr(), kr.stride(0), kr.stride(1),
+                                 values.data_ptr(), mask.data_ptr(), None if kr is None else kr.data_ptr(),
+                                 0 if kr is None else kr.stride(0), 0 if kr is None else kr.stride(1),
                                  None if key_mask is None else key_mask.data_ptr(), P1, a_local.data_ptr(),
                                  None if gate is None else gate.data_ptr(), scaling, delta.data_ptr(),
                                  torch.get_num_threads(), _isa_level())

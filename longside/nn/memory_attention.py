@@ -95,10 +95,9 @@ class MemoryReader(nn.Module):
                 or not ggml_cpu.decode_in_c():
             return None
         B, _, H, D = q.shape
-        gate = None
-        if self.mode == "gated":
+        gate = kr = None
+        if self.mode == "gated":  # the gate replaces the local log-sum-exp: no local keys read
             gate, qr = self.gate.detach().float().contiguous(), q
-            kr = mem.keys.new_zeros(B, 1, 1, D)  # not read in the gated mode
         else:
             qr = mem.rotate(q)
             kr = mem.rotated_keys if mem.rotated_keys is not None else (mem.rotate_keys or mem.rotate)(mem.keys)
@@ -106,7 +105,7 @@ class MemoryReader(nn.Module):
             if kr.stride(-1) != 1 or kr.stride(-2) != D:
                 kr = kr.contiguous()
         try:
-            key_mask = ggml_cpu.key_mask_bytes(mem.key_mask, B, kr.shape[2]) if gate is None else None
+            key_mask = None if kr is None else ggml_cpu.key_mask_bytes(mem.key_mask, B, kr.shape[2])
             delta = ggml_cpu.memory_read_step(q[:, 0].contiguous(), qr[:, 0].contiguous(), keys[:, 0], values[:, 0],
                                               mask[:, 0], kr, key_mask, mem.attn[:, 0].contiguous(), gate,
                                               D ** -0.5)

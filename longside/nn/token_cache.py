@@ -179,7 +179,7 @@ def _logit_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     in one C pass where it can run (a decode step's few rows: the torch ops below make
     several vocabulary-wide temporaries, ~3 ms of an 8-row step), else in torch."""
     if not (logits.requires_grad and torch.is_grad_enabled()) and logits.device.type == "cpu" \
-            and logits.is_contiguous() and ggml_cpu.available() and ggml_cpu.decode_in_c():
+            and logits.is_contiguous() and ggml_cpu.decode_in_c():
         return ggml_cpu.logit_stats(logits)
     lse = logits.logsumexp(-1, keepdim=True)
     lp = logits - lse
