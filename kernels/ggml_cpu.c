@@ -8,8 +8,9 @@
  *                      -ffp-contract=off so no multiply-add is fused).
  *   ggml_gemv_int8:    y = x W^T with x quantized to int8 blocks of 32 (an fp32 scale and
  *                      the scaled block sum, llama.cpp's Q8_1 idea): integer dot products
- *                      per block (vpmaddubsw, or vpdpbusd where AVX-VNNI exists), four
- *                      weight rows per pass, one fp32 FMA per block. Q4_0, Q4_1, Q8_0.
+ *                      per block (vpmaddubsw, or vpdpbusd where AVX-VNNI exists), one fp32
+ *                      FMA per block. Q4_0, Q4_1 with 8 or 16 weight rows as the lanes of
+ *                      a vector; Q8_0 four weight rows per pass.
  *   ggml_gemv_f32:     y = x W^T from fp32 activations, fused per type with AVX2 (equal
  *                      to decode-then-dot up to summation order). Any type.
  */
@@ -519,23 +520,14 @@ void ggml_quantize_x(const float *x, int64_t ldx, int64_t M, int64_t K, int8_t *
     quantize_x(x, ldx, M, K, qx, dx, sx, stride, isa);
 }
 
-/* The int8 decode product of one weight row and one quantized x row, computed the same way on
- * every SIMD path and in every tiling, so all give the same bits (rows of a batch equal the row
- * alone; AVX2, AVX-VNNI and AVX-512 agree):
+/* The int8 decode product of one Q8_0 weight row and one quantized x row, computed the same
+ * way on every SIMD path and in every tiling, so all give the same bits (rows of a batch equal
+ * the row alone; AVX2, AVX-VNNI and AVX-512 agree):
  *   per block b: p_b = 8 int32 lanes (lane j: codes 4j..4j+3 times the x bytes); d_b = dw_b * dx_b;
  *   acc[b % 2] = fma(float(p_b), d_b, acc[b % 2]): two accumulators, so that AVX-512 takes two
  *   blocks per instruction (lanes 0-7 the even block, 8-15 the odd one);
- *   the offset term (Q4_1: m_b, Q4_0: -8 dw_b, Q8_0: none) times sx_b, in 8 lanes (block b in
- *   lane b % 8), weights c [nbp] and sx [nbp] zero-padded to a multiple of 8;
- *   y = hsum8(acc[0] + acc[1]) + hsum8(offsets). */
-
-/* 16 packed bytes -> 32 unsigned nibbles in element order (low nibbles, then high). */
-AVX2 static inline __m256i unpack_nibbles(const uint8_t *p) {
-    __m128i q = _mm_loadu_si128((const __m128i *)p);
-    __m128i lo = _mm_and_si128(q, _mm_set1_epi8(0x0F));
-    __m128i hi = _mm_and_si128(_mm_srli_epi16(q, 4), _mm_set1_epi8(0x0F));
-    return _mm256_set_m128i(hi, lo);
-}
+ *   y = hsum8(acc[0] + acc[1]).
+ * (Q4_0 and Q4_1 take the rows-as-lanes kernel below.) */
 
 /* sum over 32 lanes of u8 a * s8 b, as 8 int32 partial sums (no int16 overflow: |a*b| <= 128*127) */
 AVX2 static inline __m256i dot_u8s8(__m256i a, __m256i b) {
@@ -552,31 +544,14 @@ __attribute__((target(VNNI_TARGET))) static inline __m256i dot_u8s8_vnni(__m256i
 #define dot_u8s8_vnni dot_u8s8
 #endif
 
-/* Per weight row: its block scales dw [nb] and offset weights c [nbp] (zero-padded). */
-AVX2 static void row_scales(int type, const uint8_t *row, int64_t nb, int64_t nbp, float *dw, float *c) {
-    const int bb = block_bytes(type);
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = row + b * bb;
-        dw[b] = f16c(blk);
-        c[b] = type == T_Q4_1 ? f16c(blk + 2) : type == T_Q4_0 ? -8.0f * dw[b] : 0.0f;
-    }
-    for (int64_t b = nb; b < nbp; b++) c[b] = 0.0f;
+/* A Q8_0 weight row's block scales dw [nb] */
+AVX2 static void row_scales(const uint8_t *row, int64_t nb, float *dw) {
+    for (int64_t b = 0; b < nb; b++) dw[b] = f16c(row + b * 34);
 }
 
-/* hsum8 of the 8-lane offset sums c . s (block b in lane b % 8) */
-AVX2 static inline float offsets(const float *c, const float *s, int64_t nbp) {
-    __m256 e = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nbp; b += 8) e = _mm256_fmadd_ps(_mm256_loadu_ps(c + b), _mm256_loadu_ps(s + b), e);
-    return hsum8(e);
-}
+#define TILE256_TYPES(NAME, R, MX) NAME##_t(T_Q8_0, R, MX, row, row_bytes, qx, K, dw, dx, ldd, nb, out);
 
-#define TILE256_TYPES(NAME, R, MX)                                                                  \
-    if (type == T_Q4_1) NAME##_t(T_Q4_1, R, MX, row, row_bytes, qx, K, dw, dx, ldd, nb, out);       \
-    else if (type == T_Q4_0) NAME##_t(T_Q4_0, R, MX, row, row_bytes, qx, K, dw, dx, ldd, nb, out);  \
-    else NAME##_t(T_Q8_0, R, MX, row, row_bytes, qx, K, dw, dx, ldd, nb, out);
-
-/* R weight rows x MX x rows, 256-bit: out[r * MX + m] = hsum8(acc0 + acc1) (the offsets are
- * added by the caller). (R, MX) is (4, 1), (2, 2) or (1, 1); each is specialised with the type
+/* R weight rows x MX x rows, 256-bit: out[r * MX + m] = hsum8(acc0 + acc1). (R, MX) is (4, 1), (2, 2) or (1, 1); each is specialised with the type
  * as a constant, so the loops unroll and no branch stays. */
 #define TILE256(NAME, DOT, TARGET)                                                                  \
     __attribute__((target(TARGET), always_inline)) static inline void NAME##_t(                    \
@@ -594,21 +569,12 @@ AVX2 static inline float offsets(const float *c, const float *s, int64_t nbp) {
             for (int r = 0; r < R; r++) {                                                           \
                 const uint8_t *blk = row + r * row_bytes + b * bb;                                  \
                 const __m256 w_d = _mm256_set1_ps(dw[r * nb + b]);                                  \
-                if (type == T_Q8_0) {                                                               \
-                    __m256i wq = _mm256_loadu_si256((const __m256i *)(blk + 2));                   \
-                    __m256i aw = _mm256_sign_epi8(wq, wq);                                          \
-                    for (int m = 0; m < MX; m++) {                                                  \
-                        __m256i p = DOT(aw, _mm256_sign_epi8(xq[m], wq));                           \
-                        __m256 d = _mm256_mul_ps(w_d, _mm256_set1_ps(dx[m * ldd + b]));             \
-                        acc[r][m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[r][m][h]);     \
-                    }                                                                               \
-                } else {                                                                            \
-                    __m256i wq = unpack_nibbles(blk + (type == T_Q4_1 ? 4 : 2));                    \
-                    for (int m = 0; m < MX; m++) {                                                  \
-                        __m256i p = DOT(wq, xq[m]);                                                 \
-                        __m256 d = _mm256_mul_ps(w_d, _mm256_set1_ps(dx[m * ldd + b]));             \
-                        acc[r][m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[r][m][h]);     \
-                    }                                                                               \
+                __m256i wq = _mm256_loadu_si256((const __m256i *)(blk + 2));                       \
+                __m256i aw = _mm256_sign_epi8(wq, wq);                                              \
+                for (int m = 0; m < MX; m++) {                                                      \
+                    __m256i p = DOT(aw, _mm256_sign_epi8(xq[m], wq));                               \
+                    __m256 d = _mm256_mul_ps(w_d, _mm256_set1_ps(dx[m * ldd + b]));                 \
+                    acc[r][m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[r][m][h]);         \
                 }                                                                                   \
             }                                                                                       \
         }                                                                                           \
@@ -630,23 +596,14 @@ TILE256(tile_vnni, dot_u8s8_vnni, VNNI_TARGET)
 #if HAVE_AVXVNNI
 #define AVX512_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c"
 
-/* The codes of blocks b and b+1 (blk points at block b) as 64 unsigned bytes, block b's 32
- * first, in element order. Q8_0: |w|, and in *neg the lanes where w < 0. */
-__attribute__((target(AVX512_TARGET), always_inline)) static inline __m512i codes2(const int type, const uint8_t *blk,
-                                                                                   int bb, __mmask64 *neg) {
-    if (type == T_Q8_0) {
-        __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(blk + 2))),
-                                       _mm256_loadu_si256((const __m256i *)(blk + bb + 2)), 1);
-        *neg = _mm512_movepi8_mask(w);
-        return _mm512_abs_epi8(w);
-    }
-    const int off = type == T_Q4_1 ? 4 : 2;
-    __m256i q = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(blk + bb + off)),
-                                 _mm_loadu_si128((const __m128i *)(blk + off)));
-    /* [b, b, b+1, b+1] by 128 bits; the second copy of each shifted to its high nibbles */
-    __m512i z = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3), _mm512_castsi256_si512(q));
-    z = _mm512_mask_blend_epi64(0xCC, z, _mm512_srli_epi16(z, 4));
-    return _mm512_and_si512(z, _mm512_set1_epi8(0x0F));
+/* The codes of Q8_0 blocks b and b+1 (blk points at block b) as 64 bytes |w|, block b's 32
+ * first, and in *neg the lanes where w < 0. */
+__attribute__((target(AVX512_TARGET), always_inline)) static inline __m512i codes2(const uint8_t *blk, int bb,
+                                                                                   __mmask64 *neg) {
+    __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(blk + 2))),
+                                   _mm256_loadu_si256((const __m256i *)(blk + bb + 2)), 1);
+    *neg = _mm512_movepi8_mask(w);
+    return _mm512_abs_epi8(w);
 }
 
 /* R weight rows x MX x rows, two blocks per instruction (the canonical arithmetic above: lanes
@@ -668,10 +625,10 @@ __attribute__((target(AVX512_TARGET), always_inline)) static inline void tile512
         }
         for (int r = 0; r < R; r++) {
             __mmask64 neg = 0;
-            __m512i wq = codes2(type, row + r * row_bytes + b * bb, bb, &neg);
+            __m512i wq = codes2(row + r * row_bytes + b * bb, bb, &neg);
             __m512 wd = _mm512_insertf32x8(_mm512_set1_ps(dw[r * nb + b]), _mm256_set1_ps(dw[r * nb + b + 1]), 1);
             for (int m = 0; m < MX; m++) {
-                __m512i xm = type == T_Q8_0 ? _mm512_mask_sub_epi8(xq[m], neg, _mm512_setzero_si512(), xq[m]) : xq[m];
+                __m512i xm = _mm512_mask_sub_epi8(xq[m], neg, _mm512_setzero_si512(), xq[m]);
                 __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xm);
                 acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(wd, xd[m]), acc[r][m]);
             }
@@ -683,12 +640,8 @@ __attribute__((target(AVX512_TARGET), always_inline)) static inline void tile512
             if (b < nb) {
                 const uint8_t *blk = row + r * row_bytes + b * bb;
                 __m256i xq = _mm256_loadu_si256((const __m256i *)(qx + m * K + b * 32)), p;
-                if (type == T_Q8_0) {
-                    __m256i wq = _mm256_loadu_si256((const __m256i *)(blk + 2));
-                    p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq));
-                } else {
-                    p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), unpack_nibbles(blk + (type == T_Q4_1 ? 4 : 2)), xq);
-                }
+                __m256i wq = _mm256_loadu_si256((const __m256i *)(blk + 2));
+                p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq));
                 __m256 d = _mm256_mul_ps(_mm256_set1_ps(dw[r * nb + b]), _mm256_set1_ps(dx[m * ldd + b]));
                 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, lo);
             }
@@ -696,10 +649,7 @@ __attribute__((target(AVX512_TARGET), always_inline)) static inline void tile512
         }
 }
 
-#define TILE512_TYPES(R, MX)                                                                        \
-    if (type == T_Q4_1) tile512_t(T_Q4_1, R, MX, row, row_bytes, qx, K, dw, dx, ldd, nb, out);      \
-    else if (type == T_Q4_0) tile512_t(T_Q4_0, R, MX, row, row_bytes, qx, K, dw, dx, ldd, nb, out); \
-    else tile512_t(T_Q8_0, R, MX, row, row_bytes, qx, K, dw, dx, ldd, nb, out);
+#define TILE512_TYPES(R, MX) tile512_t(T_Q8_0, R, MX, row, row_bytes, qx, K, dw, dx, ldd, nb, out);
 
 /* R = 4 with MX = 1..4, or R = MX = 1 */
 __attribute__((target(AVX512_TARGET))) static void tile_avx512(int type, int R, int MX, const uint8_t *row,
@@ -716,53 +666,323 @@ __attribute__((target(AVX512_TARGET))) static void tile_avx512(int type, int R, 
 #define tile_avx512 tile_vnni /* never chosen at run time (features report no AVX-512 VNNI) */
 #endif
 
-static float row_dot_scalar(int type, const uint8_t *row, const int8_t *qx, const float *dx, const float *sx,
-                            int64_t nb) {
+/* ---------------------------------------------------- Q4 rows as SIMD lanes (the decode GEMV)
+ *
+ * For Q4_0 and Q4_1 a weight row is one lane of a vector (16 rows with AVX-512, 8 with AVX2),
+ * so the scales of a block are one vector for all its rows, no horizontal sum is left to do,
+ * and a weight block's codes, unpacked once, serve every x row. The rows' 16 code bytes of a
+ * block are transposed in registers (dword j of every row in one vector), and each x dword is
+ * broadcast against them. Per (weight row, x row) the arithmetic is, on every path:
+ *   per block b: p_b = the exact int32 sum of codes times x bytes; d_b = dw_b * dx_b;
+ *   acc = fma(float(p_b), d_b, acc); off = fma(c_b, sx_b, off)   (c_b: Q4_1 m_b, Q4_0 -8 dw_b)
+ *   y = acc + off
+ * so AVX2, AVX-VNNI, AVX-512 and the scalar loop (fmaf) give the same bits, and a row of a
+ * batch has the bits of the row alone. */
+
+#define LANES_MAX_MX 8
+
+/* Q4 codes 0..15 times int8 x (|x| <= 127): per dword lane, 4 products summed (u8 x s8) */
+static inline int dot4_scalar(const uint8_t *codes, const int8_t *x) {
+    return codes[0] * x[0] + codes[1] * x[1] + codes[2] * x[2] + codes[3] * x[3];
+}
+
+static void lanes_scalar(int type, const uint8_t *w, int64_t row_bytes, const int8_t *qx, const float *dx,
+                         const float *sx, int64_t ldd, int64_t M, float *y, int64_t ldy, int64_t n, int64_t K) {
+    const int bb = block_bytes(type), q1 = type == T_Q4_1;
+    const int64_t nb = K / 32;
+    const uint8_t *row = w + n * row_bytes;
+    for (int64_t m = 0; m < M; m++) {
+        float acc = 0.0f, off = 0.0f;
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = row + b * bb, *qs = blk + (q1 ? 4 : 2);
+            const int8_t *xb = qx + m * K + b * 32;
+            int p = 0;
+            for (int j = 0; j < 16; j++) p += (qs[j] & 0xF) * xb[j] + (qs[j] >> 4) * xb[j + 16];
+            const float dw = f16(blk), c = q1 ? f16(blk + 2) : -8.0f * dw;
+            acc = fmaf((float)p, dw * dx[m * ldd + b], acc);
+            off = fmaf(c, sx[m * ldd + b], off);
+        }
+        y[m * ldy + n] = acc + off;
+    }
+}
+
+/* 8 rows from `row0` (rows past `nrows` repeat the last one): their block-b codes as 4
+ * vectors, vector j holding each row's dword j (code bytes 4j..4j+3), and their scales. */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void lanes8_block(
+    const int type, const uint8_t *const *rows, __m256i at, int64_t b, __m256i *W, __m256 *dw, __m256 *c) {
+    const int bb = block_bytes(type), off = type == T_Q4_1 ? 4 : 2;
+    __m256i A[4];
+    for (int i = 0; i < 4; i++) /* rows i and i + 4 */
+        A[i] = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(rows[i + 4] + b * bb + off)),
+                                _mm_loadu_si128((const __m128i *)(rows[i] + b * bb + off)));
+    __m256i t0 = _mm256_unpacklo_epi32(A[0], A[1]), t1 = _mm256_unpackhi_epi32(A[0], A[1]);
+    __m256i t2 = _mm256_unpacklo_epi32(A[2], A[3]), t3 = _mm256_unpackhi_epi32(A[2], A[3]);
+    W[0] = _mm256_unpacklo_epi64(t0, t2), W[1] = _mm256_unpackhi_epi64(t0, t2);
+    W[2] = _mm256_unpacklo_epi64(t1, t3), W[3] = _mm256_unpackhi_epi64(t1, t3);
+    /* d, then Q4_1's m, of each row's block b (offsets of the rows from rows[0] in `at`) */
+    __m256i hv = _mm256_i32gather_epi32((const int *)(rows[0] + b * bb), at, 1);
+    const __m256i lo16 = _mm256_set1_epi32(0xFFFF);
+    *dw = _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(
+        _mm256_packus_epi32(_mm256_and_si256(hv, lo16), _mm256_setzero_si256()), 0x08)));
+    if (type == T_Q4_1)
+        *c = _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(
+            _mm256_packus_epi32(_mm256_srli_epi32(hv, 16), _mm256_setzero_si256()), 0x08)));
+    else
+        *c = _mm256_mul_ps(*dw, _mm256_set1_ps(-8.0f));
+}
+
+#define LANES8(NAME, TARGET, VNNI)                                                                  \
+    __attribute__((target(TARGET), always_inline)) static inline void NAME##_t(                    \
+        const int type, const int MX, const uint8_t *const *rows, const int8_t *qx, const float *dx, \
+        const float *sx, int64_t ldd, int64_t K, float *out) {                                      \
+        const int64_t nb = K / 32;                                                                  \
+        const __m256i low = _mm256_set1_epi8(0x0F);                                                 \
+        __m256 acc[4], off[4];                                                                      \
+        for (int m = 0; m < MX; m++) acc[m] = off[m] = _mm256_setzero_ps();                         \
+        int32_t gap[8];                                                                             \
+        for (int i = 0; i < 8; i++) gap[i] = (int32_t)(rows[i] - rows[0]);                          \
+        const __m256i at = _mm256_loadu_si256((const __m256i *)gap);                                \
+        for (int64_t b = 0; b < nb; b++) {                                                          \
+            __m256i W[4];                                                                           \
+            __m256 dw, c;                                                                           \
+            lanes8_block(type, rows, at, b, W, &dw, &c);                                                \
+            for (int m = 0; m < MX; m++) {                                                          \
+                const int8_t *xb = qx + m * K + b * 32;                                             \
+                __m256i p;                                                                          \
+                if (VNNI) {                                                                         \
+                    __m256i p0 = _mm256_setzero_si256(), p1 = _mm256_setzero_si256();               \
+                    for (int j = 0; j < 4; j++) {                                                   \
+                        int32_t a0, a1;                                                             \
+                        memcpy(&a0, xb + 4 * j, 4), memcpy(&a1, xb + 16 + 4 * j, 4);                \
+                        p0 = DPBUSD8(p0, _mm256_and_si256(W[j], low), _mm256_set1_epi32(a0));       \
+                        p1 = DPBUSD8(p1, _mm256_and_si256(_mm256_srli_epi16(W[j], 4), low), _mm256_set1_epi32(a1)); \
+                    }                                                                               \
+                    p = _mm256_add_epi32(p0, p1);                                                   \
+                } else { /* int16 sums: 8 x 2 x 15 x 128 < 2^15 */                                  \
+                    __m256i s = _mm256_setzero_si256();                                             \
+                    for (int j = 0; j < 4; j++) {                                                   \
+                        int32_t a0, a1;                                                             \
+                        memcpy(&a0, xb + 4 * j, 4), memcpy(&a1, xb + 16 + 4 * j, 4);                \
+                        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(W[j], low),  \
+                                                                      _mm256_set1_epi32(a0)));      \
+                        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(                               \
+                                                    _mm256_and_si256(_mm256_srli_epi16(W[j], 4), low), \
+                                                    _mm256_set1_epi32(a1)));                        \
+                    }                                                                               \
+                    p = _mm256_madd_epi16(s, _mm256_set1_epi16(1));                                 \
+                }                                                                                   \
+                const __m256 d = _mm256_mul_ps(dw, _mm256_set1_ps(dx[m * ldd + b]));                \
+                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[m]);                         \
+                off[m] = _mm256_fmadd_ps(c, _mm256_set1_ps(sx[m * ldd + b]), off[m]);               \
+            }                                                                                       \
+        }                                                                                           \
+        for (int m = 0; m < MX; m++) _mm256_storeu_ps(out + 8 * m, _mm256_add_ps(acc[m], off[m]));  \
+    }                                                                                               \
+    __attribute__((target(TARGET))) static void NAME(int type, int MX, const uint8_t *const *rows,  \
+                                                     const int8_t *qx, const float *dx, const float *sx, \
+                                                     int64_t ldd, int64_t K, float *out) {          \
+        for (int m = 0; m < MX; m += 4) {                                                           \
+            const int mx = MX - m < 4 ? MX - m : 4;                                                 \
+            const int8_t *q = qx + m * K;                                                           \
+            const float *d = dx + m * ldd, *s = sx + m * ldd;                                       \
+            float *o = out + 8 * m;                                                                 \
+            if (type == T_Q4_1) {                                                                   \
+                if (mx == 4) NAME##_t(T_Q4_1, 4, rows, q, d, s, ldd, K, o);                         \
+                else if (mx == 3) NAME##_t(T_Q4_1, 3, rows, q, d, s, ldd, K, o);                    \
+                else if (mx == 2) NAME##_t(T_Q4_1, 2, rows, q, d, s, ldd, K, o);                    \
+                else NAME##_t(T_Q4_1, 1, rows, q, d, s, ldd, K, o);                                 \
+            } else {                                                                                \
+                if (mx == 4) NAME##_t(T_Q4_0, 4, rows, q, d, s, ldd, K, o);                         \
+                else if (mx == 3) NAME##_t(T_Q4_0, 3, rows, q, d, s, ldd, K, o);                    \
+                else if (mx == 2) NAME##_t(T_Q4_0, 2, rows, q, d, s, ldd, K, o);                    \
+                else NAME##_t(T_Q4_0, 1, rows, q, d, s, ldd, K, o);                                 \
+            }                                                                                       \
+        }                                                                                           \
+    }
+
+#define DPBUSD8(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)))
+LANES8(lanes8_avx2, "avx2,fma,f16c", 0)
+#undef DPBUSD8
+#if HAVE_AVXVNNI
+#define DPBUSD8(acc, a, b) _mm256_dpbusd_avx_epi32(acc, a, b)
+LANES8(lanes8_vnni, VNNI_TARGET, 1)
+#undef DPBUSD8
+#else
+#define lanes8_vnni lanes8_avx2
+#endif
+
+#if HAVE_AVXVNNI
+/* 16 rows' block-b codes as 4 vectors (dword j of every row in vector j) and their scales */
+__attribute__((target(AVX512_TARGET), always_inline)) static inline void lanes16_block(
+    const int type, const uint8_t *const *rows, __m512i at, int64_t b, __m512i *W, __m512 *dw, __m512 *c) {
+    const int bb = block_bytes(type), off = type == T_Q4_1 ? 4 : 2;
+    __m512i A[4];
+    for (int k = 0; k < 4; k++) { /* rows 4k..4k+3, 16 bytes each */
+        __m512i a = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(rows[4 * k] + b * bb + off)));
+        a = _mm512_inserti32x4(a, _mm_loadu_si128((const __m128i *)(rows[4 * k + 1] + b * bb + off)), 1);
+        a = _mm512_inserti32x4(a, _mm_loadu_si128((const __m128i *)(rows[4 * k + 2] + b * bb + off)), 2);
+        A[k] = _mm512_inserti32x4(a, _mm_loadu_si128((const __m128i *)(rows[4 * k + 3] + b * bb + off)), 3);
+    }
+    /* A[k] lane 4r + j = row 4k+r's dword j -> X (rows 0-7), Y (rows 8-15): dwords 0,1 / 2,3 */
+    const __m512i i01 = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
+    const __m512i i23 = _mm512_setr_epi32(2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31);
+    const __m512i ilo = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    const __m512i ihi = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    __m512i X01 = _mm512_permutex2var_epi32(A[0], i01, A[1]), X23 = _mm512_permutex2var_epi32(A[0], i23, A[1]);
+    __m512i Y01 = _mm512_permutex2var_epi32(A[2], i01, A[3]), Y23 = _mm512_permutex2var_epi32(A[2], i23, A[3]);
+    W[0] = _mm512_permutex2var_epi32(X01, ilo, Y01), W[1] = _mm512_permutex2var_epi32(X01, ihi, Y01);
+    W[2] = _mm512_permutex2var_epi32(X23, ilo, Y23), W[3] = _mm512_permutex2var_epi32(X23, ihi, Y23);
+    /* d, then Q4_1's m, of each row's block b (offsets of the rows from rows[0] in `at`) */
+    __m512i hv = _mm512_i32gather_epi32(at, (const void *)(rows[0] + b * bb), 1);
+    *dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(hv));
+    *c = type == T_Q4_1 ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(hv, 16)))
+                        : _mm512_mul_ps(*dw, _mm512_set1_ps(-8.0f));
+}
+
+__attribute__((target(AVX512_TARGET), always_inline)) static inline void lanes16_t(
+    const int type, const int MX, const uint8_t *const *rows, int64_t ahead, const int8_t *qx, const float *dx,
+    const float *sx, int64_t ldd, int64_t K, float *out) {
+    const int64_t nb = K / 32, bb = block_bytes(type);
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    __m512 acc[LANES_MAX_MX], off[LANES_MAX_MX];
+    for (int m = 0; m < MX; m++) acc[m] = off[m] = _mm512_setzero_ps();
+    int32_t gap[16];
+    for (int i = 0; i < 16; i++) gap[i] = (int32_t)(rows[i] - rows[0]);
+    const __m512i at = _mm512_loadu_si512((const void *)gap);
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i W[4], L[4], H[4];
+        __m512 dw, c;
+        if (ahead) /* the next group's rows, one block each step: memory is read ahead of use */
+            for (int i = 0; i < 16; i++) _mm_prefetch((const char *)(rows[i] + ahead + b * bb), _MM_HINT_T0);
+        lanes16_block(type, rows, at, b, W, &dw, &c);
+        for (int j = 0; j < 4; j++) L[j] = _mm512_and_si512(W[j], low), H[j] = _mm512_and_si512(_mm512_srli_epi16(W[j], 4), low);
+        for (int m = 0; m < MX; m++) {
+            const int8_t *xb = qx + m * K + b * 32;
+            __m512i p0 = _mm512_setzero_si512(), p1 = _mm512_setzero_si512();
+            for (int j = 0; j < 4; j++) {
+                int32_t a0, a1;
+                memcpy(&a0, xb + 4 * j, 4), memcpy(&a1, xb + 16 + 4 * j, 4);
+                p0 = _mm512_dpbusd_epi32(p0, L[j], _mm512_set1_epi32(a0));
+                p1 = _mm512_dpbusd_epi32(p1, H[j], _mm512_set1_epi32(a1));
+            }
+            const __m512 d = _mm512_mul_ps(dw, _mm512_set1_ps(dx[m * ldd + b]));
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(p0, p1)), d, acc[m]);
+            off[m] = _mm512_fmadd_ps(c, _mm512_set1_ps(sx[m * ldd + b]), off[m]);
+        }
+    }
+    for (int m = 0; m < MX; m++) _mm512_storeu_ps(out + 16 * m, _mm512_add_ps(acc[m], off[m]));
+}
+
+#define LANES16_MX(T)                                                                               \
+    switch (mx) {                                                                                   \
+    case 8: lanes16_t(T, 8, rows, ahead, q, d, s, ldd, K, o); break;                                       \
+    case 7: lanes16_t(T, 7, rows, ahead, q, d, s, ldd, K, o); break;                                       \
+    case 6: lanes16_t(T, 6, rows, ahead, q, d, s, ldd, K, o); break;                                       \
+    case 5: lanes16_t(T, 5, rows, ahead, q, d, s, ldd, K, o); break;                                       \
+    case 4: lanes16_t(T, 4, rows, ahead, q, d, s, ldd, K, o); break;                                       \
+    case 3: lanes16_t(T, 3, rows, ahead, q, d, s, ldd, K, o); break;                                       \
+    case 2: lanes16_t(T, 2, rows, ahead, q, d, s, ldd, K, o); break;                                       \
+    default: lanes16_t(T, 1, rows, ahead, q, d, s, ldd, K, o);                                             \
+    }
+
+__attribute__((target(AVX512_TARGET))) static void lanes16_avx512(int type, int MX, const uint8_t *const *rows,
+                                                                  int64_t ahead, const int8_t *qx, const float *dx, const float *sx,
+                                                                  int64_t ldd, int64_t K, float *out) {
+    for (int m = 0; m < MX; m += LANES_MAX_MX) {
+        const int mx = MX - m < LANES_MAX_MX ? MX - m : LANES_MAX_MX;
+        if (m) ahead = 0;
+        const int8_t *q = qx + m * K;
+        const float *d = dx + m * ldd, *s = sx + m * ldd;
+        float *o = out + 16 * m;
+        if (type == T_Q4_1) { LANES16_MX(T_Q4_1) }
+        else { LANES16_MX(T_Q4_0) }
+    }
+}
+#endif
+
+/* y[m, n] = sum_k x[m, k] W[n, k] for Q4_0 / Q4_1 with rows as lanes (see above); isa as in
+ * gemv_q8. Groups of `lanes` rows go to the threads; a last partial group repeats its last row
+ * in the spare lanes and stores only its own. */
+static void gemv_q4_lanes(int type, const uint8_t *w, int64_t row_bytes, const int8_t *qx, const float *dx,
+                          const float *sx, int64_t ldd, int64_t M, float *y, int64_t ldy, int64_t N, int64_t K,
+                          int nthreads, int isa) {
+    int nt = pick_threads(N * K, nthreads);
+    if (isa == 0) {
+        #pragma omp parallel for schedule(static) num_threads(nt)
+        for (int64_t n = 0; n < N; n++) lanes_scalar(type, w, row_bytes, qx, dx, sx, ldd, M, y, ldy, n, K);
+        return;
+    }
+    const int lanes = HAVE_AVXVNNI && isa == 3 ? 16 : 8;
+    const int64_t groups = (N + lanes - 1) / lanes, mb = M < 64 ? M : 64;
+    #pragma omp parallel num_threads(nt)
+    {
+        float *out = (float *)malloc(sizeof(float) * 16 * mb);
+        #pragma omp for schedule(static)
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t n0 = g * lanes, R = N - n0 < lanes ? N - n0 : lanes;
+            const uint8_t *rows[16];
+            for (int i = 0; i < lanes; i++) rows[i] = w + (n0 + (i < R ? i : R - 1)) * row_bytes;
+            for (int64_t m0 = 0; m0 < M; m0 += mb) {
+                const int MX = (int)(M - m0 < mb ? M - m0 : mb);
+                const int8_t *q = qx + m0 * K;
+                const float *d = dx + m0 * ldd, *s = sx + m0 * ldd;
+#if HAVE_AVXVNNI
+                if (isa == 3) lanes16_avx512(type, MX, rows, m0 == 0 && g + 1 < groups ? lanes * row_bytes : 0, q, d, s, ldd, K, out);
+                else
+#endif
+                (isa == 2 ? lanes8_vnni : lanes8_avx2)(type, MX, rows, q, d, s, ldd, K, out);
+                for (int m = 0; m < MX; m++)
+                    for (int64_t r = 0; r < R; r++) y[(m0 + m) * ldy + n0 + r] = out[m * lanes + r];
+            }
+        }
+        free(out);
+    }
+}
+
+/* one Q8_0 row against one quantized x row, plain C (the order differs from the SIMD tiles) */
+static float row_dot_scalar_q8_0(const uint8_t *row, const int8_t *qx, const float *dx, int64_t nb) {
     float acc = 0.0f;
     for (int64_t b = 0; b < nb; b++) {
         const int8_t *xq = qx + b * 32;
+        const uint8_t *blk = row + b * 34;
         int s = 0;
-        if (type == T_Q8_0) {
-            const uint8_t *blk = row + b * 34;
-            for (int j = 0; j < 32; j++) s += (int8_t)blk[2 + j] * xq[j];
-            acc += (float)s * (f16(blk) * dx[b]);
-        } else {
-            int q1 = type == T_Q4_1;
-            const uint8_t *blk = row + b * (q1 ? 20 : 18), *qs = blk + (q1 ? 4 : 2);
-            for (int j = 0; j < 16; j++) s += (qs[j] & 0xF) * xq[j] + (qs[j] >> 4) * xq[j + 16];
-            float dw = f16(blk);
-            acc += (float)s * (dw * dx[b]) + (q1 ? f16(blk + 2) * sx[b] : -8.0f * dw * sx[b]);
-        }
+        for (int j = 0; j < 32; j++) s += (int8_t)blk[2 + j] * xq[j];
+        acc += (float)s * (f16(blk) * dx[b]);
     }
     return acc;
 }
 
 /* y[m, n] = sum_k x[m, k] W[n, k] from quantized x (quantize_x; dx, sx rows of ldd floats).
- * isa: 0 scalar, 1 AVX2, 2 AVX2 + AVX-VNNI, 3 AVX-512 VNNI. Types Q4_0, Q4_1, Q8_0. Weight
- * rows go four at a time; x rows go two (AVX2) or four (AVX-512) at a time against each, so
- * a weight block is unpacked once for them. */
+ * isa: 0 scalar, 1 AVX2, 2 AVX2 + AVX-VNNI, 3 AVX-512 VNNI. Types Q4_0, Q4_1, Q8_0. Q4_0 and
+ * Q4_1 take the rows-as-lanes kernel (gemv_q4_lanes); Q8_0 weight rows go four at a time, x
+ * rows two (AVX2) or four (AVX-512) at a time against each, so a weight block is unpacked once
+ * for them. */
 static void gemv_q8(int type, const uint8_t *w, int64_t row_bytes, const int8_t *qx, const float *dx,
                     const float *sx, int64_t ldd, int64_t M, float *y, int64_t ldy, int64_t N, int64_t K,
                     int nthreads, int isa) {
+    if (type == T_Q4_0 || type == T_Q4_1) {
+        gemv_q4_lanes(type, w, row_bytes, qx, dx, sx, ldd, M, y, ldy, N, K, nthreads, isa);
+        return;
+    }
     int nt = pick_threads(N * K, nthreads);
     int64_t nb = K / 32;
     if (isa == 0) {
         #pragma omp parallel for schedule(static) num_threads(nt)
         for (int64_t n = 0; n < N; n++)
             for (int64_t m = 0; m < M; m++)
-                y[m * ldy + n] = row_dot_scalar(type, w + n * row_bytes, qx + m * K, dx + m * ldd, sx + m * ldd, nb);
+                y[m * ldy + n] = row_dot_scalar_q8_0(w + n * row_bytes, qx + m * K, dx + m * ldd, nb);
         return;
     }
     int64_t groups = (N + 3) / 4;
     #pragma omp parallel num_threads(nt)
     {
-        float *dw = (float *)malloc(sizeof(float) * 4 * nb), *c = (float *)malloc(sizeof(float) * 4 * ldd);
+        float *dw = (float *)malloc(sizeof(float) * 4 * nb);
         #pragma omp for schedule(static)
         for (int64_t g = 0; g < groups; g++) {
             const int64_t n0 = 4 * g;
             const int R = N - n0 >= 4 ? 4 : (int)(N - n0);
             const uint8_t *row = w + n0 * row_bytes;
-            for (int r = 0; r < R; r++) row_scales(type, row + r * row_bytes, nb, ldd, dw + r * nb, c + r * ldd);
+            for (int r = 0; r < R; r++) row_scales(row + r * row_bytes, nb, dw + r * nb);
             for (int64_t m = 0; m < M;) {
                 float out[16];
                 int MX;
@@ -790,15 +1010,11 @@ static void gemv_q8(int type, const uint8_t *w, int64_t row_bytes, const int8_t 
                                                         ldd, nb, out);
                 }
                 for (int r = 0; r < R; r++)
-                    for (int j = 0; j < MX; j++) {
-                        float e = type == T_Q8_0 ? 0.0f : offsets(c + r * ldd, sx + (m + j) * ldd, ldd);
-                        y[(m + j) * ldy + n0 + r] = out[r * MX + j] + e;
-                    }
+                    for (int j = 0; j < MX; j++) y[(m + j) * ldy + n0 + r] = out[r * MX + j];
                 m += MX;
             }
         }
         free(dw);
-        free(c);
     }
 }
 

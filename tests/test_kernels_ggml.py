@@ -91,15 +91,16 @@ for qtype in TYPES:
         alone = torch.cat([ggml_cpu.gemv_int8(x[i:i + 1], w) for i in range(5)])
         assert torch.equal(ggml_cpu.gemv_int8(x, w), alone), qtype
     if qtype in ggml_cpu.INT8_TYPES:
-        # odd blocks per row (9), rows of W not a multiple of 4, every tiling of 1..9 x rows:
-        # each x row of a batch has the bits of the row alone, on both decode paths
+        # odd blocks per row (9), rows of W not a multiple of 4, 8 or 16, every tiling of 1..17
+        # x rows (Q4 kernels take 8 at a time): each x row of a batch has the bits of the row
+        # alone, on both decode paths
         w9 = random_weight(qtype, 43, 288, seed=4)
-        x9 = torch.randn(9, 288, generator=g)
+        x9 = torch.randn(17, 288, generator=g)
         y9 = x9 @ dequantize_reference(w9).t()
         for gemv in (ggml_cpu.gemv_int8, ggml_cpu.gemv_f32):
-            alone = torch.cat([gemv(x9[i:i + 1], w9) for i in range(9)])
+            alone = torch.cat([gemv(x9[i:i + 1], w9) for i in range(17)])
             assert (alone - y9).abs().max() <= 0.03 * y9.abs().max(), (qtype, gemv.__name__)
-            for m in range(1, 10):
+            for m in range(1, 18):
                 assert torch.equal(gemv(x9[:m], w9), alone[:m]), (qtype, gemv.__name__, m)
 print("OK")
 """
@@ -187,6 +188,33 @@ def _printed_per_isa(code: str, isas: tuple[str, ...]) -> dict[str, tuple[str, .
         got_isa, *vals = r.stdout.split()
         outs[got_isa] = tuple(vals)
     return outs
+
+
+@needs_c
+def test_q4_rows_as_lanes_give_the_scalar_bits_on_every_path():
+    """Q4_0 / Q4_1 on int8 activations: each weight row a lane (16 with AVX-512, 8 with AVX2),
+    exact integer block sums and one fma per block in block order, so the plain C loop, AVX2
+    and AVX-512 give the same bits; a last partial group of rows (43 = 2 x 16 + 11) and x rows
+    past one pass of 8 included, and two threads equal one."""
+    code = """
+import hashlib, torch
+from longside.kernels import ggml_cpu
+from tests.test_kernels_ggml import random_weight
+x = torch.randn(11, 288, generator=torch.Generator().manual_seed(0)) * 3
+ys = []
+for qtype in ("Q4_0", "Q4_1"):
+    w = random_weight(qtype, 43, 288, seed=5)
+    y = ggml_cpu.gemv_int8(x, w)
+    torch.set_num_threads(1)
+    assert torch.equal(ggml_cpu.gemv_int8(x, w), y)
+    torch.set_num_threads(2)
+    ys.append(y)
+print(ggml_cpu.isa(), hashlib.sha256(torch.cat(ys).numpy().tobytes()).hexdigest())
+"""
+    outs = _printed_per_isa(code, ("scalar", "avx2", "avx512"))
+    if len(outs) < 2:
+        pytest.skip("this CPU has no AVX2")
+    assert len(set(outs.values())) == 1, outs
 
 
 @needs_c
