@@ -407,6 +407,12 @@ class MemoryBank:
                 return
             else:
                 slots = self._flat_topk(q, k)
+            if self._one_call_search() and keys_out.is_contiguous() and values_out.is_contiguous() \
+                    and mask_out.is_contiguous():  # many queries (a prompt): the reading in one C call
+                search_cpu.read_chunks(slots, T, self._keys, self._values, self._fill, self._hits,
+                                       None if counted is None else counted.to(self.device),
+                                       keys_out, values_out, mask_out)
+                return
             hit = slots if counted is None else slots.view(H, T, g, k)[:, counted.to(self.device)]
             real = hit[hit != C]
             if real.numel():

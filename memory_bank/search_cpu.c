@@ -357,17 +357,24 @@ AVX2 static void f16_to_f32_avx2(const uint16_t *in, int64_t n, float *out) { /*
  * token (counted [T], or NULL: all) retrieved. */
 void read_chunks_f16(const int64_t *slots, int64_t H, int64_t T, int64_t g, int64_t k, int64_t S, int64_t D,
                      const uint16_t *keys, const uint16_t *values, const uint8_t *fill, int64_t C, int32_t *hits,
-                     const uint8_t *counted, float *keys_out, float *values_out, uint8_t *mask, int isa) {
+                     const uint8_t *counted, float *keys_out, float *values_out, uint8_t *mask, int nthreads,
+                     int isa) {
     const int64_t chunk = S * D, Hq = H * g;
-    for (int64_t h = 0; h < H; h++)
-        for (int64_t t = 0; t < T; t++)
+    /* a prompt's many tokens: both threads (the outputs are fresh memory, whose first touch costs
+     * more than the copy); one token: no team */
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if (T > 1 && nthreads > 1)
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t h = 0; h < H; h++)
             for (int64_t i = 0; i < g; i++) {
                 const int64_t *sl = slots + (h * T * g + t * g + i) * k, hq = h * g + i;
                 float *ko = keys_out + (t * Hq + hq) * k * chunk, *vo = values_out + (t * Hq + hq) * k * chunk;
                 uint8_t *mo = mask + (t * Hq + hq) * k * S;
                 for (int64_t j = 0; j < k; j++) {
                     const int64_t s = sl[j], at = (h * (C + 1) + s) * chunk;
-                    if (hits && s != C && (!counted || counted[t])) hits[s]++;
+                    if (hits && s != C && (!counted || counted[t])) {
+                        #pragma omp atomic
+                        hits[s]++;
+                    }
                     if (isa && chunk % 8 == 0) {
                         f16_to_f32_avx2(keys + at, chunk, ko + j * chunk);
                         f16_to_f32_avx2(values + at, chunk, vo + j * chunk);

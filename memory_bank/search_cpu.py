@@ -39,7 +39,7 @@ def _lib() -> ctypes.CDLL | None:
     lib.search_tokens_bf16.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, ptr, ptr, cint, cint]
     lib.read_chunks_f16.restype = None
     lib.read_chunks_f16.argtypes = [ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr,
-                                    cint]
+                                    cint, cint]
     lib.match_last.restype = None
     lib.match_last.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr]
     return lib
@@ -127,7 +127,7 @@ def read_chunks(slots: torch.Tensor, T: int, keys: torch.Tensor, values: torch.T
     _lib().read_chunks_f16(slots.data_ptr(), H, T, Tg // T, k, S, D, keys.data_ptr(), values.data_ptr(),
                            fill.data_ptr(), C1 - 1, None if hits is None else hits.data_ptr(),
                            None if counted is None else counted.data_ptr(), keys_out.data_ptr(),
-                           values_out.data_ptr(), mask_out.data_ptr(), _isa())
+                           values_out.data_ptr(), mask_out.data_ptr(), torch.get_num_threads(), _isa())
 
 
 def search_tokens(q: torch.Tensor, keys: torch.Tensor, qs: torch.Tensor, rows: torch.Tensor, shortlist: int,

@@ -123,6 +123,35 @@ def test_bank_search_of_one_query_token_equals_torch_path(isa, monkeypatch):
         assert torch.equal(bank._hits - before, counted - hits)
 
 
+def test_bank_search_of_many_query_tokens_reads_in_c_as_torch(isa, monkeypatch):
+    """A prompt's search (many query tokens): torch's top-k, then the reading in one C call on
+    both threads; the keys, values, mask and hit counts equal torch's reading."""
+    g = torch.Generator().manual_seed(5)
+    bank = MemoryBank(num_kv_heads=3, head_dim=64, capacity_tokens=4096, chunk_size=4, dtype=torch.float16)
+    kv = torch.randn(3001, 3, 64, generator=g)  # a partial last chunk
+    bank.add(kv, kv.flip(0))
+    q = torch.randn(37, 9, 64, generator=g)
+    counted = torch.rand(37, generator=g) < 0.7
+    hits = bank._hits.clone()
+    calls = []
+    read = search_cpu.read_chunks
+    monkeypatch.setattr(search_cpu, "read_chunks", lambda *a: calls.append(a[1]) or read(*a))
+    got = bank.search(q, 16)
+    assert calls == [37]  # the C reading ran, for the 37 tokens at once
+    monkeypatch.setenv("LONGSIDE_SEARCH_ISA", "off")
+    mid = bank._hits.clone()
+    want = bank.search(q, 16)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert torch.equal(mid - hits, bank._hits - mid) and (mid - hits).sum() == 37 * 9 * 16
+    batch = BatchMemory.of([bank])
+    for mode in (isa, "off"):
+        monkeypatch.setenv("LONGSIDE_SEARCH_ISA", mode)
+        before = bank._hits.clone()
+        batch.search(q[None], 16, counted=counted[None])
+        assert (bank._hits - before).sum() == int(counted.sum()) * 9 * 16
+
+
 def test_token_search_on_both_threads_and_with_nan_scores(isa):
     """A scan large enough for both threads (each its own heap, merged) gives what one thread
     gives; a query whose scores are NaN gets a row padded as the batch pads rows."""
