@@ -840,8 +840,8 @@ __attribute__((target(AVX512_TARGET), always_inline)) static inline void lanes16
 }
 
 __attribute__((target(AVX512_TARGET), always_inline)) static inline void lanes16_t(
-    const int type, const int MX, const uint8_t *const *rows, int64_t ahead, const int8_t *qx, const float *dx,
-    const float *sx, int64_t ldd, int64_t K, float *out) {
+    const int type, const int MX, const uint8_t *const *rows, int64_t ahead, __m512i *pre, int fill,
+    const int8_t *qx, const float *dx, const float *sx, int64_t ldd, int64_t K, float *out) {
     const int64_t nb = K / 32, bb = block_bytes(type);
     const __m512i low = _mm512_set1_epi8(0x0F);
     __m512 acc[LANES_MAX_MX], off[LANES_MAX_MX];
@@ -854,7 +854,16 @@ __attribute__((target(AVX512_TARGET), always_inline)) static inline void lanes16
         __m512 dw, c;
         if (ahead) /* the next group's rows, one block each step: memory is read ahead of use */
             for (int i = 0; i < 16; i++) _mm_prefetch((const char *)(rows[i] + ahead + b * bb), _MM_HINT_T0);
-        lanes16_block(type, rows, at, b, W, &dw, &c);
+        if (pre && !fill) { /* transposed by an earlier pass over these rows */
+            for (int j = 0; j < 4; j++) W[j] = pre[6 * b + j];
+            dw = _mm512_castsi512_ps(pre[6 * b + 4]), c = _mm512_castsi512_ps(pre[6 * b + 5]);
+        } else {
+            lanes16_block(type, rows, at, b, W, &dw, &c);
+            if (pre) {
+                for (int j = 0; j < 4; j++) pre[6 * b + j] = W[j];
+                pre[6 * b + 4] = _mm512_castps_si512(dw), pre[6 * b + 5] = _mm512_castps_si512(c);
+            }
+        }
         for (int j = 0; j < 4; j++) L[j] = _mm512_and_si512(W[j], low), H[j] = _mm512_and_si512(_mm512_srli_epi16(W[j], 4), low);
         for (int m = 0; m < MX; m++) {
             const int8_t *xb = qx + m * K + b * 32;
@@ -875,19 +884,23 @@ __attribute__((target(AVX512_TARGET), always_inline)) static inline void lanes16
 
 #define LANES16_MX(T)                                                                               \
     switch (mx) {                                                                                   \
-    case 8: lanes16_t(T, 8, rows, ahead, q, d, s, ldd, K, o); break;                                       \
-    case 7: lanes16_t(T, 7, rows, ahead, q, d, s, ldd, K, o); break;                                       \
-    case 6: lanes16_t(T, 6, rows, ahead, q, d, s, ldd, K, o); break;                                       \
-    case 5: lanes16_t(T, 5, rows, ahead, q, d, s, ldd, K, o); break;                                       \
-    case 4: lanes16_t(T, 4, rows, ahead, q, d, s, ldd, K, o); break;                                       \
-    case 3: lanes16_t(T, 3, rows, ahead, q, d, s, ldd, K, o); break;                                       \
-    case 2: lanes16_t(T, 2, rows, ahead, q, d, s, ldd, K, o); break;                                       \
-    default: lanes16_t(T, 1, rows, ahead, q, d, s, ldd, K, o);                                             \
+    case 8: lanes16_t(T, 8, rows, ahead, pre, m == 0, q, d, s, ldd, K, o); break;                                       \
+    case 7: lanes16_t(T, 7, rows, ahead, pre, m == 0, q, d, s, ldd, K, o); break;                                       \
+    case 6: lanes16_t(T, 6, rows, ahead, pre, m == 0, q, d, s, ldd, K, o); break;                                       \
+    case 5: lanes16_t(T, 5, rows, ahead, pre, m == 0, q, d, s, ldd, K, o); break;                                       \
+    case 4: lanes16_t(T, 4, rows, ahead, pre, m == 0, q, d, s, ldd, K, o); break;                                       \
+    case 3: lanes16_t(T, 3, rows, ahead, pre, m == 0, q, d, s, ldd, K, o); break;                                       \
+    case 2: lanes16_t(T, 2, rows, ahead, pre, m == 0, q, d, s, ldd, K, o); break;                                       \
+    default: lanes16_t(T, 1, rows, ahead, pre, m == 0, q, d, s, ldd, K, o);                                             \
     }
 
+/* `pre`: room for K/32 x 6 vectors, where a call of more than LANES_MAX_MX x rows keeps the
+ * rows' transposed blocks from its first pass for the next ones (NULL: transpose every pass) */
 __attribute__((target(AVX512_TARGET))) static void lanes16_avx512(int type, int MX, const uint8_t *const *rows,
-                                                                  int64_t ahead, const int8_t *qx, const float *dx, const float *sx,
-                                                                  int64_t ldd, int64_t K, float *out) {
+                                                                  int64_t ahead, __m512i *pre, const int8_t *qx,
+                                                                  const float *dx, const float *sx, int64_t ldd,
+                                                                  int64_t K, float *out) {
+    if (MX <= LANES_MAX_MX) pre = NULL;
     for (int m = 0; m < MX; m += LANES_MAX_MX) {
         const int mx = MX - m < LANES_MAX_MX ? MX - m : LANES_MAX_MX;
         if (m) ahead = 0;
@@ -917,6 +930,7 @@ static void gemv_q4_lanes(int type, const uint8_t *w, int64_t row_bytes, const i
     #pragma omp parallel num_threads(nt)
     {
         float *out = (float *)malloc(sizeof(float) * 16 * mb);
+        void *pre = M > LANES_MAX_MX ? aligned_alloc(64, (size_t)(K / 32) * 6 * 64) : NULL; /* see lanes16_avx512 */
         #pragma omp for schedule(static)
         for (int64_t g = 0; g < groups; g++) {
             const int64_t n0 = g * lanes, R = N - n0 < lanes ? N - n0 : lanes;
@@ -927,7 +941,9 @@ static void gemv_q4_lanes(int type, const uint8_t *w, int64_t row_bytes, const i
                 const int8_t *q = qx + m0 * K;
                 const float *d = dx + m0 * ldd, *s = sx + m0 * ldd;
 #if HAVE_AVXVNNI
-                if (isa == 3) lanes16_avx512(type, MX, rows, m0 == 0 && g + 1 < groups ? lanes * row_bytes : 0, q, d, s, ldd, K, out);
+                if (isa == 3)
+                    lanes16_avx512(type, MX, rows, m0 == 0 && g + 1 < groups ? lanes * row_bytes : 0, (__m512i *)pre, q, d, s,
+                                   ldd, K, out);
                 else
 #endif
                 (isa == 2 ? lanes8_vnni : lanes8_avx2)(type, MX, rows, q, d, s, ldd, K, out);
@@ -936,6 +952,7 @@ static void gemv_q4_lanes(int type, const uint8_t *w, int64_t row_bytes, const i
             }
         }
         free(out);
+        free(pre);
     }
 }
 
