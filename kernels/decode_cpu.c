@@ -650,3 +650,146 @@ int memory_read_step(int64_t B, int64_t H, int64_t G, int64_t D, int64_t S, int6
     }
     return failed ? -1 : 0;
 }
+
+/* ------------------------------------------------------------ the token cache's mixture */
+
+/* softmax of n floats in place (torch's: exp(x - max) / sum); every x -inf gives NaN as torch */
+static void softmax_inplace(float *x, int64_t n) {
+    float m = -INFINITY;
+    for (int64_t i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
+    float s = 0.0f;
+    for (int64_t i = 0; i < n; i++) x[i] = expf(x[i] - m), s += x[i];
+    for (int64_t i = 0; i < n; i++) x[i] /= s;
+}
+
+/* the weight of the candidates whose token is the heaviest one's (the first heaviest) */
+static float agreement(const float *w, const int64_t *nxt, int64_t n) {
+    int64_t top = 0;
+    for (int64_t i = 1; i < n; i++) top = w[i] > w[top] ? i : top;
+    float a = 0.0f;
+    for (int64_t i = 0; i < n; i++) a += nxt[i] == nxt[top] ? w[i] : 0.0f;
+    return a;
+}
+
+static int cmp_i64(const void *a, const void *b) {
+    const int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* log(distinct next tokens among the valid neighbours) / log(valid neighbours, at least 2) */
+static float vote_spread(const float *sims, const int64_t *nxt, int64_t k, int row_valid, int64_t *tmp) {
+    int64_t nv = 0;
+    for (int64_t i = 0; i < k; i++) {
+        const int ok = row_valid && isfinite(sims[i]);
+        tmp[i] = ok ? nxt[i] : -1;
+        nv += ok;
+    }
+    qsort(tmp, (size_t)k, sizeof(int64_t), cmp_i64);
+    int64_t distinct = 1 - (tmp[0] < 0);
+    for (int64_t i = 1; i < k; i++) distinct += tmp[i] != tmp[i - 1];
+    return logf((float)(distinct < 1 ? 1 : distinct)) / logf((float)(nv < 2 ? 2 : nv));
+}
+
+/* TokenCacheReader.mix (nn/token_cache.py) for N rows of a decode step, in one call: the
+ * logits' statistics, the gates, the mixture's weights and the mixed logits.
+ *   logits, out [N, V] float32 (rows contiguous, out may not alias logits);
+ *   sims [N, k] float32 (-inf: padding, best first), nxt [N, k] int64;
+ *   clen, cnxt [N, c] int64 (match lengths, 0: none; next tokens), c = 0 without the copy read;
+ *   params: log_tau, gate[5], spread_gate[2], copy_log_scale, copy_gate[5] (14 floats; the
+ *   spread and copy entries are read only where `spread`, `copy` say).
+ * Per row: out = logits + log pi_model, and at each voted token v (the k + c candidates' next
+ * tokens, padding -> 0) the mixture's logit lse + logsumexp(log pi_model + logits[v] - lse,
+ * log pi_knn + log vote_knn(v), log pi_copy + log vote_copy(v)), or logits[v] where memory is
+ * silent (log pi_model = 0). Returns 0, -1 when a scratch allocation failed (out not written), or
+ * -2 when a candidate's token is >= V (out not valid). */
+int token_cache_mix(int64_t N, int64_t V, const float *logits, float *out, const float *sims, const int64_t *nxt,
+                    int64_t k, const int64_t *clen, const int64_t *cnxt, int64_t c, const float *params, int spread,
+                    int copy, int nthreads, int isa) {
+    const int64_t kc = k + c;
+    float *stats = (float *)malloc(sizeof(float) * 3 * (N > 0 ? N : 1));
+    float *scratch = (float *)malloc(sizeof(float) * (k + c + 1) * (N > 0 ? N : 1));
+    int64_t *tmp = (int64_t *)malloc(sizeof(int64_t) * (k + 1) * (N > 0 ? N : 1));
+    if (!stats || !scratch || !tmp) {
+        free(stats), free(scratch), free(tmp);
+        return -1;
+    }
+    logit_stats(logits, N, V, V, stats, nthreads, isa);
+    const float tau = expf(params[0]), *gate = params + 1, *sgate = params + 6, *cgate = params + 9;
+    const float cscale = expf(params[8]);
+    const int nt = N < nthreads ? (int)N : nthreads;
+    int bad = 0;
+    #pragma omp parallel for schedule(static) num_threads(nt > 0 ? nt : 1)
+    for (int64_t n = 0; n < N; n++) {
+        const float lse = stats[3 * n], ent = stats[3 * n + 1], lpmax = stats[3 * n + 2];
+        const float *sm = k ? sims + n * k : NULL, *lg = logits + n * V;
+        const int64_t *nx = k ? nxt + n * k : NULL, *cl = c ? clen + n * c : NULL, *cn = c ? cnxt + n * c : NULL;
+        float *wk = scratch + n * (k + c + 1), *wc = wk + k;
+        float a_knn = -INFINITY, a_copy = -INFINITY;
+        if (k) {
+            const int valid = isfinite(sm[0]);
+            for (int64_t i = 0; i < k; i++) wk[i] = (valid ? sm[i] : 0.0f) / tau;
+            softmax_inplace(wk, k);
+            for (int64_t i = 0; i < k; i++) wk[i] = valid ? wk[i] : 0.0f;
+            const float s0 = valid ? sm[0] : 0.0f;
+            float a = gate[0] + s0 * gate[1] + ent * gate[2] + lpmax * gate[3] + agreement(wk, nx, k) * gate[4];
+            if (spread) {
+                const float sp = vote_spread(sm, nx, k, valid, tmp + n * (k + 1));
+                a += sp * sgate[0] + sp * s0 * sgate[1];
+            }
+            a_knn = valid ? a : -INFINITY;
+        }
+        const int64_t cv = copy ? c : 0; /* without the copy read its candidates get no votes */
+        if (cv) {
+            int any = 0;
+            int64_t longest = 0;
+            for (int64_t i = 0; i < cv; i++) any |= cl[i] > 0, longest = cl[i] > longest ? cl[i] : longest;
+            for (int64_t i = 0; i < cv; i++) wc[i] = !any ? 0.0f : cl[i] > 0 ? cscale * (float)cl[i] : -INFINITY;
+            softmax_inplace(wc, cv);
+            for (int64_t i = 0; i < cv; i++) wc[i] = cl[i] > 0 ? wc[i] : 0.0f;
+            const float y = cgate[0] + log1pf((float)longest) * cgate[1] + agreement(wc, cn, cv) * cgate[2] +
+                            ent * cgate[3] + lpmax * cgate[4];
+            a_copy = any ? y : -INFINITY;
+        }
+        /* log_softmax([0, a_knn, a_copy]) */
+        const float m = a_knn > 0.0f ? (a_copy > a_knn ? a_copy : a_knn) : (a_copy > 0.0f ? a_copy : 0.0f);
+        const float ls = logf(expf(-m) + expf(a_knn - m) + expf(a_copy - m));
+        const float lp0 = 0.0f - m - ls, lp1 = a_knn - m - ls, lp2 = a_copy - m - ls;
+        float *o = out + n * V;
+        for (int64_t v = 0; v < V; v++) o[v] = lg[v] + lp0;
+        for (int64_t j = 0; j < kc; j++) {
+            int64_t v = j < k ? nx[j] : cn[j - k];
+            v = v < 0 ? 0 : v;
+            if (v >= V) { /* a stored token the head has no logit for: refused, nothing read past V */
+                #pragma omp atomic write
+                bad = 1;
+                continue;
+            }
+            const float at_model = lg[v];
+            if (!(lp0 < 0.0f)) { /* memory silent: the model's logit, bit for bit */
+                o[v] = at_model;
+                continue;
+            }
+            float t[3];
+            int nterm = 0;
+            t[nterm++] = lp0 + (at_model - lse);
+            if (k) {
+                float vote = 0.0f;
+                for (int64_t i = 0; i < k; i++) vote += (nx[i] < 0 ? 0 : nx[i]) == v ? wk[i] : 0.0f;
+                t[nterm++] = lp1 + logf(vote > 1e-30f ? vote : 1e-30f);
+            }
+            if (cv) {
+                float vote = 0.0f;
+                for (int64_t i = 0; i < cv; i++) vote += (cn[i] < 0 ? 0 : cn[i]) == v ? wc[i] : 0.0f;
+                t[nterm++] = lp2 + logf(vote > 1e-30f ? vote : 1e-30f);
+            }
+            float tm = t[0];
+            for (int i = 1; i < nterm; i++) tm = t[i] > tm ? t[i] : tm;
+            tm = isinf(tm) ? 0.0f : tm; /* as torch.logsumexp: all -inf gives -inf, not NaN */
+            float se = 0.0f;
+            for (int i = 0; i < nterm; i++) se += expf(t[i] - tm);
+            o[v] = logf(se) + tm + lse;
+        }
+    }
+    free(stats), free(scratch), free(tmp);
+    return bad ? -2 : 0;
+}

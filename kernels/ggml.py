@@ -16,6 +16,13 @@ Block formats (ggml type id, elements, bytes; f16 = IEEE half, little-endian):
   sub-block j (32 elements) = (d*sc[j]) * nibble - dmin*min[j].
 - Q6_K (14, 256, 210): ql[128], qh[64], scales int8[16], d f16; element = (d*scale) * (q6 - 32).
 
+Q4_0 and Q4_1 weights may be held in the *lanes* layout (`pack_lanes`): the same bytes of
+each group of 16 rows reordered so that the decode kernel reads, per block, the 16 rows'
+codes already transposed (64 bytes per code dword: that dword of rows 0..15), then the 16
+rows' d and (Q4_1) m halves. A group of 16 rows keeps its 16 x row_bytes bytes, so a packed
+weight is still uint8 `[N, row_bytes]`, its row ranges at multiples of 16 are packed weights
+too, and nothing is dequantized or re-quantized: `unpack_lanes` gives the file's bytes back.
+
 `dequantize_reference` reproduces the `gguf` package's numpy dequantization bit for bit
 (same fp32 operations in the same order); the C and Triton kernels are tested against it.
 """
@@ -52,13 +59,20 @@ def type_info(qtype: str) -> tuple[int, int, int]:
                             f"{', '.join(GGML_TYPES)}") from None
 
 
+# the layout the decode kernel reads: groups of LANE_ROWS rows (kernels/ggml_cpu.c)
+LANE_ROWS = 16
+LANE_TYPES = ("Q4_0", "Q4_1")
+
+
 @dataclass
 class GGMLWeight:
-    """A weight `[N, K]` in a ggml block format: `blocks` uint8 `[N, row_bytes]`, the file's bytes."""
+    """A weight `[N, K]` in a ggml block format: `blocks` uint8 `[N, row_bytes]`, the file's
+    bytes, in the file's order (`packed=False`) or in the lanes layout (`pack_lanes`)."""
 
     blocks: torch.Tensor
     qtype: str
     shape: tuple[int, int]
+    packed: bool = False
 
     def __post_init__(self):
         _, elems, nbytes = type_info(self.qtype)
@@ -68,10 +82,52 @@ class GGMLWeight:
         if self.blocks.dtype != torch.uint8 or tuple(self.blocks.shape) != (n, k // elems * nbytes):
             raise LongsideError(f"{self.qtype} blocks {tuple(self.blocks.shape)} {self.blocks.dtype} do not "
                                 f"hold a [{n}, {k}] weight (expected uint8 [{n}, {k // elems * nbytes}])")
+        if self.packed and not can_pack_lanes(self.qtype, n):
+            raise LongsideError(f"a {self.qtype} weight of {n} rows cannot be in the lanes layout "
+                                f"({', '.join(LANE_TYPES)}, rows a multiple of {LANE_ROWS})")
 
     @property
     def row_bytes(self) -> int:
         return self.blocks.shape[1]
+
+    def file_blocks(self) -> torch.Tensor:
+        """uint8 `[N, row_bytes]` in the file's order (a new tensor when packed)."""
+        return unpack_lanes(self.blocks, self.qtype) if self.packed else self.blocks
+
+
+def can_pack_lanes(qtype: str, n_rows: int) -> bool:
+    """True where `pack_lanes` applies: Q4_0 / Q4_1 with rows a multiple of `LANE_ROWS`."""
+    return qtype in LANE_TYPES and n_rows % LANE_ROWS == 0 and n_rows > 0
+
+
+def _lane_shape(blocks: torch.Tensor, qtype: str) -> tuple[int, int, int]:
+    """(groups of 16 rows, blocks per row, the codes' offset in a block: its f16 halves' bytes)."""
+    n, rb = blocks.shape
+    return n // LANE_ROWS, rb // type_info(qtype)[2], 4 if qtype == "Q4_1" else 2
+
+
+def pack_lanes(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
+    """File-order uint8 `[N, row_bytes]` (Q4_0/Q4_1, N a multiple of 16) -> the lanes layout,
+    same shape: per 16 rows and block, 4 x 64 bytes (code dword j of rows 0..15), then the 16
+    d halves, then (Q4_1) the 16 m halves."""
+    if not can_pack_lanes(qtype, blocks.shape[0]):
+        raise LongsideError(f"cannot pack {qtype} blocks of {blocks.shape[0]} rows into lanes")
+    g, nb, off = _lane_shape(blocks, qtype)
+    b = blocks.reshape(g, LANE_ROWS, nb, -1)
+    codes = b[..., off:].reshape(g, LANE_ROWS, nb, 4, 4).permute(0, 2, 3, 1, 4).reshape(g, nb, 64 * 4)
+    halves = b[..., :off].reshape(g, LANE_ROWS, nb, off // 2, 2).permute(0, 2, 3, 1, 4).reshape(g, nb, LANE_ROWS * off)
+    return torch.cat([codes, halves], -1).reshape(blocks.shape).contiguous()
+
+
+def unpack_lanes(packed: torch.Tensor, qtype: str) -> torch.Tensor:
+    """The inverse of `pack_lanes`: the file's bytes back, uint8 `[N, row_bytes]`."""
+    if not can_pack_lanes(qtype, packed.shape[0]):
+        raise LongsideError(f"{qtype} blocks of {packed.shape[0]} rows are not in the lanes layout")
+    g, nb, off = _lane_shape(packed, qtype)
+    p = packed.reshape(g, nb, -1)
+    codes = p[..., :256].reshape(g, nb, 4, LANE_ROWS, 4).permute(0, 3, 1, 2, 4).reshape(g, LANE_ROWS, nb, 16)
+    halves = p[..., 256:].reshape(g, nb, off // 2, LANE_ROWS, 2).permute(0, 3, 1, 2, 4).reshape(g, LANE_ROWS, nb, off)
+    return torch.cat([halves, codes], -1).reshape(packed.shape).contiguous()
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
@@ -140,7 +196,7 @@ def dequantize_reference(w: GGMLWeight) -> torch.Tensor:
     """The whole weight as float32 `[N, K]` (plain torch; slow, for tests and fallbacks)."""
     _, elems, nbytes = type_info(w.qtype)
     n, k = w.shape
-    flat = w.blocks.reshape(-1, nbytes)
+    flat = w.file_blocks().reshape(-1, nbytes)
     return dequantize_blocks(flat, w.qtype).reshape(n, k)
 
 

@@ -13,6 +13,10 @@
  *                      a vector; Q8_0 four weight rows per pass.
  *   ggml_gemv_f32:     y = x W^T from fp32 activations, fused per type with AVX2 (equal
  *                      to decode-then-dot up to summation order). Any type.
+ *
+ * A type id with LANES_PACKED set means Q4_0 / Q4_1 blocks in the lanes layout
+ * (kernels/ggml.py pack_lanes; rows a multiple of LANE_ROWS): every entry point takes it, the
+ * int8 kernel reads it as it is, the others unpack one row at a time (same bits).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -32,6 +36,7 @@
 #endif
 
 enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14 };
+enum { LANES_PACKED = 0x100, LANE_ROWS = 16 };
 
 #define MIN_WEIGHTS_PER_THREAD (1 << 16)
 
@@ -79,6 +84,38 @@ static inline int block_bytes(int type) {
 }
 
 int ggml_block_bytes(int type) { return block_bytes(type); }
+
+/* Strips LANES_PACKED from *type; 1 if it was set on a type that has the layout (Q4_0, Q4_1):
+ * on any other type the bit is ignored, so no row is unpacked from a layout it cannot have */
+static inline int lanes_packed(int *type) {
+    const int bit = *type & LANES_PACKED;
+    *type &= ~LANES_PACKED;
+    return bit && (*type == T_Q4_0 || *type == T_Q4_1);
+}
+
+/* Row n of a lanes-packed Q4_0 / Q4_1 weight into out[row_bytes], its blocks as in the file.
+ * A group of LANE_ROWS rows holds, per block: 4 x 64 bytes (code dword j of rows 0..15), the
+ * rows' d halves, then (Q4_1) their m halves. */
+static void unpack_row(int type, const uint8_t *w, int64_t row_bytes, int64_t n, uint8_t *out) {
+    const int bb = block_bytes(type), off = type == T_Q4_1 ? 4 : 2;
+    const int64_t nb = row_bytes / bb, r = n % LANE_ROWS;
+    const uint8_t *group = w + (n - r) * row_bytes;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *src = group + b * LANE_ROWS * bb;
+        uint8_t *dst = out + b * bb;
+        memcpy(dst, src + 256 + 2 * r, 2);
+        if (off == 4) memcpy(dst + 2, src + 288 + 2 * r, 2);
+        for (int j = 0; j < 4; j++) memcpy(dst + off + 4 * j, src + 64 * j + 4 * r, 4);
+    }
+}
+
+/* Row n's blocks in the file's order: in place, or unpacked into tmp[row_bytes] when packed */
+static inline const uint8_t *file_row(int type, int packed, const uint8_t *w, int64_t row_bytes, int64_t n,
+                                      uint8_t *tmp) {
+    if (!packed) return w + n * row_bytes;
+    unpack_row(type, w, row_bytes, n, tmp);
+    return tmp;
+}
 
 int ggml_cpu_features(void) {
     __builtin_cpu_init();
@@ -179,9 +216,18 @@ static void dequant_row(int type, const uint8_t *row, int64_t K, float *out) {
 
 void ggml_dequant_rows(int type, const uint8_t *w, int64_t row_bytes, float *out, int64_t n0,
                        int64_t n1, int64_t K, int nthreads) {
+    const int packed = lanes_packed(&type);
     int nt = pick_threads((n1 - n0) * K, nthreads);
-    #pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t n = n0; n < n1; n++) dequant_row(type, w + n * row_bytes, K, out + (n - n0) * K);
+    #pragma omp parallel num_threads(nt)
+    {
+        uint8_t *tmp = packed ? (uint8_t *)malloc((size_t)row_bytes) : NULL;
+        #pragma omp for schedule(static)
+        for (int64_t n = n0; n < n1; n++) {
+            const uint8_t *row = file_row(type, packed, w, row_bytes, n, tmp);
+            dequant_row(type, row, K, out + (n - n0) * K);
+        }
+        free(tmp);
+    }
 }
 
 /* ---------------------------------------------------------------- fp32 activations */
@@ -376,6 +422,7 @@ AVX2 static float row_dot_f32_q6_k(const uint8_t *row, const float *x, int64_t n
  * every type with AVX2; the portable path decodes each row exactly into a buffer, then dots. */
 void ggml_gemv_f32(int type, const uint8_t *w, int64_t row_bytes, const float *x, int64_t ldx, int64_t M,
                    float *y, int64_t ldy, int64_t N, int64_t K, int nthreads, int use_avx2) {
+    const int packed = lanes_packed(&type);
     int nt = pick_threads(N * K, nthreads);
     if (use_avx2) {
         int64_t nb = K / 32;
@@ -386,28 +433,33 @@ void ggml_gemv_f32(int type, const uint8_t *w, int64_t row_bytes, const float *x
                 for (int j = 0; j < 32; j++) t += x[m * ldx + b * 32 + j];
                 xs[m * nb + b] = t;
             }
-        #pragma omp parallel for schedule(static) num_threads(nt)
-        for (int64_t n = 0; n < N; n++) {
-            if (type == T_Q4_0 || type == T_Q4_1 || type == T_Q8_0) { /* x rows four at a time */
-                for (int64_t m = 0; m < M; m += 4) {
-                    float out[4];
-                    int MX = M - m < 4 ? (int)(M - m) : 4;
-                    rows_dot_f32(type, MX, w + n * row_bytes, x + m * ldx, ldx, xs + m * nb, nb, out);
-                    for (int j = 0; j < MX; j++) y[(m + j) * ldy + n] = out[j];
+        #pragma omp parallel num_threads(nt)
+        {
+            uint8_t *tmp = packed ? (uint8_t *)malloc((size_t)row_bytes) : NULL;
+            #pragma omp for schedule(static)
+            for (int64_t n = 0; n < N; n++) {
+                const uint8_t *row = file_row(type, packed, w, row_bytes, n, tmp);
+                if (type == T_Q4_0 || type == T_Q4_1 || type == T_Q8_0) { /* x rows four at a time */
+                    for (int64_t m = 0; m < M; m += 4) {
+                        float out[4];
+                        int MX = M - m < 4 ? (int)(M - m) : 4;
+                        rows_dot_f32(type, MX, row, x + m * ldx, ldx, xs + m * nb, nb, out);
+                        for (int j = 0; j < MX; j++) y[(m + j) * ldy + n] = out[j];
+                    }
+                    continue;
                 }
-                continue;
-            }
-            for (int64_t m = 0; m < M; m++) {
-                const uint8_t *row = w + n * row_bytes;
-                const float *xm = x + m * ldx, *sm = xs + m * nb;
-                float v;
-                switch (type) {
-                case T_Q5_0: v = row_dot_f32_q5_0(row, xm, sm, nb); break;
-                case T_Q4_K: v = row_dot_f32_q4_k(row, xm, sm, nb / 8); break;
-                default: v = row_dot_f32_q6_k(row, xm, nb / 8); /* T_Q6_K */
+                for (int64_t m = 0; m < M; m++) {
+                    const float *xm = x + m * ldx, *sm = xs + m * nb;
+                    float v;
+                    switch (type) {
+                    case T_Q5_0: v = row_dot_f32_q5_0(row, xm, sm, nb); break;
+                    case T_Q4_K: v = row_dot_f32_q4_k(row, xm, sm, nb / 8); break;
+                    default: v = row_dot_f32_q6_k(row, xm, nb / 8); /* T_Q6_K */
+                    }
+                    y[m * ldy + n] = v;
                 }
-                y[m * ldy + n] = v;
             }
+            free(tmp);
         }
         free(xs);
         return;
@@ -415,13 +467,16 @@ void ggml_gemv_f32(int type, const uint8_t *w, int64_t row_bytes, const float *x
     #pragma omp parallel num_threads(nt)
     {
         float *buf = (float *)malloc(sizeof(float) * K);
+        uint8_t *tmp = packed ? (uint8_t *)malloc((size_t)row_bytes) : NULL;
         #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) {
-            dequant_row(type, w + n * row_bytes, K, buf);
+            const uint8_t *row = file_row(type, packed, w, row_bytes, n, tmp);
+            dequant_row(type, row, K, buf);
             for (int64_t m = 0; m < M; m++)
                 y[m * ldy + n] = dot_scalar(buf, x + m * ldx, K);
         }
         free(buf);
+        free(tmp);
     }
 }
 
@@ -686,11 +741,11 @@ static inline int dot4_scalar(const uint8_t *codes, const int8_t *x) {
     return codes[0] * x[0] + codes[1] * x[1] + codes[2] * x[2] + codes[3] * x[3];
 }
 
-static void lanes_scalar(int type, const uint8_t *w, int64_t row_bytes, const int8_t *qx, const float *dx,
-                         const float *sx, int64_t ldd, int64_t M, float *y, int64_t ldy, int64_t n, int64_t K) {
+/* weight row n (its blocks at `row`, in the file's order) against the M x rows */
+static void lanes_scalar(int type, const uint8_t *row, const int8_t *qx, const float *dx, const float *sx,
+                         int64_t ldd, int64_t M, float *y, int64_t ldy, int64_t n, int64_t K) {
     const int bb = block_bytes(type), q1 = type == T_Q4_1;
     const int64_t nb = K / 32;
-    const uint8_t *row = w + n * row_bytes;
     for (int64_t m = 0; m < M; m++) {
         float acc = 0.0f, off = 0.0f;
         for (int64_t b = 0; b < nb; b++) {
@@ -731,10 +786,21 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void lanes
         *c = _mm256_mul_ps(*dw, _mm256_set1_ps(-8.0f));
 }
 
+/* The same from a lanes-packed group (pk: its first row; half 0: rows 0-7, 1: rows 8-15) */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void lanes8_packed(
+    const int type, const uint8_t *pk, int half, int64_t b, __m256i *W, __m256 *dw, __m256 *c) {
+    const uint8_t *blk = pk + b * LANE_ROWS * block_bytes(type);
+    for (int j = 0; j < 4; j++) W[j] = _mm256_loadu_si256((const __m256i *)(blk + 64 * j + 32 * half));
+    *dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 256 + 16 * half)));
+    *c = type == T_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 288 + 16 * half)))
+                        : _mm256_mul_ps(*dw, _mm256_set1_ps(-8.0f));
+}
+
+/* pk: NULL, or a lanes-packed group whose rows `half` (see lanes8_packed) stand in for `rows` */
 #define LANES8(NAME, TARGET, VNNI)                                                                  \
     __attribute__((target(TARGET), always_inline)) static inline void NAME##_t(                    \
-        const int type, const int MX, const uint8_t *const *rows, const int8_t *qx, const float *dx, \
-        const float *sx, int64_t ldd, int64_t K, float *out) {                                      \
+        const int type, const int MX, const uint8_t *const *rows, const uint8_t *pk, int half,      \
+        const int8_t *qx, const float *dx, const float *sx, int64_t ldd, int64_t K, float *out) {   \
         const int64_t nb = K / 32;                                                                  \
         const __m256i low = _mm256_set1_epi8(0x0F);                                                 \
         __m256 acc[4], off[4];                                                                      \
@@ -745,7 +811,8 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void lanes
         for (int64_t b = 0; b < nb; b++) {                                                          \
             __m256i W[4];                                                                           \
             __m256 dw, c;                                                                           \
-            lanes8_block(type, rows, at, b, W, &dw, &c);                                                \
+            if (pk) lanes8_packed(type, pk, half, b, W, &dw, &c);                                    \
+            else lanes8_block(type, rows, at, b, W, &dw, &c);                                       \
             for (int m = 0; m < MX; m++) {                                                          \
                 const int8_t *xb = qx + m * K + b * 32;                                             \
                 __m256i p;                                                                          \
@@ -779,23 +846,24 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void lanes
         for (int m = 0; m < MX; m++) _mm256_storeu_ps(out + 8 * m, _mm256_add_ps(acc[m], off[m]));  \
     }                                                                                               \
     __attribute__((target(TARGET))) static void NAME(int type, int MX, const uint8_t *const *rows,  \
-                                                     const int8_t *qx, const float *dx, const float *sx, \
-                                                     int64_t ldd, int64_t K, float *out) {          \
+                                                     const uint8_t *pk, int half, const int8_t *qx,  \
+                                                     const float *dx, const float *sx, int64_t ldd,  \
+                                                     int64_t K, float *out) {                        \
         for (int m = 0; m < MX; m += 4) {                                                           \
             const int mx = MX - m < 4 ? MX - m : 4;                                                 \
             const int8_t *q = qx + m * K;                                                           \
             const float *d = dx + m * ldd, *s = sx + m * ldd;                                       \
             float *o = out + 8 * m;                                                                 \
             if (type == T_Q4_1) {                                                                   \
-                if (mx == 4) NAME##_t(T_Q4_1, 4, rows, q, d, s, ldd, K, o);                         \
-                else if (mx == 3) NAME##_t(T_Q4_1, 3, rows, q, d, s, ldd, K, o);                    \
-                else if (mx == 2) NAME##_t(T_Q4_1, 2, rows, q, d, s, ldd, K, o);                    \
-                else NAME##_t(T_Q4_1, 1, rows, q, d, s, ldd, K, o);                                 \
+                if (mx == 4) NAME##_t(T_Q4_1, 4, rows, pk, half, q, d, s, ldd, K, o);                         \
+                else if (mx == 3) NAME##_t(T_Q4_1, 3, rows, pk, half, q, d, s, ldd, K, o);                    \
+                else if (mx == 2) NAME##_t(T_Q4_1, 2, rows, pk, half, q, d, s, ldd, K, o);                    \
+                else NAME##_t(T_Q4_1, 1, rows, pk, half, q, d, s, ldd, K, o);                                 \
             } else {                                                                                \
-                if (mx == 4) NAME##_t(T_Q4_0, 4, rows, q, d, s, ldd, K, o);                         \
-                else if (mx == 3) NAME##_t(T_Q4_0, 3, rows, q, d, s, ldd, K, o);                    \
-                else if (mx == 2) NAME##_t(T_Q4_0, 2, rows, q, d, s, ldd, K, o);                    \
-                else NAME##_t(T_Q4_0, 1, rows, q, d, s, ldd, K, o);                                 \
+                if (mx == 4) NAME##_t(T_Q4_0, 4, rows, pk, half, q, d, s, ldd, K, o);                         \
+                else if (mx == 3) NAME##_t(T_Q4_0, 3, rows, pk, half, q, d, s, ldd, K, o);                    \
+                else if (mx == 2) NAME##_t(T_Q4_0, 2, rows, pk, half, q, d, s, ldd, K, o);                    \
+                else NAME##_t(T_Q4_0, 1, rows, pk, half, q, d, s, ldd, K, o);                                 \
             }                                                                                       \
         }                                                                                           \
     }
@@ -839,8 +907,19 @@ __attribute__((target(AVX512_TARGET), always_inline)) static inline void lanes16
                         : _mm512_mul_ps(*dw, _mm512_set1_ps(-8.0f));
 }
 
+/* The same from a lanes-packed group (pk: its first row): plain loads */
+__attribute__((target(AVX512_TARGET), always_inline)) static inline void lanes16_packed(
+    const int type, const uint8_t *pk, int64_t b, __m512i *W, __m512 *dw, __m512 *c) {
+    const uint8_t *blk = pk + b * LANE_ROWS * block_bytes(type);
+    for (int j = 0; j < 4; j++) W[j] = _mm512_loadu_si512((const void *)(blk + 64 * j));
+    *dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 256)));
+    *c = type == T_Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 288)))
+                        : _mm512_mul_ps(*dw, _mm512_set1_ps(-8.0f));
+}
+
+/* pk: NULL, or a lanes-packed group standing in for `rows` (then `pre` and `ahead` are unused) */
 __attribute__((target(AVX512_TARGET), always_inline)) static inline void lanes16_t(
-    const int type, const int MX, const uint8_t *const *rows, int64_t ahead, __m512i *pre, int fill,
+    const int type, const int MX, const uint8_t *const *rows, const uint8_t *pk, int64_t ahead, __m512i *pre, int fill,
     const int8_t *qx, const float *dx, const float *sx, int64_t ldd, int64_t K, float *out) {
     const int64_t nb = K / 32, bb = block_bytes(type);
     const __m512i low = _mm512_set1_epi8(0x0F);
@@ -854,7 +933,9 @@ __attribute__((target(AVX512_TARGET), always_inline)) static inline void lanes16
         __m512 dw, c;
         if (ahead) /* the next group's rows, one block each step: memory is read ahead of use */
             for (int i = 0; i < 16; i++) _mm_prefetch((const char *)(rows[i] + ahead + b * bb), _MM_HINT_T0);
-        if (pre && !fill) { /* transposed by an earlier pass over these rows */
+        if (pk) {
+            lanes16_packed(type, pk, b, W, &dw, &c);
+        } else if (pre && !fill) { /* transposed by an earlier pass over these rows */
             for (int j = 0; j < 4; j++) W[j] = pre[6 * b + j];
             dw = _mm512_castsi512_ps(pre[6 * b + 4]), c = _mm512_castsi512_ps(pre[6 * b + 5]);
         } else {
@@ -884,20 +965,21 @@ __attribute__((target(AVX512_TARGET), always_inline)) static inline void lanes16
 
 #define LANES16_MX(T)                                                                               \
     switch (mx) {                                                                                   \
-    case 8: lanes16_t(T, 8, rows, ahead, pre, m == 0, q, d, s, ldd, K, o); break;                                       \
-    case 7: lanes16_t(T, 7, rows, ahead, pre, m == 0, q, d, s, ldd, K, o); break;                                       \
-    case 6: lanes16_t(T, 6, rows, ahead, pre, m == 0, q, d, s, ldd, K, o); break;                                       \
-    case 5: lanes16_t(T, 5, rows, ahead, pre, m == 0, q, d, s, ldd, K, o); break;                                       \
-    case 4: lanes16_t(T, 4, rows, ahead, pre, m == 0, q, d, s, ldd, K, o); break;                                       \
-    case 3: lanes16_t(T, 3, rows, ahead, pre, m == 0, q, d, s, ldd, K, o); break;                                       \
-    case 2: lanes16_t(T, 2, rows, ahead, pre, m == 0, q, d, s, ldd, K, o); break;                                       \
-    default: lanes16_t(T, 1, rows, ahead, pre, m == 0, q, d, s, ldd, K, o);                                             \
+    case 8: lanes16_t(T, 8, rows, pk, ahead, pre, m == 0, q, d, s, ldd, K, o); break;                                       \
+    case 7: lanes16_t(T, 7, rows, pk, ahead, pre, m == 0, q, d, s, ldd, K, o); break;                                       \
+    case 6: lanes16_t(T, 6, rows, pk, ahead, pre, m == 0, q, d, s, ldd, K, o); break;                                       \
+    case 5: lanes16_t(T, 5, rows, pk, ahead, pre, m == 0, q, d, s, ldd, K, o); break;                                       \
+    case 4: lanes16_t(T, 4, rows, pk, ahead, pre, m == 0, q, d, s, ldd, K, o); break;                                       \
+    case 3: lanes16_t(T, 3, rows, pk, ahead, pre, m == 0, q, d, s, ldd, K, o); break;                                       \
+    case 2: lanes16_t(T, 2, rows, pk, ahead, pre, m == 0, q, d, s, ldd, K, o); break;                                       \
+    default: lanes16_t(T, 1, rows, pk, ahead, pre, m == 0, q, d, s, ldd, K, o);                                             \
     }
 
 /* `pre`: room for K/32 x 6 vectors, where a call of more than LANES_MAX_MX x rows keeps the
  * rows' transposed blocks from its first pass for the next ones (NULL: transpose every pass) */
 __attribute__((target(AVX512_TARGET))) static void lanes16_avx512(int type, int MX, const uint8_t *const *rows,
-                                                                  int64_t ahead, __m512i *pre, const int8_t *qx,
+                                                                  const uint8_t *pk, int64_t ahead, __m512i *pre,
+                                                                  const int8_t *qx,
                                                                   const float *dx, const float *sx, int64_t ldd,
                                                                   int64_t K, float *out) {
     if (MX <= LANES_MAX_MX) pre = NULL;
@@ -915,43 +997,58 @@ __attribute__((target(AVX512_TARGET))) static void lanes16_avx512(int type, int 
 
 /* y[m, n] = sum_k x[m, k] W[n, k] for Q4_0 / Q4_1 with rows as lanes (see above); isa as in
  * gemv_q8. Groups of `lanes` rows go to the threads; a last partial group repeats its last row
- * in the spare lanes and stores only its own. */
-static void gemv_q4_lanes(int type, const uint8_t *w, int64_t row_bytes, const int8_t *qx, const float *dx,
-                          const float *sx, int64_t ldd, int64_t M, float *y, int64_t ldy, int64_t N, int64_t K,
-                          int nthreads, int isa) {
+ * in the spare lanes and stores only its own. `packed`: W is in the lanes layout (N a multiple
+ * of LANE_ROWS), whose groups are read with plain loads, nothing transposed. */
+static void gemv_q4_lanes(int type, int packed, const uint8_t *w, int64_t row_bytes, const int8_t *qx,
+                          const float *dx, const float *sx, int64_t ldd, int64_t M, float *y, int64_t ldy, int64_t N,
+                          int64_t K, int nthreads, int isa) {
     int nt = pick_threads(N * K, nthreads);
     if (isa == 0) {
-        #pragma omp parallel for schedule(static) num_threads(nt)
-        for (int64_t n = 0; n < N; n++) lanes_scalar(type, w, row_bytes, qx, dx, sx, ldd, M, y, ldy, n, K);
+        #pragma omp parallel num_threads(nt)
+        {
+            uint8_t *tmp = packed ? (uint8_t *)malloc((size_t)row_bytes) : NULL;
+            #pragma omp for schedule(static)
+            for (int64_t n = 0; n < N; n++) {
+                const uint8_t *row = file_row(type, packed, w, row_bytes, n, tmp);
+                lanes_scalar(type, row, qx, dx, sx, ldd, M, y, ldy, n, K);
+            }
+            free(tmp);
+        }
         return;
     }
     const int lanes = HAVE_AVXVNNI && isa == 3 ? 16 : 8;
     const int64_t groups = (N + lanes - 1) / lanes, mb = M < 64 ? M : 64;
+    /* the transposed blocks kept between passes (lanes16_avx512): AVX-512 only, not when packed */
+    const int keep = HAVE_AVXVNNI && isa == 3 && !packed && M > LANES_MAX_MX;
     #pragma omp parallel num_threads(nt)
     {
-        float *out = (float *)malloc(sizeof(float) * 16 * mb);
-        void *pre = M > LANES_MAX_MX ? aligned_alloc(64, (size_t)(K / 32) * 6 * 64) : NULL; /* see lanes16_avx512 */
+        float out[16 * 64];
+        void *pre = keep ? aligned_alloc(64, (size_t)(K / 32) * 6 * 64) : NULL;
         #pragma omp for schedule(static)
         for (int64_t g = 0; g < groups; g++) {
             const int64_t n0 = g * lanes, R = N - n0 < lanes ? N - n0 : lanes;
             const uint8_t *rows[16];
             for (int i = 0; i < lanes; i++) rows[i] = w + (n0 + (i < R ? i : R - 1)) * row_bytes;
+            /* a packed group of 16 rows; 8 lanes read its rows 0-7 or 8-15 */
+            const uint8_t *pk = packed ? w + (n0 - n0 % LANE_ROWS) * row_bytes : NULL;
+            const int half = (int)(n0 % LANE_ROWS) / 8;
+            /* the next group is read ahead where it is whole (unpacked rows: the hardware
+             * prefetcher does not follow 16 strided rows; packed ones are one stream) */
+            const int64_t ahead = !packed && (g + 2) * lanes <= N ? lanes * row_bytes : 0;
             for (int64_t m0 = 0; m0 < M; m0 += mb) {
                 const int MX = (int)(M - m0 < mb ? M - m0 : mb);
                 const int8_t *q = qx + m0 * K;
                 const float *d = dx + m0 * ldd, *s = sx + m0 * ldd;
 #if HAVE_AVXVNNI
                 if (isa == 3)
-                    lanes16_avx512(type, MX, rows, m0 == 0 && g + 1 < groups ? lanes * row_bytes : 0, (__m512i *)pre, q, d, s,
-                                   ldd, K, out);
+                    lanes16_avx512(type, MX, rows, pk, m0 == 0 ? ahead : 0, (__m512i *)pre, q, d, s, ldd, K, out);
                 else
 #endif
-                (isa == 2 ? lanes8_vnni : lanes8_avx2)(type, MX, rows, q, d, s, ldd, K, out);
+                (isa == 2 ? lanes8_vnni : lanes8_avx2)(type, MX, rows, pk, half, q, d, s, ldd, K, out);
                 for (int m = 0; m < MX; m++)
                     for (int64_t r = 0; r < R; r++) y[(m0 + m) * ldy + n0 + r] = out[m * lanes + r];
             }
         }
-        free(out);
         free(pre);
     }
 }
@@ -977,8 +1074,9 @@ static float row_dot_scalar_q8_0(const uint8_t *row, const int8_t *qx, const flo
 static void gemv_q8(int type, const uint8_t *w, int64_t row_bytes, const int8_t *qx, const float *dx,
                     const float *sx, int64_t ldd, int64_t M, float *y, int64_t ldy, int64_t N, int64_t K,
                     int nthreads, int isa) {
+    const int packed = lanes_packed(&type);
     if (type == T_Q4_0 || type == T_Q4_1) {
-        gemv_q4_lanes(type, w, row_bytes, qx, dx, sx, ldd, M, y, ldy, N, K, nthreads, isa);
+        gemv_q4_lanes(type, packed, w, row_bytes, qx, dx, sx, ldd, M, y, ldy, N, K, nthreads, isa);
         return;
     }
     int nt = pick_threads(N * K, nthreads);

@@ -49,6 +49,8 @@ def _lib() -> ctypes.CDLL | None:
                                                            cint]
     lib.logit_stats.restype = None
     lib.logit_stats.argtypes = [ptr, i64, i64, i64, ptr, cint, cint]
+    lib.token_cache_mix.restype = cint
+    lib.token_cache_mix.argtypes = [i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, ptr, cint, cint, cint, cint]
     return lib
 
 
@@ -76,8 +78,12 @@ def decode_in_c() -> bool:
     return os.environ.get("LONGSIDE_DECODE", "c") != "torch" and available()
 
 
+# a type id with this bit: the blocks are in the lanes layout (kernels/ggml.py pack_lanes)
+LANES_PACKED = 0x100
+
+
 def _tid(w: GGMLWeight) -> int:
-    return type_info(w.qtype)[0]
+    return type_info(w.qtype)[0] | (LANES_PACKED if w.packed else 0)
 
 
 def dequantize_rows(w: GGMLWeight, n0: int = 0, n1: int | None = None,
@@ -182,6 +188,34 @@ def logit_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     _lib().logit_stats(logits.data_ptr(), N, V, logits.stride(0), out.data_ptr(), torch.get_num_threads(),
                        _isa_level())
     return out[:, :1], out[:, 1], out[:, 2]
+
+
+def token_cache_mix(logits: torch.Tensor, sims: torch.Tensor, nxt: torch.Tensor, copy_len: torch.Tensor,
+                    copy_nxt: torch.Tensor, params: torch.Tensor, spread: bool, copy: bool) -> torch.Tensor:
+    """`TokenCacheReader.mix` (nn/token_cache.py) in one C call (kernels/decode_cpu.c): logits
+    `[N, V]` float32, sims `[N, k]` float32, nxt `[N, k]`, copy_len and copy_nxt `[N, c]` int64,
+    all contiguous on the CPU; `params` float32 `[14]`: log tau, the gate (5), the spread gate
+    (2), log copy scale, the copy gate (5) -> the mixed logits `[N, V]` float32 (a new tensor),
+    what the torch code gives to float rounding, and the input logits bit for bit in rows
+    where memory is silent. Raises ValueError for other layouts."""
+    N, V = logits.shape if logits.dim() == 2 else (0, 0)
+    k, c = sims.shape[-1], copy_len.shape[-1]
+    parts = (logits, sims, nxt, copy_len, copy_nxt, params)
+    if logits.dim() != 2 or any(not t.is_contiguous() or t.device.type != "cpu" for t in parts) \
+            or logits.dtype != torch.float32 or sims.dtype != torch.float32 or params.dtype != torch.float32 \
+            or params.shape != (14,) or sims.shape != (N, k) or nxt.shape != (N, k) or copy_len.shape != (N, c) \
+            or copy_nxt.shape != (N, c) or any(t.dtype != torch.int64 for t in (nxt, copy_len, copy_nxt)):
+        raise ValueError("token_cache_mix: unexpected shapes, dtypes or layouts")
+    out = torch.empty_like(logits)
+    rc = _lib().token_cache_mix(N, V, logits.data_ptr(), out.data_ptr(), sims.data_ptr(), nxt.data_ptr(), k,
+                                copy_len.data_ptr(), copy_nxt.data_ptr(), c, params.data_ptr(), int(spread),
+                                int(copy), torch.get_num_threads(), _isa_level())
+    if rc == -2:
+        raise ValueError(f"token_cache_mix: a stored next token is outside the {V}-token vocabulary "
+                         "(a memory written with another tokenizer?)")
+    if rc:
+        raise MemoryError("token_cache_mix: could not allocate its scratch buffers")
+    return out
 
 
 def memory_read_step(q: torch.Tensor, qr: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from gguf import GGUFReader, MODEL_ARCH_NAMES, get_tensor_name_map
 from longside.kernels import ggml_cpu
-from longside.kernels.ggml import GGML_TYPES, GGMLWeight, dequantize_reference, llama_row_order, type_info
+from longside.kernels.ggml import (GGML_TYPES, GGMLWeight, can_pack_lanes, dequantize_reference, llama_row_order,
+                                   pack_lanes, type_info, unpack_lanes)
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -48,12 +49,12 @@ def matmul_ggml(x: torch.Tensor, w: GGMLWeight, activations: str = "int8",
     if x2.device.type == "cuda":
         from longside.kernels.ggml_triton import matmul_ggml_triton  # Triton exists only where CUDA does
 
-        return matmul_ggml_triton(x2, w.blocks, w.qtype, n, k).reshape(*lead, n)
+        return matmul_ggml_triton(x2, w.file_blocks(), w.qtype, n, k).reshape(*lead, n)
     if x2.device.type != "cpu" or w.blocks.device.type != "cpu":
         raise LongsideError(f"matmul_ggml: x on {x2.device} and the weight on {w.blocks.device}; both must be on "
                             "the cpu (or both on cuda)")
     if not w.blocks.is_contiguous():
-        w = GGMLWeight(w.blocks.contiguous(), w.qtype, w.shape)
+        w = GGMLWeight(w.blocks.contiguous(), w.qtype, w.shape, w.packed)
     x2 = x2.float()
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -94,7 +95,9 @@ class _MatmulGGML(torch.autograd.Function):
 class GGUFLinear(nn.Module):
     """A frozen linear layer whose weight is a GGUF tensor's blocks, as in the file.
 
-    Buffer `blocks`: uint8 `[out_features, row_bytes]` (persistent). `bias` float32 or None.
+    Buffer `blocks`: uint8 `[out_features, row_bytes]` (persistent), in the file's order or,
+    where `packed` (`pack_lanes()`: Q4_0/Q4_1 on the CPU), in the lanes layout the decode
+    kernel reads without transposing (kernels/ggml.py). `bias` float32 or None.
     `activations`: "int8" (decode dot products on int8 activations, llama.cpp's way) or
     "fp32" (exact). Input `[..., in_features]` -> float32 `[..., out_features]` cast back to
     the input's dtype.
@@ -111,20 +114,44 @@ class GGUFLinear(nn.Module):
         self.in_features, self.out_features, self.qtype, self.activations = in_features, out_features, qtype, activations
         self.register_buffer("blocks", torch.zeros(out_features, in_features // elems * nbytes, dtype=torch.uint8))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.packed = False
         self._weight: GGMLWeight | None = None  # a view of `blocks`, rebuilt when the buffer is replaced
 
     @classmethod
     def from_weight(cls, w: GGMLWeight, bias: torch.Tensor | None = None, activations: str = "int8") -> "GGUFLinear":
         n, k = w.shape
         layer = cls(k, n, w.qtype, bias is not None, activations)
-        layer.blocks = w.blocks.contiguous()
+        layer.blocks, layer.packed = w.blocks.contiguous(), w.packed
         if bias is not None:
             layer.bias.data = bias.detach().float().clone()
         return layer
 
+    def pack_lanes(self) -> bool:
+        """Hold the blocks in the lanes layout (same bytes, reordered in groups of 16 rows) where
+        the type and row count allow it and the compiled kernels can read it; True if packed."""
+        if self.packed or self.blocks.device.type != "cpu" or not ggml_cpu.available() \
+                or not can_pack_lanes(self.qtype, self.out_features):
+            return self.packed
+        self.blocks, self.packed = pack_lanes(self.blocks, self.qtype), True
+        return True
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # a state dict holds the file's bytes whatever the layout here (the flag is not in it)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.packed:
+            destination[prefix + "blocks"] = unpack_lanes(self.blocks.detach(), self.qtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.packed and prefix + "blocks" in state_dict:  # file bytes in: back to this layer's layout
+            with torch.no_grad():
+                self.blocks.copy_(pack_lanes(self.blocks, self.qtype))
+
     def ggml_weight(self) -> GGMLWeight:
+        if self.packed and self.blocks.device.type != "cpu":  # the lanes layout is the CPU kernels'
+            self.blocks, self.packed = unpack_lanes(self.blocks, self.qtype), False
         if self._weight is None or self._weight.blocks is not self.blocks:
-            self._weight = GGMLWeight(self.blocks, self.qtype, (self.out_features, self.in_features))
+            self._weight = GGMLWeight(self.blocks, self.qtype, (self.out_features, self.in_features), self.packed)
         return self._weight
 
     def dequantize(self) -> torch.Tensor:
@@ -144,7 +171,8 @@ class GGUFLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, {self.qtype}, activations={self.activations}")
+                f"bias={self.bias is not None}, {self.qtype}{', lanes' if self.packed else ''}, "
+                f"activations={self.activations}")
 
 
 class GGUFEmbedding(nn.Module):
@@ -278,6 +306,8 @@ def load_gguf_layers(model: nn.Module, path: str | Path, activations: str = "int
         if tuple(lin.weight.shape) != w.shape:
             raise LongsideError(f"{path}: {name} is {w.shape} in the file, {tuple(lin.weight.shape)} in the model")
         new = GGUFLinear.from_weight(w, lin.bias, activations)  # a tied head holds the embedding's very blocks
+        if w is not shared_blocks and lin is not head:  # the embedding reads rows; an LM head
+            new.pack_lanes()                               # runs exact fp32 activations: file order
         if w is shared_blocks:
             report["layers"] += 1
             report["types"][w.qtype] = report["types"].get(w.qtype, 0) + 1

@@ -302,8 +302,8 @@ class LongSideModel(nn.Module):
         for i in range(0, T, block):  # blocks keep the dense [tokens, V] cache tensors small
             lg = bb.lm_head(bb.final_norm(h[:, i:i + block]))
             t = lg.shape[1]
-            out.append(self.side.token_reader.mix(lg.flatten(0, 1),
-                                                  hits.map(lambda x: x[:, i:i + t].flatten(0, 1))).view(B, t, -1))
+            out.append(self.side.token_reader.mix(lg.flatten(0, 1), hits.map(lambda x: x[:, i:i + t].flatten(0, 1)),
+                                                  decode=T == 1).view(B, t, -1))
         return torch.cat(out, 1)
 
     def lm_loss(self, h: torch.Tensor, labels: torch.Tensor, hits=None, block: int = 256):

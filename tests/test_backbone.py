@@ -255,6 +255,8 @@ def test_gguf_loads_native_blocks_by_default(smollm2, smollm2_fp32):
     assert q["kind"] == "native" and q["types"] == {"Q4_1": 210, "Q8_0": 2}  # 30 x 7 linears, embedding + tied head
     assert isinstance(smollm2.parts.embed, GGUFEmbedding) and isinstance(smollm2.parts.lm_head, GGUFLinear)
     assert smollm2.parts.lm_head.blocks is smollm2.parts.embed.blocks  # the tied table is held once
+    linears = [m for m in smollm2.model.modules() if isinstance(m, GGUFLinear) and m is not smollm2.parts.lm_head]
+    assert len(linears) == 210 and all(m.packed for m in linears) and not smollm2.parts.lm_head.packed
     assert smollm2_fp32.quantization is None and not any(isinstance(m, GGUFLinear) for m in smollm2_fp32.model.modules())
     # the file is 98 MB; the fp32 copy ~540 MB
     assert model_bytes(smollm2.model) <= 110e6 < 500e6 < model_bytes(smollm2_fp32.model)
@@ -426,7 +428,7 @@ def test_native_decode_step_int8_perplexity(smollm2, monkeypatch):
         exact = nll(smollm2.logits(ids))
     gguf_linear.set_activations(smollm2.model, "int8")
     try:
-        smollm2._decode_step_cache.pop("native", None)
+        getattr(smollm2, "_decode_step_cache", {}).pop("native", None)
         c, loops = decoded("c"), decoded("torch")
     finally:
         gguf_linear.set_activations(smollm2.model, "fp32")

@@ -17,7 +17,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from longside.errors import LongsideError
 from longside.kernels import ggml_cpu
 from longside.kernels.ggml import (GGML_TYPES, GGMLWeight, dequantize_blocks, dequantize_reference, llama_row_order,
-                                   random_weight)
+                                   pack_lanes, random_weight, unpack_lanes)
 from longside.kernels.gguf_linear import FUSED_MAX_M, INT8_MAX_M, GGUFEmbedding, GGUFLinear, dequantize_ggml, matmul_ggml
 
 TYPES = list(GGML_TYPES)
@@ -217,6 +217,68 @@ print(ggml_cpu.isa(), hashlib.sha256(torch.cat(ys).numpy().tobytes()).hexdigest(
     assert len(set(outs.values())) == 1, outs
 
 
+def test_lanes_layout_is_the_file_bytes_reordered():
+    """`pack_lanes` moves bytes only: per 16 rows and block, code dword j of every row, then
+    the rows' d (and Q4_1's m) halves; `unpack_lanes` gives the file's bytes back; other types
+    and row counts are refused."""
+    for qtype, bb, off in (("Q4_0", 18, 2), ("Q4_1", 20, 4)):
+        w = random_weight(qtype, 48, 96, seed=1)
+        p = pack_lanes(w.blocks, qtype)
+        assert p.shape == w.blocks.shape and torch.equal(unpack_lanes(p, qtype), w.blocks)
+        assert torch.equal(p.flatten().sort().values, w.blocks.flatten().sort().values)
+        group = p[16:32].flatten()  # rows 16..31; block 2, row 16 + 5
+        blk = group[2 * 16 * bb:3 * 16 * bb]
+        assert torch.equal(blk[64 * 3 + 4 * 5:64 * 3 + 4 * 5 + 4], w.blocks[21, 2 * bb + off + 12:2 * bb + off + 16])
+        assert torch.equal(blk[256 + 2 * 5:256 + 2 * 5 + 2], w.blocks[21, 2 * bb:2 * bb + 2])
+        if qtype == "Q4_1":
+            assert torch.equal(blk[288 + 2 * 5:288 + 2 * 5 + 2], w.blocks[21, 2 * bb + 2:2 * bb + 4])
+        packed = GGMLWeight(p, qtype, (48, 96), packed=True)
+        assert torch.equal(dequantize_reference(packed), dequantize_reference(w))
+    with pytest.raises(LongsideError, match="lanes"):
+        GGMLWeight(random_weight("Q4_1", 40, 64).blocks, "Q4_1", (40, 64), packed=True)
+    with pytest.raises(LongsideError, match="lanes"):
+        pack_lanes(random_weight("Q8_0", 32, 64).blocks, "Q8_0")
+
+
+@needs_c
+def test_lanes_layout_gives_the_file_orders_bits_on_every_path():
+    """A packed weight multiplies to the same bits as the file's order: int8 activations on the
+    plain C loop, AVX2 (8 lanes: each half of a packed group) and AVX-512, 1..17 x rows; fp32
+    activations and row ranges of the exact dequantization (unpacked a row at a time)."""
+    code = """
+import torch
+from longside.kernels import ggml_cpu
+from longside.kernels.ggml import GGMLWeight, dequantize_reference, pack_lanes, random_weight
+g = torch.Generator().manual_seed(0)
+for qtype in ("Q4_0", "Q4_1"):
+    for n, k in ((48, 288), (32, 96)):
+        w = random_weight(qtype, n, k, seed=7)
+        p = GGMLWeight(pack_lanes(w.blocks, qtype), qtype, (n, k), packed=True)
+        x = torch.randn(17, k, generator=g)
+        for m in range(1, 18):
+            assert torch.equal(ggml_cpu.gemv_int8(x[:m], p), ggml_cpu.gemv_int8(x[:m], w)), (qtype, n, m)
+        assert torch.equal(ggml_cpu.gemv_f32(x[:5], p), ggml_cpu.gemv_f32(x[:5], w)), qtype
+        assert torch.equal(ggml_cpu.dequantize_rows(p, 3, n - 2), dequantize_reference(w)[3:n - 2]), qtype
+print(ggml_cpu.isa(), "ok")
+"""
+    outs = _printed_per_isa(code, ("scalar", "avx2", "avx512"))
+    assert all(v == ("ok",) for v in outs.values()), outs
+
+
+@needs_c
+def test_the_packed_bit_is_ignored_on_types_without_the_layout():
+    """The C entry points read a Q8_0 weight in the file's order even with the lanes bit set
+    (only Q4_0/Q4_1 can be packed; Python refuses the rest before it gets there)."""
+    lib, w, x = ggml_cpu._lib(), random_weight("Q8_0", 32, 64, seed=2), torch.randn(3, 64)
+    tid = GGML_TYPES["Q8_0"][0]
+    for packed_bit in (0, ggml_cpu.LANES_PACKED):
+        y, d = torch.empty(3, 32), torch.empty(32, 64)
+        lib.ggml_gemv_int8(tid | packed_bit, w.blocks.data_ptr(), w.row_bytes, x.data_ptr(), 64, 3, y.data_ptr(), 32,
+                           32, 64, 1, ggml_cpu._isa_level())
+        lib.ggml_dequant_rows(tid | packed_bit, w.blocks.data_ptr(), w.row_bytes, d.data_ptr(), 0, 32, 64, 1)
+        assert torch.equal(y, ggml_cpu.gemv_int8(x, w)) and torch.equal(d, dequantize_reference(w))
+
+
 @needs_c
 def test_int8_paths_agree_exactly_across_avx2_and_vnni():
     """vpmaddubsw and vpdpbusd (ymm, or zmm two blocks at a time) sum the same integers; the
@@ -245,6 +307,18 @@ def test_gguf_linear_paths(qtype):
     exact = GGUFLinear.from_weight(w, bias, activations="fp32")
     assert torch.equal(exact.dequantize(), ref)
     fast = GGUFLinear.from_weight(w, bias)
+    lanes = GGUFLinear.from_weight(w, bias)
+    assert lanes.pack_lanes() == (qtype in ("Q4_0", "Q4_1")) and torch.equal(lanes.dequantize(), ref)
+    # a state dict holds the file's bytes in either layout, and loads into either
+    state = lanes.state_dict()
+    assert torch.equal(state["blocks"], w.blocks) and torch.equal(fast.state_dict()["blocks"], w.blocks)
+    again = GGUFLinear.from_weight(random_weight(qtype, 48, 256, seed=9), bias)
+    again.pack_lanes()
+    again.load_state_dict(state)
+    assert torch.equal(again.blocks, lanes.blocks) and torch.equal(again.dequantize(), ref)
+    strided = GGMLWeight(torch.cat([lanes.blocks, lanes.blocks], 1)[:, :lanes.blocks.shape[1]], qtype, w.shape,
+                         lanes.packed)  # not contiguous: the layout travels with the copy
+    assert torch.equal(matmul_ggml(torch.ones(1, 256), strided, "fp32"), matmul_ggml(torch.ones(1, 256), w, "fp32"))
     for m in (1, 3, 40, 300):  # fused (2m rows <= the bound) and tiled paths
         x = torch.randn(2, m, 256)
         want = x @ ref.t() + bias
@@ -255,6 +329,7 @@ def test_gguf_linear_paths(qtype):
             err = (fast(x, int8_max_m=bound) - want).abs().max()
             assert err <= (3e-2 if int8 else 1e-5) * scale  # int8 activations round x
             assert int8 or err <= 1e-5 * scale
+            assert torch.equal(lanes(x, int8_max_m=bound), fast(x, int8_max_m=bound))
     # gradient w.r.t. the input only, through the exact weight
     x = torch.randn(4, 256, requires_grad=True)
     exact(x).pow(2).sum().backward()
@@ -292,3 +367,7 @@ def test_reference_fallback_warns_when_kernel_missing(monkeypatch):
         y = matmul_ggml(x, w)
     assert torch.allclose(y, x @ dequantize_reference(w).t(), atol=1e-5)
     assert torch.equal(dequantize_ggml(w), dequantize_reference(w))
+    w16 = random_weight("Q4_0", 16, 64)  # the lanes layout, read through the reference too
+    packed = GGMLWeight(pack_lanes(w16.blocks, "Q4_0"), "Q4_0", (16, 64), packed=True)
+    with pytest.warns(RuntimeWarning, match="not built"):
+        assert torch.equal(matmul_ggml(x, packed), matmul_ggml(x, w16))

@@ -4,6 +4,7 @@ import torch
 from longside.backbone import Backbone
 from longside.config import SideNetConfig
 from longside.errors import CheckpointError, LongsideError
+from longside.kernels import ggml_cpu
 from longside.model import LongSideModel
 
 
@@ -301,38 +302,58 @@ def test_training_loss_with_token_cache_equals_the_mixture_of_the_output():
     torch.testing.assert_close(out.loss, ref, atol=1e-4, rtol=1e-4)
 
 
+def _token_hits(N: int, k: int, c: int, vocab: int, low: float, longest: int, no_neighbours, short_rows,
+                short_from: int, no_matches):
+    """Random token-cache hits, best first: rows `no_neighbours` without any neighbour, rows
+    `short_rows` with fewer than k (padding from `short_from`), rows `no_matches` without a
+    copy match; padding ids -1."""
+    from longside.nn.token_cache import TokenHits
+
+    sims = torch.sort(torch.rand(N, k) * (1 - low) + low, -1, descending=True).values
+    sims[no_neighbours] = float("-inf")
+    sims[short_rows, short_from:] = float("-inf")
+    nxt = torch.randint(0, vocab, (N, k)).masked_fill(sims == float("-inf"), -1)
+    lens = torch.randint(0, longest, (N, c))
+    lens[no_matches] = 0
+    cnxt = torch.randint(0, vocab, (N, c)).masked_fill(lens == 0, -1)
+    return TokenHits(sims, nxt, lens, cnxt)
+
+
+def _random_reader(copy: bool, spread: bool, scale: float):
+    """A token-cache reader whose 14 numbers are moved off their defaults."""
+    from longside.nn.token_cache import TokenCacheReader
+
+    reader = TokenCacheReader(copy=copy, spread=spread)
+    with torch.no_grad():
+        for p in reader.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return reader
+
+
+def _count_c_mix(monkeypatch) -> list:
+    """A list that grows by one at each `ggml_cpu.token_cache_mix` call."""
+    calls = []
+    if ggml_cpu.available():
+        mix = ggml_cpu.token_cache_mix
+        monkeypatch.setattr(ggml_cpu, "token_cache_mix", lambda *a: (mix(*a), calls.append(1))[0])
+    return calls
+
+
 @pytest.mark.parametrize("path", ["c", "torch"])
 def test_token_cache_mix_is_the_dense_mixture(path, monkeypatch):
     # mix computes only the voted tokens; it must equal log(pi_m p + pi_k votes_k + pi_c
-    # votes_c) written out densely, with repeated tokens, padding and silent rows; its
-    # softmax statistics come from one C pass (decoding) or from torch
-    from longside.nn.token_cache import TokenCacheReader, TokenHits
-
-    from longside.kernels import ggml_cpu
-
+    # votes_c) written out densely, with repeated tokens, padding and silent rows; a decode
+    # step's rows take one C call for all of it, or the torch code
     monkeypatch.setenv("LONGSIDE_DECODE", path)
-    calls = []
-    if ggml_cpu.available():
-        stats = ggml_cpu.logit_stats
-        monkeypatch.setattr(ggml_cpu, "logit_stats", lambda x: (stats(x), calls.append(1))[0])
-
+    calls = _count_c_mix(monkeypatch)
     torch.manual_seed(0)
     N, V, k, c = 12, 96, 8, 4
-    reader = TokenCacheReader(copy=True, spread=True)
-    with torch.no_grad():
-        for p in reader.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    sims = torch.sort(torch.rand(N, k) * 0.5 + 0.5, -1, descending=True).values
-    sims[:3] = float("-inf")
-    sims[3:6, 5:] = float("-inf")
-    nxt = torch.randint(0, 6, (N, k)).masked_fill(sims == float("-inf"), -1)
-    lens = torch.randint(0, 9, (N, c))
-    lens[:2] = 0
-    cnxt = torch.randint(0, 6, (N, c)).masked_fill(lens == 0, -1)
-    hits = TokenHits(sims, nxt, lens, cnxt)
+    reader = _random_reader(True, True, 0.3)
+    hits = _token_hits(N, k, c, 6, 0.5, 9, slice(0, 3), slice(3, 6), 5, slice(0, 2))
+    nxt, cnxt = hits.nxt, hits.copy_nxt
     logits = torch.randn(N, V) * 3
     with torch.no_grad():
-        out = reader.mix(logits, hits)
+        out = reader.mix(logits, hits, decode=True)
         lp = torch.log_softmax(logits, -1)
         ent = -(lp.exp() * lp).sum(-1)
         log_pi, wk, wc = reader._mixture(hits, ent, lp.max(-1).values)
@@ -344,7 +365,37 @@ def test_token_cache_mix_is_the_dense_mixture(path, monkeypatch):
     silent = log_pi[:, 0] == 0
     assert silent[:2].all() and torch.equal(out[silent], logits[silent])  # untouched where memory is silent
     assert not silent[3:].any()
-    assert len(calls) == (path == "c" and ggml_cpu.available())  # the statistics came from the path named
+    assert len(calls) == (path == "c" and ggml_cpu.available())  # the mixture came from the path named
+
+
+@pytest.mark.skipif(not ggml_cpu.available(), reason=f"the C kernels are not built: {ggml_cpu.BUILD_HINT}")
+@pytest.mark.parametrize("copy,spread", [(True, True), (True, False), (False, True), (False, False)])
+def test_token_cache_mix_in_c_equals_torch(copy, spread, monkeypatch):
+    """The C mixture equals the torch one (gates, votes, weights) to float rounding, with or
+    without the copy read and the spread features (copy candidates without the copy read get
+    no votes), rows without neighbours or matches left bit for bit, a -inf logit included; a
+    stored token past the vocabulary is refused, not read; segment reads keep the torch code."""
+    calls = _count_c_mix(monkeypatch)
+    torch.manual_seed(1)
+    N, V, k, c = 9, 300, 16, 6
+    reader = _random_reader(copy, spread, 0.5)
+    hits = _token_hits(N, k, c, 5, 0.6, 12, 0, 4, 10, [0, 5])
+    logits = torch.randn(N, V) * 4
+    logits[7, 3] = float("-inf")
+    with torch.no_grad():
+        monkeypatch.setenv("LONGSIDE_DECODE", "torch")
+        want = reader.mix(logits, hits, decode=True)
+        assert not calls
+        monkeypatch.setenv("LONGSIDE_DECODE", "c")
+        torch.testing.assert_close(reader.mix(logits, hits), want, atol=2e-5, rtol=2e-5)
+        assert not calls  # not a decode step: the torch code
+        got = reader.mix(logits, hits, decode=True)
+        assert len(calls) == 1
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+        assert torch.equal(got[0], logits[0])  # no neighbour, no match: the model's logits
+        hits.nxt[3, 0] = V  # a token the head has no logit for
+        with pytest.raises(ValueError, match="outside the 300-token vocabulary"):
+            reader.mix(logits, hits, decode=True)
 
 
 def test_batch_rows_never_read_each_other(smollm2):

@@ -84,10 +84,11 @@ def _fuse(mods: list[nn.Module]) -> nn.Module | None:
     """One layer computing `torch.cat([m(x) for m in mods], -1)`, whose weight the given
     layers then view (so nothing is stored twice); None where they cannot share one."""
     if all(isinstance(m, GGUFLinear) and m.bias is None for m in mods) and len({m.qtype for m in mods}) == 1 \
-            and len({m.in_features for m in mods}) == 1:
+            and len({m.in_features for m in mods}) == 1 and len({m.packed for m in mods}) == 1:
+        # packed layers hold whole groups of 16 rows, so their concatenation is packed too
         blocks = torch.cat([m.blocks for m in mods]).contiguous()
         fused = GGUFLinear(mods[0].in_features, blocks.shape[0], mods[0].qtype, activations=mods[0].activations)
-        fused.blocks = blocks
+        fused.blocks, fused.packed = blocks, mods[0].packed
         row = 0
         for m in mods:
             m.blocks = blocks[row:row + m.out_features]

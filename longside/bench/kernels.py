@@ -8,7 +8,8 @@ decode kernel comes to the memory bound. Each timing is the median of several ca
 a warm-up. The fp32 baseline multiplies by the dequantized weight, so its output is also
 the reference the kernel output is checked against (`max_abs_err` <= `tolerance`).
 
-GGUF rows (`op` "ggml_int8": fused decode kernel on int8 activations, "ggml_fp32": fused
+GGUF rows (`op` "ggml_int8": fused decode kernel on int8 activations, "ggml_int8_lanes": the
+same on Q4 blocks in the lanes layout the loader keeps them in, "ggml_fp32": fused
 on exact fp32 activations, "ggml_tiled": exact tiles + BLAS) use random blocks with
 finite scales (speed does not depend on the values); the fp32 baseline multiplies by
 their exact dequantization, and `max_rel_err` is against it.
@@ -37,7 +38,7 @@ from tqdm.auto import tqdm
 from longside.bench.kernels_model import bench_model
 from longside.errors import LongsideError
 from longside.kernels import cpu, ggml_cpu
-from longside.kernels.ggml import GGML_TYPES, random_weight
+from longside.kernels.ggml import GGML_TYPES, GGMLWeight, can_pack_lanes, pack_lanes, random_weight
 from longside.kernels.gguf_linear import FUSED_MAX_M as GGML_FUSED_MAX_M, INT8_MAX_M as GGML_INT8_MAX_M
 from longside.kernels.gguf_linear import matmul_ggml
 from longside.kernels.nf4 import quantize_nf4
@@ -126,6 +127,9 @@ def bench_ggml_shape(m: int, n: int, k: int, qtype: str, budget_s: float) -> lis
     paths = {}
     if qtype in ggml_cpu.INT8_TYPES and m <= GGML_INT8_MAX_M:
         paths["ggml_int8"] = lambda: ggml_cpu.gemv_int8(x, w)
+        if can_pack_lanes(qtype, n):
+            lanes = GGMLWeight(pack_lanes(w.blocks, qtype), qtype, w.shape, packed=True)
+            paths["ggml_int8_lanes"] = lambda: ggml_cpu.gemv_int8(x, lanes)
     if m <= GGML_FUSED_MAX_M:
         paths["ggml_fp32"] = lambda: ggml_cpu.gemv_f32(x, w)
     else:
@@ -147,11 +151,11 @@ def _fmt(v, spec: str) -> str:
 
 def print_table(report: dict) -> None:
     print(f"read bandwidth {report['read_gbps']:.1f} GB/s, {report['threads']} threads, kernel path {report['isa']}")
-    print(f"{'op':<16}{'m':>5}{'n':>7}{'k':>7}{'ours ms':>10}{'fp32 ms':>10}{'bnb ms':>10}"
+    print(f"{'op':<22}{'m':>5}{'n':>7}{'k':>7}{'ours ms':>10}{'fp32 ms':>10}{'bnb ms':>10}"
           f"{'x fp32':>8}{'x bnb':>8}{'GB/s':>7}{'% read':>8}")
     for r in report["results"]:
         op = r["op"] + (f" {r['qtype']}" if "qtype" in r else "")
-        print(f"{op:<16}{r['m']:>5}{r['n']:>7}{r['k']:>7}{r['ours_ms']:>10.3f}{r['fp32_ms']:>10.3f}"
+        print(f"{op:<22}{r['m']:>5}{r['n']:>7}{r['k']:>7}{r['ours_ms']:>10.3f}{r['fp32_ms']:>10.3f}"
               f"{_fmt(r['bnb_ms'], '10.3f'):>10}{r['speedup_vs_fp32']:>8.2f}{_fmt(r['speedup_vs_bnb'], '8.1f'):>8}"
               f"{r['ours_gbps']:>7.1f}{100 * r['ours_gbps'] / report['read_gbps']:>7.0f}%")
 

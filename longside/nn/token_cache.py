@@ -48,6 +48,9 @@ from longside.kernels import ggml_cpu
 FEATURES = ("bias", "top_similarity", "lm_entropy", "lm_max_log_prob", "agreement")
 SPREAD_FEATURES = ("vote_spread", "vote_spread_x_top_similarity")
 COPY_FEATURES = ("bias", "log_match_length", "agreement", "lm_entropy", "lm_max_log_prob")
+# up to this many rows of a decode step (one per user) `mix` runs in one C call; segment reads
+# (evaluations, training) keep the torch code and its published numbers
+C_MIX_MAX_ROWS = 64
 
 
 @dataclass
@@ -135,7 +138,7 @@ class TokenCacheReader(nn.Module):
         log_pi = torch.log_softmax(torch.stack([torch.zeros_like(ent), a_knn, a_copy], -1), -1)
         return log_pi, wk, wc
 
-    def mix(self, logits: torch.Tensor, hits: TokenHits) -> torch.Tensor:
+    def mix(self, logits: torch.Tensor, hits: TokenHits, decode: bool = False) -> torch.Tensor:
         """logits `[N, V]`, hits with leading dim N -> logits `[N, V]` float32 of the mixed
         distribution, offset so that they equal the input logits wherever memory is
         silent (no neighbour, no match): samplers and logit processors (repetition
@@ -143,7 +146,16 @@ class TokenCacheReader(nn.Module):
 
         Only the k + c tokens that received a vote are computed in full (as `log_prob`
         does for a target); every other token keeps the model's share, log pi_model + its
-        log-probability, without a dense `[N, V]` vote tensor."""
+        log-probability, without a dense `[N, V]` vote tensor. `decode`: the rows are a
+        decode step's (one position per row); up to `C_MIX_MAX_ROWS` of them without gradient on
+        the CPU take one C call that does all of it (`ggml_cpu.token_cache_mix`)."""
+        if decode and logits.shape[0] <= C_MIX_MAX_ROWS and not (torch.is_grad_enabled() and (
+                logits.requires_grad or any(p.requires_grad for p in self.parameters()))) \
+                and logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous() \
+                and ggml_cpu.decode_in_c():
+            return ggml_cpu.token_cache_mix(logits, hits.sims.float().contiguous(), hits.nxt.contiguous(),
+                                            hits.copy_len.contiguous(), hits.copy_nxt.contiguous(),
+                                            self._c_params(), self.spread, self.copy)
         logits = logits.float()
         lse, ent, lpmax = _logit_stats(logits)
         log_pi, wk, wc = self._mixture(hits, ent, lpmax)
@@ -159,6 +171,14 @@ class TokenCacheReader(nn.Module):
         # values at the voted tokens give those rows' logits bit for bit
         at_voted = torch.where(log_pi[:, :1] < 0, at_voted, at_model)
         return (logits + log_pi[:, :1]).scatter_(1, voted, at_voted)
+
+    def _c_params(self) -> torch.Tensor:
+        """The 14 numbers `ggml_cpu.token_cache_mix` reads, float32 (absent parts as zeros)."""
+        zeros = self.log_tau.new_zeros
+        return torch.cat([self.log_tau.detach().reshape(1), self.gate.detach(),
+                          self.spread_gate.detach() if self.spread else zeros(len(SPREAD_FEATURES)),
+                          self.copy_log_scale.detach().reshape(1) if self.copy else zeros(1),
+                          self.copy_gate.detach() if self.copy else zeros(len(COPY_FEATURES))]).float()
 
     def log_prob(self, hits: TokenHits, target: torch.Tensor, lp_target: torch.Tensor,
                  ent: torch.Tensor, lpmax: torch.Tensor) -> torch.Tensor:
