@@ -21,11 +21,14 @@ repeated) and a prompt of about `--prompt-tokens` tokens (row b: 5 b more, so ro
 8 warm-up steps, then `--steps` steps, even ones on A, odd ones on B. Per library: the median
 time of the backbone's C call, the side network's C calls and the whole step, in ms per step;
 and the median of the paired ratios B/A of whole steps (step i on B over step i - 1 on A).
-Threads: 2 (the benches' setting).
+Threads: 2 (the benches' setting). With two libraries the backbone's blocks stay in the file's
+order (a build before the lanes layout cannot read it); `experiments/decode_pairs.py
+--file-order` times the layout itself.
 """
 
 import argparse
 import collections
+import contextlib
 import ctypes
 import json
 import os
@@ -34,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import torch
 
@@ -42,6 +46,7 @@ from longside.bench.generate import QUICK_FILL, _texts
 from longside.inference.ragged import RaggedWindows
 from longside.inference.window import LocalWindow
 from longside.kernels import ggml_cpu
+from longside.kernels.gguf_linear import GGUFLinear
 from longside.loading import load_model
 from longside.memory import Memory
 from longside.nn import token_cache
@@ -94,7 +99,9 @@ def main() -> None:
         libs = [_load(args.a), _load(args.b)]
     current = [libs[0]]
     ggml_cpu._lib = lambda: current[0]
-    model, _ = load_model()
+    file_order = mock.patch.object(GGUFLinear, "pack_lanes", lambda self: False)
+    with contextlib.nullcontext() if args.reads else file_order:
+        model, _ = load_model()
     ids, _ = _texts(QUICK_FILL + 2048 + 1024, model.backbone.tokenizer)
     W, layer = model.config.window, model.config.memory_layer
     segments = []
