@@ -116,17 +116,26 @@ def main(argv: list[str] | None = None) -> int:
     jobs += [(m, n, k, t) for t in args.ggml_types.split(",") if t for n, k in SHAPES for m in MS
              if k % GGML_TYPES[t][1] == 0]
     for m, n, k, kind in jobs:
-        r = bench(m, n, k, DTYPES[args.dtype]) if kind == "nf4" else bench_ggml(m, n, k, kind, DTYPES[args.dtype])
+        try:
+            r = bench(m, n, k, DTYPES[args.dtype]) if kind == "nf4" else bench_ggml(m, n, k, kind, DTYPES[args.dtype])
+        except Exception as e:  # one broken kernel must not hide the others' rows (a first run on a new GPU)
+            failed += 1
+            rows.append({"kernel": kind, "m": m, "n": n, "k": k, "error": f"{type(e).__name__}: {e}"})
+            print(f"{kind:>7}{m:>5}{n:>7}{k:>7}  FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
         r["ok"] = r["rel_err"] < (1e-4 if args.dtype == "fp32" else 2e-2)
         failed += not r["ok"]
         rows.append(r)
+        if args.json:  # written as it goes: a run cut short keeps its rows
+            args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "read_gbps": read,
+                                             "results": rows, "complete": False}, indent=1))
         bnb = "-" if r["bnb_ms"] is None else f"{r['bnb_ms']:.4f}"
         print(f"{kind:>7}{m:>5}{n:>7}{k:>7}{r['ours_ms']:>10.4f}{bnb:>10}{r['dense_ms']:>10.4f}"
               f"{r['dense_ms'] / r['ours_ms']:>8.2f}{r['ours_gbps']:>8.0f}{100 * r['ours_gbps'] / read:>7.0f}%"
-              f"{r['rel_err']:>10.1e}{'' if r['ok'] else '  WRONG'}")
+              f"{r['rel_err']:>10.1e}{'' if r['ok'] else '  WRONG'}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "read_gbps": read,
-                                         "results": rows}, indent=1))
+                                         "results": rows, "complete": True}, indent=1))
     return 1 if failed else 0
 
 

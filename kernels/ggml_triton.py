@@ -128,14 +128,16 @@ def matmul_ggml_triton(x: torch.Tensor, blocks: torch.Tensor, qtype: str, n: int
         x = x.contiguous()
     blocks = blocks.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    # Tiles from a sweep on an H200 (docs/results.md, "Triton kernels on a GPU"): few rows and long
+    # K slices per program for the fused path, where the byte gathers, not bandwidth, bound it.
     if fused if fused is not None else m <= FUSED_MAX_M:
         block_m = min(16, triton.next_power_of_2(m))
-        block_n, block_k, is_fused = (32 if block_m <= 2 else 16), 64, True
+        block_n, block_k, warps, is_fused = 4, 512, 2, True
     else:
-        block_m, block_n, block_k, is_fused = 64, 64, 32, False
+        block_m, block_n, block_k, warps, is_fused = 128, 128, 32, 4, False
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _ggml_matmul_kernel[grid](x, blocks, y, m, n, k, blocks.shape[1], x.stride(0), y.stride(0),
                               QTYPE=type_id, BLOCK_ELEMS=elems, BLOCK_BYTES=nbytes, BLOCK_M=block_m,
                               BLOCK_N=block_n, BLOCK_K=block_k, FUSED=is_fused,
-                              IEEE=x.dtype == torch.float32)
+                              IEEE=x.dtype == torch.float32, num_warps=warps)
     return y
