@@ -406,13 +406,15 @@ def test_native_decode_step_equals_the_torch_step(smollm2, monkeypatch):
 
 def test_native_decode_step_int8_perplexity(smollm2, monkeypatch):
     """Decoding token by token through the C step on int8 activations (the loader's default)
-    stays within 0.5% perplexity of the exact whole-segment read (2 x 256 tokens of held-out
-    Austen), as the torch step's int8 products do."""
+    stays within 0.5% perplexity of the exact whole-segment read (8 rows x 256 tokens of held-out
+    Austen), as the torch step's int8 products do. Fewer tokens are too noisy for a 0.5% bound: a
+    rounding flip in one block's int8 codes changes every later step, and on 2 x 256 tokens the
+    AVX2 path read +0.54% where 2 x 1024 read +0.33% (session 26)."""
     from transformers import DynamicCache
 
     from longside.kernels import gguf_linear
 
-    ids = _held_out_ids(smollm2.tokenizer, 512).reshape(2, 256)
+    ids = _held_out_ids(smollm2.tokenizer, 2048).reshape(8, 256)
 
     def nll(logits):
         return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
