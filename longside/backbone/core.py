@@ -89,11 +89,35 @@ class BackboneOutput:
 
     @classmethod
     def of_step(cls, step: dict, cache: Any) -> "BackboneOutput":
-        """The output of one `decode_step.llama_step` (its dict) that grew `cache`."""
+        """The output of one `decode_step.llama_step` (its dict) that grew `cache`. A step
+        that left the final norm to its reader (`"final_norm"` instead of `"last_hidden"`)
+        gives an output that applies it on first read of `last_hidden`."""
         kv = step["kv"]
-        return cls(hidden_states=step["hidden"], last_hidden=step["last_hidden"], memory_keys=kv.get("k"),
+        kind = cls if "final_norm" not in step else _StepOutput
+        out = kind(hidden_states=step["hidden"], last_hidden=step.get("last_hidden"), memory_keys=kv.get("k"),
                    memory_values=kv.get("v"), memory_queries=kv.get("q"), memory_attn=kv.get("a"), cache=cache,
                    memory_keys_rotated=kv.get("kr"))
+        if kind is _StepOutput:
+            out._final_norm = step["final_norm"]
+        return out
+
+
+class _StepOutput(BackboneOutput):
+    """A decode step's `BackboneOutput` whose `last_hidden` (the final norm of the last
+    state) is computed when first read: generation reads the side network's output instead,
+    so the norm would be ~50 us of torch ops per token for nothing."""
+
+    _final_norm: Any = None
+
+    @property  # type: ignore[override]
+    def last_hidden(self) -> torch.Tensor:
+        if self.__dict__.get("_last") is None and self._final_norm is not None:
+            self.__dict__["_last"] = self._final_norm(self.hidden_states[-1])
+        return self.__dict__.get("_last")
+
+    @last_hidden.setter
+    def last_hidden(self, value: torch.Tensor | None) -> None:
+        self.__dict__["_last"] = value
 
 
 class Backbone:

@@ -343,7 +343,7 @@ def _native_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor |
         kr = cache.layers[memory_layer].keys if isinstance(cache, DynamicCache) else rooms[memory_layer][0][:, :, :n + 1]
         kv = {"q": q.view(B, 1, H, D), "k": k.view(B, 1, G, D), "v": v.view(B, 1, G, D), "a": a.view(B, 1, H, D),
               "kr": kr}
-    return {"hidden": states, "last_hidden": base.norm(states[-1]), "kv": kv}
+    return {"hidden": states, "final_norm": base.norm, "kv": kv}  # BackboneOutput.of_step applies it when read
 
 
 @torch.no_grad()
@@ -351,7 +351,8 @@ def llama_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor | N
                memory_layer: int | None, key_mask: torch.Tensor | None = None) -> dict:
     """`input_ids [B, T]` (T <= MAX_STEP_TOKENS from `Backbone.encode`; a ragged batch's
     prefill feeds up to inference/ragged.py's FEED_TOKENS) after `cache.get_seq_length()` cached
-    positions -> {"hidden": N+1 states `[B, T, d]`, "last_hidden" (final norm), "kv": the
+    positions -> {"hidden": N+1 states `[B, T, d]`, "last_hidden" (final norm; the one-call
+    C step gives the norm module as "final_norm" instead, applied when read), "kv": the
     memory layer's q, k, v `[B, T, heads, D]`, attention output a `[B, T, H, D]` and its
     rotated keys of every cached position after this step, kr `[B, G, S, D]` (a view of the
     cache: valid until the cache changes)}.
