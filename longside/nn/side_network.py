@@ -243,8 +243,9 @@ class SideNetwork(nn.Module):
         if positions is None:
             positions = torch.arange(start, start + T, device=hidden_states[-1].device)
         cos, sin = self.rotary(positions)
-        if T == 1 and caches is not None and self._native_ok(hidden_states, caches, key_mask):
-            return self._decode_native(hidden_states, memory, caches, cos, sin, key_mask)
+        native = self._native_ok(hidden_states, caches, key_mask) if T == 1 and caches is not None else None
+        if native is not None:
+            return self._decode_native(hidden_states, memory, caches, cos, sin, key_mask, *native)
         gates = torch.sigmoid(self.gates)
         x = None
         new_caches = []
@@ -259,29 +260,35 @@ class SideNetwork(nn.Module):
         return out, new_caches
 
     # -- one token per row in C (decoding) ----------------------------------------------
-    def _native_ok(self, hidden_states: list, caches: list, key_mask: torch.Tensor | None) -> bool:
-        """True where `_decode_native` gives what the loop above gives: no gradient, float32
-        on the CPU, pruned downsampling, every block's cache `[B, G, P, Dh]` float32."""
+    def _native_ok(self, hidden_states: list, caches: list,
+                   key_mask: torch.Tensor | None) -> tuple[torch.Tensor, bool] | None:
+        """Where `_decode_native` gives what the loop above gives (no gradient, float32 on the
+        CPU, pruned downsampling, every block's cache `[B, G, P, Dh]` float32): the C weight
+        table (`_native_weights`) and whether `caches` are the ones the last step returned,
+        whose table and rooms it reuses; else None. Checked once per token, here only."""
         if torch.is_grad_enabled() or not ggml_cpu.decode_in_c() or self.config.downsample != "prune":
-            return False
+            return None
         last = hidden_states[-1]
         up = self.up.weight
         if last.device.type != "cpu" or last.dtype != torch.float32 or up.dtype != torch.float32 \
                 or not up.is_contiguous() or self.norm.weight.dtype != torch.float32:
-            return False
+            return None
         blk0 = self.blocks[0]
         B, hd, G = last.shape[0], blk0.head_dim, blk0.kv_heads
         P = None if caches[0] is None else caches[0][0].shape[2]
-        if type(caches) is _RoomCaches and caches.continues(self._native_weights(), P) \
+        weights = self._native_weights()
+        if weights is None:
+            return None
+        if type(caches) is _RoomCaches and caches.continues(weights, P) \
                 and caches.rooms[0][0].buf.shape[0] == B and (key_mask is None or key_mask.shape[-1] == P + 1):
-            return True  # what the last step returned: checked when it was made
+            return weights, True  # what the last step returned: checked when it was made
         for c in caches:
             if c is None or not all(t.dtype == torch.float32 and t.dim() == 4 and t.shape == (B, G, P, hd)
                                     for t in c):
-                return False
+                return None
         if key_mask is not None and key_mask.shape[-1] != P + 1:
-            return False
-        return self._native_weights() is not None
+            return None
+        return weights, type(caches) is _RoomCaches and caches.continues(weights, P)
 
     def _native_weights(self) -> torch.Tensor | None:
         """The C table `[J, len(SIDE_WORDS)]` int64 with the weight and norm words filled
@@ -311,11 +318,12 @@ class SideNetwork(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def _decode_native(self, hidden_states: list, memory: MemoryInputs | None, caches: list, cos: torch.Tensor,
-                       sin: torch.Tensor, key_mask: torch.Tensor | None):
+                       sin: torch.Tensor, key_mask: torch.Tensor | None, weights: torch.Tensor, continued: bool):
         """`forward` for one new token per row: the blocks before and after the memory read,
         each run in one C call (kernels/decode_cpu.c); the memory read stays in torch. The
         returned caches view buffers with room to grow (`Room`), so the next step writes one
-        position in place instead of copying the whole cache."""
+        position in place instead of copying the whole cache. `weights`, `continued`: what
+        `_native_ok` found."""
         last = hidden_states[-1]
         B, s = last.shape[0], self.norm.weight.shape[0]
         blk0 = self.blocks[0]
@@ -324,9 +332,8 @@ class SideNetwork(nn.Module):
         cos, sin = (t.reshape(-1, hd).expand(B, hd).contiguous() for t in (cos, sin))
         mask = ggml_cpu.key_mask_bytes(key_mask, B, P + 1)  # `_native_ok` checked its length
         w = ggml_cpu.SIDE_WORDS
-        weights = self._native_weights()  # `_native_ok` built it
         states = [hidden_states[l].reshape(B, -1).contiguous() for l in self.layer_map]
-        if type(caches) is _RoomCaches and caches.continues(weights, P):
+        if continued:
             # the caches this method returned last step, untouched since: every block grows
             # in its own rooms, so only the states' words change
             table, rooms = caches.table, caches.rooms
