@@ -69,7 +69,8 @@ class Memory:
             rows, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, chunk_size=config.chunk_size,
             capacity_tokens=config.capacity_tokens, index=config.index,
             owner=backbone.owner_id(config.memory_layer),
-            token_dim=spec.hidden_size if config.token_cache else None, token_layer=self.token_layer)
+            token_dim=spec.hidden_size if config.token_cache else None, token_layer=self.token_layer,
+            device=backbone.device)  # on the GPU with a GPU backbone: no host round trip per segment
         self.blocks: BackboneMemory | None = None
         if config.backbone_memory_layers:
             self.blocks = BackboneMemory(

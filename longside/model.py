@@ -373,6 +373,6 @@ def state_hash(model: LongSideModel) -> str:
     h = hashlib.sha256()
     for k, v in sorted(model.side.state_dict().items()):
         h.update(k.encode())
-        h.update(v.detach().float().numpy().tobytes())
+        h.update(v.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 

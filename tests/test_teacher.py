@@ -52,6 +52,19 @@ def test_targets_are_cached_and_refused_for_another_backbone_or_window(tmp_path,
     assert torch.equal(fresh.document(doc).top_ids, first.top_ids) and fresh.stats()["repaired"] == 1
 
 
+def test_targets_without_a_store_are_computed_each_time_and_leave_no_file(tmp_path, smollm2, book):
+    doc = _doc(book, 128)
+    stored = TeacherTargets(tmp_path / "t", smollm2, window=128, segment=64, top_k=8).document(doc)
+    bare = TeacherTargets(None, smollm2, window=128, segment=64, top_k=8)
+    for _ in range(2):
+        got = bare.document(doc)
+        assert torch.equal(got.delta, stored.delta) and torch.equal(got.top_ids, stored.top_ids)
+    assert bare.stats() == {"hits": 0, "misses": 2, "repaired": 0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]  # the stored one's directory only
+    with pytest.raises(LongsideError, match="whole segments"):
+        bare.document(_doc(book, 100))
+
+
 def test_distillation_loss_is_zero_when_the_student_is_the_teacher(tmp_path, smollm2, book):
     # one segment: the teacher's window holds what the student's does, and a new side
     # network's output is the backbone's (its `up` starts at zero)

@@ -35,6 +35,23 @@ def test_documents_are_deterministic_and_scored_correctly(smollm2):
     assert kinds == {True, False}
 
 
+def test_later_epochs_read_the_next_stretch_of_each_book(smollm2):
+    cfg = preset("tiny", synthetic_share=0.0)
+    stream = DocumentStream(tokenized_books(smollm2, "train"), cfg, smollm2.tokenizer)
+    n = len(stream.books)
+
+    def stretch(book, epoch):  # whole segments, the next stretch each epoch, wrapping within the book
+        span = min(len(book) // cfg.segment, cfg.max_book_segments) * cfg.segment
+        start = epoch * span % (len(book) - span + 1)
+        return book[start:start + span].tobytes()
+
+    for epoch in (0, 1, 2):
+        got = sorted(stream.document(i)[0].astype(np.int32).tobytes() for i in range(epoch * n, (epoch + 1) * n))
+        assert got == sorted(stretch(b, epoch) for b in stream.books)
+    # epoch 0 reads each book's opening (as before this rule); epoch 1 moved on in every book
+    assert all(stretch(b, 1) != stretch(b, 0) for b in stream.books)
+
+
 def test_rows_stream_whole_documents_and_reset_at_boundaries(smollm2):
     cfg = preset("tiny", batch_size=2)
     stream = DocumentStream(tokenized_books(smollm2, "train"), cfg, smollm2.tokenizer)

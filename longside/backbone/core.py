@@ -168,6 +168,12 @@ class Backbone:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def to(self, device: torch.device | str) -> "Backbone":
+        """Move the frozen model to `device` (in place; returns self). Memory made after
+        this lives there too (`Memory` follows `device`)."""
+        self.model.to(device)
+        return self
+
     def owner_id(self, layer: int) -> str:
         """Identifier of this backbone's layer `layer`, stamped on memory banks it writes."""
         return f"{self.name}:{self.fingerprint}:layer{layer}"

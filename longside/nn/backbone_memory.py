@@ -59,7 +59,7 @@ class BackboneMemory:
         self.k_chunks, self.distance, self.sink_tokens = k_chunks, distance, sink_tokens
         self.banks = {L: BatchMemory(batch_size, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
                                      chunk_size=chunk_size, capacity_tokens=capacity_tokens, index=index,
-                                     owner=backbone.owner_id(L))
+                                     owner=backbone.owner_id(L), device=backbone.device)
                       for L in self.layers}
 
     def __len__(self) -> int:

@@ -44,6 +44,7 @@ class TrainConfig:
     teacher_window: int = 8192
     teacher_top_k: int = 16
     teacher_cache: str | None = None  # default: <cache>/teacher/<backbone>-<fingerprint>-w.-s.-k.-m.[-nf4]-v2
+    teacher_store: bool = True  # False: compute each document's targets when read, keep none on disk
     lm_weight: float = 1.0
     distill_mse: float = 1.0
     distill_kl: float = 1.0

@@ -52,7 +52,11 @@ class DocumentStream:
         order = np.random.default_rng([cfg.seed, 1_000_003, epoch]).permutation(len(self.books))
         ids = self.books[order[k]]
         n = min(len(ids) // cfg.segment, cfg.max_book_segments)
-        ids = ids[: n * cfg.segment].astype(np.int64)
+        # each epoch reads the next stretch of a book longer than one document (epoch 0 its
+        # start), so a long run sees all of the text rather than the first stretch again
+        span = n * cfg.segment
+        start = epoch * span % (len(ids) - span + 1)
+        ids = ids[start:start + span].astype(np.int64)
         return ids, ids.copy()
 
     def _passkey(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -81,9 +81,11 @@ class TeacherTargets:
     window: the teacher's context in tokens (at most the backbone's native one); segment:
     the student's segment length; top_k: next tokens kept per position. `student_encode`
     (default `backbone.encode`) gives the student's features of one segment, so a
-    FeatureCache can stand in and be filled at the same time."""
+    FeatureCache can stand in and be filled at the same time. `path` None keeps nothing on
+    disk: every document is computed when asked for (a GPU computes one faster than a disk
+    holding ~20 MB per document would pay back, on a run that rarely sees one twice)."""
 
-    def __init__(self, path: str | Path, backbone: Backbone, window: int, segment: int, top_k: int = 16,
+    def __init__(self, path: str | Path | None, backbone: Backbone, window: int, segment: int, top_k: int = 16,
                  memory_layer: int = 15, student_encode: Callable | None = None):
         if window > backbone.spec.max_positions:
             raise LongsideError(f"teacher window {window} exceeds the backbone's native context "
@@ -92,10 +94,13 @@ class TeacherTargets:
             raise LongsideError(f"the teacher window ({window}) must be a multiple of the segment ({segment})")
         if top_k < 1:
             raise LongsideError(f"top_k must be >= 1, got {top_k}")
-        self.path, self.backbone = Path(path), backbone
+        self.path, self.backbone = (Path(path) if path is not None else None), backbone
         self.window, self.segment, self.top_k = window, segment, top_k
         self.memory_layer = memory_layer % backbone.spec.num_layers
         self.student_encode = student_encode or (lambda ids: backbone.encode(ids, memory_layer=self.memory_layer))
+        self.hits = self.misses = self.repaired = 0
+        if self.path is None:
+            return
         want = {"format": _FORMAT, "backbone": backbone.name, "fingerprint": backbone.fingerprint,
                 "quantization": feature_quantization(backbone),
                 "window": window, "segment": segment, "top_k": top_k, "memory_layer": self.memory_layer}
@@ -112,7 +117,6 @@ class TeacherTargets:
             self.path.mkdir(parents=True, exist_ok=True)
             with atomic_file(manifest) as tmp:
                 tmp.write_text(json.dumps(want, indent=1))
-        self.hits = self.misses = self.repaired = 0
 
     def _file(self, ids: np.ndarray) -> Path:
         digest = hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
@@ -126,6 +130,9 @@ class TeacherTargets:
         if L == 0 or L % self.segment or L > self.window:
             raise LongsideError(f"a document for teacher targets must be whole segments of {self.segment} tokens "
                                 f"and at most the teacher window {self.window}; got {L} tokens")
+        if self.path is None:
+            self.misses += 1
+            return self.compute(torch.from_numpy(ids))
         f = self._file(ids)
         if f.exists():
             try:

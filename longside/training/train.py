@@ -95,7 +95,7 @@ def teacher_targets(model: LongSideModel, cfg: TrainConfig) -> TeacherTargets:
     under the cache directory); the student's features come through the feature cache
     when there is one, so it fills at the same time."""
     bb = model.backbone
-    path = cfg.teacher_cache or cache_dir() / "teacher" / (
+    path = None if not cfg.teacher_store else cfg.teacher_cache or cache_dir() / "teacher" / (
         f"{bb.name}-{bb.fingerprint}-w{cfg.teacher_window}-s{cfg.segment}-k{cfg.teacher_top_k}"
         f"-m{cfg.side.memory_layer}{'-' + kind if (kind := feature_quantization(bb)) else ''}-v2")
     fc = model.feature_cache
@@ -169,6 +169,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, max_minutes: float
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.out)
     backbone = backbone or load_backbone(cfg.backbone, quantize=cfg.quantize)
+    if backbone.device != acc.device:  # on a GPU, all of it: backbone, memory banks, teacher, side network
+        backbone.to(acc.device)
     model = build_model(cfg, backbone)
     cfg = dataclasses.replace(cfg, side=model.config)  # init_from: the checkpoint's side network
     _check_side(cfg)
