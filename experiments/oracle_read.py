@@ -1,0 +1,164 @@
+"""What a perfect memory read would give: the side network and the backbone fed the
+teacher's own change at the memory layer, against what they read now.
+
+    python experiments/oracle_read.py [--model DIR] [--docs 4] [--segments 4] [--layer-sets 15 0-29] [--json PATH]
+
+The teacher is the frozen backbone with the whole document in its window (training/teacher.py).
+At the memory layer (block 15 for SmolLM2) it attends to all the earlier text; the student,
+one segment at a time, does not. `attn_delta` = o_proj(teacher's attention output) -
+o_proj(student's) is exactly what `MemoryReader` is built to add there (its output before
+`into_side` is o_proj(A - A_local)), and what the distillation's attn term trains it toward.
+Rows, each over segments 2..n of `--docs` documents of `--segments` x 1024 tokens from the
+validation books, token cache off (the side network alone):
+
+- backbone@1024: the backbone on each segment alone;
+- teacher: the backbone with the whole document in view (the bound);
+- backbone + oracle at the memory layer: the student backbone with `attn_delta` added to
+  block 15's attention output, the frozen blocks above it carrying it on (what a reader in
+  the backbone could give, like backbone memory);
+- side, memory off / side, memory read / side + oracle read: the side network with no memory,
+  with its memory reader over the earlier segments (memory written as in evaluation), and with
+  the reader's output replaced by `attn_delta` (what a perfect reader at the same place gives
+  the side network as trained).
+
+- backbone + teacher attention at blocks X: the student backbone whose attention outputs
+  (after o_proj) at blocks X are replaced by the teacher's. At every block this is the
+  teacher itself (the residual stream is the sum of the blocks' outputs and the MLPs act
+  per token): a check. At fewer blocks it says how many blocks a reader must read in to
+  reach the teacher's gain.
+
+Where the last side row gains little while the backbone rows gain much, the side network,
+not the reader, is what throws the read away. CPU, a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from longside.model import LongSideModel
+from longside.paths import check_output_file, write_json
+from longside.provenance import RunRecord
+from longside.training.data import tokenized_books
+from longside.training.teacher import TeacherTargets
+
+
+def _nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token loss of `ids [T]` under `logits [T, V]` (positions 0..T-2 predict 1..T-1)."""
+    return float(F.cross_entropy(logits[:-1].float(), ids[1:], reduction="sum")), ids.shape[0] - 1
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="side checkpoint (default: the shipped one)")
+    ap.add_argument("--docs", type=int, default=4)
+    ap.add_argument("--segments", type=int, default=4)
+    ap.add_argument("--layer-sets", nargs="*", default=["15", "7,15,23", "3,7,11,15,19,23,27", "0-14", "15-29",
+                                                            "0-29"],
+                    help="blocks whose attention output is the teacher's: comma lists and a-b ranges")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    check_output_file(args.json, "--json")
+    run = RunRecord.start()
+    torch.set_grad_enabled(False)
+    model = LongSideModel.from_pretrained(args.model)
+    model.drop_token_cache()
+    bb, S, layer = model.backbone, 1024, model.config.memory_layer
+    L = S * args.segments
+    teacher = TeacherTargets(None, bb, window=L, segment=S, top_k=1, memory_layer=layer)
+    books = [b for b in tokenized_books(bb, "validation") if len(b) >= L]
+    docs = []
+    for b in books:  # up to --docs documents, spread over the validation books
+        for start in range(0, len(b) - L + 1, L):
+            docs.append(b[start:start + L].astype(np.int64))
+    docs = docs[:: max(1, len(docs) // args.docs)][: args.docs]
+    rows = ["backbone@1024", "teacher", "backbone + oracle at the memory layer", "side, memory off",
+            "side, memory read", "side + oracle read"]
+    tot = {r: [0.0, 0] for r in rows}
+    cos: list[float] = []
+    o_proj = bb.parts.out_proj(bb.parts.layers[layer])
+    projs = [bb.parts.out_proj(block) for block in bb.parts.layers]
+    sets = {}
+    for text in args.layer_sets:
+        blocks = sorted({b for part in text.split(",") for b in (range(int(part.split("-")[0]), int(part.split("-")[1]) + 1)
+                                                                  if "-" in part else [int(part)])})
+        sets[f"backbone + teacher attention at blocks {text}"] = blocks
+    rows += list(sets)
+    tot.update({r: [0.0, 0] for r in sets})
+    for doc in tqdm(docs, desc="documents"):
+        ids = torch.from_numpy(doc)
+        target = teacher.document(doc)  # attn_delta [L, d] float16
+        t_out: dict[int, torch.Tensor] = {}
+        caps = [p.register_forward_hook(lambda _m, _a, o, b=b: t_out.__setitem__(b, o.detach())) for b, p in enumerate(projs)]
+        try:
+            full = bb.encode(ids[None], memory_layer=layer).hidden_states[-1][0]
+        finally:
+            for c in caps:
+                c.remove()
+        model.reset_memory()
+        for i in range(args.segments):
+            seg, delta = ids[i * S:(i + 1) * S], target.attn_delta[i * S:(i + 1) * S].float()[None]
+            use = i > 0  # segment 0: nothing earlier to read; scored from segment 1 on
+            if use:
+                def add(_m, _a, out, d=delta):
+                    return out + d
+                h = bb.encode(seg[None], memory_layer=layer).hidden_states[-1]
+                handle = o_proj.register_forward_hook(add)
+                try:
+                    h_or = bb.encode(seg[None], memory_layer=layer).hidden_states[-1]
+                finally:
+                    handle.remove()
+                scored = [("backbone@1024", h), ("teacher", full[None, i * S:(i + 1) * S]),
+                          ("backbone + oracle at the memory layer", h_or)]
+                for row, blocks in sets.items():
+                    swaps = [projs[b].register_forward_hook(lambda _m, _a, _o, b=b, i=i: t_out[b][:, i * S:(i + 1) * S])
+                             for b in blocks]
+                    try:
+                        scored.append((row, bb.encode(seg[None], memory_layer=layer).hidden_states[-1]))
+                    finally:
+                        for w in swaps:
+                            w.remove()
+                for row, hs in scored:
+                    n, k = _nll(bb.lm_head(bb.final_norm(hs))[0], seg)
+                    tot[row][0] += n
+                    tot[row][1] += k
+                out = model(seg[None], labels=seg[None], use_memory=False, write_memory=False, return_logits=False)
+                tot["side, memory off"][0] += out.loss.item() * out.n_tokens
+                tot["side, memory off"][1] += out.n_tokens
+                read: list[torch.Tensor] = []
+                hook = model.side.reader.into_side.register_forward_pre_hook(lambda _m, a: read.append(a[0]))
+                try:
+                    out = model(seg[None], labels=seg[None], use_memory=True, write_memory=False, return_logits=False)
+                finally:
+                    hook.remove()
+                tot["side, memory read"][0] += out.loss.item() * out.n_tokens
+                tot["side, memory read"][1] += out.n_tokens
+                if read:
+                    cos.append(float(F.cosine_similarity(read[0].flatten(), delta.flatten(), dim=0)))
+                hook = model.side.reader.into_side.register_forward_pre_hook(lambda _m, a, d=delta: (d,))
+                try:
+                    out = model(seg[None], labels=seg[None], use_memory=True, write_memory=False, return_logits=False)
+                finally:
+                    hook.remove()
+                tot["side + oracle read"][0] += out.loss.item() * out.n_tokens
+                tot["side + oracle read"][1] += out.n_tokens
+            model(seg[None], use_memory=use, write_memory=True, return_logits=False)  # write it, as evaluation does
+    ppl = {r: math.exp(v[0] / v[1]) for r, v in tot.items()}
+    base = ppl["backbone@1024"]
+    for r in rows:
+        print(f"{r:60s} {ppl[r]:8.3f}  {100 * (ppl[r] / base - 1):+6.2f}% vs backbone@1024")
+    print(f"cosine(reader's output, teacher's change), mean over segments: {np.mean(cos):.3f}")
+    if args.json:
+        write_json({"ppl": ppl, "tokens": tot[rows[0]][1], "docs": len(docs), "segments": args.segments,
+                    "reader_cosine_mean": float(np.mean(cos)) if cos else None,
+                    "layer_sets": {r: b for r, b in sets.items()}, "model": args.model or "shipped",
+                    "run": run.finish()}, args.json)
+
+
+if __name__ == "__main__":
+    main()
