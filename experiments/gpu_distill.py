@@ -11,10 +11,12 @@ dequantized float32 copy (`quantize="fp32"`: the same weights the native 4-bit l
 multiply with; TF32 matrix products on CUDA).
 
 A warm-up + cosine schedule must know its length, so a short probe run (its own
-directory, discarded) measures steps per second first; the real run then plans
-`max_steps` to end inside `--minutes`, with `--max-minutes` as the hard stop. The JSON
-holds the probe, the plan, the final metrics and where the machine/versions came from.
-Runs on CPU too (slowly: the tests' smoke run of this script uses a few steps).
+directory, discarded) measures steps per second and one validation's seconds first; the
+real run then plans `max_steps` to end inside `--minutes` with its validations counted,
+and stops at the time limit in any case. The JSON holds the probe, the plan, the final
+metrics (or the error) and where the machine and versions came from; with `--copy-to` it
+is copied there whatever happened. Runs on CPU too, slowly (it ran end to end on this
+project's CPU with `--batch-size 2 --probe-steps 3` in a copy of the device layout).
 """
 
 from __future__ import annotations
@@ -36,13 +38,16 @@ from longside.training.config import preset
 from longside.training.train import train
 
 
+def _clock(h: dict) -> float:
+    """Seconds into the run at a history row's step, before that step's validation."""
+    return h["tokens"] / h["tokens_per_s"]
+
+
 def _steps_per_s(history: list[dict], skip: int) -> float:
-    """Steady steps/s from a run's history: the clock at step i is tokens_i / tokens_per_s_i
-    (taken before that step's validation); the first `skip` steps (CUDA start-up) are left out."""
+    """Steady steps/s from a run's history; the first `skip` steps (CUDA start-up) are left out."""
     rows = [h for h in history if h.get("tokens_per_s")]
     a, b = rows[min(skip, len(rows) - 2)], rows[-1]
-    clock = lambda h: h["tokens"] / h["tokens_per_s"]  # noqa: E731
-    return (b["step"] - a["step"]) / max(clock(b) - clock(a), 1e-9)
+    return (b["step"] - a["step"]) / max(_clock(b) - _clock(a), 1e-9)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,35 +78,38 @@ def main(argv: list[str] | None = None) -> int:
     common = {"batch_size": args.batch_size, "quantize": args.quantize, "teacher_store": False,
               **({"lr": args.lr} if args.lr else {})}
 
-    probe_dir = out.with_name(out.name + "-probe")
-    probe = train(preset("smollm2-135m-distill", **common, out=str(probe_dir), max_steps=args.probe_steps,
-                         eval_every=10 ** 6, save_every=10 ** 6), backbone=backbone, progress=False)
-    history = json.loads((probe_dir / "history.json").read_text())
-    rate = _steps_per_s(history, skip=min(5, args.probe_steps // 3))
-    shutil.rmtree(probe_dir, ignore_errors=True)
-    left = args.minutes * 60 - (time.time() - t0) - args.reserve_s
-    steps = max(args.probe_steps, int(rate * left * 0.92))
-    result["probe"] = {"steps": args.probe_steps, "wall_s": round(probe["wall_s"], 1),
-                       "steps_per_s": round(rate, 3), "tokens_per_step": args.batch_size * 1024}
-    result["plan"] = {"max_steps": steps, "seconds_left": round(left, 1)}
-    print(json.dumps(result, indent=1), flush=True)
-    report.write_text(json.dumps(result, indent=1))
-
-    cfg = preset("smollm2-135m-distill", **common, out=str(out), max_steps=steps, eval_every=args.eval_every,
-                 save_every=args.save_every, warmup_steps=max(20, steps // 50))
     try:
+        probe_dir = out.with_name(out.name + "-probe")
+        probe = train(preset("smollm2-135m-distill", **common, out=str(probe_dir), max_steps=args.probe_steps,
+                             eval_every=10 ** 6, save_every=10 ** 6), backbone=backbone, progress=False)
+        history = json.loads((probe_dir / "history.json").read_text())
+        rate = _steps_per_s(history, skip=min(5, args.probe_steps // 3))
+        validation_s = max(probe["wall_s"] - _clock(history[-1]), 0.0)  # the probe's one validation (+ save)
+        shutil.rmtree(probe_dir, ignore_errors=True)
+        left = args.minutes * 60 - (time.time() - t0) - args.reserve_s
+        steps = max(args.probe_steps, int(rate * left * 0.95))
+        while steps > args.probe_steps and steps / rate + steps // args.eval_every * validation_s > left * 0.95:
+            steps -= max(1, steps // 100)
+        result["probe"] = {"steps": args.probe_steps, "wall_s": round(probe["wall_s"], 1), "steps_per_s": round(rate, 3),
+                           "validation_s": round(validation_s, 1), "tokens_per_step": args.batch_size * 1024}
+        result["plan"] = {"max_steps": steps, "seconds_left": round(left, 1)}
+        print(json.dumps(result, indent=1), flush=True)
+        report.write_text(json.dumps(result, indent=1))
+        cfg = preset("smollm2-135m-distill", **common, out=str(out), max_steps=steps, eval_every=args.eval_every,
+                     save_every=args.save_every, warmup_steps=max(20, steps // 50))
         result["final"] = train(cfg, max_minutes=max(left, 30) / 60, backbone=backbone, progress=False)
-    except Exception:  # keep what was saved: the last checkpoint is still copied below
+    except Exception:  # the error goes into the report; the last checkpoint saved is still copied below
         result["error"] = traceback.format_exc()
         print(result["error"], file=sys.stderr, flush=True)
     result["run"] = record.finish()
     report.write_text(json.dumps(result, indent=1))
-    if args.copy_to and (out / "model").exists():
+    if args.copy_to:
         dst = Path(args.copy_to)
         dst.mkdir(parents=True, exist_ok=True)
-        for f in ("model/side_model.safetensors", "model/side_config.json", "history.json", "train_config.json"):
-            shutil.copy(out / f, dst / Path(f).name)
         shutil.copy(report, dst / report.name)
+        for f in ("model/side_model.safetensors", "model/side_config.json", "history.json", "train_config.json"):
+            if (out / f).exists():
+                shutil.copy(out / f, dst / Path(f).name)
     print(json.dumps(result, indent=1))
     return 0 if "error" not in result else 1
 

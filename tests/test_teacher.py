@@ -9,7 +9,7 @@ from longside.model import LongSideModel
 from longside.training.config import preset
 from longside.training.data import tokenized_books
 from longside.training.teacher import TeacherTargets, distill_terms, stack_targets
-from longside.training.train import build_model, segment_loss, train
+from longside.training.train import build_model, segment_loss, teacher_targets, train
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +59,7 @@ def test_targets_without_a_store_are_computed_each_time_and_leave_no_file(tmp_pa
     for _ in range(2):
         got = bare.document(doc)
         assert torch.equal(got.delta, stored.delta) and torch.equal(got.top_ids, stored.top_ids)
-    assert bare.stats() == {"hits": 0, "misses": 2, "repaired": 0}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]  # the stored one's directory only
+    assert bare.path is None and bare.stats() == {"hits": 0, "misses": 2, "repaired": 0}
     with pytest.raises(LongsideError, match="whole segments"):
         bare.document(_doc(book, 100))
 
@@ -137,6 +136,21 @@ def test_distill_training_runs_and_checks_document_length(tmp_path, smollm2):
     assert {"mse", "kl", "ppl_memory_no_token_cache"} <= set(result)
     with pytest.raises(LongsideError, match="only apply with distill"):
         preset("tiny", distill_attn=1.0)
+    with pytest.raises(LongsideError, match="teacher_store is False"):
+        preset("tiny", distill=True, teacher_window=256, teacher_cache=str(tmp_path / "t"), teacher_store=False)
+
+
+def test_training_without_a_teacher_store_writes_no_targets(tmp_path, smollm2, monkeypatch):
+    monkeypatch.setattr("longside.training.train.cache_dir", lambda: tmp_path / "cache")  # where a store would go
+    cfg = preset("tiny", distill=True, teacher_window=256, max_steps=2, eval_every=2, out=str(tmp_path / "run"),
+                 teacher_store=False)
+    model = build_model(cfg, smollm2)
+    assert teacher_targets(model, cfg).path is None
+    result = train(cfg, backbone=smollm2, progress=False)
+    assert result["step"] == 2 and result["teacher"]["misses"] >= 1 and result["teacher"]["hits"] == 0
+    assert not (tmp_path / "cache" / "teacher").exists()
+    stored = preset("tiny", distill=True, teacher_window=256, out=str(tmp_path / "run"))
+    assert teacher_targets(model, stored).path.parent == tmp_path / "cache" / "teacher"  # where it would have gone
 
 
 def test_init_from_takes_the_checkpoints_side_network_and_refuses_other_settings(tmp_path, smollm2):

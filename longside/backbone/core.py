@@ -287,7 +287,7 @@ class Backbone:
             handles += self.parts.hook_kv(layers[memory_layer], kv, self.spec)
         try:
             with torch.no_grad():
-                kwargs = dict(input_ids=input_ids, attention_mask=attention_mask,
+                kwargs = dict(input_ids=input_ids.to(self.device), attention_mask=attention_mask,
                               position_ids=position_ids, use_cache=use_cache)
                 if cache is not None:
                     kwargs[self.parts.cache_kw] = cache

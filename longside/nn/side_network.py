@@ -394,12 +394,13 @@ class _RoomCaches(list):
 
 # -- helpers ---------------------------------------------------------------------------
 def _dense(module: nn.Module) -> torch.Tensor:
-    """A linear layer's weight `[out, in]` as float32, dequantizing a 4-bit one."""
+    """A linear layer's weight `[out, in]` as float32 on the CPU (where the side network is
+    built, whatever the backbone's device), dequantizing a 4-bit one."""
     w = getattr(module, "weight", None)
     if isinstance(w, torch.Tensor) and w.is_floating_point():
-        return w.detach().float()
+        return w.detach().float().cpu()
     if hasattr(module, "dequantize"):
-        return module.dequantize().float()
+        return module.dequantize().float().cpu()
     raise CheckpointError(f"cannot read the weights of {type(module).__name__} for pruning")
 
 
@@ -419,7 +420,7 @@ def _importance(backbone: Backbone) -> tuple[torch.Tensor, torch.Tensor]:
     pair = torch.zeros(spec.head_dim // 2)
     for layer in backbone.parts.layers:
         at, mlp = layer.self_attn, layer.mlp
-        n1, n2 = layer.input_layernorm.weight.detach().float(), layer.post_attention_layernorm.weight.detach().float()
+        n1, n2 = (n.weight.detach().float().cpu() for n in (layer.input_layernorm, layer.post_attention_layernorm))
         qkv = torch.cat([_dense(at.q_proj), _dense(at.k_proj), _dense(at.v_proj)])
         gu = torch.cat([_dense(mlp.gate_proj), _dense(mlp.up_proj)])
         dim += n1.pow(2) * qkv.pow(2).sum(0) + n2.pow(2) * gu.pow(2).sum(0)

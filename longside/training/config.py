@@ -72,6 +72,9 @@ class TrainConfig:
         if not self.distill and weights != (1.0, 1.0, 1.0, 0.0):
             raise LongsideError(f"loss weights {weights} (lm_weight, distill_mse, distill_kl, distill_attn) only "
                                 "apply with distill; set distill (--distill) or leave them at their defaults")
+        if self.teacher_cache and not self.teacher_store:
+            raise LongsideError(f"teacher_cache {self.teacher_cache!r} names a store, but teacher_store is False "
+                                "(targets computed when read, none kept); drop one of the two")
         if self.distill:
             longest = max(self.max_book_segments, self.synthetic_max_segments) * self.segment
             if longest > self.teacher_window or self.teacher_window % self.segment:

@@ -52,10 +52,12 @@ class DocumentStream:
         order = np.random.default_rng([cfg.seed, 1_000_003, epoch]).permutation(len(self.books))
         ids = self.books[order[k]]
         n = min(len(ids) // cfg.segment, cfg.max_book_segments)
-        # each epoch reads the next stretch of a book longer than one document (epoch 0 its
-        # start), so a long run sees all of the text rather than the first stretch again
+        # a book longer than one document: each epoch reads its next stretch (epoch 0 its
+        # opening; the last stretch ends at the book's end), then the first again, so a long
+        # run reads all of the text and a stretch recurs whole (the feature cache still pays)
         span = n * cfg.segment
-        start = epoch * span % (len(ids) - span + 1)
+        stretches = -(-len(ids) // span)
+        start = min(epoch % stretches * span, len(ids) - span)
         ids = ids[start:start + span].astype(np.int64)
         return ids, ids.copy()
 

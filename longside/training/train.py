@@ -163,15 +163,27 @@ def _check_side(cfg: TrainConfig) -> None:
 
 def train(cfg: TrainConfig, resume: str | Path | None = None, max_minutes: float | None = None,
           backbone: Backbone | None = None, progress: bool = True) -> dict:
-    """Run (or resume) training; returns the final metrics. Checkpoints go to `cfg.out`."""
+    """Run (or resume) training; returns the final metrics. Checkpoints go to `cfg.out`.
+    With a GPU the backbone trains there; a `backbone` passed in is moved back afterwards."""
     _check_side(cfg)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed)
-    out_dir = Path(cfg.out)
+    given = backbone
     backbone = backbone or load_backbone(cfg.backbone, quantize=cfg.quantize)
-    if backbone.device != acc.device:  # on a GPU, all of it: backbone, memory banks, teacher, side network
-        backbone.to(acc.device)
+    home = backbone.device
     model = build_model(cfg, backbone)
+    backbone.to(acc.device)  # on a GPU, all of it: backbone, memory banks, teacher, side network
+    model.init_memory(cfg.batch_size)  # made after the move: memory lives on the backbone's device
+    try:
+        return _train(cfg, acc, model, backbone, resume, max_minutes, progress)
+    finally:
+        if given is not None:  # the caller's backbone goes back where it was
+            given.to(home)
+
+
+def _train(cfg: TrainConfig, acc: Accelerator, model: LongSideModel, backbone: Backbone, resume, max_minutes,
+           progress: bool) -> dict:
+    out_dir = Path(cfg.out)
     cfg = dataclasses.replace(cfg, side=model.config)  # init_from: the checkpoint's side network
     _check_side(cfg)
     attach_feature_cache(model, cfg)
