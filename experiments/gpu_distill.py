@@ -87,9 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         validation_s = max(probe["wall_s"] - _clock(history[-1]), 0.0)  # the probe's one validation (+ save)
         shutil.rmtree(probe_dir, ignore_errors=True)
         left = args.minutes * 60 - (time.time() - t0) - args.reserve_s
-        steps = max(args.probe_steps, int(rate * left * 0.95))
-        while steps > args.probe_steps and steps / rate + steps // args.eval_every * validation_s > left * 0.95:
-            steps -= max(1, steps // 100)
+        # each step costs 1/rate s, and one step in eval_every adds a validation
+        steps = max(args.probe_steps, int(left * 0.95 / (1 / rate + validation_s / args.eval_every)))
         result["probe"] = {"steps": args.probe_steps, "wall_s": round(probe["wall_s"], 1), "steps_per_s": round(rate, 3),
                            "validation_s": round(validation_s, 1), "tokens_per_step": args.batch_size * 1024}
         result["plan"] = {"max_steps": steps, "seconds_left": round(left, 1)}

@@ -130,23 +130,19 @@ def main() -> None:
                 out = model(seg[None], labels=seg[None], use_memory=False, write_memory=False, return_logits=False)
                 tot["side, memory off"][0] += out.loss.item() * out.n_tokens
                 tot["side, memory off"][1] += out.n_tokens
-                read: list[torch.Tensor] = []
-                hook = model.side.reader.into_side.register_forward_pre_hook(lambda _m, a: read.append(a[0]))
-                try:
-                    out = model(seg[None], labels=seg[None], use_memory=True, write_memory=False, return_logits=False)
-                finally:
-                    hook.remove()
-                tot["side, memory read"][0] += out.loss.item() * out.n_tokens
-                tot["side, memory read"][1] += out.n_tokens
+                read: list[torch.Tensor] = []  # the reader's own output, then replaced by the teacher's change
+                for row, pre in (("side, memory read", lambda _m, a: read.append(a[0])),
+                                 ("side + oracle read", lambda _m, a, d=delta: (d,))):
+                    hook = model.side.reader.into_side.register_forward_pre_hook(pre)
+                    try:
+                        out = model(seg[None], labels=seg[None], use_memory=True, write_memory=False,
+                                    return_logits=False)
+                    finally:
+                        hook.remove()
+                    tot[row][0] += out.loss.item() * out.n_tokens
+                    tot[row][1] += out.n_tokens
                 if read:
                     cos.append(float(F.cosine_similarity(read[0].flatten(), delta.flatten(), dim=0)))
-                hook = model.side.reader.into_side.register_forward_pre_hook(lambda _m, a, d=delta: (d,))
-                try:
-                    out = model(seg[None], labels=seg[None], use_memory=True, write_memory=False, return_logits=False)
-                finally:
-                    hook.remove()
-                tot["side + oracle read"][0] += out.loss.item() * out.n_tokens
-                tot["side + oracle read"][1] += out.n_tokens
             model(seg[None], use_memory=use, write_memory=True, return_logits=False)  # write it, as evaluation does
     ppl = {r: math.exp(v[0] / v[1]) for r, v in tot.items()}
     base = ppl["backbone@1024"]

@@ -42,12 +42,14 @@ def test_later_epochs_read_the_next_stretch_of_each_book(smollm2):
     by_epoch = [[stream.document(i)[0] for i in range(e * n, (e + 1) * n)] for e in range(3)]
     assert all(len(d) == span for docs in by_epoch for d in docs)  # every book here holds one document
 
+    stretches = {}  # every whole stretch a book has (and its tail), by content: (book index, offset)
+    for b, book in enumerate(stream.books):
+        for s in [*range(0, len(book) - span + 1, span), len(book) - span]:
+            stretches.setdefault(book[s:s + span].tobytes(), (b, s))
+
     def source(doc):  # (book index, offset) of a document
-        hits = [(b, s) for b, book in enumerate(stream.books) for s in range(0, len(book) - span + 1, span // 4)
-                if np.array_equal(book[s:s + span], doc)] or \
-               [(b, len(book) - span) for b, book in enumerate(stream.books) if np.array_equal(book[-span:], doc)]
-        assert hits, "a document is not a stretch of a training book"
-        return hits[0]
+        assert doc.astype(np.int32).tobytes() in stretches, "a document is not a stretch of a training book"
+        return stretches[doc.astype(np.int32).tobytes()]
 
     for e, docs in enumerate(by_epoch):
         where = dict(source(d) for d in docs)
