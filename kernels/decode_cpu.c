@@ -218,13 +218,112 @@ AVX512 static void attend512(const float *q, const float *k, const float *v, int
 }
 #endif
 
-/* One query head against S cached keys/values: out [D]. isa 3 (AVX-512) takes attend512 where
- * D allows; scores: 2 S floats of scratch. */
+#ifdef __x86_64__
+#define AVX2F __attribute__((target("avx2,fma")))
+
+/* exp(x) on 8 lanes, the same reduction and polynomial as exp512; 2^n is built in the exponent
+ * bits, so x is clamped to [-87, 88] (n in [-126, 127]) and lanes below -87 give 0 (as
+ * vscalefps underflows there). */
+AVX2F static inline __m256 exp256(__m256 x) {
+    const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+AVX2F static inline __m256i tail_mask8(int64_t left) {
+    const int32_t k = left >= 8 ? 8 : (int32_t)left;
+    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), idx);
+}
+
+AVX2F static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* swiglu512 on 8 lanes */
+AVX2F static void swiglu256(const float *g, const float *u, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i += 8) {
+        const __m256i m = tail_mask8(n - i);
+        const __m256 gv = _mm256_maskload_ps(g + i, m);
+        const __m256 e = exp256(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), gv), _mm256_set1_ps(88.0f)));
+        const __m256 sv = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+        _mm256_maskstore_ps(y + i, m, _mm256_mul_ps(sv, _mm256_maskload_ps(u + i, m)));
+    }
+}
+
+/* attend512 on 8 lanes, for D a multiple of 8 up to 128 (the same order of operations per
+ * lane group: real keys listed first, the query and the output held in registers). */
+AVX2F static void attend256(const float *q, const float *k, const float *v, int64_t S, int64_t D,
+                            const uint8_t *mask, float scaling, float *scores, float *out, float *lse) {
+    int32_t *col = (int32_t *)(scores + S);
+    int64_t nr = 0;
+    for (int64_t s = 0; s < S; s++)
+        if (!mask || mask[s]) col[nr++] = (int32_t)s;
+    const int C = (int)(D / 8);
+    __m256 qv[16], o[16];
+    for (int c = 0; c < C; c++) qv[c] = _mm256_loadu_ps(q + 8 * c);
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < nr; i++) {
+        const float *ks = k + (int64_t)col[i] * D;
+        __m256 acc = _mm256_mul_ps(qv[0], _mm256_loadu_ps(ks));
+        for (int c = 1; c < C; c++) acc = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(ks + 8 * c), acc);
+        const float sc = hsum256(acc) * scaling;
+        scores[i] = sc;
+        mx = sc > mx ? sc : mx;
+    }
+    if (nr == 0) { /* no real key */
+        if (v) memset(out, 0, sizeof(float) * D);
+        if (lse) *lse = -INFINITY;
+        return;
+    }
+    __m256 sum = _mm256_setzero_ps();
+    const __m256 mxv = _mm256_set1_ps(mx);
+    for (int64_t i = 0; i < nr; i += 8) {
+        const __m256i m = tail_mask8(nr - i);
+        const __m256 e = _mm256_and_ps(exp256(_mm256_sub_ps(_mm256_maskload_ps(scores + i, m), mxv)),
+                                       _mm256_castsi256_ps(m));
+        _mm256_maskstore_ps(scores + i, m, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    const float total = hsum256(sum), inv = 1.0f / total;
+    if (lse) *lse = mx + logf(total);
+    if (!v) return;
+    for (int c = 0; c < C; c++) o[c] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nr; i++) {
+        const __m256 pv = _mm256_set1_ps(scores[i] * inv);
+        const float *vs = v + (int64_t)col[i] * D;
+        for (int c = 0; c < C; c++) o[c] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(vs + 8 * c), o[c]);
+    }
+    for (int c = 0; c < C; c++) _mm256_storeu_ps(out + 8 * c, o[c]);
+}
+#endif
+
+/* One query head against S cached keys/values: out [D]. isa 3 (AVX-512) takes attend512, isa 1-2
+ * (AVX2) attend256 where D allows; scores: 2 S floats of scratch. */
 static void attend(const float *q, const float *k, const float *v, int64_t S, int64_t D, const uint8_t *mask,
                    float scaling, float *scores, float *out, float *lse, int isa) {
 #ifdef __x86_64__
     if (isa == 3 && D % 16 == 0 && D <= 128) {
         attend512(q, k, v, S, D, mask, scaling, scores, out, lse);
+        return;
+    }
+    if (isa > 0 && D % 8 == 0 && D <= 128) {
+        attend256(q, k, v, S, D, mask, scaling, scores, out, lse);
         return;
     }
 #endif
@@ -236,6 +335,10 @@ static void swiglu(const float *g, const float *u, float *y, int64_t n, int isa)
 #ifdef __x86_64__
     if (isa == 3) {
         swiglu512(g, u, y, n);
+        return;
+    }
+    if (isa > 0) {
+        swiglu256(g, u, y, n);
         return;
     }
 #endif

@@ -288,8 +288,8 @@ def test_native_perplexity_matches_fp32_copy(smollm2, smollm2_fp32, monkeypatch)
     assert (native_logits - ref_logits).abs().max() < 1e-3
     monkeypatch.setattr(gguf_linear, "FUSED_MAX_M", 10 ** 9)
     exact_decode, _ = ppl(smollm2)  # the fixture's fp32 activations
-    gguf_linear.set_activations(smollm2.model, "int8")  # the loader's default: the LM head stays fp32
-    assert smollm2.parts.lm_head.activations == "fp32" and smollm2.model.model.layers[0].mlp.up_proj.activations == "int8"
+    gguf_linear.set_activations(smollm2.model, "int8")  # the loader's default, the LM head included
+    assert smollm2.parts.lm_head.activations == "int8" and smollm2.model.model.layers[0].mlp.up_proj.activations == "int8"
     try:
         decode, _ = ppl(smollm2)
     finally:
