@@ -354,16 +354,23 @@ def _assert_outputs_close(ref, new, rel=1e-5):
             assert a.shape == b.shape and (a - b).abs().max() <= rel * a.abs().max(), f
 
 
-def test_native_decode_step_equals_the_torch_step(smollm2, monkeypatch):
+@pytest.mark.parametrize("isa", [None, 1])
+def test_native_decode_step_equals_the_torch_step(smollm2, monkeypatch, isa):
     """One token per row goes through every block in one C call (kernels/decode_cpu.c): with
     exact activations it gives the torch step's hidden states, memory-layer tensors and cache,
     also after a multi-token step in between (Hugging Face's concatenation replaces the
-    cache's buffers), and with a key mask hiding another row's padding."""
+    cache's buffers), and with a key mask hiding another row's padding. `isa`: the CPU's best
+    path (None), or AVX2's attention and SwiGLU (1) on a CPU that has more."""
     from transformers import DynamicCache
 
     from longside.backbone import decode_step
     from longside.inference.ragged import _Cache
     from longside.kernels import ggml_cpu
+
+    if isa is not None:
+        if ggml_cpu._isa_level() < isa:
+            pytest.skip(f"this CPU has no path {isa}")
+        monkeypatch.setattr(ggml_cpu, "_isa_level", lambda: isa)
 
     ids = torch.randint(0, smollm2.spec.vocab_size, (2, 48), generator=torch.Generator().manual_seed(5))
     cuts = [0, 30, 31, 32, 33, 36, 37, 38, 39, 40, 41]  # one 3-token step among single tokens

@@ -205,6 +205,48 @@ def test_decoding_in_c_gives_the_same_bits_on_one_thread_and_a_team(monkeypatch)
         assert torch.equal(steps(1), steps(2))
 
 
+@pytest.mark.parametrize("spread", [1.0, 10.0, 60.0])
+@pytest.mark.parametrize("isa", [0, 1, 3])
+def test_side_decoding_in_c_equals_torch_on_each_path(isa, spread, monkeypatch):
+    """The side blocks' one-token step in C gives the torch loop's output on each
+    instruction-set path the CPU has (0 plain loops, 1 AVX2's attend256/swiglu256/exp256, 3
+    AVX-512): two rows, the second's first two cached positions hidden by the key mask; with
+    queries and keys scaled by `spread`, scores differ by ~0.05, ~5 and ~150 (exponentials
+    that underflow to 0)."""
+    from longside.kernels import ggml_cpu
+
+    if not ggml_cpu.available():
+        pytest.skip("the C kernels are not built")
+    if isa > ggml_cpu._isa_level() or (isa == 1 and ggml_cpu._isa_level() == 0):
+        pytest.skip(f"this CPU has no path {isa}")
+    monkeypatch.setattr(ggml_cpu, "_isa_level", lambda: isa)
+    bb = _tiny()
+    side = _side(bb)
+    with torch.no_grad():
+        side.up.weight.normal_(0, 0.3)
+        for blk in side.blocks:  # attention that weighs in the output, its scores spread
+            blk.o.weight.normal_(0, 0.3)
+            blk.q.weight.mul_(spread)
+            blk.k.weight.mul_(spread)
+    out = bb.encode(torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(6)), memory_layer=1)
+    key_mask = torch.ones(2, 11, dtype=torch.bool)
+    key_mask[1, :2] = False
+    calls = []
+    c_step = ggml_cpu.side_decode_layers
+    monkeypatch.setattr(ggml_cpu, "side_decode_layers", lambda *a, **k: (calls.append(1), c_step(*a, **k))[1])
+
+    def step(native: bool) -> torch.Tensor:
+        monkeypatch.setenv("LONGSIDE_DECODE", "c" if native else "torch")
+        _, caches = side([h[:, :10] for h in out.hidden_states], None)
+        return side([h[:, 10:] for h in out.hidden_states], None, start=10, caches=caches, key_mask=key_mask)[0]
+
+    with torch.no_grad():
+        want, got = step(False), step(True)
+    added = want - out.hidden_states[-1][:, 10:]  # what the side network adds
+    assert calls and added.abs().max() > 0.1
+    assert (got - want).abs().max() <= 1e-5 * added.abs().max(), (got - want).abs().max()
+
+
 @pytest.mark.parametrize("isa", [0, 1, 3])
 @pytest.mark.parametrize("mode", ["joint", "gated"])
 def test_memory_read_of_one_token_per_row_in_c_equals_torch(mode, isa, monkeypatch):
