@@ -6,7 +6,8 @@ and the memory reads' entry points, in the shipped model's generation loop.
 The model and memory are `longside bench generate --quick`'s (memory filled by repeating 4,096
 memorized tokens); a 128-token prompt of the held-out books, greedy, 2 threads. Per run: ms per
 decoded token (decode = N / (t(1 + N) - t(1)), as the benches compute it) and, per timed call,
-its ms per decoded token. Nested entries overlap: `output` holds the LM head (`gemv_f32`) and
+its ms per decoded token. Nested entries overlap: `output` holds the LM head (`gemv_int8` since
+session 28, `gemv_f32` before; `gemv_int8` also counts block 15's projection of the memory reads) and
 the mix (`mix`, whose C call is `token_cache_mix`); `search_tokens` holds the token memory's C
 scan (`c.search_tokens`) and `match_tokens`. What the timers leave out is the Python between
 the calls. The timers cost a few microseconds a call; use the pairs (decode_pairs.py) for speed
@@ -61,7 +62,8 @@ def main() -> None:
     run = RunRecord.start(["python", "experiments/step_timers.py", *sys.argv[1:]])
     torch.set_num_threads(2)
     totals: dict[str, float] = collections.defaultdict(float)
-    for name in ("llama_decode_step", "side_decode_layers", "memory_read_step", "gemv_f32", "token_cache_mix"):
+    for name in ("llama_decode_step", "side_decode_layers", "memory_read_step", "gemv_f32", "gemv_int8",
+                 "token_cache_mix"):
         _timed(ggml_cpu, name, name, totals)
     _timed(model_module.LongSideModel, "output", "output", totals)
     _timed(model_module.LongSideModel, "search_tokens", "search_tokens", totals)
