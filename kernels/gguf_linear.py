@@ -39,7 +39,7 @@ def matmul_ggml(x: torch.Tensor, w: GGMLWeight, activations: str = "int8",
                 int8_max_m: int | None = None) -> torch.Tensor:
     """`x @ W.T` for a ggml weight W `[N, K]`: x float `[..., K]` -> float32 `[..., N]` on
     CPU (x's dtype on CUDA). `activations="int8"` quantizes x per block of 32 on the fused
-    path (Q4_0/Q4_1/Q8_0 only), taken up to `int8_max_m` rows (default `FUSED_MAX_M`);
+    path (Q4_0/Q4_1/Q8_0 only), taken up to `int8_max_m` rows (default `FUSED_MAX_M`; 0: never);
     "fp32" keeps it exact."""
     n, k = w.shape
     if x.shape[-1] != k:
@@ -63,7 +63,8 @@ def matmul_ggml(x: torch.Tensor, w: GGMLWeight, activations: str = "int8",
                       f"{ggml_cpu.BUILD_HINT}", RuntimeWarning, stacklevel=2)
         return (x2 @ dequantize_reference(w).t()).reshape(*lead, n)
     m = x2.shape[0]
-    if activations == "int8" and w.qtype in ggml_cpu.INT8_TYPES and m <= (int8_max_m or FUSED_MAX_M):
+    if activations == "int8" and w.qtype in ggml_cpu.INT8_TYPES \
+            and m <= (FUSED_MAX_M if int8_max_m is None else int8_max_m):
         y = ggml_cpu.gemv_int8(x2, w)
     elif m <= FUSED_MAX_M:
         y = ggml_cpu.gemv_f32(x2, w)
@@ -83,13 +84,13 @@ class _MatmulGGML(torch.autograd.Function):
     """y = x @ W.T with W frozen: gradient w.r.t. x only (dx = dy @ W)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: GGMLWeight, activations: str) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, w: GGMLWeight, activations: str, int8_max_m: int | None) -> torch.Tensor:
         ctx.w = w
-        return matmul_ggml(x, w, activations)
+        return matmul_ggml(x, w, activations, int8_max_m)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        return grad_out @ dequantize_ggml(ctx.w).to(grad_out.device, grad_out.dtype), None, None
+        return grad_out @ dequantize_ggml(ctx.w).to(grad_out.device, grad_out.dtype), None, None, None
 
 
 class GGUFLinear(nn.Module):
@@ -99,8 +100,9 @@ class GGUFLinear(nn.Module):
     where `packed` (`pack_lanes()`: Q4_0/Q4_1 on the CPU), in the lanes layout the decode
     kernel reads without transposing (kernels/ggml.py). `bias` float32 or None.
     `activations`: "int8" (decode dot products on int8 activations, llama.cpp's way) or
-    "fp32" (exact). Input `[..., in_features]` -> float32 `[..., out_features]` cast back to
-    the input's dtype.
+    "fp32" (exact). `int8_max_m`: up to how many rows of input int8 activations are used when
+    a call does not say (None: `FUSED_MAX_M`; 0: only where a call asks, as the LM head).
+    Input `[..., in_features]` -> float32 `[..., out_features]` cast back to the input's dtype.
     """
 
     def __init__(self, in_features: int, out_features: int, qtype: str, bias: bool = False,
@@ -115,6 +117,7 @@ class GGUFLinear(nn.Module):
         self.register_buffer("blocks", torch.zeros(out_features, in_features // elems * nbytes, dtype=torch.uint8))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.packed = False
+        self.int8_max_m: int | None = None
         self._weight: GGMLWeight | None = None  # a view of `blocks`, rebuilt when the buffer is replaced
 
     @classmethod
@@ -160,11 +163,13 @@ class GGUFLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, int8_max_m: int | None = None) -> torch.Tensor:
         """`int8_max_m`: up to how many rows int8 activations take the int8 kernel (default
-        `FUSED_MAX_M`; the lean decode step passes `INT8_MAX_M`)."""
+        the layer's `int8_max_m`; the lean decode step passes `INT8_MAX_M`, a decode step's
+        LM head `FUSED_MAX_M`)."""
+        limit = self.int8_max_m if int8_max_m is None else int8_max_m
         if x.requires_grad and torch.is_grad_enabled():
-            y = _MatmulGGML.apply(x, self.ggml_weight(), self.activations)
+            y = _MatmulGGML.apply(x, self.ggml_weight(), self.activations, limit)
         else:  # decode: no autograd node to build
-            y = matmul_ggml(x, self.ggml_weight(), self.activations, int8_max_m)
+            y = matmul_ggml(x, self.ggml_weight(), self.activations, limit)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype)
@@ -206,15 +211,21 @@ def set_activations(model: nn.Module, activations: str) -> int:
     """Switch the `GGUFLinear` layers of `model`, the LM head included, between "int8" (fast
     decode, llama.cpp's way, which also runs its output layer on int8 activations) and "fp32"
     activations everywhere (exact to fp32 rounding: incremental decoding then equals reading
-    whole segments). The loader's default is "int8": on 8 x 1024 tokens of The Tempest the
-    decode kernels cost +0.11% perplexity with the head on fp32 activations, +0.24% with it on
-    int8, and the head's one-row product takes ~0.6x the time (docs/results.md#lm-head-int8).
+    whole segments). The loader's default is "int8". The LM head takes int8 only where a call
+    asks for it (`int8_max_m = 0`): `Backbone.lm_head(h, decode=True)`, one position per row
+    in a decode step, and never a segment read's last block of a few rows, which stays exact
+    like the rest of the segment. On 8 x 1024 tokens of The Tempest the decode kernels cost
+    +0.11% perplexity with the head on fp32 activations, +0.24% with it on int8, and the
+    head's one-row product takes ~0.6x the time (docs/results.md#lm-head-int8).
     Returns how many layers were set."""
     if activations not in ACTIVATIONS:
         raise LongsideError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     layers = [m for m in model.modules() if isinstance(m, GGUFLinear)]
     for m in layers:
         m.activations = activations
+        if m is head:
+            m.int8_max_m = 0
     return len(layers)
 
 

@@ -293,14 +293,15 @@ class LongSideModel(nn.Module):
     def output(self, h: torch.Tensor, hits=None, block: int = 256) -> torch.Tensor:
         """Final states `h [B, T, d]` -> logits `[B, T, V]` float32; with token-cache `hits`
         (`search_tokens`), the logits of the cache-mixed distribution (see
-        `TokenCacheReader.mix`: unchanged where the cache is silent)."""
+        `TokenCacheReader.mix`: unchanged where the cache is silent). One position per row (a
+        decode step) runs the LM head as decoding does (`Backbone.lm_head(decode=True)`)."""
         bb = self.backbone
-        if hits is None or self.side.token_reader is None:
-            return bb.lm_head(bb.final_norm(h))
         B, T, _ = h.shape
+        if hits is None or self.side.token_reader is None:
+            return bb.lm_head(bb.final_norm(h), decode=T == 1)
         out = []
         for i in range(0, T, block):  # blocks keep the dense [tokens, V] cache tensors small
-            lg = bb.lm_head(bb.final_norm(h[:, i:i + block]))
+            lg = bb.lm_head(bb.final_norm(h[:, i:i + block]), decode=T == 1)
             t = lg.shape[1]
             out.append(self.side.token_reader.mix(lg.flatten(0, 1), hits.map(lambda x: x[:, i:i + t].flatten(0, 1)),
                                                   decode=T == 1).view(B, t, -1))

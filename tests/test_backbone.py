@@ -289,13 +289,38 @@ def test_native_perplexity_matches_fp32_copy(smollm2, smollm2_fp32, monkeypatch)
     monkeypatch.setattr(gguf_linear, "FUSED_MAX_M", 10 ** 9)
     exact_decode, _ = ppl(smollm2)  # the fixture's fp32 activations
     gguf_linear.set_activations(smollm2.model, "int8")  # the loader's default, the LM head included
-    assert smollm2.parts.lm_head.activations == "int8" and smollm2.model.model.layers[0].mlp.up_proj.activations == "int8"
+    head = smollm2.parts.lm_head
+    assert head.activations == "int8" and smollm2.model.model.layers[0].mlp.up_proj.activations == "int8"
+    assert head.int8_max_m == 0  # the head takes int8 only where a decode step asks
     try:
         decode, _ = ppl(smollm2)
+        head.int8_max_m = None  # the head as decoding runs it, too
+        decode_head, _ = ppl(smollm2)
     finally:
         gguf_linear.set_activations(smollm2.model, "fp32")
+        head.int8_max_m = 0
     assert 10 < ref < 60 and abs(exact_decode / ref - 1) < 1e-4, (ref, exact_decode)
-    assert abs(decode / ref - 1) <= 0.005, (ref, decode)
+    assert abs(decode / ref - 1) <= 0.005 and abs(decode_head / ref - 1) <= 0.005, (ref, decode, decode_head)
+    assert decode_head != decode
+
+
+def test_lm_head_takes_int8_only_in_decode_steps(smollm2):
+    """With int8 activations (the loader's default) the LM head's few-row calls of a segment
+    read (the last block of `LongSideModel.output`, a teacher's or a loss's) keep exact
+    logits; only a decode step's call (`decode=True`) runs on int8, within int8 rounding."""
+    from longside.kernels import gguf_linear
+
+    h = torch.randn(1, 3, smollm2.spec.hidden_size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        exact = smollm2.lm_head(h)  # the fixture's fp32 activations
+        gguf_linear.set_activations(smollm2.model, "int8")
+        try:
+            read, decode = smollm2.lm_head(h), smollm2.lm_head(h, decode=True)
+        finally:
+            gguf_linear.set_activations(smollm2.model, "fp32")
+    assert torch.equal(read, exact)
+    assert not torch.equal(decode, exact)
+    torch.testing.assert_close(decode, exact, atol=0.05 * exact.abs().max().item(), rtol=0)
 
 
 def test_lean_decode_step_equals_the_hugging_face_forward(smollm2, monkeypatch):

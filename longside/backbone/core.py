@@ -28,6 +28,7 @@ from transformers.utils import logging as hf_logging
 from longside.backbone import decode_step
 from longside.backbone.rotary import apply_rotary
 from longside.errors import BackboneError
+from longside.kernels.gguf_linear import FUSED_MAX_M, GGUFLinear
 
 # Short names for backbones that ship inside pip packages (docs/design.md, the frozen backbone).
 SHORT_NAMES = {
@@ -188,9 +189,12 @@ class Backbone:
         """The backbone's final norm, `[..., d] -> [..., d]`; differentiable w.r.t. input."""
         return self.parts.norm(hidden)
 
-    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Normed `[..., d]` -> logits `[..., V]` float32; differentiable w.r.t. input."""
-        logits = self.parts.lm_head(hidden)
+    def lm_head(self, hidden: torch.Tensor, decode: bool = False) -> torch.Tensor:
+        """Normed `[..., d]` -> logits `[..., V]` float32; differentiable w.r.t. input.
+        `decode`: one position per row of a decode step, where a GGUF head on int8
+        activations takes them (up to `FUSED_MAX_M` rows); otherwise its logits are exact."""
+        head = self.parts.lm_head
+        logits = head(hidden, int8_max_m=FUSED_MAX_M) if decode and isinstance(head, GGUFLinear) else head(hidden)
         cap = getattr(self.parts.text_config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
