@@ -222,8 +222,8 @@ AVX512 static void attend512(const float *q, const float *k, const float *v, int
 #define AVX2F __attribute__((target("avx2,fma")))
 
 /* exp(x) on 8 lanes, the same reduction and polynomial as exp512; 2^n is built in the exponent
- * bits, so x is clamped to [-87, 88] (n in [-126, 127]) and lanes below -87 give 0 (as
- * vscalefps underflows there). */
+ * bits, so x is clamped to [-87, 88] (n in [-126, 127]) and lanes below -87 give 0 (exp512
+ * gives denormals down to -103 there: either is nothing beside a softmax sum >= 1). */
 AVX2F static inline __m256 exp256(__m256 x) {
     const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
     x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));

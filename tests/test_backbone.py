@@ -393,8 +393,8 @@ def test_native_decode_step_equals_the_torch_step(smollm2, monkeypatch, isa):
     from longside.kernels import ggml_cpu
 
     if isa is not None:
-        if ggml_cpu._isa_level() < isa:
-            pytest.skip(f"this CPU has no path {isa}")
+        if ggml_cpu._isa_level() <= isa:
+            pytest.skip(f"path {isa} is this CPU's best: the case without isa runs it")
         monkeypatch.setattr(ggml_cpu, "_isa_level", lambda: isa)
 
     ids = torch.randint(0, smollm2.spec.vocab_size, (2, 48), generator=torch.Generator().manual_seed(5))

@@ -210,7 +210,7 @@ def test_decoding_in_c_gives_the_same_bits_on_one_thread_and_a_team(monkeypatch)
 def test_side_decoding_in_c_equals_torch_on_each_path(isa, spread, monkeypatch):
     """The side blocks' one-token step in C gives the torch loop's output on each
     instruction-set path the CPU has (0 plain loops, 1 AVX2's attend256/swiglu256/exp256, 3
-    AVX-512): two rows, the second's first two cached positions hidden by the key mask; with
+    AVX-512's SwiGLU, with attend256 still for these 8-wide heads): two rows, the second's first two cached positions hidden by the key mask; with
     queries and keys scaled by `spread`, scores differ by ~0.05, ~5 and ~150 (exponentials
     that underflow to 0)."""
     from longside.kernels import ggml_cpu
