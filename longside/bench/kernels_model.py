@@ -41,13 +41,22 @@ def _load_smollm2(quantize: str = "fp32"):
 
 
 @contextlib.contextmanager
-def _decode_kernels_everywhere():
+def _decode_kernels_everywhere(model=None):
+    """Every product on the decode kernels, whatever its rows; with `model`, its LM head too,
+    as a decode step runs it (int8 where the model's activations are)."""
     old = gguf_linear.FUSED_MAX_M
+    head = model.get_output_embeddings() if model is not None else None
+    head = head if isinstance(head, gguf_linear.GGUFLinear) else None
+    old_head = head.int8_max_m if head is not None else None
     gguf_linear.FUSED_MAX_M = 1 << 30
+    if head is not None:
+        head.int8_max_m = None
     try:
         yield
     finally:
         gguf_linear.FUSED_MAX_M = old
+        if head is not None:
+            head.int8_max_m = old_head
 
 
 @torch.no_grad()
@@ -102,7 +111,7 @@ def bench_model(text_path: Path | None = None, quick: bool = False) -> dict:
                      "weight_bytes": model_bytes(model)}
         if report is not None:
             out[name]["quantized_layers"] = report["layers"]
-    with _decode_kernels_everywhere():
+    with _decode_kernels_everywhere(variants["native"][0]):
         out["native_decode_kernels"] = {"perplexity": round(perplexity(variants["native"][0], ids, window), 4)}
     base = out["dense_fp32"]
     for name in ("native", "native_decode_kernels", "nf4_decoder", "nf4_decoder_and_lm_head"):
