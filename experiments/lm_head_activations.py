@@ -41,12 +41,11 @@ def main() -> None:
     ids = torch.tensor(tok(text[: n * 8])["input_ids"][:n])
     head = model.get_output_embeddings()
     ppl = {"exact": kernels_model.perplexity(model, ids, args.window)}
-    with kernels_model._decode_kernels_everywhere():
-        head.int8_max_m = None  # as a decode step calls it (Backbone.lm_head(decode=True))
+    with kernels_model._decode_kernels_everywhere(model):  # the head too, as a decode step runs it
         for kind in ("fp32", "int8"):
             head.activations = kind
             ppl[f"decode_kernels_head_{kind}"] = kernels_model.perplexity(model, ids, args.window)
-    head.activations, head.int8_max_m = "int8", 0  # the loader's default
+    head.activations = "int8"  # the loader's default
     w = head.ggml_weight()
     x = torch.randn(1, w.shape[1], generator=torch.Generator().manual_seed(0))
     times = {}

@@ -64,20 +64,27 @@ static void rotary(float *x, const float *cos, const float *sin, int64_t D) {
 }
 
 #ifdef __x86_64__
-__attribute__((target("avx2,fma"))) static float dot_avx2(const float *a, const float *b, int64_t D) {
+#define AVX2F __attribute__((target("avx2,fma")))
+
+/* the sum of v's 8 lanes: (0+4, 1+5, 2+6, 3+7), then pairs, then the two left */
+AVX2F static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+AVX2F static float dot_avx2(const float *a, const float *b, int64_t D) {
     __m256 acc = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    float t = _mm_cvtss_f32(s);
+    float t = hsum256(acc);
     for (; i < D; i++) t += a[i] * b[i];
     return t;
 }
 
 /* y[D] += p * x[D] */
-__attribute__((target("avx2,fma"))) static void axpy_avx2(float p, const float *x, float *y, int64_t D) {
+AVX2F static void axpy_avx2(float p, const float *x, float *y, int64_t D) {
     const __m256 pv = _mm256_set1_ps(p);
     int64_t i = 0;
     for (; i + 8 <= D; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
@@ -219,8 +226,6 @@ AVX512 static void attend512(const float *q, const float *k, const float *v, int
 #endif
 
 #ifdef __x86_64__
-#define AVX2F __attribute__((target("avx2,fma")))
-
 /* exp(x) on 8 lanes, the same reduction and polynomial as exp512; 2^n is built in the exponent
  * bits, so x is clamped to [-87, 88] (n in [-126, 127]) and lanes below -87 give 0 (exp512
  * gives denormals down to -103 there: either is nothing beside a softmax sum >= 1). */
@@ -246,13 +251,6 @@ AVX2F static inline __m256i tail_mask8(int64_t left) {
     const int32_t k = left >= 8 ? 8 : (int32_t)left;
     const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), idx);
-}
-
-AVX2F static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
 }
 
 /* swiglu512 on 8 lanes */

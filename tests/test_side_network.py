@@ -38,6 +38,18 @@ def _side(bb, **kw):
     return SideNetwork(cfg, bb.spec, bb)
 
 
+def _use_isa(isa: int, monkeypatch):
+    """Run the C kernels on instruction-set path `isa` (0 plain, 1 AVX2, 3 AVX-512), or skip
+    where they are not built or the CPU lacks it."""
+    from longside.kernels import ggml_cpu
+
+    if not ggml_cpu.available():
+        pytest.skip("the C kernels are not built")
+    if isa > ggml_cpu._isa_level():
+        pytest.skip(f"this CPU has no path {isa}")
+    monkeypatch.setattr(ggml_cpu, "_isa_level", lambda: isa)
+
+
 @pytest.mark.parametrize("init,down", [("prune", "prune"), ("random", "avgpool"), ("random", "adapter"),
                                        ("prune", "adapter")])
 @pytest.mark.parametrize("mode", ["gated", "joint"])
@@ -215,11 +227,7 @@ def test_side_decoding_in_c_equals_torch_on_each_path(isa, spread, monkeypatch):
     that underflow to 0)."""
     from longside.kernels import ggml_cpu
 
-    if not ggml_cpu.available():
-        pytest.skip("the C kernels are not built")
-    if isa > ggml_cpu._isa_level() or (isa == 1 and ggml_cpu._isa_level() == 0):
-        pytest.skip(f"this CPU has no path {isa}")
-    monkeypatch.setattr(ggml_cpu, "_isa_level", lambda: isa)
+    _use_isa(isa, monkeypatch)
     bb = _tiny()
     side = _side(bb)
     with torch.no_grad():
@@ -258,11 +266,7 @@ def test_memory_read_of_one_token_per_row_in_c_equals_torch(mode, isa, monkeypat
 
     from longside.kernels import ggml_cpu
 
-    if not ggml_cpu.available():
-        pytest.skip("the C kernels are not built")
-    if isa > ggml_cpu._isa_level() or (isa == 1 and ggml_cpu._isa_level() == 0):
-        pytest.skip(f"this CPU has no path {isa}")
-    monkeypatch.setattr(ggml_cpu, "_isa_level", lambda: isa)
+    _use_isa(isa, monkeypatch)
     bb = _tiny()
     side = _side(bb, memory_attention=mode)
     with torch.no_grad():
