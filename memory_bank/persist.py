@@ -201,11 +201,17 @@ def load_bank(cls: type, path: Path, *, expect_owner: str | None, device, evicti
                 raise _corrupt(path, "token basis of the wrong size")
             # a copy: the basis is kept, and would otherwise keep the file's mapping alive
             tm_arrays["token_basis"] = tensor("token_basis", torch.float32, (tm.dim, -1)).clone()
-            if "token_proj" in arrays:  # absent from files written before it was saved: recomputed
-                width = tm_arrays["token_basis"].shape[1]
+            width = tm_arrays["token_basis"].shape[1]
+            if "token_proj_i8" in arrays:
+                if len(arrays["token_proj_i8"]) != n * width or len(arrays.get("token_proj_scale", b"")) != n * 4:
+                    raise _corrupt(path, "projected token keys of the wrong size")
+                tm_arrays["token_proj_i8"] = tensor("token_proj_i8", torch.int8, (n, width))
+                tm_arrays["token_proj_scale"] = tensor("token_proj_scale", torch.float32, (n,))
+            elif "token_proj" in arrays:  # files written before int8 projections: rounded on load
                 if len(arrays["token_proj"]) != n * width * tm.dtype.itemsize:
                     raise _corrupt(path, "projected token keys of the wrong size")
                 tm_arrays["token_proj"] = tensor("token_proj", tm.dtype, (n, width))
+            # absent from files written before projections were saved: recomputed
         tm.restore(state["token_memory"], tm_arrays)
     if bank._ivf is not None and "ivf0" in arrays:
         bank._ivf.load_serialized([np.frombuffer(arrays[f"ivf{h}"], dtype=np.uint8) for h in range(H)])

@@ -11,6 +11,9 @@
  *                      projection, or the keys themselves), rounded to bfloat16 as torch's
  *                      product rounds them, rescored exactly in fp32 (also ties to the lower
  *                      stored index, as TokenMemory's torch path).
+ *   search_tokens_i8:  the same with the shortlist scored over int8 projections with one
+ *                      scale per row, against the query rounded to int16 (half the bytes
+ *                      of bfloat16 to read per query; exact integer sums).
  *
  * isa: 0 plain C, 1 AVX2 + FMA + F16C (chosen at run time; the library runs on any x86-64).
  */
@@ -140,19 +143,59 @@ AVX2 static inline __m256 load_bf16(const uint16_t *p) {
 
 AVX2 static inline __m256 load_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 
+/* Rows to score: `p` [N, ld] of one format. Int8 rows carry one fp32 scale per row and are
+ * scored against the query rounded to int16 (`xq`, times `xscale`): integer products summed
+ * exactly, so every path gives the same bits. */
+enum { ROWS_BF16, ROWS_F16, ROWS_I8 };
+typedef struct {
+    int fmt;
+    const void *p;
+    int64_t ld;
+    const float *scale; /* ROWS_I8: [N] */
+    const int16_t *xq;  /* ROWS_I8: the query [n] */
+    float xscale;
+} Rows;
+
 /* out[r] = x . rows[r] for 8 rows of n (a multiple of 8) 16-bit values, row stride ld */
 #define DOT8(NAME, LOAD)                                                                            \
-    AVX2 static void NAME(const float *x, const uint16_t *rows, int64_t ld, int64_t n, float *out) { \
+    AVX2 static __m256 NAME(const float *x, const uint16_t *rows, int64_t ld, int64_t n) {          \
         __m256 acc[8];                                                                              \
         for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();                                   \
         for (int64_t c = 0; c < n; c += 8) {                                                        \
             __m256 xc = _mm256_loadu_ps(x + c);                                                     \
             for (int r = 0; r < 8; r++) acc[r] = _mm256_fmadd_ps(LOAD(rows + r * ld + c), xc, acc[r]); \
         }                                                                                           \
-        _mm256_storeu_ps(out, hsum_8x8(acc));                                                       \
+        return hsum_8x8(acc);                                                                       \
     }
 DOT8(dot8_bf16, load_bf16)
 DOT8(dot8_f16, load_f16)
+
+/* lane r: xq . rows[r] for 8 int8 rows of n (a multiple of 16) values, in int32 */
+AVX2 static __m256i dot8_i8(const int16_t *xq, const int8_t *rows, int64_t ld, int64_t n) {
+    __m256i acc[8];
+    for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_si256();
+    for (int64_t c = 0; c < n; c += 16) {
+        __m256i xc = _mm256_loadu_si256((const __m256i *)(xq + c));
+        for (int r = 0; r < 8; r++) {
+            __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(rows + r * ld + c)));
+            acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(w, xc));
+        }
+    }
+    __m256i ab = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]), _mm256_hadd_epi32(acc[2], acc[3]));
+    __m256i cd = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[4], acc[5]), _mm256_hadd_epi32(acc[6], acc[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(ab, cd, 0x20), _mm256_permute2x128_si256(ab, cd, 0x31));
+}
+
+AVX2 static void dot8(const float *x, Rows rows, int64_t j, int64_t n, float *out) {
+    if (rows.fmt == ROWS_I8) {
+        __m256i d = dot8_i8(rows.xq, (const int8_t *)rows.p + j * rows.ld, rows.ld, n);
+        __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(rows.scale + j), _mm256_set1_ps(rows.xscale));
+        _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_cvtepi32_ps(d), scale));
+    } else {
+        const uint16_t *r = (const uint16_t *)rows.p + j * rows.ld;
+        _mm256_storeu_ps(out, rows.fmt == ROWS_F16 ? dot8_f16(x, r, rows.ld, n) : dot8_bf16(x, r, rows.ld, n));
+    }
+}
 
 AVX2 static float dot1_bf16(const float *x, const uint16_t *row, int64_t n) { /* n % 8 == 0 */
     __m256 acc = _mm256_setzero_ps();
@@ -168,20 +211,26 @@ static float dot_bf16(const float *x, const uint16_t *row, int64_t n) {
     return s;
 }
 
-static float dot_f16(const float *x, const uint16_t *row, int64_t n) {
+static float dot1(const float *x, Rows rows, int64_t j, int64_t n) {
     float s = 0.0f;
-    for (int64_t c = 0; c < n; c++) s += x[c] * f16_f32(row[c]);
+    if (rows.fmt == ROWS_I8) {
+        const int8_t *r = (const int8_t *)rows.p + j * rows.ld;
+        int32_t sum = 0;
+        for (int64_t c = 0; c < n; c++) sum += (int32_t)rows.xq[c] * r[c];
+        return (float)sum * (rows.scale[j] * rows.xscale);
+    }
+    const uint16_t *r = (const uint16_t *)rows.p + j * rows.ld;
+    for (int64_t c = 0; c < n; c++) s += x[c] * (rows.fmt == ROWS_F16 ? f16_f32(r[c]) : bf16_f32(r[c]));
     return s;
 }
 
-/* scores[j] = x . rows[j] for j in [0, N), 16-bit rows (float16 or bfloat16) of n values
- * with stride ld; the vector path for n % 8 == 0 */
-static void dots(int f16, const float *x, const uint16_t *rows, int64_t ld, int64_t n, int64_t N, float *scores,
-                 int isa) {
+/* scores[j - j0] = x . rows[j] for j in [j0, j0 + m), rows of n values; the vector path for
+ * n % 8 == 0 */
+static void dots(const float *x, Rows rows, int64_t j0, int64_t m, int64_t n, float *scores, int isa) {
     int64_t j = 0;
-    if (isa && n % 8 == 0)
-        for (; j + 8 <= N; j += 8) (f16 ? dot8_f16 : dot8_bf16)(x, rows + j * ld, ld, n, scores + j);
-    for (; j < N; j++) scores[j] = (f16 ? dot_f16 : dot_bf16)(x, rows + j * ld, n);
+    if (isa && n % (rows.fmt == ROWS_I8 ? 16 : 8) == 0)
+        for (; j + 8 <= m; j += 8) dot8(x, rows, j0 + j, n, scores + j);
+    for (; j < m; j++) scores[j] = dot1(x, rows, j0 + j, n);
 }
 
 /* ---------------------------------------------------------------- scans */
@@ -190,15 +239,15 @@ static void dots(int f16, const float *x, const uint16_t *rows, int64_t ld, int6
 #define MIN_WORK_PER_THREAD (1 << 18) /* multiply-adds: below this a second thread costs more */
 
 /* Offer rows [j0, j1) to the heaps best[0..nq): query i's score of row j is x[i] . rows[j]
- * (16-bit rows of n values, stride ld), rounded to bfloat16 when `round`; rows with
- * skip[j] set or a score of -inf are left out. */
-static void scan(int f16, int round, const float *x, int64_t nq, const uint16_t *rows, int64_t ld, int64_t n,
-                 int64_t j0, int64_t j1, const uint8_t *skip, Best *best, int isa) {
+ * (rows of n values), rounded to bfloat16 when `round`; rows with skip[j] set or a score of
+ * -inf are left out. */
+static void scan(int round, const float *x, int64_t nq, Rows rows, int64_t n, int64_t j0, int64_t j1,
+                 const uint8_t *skip, Best *best, int isa) {
     float score[BLOCK];
     for (int64_t a = j0; a < j1; a += BLOCK) {
         int64_t m = j1 - a < BLOCK ? j1 - a : BLOCK;
         for (int64_t i = 0; i < nq; i++) {
-            dots(f16, x + i * n, rows + a * ld, ld, n, m, score, isa);
+            dots(x + i * n, rows, a, m, n, score, isa);
             float floor = best_floor(&best[i]);
             for (int64_t j = 0; j < m; j++) {
                 float v = round ? round_bf16(score[j]) : score[j];
@@ -214,12 +263,12 @@ static void scan(int f16, int round, const float *x, int64_t nq, const uint16_t 
 /* `scan` of rows [0, N) on up to nthreads threads, each over its own range into its own
  * heaps, merged into best[0..nq) (k each, empty on entry). The k best under a strict order
  * do not depend on how the rows were split. */
-static void scan_all(int f16, int round, const float *x, int64_t nq, const uint16_t *rows, int64_t ld, int64_t n,
-                     int64_t N, const uint8_t *skip, int64_t k, Best *best, int nthreads, int isa) {
+static void scan_all(int round, const float *x, int64_t nq, Rows rows, int64_t n, int64_t N, const uint8_t *skip,
+                     int64_t k, Best *best, int nthreads, int isa) {
     int64_t useful = N * n * nq / MIN_WORK_PER_THREAD;
     int nt = useful < nthreads ? (int)useful : nthreads;
     if (nt <= 1) {
-        scan(f16, round, x, nq, rows, ld, n, 0, N, skip, best, isa);
+        scan(round, x, nq, rows, n, 0, N, skip, best, isa);
         return;
     }
     float *hs = (float *)malloc(sizeof(float) * nt * nq * k);
@@ -228,7 +277,7 @@ static void scan_all(int f16, int round, const float *x, int64_t nq, const uint1
     for (int64_t i = 0; i < nt * nq; i++) own[i] = (Best){hs + i * k, hi + i * k, 0, k};
     #pragma omp parallel for schedule(static, 1) num_threads(nt)
     for (int p = 0; p < nt; p++)
-        scan(f16, round, x, nq, rows, ld, n, N * p / nt, N * (p + 1) / nt, skip, own + p * nq, isa);
+        scan(round, x, nq, rows, n, N * p / nt, N * (p + 1) / nt, skip, own + p * nq, isa);
     for (int p = 0; p < nt; p++)
         for (int64_t i = 0; i < nq; i++)
             for (int64_t e = 0; e < own[p * nq + i].size; e++)
@@ -252,7 +301,8 @@ void search_chunks_f16(const float *q, int64_t H, int64_t Tq, int64_t D, const u
     Best *best = (Best *)malloc(sizeof(Best) * Tq);
     for (int64_t h = 0; h < H; h++) {
         for (int64_t t = 0; t < Tq; t++) best[t] = (Best){hs + t * k, hi + t * k, 0, k};
-        scan_all(1, 0, q + h * Tq * D, Tq, keys + h * head_stride, D, D, used, skip, k, best, nthreads, isa);
+        Rows rows = {ROWS_F16, keys + h * head_stride, D, NULL, NULL, 0.0f};
+        scan_all(0, q + h * Tq * D, Tq, rows, D, used, skip, k, best, nthreads, isa);
         for (int64_t t = 0; t < Tq; t++) {
             int64_t *o = out + (h * Tq + t) * k, got = best[t].size;
             best_sorted(&best[t], scores, o);
@@ -267,21 +317,31 @@ void search_chunks_f16(const float *q, int64_t H, int64_t Tq, int64_t D, const u
 /* ---------------------------------------------------------------- token search */
 
 /* For T unit queries q [T, dim] fp32 against N stored keys [N, dim] bfloat16: the kk best by
- * exact fp32 cosine, of a shortlist of the `shortlist` best by an approximate score, into
- * sims [T, kk] fp32 and index [T, kk] int64, best first.
- *
- * The approximate score of key j is bf16(qs[t] . rows[j]) for rows [N, s] bfloat16 (the keys'
- * projections, or the keys themselves) and qs [T, s] the queries as the caller rounded them:
- * torch's bfloat16 product, which rounds its output to bfloat16 too. */
-void search_tokens_bf16(const float *q, int64_t T, int64_t dim, const float *qs, const uint16_t *rows, int64_t s,
-                        const uint16_t *keys, int64_t N, int64_t shortlist, int64_t kk, float *sims, int64_t *index,
-                        int nthreads, int isa) {
+ * exact fp32 cosine, of a shortlist of the `shortlist` best by an approximate score
+ * qs[t] . rows[j] (qs [T, s]: the queries as the caller projected them), into sims [T, kk]
+ * fp32 and index [T, kk] int64, best first. `round`: round the approximate scores to
+ * bfloat16, as torch's bfloat16 product rounds its output. */
+static void search_tokens(const float *q, int64_t T, int64_t dim, const float *qs, Rows rows, int64_t s, int round,
+                          const uint16_t *keys, int64_t N, int64_t shortlist, int64_t kk, float *sims,
+                          int64_t *index, int nthreads, int isa) {
     float *hs = (float *)malloc(sizeof(float) * 2 * shortlist), *approx = hs + shortlist;
     int64_t *hi = (int64_t *)malloc(sizeof(int64_t) * 2 * shortlist), *cand = hi + shortlist;
+    int16_t *xq = (int16_t *)malloc(sizeof(int16_t) * s);
     for (int64_t t = 0; t < T; t++) {
         const float *x = q + t * dim;
+        if (rows.fmt == ROWS_I8) { /* the query to int16, one scale: NaN or inf make every score NaN */
+            float amax = 0.0f;
+            int finite = 1;
+            for (int64_t c = 0; c < s; c++) {
+                finite &= isfinite(qs[t * s + c]) != 0;
+                amax = fmaxf(amax, fabsf(qs[t * s + c]));
+            }
+            rows.xscale = !finite ? NAN : amax > 0.0f ? amax / 32767.0f : 1.0f;
+            for (int64_t c = 0; c < s; c++) xq[c] = finite ? (int16_t)lrintf(qs[t * s + c] / rows.xscale) : 0;
+            rows.xq = xq;
+        }
         Best best = {hs, hi, 0, shortlist};
-        scan_all(0, 1, qs + t * s, 1, rows, s, s, N, NULL, shortlist, &best, nthreads, isa);
+        scan_all(round, qs + t * s, 1, rows, s, N, NULL, shortlist, &best, nthreads, isa);
         int64_t got = best.size;
         best_sorted(&best, approx, cand);
         Best top = {hs, hi, 0, kk};
@@ -296,6 +356,25 @@ void search_tokens_bf16(const float *q, int64_t T, int64_t dim, const float *qs,
     }
     free(hs);
     free(hi);
+    free(xq);
+}
+
+/* the shortlist over rows [N, s] bfloat16 (the keys' projections, or the keys themselves),
+ * scores rounded to bfloat16 as torch's product rounds them */
+void search_tokens_bf16(const float *q, int64_t T, int64_t dim, const float *qs, const uint16_t *rows, int64_t s,
+                        const uint16_t *keys, int64_t N, int64_t shortlist, int64_t kk, float *sims, int64_t *index,
+                        int nthreads, int isa) {
+    Rows r = {ROWS_BF16, rows, s, NULL, NULL, 0.0f};
+    search_tokens(q, T, dim, qs, r, s, 1, keys, N, shortlist, kk, sims, index, nthreads, isa);
+}
+
+/* the shortlist over int8 projections rows [N, s] times their scale [N] fp32, against the
+ * query qs rounded to int16 with one scale (amax / 32767, round half to even) */
+void search_tokens_i8(const float *q, int64_t T, int64_t dim, const float *qs, const int8_t *rows,
+                      const float *scale, int64_t s, const uint16_t *keys, int64_t N, int64_t shortlist, int64_t kk,
+                      float *sims, int64_t *index, int nthreads, int isa) {
+    Rows r = {ROWS_I8, rows, s, scale, NULL, 0.0f};
+    search_tokens(q, T, dim, qs, r, s, 0, keys, N, shortlist, kk, sims, index, nthreads, isa);
 }
 
 /* ---------------------------------------------------------------- exact-match read */

@@ -37,6 +37,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.search_chunks_f16.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, i64, ptr, cint, cint]
     lib.search_tokens_bf16.restype = None
     lib.search_tokens_bf16.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, ptr, ptr, cint, cint]
+    lib.search_tokens_i8.restype = None
+    lib.search_tokens_i8.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, ptr, ptr, cint, cint]
     lib.read_chunks_f16.restype = None
     lib.read_chunks_f16.argtypes = [ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr,
                                     cint, cint]
@@ -131,25 +133,36 @@ def read_chunks(slots: torch.Tensor, T: int, keys: torch.Tensor, values: torch.T
 
 
 def search_tokens(q: torch.Tensor, keys: torch.Tensor, qs: torch.Tensor, rows: torch.Tensor, shortlist: int,
-                  k: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  k: int, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """TokenMemory's search in one call: unit queries q `[T, dim]` float32 against keys
     `[N, dim]` bfloat16 -> exact cosines `[T, k]` float32 and key indices `[T, k]` int64,
-    best first, the k best of the `shortlist` (k <= shortlist <= N) best by the bfloat16
-    product of `qs [T, s]` bfloat16 (the queries projected and rounded) with `rows [>= N, s]`
-    bfloat16 (the keys' projections, or the keys themselves). Equal scores: the lower index."""
+    best first, the k best of the `shortlist` (k <= shortlist <= N) best by an approximate
+    score of `qs [T, s]` against `rows [>= N, s]`: bfloat16 rows (the keys themselves) with
+    qs as bfloat16 and the product rounded to bfloat16, as torch's bfloat16 product; or int8
+    rows (the keys' projections) times their `scale [>= N]` float32, with qs float32. Equal
+    scores: the lower index."""
     T, dim = q.shape
     N, s = keys.shape[0], qs.shape[1]
-    if keys.dtype != torch.bfloat16 or rows.dtype != torch.bfloat16 or not keys.is_contiguous() \
+    int8 = rows.dtype == torch.int8
+    if keys.dtype != torch.bfloat16 or rows.dtype not in (torch.bfloat16, torch.int8) or not keys.is_contiguous() \
             or not rows.is_contiguous() or rows.shape[0] < N or rows.shape[1] != s or not 1 <= k <= shortlist <= N \
-            or keys.shape[1] != dim or qs.shape[0] != T or any(t.device.type != "cpu" for t in (q, keys, qs, rows)):
+            or keys.shape[1] != dim or qs.shape[0] != T or any(t.device.type != "cpu" for t in (q, keys, qs, rows)) \
+            or int8 != (scale is not None) or (int8 and (scale.dtype != torch.float32 or not scale.is_contiguous()
+                                                          or scale.shape[0] < N or scale.device.type != "cpu")):
         raise ValueError(f"search_tokens needs CPU tensors, q [T, dim], contiguous bfloat16 keys [N, dim] and "
-                         f"rows [>= N, {s}], qs [T, {s}], 1 <= k <= shortlist <= N, got {keys.dtype}/{rows.dtype}, k={k}, shortlist={shortlist}, N={N}")
+                         f"rows [>= N, {s}] (bfloat16, or int8 with a float32 scale per row), qs [T, {s}], "
+                         f"1 <= k <= shortlist <= N, got {keys.dtype}/{rows.dtype}, k={k}, shortlist={shortlist}, N={N}")
     q = q.float().contiguous()
     qs = qs.float().contiguous()
     sims = torch.empty(T, k, dtype=torch.float32)
     index = torch.empty(T, k, dtype=torch.int64)
-    _lib().search_tokens_bf16(q.data_ptr(), T, dim, qs.data_ptr(), rows.data_ptr(), s, keys.data_ptr(), N,
-                              shortlist, k, sims.data_ptr(), index.data_ptr(), torch.get_num_threads(), _isa())
+    if int8:
+        _lib().search_tokens_i8(q.data_ptr(), T, dim, qs.data_ptr(), rows.data_ptr(), scale.data_ptr(), s,
+                                keys.data_ptr(), N, shortlist, k, sims.data_ptr(), index.data_ptr(),
+                                torch.get_num_threads(), _isa())
+    else:
+        _lib().search_tokens_bf16(q.data_ptr(), T, dim, qs.data_ptr(), rows.data_ptr(), s, keys.data_ptr(), N,
+                                  shortlist, k, sims.data_ptr(), index.data_ptr(), torch.get_num_threads(), _isa())
     return sims, index
 
 

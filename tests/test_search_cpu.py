@@ -74,6 +74,32 @@ def test_token_search_is_the_shortlist_then_the_exact_rescore(isa):
     assert torch.equal(sims, (q[:, None] * keys[want_idx].float()).sum(-1))
 
 
+def test_token_search_over_int8_rows_scales_each_row(isa):
+    """The int8 shortlist: the query rounded to int16 (one scale, its largest magnitude /
+    32767), its integer products with each row summed exactly, times the row's scale and
+    the query's. Integer sums do not depend on the summation order, so the library must
+    return exactly the definition (ties to the lower index); a wrong scale, a row read at the
+    wrong stride or a sign lost in the int8 widening changes the shortlist."""
+    g = torch.Generator().manual_seed(3)
+    N, dim, s, short, k = 700, 64, 16, 40, 10
+    keys = (torch.randint(-4, 5, (N, dim), generator=g) / 8).to(torch.bfloat16)
+    rows = torch.randint(-127, 128, (N + 5, s), generator=g).to(torch.int8)  # more rows than keys: unused
+    scale = 2.0 ** torch.randint(-9, -2, (N + 5,), generator=g).float()
+    q = torch.randint(-4, 5, (3, dim), generator=g) / 8
+    qs = torch.randint(-4, 5, (3, s), generator=g) / 8
+    sims, idx = search_cpu.search_tokens(q, keys, qs, rows, short, k, scale=scale)
+    xs = qs.abs().amax(1, keepdim=True) / 32767
+    sums = torch.round(qs / xs).double() @ rows[:N].double().T  # exact integers
+    cand = _ranked(sums.float() * (scale[:N] * xs), short)
+    exact = torch.einsum("td,tkd->tk", q, keys[cand].float())
+    order = cand.sort(dim=-1)
+    want_idx = order.values.gather(-1, _ranked(exact.gather(-1, order.indices), k))
+    assert torch.equal(idx, want_idx)
+    assert torch.equal(sims, (q[:, None] * keys[want_idx].float()).sum(-1))
+    with pytest.raises(ValueError, match="int8 with a float32 scale"):
+        search_cpu.search_tokens(q, keys, qs, rows, short, k)  # int8 rows need their scales
+
+
 def test_token_memory_search_of_one_query_equals_torch_path(isa, monkeypatch):
     """Through TokenMemory, with and without the projection shortlist: one C call or torch's
     operations. Keys of rank 24 (the projection keeps them whole) whose best neighbours stand

@@ -171,13 +171,33 @@ def test_projected_shortlist_finds_the_exact_neighbours_of_low_rank_keys(tmp_pat
     assert torch.equal(back.tokens._proj[:n], tm._proj[:n])  # saved with the file, not recomputed
     for a, b in zip(tm.search(q, 5), back.search_tokens(q, 5)):
         torch.testing.assert_close(a, b)
+    assert torch.equal(back.tokens._proj_scale[:n], tm._proj_scale[:n])
+    # the int8 rows are the projections, one scale per key
+    scale = tm._proj_scale[:n, None]
+    err = tm._proj[:n].float() * scale - tm._keys[:n].float() @ tm._basis
+    assert (err.abs() <= 0.5001 * scale).all()  # rounded to the nearest step of its own row
+    assert (tm._proj[:n].abs().amax(1) == 127).all()  # each row uses the whole int8 range
     # a file written before the projection was saved: recomputed on load, to the same bits
     plain = TokenMemory.arrays
-    monkeypatch.setattr(TokenMemory, "arrays", lambda self: {k: v for k, v in plain(self).items() if k != "token_proj"})
+    monkeypatch.setattr(TokenMemory, "arrays", lambda self: {
+        k: v for k, v in plain(self).items() if not k.startswith("token_proj")})
     mb.save(tmp_path / "old.bank")
-    monkeypatch.undo()
     old = MemoryBank.load(tmp_path / "old.bank")
     assert torch.equal(old.tokens._proj[:n], tm._proj[:n])
+    # a file written before int8 projections (bfloat16 ones): rounded to int8 on load
+    bf16 = {k: v for k, v in plain(tm).items() if not k.startswith("token_proj")}
+    bf16["token_proj"] = (tm._keys[:n].float() @ tm._basis).to(torch.bfloat16)
+    monkeypatch.setattr(TokenMemory, "arrays", lambda self: {**{k: v for k, v in plain(self).items()
+                                                                if not k.startswith("token_proj")},
+                                                             "token_proj": bf16["token_proj"]})
+    mb.save(tmp_path / "bf16.bank")
+    monkeypatch.undo()
+    was = MemoryBank.load(tmp_path / "bf16.bank")
+    assert was.tokens._proj.dtype == torch.int8
+    scale = was.tokens._proj_scale[:n, None]
+    assert ((was.tokens._proj[:n].float() * scale - bf16["token_proj"].float()).abs() <= 0.5001 * scale).all()
+    for a, b in zip(tm.search(q, 5), was.search_tokens(q, 5)):
+        torch.testing.assert_close(a, b)
     tm.clear()
     assert tm._basis is None and len(tm) == 0
 

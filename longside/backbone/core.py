@@ -26,7 +26,7 @@ from torch import nn
 from transformers.utils import logging as hf_logging
 
 from longside.backbone import decode_step
-from longside.backbone.rotary import apply_rotary
+from longside.backbone.rotary import apply_rotary, rotary_rows
 from longside.errors import BackboneError
 from longside.kernels.gguf_linear import FUSED_MAX_M, GGUFLinear
 
@@ -146,6 +146,10 @@ class Backbone:
         self.fingerprint = fingerprint
         self.quantization: dict | None = None  # set by the loader: {"kind": "native" | "nf4", byte counts}
         self.parts = _family_parts(model)
+        self._rotary_memo: dict = {}  # rotary_rows' table: decode steps and memory reads look positions up
+        rot = getattr(self.parts.base, "rotary_emb", None)
+        # Gemma 3 rotates its sliding-window and global blocks with different bases
+        self._rotary_by_kind = rot is not None and "layer_type" in inspect.signature(rot.forward).parameters
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         heads = cfg.num_attention_heads
         hidden = cfg.hidden_size
@@ -167,7 +171,11 @@ class Backbone:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the model takes its input: its embedding table's device (`parameters()`
+        walks the modules, and this is asked on every decoded token)."""
+        table = getattr(self.parts.embed, "weight", None)
+        table = table if isinstance(table, torch.Tensor) else getattr(self.parts.embed, "blocks", None)  # GGUFEmbedding
+        return table.device if isinstance(table, torch.Tensor) else next(self.model.parameters()).device
 
     def to(self, device: torch.device | str) -> "Backbone":
         """Move the frozen model to `device` (in place; returns self). Memory made after
@@ -235,13 +243,14 @@ class Backbone:
         rot = getattr(self.parts.base, "rotary_emb", None)
         if rot is None:
             return x
-        layer_types = getattr(self.parts.text_config, "layer_types", None)
         with torch.no_grad():
-            if layer_types and "layer_type" in inspect.signature(rot.forward).parameters:
-                kind = layer_types[layer] if layer is not None else "full_attention"
+            if self._rotary_by_kind:
+                layer_types = getattr(self.parts.text_config, "layer_types", None) or []
+                kind = layer_types[layer] if layer is not None and layer_types else "full_attention"
                 cos, sin = rot(x, position_ids, kind)
             else:
-                cos, sin = rot(x, position_ids)
+                rows = rotary_rows(rot, self._rotary_memo, position_ids)
+                cos, sin = rows if rows is not None else rot(x, position_ids)
         return apply_rotary(x, cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype))
 
     # -- one segment ---------------------------------------------------------------

@@ -32,7 +32,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from longside.backbone.rotary import apply_rotary
+from longside.backbone.rotary import apply_rotary, rotary_rows
 from longside.kernels import GGUFLinear, ggml_cpu
 from longside.kernels.gguf_linear import FUSED_MAX_M, INT8_MAX_M
 
@@ -255,23 +255,15 @@ def _last_table(cache: Any, words: torch.Tensor, n: int) -> _StepTable | None:
 
 
 def _rotary(backbone, h: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin `[B, D]` float32 at `position_ids [B, 1]`: rows of a table the backbone's own
-    rotary embedding made for positions 0..n-1 (the same function of the position, so the same
-    bits), grown as positions grow; a rotary embedding that also depends on the sequence
-    (dynamic scaling) is called each step."""
+    """cos, sin `[B, D]` float32 at `position_ids [B, 1]`: rows of the backbone's rotary
+    table (`rotary_rows`); a rotary embedding that also depends on the sequence (dynamic
+    scaling) is called each step."""
     rot = backbone.parts.base.rotary_emb
-    if getattr(rot, "rope_type", "default") != "default":
+    rows = rotary_rows(rot, backbone._rotary_memo, position_ids[:, 0])
+    if rows is None:
         cos, sin = rot(h, position_ids)
         return cos[:, 0].float().contiguous(), sin[:, 0].float().contiguous()
-    cache = backbone._decode_step_cache
-    table = cache.get("rotary")
-    need = int(position_ids.max()) + 1
-    if table is None or table[0].shape[0] < need or table[2] is not rot.inv_freq:
-        n = max(need, 1024, 0 if table is None else 2 * table[0].shape[0])
-        cos, sin = rot(h[:1], torch.arange(n, device=h.device)[None])
-        table = cache["rotary"] = (cos[0].float(), sin[0].float(), rot.inv_freq)
-    idx = position_ids[:, 0]
-    return table[0].index_select(0, idx), table[1].index_select(0, idx)
+    return rows
 
 
 def _native_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor | None, cache: Any,

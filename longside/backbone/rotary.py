@@ -12,3 +12,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def rotary_rows(rot: torch.nn.Module, memo: dict, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """cos, sin `[*positions.shape, D]` float32 of the Hugging Face rotary embedding `rot` at
+    `positions` (int64), as rows of a table `rot` made once for positions 0..n-1 (kept in
+    `memo`, grown as positions grow): the same function of the position, so the same bits
+    as calling `rot` each time, without its half-dozen small ops per call. None where the
+    embedding is not a function of the position alone (dynamic scaling, per-layer kinds)."""
+    if getattr(rot, "rope_type", None) != "default" or not isinstance(getattr(rot, "inv_freq", None), torch.Tensor):
+        return None
+    table = memo.get("rotary")
+    need = int(positions.max()) + 1 if positions.numel() else 1
+    if table is None or table[0].shape[0] < need or table[2] is not rot.inv_freq:
+        n = max(need, 1024, 0 if table is None else 2 * table[0].shape[0])
+        like = rot.inv_freq.new_empty(0, dtype=torch.float32)
+        cos, sin = rot(like, torch.arange(n, device=like.device)[None])
+        table = memo["rotary"] = (cos[0].float(), sin[0].float(), rot.inv_freq)
+    flat = positions.reshape(-1)
+    shape = (*positions.shape, table[0].shape[1])
+    return table[0].index_select(0, flat).view(shape), table[1].index_select(0, flat).view(shape)
