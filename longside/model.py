@@ -196,7 +196,7 @@ class LongSideModel(nn.Module):
 
     def token_keys(self, out) -> torch.Tensor | None:
         """The token-cache keys `[B, T, d]` of a `BackboneOutput` (None without a token cache)."""
-        return out.hidden_states[self.token_layer] if self.config.token_cache else None
+        return out.states[self.token_layer] if self.config.token_cache else None
 
     def search_tokens(self, keys: torch.Tensor | None, ids: torch.Tensor | None = None,
                       memory: Memory | None = None) -> TokenHits | None:
@@ -299,6 +299,10 @@ class LongSideModel(nn.Module):
         B, T, _ = h.shape
         if hits is None or self.side.token_reader is None:
             return bb.lm_head(bb.final_norm(h), decode=T == 1)
+        if T == 1:  # a decode step: one block, nothing to slice or join
+            lg = bb.lm_head(bb.final_norm(h), decode=True)
+            return self.side.token_reader.mix(lg.flatten(0, 1), hits.map(lambda x: x.flatten(0, 1)),
+                                              decode=True).view(B, 1, -1)
         out = []
         for i in range(0, T, block):  # blocks keep the dense [tokens, V] cache tensors small
             lg = bb.lm_head(bb.final_norm(h[:, i:i + block]), decode=T == 1)

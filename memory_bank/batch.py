@@ -67,6 +67,8 @@ class BatchMemory:
         ignore (longside's token-cache reader does: a row reads the same whatever the
         others hold)."""
         hits = [bank.search_tokens(q, k) for bank, q in zip(self.banks, queries)]
+        if len(hits) == 1:  # one row (a decode step of one user): nothing to pad
+            return hits[0][0][None], hits[0][1][None]
         kk = max(s.shape[1] for s, _ in hits)
         pad = [kk - s.shape[1] for s, _ in hits]
         sims = torch.stack([torch.nn.functional.pad(s, (0, p), value=float("-inf")) for (s, _), p in zip(hits, pad)])
@@ -81,6 +83,8 @@ class BatchMemory:
             shape = tuple(context.shape) if isinstance(context, torch.Tensor) else f"{len(context)} rows"
             raise MemoryBankError(f"context must be [B={len(self.banks)}, C], got {shape}")
         hits = [bank.match_tokens(c, n_queries, k) for bank, c in zip(self.banks, context)]
+        if len(hits) == 1:
+            return hits[0][0][None], hits[0][1][None]
         return torch.stack([h[0] for h in hits]), torch.stack([h[1] for h in hits])
 
     def search(self, queries: torch.Tensor, k_chunks: int, rows: Sequence[int] | None = None,

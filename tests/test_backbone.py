@@ -427,7 +427,7 @@ def test_native_decode_step_equals_the_torch_step(smollm2, monkeypatch, isa):
         for t in range(20, 26):
             pos = torch.tensor([[t - 7], [t]])
             out = decode_step.llama_step(smollm2, ids[:, t:t + 1], pos, cache, 15, mask[:, :t + 1])
-            outs.append(torch.stack(out["hidden"]))
+            outs.append(torch.stack(list(out["hidden"])))
         return torch.stack(outs), cache
 
     (a, ca), (b, cb) = padded(False), padded(True)

@@ -88,6 +88,11 @@ class BackboneOutput:
     memory_keys_rotated: torch.Tensor | None = None
     backbone_segment: Any = None
 
+    @property
+    def states(self):
+        """`hidden_states` for reading by index: a decode step's are views made when read."""
+        return self.hidden_states
+
     @classmethod
     def of_step(cls, step: dict, cache: Any) -> "BackboneOutput":
         """The output of one `decode_step.llama_step` (its dict) that grew `cache`. A step
@@ -106,14 +111,30 @@ class BackboneOutput:
 class _StepOutput(BackboneOutput):
     """A decode step's `BackboneOutput` whose `last_hidden` (the final norm of the last
     state) is computed when first read: generation reads the side network's output instead,
-    so the norm would be ~50 us of torch ops per token for nothing."""
+    so the norm would be ~50 us of torch ops per token for nothing. Its `hidden_states`
+    list is made when first read too; `states` gives each state as it is read (a step
+    reads a dozen of SmolLM2's 31: making all took ~80 us a token)."""
 
     _final_norm: Any = None
 
     @property  # type: ignore[override]
+    def hidden_states(self) -> list[torch.Tensor]:
+        if self.__dict__.get("_list") is None:
+            self.__dict__["_list"] = list(self.__dict__["_states"])
+        return self.__dict__["_list"]
+
+    @hidden_states.setter
+    def hidden_states(self, value) -> None:
+        self.__dict__["_states"], self.__dict__["_list"] = value, value if isinstance(value, list) else None
+
+    @property
+    def states(self):
+        return self.__dict__["_list"] if self.__dict__.get("_list") is not None else self.__dict__["_states"]
+
+    @property  # type: ignore[override]
     def last_hidden(self) -> torch.Tensor:
         if self.__dict__.get("_last") is None and self._final_norm is not None:
-            self.__dict__["_last"] = self._final_norm(self.hidden_states[-1])
+            self.__dict__["_last"] = self._final_norm(self.states[-1])
         return self.__dict__.get("_last")
 
     @last_hidden.setter

@@ -372,7 +372,7 @@ class RaggedWindows:
             k = model.config.k_chunks
             mem = memory_inputs(bb, out, model.config.memory_layer, lambda q: memory.search(q, k, real),
                                 window_keys=self.keys, positions=pos, key_positions=key_pos, key_mask=key_mask)
-        h, self.side_caches = model.side(out.hidden_states, mem, caches=self.side_caches, positions=pos,
+        h, self.side_caches = model.side(out.states, mem, caches=self.side_caches, positions=pos,
                                          key_mask=key_mask)
         tok_keys = model.token_keys(out)
         if tok_keys is not None:

@@ -150,7 +150,7 @@ class LocalWindow:
                                 start=start, window_keys=self.keys)
         # the side blocks see every new token (their caches need it); the LM head only
         # the positions whose logits are wanted
-        h, self.side_caches = model.side(out.hidden_states, mem, start=start, caches=self.side_caches)
+        h, self.side_caches = model.side(out.states, mem, start=start, caches=self.side_caches)
         tok_keys = model.token_keys(out)
         if tok_keys is not None:
             self.token_keys = append(self._grown, "token_keys", self.token_keys, tok_keys)

@@ -65,14 +65,14 @@ class MemoryReader(nn.Module):
     def forward(self, x: torch.Tensor, mem: MemoryInputs) -> torch.Tensor:
         """x `[B, T, s]` side state -> `[B, T, s]` memory contribution."""
         B, T, _ = x.shape
-        q = mem.queries + self.q_delta(x).view(B, T, self.heads, self.head_dim)
+        q = mem.queries + _linear(self.q_delta, x).view(B, T, self.heads, self.head_dim)
         keys, values, mask = mem.retrieve(q.detach())
         if keys.shape[3] == 0 or not bool(mask.any()):
             return x.new_zeros(x.shape)
         delta = self._read_step(q, keys, values, mask, mem) if T == 1 else None
         if delta is None:
             delta = self._read(q, keys, values, mask, mem)
-        return self.into_side(mem.out_proj(delta.flatten(2)))
+        return _linear(self.into_side, mem.out_proj(delta.flatten(2)))
 
     def _read(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
               mem: MemoryInputs) -> torch.Tensor:
@@ -114,6 +114,16 @@ class MemoryReader(nn.Module):
         return delta[:, None]
 
 
+def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)`; one row of a plain bias-free `nn.Linear` without gradients (a decode step)
+    as a matrix-vector product, which takes ~40% less time than the matrix product the layer
+    calls for one row (MKL, cold caches)."""
+    if x.numel() == x.shape[-1] and type(layer) is nn.Linear and layer.bias is None and not torch.is_grad_enabled() \
+            and x.dtype == layer.weight.dtype and x.device == layer.weight.device:
+        return torch.mv(layer.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
+    return layer(x)
+
+
 def memory_inputs(backbone: Backbone, out: BackboneOutput, layer: int, retrieve: Callable,
                   start: int = 0, window_keys: torch.Tensor | None = None, *,
                   positions: torch.Tensor | None = None, key_positions: torch.Tensor | None = None,
@@ -135,8 +145,6 @@ def memory_inputs(backbone: Backbone, out: BackboneOutput, layer: int, retrieve:
         if keys.shape[1] != start + T:
             raise LongsideError(f"window_keys cover {keys.shape[1]} positions, expected start + T = {start + T}")
         positions = torch.arange(start, start + T, device=dev).expand(B, T)
-        if start:
-            key_positions = torch.arange(start + T, device=dev).expand(B, start + T)
     elif key_positions is None or key_mask is None or window_keys is None:
         raise LongsideError("positions per row need window_keys, key_positions and key_mask")
     # during decoding the cache holds the window's keys rotated at their positions: the
@@ -144,8 +152,13 @@ def memory_inputs(backbone: Backbone, out: BackboneOutput, layer: int, retrieve:
     rotated = out.memory_keys_rotated
     if window_keys is None or rotated is None or rotated.shape[2] != keys.shape[1] or rotated.dtype != keys.dtype:
         rotated = None
+    if key_positions is not None:
+        rotate_keys = (lambda x: backbone.rotate(x, key_positions, layer))
+    elif start and window_keys is not None:  # the window's positions 0..start+T-1, made if read (decoding reads the cache's)
+        rotate_keys = (lambda x: backbone.rotate(x, torch.arange(start + T, device=dev).expand(B, start + T), layer))
+    else:
+        rotate_keys = None
     return MemoryInputs(
         queries=out.memory_queries, attn=out.memory_attn, keys=keys, retrieve=retrieve,
         out_proj=lambda a: backbone.attn_output(layer, a), rotate=lambda x: backbone.rotate(x, positions, layer),
-        rotate_keys=None if key_positions is None else (lambda x: backbone.rotate(x, key_positions, layer)),
-        key_mask=key_mask, rotated_keys=None if rotated is None else rotated.transpose(1, 2))
+        rotate_keys=rotate_keys, key_mask=key_mask, rotated_keys=None if rotated is None else rotated.transpose(1, 2))

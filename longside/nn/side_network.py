@@ -275,13 +275,13 @@ class SideNetwork(nn.Module):
             return None
         blk0 = self.blocks[0]
         B, hd, G = last.shape[0], blk0.head_dim, blk0.kv_heads
-        P = None if caches[0] is None else caches[0][0].shape[2]
         weights = self._native_weights()
         if weights is None:
             return None
-        if type(caches) is _RoomCaches and caches.continues(weights, P) \
-                and caches.rooms[0][0].buf.shape[0] == B and (key_mask is None or key_mask.shape[-1] == P + 1):
+        if type(caches) is _RoomCaches and caches.continues(weights, caches.n) \
+                and caches.rooms[0][0].buf.shape[0] == B and (key_mask is None or key_mask.shape[-1] == caches.n + 1):
             return weights, True  # what the last step returned: checked when it was made
+        P = None if caches[0] is None else caches[0][0].shape[2]
         for c in caches:
             if c is None or not all(t.dtype == torch.float32 and t.dim() == 4 and t.shape == (B, G, P, hd)
                                     for t in c):
@@ -328,27 +328,32 @@ class SideNetwork(nn.Module):
         B, s = last.shape[0], self.norm.weight.shape[0]
         blk0 = self.blocks[0]
         H, G, hd, F = blk0.heads, blk0.kv_heads, blk0.head_dim, blk0.gate.weight.shape[0]
-        P = caches[0][0].shape[2]
+        P = caches.n if continued else caches[0][0].shape[2]
         cos, sin = (t.reshape(-1, hd).expand(B, hd).contiguous() for t in (cos, sin))
         mask = ggml_cpu.key_mask_bytes(key_mask, B, P + 1)  # `_native_ok` checked its length
         w = ggml_cpu.SIDE_WORDS
-        states = [hidden_states[l].reshape(B, -1).contiguous() for l in self.layer_map]
+        buf = getattr(hidden_states, "buf", None)  # a C backbone step's states: rows of one [N+1, B, d] buffer
+        if buf is not None and buf.is_contiguous() and buf.dtype == torch.float32:
+            states = [buf.data_ptr() + l * buf.stride(0) * 4 for l in self.layer_map]  # no views to make
+        else:
+            states = [hidden_states[l].reshape(B, -1).contiguous() for l in self.layer_map]
+        ptrs = [h if isinstance(h, int) else h.data_ptr() for h in states]
         if continued:
             # the caches this method returned last step, untouched since: every block grows
             # in its own rooms, so only the states' words change
             table, rooms = caches.table, caches.rooms
-            table[:, w["state"]] = torch.tensor([h.data_ptr() for h in states])
+            table[:, w["state"]] = torch.tensor(ptrs)
             for room in (r for pair in rooms for r in pair):
                 room.filled = P + 1
         else:
             table, rooms, words = weights.clone(), [], []
-            for h, c in zip(states, caches):
+            for h, c in zip(ptrs, caches):
                 pair = getattr(c, "rooms", (None, None))
                 kr, vr = (Room.grow(r, t, 1, 2) for r, t in zip(pair, c))
                 if kr.buf.shape[2] != vr.buf.shape[2]:  # one of the two was replaced: the C step takes one capacity
                     kr, vr = (Room.grow(None, t, 1, 2) for t in c)
                 rooms.append((kr, vr))
-                words.append([h.data_ptr(), kr.buf.data_ptr(), vr.buf.data_ptr(), kr.buf.shape[2]])
+                words.append([h, kr.buf.data_ptr(), vr.buf.data_ptr(), kr.buf.shape[2]])
             table[:, [w[name] for name in ("state", "kbuf", "vbuf", "cap")]] = torch.tensor(words, dtype=torch.int64)
         gates = torch.sigmoid(self.gates.detach()).float().contiguous()
         x = last.new_empty(B, s)
@@ -374,21 +379,38 @@ class _RoomCache(tuple):
 
 
 class _RoomCaches(list):
-    """The caches `_decode_native` returns (one `_RoomCache` per block), with the C table of
-    the step that made them (its cache words naming each block's rooms), so the next step can
-    reuse it."""
+    """The caches `_decode_native` returns (one `_RoomCache` per block, made when read: a
+    decode step that continues from them reads none, and making the views took ~80 us a
+    token), with the C table of the step that made them (its cache words naming each block's
+    rooms), so the next step can reuse it."""
 
     def __init__(self, table: torch.Tensor, rooms: list[tuple[Room, Room]], weights: torch.Tensor, n: int):
-        super().__init__(_RoomCache((k.view(n), v.view(n))) for k, v in rooms)
-        for cache, pair in zip(self, rooms):
-            cache.rooms = pair
-        self.table, self.rooms, self.weights, self.views = table, rooms, weights, tuple(self)
+        super().__init__([None] * len(rooms))
+        self.table, self.rooms, self.weights, self.n = table, rooms, weights, n
+        self._made: list = [None] * len(rooms)
+
+    def _entry(self, j: int) -> _RoomCache:
+        c = list.__getitem__(self, j)
+        if c is None and self._made[j] is None:
+            k, v = self.rooms[j]
+            c = self._made[j] = _RoomCache((k.view(self.n), v.view(self.n)))
+            c.rooms = self.rooms[j]
+            list.__setitem__(self, j, c)
+        return c
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._entry(j) for j in range(*i.indices(len(self)))]
+        return self._entry(range(len(self))[i])
+
+    def __iter__(self):
+        return (self._entry(j) for j in range(len(self)))
 
     def continues(self, weights: torch.Tensor, P: int) -> bool:
         """True where the next step can reuse the table: the same weights, no cache replaced
         in this list, and every room grown by no one else and with space for one more."""
-        return self.weights is weights and len(self) == len(self.views) \
-            and all(a is b for a, b in zip(self, self.views)) \
+        return self.weights is weights and self.n == P and len(self) == len(self._made) \
+            and all(a is b for a, b in zip(list.__iter__(self), self._made)) \
             and all(r.filled == P and r.buf.shape[2] > P for pair in self.rooms for r in pair)
 
 
