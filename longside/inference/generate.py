@@ -86,26 +86,28 @@ def decode_loop(window: LocalWindow, prompt_ids: torch.Tensor, cfg: GenerationCo
     """
     B, max_new_tokens = prompt_ids.shape[0], cfg.max_new_tokens
     logits = window.feed(prompt_ids)
-    seen = prompt_ids.to(logits.device)
-    done = torch.zeros(B, dtype=torch.bool, device=logits.device)
-    eos_t = torch.tensor(list(eos) or [-1], device=logits.device)
-    pad = eos_t[0].clamp(min=0)
+    # the tokens so far feed the repetition penalty alone: kept only where it is on
+    seen = prompt_ids.to(logits.device) if cfg.repetition_penalty != 1.0 else None
+    done = [False] * B
+    eos_set, pad = set(eos), max(eos[0], 0) if eos else 0
     for step in range(max_new_tokens):
         tok = next_token(logits, seen, cfg, generator)
-        tok = torch.where(done, pad, tok)
+        if any(done):
+            tok = torch.where(torch.tensor(done, device=tok.device), pad, tok)
         texts = [""] * B
-        for b in range(B):
+        for b, t in enumerate(tok.tolist()):
             if done[b]:
                 continue
-            if bool(torch.isin(tok[b], eos_t)):
+            if t in eos_set:
                 done[b] = True
             elif pieces is not None:
-                texts[b] = pieces[b].push(int(tok[b]))
+                texts[b] = pieces[b].push(t)
                 done[b] = pieces[b].stopped
         yield tok, texts
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if all(done) or step == max_new_tokens - 1:
             return
-        seen = torch.cat([seen, tok[:, None]], 1)
+        if seen is not None:
+            seen = torch.cat([seen, tok[:, None]], 1)
         logits = window.feed(tok[:, None])
 
 
@@ -131,7 +133,9 @@ def generate(model: "LongSideModel", prompt, max_new_tokens: int | None = None, 
     if streamer is not None and B != 1:
         raise LongsideError("a streamer needs batch size 1; generate rows one by one to stream them")
     tok = model.backbone.tokenizer
-    pieces = [TextPieces(tok, cfg.stops()) for _ in range(B)]
+    # token ids in and out need the text only to find stop strings
+    pieces = None if isinstance(prompt, torch.Tensor) and not cfg.stops() else \
+        [TextPieces(tok, cfg.stops()) for _ in range(B)]
     window = LocalWindow(model, B, use_memory=cfg.use_memory, write_memory=cfg.write_memory)
     if streamer is not None:
         streamer.put(ids.cpu())

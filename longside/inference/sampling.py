@@ -118,6 +118,8 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, cfg: Generat
 def next_token(logits: torch.Tensor, seen: torch.Tensor | None, cfg: GenerationConfig,
                generator: torch.Generator | None) -> torch.Tensor:
     """`logits [B, V]` -> chosen token ids `[B]` int64 (argmax, or a draw from `generator`)."""
+    if not cfg.do_sample and cfg.repetition_penalty == 1.0:  # greedy: nothing to process
+        return logits.argmax(-1)
     logits = process_logits(logits, seen, cfg)
     if not cfg.do_sample:
         return logits.argmax(-1)
