@@ -704,10 +704,11 @@ void logit_stats(const float *x, int64_t N, int64_t V, int64_t ldx, float *out, 
  *       when gate is given (the gated mode); w = 0 for a head that retrieved nothing;
  *   delta[b, h] = w (a_mem - a_local[b, h]).
  * q, qr, a_local, delta [B, H, D]; keys, values [B, H, S, D]; all float32 and contiguous.
+ * qr NULL: q rotated here by cos, sin [B, D] (each row's position; rotate-half layout).
  * Returns 0, or -1 when a scratch allocation failed (delta not written). */
 int memory_read_step(int64_t B, int64_t H, int64_t G, int64_t D, int64_t S, int64_t P1, const float *q,
-                     const float *qr, const float *keys, const float *values, const uint8_t *mask,
-                     const float *kr, int64_t sb, int64_t sg, const uint8_t *kmask, int64_t ldm,
+                     const float *qr, const float *cos, const float *sin, const float *keys, const float *values,
+                     const uint8_t *mask, const float *kr, int64_t sb, int64_t sg, const uint8_t *kmask, int64_t ldm,
                      const float *a_local, const float *gate, float scaling, float *delta, int nthreads,
                      int isa) {
     const int64_t n = B * H, most = S > P1 ? S : P1;
@@ -716,7 +717,7 @@ int memory_read_step(int64_t B, int64_t H, int64_t G, int64_t D, int64_t S, int6
     int failed = 0;
     #pragma omp parallel num_threads(nt > 0 ? nt : 1)
     {
-        float *scores = (float *)malloc(sizeof(float) * 2 * (size_t)most), *a = (float *)malloc(sizeof(float) * D);
+        float *scores = (float *)malloc(sizeof(float) * 2 * (size_t)most), *a = (float *)malloc(sizeof(float) * 2 * D);
         if (!scores || !a) {
             #pragma omp atomic write
             failed = 1;
@@ -738,7 +739,12 @@ int memory_read_step(int64_t B, int64_t H, int64_t G, int64_t D, int64_t S, int6
                 if (gate) {
                     w = 1.0f / (1.0f + expf(-gate[h]));
                 } else {
-                    attend(qr + i * D, kr + b * sb + g * sg, NULL, P1, D, kmask ? kmask + b * ldm : NULL, scaling,
+                    const float *x = qr ? qr + i * D : a + D;
+                    if (!qr) { /* rotated here: a's second half is free */
+                        memcpy(a + D, q + i * D, sizeof(float) * D);
+                        rotary(a + D, cos + b * D, sin + b * D, D);
+                    }
+                    attend(x, kr + b * sb + g * sg, NULL, P1, D, kmask ? kmask + b * ldm : NULL, scaling,
                            scores, NULL, &lse_local, isa);
                     w = 1.0f / (1.0f + expf(lse_local - lse_mem));
                 }

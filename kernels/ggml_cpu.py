@@ -45,7 +45,7 @@ def _lib() -> ctypes.CDLL | None:
     lib.side_decode_layers.argtypes = [i64] * 8 + [ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, ctypes.c_float, cint,
                                                   cint, ptr, ctypes.c_float, ptr, ctypes.c_float, ptr, ptr, cint, cint]
     lib.memory_read_step.restype = cint
-    lib.memory_read_step.argtypes = [i64] * 6 + [ptr] * 6 + [i64, i64, ptr, i64, ptr, ptr, ctypes.c_float, ptr, cint,
+    lib.memory_read_step.argtypes = [i64] * 6 + [ptr] * 8 + [i64, i64, ptr, i64, ptr, ptr, ctypes.c_float, ptr, cint,
                                                            cint]
     lib.logit_stats.restype = None
     lib.logit_stats.argtypes = [ptr, i64, i64, i64, ptr, cint, cint]
@@ -218,11 +218,13 @@ def token_cache_mix(logits: torch.Tensor, sims: torch.Tensor, nxt: torch.Tensor,
     return out
 
 
-def memory_read_step(q: torch.Tensor, qr: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+def memory_read_step(q: torch.Tensor, qr: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
                      mask: torch.Tensor, kr: torch.Tensor, key_mask: torch.Tensor | None, a_local: torch.Tensor,
-                     gate: torch.Tensor | None, scaling: float) -> torch.Tensor:
+                     gate: torch.Tensor | None, scaling: float,
+                     rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The side network's memory read for one token per row in one C call (kernels/decode_cpu.c):
-    q, qr `[B, H, D]` (the query, and rotated at the token's position), retrieved keys, values
+    q, qr `[B, H, D]` (the query, and rotated at the token's position; qr None: rotated in the
+    call by `rotary` = cos, sin `[B, D]`, rotate-half layout), retrieved keys, values
     `[B, H, S, D]` and mask `[B, H, S]` bool, the window's rotated keys `kr [B, G, P1, D]`
     (each position's D contiguous), `key_mask` uint8 `[B, P1]` or None, the layer's local
     attention output `a_local [B, H, D]`, `gate [H]` float32 (gated mode, with `kr` and
@@ -234,9 +236,13 @@ def memory_read_step(q: torch.Tensor, qr: torch.Tensor, keys: torch.Tensor, valu
         raise ValueError("memory_read_step: the joint mode reads the window's keys `kr`")
     S = keys.shape[2]
     G, P1 = (1, 0) if kr is None else kr.shape[1:3]
-    parts = [q, qr, keys, values, a_local] + ([] if gate is None else [gate])
-    if any(t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu" for t in parts) \
-            or qr.shape != q.shape or a_local.shape != q.shape or keys.shape != (B, H, S, D) \
+    cos, sin = rotary if rotary is not None else (None, None)
+    parts = [q, keys, values, a_local] + ([] if gate is None else [gate]) + ([qr] if qr is not None else [cos, sin])
+    if (qr is None and rotary is None and gate is None) \
+            or any(t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu" for t in parts) \
+            or (qr is not None and qr.shape != q.shape) or (qr is None and rotary is not None
+                                                            and (cos.shape != (B, D) or sin.shape != (B, D))) \
+            or a_local.shape != q.shape or keys.shape != (B, H, S, D) \
             or values.shape != keys.shape or mask.shape != (B, H, S) or mask.dtype != torch.bool \
             or (kr is not None and (kr.dtype != torch.float32 or kr.shape[0] != B or kr.shape[3] != D
                                     or kr.stride(3) != 1 or kr.stride(2) != D)) \
@@ -246,7 +252,8 @@ def memory_read_step(q: torch.Tensor, qr: torch.Tensor, keys: torch.Tensor, valu
         raise ValueError("memory_read_step: unexpected shapes, dtypes or layouts")
     mask = mask.contiguous().view(torch.uint8)
     delta = torch.empty_like(q)
-    rc = _lib().memory_read_step(B, H, G, D, S, P1, q.data_ptr(), qr.data_ptr(), keys.data_ptr(),
+    ptr = (lambda t: None if t is None else t.data_ptr())
+    rc = _lib().memory_read_step(B, H, G, D, S, P1, q.data_ptr(), ptr(qr), ptr(cos), ptr(sin), keys.data_ptr(),
                                  values.data_ptr(), mask.data_ptr(), None if kr is None else kr.data_ptr(),
                                  0 if kr is None else kr.stride(0), 0 if kr is None else kr.stride(1),
                                  None if key_mask is None else key_mask.data_ptr(), P1, a_local.data_ptr(),

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -292,11 +294,13 @@ def test_memory_read_of_one_token_per_row_in_c_equals_torch(mode, isa, monkeypat
     x = torch.randn(2, 1, 32)
     calls = []
     step = ggml_cpu.memory_read_step
-    monkeypatch.setattr(ggml_cpu, "memory_read_step", lambda *a: (step(*a), calls.append(1))[0])
+    monkeypatch.setattr(ggml_cpu, "memory_read_step", lambda *a, **kw: (step(*a, **kw), calls.append(1))[0])
     with torch.no_grad():
         monkeypatch.setenv("LONGSIDE_DECODE", "torch")
         want = side.reader(x, mem)
         monkeypatch.setenv("LONGSIDE_DECODE", "c")
-        got = side.reader(x, mem)
-    assert calls == [1] and want.abs().sum() > 0
+        got = side.reader(x, mem)  # the query rotated in the call
+        rotated = side.reader(x, dataclasses.replace(mem, rotary=None))  # rotated by torch first
+    assert calls == [1, 1] and want.abs().sum() > 0
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(rotated, want, atol=2e-6, rtol=1e-5)

@@ -261,18 +261,28 @@ class Backbone:
         Llama-style families only (GPT-2 has no rotary embedding and returns `x`). Gemma 3
         rotates its sliding-window and global blocks with different bases: `layer` says
         which block's (None: a global one)."""
+        cs = self.rotary(position_ids, layer, like=x)
+        if cs is None:
+            return x
+        return apply_rotary(x, cs[0].unsqueeze(2).to(x.dtype), cs[1].unsqueeze(2).to(x.dtype))
+
+    def rotary(self, position_ids: torch.Tensor, layer: int | None = None,
+               like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos, sin `[B, T, D]` of block `layer`'s rotary embedding at `[B, T]` positions
+        (float32, or `like`'s dtype where the family computes them each call), what `rotate`
+        multiplies with; None for families without one (GPT-2)."""
         rot = getattr(self.parts.base, "rotary_emb", None)
         if rot is None:
-            return x
+            return None
+        x = like if like is not None else rot.inv_freq.new_empty(0, dtype=torch.float32) \
+            if isinstance(getattr(rot, "inv_freq", None), torch.Tensor) else torch.empty(0, device=position_ids.device)
         with torch.no_grad():
             if self._rotary_by_kind:
                 layer_types = getattr(self.parts.text_config, "layer_types", None) or []
                 kind = layer_types[layer] if layer is not None and layer_types else "full_attention"
-                cos, sin = rot(x, position_ids, kind)
-            else:
-                rows = rotary_rows(rot, self._rotary_memo, position_ids)
-                cos, sin = rows if rows is not None else rot(x, position_ids)
-        return apply_rotary(x, cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype))
+                return rot(x, position_ids, kind)
+            rows = rotary_rows(rot, self._rotary_memo, position_ids)
+            return rows if rows is not None else rot(x, position_ids)
 
     # -- one segment ---------------------------------------------------------------
     def encode(self, input_ids: torch.Tensor, memory_layer: int | None = None, *,

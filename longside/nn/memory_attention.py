@@ -38,6 +38,7 @@ class MemoryInputs:
     rotate_keys: Callable | None = None
     key_mask: torch.Tensor | None = None  # [B, P+T] or [B, T, P+T] bool: real keys (rows of different lengths)
     rotated_keys: torch.Tensor | None = None  # [B, P+T, G, D]: `keys` already rotated (the backbone's cache)
+    rotary: Callable | None = None  # () -> cos, sin [B, T, D] float32: what `rotate` multiplies with
 
 
 class MemoryReader(nn.Module):
@@ -95,20 +96,24 @@ class MemoryReader(nn.Module):
                 or not ggml_cpu.decode_in_c():
             return None
         B, _, H, D = q.shape
-        gate = kr = None
+        gate = kr = rot = None
         if self.mode == "gated":  # the gate replaces the local log-sum-exp: no local keys read
             gate, qr = self.gate.detach().float().contiguous(), q
         else:
-            qr = mem.rotate(q)
+            cs = mem.rotary() if mem.rotary is not None else None
+            if cs is not None and cs[0].dtype == torch.float32:  # rotated in the call
+                qr, rot = None, (cs[0][:, 0].contiguous(), cs[1][:, 0].contiguous())
+            else:
+                qr = mem.rotate(q)
             kr = mem.rotated_keys if mem.rotated_keys is not None else (mem.rotate_keys or mem.rotate)(mem.keys)
             kr = kr.transpose(1, 2)  # [B, G, P+1, D]: the caches' own layout, usually
             if kr.stride(-1) != 1 or kr.stride(-2) != D:
                 kr = kr.contiguous()
         try:
             key_mask = None if kr is None else ggml_cpu.key_mask_bytes(mem.key_mask, B, kr.shape[2])
-            delta = ggml_cpu.memory_read_step(q[:, 0].contiguous(), qr[:, 0].contiguous(), keys[:, 0], values[:, 0],
-                                              mask[:, 0], kr, key_mask, mem.attn[:, 0].contiguous(), gate,
-                                              D ** -0.5)
+            delta = ggml_cpu.memory_read_step(q[:, 0].contiguous(), None if qr is None else qr[:, 0].contiguous(),
+                                              keys[:, 0], values[:, 0], mask[:, 0], kr, key_mask,
+                                              mem.attn[:, 0].contiguous(), gate, D ** -0.5, rotary=rot)
         except ValueError:
             return None
         return delta[:, None]
@@ -161,4 +166,5 @@ def memory_inputs(backbone: Backbone, out: BackboneOutput, layer: int, retrieve:
     return MemoryInputs(
         queries=out.memory_queries, attn=out.memory_attn, keys=keys, retrieve=retrieve,
         out_proj=lambda a: backbone.attn_output(layer, a), rotate=lambda x: backbone.rotate(x, positions, layer),
-        rotate_keys=rotate_keys, key_mask=key_mask, rotated_keys=None if rotated is None else rotated.transpose(1, 2))
+        rotate_keys=rotate_keys, key_mask=key_mask, rotated_keys=None if rotated is None else rotated.transpose(1, 2),
+        rotary=lambda: backbone.rotary(positions, layer))
