@@ -170,6 +170,32 @@ typedef struct {
 DOT8(dot8_bf16, load_bf16)
 DOT8(dot8_f16, load_f16)
 
+/* out[i * ldo + r] = x[i] . rows[r] for NQ queries (x[i] at x + i * n) and 8 rows of n (a
+ * multiple of 8) 16-bit values: each row converted once for all the queries (a kv head's
+ * queries scan the same chunk keys), each sum in dot8's order, so the same bits as NQ dot8 */
+#define DOT8Q(NAME, LOAD, NQ)                                                                        \
+    AVX2 static void NAME(const float *x, const uint16_t *rows, int64_t ld, int64_t n, float *out,    \
+                          int64_t ldo) {                                                             \
+        __m256 acc[NQ][8];                                                                           \
+        for (int half = 0; half < 2; half++) { /* 4 rows x NQ accumulators stay in registers */      \
+            __m256 a[NQ][4];                                                                         \
+            for (int i = 0; i < NQ; i++)                                                             \
+                for (int r = 0; r < 4; r++) a[i][r] = _mm256_setzero_ps();                           \
+            for (int64_t c = 0; c < n; c += 8)                                                       \
+                for (int r = 0; r < 4; r++) {                                                        \
+                    __m256 w = LOAD(rows + (half * 4 + r) * ld + c);                                 \
+                    for (int i = 0; i < NQ; i++) a[i][r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + i * n + c), a[i][r]); \
+                }                                                                                    \
+            for (int i = 0; i < NQ; i++)                                                             \
+                for (int r = 0; r < 4; r++) acc[i][half * 4 + r] = a[i][r];                          \
+        }                                                                                            \
+        for (int i = 0; i < NQ; i++) _mm256_storeu_ps(out + i * ldo, hsum_8x8(acc[i]));              \
+    }
+DOT8Q(dot8q2_f16, load_f16, 2)
+DOT8Q(dot8q3_f16, load_f16, 3)
+DOT8Q(dot8q2_bf16, load_bf16, 2)
+DOT8Q(dot8q3_bf16, load_bf16, 3)
+
 /* lane r: xq . rows[r] for 8 int8 rows of n (a multiple of 16) values, in int32 */
 AVX2 static __m256i dot8_i8(const int16_t *xq, const int8_t *rows, int64_t ld, int64_t n) {
     __m256i acc[8];
@@ -233,6 +259,10 @@ static void dots(const float *x, Rows rows, int64_t j0, int64_t m, int64_t n, fl
     for (; j < m; j++) scores[j] = dot1(x, rows, j0 + j, n);
 }
 
+/* scores[i * BLOCK + j - j0] = x[i] . rows[j] for nq (2 or 3) queries and j in [j0, j0 + m),
+ * 16-bit rows of n (a multiple of 8) values: `dots` of each query, rows converted once */
+static void dots_q(const float *x, int64_t nq, Rows rows, int64_t j0, int64_t m, int64_t n, float *scores);
+
 /* ---------------------------------------------------------------- scans */
 
 #define BLOCK 256 /* rows scored at a time (in L1 for the next query), then offered to the heaps */
@@ -243,21 +273,43 @@ static void dots(const float *x, Rows rows, int64_t j0, int64_t m, int64_t n, fl
  * -inf are left out. */
 static void scan(int round, const float *x, int64_t nq, Rows rows, int64_t n, int64_t j0, int64_t j1,
                  const uint8_t *skip, Best *best, int isa) {
-    float score[BLOCK];
+    float scores[3 * BLOCK];
+    const int shared = isa && rows.fmt != ROWS_I8 && n % 8 == 0;
     for (int64_t a = j0; a < j1; a += BLOCK) {
         int64_t m = j1 - a < BLOCK ? j1 - a : BLOCK;
-        for (int64_t i = 0; i < nq; i++) {
-            dots(x + i * n, rows, a, m, n, score, isa);
-            float floor = best_floor(&best[i]);
-            for (int64_t j = 0; j < m; j++) {
-                float v = round ? round_bf16(score[j]) : score[j];
-                if (v >= floor && v != -INFINITY && !(skip && skip[a + j])) {
-                    best_push(&best[i], v, a + j);
-                    floor = best_floor(&best[i]);
+        for (int64_t i0 = 0; i0 < nq; i0 += 3) {
+            int64_t g = nq - i0 < 3 ? nq - i0 : 3;
+            if (shared && g > 1)
+                dots_q(x + i0 * n, g, rows, a, m, n, scores);
+            else
+                for (int64_t i = 0; i < g; i++) dots(x + (i0 + i) * n, rows, a, m, n, scores + i * BLOCK, isa);
+            for (int64_t i = 0; i < g; i++) {
+                const float *score = scores + i * BLOCK;
+                Best *b = &best[i0 + i];
+                float floor = best_floor(b);
+                for (int64_t j = 0; j < m; j++) {
+                    float v = round ? round_bf16(score[j]) : score[j];
+                    if (v >= floor && v != -INFINITY && !(skip && skip[a + j])) {
+                        best_push(b, v, a + j);
+                        floor = best_floor(b);
+                    }
                 }
             }
         }
     }
+}
+
+static void dots_q(const float *x, int64_t nq, Rows rows, int64_t j0, int64_t m, int64_t n, float *scores) {
+    int64_t j = 0;
+    for (; j + 8 <= m; j += 8) {
+        const uint16_t *r = (const uint16_t *)rows.p + (j0 + j) * rows.ld;
+        if (rows.fmt == ROWS_F16)
+            (nq == 2 ? dot8q2_f16 : dot8q3_f16)(x, r, rows.ld, n, scores + j, BLOCK);
+        else
+            (nq == 2 ? dot8q2_bf16 : dot8q3_bf16)(x, r, rows.ld, n, scores + j, BLOCK);
+    }
+    for (; j < m; j++)
+        for (int64_t i = 0; i < nq; i++) scores[i * BLOCK + j] = dot1(x + i * n, rows, j0 + j, n);
 }
 
 /* `scan` of rows [0, N) on up to nthreads threads, each over its own range into its own
