@@ -11,6 +11,8 @@
  *                      projection, or the keys themselves), rounded to bfloat16 as torch's
  *                      product rounds them, rescored exactly in fp32 (also ties to the lower
  *                      stored index, as TokenMemory's torch path).
+ *   token_search_step: the same for one raw query of a decode step, normalized and projected
+ *                      here, returning the stored next tokens.
  *   search_tokens_i8:  the same with the shortlist scored over int8 projections with one
  *                      scale per row, against the query rounded to int16 (half the bytes
  *                      of bfloat16 to read per query; exact integer sums).
@@ -427,6 +429,54 @@ void search_tokens_i8(const float *q, int64_t T, int64_t dim, const float *qs, c
                       float *sims, int64_t *index, int nthreads, int isa) {
     Rows r = {ROWS_I8, rows, s, scale, NULL, 0.0f};
     search_tokens(q, T, dim, qs, r, s, 0, keys, N, shortlist, kk, sims, index, nthreads, isa);
+}
+
+/* q [dim] -> q / max(|q|, 1e-12) (torch's normalize) into unit, and unit @ basis [dim, s]
+ * (row-major) into qs [s] */
+AVX2 static void project_avx2(const float *unit, int64_t dim, const float *basis, int64_t s, float *qs) {
+    for (int64_t j = 0; j < s; j += 8) _mm256_storeu_ps(qs + j, _mm256_setzero_ps());
+    for (int64_t d = 0; d < dim; d++) {
+        __m256 u = _mm256_set1_ps(unit[d]);
+        for (int64_t j = 0; j < s; j += 8)
+            _mm256_storeu_ps(qs + j, _mm256_fmadd_ps(u, _mm256_loadu_ps(basis + d * s + j), _mm256_loadu_ps(qs + j)));
+    }
+}
+
+static void normalize_project(const float *q, int64_t dim, const float *basis, int64_t s, float *unit, float *qs,
+                              int isa) {
+    double ss = 0.0;
+    for (int64_t d = 0; d < dim; d++) ss += (double)q[d] * q[d];
+    float norm = (float)sqrt(ss);
+    norm = norm > 1e-12f ? norm : 1e-12f;
+    for (int64_t d = 0; d < dim; d++) unit[d] = q[d] / norm;
+    if (isa && s % 8 == 0) {
+        project_avx2(unit, dim, basis, s, qs);
+        return;
+    }
+    for (int64_t j = 0; j < s; j++) qs[j] = 0.0f;
+    for (int64_t d = 0; d < dim; d++)
+        for (int64_t j = 0; j < s; j++) qs[j] += unit[d] * basis[d * s + j];
+}
+
+/* A decode step's TokenMemory.search of one raw query q [dim]: normalized and projected onto
+ * basis [dim, s] here, shortlisted over the int8 projections (search_tokens_i8), rescored;
+ * the kk best as sims [kk] and the stored next tokens next[index] [kk] (0 past the found). */
+int token_search_step(const float *q, int64_t dim, const float *basis, int64_t s, const int8_t *rows,
+                      const float *scale, const uint16_t *keys, int64_t N, int64_t shortlist, int64_t kk,
+                      const int64_t *next, float *sims, int64_t *out_next, int nthreads, int isa) {
+    float *unit = (float *)malloc(sizeof(float) * (dim + s)), *qs = unit + dim;
+    int64_t *index = (int64_t *)malloc(sizeof(int64_t) * kk);
+    if (!unit || !index) {
+        free(unit);
+        free(index);
+        return -1;
+    }
+    normalize_project(q, dim, basis, s, unit, qs, isa);
+    search_tokens_i8(unit, 1, dim, qs, rows, scale, s, keys, N, shortlist, kk, sims, index, nthreads, isa);
+    for (int64_t i = 0; i < kk; i++) out_next[i] = sims[i] == -INFINITY ? 0 : next[index[i]];
+    free(unit);
+    free(index);
+    return 0;
 }
 
 /* ---------------------------------------------------------------- exact-match read */

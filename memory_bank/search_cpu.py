@@ -39,6 +39,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.search_tokens_bf16.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, ptr, ptr, cint, cint]
     lib.search_tokens_i8.restype = None
     lib.search_tokens_i8.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, ptr, ptr, cint, cint]
+    lib.token_search_step.restype = cint
+    lib.token_search_step.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, cint, cint]
     lib.read_chunks_f16.restype = None
     lib.read_chunks_f16.argtypes = [ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr,
                                     cint, cint]
@@ -164,6 +166,34 @@ def search_tokens(q: torch.Tensor, keys: torch.Tensor, qs: torch.Tensor, rows: t
         _lib().search_tokens_bf16(q.data_ptr(), T, dim, qs.data_ptr(), rows.data_ptr(), s, keys.data_ptr(), N,
                                   shortlist, k, sims.data_ptr(), index.data_ptr(), torch.get_num_threads(), _isa())
     return sims, index
+
+
+def token_search_step(query: torch.Tensor, keys: torch.Tensor, basis: torch.Tensor, rows: torch.Tensor,
+                      scale: torch.Tensor, next_ids: torch.Tensor, shortlist: int,
+                      k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """TokenMemory's search of one decode step's raw query `[dim]` in one call: normalized
+    (as torch's `normalize`) and projected onto `basis [dim, s]` float32 in the call, then
+    `search_tokens` over int8 `rows [>= N, s]` with `scale [>= N]` against keys `[N, dim]`
+    bfloat16 -> cosines `[1, k]` float32 and the stored next tokens `next_ids[index]`
+    `[1, k]` int64 (`next_ids [>= N]` int64)."""
+    dim, s = basis.shape
+    N = keys.shape[0]
+    if query.shape != (dim,) or keys.dtype != torch.bfloat16 or not keys.is_contiguous() or keys.shape[1] != dim \
+            or basis.dtype != torch.float32 or not basis.is_contiguous() or rows.dtype != torch.int8 \
+            or not rows.is_contiguous() or rows.shape[0] < N or rows.shape[1] != s or scale.dtype != torch.float32 \
+            or not scale.is_contiguous() or scale.shape[0] < N or next_ids.dtype != torch.int64 \
+            or not next_ids.is_contiguous() or next_ids.shape[0] < N or not 1 <= k <= shortlist <= N \
+            or any(t.device.type != "cpu" for t in (query, keys, basis, rows, scale, next_ids)):
+        raise ValueError("token_search_step: unexpected shapes, dtypes or layouts")
+    q = query.float().contiguous()
+    sims = torch.empty(1, k, dtype=torch.float32)
+    nxt = torch.empty(1, k, dtype=torch.int64)
+    rc = _lib().token_search_step(q.data_ptr(), dim, basis.data_ptr(), s, rows.data_ptr(), scale.data_ptr(),
+                                  keys.data_ptr(), N, shortlist, k, next_ids.data_ptr(), sims.data_ptr(),
+                                  nxt.data_ptr(), torch.get_num_threads(), _isa())
+    if rc:
+        raise MemoryError("token_search_step: could not allocate its scratch buffers")
+    return sims, nxt
 
 
 def match_last(text: torch.Tensor, context: torch.Tensor, orders: dict, next_ids: torch.Tensor, k: int,

@@ -197,8 +197,12 @@ class TokenMemory:
         T = queries.shape[0]
         if kk == 0:
             return (torch.zeros(T, 0, device=self.device), torch.zeros(T, 0, dtype=torch.int64, device=self.device))
-        q = torch.nn.functional.normalize(queries.detach().float(), dim=-1).to(self.device)
         live = self._keys[:self._size]  # slots [0, size) are live: the ring fills from 0
+        if T == 1 and self._basis is not None and self.dtype == torch.bfloat16 and self.device.type == "cpu" \
+                and search_cpu.fast() and queries.device.type == "cpu":  # a decode step: one call, from the raw query
+            return search_cpu.token_search_step(queries.detach()[0], live, self._basis, self._proj,
+                                                self._proj_scale, self._next, min(4 * kk, self._size), kk)
+        q = torch.nn.functional.normalize(queries.detach().float(), dim=-1).to(self.device)
         if self.dtype == torch.float32:
             top, idx = (q @ live.T).topk(kk, dim=-1)
             return top, self._next[idx]
@@ -210,10 +214,7 @@ class TokenMemory:
         else:
             short, qs = min(2 * kk, self._size), q.to(self.dtype)
         if T == 1 and self.dtype == torch.bfloat16 and self.device.type == "cpu" and search_cpu.fast():
-            if self._basis is not None:  # a decode step: one call
-                sims, idx = search_cpu.search_tokens(q, live, qs, self._proj, short, kk, scale=self._proj_scale)
-            else:
-                sims, idx = search_cpu.search_tokens(q, live, qs, self._keys, short, kk)
+            sims, idx = search_cpu.search_tokens(q, live, qs, self._keys, short, kk)  # a decode step: one call
             return sims, self._next[idx]
         rows = self._proj[:self._size].float() if self._basis is not None else live
         tops, idxs = [], []
