@@ -22,8 +22,13 @@ def rotary_rows(rot: torch.nn.Module, memo: dict, positions: torch.Tensor) -> tu
     embedding is not a function of the position alone (dynamic scaling, per-layer kinds)."""
     if getattr(rot, "rope_type", None) != "default" or not isinstance(getattr(rot, "inv_freq", None), torch.Tensor):
         return None
+    if not positions.numel():
+        return None
+    lo, hi = torch.aminmax(positions)
+    if int(lo) < 0:  # no row of the table: the embedding computes it
+        return None
     table = memo.get("rotary")
-    need = int(positions.max()) + 1 if positions.numel() else 1
+    need = int(hi) + 1
     if table is None or table[0].shape[0] < need or table[2] is not rot.inv_freq:
         n = max(need, 1024, 0 if table is None else 2 * table[0].shape[0])
         like = rot.inv_freq.new_empty(0, dtype=torch.float32)
