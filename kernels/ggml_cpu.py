@@ -237,7 +237,7 @@ def memory_read_step(q: torch.Tensor, qr: torch.Tensor | None, keys: torch.Tenso
     S = keys.shape[2]
     G, P1 = (1, 0) if kr is None else kr.shape[1:3]
     cos, sin = rotary if rotary is not None else (None, None)
-    parts = [q, keys, values, a_local] + ([] if gate is None else [gate]) + ([qr] if qr is not None else [cos, sin])
+    parts = [t for t in (q, keys, values, a_local, gate, qr, cos, sin) if t is not None]
     if (qr is None and rotary is None and gate is None) \
             or any(t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu" for t in parts) \
             or (qr is not None and qr.shape != q.shape) or (qr is None and rotary is not None

@@ -7,10 +7,10 @@
  *
  *   search_chunks_f16: top-k chunk slots per (head, query) by q . key over float16 chunk
  *                      keys (MemoryBank._flat_topk).
- *   search_tokens_bf16: TokenMemory.search: a shortlist by bfloat16 products (over the keys'
- *                      projection, or the keys themselves), rounded to bfloat16 as torch's
- *                      product rounds them, rescored exactly in fp32 (also ties to the lower
- *                      stored index, as TokenMemory's torch path).
+ *   search_tokens_bf16: TokenMemory.search before its projection exists: a shortlist by
+ *                      bfloat16 products over the keys themselves, rounded to bfloat16 as
+ *                      torch's product rounds them, rescored exactly in fp32 (also ties to
+ *                      the lower stored index, as TokenMemory's torch path).
  *   token_search_step: the same for one raw query of a decode step, normalized and projected
  *                      here, returning the stored next tokens.
  *   search_tokens_i8:  the same with the shortlist scored over int8 projections with one
@@ -390,7 +390,9 @@ static void search_tokens(const float *q, int64_t T, int64_t dim, const float *q
                 finite &= isfinite(qs[t * s + c]) != 0;
                 amax = fmaxf(amax, fabsf(qs[t * s + c]));
             }
-            rows.xscale = !finite ? NAN : amax > 0.0f ? amax / 32767.0f : 1.0f;
+            /* |sum| <= s * qmax * 127 must fit int32: qmax 32767 up to s = 516 */
+            const float qmax = s <= 516 ? 32767.0f : (float)(2147483647LL / (127 * s));
+            rows.xscale = !finite ? NAN : amax > 0.0f ? amax / qmax : 1.0f;
             for (int64_t c = 0; c < s; c++) xq[c] = finite ? (int16_t)lrintf(qs[t * s + c] / rows.xscale) : 0;
             rows.xq = xq;
         }
@@ -423,7 +425,7 @@ void search_tokens_bf16(const float *q, int64_t T, int64_t dim, const float *qs,
 }
 
 /* the shortlist over int8 projections rows [N, s] times their scale [N] fp32, against the
- * query qs rounded to int16 with one scale (amax / 32767, round half to even) */
+ * query qs rounded to int16 with one scale (amax / 32767 for s <= 516, round half to even) */
 void search_tokens_i8(const float *q, int64_t T, int64_t dim, const float *qs, const int8_t *rows,
                       const float *scale, int64_t s, const uint16_t *keys, int64_t N, int64_t shortlist, int64_t kk,
                       float *sims, int64_t *index, int nthreads, int isa) {

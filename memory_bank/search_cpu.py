@@ -74,6 +74,14 @@ def fast() -> bool:
     return mode == "scalar" or _vector_isa()
 
 
+def int8_in_c() -> bool:
+    """Whether a decode step's token search over int8 projections takes the one C call: the
+    library is built and `LONGSIDE_SEARCH_ISA` is not "off". Unlike the bfloat16 scans, the
+    plain C path is used where the CPU has no AVX2 too: its integer sums vectorize as they are
+    (torch would widen the whole int8 projection to float32 for each query)."""
+    return os.environ.get("LONGSIDE_SEARCH_ISA") != "off" and _lib() is not None
+
+
 def isa() -> str:
     """The instruction set the searches use here: "avx2" or "scalar"."""
     return ("scalar", "avx2")[_isa()]

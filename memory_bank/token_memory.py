@@ -36,6 +36,7 @@ _HASH_P = 2_147_483_647  # a prime below 2^31: hash * base stays inside int64
 _HASH_BASE = 1_000_003
 MATCH_ORDERS = (2, 4, 8, 16, 32)  # n-gram lengths looked up, longest found first
 MAX_MATCH = 64  # match lengths are counted up to this
+MAX_SHORTLIST_DIM = 512  # int16 query x int8 row summed in int32: 512 x 32767 x 127 < 2^31
 
 
 def _hash_ints(tokens: list[int]) -> int:
@@ -50,7 +51,8 @@ def _int8_rows(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Projections `p [n, s]` float32 -> int8 `[n, s]` and one float32 scale per row `[n]`
     (its largest magnitude / 127), p ~ int8 * scale."""
     amax = p.abs().amax(1)
-    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    # a row with NaN keeps a NaN scale: its scores are NaN, which no shortlist takes
+    scale = torch.where(amax > 0, amax / 127, torch.where(amax.isnan(), amax, torch.ones_like(amax)))
     return (p / scale[:, None]).round().clamp_(-127, 127).to(torch.int8), scale
 
 
@@ -101,6 +103,9 @@ class TokenMemory:
             raise MemoryBankError(f"token memory needs dim >= 1 and capacity >= 1, got {dim}, {capacity}")
         self.dim, self.capacity, self.dtype, self.device = dim, capacity, dtype, torch.device(device)
         # float32 keys are searched exactly in one product: no shortlist, no projection to keep
+        if shortlist_dim > MAX_SHORTLIST_DIM:
+            raise MemoryBankError(f"shortlist_dim must be at most {MAX_SHORTLIST_DIM} (the int8 scores' integer "
+                                  f"sums must fit 32 bits), got {shortlist_dim}")
         self.shortlist_dim = shortlist_dim if 0 < shortlist_dim < dim and dtype != torch.float32 else 0
         self.basis_after = max(basis_after, self.shortlist_dim)
         self._basis: torch.Tensor | None = None  # [dim, shortlist_dim] float32, orthonormal columns
@@ -199,8 +204,8 @@ class TokenMemory:
             return (torch.zeros(T, 0, device=self.device), torch.zeros(T, 0, dtype=torch.int64, device=self.device))
         live = self._keys[:self._size]  # slots [0, size) are live: the ring fills from 0
         if T == 1 and self._basis is not None and self.dtype == torch.bfloat16 and self.device.type == "cpu" \
-                and search_cpu.fast() and queries.device.type == "cpu":  # a decode step: one call, from the raw query
-            return search_cpu.token_search_step(queries.detach()[0], live, self._basis, self._proj,
+                and search_cpu.int8_in_c():  # a decode step: one call, from the raw query
+            return search_cpu.token_search_step(queries.detach()[0].to(self.device), live, self._basis, self._proj,
                                                 self._proj_scale, self._next, min(4 * kk, self._size), kk)
         q = torch.nn.functional.normalize(queries.detach().float(), dim=-1).to(self.device)
         if self.dtype == torch.float32:
@@ -213,7 +218,8 @@ class TokenMemory:
             short, qs = min(4 * kk, self._size), q @ self._basis
         else:
             short, qs = min(2 * kk, self._size), q.to(self.dtype)
-        if T == 1 and self.dtype == torch.bfloat16 and self.device.type == "cpu" and search_cpu.fast():
+        if T == 1 and self._basis is None and self.dtype == torch.bfloat16 and self.device.type == "cpu" \
+                and search_cpu.fast():
             sims, idx = search_cpu.search_tokens(q, live, qs, self._keys, short, kk)  # a decode step: one call
             return sims, self._next[idx]
         rows = self._proj[:self._size].float() if self._basis is not None else live
@@ -222,8 +228,10 @@ class TokenMemory:
             approx = qs[i:i + 256] @ rows.T
             if self._basis is not None:
                 approx *= self._proj_scale[:self._size]
-            c = approx.topk(short, dim=-1).indices  # [block, short]
-            exact = torch.einsum("td,tkd->tk", q[i:i + 256], live[c].float())
+            # a key with NaN (NaN scale) is never a neighbour, as in the C call (topk ranks NaN first)
+            inf = float("inf")
+            c = approx.nan_to_num_(-inf, inf, -inf).topk(short, dim=-1).indices  # [block, short]
+            exact = torch.einsum("td,tkd->tk", q[i:i + 256], live[c].float()).nan_to_num_(-inf, inf, -inf)
             top, j = exact.topk(kk, dim=-1)
             tops.append(top)
             idxs.append(c.gather(1, j))

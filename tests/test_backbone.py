@@ -152,19 +152,21 @@ def test_smollm2_real(smollm2):
 
 def test_rotate_looks_positions_up_in_the_embeddings_own_bits(smollm2):
     """`Backbone.rotate` reads cos/sin from a table the rotary embedding made once: the same
-    bits as calling the embedding, also past the first table (1024 positions, grown) and for
-    negative positions (no row: the embedding is called)."""
+    bits as calling the embedding, also past the first table (1024 positions, grown), and for
+    negative positions and positions past the model's maximum (no row: the embedding is
+    called; the table never grows past the maximum)."""
     from longside.backbone.rotary import apply_rotary
 
     rot = smollm2.parts.base.rotary_emb
     x = torch.randn(2, 5, 9, 64, generator=torch.Generator().manual_seed(0))
+    past = smollm2.spec.max_positions  # past the table's limit: the embedding computes them
     for pos in (torch.arange(5).expand(2, 5), torch.tensor([[3000] * 5, [1, 2, 3, 4, 5]]),
-                torch.tensor([[-3, -2, -1, 0, 1], [0, 1, 2, 3, 4]])):
+                torch.tensor([[-3, -2, -1, 0, 1], [0, 1, 2, 3, 4]]), torch.tensor([[past] * 5, [past + 9] * 5])):
         cos, sin = rot(x, pos)
         assert torch.equal(smollm2.rotate(x, pos), apply_rotary(x, cos.unsqueeze(2), sin.unsqueeze(2)))
         got = smollm2.rotary(pos)
         assert torch.equal(got[0], cos) and torch.equal(got[1], sin)
-    assert smollm2._rotary_memo["rotary"][0].shape[0] >= 3001
+    assert 3001 <= smollm2._rotary_memo["rotary"][0].shape[0] <= past
 
 
 def test_smollm2_cached_reload(smollm2):

@@ -288,7 +288,7 @@ def test_memory_read_of_one_token_per_row_in_c_equals_torch(mode, isa, monkeypat
     key_mask[1, :2] = False  # row 1 is two tokens shorter
     last = SimpleNamespace(memory_queries=out.memory_queries[:, -1:], memory_attn=out.memory_attn[:, -1:],
                            memory_keys=out.memory_keys[:, -1:], memory_keys_rotated=None)
-    pos = torch.tensor([[6], [6]])
+    pos = torch.tensor([[6], [4]])  # each row rotated at its own position (row 1 is two tokens shorter)
     mem = memory_inputs(bb, last, 1, retrieve, window_keys=out.memory_keys, positions=pos,
                         key_positions=torch.arange(7).expand(2, 7), key_mask=key_mask)
     x = torch.randn(2, 1, 32)

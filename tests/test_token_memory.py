@@ -244,3 +244,22 @@ def test_sort_hashes_equals_a_stable_sort():
         vals, order = _sort_hashes(h)
         want_vals, want_order = torch.sort(h, stable=True)
         assert torch.equal(vals, want_vals) and torch.equal(order, want_order), length
+
+
+def test_int8_shortlist_limits_and_nan_keys():
+    """The int8 scores sum in 32-bit integers: a wider projection is refused with the limit in
+    the message. A stored key with NaN gets a NaN scale, so no search returns it."""
+    from longside.memory_bank.token_memory import MAX_SHORTLIST_DIM
+
+    with pytest.raises(MemoryBankError, match=str(MAX_SHORTLIST_DIM)):
+        TokenMemory(1024, capacity=8, shortlist_dim=MAX_SHORTLIST_DIM + 1)
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randn(300, 32, generator=g)
+    keys[250, 3] = float("nan")
+    tm = TokenMemory(32, capacity=400, shortlist_dim=8, basis_after=128)
+    tm.add(keys[:200], torch.arange(200))  # the projection is fitted on these
+    tm.add(keys[200:], torch.arange(200, 300))
+    assert tm._proj_scale[:len(tm)].isnan().sum() == 1
+    for q in (keys[250:251].nan_to_num(), keys[:8]):
+        sims, nxt = tm.search(q, 5)
+        assert torch.isfinite(sims).all() and 251 not in nxt.flatten().tolist()

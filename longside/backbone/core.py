@@ -281,7 +281,7 @@ class Backbone:
                 layer_types = getattr(self.parts.text_config, "layer_types", None) or []
                 kind = layer_types[layer] if layer is not None and layer_types else "full_attention"
                 return rot(x, position_ids, kind)
-            rows = rotary_rows(rot, self._rotary_memo, position_ids)
+            rows = rotary_rows(rot, self._rotary_memo, position_ids, self.spec.max_positions)
             return rows if rows is not None else rot(x, position_ids)
 
     # -- one segment ---------------------------------------------------------------

@@ -260,7 +260,7 @@ def _rotary(backbone, h: torch.Tensor, position_ids: torch.Tensor) -> tuple[torc
     table (`rotary_rows`); a rotary embedding that also depends on the sequence (dynamic
     scaling) is called each step."""
     rot = backbone.parts.base.rotary_emb
-    rows = rotary_rows(rot, backbone._rotary_memo, position_ids[:, 0])
+    rows = rotary_rows(rot, backbone._rotary_memo, position_ids[:, 0], backbone.spec.max_positions)
     if rows is None:
         cos, sin = rot(h, position_ids)
         return cos[:, 0].float().contiguous(), sin[:, 0].float().contiguous()

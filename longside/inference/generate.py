@@ -89,7 +89,7 @@ def decode_loop(window: LocalWindow, prompt_ids: torch.Tensor, cfg: GenerationCo
     # the tokens so far feed the repetition penalty alone: kept only where it is on
     seen = prompt_ids.to(logits.device) if cfg.repetition_penalty != 1.0 else None
     done = [False] * B
-    eos_set, pad = set(eos), max(eos[0], 0) if eos else 0
+    eos_set, pad = {int(e) for e in eos}, max(int(eos[0]), 0) if eos else 0
     for step in range(max_new_tokens):
         tok = next_token(logits, seen, cfg, generator)
         if any(done):
