@@ -299,17 +299,13 @@ class LongSideModel(nn.Module):
         B, T, _ = h.shape
         if hits is None or self.side.token_reader is None:
             return bb.lm_head(bb.final_norm(h), decode=T == 1)
-        if T == 1:  # a decode step: one block, nothing to slice or join
-            lg = bb.lm_head(bb.final_norm(h), decode=True)
-            return self.side.token_reader.mix(lg.flatten(0, 1), hits.map(lambda x: x.flatten(0, 1)),
-                                              decode=True).view(B, 1, -1)
         out = []
         for i in range(0, T, block):  # blocks keep the dense [tokens, V] cache tensors small
             lg = bb.lm_head(bb.final_norm(h[:, i:i + block]), decode=T == 1)
             t = lg.shape[1]
             out.append(self.side.token_reader.mix(lg.flatten(0, 1), hits.map(lambda x: x[:, i:i + t].flatten(0, 1)),
                                                   decode=T == 1).view(B, t, -1))
-        return torch.cat(out, 1)
+        return out[0] if len(out) == 1 else torch.cat(out, 1)  # one block (a decode step): no copy
 
     def lm_loss(self, h: torch.Tensor, labels: torch.Tensor, hits=None, block: int = 256):
         """Next-token cross-entropy, in blocks of tokens so the `[B, T, V]` logits of a long

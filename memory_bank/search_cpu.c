@@ -11,11 +11,10 @@
  *                      bfloat16 products over the keys themselves, rounded to bfloat16 as
  *                      torch's product rounds them, rescored exactly in fp32 (also ties to
  *                      the lower stored index, as TokenMemory's torch path).
- *   token_search_step: the same for one raw query of a decode step, normalized and projected
- *                      here, returning the stored next tokens.
- *   search_tokens_i8:  the same with the shortlist scored over int8 projections with one
- *                      scale per row, against the query rounded to int16 (half the bytes
- *                      of bfloat16 to read per query; exact integer sums).
+ *   token_search_step: TokenMemory.search of one raw query of a decode step, normalized and
+ *                      projected here, the shortlist scored over the int8 projections with
+ *                      one scale per row against the query rounded to int16 (exact integer
+ *                      sums), rescored the same way; returns the stored next tokens.
  *
  * isa: 0 plain C, 1 AVX2 + FMA + F16C (chosen at run time; the library runs on any x86-64).
  */
@@ -415,8 +414,8 @@ static void search_tokens(const float *q, int64_t T, int64_t dim, const float *q
     free(xq);
 }
 
-/* the shortlist over rows [N, s] bfloat16 (the keys' projections, or the keys themselves),
- * scores rounded to bfloat16 as torch's product rounds them */
+/* the shortlist over rows [N, s] bfloat16 (the keys themselves), scores rounded to bfloat16
+ * as torch's product rounds them */
 void search_tokens_bf16(const float *q, int64_t T, int64_t dim, const float *qs, const uint16_t *rows, int64_t s,
                         const uint16_t *keys, int64_t N, int64_t shortlist, int64_t kk, float *sims, int64_t *index,
                         int nthreads, int isa) {
@@ -426,9 +425,9 @@ void search_tokens_bf16(const float *q, int64_t T, int64_t dim, const float *qs,
 
 /* the shortlist over int8 projections rows [N, s] times their scale [N] fp32, against the
  * query qs rounded to int16 with one scale (amax / 32767 for s <= 516, round half to even) */
-void search_tokens_i8(const float *q, int64_t T, int64_t dim, const float *qs, const int8_t *rows,
-                      const float *scale, int64_t s, const uint16_t *keys, int64_t N, int64_t shortlist, int64_t kk,
-                      float *sims, int64_t *index, int nthreads, int isa) {
+static void search_tokens_i8(const float *q, int64_t T, int64_t dim, const float *qs, const int8_t *rows,
+                             const float *scale, int64_t s, const uint16_t *keys, int64_t N, int64_t shortlist,
+                             int64_t kk, float *sims, int64_t *index, int nthreads, int isa) {
     Rows r = {ROWS_I8, rows, s, scale, NULL, 0.0f};
     search_tokens(q, T, dim, qs, r, s, 0, keys, N, shortlist, kk, sims, index, nthreads, isa);
 }

@@ -37,8 +37,6 @@ def _lib() -> ctypes.CDLL | None:
     lib.search_chunks_f16.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, i64, ptr, cint, cint]
     lib.search_tokens_bf16.restype = None
     lib.search_tokens_bf16.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, ptr, ptr, cint, cint]
-    lib.search_tokens_i8.restype = None
-    lib.search_tokens_i8.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, ptr, ptr, cint, cint]
     lib.token_search_step.restype = cint
     lib.token_search_step.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, cint, cint]
     lib.read_chunks_f16.restype = None
@@ -143,36 +141,26 @@ def read_chunks(slots: torch.Tensor, T: int, keys: torch.Tensor, values: torch.T
 
 
 def search_tokens(q: torch.Tensor, keys: torch.Tensor, qs: torch.Tensor, rows: torch.Tensor, shortlist: int,
-                  k: int, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """TokenMemory's search in one call: unit queries q `[T, dim]` float32 against keys
-    `[N, dim]` bfloat16 -> exact cosines `[T, k]` float32 and key indices `[T, k]` int64,
-    best first, the k best of the `shortlist` (k <= shortlist <= N) best by an approximate
-    score of `qs [T, s]` against `rows [>= N, s]`: bfloat16 rows (the keys themselves) with
-    qs as bfloat16 and the product rounded to bfloat16, as torch's bfloat16 product; or int8
-    rows (the keys' projections) times their `scale [>= N]` float32, with qs float32. Equal
-    scores: the lower index."""
+                  k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """TokenMemory's search before its projection exists, in one call: unit queries q
+    `[T, dim]` float32 against keys `[N, dim]` bfloat16 -> exact cosines `[T, k]` float32 and
+    key indices `[T, k]` int64, best first, the k best of the `shortlist` (k <= shortlist <=
+    N) best by the bfloat16 product of `qs [T, s]` bfloat16 (the queries rounded) with `rows
+    [>= N, s]` bfloat16 (the keys themselves). Equal scores: the lower index. (With the
+    projection, `token_search_step`.)"""
     T, dim = q.shape
     N, s = keys.shape[0], qs.shape[1]
-    int8 = rows.dtype == torch.int8
-    if keys.dtype != torch.bfloat16 or rows.dtype not in (torch.bfloat16, torch.int8) or not keys.is_contiguous() \
+    if keys.dtype != torch.bfloat16 or rows.dtype != torch.bfloat16 or not keys.is_contiguous() \
             or not rows.is_contiguous() or rows.shape[0] < N or rows.shape[1] != s or not 1 <= k <= shortlist <= N \
-            or keys.shape[1] != dim or qs.shape[0] != T or any(t.device.type != "cpu" for t in (q, keys, qs, rows)) \
-            or int8 != (scale is not None) or (int8 and (scale.dtype != torch.float32 or not scale.is_contiguous()
-                                                          or scale.shape[0] < N or scale.device.type != "cpu")):
+            or keys.shape[1] != dim or qs.shape[0] != T or any(t.device.type != "cpu" for t in (q, keys, qs, rows)):
         raise ValueError(f"search_tokens needs CPU tensors, q [T, dim], contiguous bfloat16 keys [N, dim] and "
-                         f"rows [>= N, {s}] (bfloat16, or int8 with a float32 scale per row), qs [T, {s}], "
-                         f"1 <= k <= shortlist <= N, got {keys.dtype}/{rows.dtype}, k={k}, shortlist={shortlist}, N={N}")
+                         f"rows [>= N, {s}], qs [T, {s}], 1 <= k <= shortlist <= N, got {keys.dtype}/{rows.dtype}, k={k}, shortlist={shortlist}, N={N}")
     q = q.float().contiguous()
     qs = qs.float().contiguous()
     sims = torch.empty(T, k, dtype=torch.float32)
     index = torch.empty(T, k, dtype=torch.int64)
-    if int8:
-        _lib().search_tokens_i8(q.data_ptr(), T, dim, qs.data_ptr(), rows.data_ptr(), scale.data_ptr(), s,
-                                keys.data_ptr(), N, shortlist, k, sims.data_ptr(), index.data_ptr(),
-                                torch.get_num_threads(), _isa())
-    else:
-        _lib().search_tokens_bf16(q.data_ptr(), T, dim, qs.data_ptr(), rows.data_ptr(), s, keys.data_ptr(), N,
-                                  shortlist, k, sims.data_ptr(), index.data_ptr(), torch.get_num_threads(), _isa())
+    _lib().search_tokens_bf16(q.data_ptr(), T, dim, qs.data_ptr(), rows.data_ptr(), s, keys.data_ptr(), N,
+                              shortlist, k, sims.data_ptr(), index.data_ptr(), torch.get_num_threads(), _isa())
     return sims, index
 
 
@@ -180,10 +168,13 @@ def token_search_step(query: torch.Tensor, keys: torch.Tensor, basis: torch.Tens
                       scale: torch.Tensor, next_ids: torch.Tensor, shortlist: int,
                       k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """TokenMemory's search of one decode step's raw query `[dim]` in one call: normalized
-    (as torch's `normalize`) and projected onto `basis [dim, s]` float32 in the call, then
-    `search_tokens` over int8 `rows [>= N, s]` with `scale [>= N]` against keys `[N, dim]`
-    bfloat16 -> cosines `[1, k]` float32 and the stored next tokens `next_ids[index]`
-    `[1, k]` int64 (`next_ids [>= N]` int64)."""
+    (as torch's `normalize`) and projected onto `basis [dim, s]` float32 in the call; the
+    `shortlist` best by the projection against int8 `rows [>= N, s]` times their `scale
+    [>= N]` float32 (the projected query rounded to int16 with one scale, its largest
+    magnitude / 32767: exact integer sums), rescored exactly against keys `[N, dim]`
+    bfloat16 -> the k best cosines `[1, k]` float32 and their stored next tokens
+    `next_ids[index]` `[1, k]` int64 (`next_ids [>= N]` int64; 0 past those found). Equal
+    scores: the lower index."""
     dim, s = basis.shape
     N = keys.shape[0]
     if query.shape != (dim,) or keys.dtype != torch.bfloat16 or not keys.is_contiguous() or keys.shape[1] != dim \

@@ -75,29 +75,35 @@ def test_token_search_is_the_shortlist_then_the_exact_rescore(isa):
 
 
 def test_token_search_over_int8_rows_scales_each_row(isa):
-    """The int8 shortlist: the query rounded to int16 (one scale, its largest magnitude /
-    32767), its integer products with each row summed exactly, times the row's scale and
-    the query's. Integer sums do not depend on the summation order, so the library must
-    return exactly the definition (ties to the lower index); a wrong scale, a row read at the
-    wrong stride or a sign lost in the int8 widening changes the shortlist."""
+    """A decode step's one call over int8 projections: the raw query normalized and projected
+    onto the basis, rounded to int16 (one scale, its largest magnitude / 32767), its integer
+    products with each row summed exactly, times the row's scale and the query's; the
+    shortlist rescored against the keys; the stored next tokens returned. Unit queries and
+    grid values make every float step exact in any order, so the library must return exactly
+    the definition (ties to the lower index); a wrong scale, a row read at the wrong stride or
+    a sign lost in the int8 widening changes the shortlist."""
     g = torch.Generator().manual_seed(3)
     N, dim, s, short, k = 700, 64, 16, 40, 10
     keys = (torch.randint(-4, 5, (N, dim), generator=g) / 8).to(torch.bfloat16)
     rows = torch.randint(-127, 128, (N + 5, s), generator=g).to(torch.int8)  # more rows than keys: unused
     scale = 2.0 ** torch.randint(-9, -2, (N + 5,), generator=g).float()
-    q = torch.randint(-4, 5, (3, dim), generator=g) / 8
-    qs = torch.randint(-4, 5, (3, s), generator=g) / 8
-    sims, idx = search_cpu.search_tokens(q, keys, qs, rows, short, k, scale=scale)
-    xs = qs.abs().amax(1, keepdim=True) / 32767
-    sums = torch.round(qs / xs).double() @ rows[:N].double().T  # exact integers
-    cand = _ranked(sums.float() * (scale[:N] * xs), short)
-    exact = torch.einsum("td,tkd->tk", q, keys[cand].float())
-    order = cand.sort(dim=-1)
-    want_idx = order.values.gather(-1, _ranked(exact.gather(-1, order.indices), k))
-    assert torch.equal(idx, want_idx)
-    assert torch.equal(sims, (q[:, None] * keys[want_idx].float()).sum(-1))
-    with pytest.raises(ValueError, match="int8 with a float32 scale"):
-        search_cpu.search_tokens(q, keys, qs, rows, short, k)  # int8 rows need their scales
+    basis = torch.randint(-4, 5, (dim, s), generator=g) / 8
+    next_ids = torch.randint(0, 50000, (N + 5,), generator=g)
+    for t in range(3):
+        q = torch.zeros(dim)  # four entries of +-0.5: norm exactly 1, so normalizing leaves it exact
+        q[torch.randperm(dim, generator=g)[:4]] = 0.5 * (torch.randint(0, 2, (4,), generator=g) * 2 - 1)
+        sims, nxt = search_cpu.token_search_step(q, keys, basis, rows, scale, next_ids, short, k)
+        qs = (q @ basis)[None]
+        xs = qs.abs().amax(1, keepdim=True) / 32767
+        sums = torch.round(qs / xs).double() @ rows[:N].double().T  # exact integers
+        cand = _ranked(sums.float() * (scale[:N] * xs), short)
+        exact = torch.einsum("td,tkd->tk", q[None], keys[cand].float())
+        order = cand.sort(dim=-1)
+        want_idx = order.values.gather(-1, _ranked(exact.gather(-1, order.indices), k))
+        assert torch.equal(nxt, next_ids[want_idx])
+        assert torch.equal(sims, (q * keys[want_idx].float()).sum(-1))
+    with pytest.raises(ValueError, match="unexpected shapes"):
+        search_cpu.token_search_step(q, keys, basis, rows, scale.double(), next_ids, short, k)  # scales are float32
 
 
 def test_token_memory_search_of_one_query_equals_torch_path(isa, monkeypatch):

@@ -274,8 +274,7 @@ class Backbone:
         rot = getattr(self.parts.base, "rotary_emb", None)
         if rot is None:
             return None
-        x = like if like is not None else rot.inv_freq.new_empty(0, dtype=torch.float32) \
-            if isinstance(getattr(rot, "inv_freq", None), torch.Tensor) else torch.empty(0, device=position_ids.device)
+        x = like if like is not None else torch.empty(0, device=position_ids.device)  # names the device, dtype
         with torch.no_grad():
             if self._rotary_by_kind:
                 layer_types = getattr(self.parts.text_config, "layer_types", None) or []

@@ -33,7 +33,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from longside.backbone.rotary import apply_rotary, rotary_rows
+from longside.backbone.rotary import apply_rotary
 from longside.kernels import GGUFLinear, ggml_cpu
 from longside.kernels.gguf_linear import FUSED_MAX_M, INT8_MAX_M
 
@@ -256,15 +256,10 @@ def _last_table(cache: Any, words: torch.Tensor, n: int) -> _StepTable | None:
 
 
 def _rotary(backbone, h: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin `[B, D]` float32 at `position_ids [B, 1]`: rows of the backbone's rotary
-    table (`rotary_rows`); a rotary embedding that also depends on the sequence (dynamic
-    scaling) is called each step."""
-    rot = backbone.parts.base.rotary_emb
-    rows = rotary_rows(rot, backbone._rotary_memo, position_ids[:, 0], backbone.spec.max_positions)
-    if rows is None:
-        cos, sin = rot(h, position_ids)
-        return cos[:, 0].float().contiguous(), sin[:, 0].float().contiguous()
-    return rows
+    """cos, sin `[B, D]` float32 at `position_ids [B, 1]` (`Backbone.rotary`: rows of its
+    table where the embedding is a function of the position alone)."""
+    cos, sin = backbone.rotary(position_ids, like=h)
+    return cos[:, 0].float().contiguous(), sin[:, 0].float().contiguous()
 
 
 class _StepStates(Sequence):

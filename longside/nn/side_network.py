@@ -334,10 +334,10 @@ class SideNetwork(nn.Module):
         w = ggml_cpu.SIDE_WORDS
         buf = getattr(hidden_states, "buf", None)  # a C backbone step's states: rows of one [N+1, B, d] buffer
         if buf is not None and buf.is_contiguous() and buf.dtype == torch.float32:
-            states = [buf.data_ptr() + l * buf.stride(0) * 4 for l in self.layer_map]  # no views to make
+            ptrs = [buf.data_ptr() + l * buf.stride(0) * buf.element_size() for l in self.layer_map]  # no views
         else:
-            states = [hidden_states[l].reshape(B, -1).contiguous() for l in self.layer_map]
-        ptrs = [h if isinstance(h, int) else h.data_ptr() for h in states]
+            states = [hidden_states[l].reshape(B, -1).contiguous() for l in self.layer_map]  # alive for the calls
+            ptrs = [h.data_ptr() for h in states]
         if continued:
             # the caches this method returned last step, untouched since: every block grows
             # in its own rooms, so only the states' words change
