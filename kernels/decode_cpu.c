@@ -111,6 +111,88 @@ static void axpy(float p, const float *x, float *y, int64_t D, int simd) {
     for (int64_t i = 0; i < D; i++) y[i] += p * x[i];
 }
 
+/* float16 bits -> float32 (exact; every float16 is a float32) */
+static float half_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu;
+    uint32_t m = h & 0x3ffu, bits;
+    if (e == 0x1fu) {
+        bits = sign | 0x7f800000u | (m << 13);
+    } else if (e) {
+        bits = sign | ((e + 112) << 23) | (m << 13);
+    } else if (m) { /* subnormal: normalize */
+        uint32_t ex = 113;
+        while (!(m & 0x400u)) {
+            m <<= 1;
+            ex--;
+        }
+        bits = sign | (ex << 23) | ((m & 0x3ffu) << 13);
+    } else {
+        bits = sign;
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+#ifdef __x86_64__
+/* y[n] = W[n] . x for 4 rows of K values, float32 or float16 (half) weights: four independent
+ * sums in flight instead of one chain, each in dot_avx2's order, so the same bits as dot(). */
+__attribute__((target("avx2,fma,f16c"))) static void dot4_avx2(const void *W, int half, int64_t n, int64_t K,
+                                                               const float *x, float *y) {
+    __m256 acc[4];
+    for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= K; i += 8) {
+        const __m256 xv = _mm256_loadu_ps(x + i);
+        for (int r = 0; r < 4; r++) {
+            const __m256 w = half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)W + (n + r) * K + i)))
+                                  : _mm256_loadu_ps((const float *)W + (n + r) * K + i);
+            acc[r] = _mm256_fmadd_ps(w, xv, acc[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) {
+        float t = hsum256(acc[r]);
+        for (int64_t j = i; j < K; j++)
+            t += (half ? half_float(((const uint16_t *)W)[(n + r) * K + j]) : ((const float *)W)[(n + r) * K + j]) * x[j];
+        y[r] = t;
+    }
+}
+#endif
+
+#ifdef __x86_64__
+__attribute__((target("avx2,fma,f16c"))) static float dot_half_avx2(const uint16_t *w, const float *x, int64_t K) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= K; i += 8)
+        acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i))), _mm256_loadu_ps(x + i), acc);
+    float t = hsum256(acc);
+    for (; i < K; i++) t += half_float(w[i]) * x[i];
+    return t;
+}
+#endif
+
+/* y[n - lo] = W[n] . x for rows [lo, hi) of W [N, K], float32 or float16 (`half`) weights. Every
+ * row is summed in dot()'s order, whichever kernel takes it, and a float16 weight is exactly
+ * its float32 value: a float32 W holding float16 values gives the same bits either way. */
+static void rows_dot(const void *W, int half, int64_t lo, int64_t hi, int64_t K, const float *x, float *y,
+                     int simd) {
+    int64_t n = lo;
+#ifdef __x86_64__
+    if (simd) {
+        for (; n + 4 <= hi; n += 4) dot4_avx2(W, half, n, K, x, y + n - lo);
+        for (; n < hi; n++)
+            y[n - lo] = half ? dot_half_avx2((const uint16_t *)W + n * K, x, K) : dot_avx2((const float *)W + n * K, x, K);
+        return;
+    }
+#endif
+    for (; n < hi; n++) {
+        float t = 0.0f;
+        for (int64_t i = 0; i < K; i++)
+            t += (half ? half_float(((const uint16_t *)W)[n * K + i]) : ((const float *)W)[n * K + i]) * x[i];
+        y[n - lo] = t;
+    }
+}
+
 /* One query head against S cached keys/values of its group: out [D] (AVX2 or plain loops).
  * The sums over keys run in key order, one at a time, so a row's result does not depend on how
  * many masked columns (another row's padding) come before its keys. lse (unless NULL): the
@@ -410,11 +492,6 @@ int llama_decode_step(int64_t L, int64_t B, int64_t d, int64_t H, int64_t G, int
 
 /* ------------------------------------------------------------ the side network's blocks */
 
-/* y[N] = W[N, K] x[K], float32 weights (the side network's small trained layers) */
-static void matvec(const float *W, const float *x, float *y, int64_t N, int64_t K, int simd) {
-    for (int64_t n = 0; n < N; n++) y[n] = dot(W + n * K, x, K, simd);
-}
-
 /* x / sqrt(mean(x^2) + eps) * w, as longside/nn/side_network.py's RMSNorm */
 static void side_norm(const float *x, const float *w, float eps, int64_t s, float *y) {
     float ss = 0.0f;
@@ -426,8 +503,25 @@ static void side_norm(const float *x, const float *w, float eps, int64_t s, floa
 /* Per side layer, the caller's table of int64 words. */
 enum {
     S_STATE = 0, S_MIX = 1, S_BLOCK = 2, S_ATTN_NORM = 3, S_Q = 4, S_K = 5, S_V = 6, S_O = 7, S_MLP_NORM = 8,
-    S_GATE = 9, S_UP = 10, S_DOWN = 11, S_KBUF = 12, S_VBUF = 13, S_CAP = 14, SIDE_WORDS = 15
+    S_GATE = 9, S_UP = 10, S_DOWN = 11, S_KBUF = 12, S_VBUF = 13, S_CAP = 14, S_HALF = 15, SIDE_WORDS = 16
 };
+
+/* rows [lo, hi) of a concatenation of products, of which W holds rows [base, base + N):
+ * those in both, into y (indexed in the concatenation) */
+static void span_dot(const void *W, int half, int64_t base, int64_t N, int64_t lo, int64_t hi, int64_t K,
+                     const float *x, float *y, int simd) {
+    const int64_t a = lo > base ? lo : base, b = hi < base + N ? hi : base + N;
+    if (a < b) rows_dot(W, half, a - base, b - base, K, x, y + a, simd);
+}
+
+/* this thread's share [lo, hi) of N rows in a parallel region (all of them outside one) */
+static void thread_rows(int64_t N, int64_t *lo, int64_t *hi) {
+    int64_t me = 0, nt = 1;
+#ifdef _OPENMP
+    me = omp_get_thread_num(), nt = omp_get_num_threads();
+#endif
+    *lo = N * me / nt, *hi = N * (me + 1) / nt;
+}
 
 /* A side block's new position for row b: q [H*Dh] and k rotated, the new key/value
  * (kv [2*G*Dh]) written at position P of the block's buffers. */
@@ -459,8 +553,9 @@ static int side_rows_team(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H,
     float *hn = (float *)malloc(sizeof(float) * (s > F ? s : F)), *qkv = (float *)malloc(sizeof(float) * (nq + 2 * nkv));
     float *att = (float *)malloc(sizeof(float) * nq), *y = (float *)malloc(sizeof(float) * s);
     float *g = (float *)malloc(sizeof(float) * 2 * F), *scores = (float *)malloc(sizeof(float) * 2 * S * nt);
-    if (!hn || !qkv || !att || !y || !g || !scores) {
-        free(hn), free(qkv), free(att), free(y), free(g), free(scores);
+    float *fin = (float *)malloc(sizeof(float) * d);
+    if (!hn || !qkv || !att || !y || !g || !scores || !fin) {
+        free(hn), free(qkv), free(att), free(y), free(g), free(scores), free(fin);
         return -1;
     }
     float *q = qkv, *kv = qkv + nq;
@@ -481,13 +576,15 @@ static int side_rows_team(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H,
                 if (block) side_norm(xb, (const float *)(intptr_t)t[S_ATTN_NORM], eps, s, hn);
             }
             if (!block) continue;
-            const float *wq = (const float *)(intptr_t)t[S_Q], *wk = (const float *)(intptr_t)t[S_K];
-            const float *wv = (const float *)(intptr_t)t[S_V];
-            #pragma omp for schedule(static)
-            for (int64_t n = 0; n < nq + 2 * nkv; n++) {
-                const float *w = n < nq ? wq + n * s : n < nq + nkv ? wk + (n - nq) * s : wv + (n - nq - nkv) * s;
-                qkv[n] = dot(w, hn, s, simd);
-            }
+            const int half = (int)t[S_HALF];
+            const void *wq = (const void *)(intptr_t)t[S_Q], *wk = (const void *)(intptr_t)t[S_K];
+            const void *wv = (const void *)(intptr_t)t[S_V];
+            int64_t lo, hi;
+            thread_rows(nq + 2 * nkv, &lo, &hi);
+            span_dot(wq, half, 0, nq, lo, hi, s, hn, qkv, simd);
+            span_dot(wk, half, nq, nkv, lo, hi, s, hn, qkv, simd);
+            span_dot(wv, half, nq + nkv, nkv, lo, hi, s, hn, qkv, simd);
+            #pragma omp barrier
             #pragma omp single
             side_cache_write(t, b, H, G, Dh, P, q, kv, cos, sin);
             {
@@ -505,33 +602,37 @@ static int side_rows_team(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H,
                            key_mask ? key_mask + b * ldm : NULL, scaling, sc, att + h * Dh, NULL, isa);
                 }
             }
-            const float *wo = (const float *)(intptr_t)t[S_O];
-            #pragma omp for schedule(static)
-            for (int64_t n = 0; n < s; n++) y[n] = dot(wo + n * nq, att, nq, simd);
+            thread_rows(s, &lo, &hi);
+            rows_dot((const void *)(intptr_t)t[S_O], half, lo, hi, nq, att, y + lo, simd);
+            #pragma omp barrier
             #pragma omp single
             {
                 for (int64_t i = 0; i < s; i++) xb[i] += y[i];
                 side_norm(xb, (const float *)(intptr_t)t[S_MLP_NORM], eps, s, hn);
             }
-            const float *wg = (const float *)(intptr_t)t[S_GATE], *wu = (const float *)(intptr_t)t[S_UP];
-            #pragma omp for schedule(static)
-            for (int64_t n = 0; n < 2 * F; n++) g[n] = dot(n < F ? wg + n * s : wu + (n - F) * s, hn, s, simd);
+            thread_rows(2 * F, &lo, &hi);
+            span_dot((const void *)(intptr_t)t[S_GATE], half, 0, F, lo, hi, s, hn, g, simd);
+            span_dot((const void *)(intptr_t)t[S_UP], half, F, F, lo, hi, s, hn, g, simd);
+            #pragma omp barrier
             #pragma omp single
             swiglu(g, g + F, hn, F, isa);
-            const float *wd = (const float *)(intptr_t)t[S_DOWN];
-            #pragma omp for schedule(static)
-            for (int64_t n = 0; n < s; n++) y[n] = dot(wd + n * F, hn, F, simd);
+            thread_rows(s, &lo, &hi);
+            rows_dot((const void *)(intptr_t)t[S_DOWN], half, lo, hi, F, hn, y + lo, simd);
+            #pragma omp barrier
             #pragma omp single
             for (int64_t i = 0; i < s; i++) xb[i] += y[i];
         }
         if (final_norm) {
             #pragma omp single
             side_norm(xb, final_norm, final_eps, s, hn);
-            #pragma omp for schedule(static)
-            for (int64_t i = 0; i < d; i++) out[b * d + i] = last[b * d + i] + final_gate * dot(up + i * s, hn, s, simd);
+            int64_t lo, hi;
+            thread_rows(d, &lo, &hi);
+            rows_dot(up, 0, lo, hi, s, hn, fin + lo, simd);
+            for (int64_t i = lo; i < hi; i++) out[b * d + i] = last[b * d + i] + final_gate * fin[i];
+            #pragma omp barrier
         }
     }
-    free(hn), free(qkv), free(att), free(y), free(g), free(scores);
+    free(hn), free(qkv), free(att), free(y), free(g), free(scores), free(fin);
     return 0;
 }
 
@@ -540,8 +641,8 @@ static int side_rows_team(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H,
  * gates[j] ((1 - g) h + g x), 0 leaves x; S_BLOCK 1 runs the block: RMSNorm, rotary GQA
  * attention over the P cached keys/values (S_KBUF, S_VBUF: [B, G, S_CAP, Dh] buffers whose
  * first P positions are cached, S_CAP > P) and the new one, written at position P, SwiGLU.
- * first_mix 0 skips
- * the first layer's mixing, last_block 0 the last layer's block (a call that stops at the
+ * S_HALF 1: the block's seven product weights are float16 (else float32); their products are
+ * summed in the same order either way. first_mix 0 skips the first layer's mixing, last_block 0 the last layer's block (a call that stops at the
  * memory read, and the one after it). With final_norm, each row ends with the side
  * network's output: out [B, d] = last [B, d] + final_gate * (up [d, s] . RMSNorm(x)). */
 int side_decode_layers(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H, int64_t G, int64_t Dh, int64_t F,
@@ -563,8 +664,8 @@ int side_decode_layers(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H, in
         float *hn = (float *)malloc(sizeof(float) * (s > F ? s : F)), *q = (float *)malloc(sizeof(float) * nq);
         float *kv = (float *)malloc(sizeof(float) * 2 * nkv), *att = (float *)malloc(sizeof(float) * nq);
         float *y = (float *)malloc(sizeof(float) * s), *g = (float *)malloc(sizeof(float) * 2 * F);
-        float *scores = (float *)malloc(sizeof(float) * 2 * S);
-        if (!hn || !q || !kv || !att || !y || !g || !scores) {
+        float *scores = (float *)malloc(sizeof(float) * 2 * S), *fin = (float *)malloc(sizeof(float) * d);
+        if (!hn || !q || !kv || !att || !y || !g || !scores || !fin) {
             #pragma omp atomic write
             failed = 1;
         }
@@ -585,30 +686,32 @@ int side_decode_layers(int64_t J, int64_t B, int64_t d, int64_t s, int64_t H, in
                 const float *kn = (const float *)(intptr_t)t[S_KBUF], *vn = (const float *)(intptr_t)t[S_VBUF];
                 const int64_t nc = t[S_CAP];
                 side_norm(xb, (const float *)(intptr_t)t[S_ATTN_NORM], eps, s, hn);
-                matvec((const float *)(intptr_t)t[S_Q], hn, q, nq, s, simd);
-                matvec((const float *)(intptr_t)t[S_K], hn, kv, nkv, s, simd);
-                matvec((const float *)(intptr_t)t[S_V], hn, kv + nkv, nkv, s, simd);
+                const int half = (int)t[S_HALF];
+                rows_dot((const void *)(intptr_t)t[S_Q], half, 0, nq, s, hn, q, simd);
+                rows_dot((const void *)(intptr_t)t[S_K], half, 0, nkv, s, hn, kv, simd);
+                rows_dot((const void *)(intptr_t)t[S_V], half, 0, nkv, s, hn, kv + nkv, simd);
                 side_cache_write(t, b, H, G, Dh, P, q, kv, cos, sin);
                 for (int64_t h = 0; h < H; h++) {
                     const int64_t row = b * G + h / per;
                     attend(q + h * Dh, kn + row * nc * Dh, vn + row * nc * Dh, S, Dh,
                            key_mask ? key_mask + b * ldm : NULL, scaling, scores, att + h * Dh, NULL, isa);
                 }
-                matvec((const float *)(intptr_t)t[S_O], att, y, s, nq, simd);
+                rows_dot((const void *)(intptr_t)t[S_O], half, 0, s, nq, att, y, simd);
                 for (int64_t i = 0; i < s; i++) xb[i] += y[i];
                 side_norm(xb, (const float *)(intptr_t)t[S_MLP_NORM], eps, s, hn);
-                matvec((const float *)(intptr_t)t[S_GATE], hn, g, F, s, simd);
-                matvec((const float *)(intptr_t)t[S_UP], hn, g + F, F, s, simd);
+                rows_dot((const void *)(intptr_t)t[S_GATE], half, 0, F, s, hn, g, simd);
+                rows_dot((const void *)(intptr_t)t[S_UP], half, 0, F, s, hn, g + F, simd);
                 swiglu(g, g + F, hn, F, isa);
-                matvec((const float *)(intptr_t)t[S_DOWN], hn, y, s, F, simd);
+                rows_dot((const void *)(intptr_t)t[S_DOWN], half, 0, s, F, hn, y, simd);
                 for (int64_t i = 0; i < s; i++) xb[i] += y[i];
             }
             if (final_norm) {
                 side_norm(xb, final_norm, final_eps, s, hn);
-                for (int64_t i = 0; i < d; i++) out[b * d + i] = last[b * d + i] + final_gate * dot(up + i * s, hn, s, simd);
+                rows_dot(up, 0, 0, d, s, hn, fin, simd);
+                for (int64_t i = 0; i < d; i++) out[b * d + i] = last[b * d + i] + final_gate * fin[i];
             }
         }
-        free(hn), free(q), free(kv), free(att), free(y), free(g), free(scores);
+        free(hn), free(q), free(kv), free(att), free(y), free(g), free(scores), free(fin);
     }
     return failed ? -1 : 0;
 }

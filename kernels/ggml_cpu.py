@@ -126,7 +126,7 @@ DECODE_WORDS = {"attn_norm": 0, "qkv": 1, "o": 5, "ffn_norm": 9, "gate_up": 10, 
                 "cap": 20}
 DECODE_TABLE_WORDS = 21
 SIDE_WORDS = {"state": 0, "mix": 1, "block": 2, "attn_norm": 3, "q": 4, "k": 5, "v": 6, "o": 7, "mlp_norm": 8,
-              "gate": 9, "up": 10, "down": 11, "kbuf": 12, "vbuf": 13, "cap": 14}
+              "gate": 9, "up": 10, "down": 11, "kbuf": 12, "vbuf": 13, "cap": 14, "half": 15}
 
 
 def table_row(layout: dict[str, int], width: int, **words: int | list[int]) -> list[int]:

@@ -6,6 +6,7 @@ import torch
 from longside.backbone import Backbone
 from longside.config import SideNetConfig
 from longside.errors import CheckpointError
+from longside.kernels import ggml_cpu
 from longside.nn.attention import causal_lse
 from longside.nn.memory_attention import memory_inputs
 from longside.nn.side_network import SideNetwork
@@ -43,8 +44,6 @@ def _side(bb, **kw):
 def _use_isa(isa: int, monkeypatch):
     """Run the C kernels on instruction-set path `isa` (0 plain, 1 AVX2, 3 AVX-512), or skip
     where they are not built or the CPU lacks it."""
-    from longside.kernels import ggml_cpu
-
     if not ggml_cpu.available():
         pytest.skip("the C kernels are not built")
     if isa > ggml_cpu._isa_level():
@@ -227,7 +226,6 @@ def test_side_decoding_in_c_equals_torch_on_each_path(isa, spread, monkeypatch):
     AVX-512's SwiGLU, with attend256 still for these 8-wide heads): two rows, the second's first two cached positions hidden by the key mask; with
     queries and keys scaled by `spread`, scores differ by ~0.05, ~5 and ~150 (exponentials
     that underflow to 0)."""
-    from longside.kernels import ggml_cpu
 
     _use_isa(isa, monkeypatch)
     bb = _tiny()
@@ -266,7 +264,6 @@ def test_memory_read_of_one_token_per_row_in_c_equals_torch(mode, isa, monkeypat
     holding garbage."""
     from types import SimpleNamespace
 
-    from longside.kernels import ggml_cpu
 
     _use_isa(isa, monkeypatch)
     bb = _tiny()
@@ -304,3 +301,50 @@ def test_memory_read_of_one_token_per_row_in_c_equals_torch(mode, isa, monkeypat
     assert calls == [1, 1] and want.abs().sum() > 0
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(rotated, want, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("isa", [0, 1])
+def test_side_decoding_reads_float16_weights_as_float16_with_the_same_bits(isa, monkeypatch):
+    """Products whose weights are all float16 values (a checkpoint saved in float16) are read
+    from float16 copies in the C step: the same bits as reading the float32 weights, on each
+    instruction-set path; an in-place change of a weight is followed (a float16 value: new
+    copies; any other value: the float32 weights again), each step equal to the torch loop."""
+    from longside.nn import side_network
+
+    _use_isa(isa, monkeypatch)
+    bb = _tiny()
+    side = _side(bb)
+    with torch.no_grad():
+        side.up.weight.normal_(0, 0.3)
+        for blk in side.blocks:
+            blk.o.weight.normal_(0, 0.3)
+        for p in side.parameters():
+            p.copy_(p.half().float())
+    out = bb.encode(torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(6)), memory_layer=1)
+
+    def step(native: bool = True) -> torch.Tensor:
+        monkeypatch.setenv("LONGSIDE_DECODE", "c" if native else "torch")
+        _, caches = side([h[:, :10] for h in out.hidden_states], None)
+        return side([h[:, 10:] for h in out.hidden_states], None, start=10, caches=caches)[0]
+
+    def half_flag() -> set:
+        return set(side.__dict__["_native_memo"][1][:, ggml_cpu.SIDE_WORDS["half"]].tolist())
+
+    with torch.no_grad():
+        halves = step()
+        assert half_flag() == {1}
+        torch.testing.assert_close(halves, step(False), atol=1e-5, rtol=1e-5)
+        monkeypatch.setattr(side_network, "_float16_copies", lambda weights: [])
+        side.__dict__.pop("_native_memo")
+        assert torch.equal(step(), halves)  # the float32 weights: the same bits
+        assert half_flag() == {0}
+        monkeypatch.undo()
+        _use_isa(isa, monkeypatch)
+        side.blocks[1].gate.weight.mul_(2)  # in place, still float16 values
+        doubled = step()
+        assert half_flag() == {1} and (doubled - halves).abs().max() > 1e-4
+        torch.testing.assert_close(doubled, step(False), atol=1e-5, rtol=1e-5)
+        side.blocks[0].q.weight.add_(1e-4 * torch.randn_like(side.blocks[0].q.weight))  # no longer float16 values
+        moved = step()
+        assert half_flag() == {0}
+        torch.testing.assert_close(moved, step(False), atol=1e-5, rtol=1e-5)

@@ -16,6 +16,7 @@ backbone's exactly; training is judged by how far it moves from there.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,8 @@ from longside.nn.attention import per_query
 from longside.nn.growing import Room
 from longside.nn.memory_attention import MemoryInputs, MemoryReader
 from longside.nn.token_cache import TokenCacheReader
+
+_version = operator.attrgetter("_version")  # bumped by every in-place change of a tensor
 
 
 class RMSNorm(nn.Module):
@@ -293,24 +296,35 @@ class SideNetwork(nn.Module):
     def _native_weights(self) -> torch.Tensor | None:
         """The C table `[J, len(SIDE_WORDS)]` int64 with the weight and norm words filled
         (the step fills state and cache words), or None where the blocks' norms differ in
-        eps. Built once per set of weights: rebuilt after `.to()` (`_apply`) and when a
-        block's layer or weight was replaced, which its key (the children and parameters of
-        every block, read by `map`s at C speed: it is checked every token) sees."""
+        eps. Built once per set of weights: rebuilt after `.to()` (`_apply`), when a block's
+        layer or weight was replaced and when a product's weight changed in place (its
+        version counter), which its key sees (read by `map`s at C speed: it is checked every
+        token). Where every product's weight is a float16 value (a checkpoint saved in float16,
+        as `save_pretrained` does), the C step reads float16 copies: half the bytes a token,
+        the same sums."""
         memo = self.__dict__.get("_native_memo")
-        if memo is not None and list(map(tuple, map(dict.values, memo[2]))) == memo[0]:
+        if memo is not None and list(map(tuple, map(dict.values, memo[2]))) == memo[0] \
+                and list(map(_version, memo[3])) == memo[4]:
             return memo[1]
         names = ("q", "k", "v", "o", "gate", "up", "down", "attn_norm", "mlp_norm")
         dicts = [self.blocks._modules] + [d for blk in self.blocks
                                           for d in (blk._modules, *(blk._modules[n]._parameters for n in names))]
-        table = None
+        products = [getattr(blk, name).weight for blk in self.blocks for name in names[:7]]
+        table, copies = None, []
         if len({n.eps for blk in self.blocks for n in (blk.attn_norm, blk.mlp_norm)}) == 1:
+            copies = _float16_copies(products)
+            half = bool(copies)
+            ptrs = iter([w.data_ptr() for w in copies or products])
             w = ggml_cpu.SIDE_WORDS
             table = torch.tensor([ggml_cpu.table_row(
-                w, len(w), mix=2 if j == 0 else 1, block=1,
-                **{name: getattr(blk, name).weight.data_ptr() for name in names})
+                w, len(w), mix=2 if j == 0 else 1, block=1, half=int(half),
+                **{name: next(ptrs) for name in names[:7]},
+                **{name: getattr(blk, name).weight.data_ptr() for name in names[7:]})
                 for j, blk in enumerate(self.blocks)], dtype=torch.int64)
-        # the key holds the weights the table points to, so they outlive any replacement
-        self.__dict__["_native_memo"] = (list(map(tuple, map(dict.values, dicts))), table, dicts)
+        # the key holds the weights the table points to (and their copies), so they outlive
+        # any replacement
+        self.__dict__["_native_memo"] = (list(map(tuple, map(dict.values, dicts))), table, dicts, products,
+                                         list(map(_version, products)), copies)
         return table
 
     def _apply(self, fn, *args, **kwargs):
@@ -415,6 +429,16 @@ class _RoomCaches(list):
 
 
 # -- helpers ---------------------------------------------------------------------------
+@torch.no_grad()
+def _float16_copies(weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Float16 copies of float32 `weights` where every value of every one is a float16 value
+    (the copies then hold them exactly), else []."""
+    if all(w.dtype == torch.float32 and w.is_contiguous() and w.device.type == "cpu" and torch.equal(w.half().float(), w)
+           for w in weights):
+        return [w.half() for w in weights]
+    return []
+
+
 def _dense(module: nn.Module) -> torch.Tensor:
     """A linear layer's weight `[out, in]` as float32 on the CPU (where the side network is
     built, whatever the backbone's device), dequantizing a 4-bit one."""
