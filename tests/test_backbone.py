@@ -522,3 +522,41 @@ def test_gemma3_native_blocks():
     ids = native.tokenizer("It is a truth universally acknowledged, that a single man", return_tensors="pt").input_ids
     a, b = ref.logits(ids), native.logits(ids)
     assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+
+
+def test_continued_decoding_keeps_the_weights_its_first_step_checked(smollm2):
+    """A token that continues the cache's last C step skips that step's checks (hooks, the
+    blocks' signature, the weight table): its table keeps the weights it names (held, so never
+    freed under it), and a block swapped between two tokens of one decoding is read from the
+    next prompt on; a copied cache builds its own table."""
+    import copy
+
+    from transformers import DynamicCache
+
+    from longside.backbone import decode_step
+
+    ids = torch.randint(0, 1000, (1, 9), generator=torch.Generator().manual_seed(5))
+    cache = DynamicCache()
+    smollm2.encode(ids[:, :4], memory_layer=15, cache=cache, use_cache=True)
+    smollm2.encode(ids[:, 4:5], memory_layer=15, cache=cache, use_cache=True)  # the first C step
+    last = decode_step._continued(cache)
+    assert last is not None and last.held
+    twin = copy.deepcopy(cache)
+    assert decode_step._continued(twin) is None
+    want = smollm2.encode(ids[:, 5:6], memory_layer=15, cache=twin, use_cache=True).last_hidden
+    ref = smollm2.encode(ids[:, 6:8], memory_layer=15, cache=twin, use_cache=True).last_hidden
+    mlp = smollm2.parts.layers[2].mlp
+    down = mlp.down_proj
+    zero = torch.nn.Linear(down.in_features, down.out_features, bias=False)
+    torch.nn.init.zeros_(zero.weight)
+    try:
+        mlp.down_proj = zero
+        smollm2.encode(ids[:, :2], memory_layer=15, cache=DynamicCache(), use_cache=True)  # new records
+        got = smollm2.encode(ids[:, 5:6], memory_layer=15, cache=cache, use_cache=True).last_hidden
+        assert torch.equal(got, want)  # the table of the first step, its weights
+        assert decode_step._continued(cache).held is last.held
+        nxt = smollm2.encode(ids[:, 6:8], memory_layer=15, cache=cache, use_cache=True).last_hidden
+        assert decode_step._continued(cache) is None  # a prompt: checked again ...
+        assert (nxt - ref).abs().max() > 1e-3  # ... and read with the zero projection
+    finally:
+        mlp.down_proj = down

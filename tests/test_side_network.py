@@ -348,3 +348,22 @@ def test_side_decoding_reads_float16_weights_as_float16_with_the_same_bits(isa, 
         moved = step()
         assert half_flag() == {0}
         torch.testing.assert_close(moved, step(False), atol=1e-5, rtol=1e-5)
+
+
+def test_continued_side_decoding_checks_the_weights_once(monkeypatch):
+    """Steps that continue the caches the last C step returned reuse its table without
+    checking the weights again (the caches hold what it names); a new prompt checks them."""
+    _use_isa(1 if ggml_cpu._isa_level() else 0, monkeypatch)
+    monkeypatch.setenv("LONGSIDE_DECODE", "c")
+    bb = _tiny()
+    side = _side(bb)
+    out = bb.encode(torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(7)), memory_layer=1)
+    calls, check = [], side._native_weights
+    monkeypatch.setattr(side, "_native_weights", lambda: (calls.append(1), check())[1])
+    with torch.no_grad():
+        for prompt in (8, 6):
+            _, caches = side([h[:, :prompt] for h in out.hidden_states], None)
+            for t in range(prompt, 12):
+                _, caches = side([h[:, t:t + 1] for h in out.hidden_states], None, start=t, caches=caches)
+            assert caches.held is side.__dict__["_native_memo"]
+    assert len(calls) == 2

@@ -71,12 +71,17 @@ def _cached(backbone) -> dict:
 def can_step(backbone, n_tokens: int, attention_mask: Any, cache: Any) -> bool:
     """True when `llama_step` gives what the Hugging Face forward would: a few tokens, no
     mask, a plain growing cache, and no hook on any block (hooks see the Hugging Face
-    forward only)."""
+    forward only). A token that continues the cache's last C step (`_continued`) is not
+    checked again: what held for that step holds until the cache changes, so a block
+    swapped, a hook added or the activations changed between two tokens of one decoding
+    are seen from the next prompt or segment on."""
     if n_tokens > MAX_STEP_TOKENS or attention_mask is not None or type(cache) is not DynamicCache:
         return False
-    if not all(type(layer) is DynamicLayer for layer in cache.layers):  # sliding, offloaded, ...
-        return False
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    if n_tokens == 1 and _continued(cache) is not None:
+        return True
+    if not all(type(layer) is DynamicLayer for layer in cache.layers):  # sliding, offloaded, ...
         return False
     return not any(map(len, _cached(backbone)["hooks"]))
 
@@ -149,9 +154,10 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), norm.weight, eps)
 
 
-def _native_words(backbone, B: int) -> torch.Tensor | None:
+def _native_words(backbone, B: int) -> tuple[torch.Tensor, list] | None:
     """The C step's table `[L, DECODE_TABLE_WORDS]` int64 with every block's weight words
-    filled (the cache words are the step's), for a batch of B rows; None where a block cannot
+    filled (the cache words are the step's), for a batch of B rows, and the tensors those
+    words point to; None where a block cannot
     take it (a product that is not GGUF blocks, a bias, another activation function, more
     rows than its kernel takes). Cached per kind of batch and activations; the cache holds
     the tensors it points to, so a layer whose blocks are replaced in place (not by swapping
@@ -171,7 +177,7 @@ def _native_words(backbone, B: int) -> torch.Tensor | None:
     key = (B <= FUSED_MAX_M, B <= INT8_MAX_M, kinds)
     memo = cache.setdefault("native", {})
     if key in memo:
-        return memo[key][0]
+        return memo[key] if memo[key][0] is not None else None
     rows, held = [], []
     for f, layer in zip(fused, layers):
         attn, mlp = layer.self_attn, layer.mlp
@@ -195,7 +201,7 @@ def _native_words(backbone, B: int) -> torch.Tensor | None:
                                        qkv=words[0], o=words[1], ffn_norm=norms[1].data_ptr(), gate_up=words[2],
                                        down=words[3]))
     memo[key] = (torch.tensor(rows, dtype=torch.int64), held)
-    return memo[key][0]
+    return memo[key]
 
 
 def _dynamic_rooms(cache: DynamicCache, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -232,25 +238,29 @@ def _dynamic_rooms(cache: DynamicCache, n: int) -> tuple[torch.Tensor, torch.Ten
 
 
 class _StepTable:
-    """The C step's table of a DynamicCache's last step, with what it points to: the next
-    step reuses it while every layer's keys/values are still the views that step left (the
-    same tensor objects over the same buffers, with room for one more position)."""
+    """The C step's table of a DynamicCache's last step, with what it points to (the cache
+    buffers, and `held`: the weights and norms its words name, kept alive even if the model
+    drops them): the next step reuses it while every layer's keys/values are still the views
+    that step left (the same tensor objects over the same buffers, with room for one more
+    position)."""
 
-    def __init__(self, table: torch.Tensor, words: torch.Tensor, rooms: tuple, views: list[torch.Tensor]):
-        self.table, self.words, self.rooms, self.views = table, words, rooms, views
+    def __init__(self, table: torch.Tensor, held: list, rooms: tuple, views: list[torch.Tensor]):
+        self.table, self.held, self.rooms, self.views = table, held, rooms, views
         self.ptr = rooms[0].data_ptr()
 
+    def __deepcopy__(self, memo):
+        return None  # a copied cache lives in other memory: its next step builds its own table
 
-def _last_table(cache: Any, words: torch.Tensor, n: int) -> _StepTable | None:
-    """The cache's last C step's record where its table still holds, else None. A deep copy
-    of the cache (`LocalWindow.fork`) copies the record too, views and buffers alike, but into
-    other memory, which the pointer check sees."""
+
+def _continued(cache: Any) -> _StepTable | None:
+    """The cache's last C step's record where its table still holds, else None (a deep copy
+    of the cache, `LocalWindow.fork`, has none)."""
     last = getattr(cache, "_longside_table", None)
-    if last is None or last.words is not words or n >= last.rooms[0].shape[3] or type(cache) is not DynamicCache:
+    if last is None or type(cache) is not DynamicCache:
         return None
     views = [t for layer in cache.layers for t in (layer.keys, layer.values)]
     if len(views) != len(last.views) or not all(a is b for a, b in zip(views, last.views)) \
-            or views[0].data_ptr() != last.ptr:
+            or views[0].data_ptr() != last.ptr or views[0].shape[2] >= last.rooms[0].shape[3]:
         return None
     return last
 
@@ -287,14 +297,17 @@ def _native_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor |
     n = cache.get_seq_length()
     if n == 0:
         return None
-    words = _native_words(backbone, B)
-    if words is None:
-        return None
     spec, base = backbone.spec, backbone.parts.base
     H, G, D, L, d = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.num_layers, spec.hidden_size
     w = ggml_cpu.DECODE_WORDS
-    last = _last_table(cache, words, n)
+    last = _continued(cache)  # a continued decoding: the checks of its first C step hold (see `can_step`)
+    if last is not None and last.rooms[0].shape[1] != B:
+        return None
     if last is None:
+        native = _native_words(backbone, B)
+        if native is None:
+            return None
+        words, held = native
         if isinstance(cache, DynamicCache):
             if not all(type(layer) is DynamicLayer for layer in cache.layers):
                 return None
@@ -311,7 +324,7 @@ def _native_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor |
         table[:, w["vbuf"]] = torch.tensor([v.data_ptr() for _, v in rooms])
         table[:, w["cap"]] = torch.tensor([k.shape[2] for k, _ in rooms])
     else:
-        table, rooms = last.table, None  # the buffers stay the cache's `_longside_rooms`
+        table, held, rooms = last.table, last.held, None  # the buffers stay the cache's `_longside_rooms`
     if position_ids is None:
         position_ids = torch.full((B, 1), n, device=input_ids.device)
     h = base.embed_tokens(input_ids)
@@ -337,7 +350,7 @@ def _native_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor |
         for layer, k, v in zip(cache.layers, kall[:, :, :, :n + 1].unbind(0), vall[:, :, :, :n + 1].unbind(0)):
             layer.keys, layer.values = k, v
             views += (k, v)
-        cache._longside_table = _StepTable(table, words, (kall, vall), views)
+        cache._longside_table = _StepTable(table, held, (kall, vall), views)
     else:
         cache.advance(1)
     states = _StepStates(hidden)

@@ -276,14 +276,18 @@ class SideNetwork(nn.Module):
         if last.device.type != "cpu" or last.dtype != torch.float32 or up.dtype != torch.float32 \
                 or not up.is_contiguous() or self.norm.weight.dtype != torch.float32:
             return None
+        B = last.shape[0]
+        if type(caches) is _RoomCaches and caches.continues(caches.weights, caches.n) \
+                and caches.rooms[0][0].buf.shape[0] == B and (key_mask is None or key_mask.shape[-1] == caches.n + 1):
+            # what the last step returned: its weights were checked when it was made, and hold
+            # until the caches change (a weight replaced or changed between two tokens of one
+            # decoding is read from the next prompt or segment on)
+            return caches.weights, True
         blk0 = self.blocks[0]
-        B, hd, G = last.shape[0], blk0.head_dim, blk0.kv_heads
+        hd, G = blk0.head_dim, blk0.kv_heads
         weights = self._native_weights()
         if weights is None:
             return None
-        if type(caches) is _RoomCaches and caches.continues(weights, caches.n) \
-                and caches.rooms[0][0].buf.shape[0] == B and (key_mask is None or key_mask.shape[-1] == caches.n + 1):
-            return weights, True  # what the last step returned: checked when it was made
         P = None if caches[0] is None else caches[0][0].shape[2]
         for c in caches:
             if c is None or not all(t.dtype == torch.float32 and t.dim() == 4 and t.shape == (B, G, P, hd)
@@ -321,10 +325,11 @@ class SideNetwork(nn.Module):
                 **{name: next(ptrs) for name in names[:7]},
                 **{name: getattr(blk, name).weight.data_ptr() for name in names[7:]})
                 for j, blk in enumerate(self.blocks)], dtype=torch.int64)
-        # the key holds the weights the table points to (and their copies), so they outlive
-        # any replacement
+        # the memo holds the tensors the table points to (their storage: detached, and the
+        # copies), so they outlive any replacement while a table or caches made with it live
+        held = [getattr(blk, name).weight.detach() for blk in self.blocks for name in names] + copies
         self.__dict__["_native_memo"] = (list(map(tuple, map(dict.values, dicts))), table, dicts, products,
-                                         list(map(_version, products)), copies)
+                                         list(map(_version, products)), held)
         return table
 
     def _apply(self, fn, *args, **kwargs):
@@ -385,7 +390,8 @@ class SideNetwork(nn.Module):
                  last.reshape(B, -1).contiguous(), out)
         ggml_cpu.side_decode_layers(table[mi:], gates[mi:].contiguous(), keep, x, cos, sin, P, mask, eps, dims,
                                     first_mix=False, final=final)
-        return out, _RoomCaches(table, rooms, weights, P + 1)
+        held = caches.held if continued else self.__dict__["_native_memo"]
+        return out, _RoomCaches(table, rooms, weights, P + 1, held)
 
 
 class _RoomCache(tuple):
@@ -398,9 +404,11 @@ class _RoomCaches(list):
     token), with the C table of the step that made them (its cache words naming each block's
     rooms), so the next step can reuse it."""
 
-    def __init__(self, table: torch.Tensor, rooms: list[tuple[Room, Room]], weights: torch.Tensor, n: int):
+    def __init__(self, table: torch.Tensor, rooms: list[tuple[Room, Room]], weights: torch.Tensor, n: int,
+                 held: tuple):
         super().__init__([None] * len(rooms))
         self.table, self.rooms, self.weights, self.n = table, rooms, weights, n
+        self.held = held  # what the table's weight words point to (`_native_weights`' memo)
         self._made: list = [None] * len(rooms)
 
     def _entry(self, j: int) -> _RoomCache:
