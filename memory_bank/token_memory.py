@@ -30,7 +30,7 @@ import torch
 
 from longside.errors import MemoryBankError
 
-from . import search_cpu
+from . import pages, search_cpu
 
 _HASH_P = 2_147_483_647  # a prime below 2^31: hash * base stays inside int64
 _HASH_BASE = 1_000_003
@@ -111,7 +111,7 @@ class TokenMemory:
         self._basis: torch.Tensor | None = None  # [dim, shortlist_dim] float32, orthonormal columns
         self._proj: torch.Tensor | None = None  # [capacity, shortlist_dim] int8: keys @ basis / scale
         self._proj_scale: torch.Tensor | None = None  # [capacity] float32, one per key
-        self._keys = torch.empty(capacity, dim, dtype=dtype, device=self.device)
+        self._keys = pages.empty((capacity, dim), dtype, self.device)  # 2 MB pages where the kernel has them
         self._next = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)
         self._pending = torch.zeros(dim, dtype=dtype, device=self.device)
         self._has_pending = False
@@ -178,7 +178,7 @@ class TokenMemory:
         taken as it is, else computed."""
         self._basis = basis.to(self.device, torch.float32)
         s = basis.shape[1]
-        self._proj = torch.empty(self.capacity, s, dtype=torch.int8, device=self.device)
+        self._proj = pages.empty((self.capacity, s), torch.int8, self.device)
         self._proj_scale = torch.empty(self.capacity, dtype=torch.float32, device=self.device)
         n = self._size
         if proj is not None and proj.dtype == torch.int8 and scale is not None:
