@@ -24,6 +24,7 @@ from longside.kernels.ggml import (GGML_TYPES, GGMLWeight, can_pack_lanes, dequa
 from torch import nn
 from tqdm.auto import tqdm
 
+from longside import pages
 from longside.errors import LongsideError
 
 # Up to this many rows of x the fused kernels run; above, tiled dequantize + BLAS wins for fp32
@@ -331,4 +332,36 @@ def load_gguf_layers(model: nn.Module, path: str | Path, activations: str = "int
         raise LongsideError(f"{path}: no tensor of the model is stored in a block type longside runs "
                             f"({', '.join(GGML_TYPES)})")
     set_activations(model, activations)
+    gather_blocks(model)
     return report
+
+
+def gather_blocks(model: nn.Module) -> int:
+    """Copy the blocks of every GGUF layer of `model` on the CPU (the embedding's, which a
+    tied head shares, once) into one buffer from `pages.empty` (2 MB pages where the kernel
+    has them: a decode step streams all of them), in module order, each at a 64-byte
+    boundary: a block's q, k, v and its gate, up then lie next to each other, and the decode
+    step's fused products are views of them (decode_step._fuse), not copies. Returns the
+    buffer's bytes."""
+    layers = [m for m in model.modules() if isinstance(m, (GGUFLinear, GGUFEmbedding))
+              and m.blocks.device.type == "cpu" and m.blocks.is_contiguous()]
+    unique = list({id(m.blocks): m.blocks for m in layers}.values())
+    place, total = {}, 0
+    for b in unique:
+        place[id(b)] = total
+        total += -(-b.numel() * b.element_size() // 64) * 64
+    if not unique:
+        return 0
+    arena = pages.empty((total,), torch.uint8)
+    moved = {}
+    with torch.no_grad():
+        for b in unique:
+            n = b.numel() * b.element_size()
+            new = arena[place[id(b)]:place[id(b)] + n].view(b.dtype).view(b.shape)
+            new.copy_(b)
+            moved[id(b)] = new
+        for m in layers:
+            m.blocks = moved[id(m.blocks)]
+            if isinstance(m, GGUFLinear):
+                m._weight = None
+    return total

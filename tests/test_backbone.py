@@ -289,6 +289,34 @@ def test_gguf_loads_native_blocks_by_default(smollm2, smollm2_fp32):
         load_backbone("smollm2-135m", quantize="int3")
 
 
+def test_native_blocks_lie_in_one_buffer_the_fused_products_view(smollm2):
+    """`gather_blocks` put every GGUF layer's blocks (the tied table once) in one buffer,
+    each at a 64-byte boundary, in 2 MB-advised memory where the platform has it (the
+    mapping's VmFlags "hg"); the decode step's fused q/k/v and gate/up are views of it."""
+    from longside.backbone import decode_step
+    from longside.kernels.gguf_linear import GGUFEmbedding, GGUFLinear
+
+    layers = [m for m in smollm2.model.modules() if isinstance(m, (GGUFLinear, GGUFEmbedding))]
+    assert len({m.blocks.untyped_storage().data_ptr() for m in layers}) == 1
+    assert all(m.blocks.data_ptr() % 64 == 0 for m in layers)
+    smaps = Path("/proc/self/smaps")
+    if smaps.exists():
+        ptr, flags, inside = smollm2.parts.embed.blocks.data_ptr(), None, False
+        for line in smaps.read_text().splitlines():
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= ptr < hi
+            elif inside and line.startswith("VmFlags"):
+                flags = line.split()[1:]
+        assert flags is not None and "hg" in flags, flags
+    layer = smollm2.parts.layers[4]
+    fused = decode_step._fused_blocks(smollm2)[4]
+    assert fused.qkv.blocks.data_ptr() == layer.self_attn.q_proj.blocks.data_ptr()
+    assert fused.gate_up.blocks.data_ptr() == layer.mlp.gate_proj.blocks.data_ptr()
+    assert fused.qkv.blocks.untyped_storage().data_ptr() == smollm2.parts.embed.blocks.untyped_storage().data_ptr()
+
+
 def test_native_perplexity_matches_fp32_copy(smollm2, smollm2_fp32, monkeypatch):
     """Held-out Austen, 2 x 512 tokens: prefill (exact dequantization + BLAS) gives the fp32
     copy's logits (to BLAS rounding; bit for bit on the CI machine); the decode kernels (int8 activations, forced over the whole
@@ -560,3 +588,16 @@ def test_continued_decoding_keeps_the_weights_its_first_step_checked(smollm2):
         assert (nxt - ref).abs().max() > 1e-3  # ... and read with the zero projection
     finally:
         mlp.down_proj = down
+
+
+def test_adjacent_rows_views_blocks_side_by_side_and_refuses_the_rest():
+    from longside.backbone.decode_step import _adjacent_rows
+
+    buf = torch.arange(60, dtype=torch.uint8)
+    a, b, c = buf[0:12].view(3, 4), buf[12:20].view(2, 4), buf[24:32].view(2, 4)
+    both = _adjacent_rows([a, b])
+    assert both.shape == (5, 4) and both.data_ptr() == a.data_ptr() and torch.equal(both, torch.cat([a, b]))
+    assert _adjacent_rows([a, c]) is None  # a gap
+    assert _adjacent_rows([b, a]) is None  # out of order
+    assert _adjacent_rows([a, buf[12:18].view(2, 3)]) is None  # another row width
+    assert _adjacent_rows([a, torch.arange(8, dtype=torch.uint8).view(2, 4)]) is None  # another buffer

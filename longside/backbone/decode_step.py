@@ -91,8 +91,11 @@ def _fuse(mods: list[nn.Module]) -> nn.Module | None:
     layers then view (so nothing is stored twice); None where they cannot share one."""
     if all(isinstance(m, GGUFLinear) and m.bias is None for m in mods) and len({m.qtype for m in mods}) == 1 \
             and len({m.in_features for m in mods}) == 1 and len({m.packed for m in mods}) == 1:
-        # packed layers hold whole groups of 16 rows, so their concatenation is packed too
-        blocks = torch.cat([m.blocks for m in mods]).contiguous()
+        # packed layers hold whole groups of 16 rows, so their concatenation is packed too;
+        # blocks already side by side in one buffer (`gather_blocks`) are their concatenation
+        blocks = _adjacent_rows([m.blocks for m in mods])
+        if blocks is None:
+            blocks = torch.cat([m.blocks for m in mods]).contiguous()
         fused = GGUFLinear(mods[0].in_features, blocks.shape[0], mods[0].qtype, activations=mods[0].activations)
         fused.blocks, fused.packed = blocks, mods[0].packed
         row = 0
@@ -111,6 +114,21 @@ def _fuse(mods: list[nn.Module]) -> nn.Module | None:
             row += m.out_features
         return fused
     return None  # NF4 and biased layers: one product each
+
+
+def _adjacent_rows(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """One tensor viewing `parts` (contiguous `[n_i, w]` of one dtype) stacked along rows,
+    where each starts in their common storage right where the one before ends; else None."""
+    first = parts[0]
+    storage = first.untyped_storage()
+    at = first.data_ptr()
+    for p in parts:
+        if p.dim() != 2 or not p.is_contiguous() or p.dtype != first.dtype or p.shape[1] != first.shape[1] \
+                or p.untyped_storage().data_ptr() != storage.data_ptr() or p.data_ptr() != at:
+            return None
+        at += p.numel() * p.element_size()
+    rows = sum(p.shape[0] for p in parts)
+    return first.new_empty(0).set_(storage, first.storage_offset(), (rows, first.shape[1]))
 
 
 class _Fused:

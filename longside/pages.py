@@ -1,11 +1,11 @@
 """Large CPU buffers in memory the kernel may back with 2 MB pages.
 
-A decode step scans a bank's chunk keys and its token memory's int8 projections once per
-token (~15 MB at 64k tokens), just after the backbone's weights have pushed them out of the
-caches. In 4 KB pages every 4 KB of that scan costs a TLB miss, and the hardware prefetchers
-stop at each page's end; in 2 MB pages (transparent huge pages) neither happens. Where THP
-is set to "madvise" (the default of many distributions) only memory that asks for them gets
-them: `empty` asks. Measured: docs/results.md#huge-pages.
+A decode step streams the backbone's 4-bit blocks (~90 MB for SmolLM2) and scans a bank's
+chunk keys and its token memory's int8 projections (~15 MB at 64k tokens) once per token.
+In 4 KB pages every 4 KB of that costs a TLB miss, and the hardware prefetchers stop at each
+page's end; in 2 MB pages (transparent huge pages) neither happens. Where THP is set to
+"madvise" (the default of many distributions) only memory that asks for them gets them:
+`empty` asks. Measured: docs/results.md#huge-pages.
 """
 
 from __future__ import annotations
