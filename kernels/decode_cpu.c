@@ -796,6 +796,63 @@ void logit_stats(const float *x, int64_t N, int64_t V, int64_t ldx, float *out, 
     }
 }
 
+/* out[n] = the index of row n's largest value of x [N, V] (row stride ldx), as torch.argmax:
+ * the first of equal maxima, and the first NaN where a row holds one (NaN counts as the
+ * largest). The vector path keeps, per lane, the first index of that lane's maximum, then
+ * takes the lanes' best (ties: the lower index), so both paths agree. */
+static int64_t argmax_portable(const float *x, int64_t V) {
+    int64_t best = 0;
+    for (int64_t i = 0; i < V; i++) {
+        if (x[i] != x[i]) return i;
+        if (x[i] > x[best]) best = i;
+    }
+    return best;
+}
+
+#ifdef __x86_64__
+AVX2F static int64_t argmax_avx2(const float *x, int64_t V) {
+    if (V < 8) return argmax_portable(x, V);
+    __m256 best = _mm256_loadu_ps(x), nan = _mm256_cmp_ps(best, best, _CMP_UNORD_Q);
+    __m256i at = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), idx = at;
+    const __m256i step = _mm256_set1_epi32(8);
+    int64_t i = 8;
+    for (; i + 8 <= V; i += 8) {
+        idx = _mm256_add_epi32(idx, step);
+        const __m256 v = _mm256_loadu_ps(x + i);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        const __m256 gt = _mm256_cmp_ps(v, best, _CMP_GT_OQ); /* strictly greater: a lane keeps its first */
+        best = _mm256_blendv_ps(best, v, gt);
+        at = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(at), _mm256_castsi256_ps(idx), gt));
+    }
+    if (_mm256_movemask_ps(nan)) return argmax_portable(x, V); /* the first NaN, wherever it is */
+    float bv[8];
+    int32_t bi[8];
+    _mm256_storeu_ps(bv, best);
+    _mm256_storeu_si256((__m256i *)bi, at);
+    int64_t b = bi[0];
+    float m = bv[0];
+    for (int r = 1; r < 8; r++)
+        if (bv[r] > m || (bv[r] == m && bi[r] < b)) m = bv[r], b = bi[r];
+    for (; i < V; i++) {
+        if (x[i] != x[i]) return argmax_portable(x, V);
+        if (x[i] > m) m = x[i], b = i;
+    }
+    return b;
+}
+#endif
+
+void argmax_rows(const float *x, int64_t N, int64_t V, int64_t ldx, int64_t *out, int isa) {
+    for (int64_t n = 0; n < N; n++) {
+#ifdef __x86_64__
+        if (isa > 0 && V < (1LL << 31)) {
+            out[n] = argmax_avx2(x + n * ldx, V);
+            continue;
+        }
+#endif
+        out[n] = argmax_portable(x + n * ldx, V);
+    }
+}
+
 /* The side network's memory read (MemoryReader) for one new token per row, in the backbone's
  * key space at the memory layer. Per row b and query head h (group g = h / (H / G)):
  *   a_mem, lse_mem: position-free attention of q[b, h] over the retrieved keys/values [b, h]

@@ -49,6 +49,8 @@ def _lib() -> ctypes.CDLL | None:
                                                            cint]
     lib.logit_stats.restype = None
     lib.logit_stats.argtypes = [ptr, i64, i64, i64, ptr, cint, cint]
+    lib.argmax_rows.restype = None
+    lib.argmax_rows.argtypes = [ptr, i64, i64, i64, ptr, cint]
     lib.token_cache_mix.restype = cint
     lib.token_cache_mix.argtypes = [i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, ptr, cint, cint, cint, cint]
     return lib
@@ -188,6 +190,20 @@ def logit_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     _lib().logit_stats(logits.data_ptr(), N, V, logits.stride(0), out.data_ptr(), torch.get_num_threads(),
                        _isa_level())
     return out[:, :1], out[:, 1], out[:, 2]
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """`logits.argmax(-1)` of float32 `[N, V]` rows on the CPU (unit stride) in one C call
+    (kernels/decode_cpu.c): the same indices (the first of equal maxima, the first NaN), ~10x
+    faster than torch's at a vocabulary's width. Raises ValueError for other layouts."""
+    if logits.dim() != 2 or logits.dtype != torch.float32 or logits.device.type != "cpu" \
+            or logits.stride(1) != 1 or not logits.shape[1]:
+        raise ValueError(f"argmax_rows needs float32 [N, V>0] rows on the CPU, got {logits.dtype} "
+                         f"{tuple(logits.shape)}")
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    _lib().argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0), out.data_ptr(),
+                       _isa_level())
+    return out
 
 
 def token_cache_mix(logits: torch.Tensor, sims: torch.Tensor, nxt: torch.Tensor, copy_len: torch.Tensor,

@@ -371,3 +371,30 @@ def test_reference_fallback_warns_when_kernel_missing(monkeypatch):
     packed = GGMLWeight(pack_lanes(w16.blocks, "Q4_0"), "Q4_0", (16, 64), packed=True)
     with pytest.warns(RuntimeWarning, match="not built"):
         assert torch.equal(matmul_ggml(x, packed), matmul_ggml(x, w16))
+
+
+@pytest.mark.parametrize("isa", [0, 1])
+def test_argmax_rows_gives_torch_argmax(isa, monkeypatch):
+    """The C argmax of logit rows is torch's: the first of equal maxima (within and across
+    the vector lanes), the first NaN where a row has one, every -inf, widths below and past
+    a vector and a ragged tail, a strided row."""
+    from longside.kernels import ggml_cpu
+
+    if not ggml_cpu.available() or isa > ggml_cpu._isa_level():
+        pytest.skip("no such path here")
+    monkeypatch.setattr(ggml_cpu, "_isa_level", lambda: isa)
+    g = torch.Generator().manual_seed(0)
+    for V in (1, 5, 8, 13, 64, 49152, 49157):
+        x = torch.randn(6, V, generator=g)
+        x[1] = 3.0  # all equal: index 0
+        x[2, V // 2:] = 9.0  # equal maxima in several lanes: the first
+        x[3] = float("-inf")
+        x[4, V // 3] = float("nan")
+        x[4, (2 * V) // 3] = float("nan")
+        x[5, -1] = 50.0  # in the tail
+        got, want = ggml_cpu.argmax_rows(x), x.argmax(-1)
+        assert torch.equal(got, want), (V, got, want)
+    wide = torch.randn(3, 100, generator=g)
+    assert torch.equal(ggml_cpu.argmax_rows(wide[:, 10:90]), wide[:, 10:90].argmax(-1))
+    with pytest.raises(ValueError):
+        ggml_cpu.argmax_rows(torch.randn(2, 4, dtype=torch.float64))
