@@ -195,6 +195,14 @@ class GGUFEmbedding(nn.Module):
         self._scaled = float(scale) != 1.0
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.numel() == 1 and self.blocks.device.type == "cpu" and self.blocks.is_contiguous() \
+                and ggml_cpu.available():  # a decode step's token: its row decoded in place, no gather
+            t = int(input_ids.reshape(()))
+            if not 0 <= t < self.num_embeddings:
+                raise IndexError(f"token id {t} out of range for an embedding of {self.num_embeddings}")
+            table = GGMLWeight(self.blocks, self.qtype, (self.num_embeddings, self.embedding_dim))
+            out = ggml_cpu.dequantize_rows(table, t, t + 1).reshape(*input_ids.shape, self.embedding_dim)
+            return out * self.scale if self._scaled else out
         rows = self.blocks.index_select(0, input_ids.reshape(-1))
         w = GGMLWeight(rows, self.qtype, (rows.shape[0], self.embedding_dim))
         out = dequantize_ggml(w).to(self.blocks.device).reshape(*input_ids.shape, self.embedding_dim)

@@ -357,6 +357,11 @@ def test_gguf_embedding_rows_and_scale():
     emb.blocks = w.blocks
     ids = torch.tensor([[3, 0, 49], [7, 7, 1]])
     assert torch.equal(emb(ids), ref[ids] * 2.0)
+    for one in (torch.tensor([[49]]), torch.tensor([0]), torch.tensor(17)):  # a decode step's one token
+        assert torch.equal(emb(one), ref[one] * 2.0)
+    for bad in (torch.tensor([[50]]), torch.tensor([-1])):
+        with pytest.raises(IndexError):
+            emb(bad)
 
 
 def test_reference_fallback_warns_when_kernel_missing(monkeypatch):

@@ -279,9 +279,10 @@ class SideNetwork(nn.Module):
         B = last.shape[0]
         if type(caches) is _RoomCaches and caches.continues(caches.weights, caches.n) \
                 and caches.rooms[0][0].buf.shape[0] == B and (key_mask is None or key_mask.shape[-1] == caches.n + 1):
-            # what the last step returned: its weights were checked when it was made, and hold
-            # until the caches change (a weight replaced or changed between two tokens of one
-            # decoding is read from the next prompt or segment on)
+            # what the last step returned: its weights were checked (and its gates read) when
+            # it was made, and hold until the caches change (a weight or gate replaced or
+            # changed between two tokens of one decoding is read from the next prompt or
+            # segment on)
             return caches.weights, True
         blk0 = self.blocks[0]
         hd, G = blk0.head_dim, blk0.kv_heads
@@ -361,7 +362,7 @@ class SideNetwork(nn.Module):
             # the caches this method returned last step, untouched since: every block grows
             # in its own rooms, so only the states' words change
             table, rooms = caches.table, caches.rooms
-            table[:, w["state"]] = torch.tensor(ptrs)
+            table.numpy()[:, w["state"]] = ptrs
             for room in (r for pair in rooms for r in pair):
                 room.filled = P + 1
         else:
@@ -374,10 +375,13 @@ class SideNetwork(nn.Module):
                 rooms.append((kr, vr))
                 words.append([h, kr.buf.data_ptr(), vr.buf.data_ptr(), kr.buf.shape[2]])
             table[:, [w[name] for name in ("state", "kbuf", "vbuf", "cap")]] = torch.tensor(words, dtype=torch.int64)
-        gates = torch.sigmoid(self.gates.detach()).float().contiguous()
-        x = last.new_empty(B, s)
         mi = self.memory_index
-        keep = self.keep.contiguous()
+        if continued:  # the gates, as the weights, were read by the step that began these caches
+            gates, final_gate, keep = caches.consts
+        else:
+            gates = torch.sigmoid(self.gates.detach()).float().contiguous()
+            final_gate, keep = float(torch.sigmoid(self.final_gate)), self.keep.contiguous()
+        x = last.new_empty(B, s)
         dims = (last.shape[-1], H, G, hd, F)
         eps = blk0.attn_norm.eps
         # the memory layer's mixing, then the read, then its block and the output
@@ -386,12 +390,11 @@ class SideNetwork(nn.Module):
         if memory is not None:
             x += self.reader(x.view(B, 1, s), memory).view(B, s)
         out = last.new_empty(B, 1, last.shape[-1])
-        final = (self.norm.weight, self.norm.eps, self.up.weight, float(torch.sigmoid(self.final_gate)),
-                 last.reshape(B, -1).contiguous(), out)
-        ggml_cpu.side_decode_layers(table[mi:], gates[mi:].contiguous(), keep, x, cos, sin, P, mask, eps, dims,
+        final = (self.norm.weight, self.norm.eps, self.up.weight, final_gate, last.reshape(B, -1).contiguous(), out)
+        ggml_cpu.side_decode_layers(table[mi:], gates[mi:], keep, x, cos, sin, P, mask, eps, dims,
                                     first_mix=False, final=final)
         held = caches.held if continued else self.__dict__["_native_memo"]
-        return out, _RoomCaches(table, rooms, weights, P + 1, held)
+        return out, _RoomCaches(table, rooms, weights, P + 1, held, (gates, final_gate, keep))
 
 
 class _RoomCache(tuple):
@@ -405,10 +408,11 @@ class _RoomCaches(list):
     rooms), so the next step can reuse it."""
 
     def __init__(self, table: torch.Tensor, rooms: list[tuple[Room, Room]], weights: torch.Tensor, n: int,
-                 held: tuple):
+                 held: tuple, consts: tuple):
         super().__init__([None] * len(rooms))
         self.table, self.rooms, self.weights, self.n = table, rooms, weights, n
         self.held = held  # what the table's weight words point to (`_native_weights`' memo)
+        self.consts = consts  # (sigmoid of the mix gates, of the final gate, the kept dimensions)
         self._made: list = [None] * len(rooms)
 
     def _entry(self, j: int) -> _RoomCache:
