@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 
 import torch
 
@@ -23,11 +24,12 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
     """`torch.empty(shape, dtype=dtype, device=device)`; on the CPU, from MIN_BYTES up, a view
     of a private anonymous mapping aligned to 2 MB and advised MADV_HUGEPAGE (its pages are
     made when first written, as torch.empty's; they read as zeros). The tensor keeps the
-    mapping alive. Elsewhere (another device, a platform without the advice), torch.empty."""
+    mapping alive. Elsewhere (another device, a platform without the advice, or
+    `LONGSIDE_HUGE_PAGES=0` in the environment), torch.empty."""
     device = torch.device(device)
     nbytes = math.prod(shape) * dtype.itemsize
     if device.type != "cpu" or nbytes < MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE") \
-            or not hasattr(mmap, "MAP_ANONYMOUS"):
+            or not hasattr(mmap, "MAP_ANONYMOUS") or os.environ.get("LONGSIDE_HUGE_PAGES", "1") == "0":
         return torch.empty(shape, dtype=dtype, device=device)
     # private: a shared anonymous mapping is shmem, which THP's "madvise" setting leaves out
     area = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

@@ -54,3 +54,15 @@ def test_large_buffers_ask_for_huge_pages():
         flags = _vma(t.data_ptr()).get("VmFlags", "").split()
         assert "hg" in flags, flags
     assert "hg" not in _vma(torch.empty(1 << 20).data_ptr()).get("VmFlags", "").split()
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists() or not hasattr(mmap, "MADV_HUGEPAGE"),
+                    reason="Linux only")
+def test_huge_pages_can_be_turned_off(monkeypatch):
+    """`LONGSIDE_HUGE_PAGES=0`: plain torch.empty, no advice."""
+    monkeypatch.setenv("LONGSIDE_HUGE_PAGES", "0")
+    t = pages.empty((8, 1 << 20), torch.uint8)
+    assert t.shape == (8, 1 << 20)
+    assert "hg" not in _vma(t.data_ptr()).get("VmFlags", "").split()
+    monkeypatch.setenv("LONGSIDE_HUGE_PAGES", "1")
+    assert "hg" in _vma(pages.empty((8, 1 << 20), torch.uint8).data_ptr()).get("VmFlags", "").split()

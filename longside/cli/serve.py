@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 import sys
 import threading
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memories kept in RAM; idle users beyond it are unloaded, least recent first (default 4)")
     p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body (default 8 MB)")
     p.add_argument("--max-tokens", type=int, default=256, help="reply length when a request gives none")
+    p.add_argument("--huge-pages", action="store_true",
+                   help="weights and memories in 2 MB pages, as one-user decoding has them (off here: the server's "
+                        "time to first token measured ~40%% longer with them, docs/results.md#server-s30)")
     return p
 
 
@@ -77,6 +81,8 @@ def main(argv: list[str]) -> int:
     except OSError as e:
         raise LongsideError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); choose another --port") from None
     port = sock.getsockname()[1]
+    if not args.huge_pages:  # read by longside/pages.py when the weights and each user's memory are allocated
+        os.environ["LONGSIDE_HUGE_PAGES"] = "0"
     model, info = load_model(args.model, quantize=args.quantize)
     if model.config.backbone_memory_layers:
         raise LongsideError(f"{args.model} reads backbone memory, which the server does not support yet (its "
