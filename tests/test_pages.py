@@ -43,12 +43,16 @@ def test_empty_is_an_ordinary_tensor_in_aligned_memory():
     assert pages.empty((0, 8), torch.float32).numel() == 0
 
 
-@pytest.mark.skipif(not Path("/proc/self/smaps").exists() or not hasattr(mmap, "MADV_HUGEPAGE"),
-                    reason="Linux only")
-def test_large_buffers_ask_for_huge_pages():
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+LINUX_THP = Path("/proc/self/smaps").exists() and hasattr(mmap, "MADV_HUGEPAGE") and THP.exists()
+
+
+@pytest.mark.skipif(not LINUX_THP, reason="Linux with transparent huge pages only")
+def test_large_buffers_ask_for_huge_pages(monkeypatch):
     """A bank's and its token memory's large buffers lie in mappings advised MADV_HUGEPAGE
     ("hg" in the mapping's VmFlags): the kernel may back them with 2 MB pages whatever THP's
     system setting short of "never"."""
+    monkeypatch.delenv("LONGSIDE_HUGE_PAGES", raising=False)
     bank = MemoryBank(num_kv_heads=3, head_dim=64, capacity_tokens=65536, chunk_size=4, token_dim=576)
     for t in (bank._keys, bank._values, bank._chunk_keys, bank.tokens._keys):
         flags = _vma(t.data_ptr()).get("VmFlags", "").split()
@@ -56,8 +60,7 @@ def test_large_buffers_ask_for_huge_pages():
     assert "hg" not in _vma(torch.empty(1 << 20).data_ptr()).get("VmFlags", "").split()
 
 
-@pytest.mark.skipif(not Path("/proc/self/smaps").exists() or not hasattr(mmap, "MADV_HUGEPAGE"),
-                    reason="Linux only")
+@pytest.mark.skipif(not LINUX_THP, reason="Linux with transparent huge pages only")
 def test_huge_pages_can_be_turned_off(monkeypatch):
     """`LONGSIDE_HUGE_PAGES=0`: plain torch.empty, no advice."""
     monkeypatch.setenv("LONGSIDE_HUGE_PAGES", "0")
