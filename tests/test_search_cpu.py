@@ -156,8 +156,9 @@ def test_bank_search_of_one_query_token_equals_torch_path(isa, monkeypatch):
 
 
 def test_bank_search_of_many_query_tokens_reads_in_c_as_torch(isa, monkeypatch):
-    """A prompt's search (many query tokens): torch's top-k, then the reading in one C call on
-    both threads; the keys, values, mask and hit counts equal torch's reading."""
+    """A prompt's search (many query tokens): the scan in one C call and the reading in
+    another, on both threads; slots, keys, values, mask and hit counts equal torch's
+    product + top-k and reading."""
     g = torch.Generator().manual_seed(5)
     bank = MemoryBank(num_kv_heads=3, head_dim=64, capacity_tokens=4096, chunk_size=4, dtype=torch.float16)
     kv = torch.randn(3001, 3, 64, generator=g)  # a partial last chunk
@@ -165,11 +166,12 @@ def test_bank_search_of_many_query_tokens_reads_in_c_as_torch(isa, monkeypatch):
     q = torch.randn(37, 9, 64, generator=g)
     counted = torch.rand(37, generator=g) < 0.7
     hits = bank._hits.clone()
-    calls = []
-    read = search_cpu.read_chunks
+    calls, scans = [], []
+    read, scan = search_cpu.read_chunks, search_cpu.search_chunks
     monkeypatch.setattr(search_cpu, "read_chunks", lambda *a: calls.append(a[1]) or read(*a))
+    monkeypatch.setattr(search_cpu, "search_chunks", lambda *a: scans.append(a[0].shape[1]) or scan(*a))
     got = bank.search(q, 16)
-    assert calls == [37]  # the C reading ran, for the 37 tokens at once
+    assert calls == [37] and scans == [37 * 3]  # both C calls ran, for the 37 tokens at once
     monkeypatch.setenv("LONGSIDE_SEARCH_ISA", "off")
     mid = bank._hits.clone()
     want = bank.search(q, 16)
