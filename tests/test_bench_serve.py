@@ -23,6 +23,10 @@ def test_bench_writes_the_median_pair(tmp_path):
     assert r["repeats"] == 2 and len(r["pairs"]) == 2
     ratios = sorted(p["ratio"] for p in r["pairs"])
     assert r["concurrent_over_sequential_tokens_per_s"] == ratios[0]  # the lower of two
+    warm = r["resident"]  # the same turns with every user's memory read into RAM first
+    assert len(warm["pairs"]) == 2
+    assert warm["concurrent_over_sequential_tokens_per_s"] == sorted(p["ratio"] for p in warm["pairs"])[0]
+    assert warm["sequential"]["tokens"] == warm["concurrent"]["tokens"] == 2 * 4
     assert r["sequential"]["tokens"] == r["concurrent"]["tokens"] == 2 * 4
     assert r["restart"]["users_identical_checksum"] == 2
     assert r["isolation"]["cross_user_reads"] == 0 and r["isolation"]["failed"] == 0
