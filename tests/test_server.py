@@ -13,6 +13,8 @@ import httpx
 import openai
 import pytest
 
+from longside.cli import serve as serve_cli
+from longside.errors import LongsideError
 from longside.server.keys import KeyFile
 
 try:
@@ -234,3 +236,11 @@ def test_idle_users_leave_ram_and_come_back(tmp_path):
         stats = httpx.get(s.url + "/v1/stats", headers=s.headers("finn")).json()
         assert stats["resident_users"] <= 1  # erin left RAM after her last request
         assert _memory(s, "erin") == erin  # and came back from disk as she was
+
+
+@pytest.mark.parametrize("argv, message", [(["--batch-wait-ms", "60"], "--batch-wait-ms"),
+                                           (["--batch-wait-ms", "-1"], "--batch-wait-ms"),
+                                           (["--max-batch", "0"], "--max-batch")])
+def test_serve_refuses_bad_options_before_loading_anything(argv, message):
+    with pytest.raises(LongsideError, match=message):
+        serve_cli.main(argv)

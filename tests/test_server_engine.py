@@ -6,10 +6,12 @@ float rounding)."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
 from longside import load_model
+from longside.errors import LongsideError
 from longside.inference.sampling import GenerationConfig
 from longside.server.engine import Engine, Job
 from longside.server.store import UserStore
@@ -26,16 +28,18 @@ def model(smollm2):
     return load_model(backbone=smollm2)[0]
 
 
-def _serve(model, root, arrive: str, warm: bool = False) -> tuple[dict, dict, list]:
+def _serve(model, root, arrive: str, warm: bool = False, **engine_options) -> tuple[dict, dict, list]:
     """arrive: "waiting" (all queued before the engine starts), "while reading" (the others
     sent while an idle engine reads the first one's user from disk), "one by one" (each
-    after the previous answer). warm: `Engine.warm_up` first, as `longside serve` does."""
+    after the previous answer), "apart" (users in RAM, sent 0.1 s apart to an idle engine).
+    warm: `Engine.warm_up` first, as `longside serve` does."""
     store = UserStore(model, root)
     for user, text in NOTES.items():
         store.session(user).memorize(text, progress=False)
         store.save(user)
-        store.unload(user)  # read back from disk at the turn, as after a restart
-    engine = Engine(model, store)
+        if arrive != "apart":
+            store.unload(user)  # read back from disk at the turn, as after a restart
+    engine = Engine(model, store, **engine_options)
     if warm:
         before = sorted(p.name for p in root.iterdir())
         assert engine.warm_up() > 0
@@ -75,6 +79,11 @@ def _serve(model, root, arrive: str, warm: bool = False) -> tuple[dict, dict, li
                 engine.submit(job)
         finally:
             read_on.set()
+    elif arrive == "apart":
+        engine.start()
+        for job, _ in jobs:
+            engine.submit(job)
+            time.sleep(0.1)
     else:
         engine.start()
         for job, done in jobs:
@@ -141,3 +150,20 @@ def test_a_failed_admission_answers_its_requests_and_the_engine_goes_on(model, t
             engine._read_ahead = read
     finally:
         engine.stop()
+
+
+def test_requests_a_few_ms_apart_wait_for_each_other(model, tmp_path):
+    # an idle engine waits `batch_wait_s` for another request after each: 0.1 s apart, the
+    # three prompts are read together; without the wait the first is read alone
+    replies, stats, ends = _serve(model, tmp_path / "gathered", "apart", batch_wait_s=0.5, max_batch_wait_s=2.0)
+    assert stats["prompts_together"] == len(NOTES)
+    assert [e["type"] for e in ends] == ["done"] * len(NOTES)
+    _, stats, _ = _serve(model, tmp_path / "at once", "apart", batch_wait_s=0)
+    assert stats["prompts_together"] < len(NOTES)
+    alone, _, _ = _serve(model, tmp_path / "alone", "one by one")
+    assert replies == alone
+
+
+def test_batch_wait_is_checked(model, tmp_path):
+    with pytest.raises(LongsideError, match="batch_wait_s"):
+        Engine(model, UserStore(model, tmp_path), batch_wait_s=0.1, max_batch_wait_s=0.05)

@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", metavar="DIR", help="where users' memories live (default: the longside cache)")
     p.add_argument("--keys", metavar="FILE", help="API keys (`longside keys add NAME`); without it one local user")
     p.add_argument("--max-batch", type=int, default=8, help="chat turns decoded together (default 8)")
+    p.add_argument("--batch-wait-ms", type=float, default=0.0,
+                   help="an idle server waits this long for more requests before reading a prompt, again after "
+                        "each that comes, 50 ms at most, so requests sent together read their prompts together; "
+                        "a lone request waits it too (default 0: off; docs/results.md#server-s31)")
     p.add_argument("--max-resident-gb", type=float, default=4.0,
                    help="memories kept in RAM; idle users beyond it are unloaded, least recent first (default 4)")
     p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body (default 8 MB)")
@@ -64,6 +68,8 @@ def main(argv: list[str]) -> int:
             raise LongsideError(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_tokens > MAX_TOKENS_LIMIT:
         raise LongsideError(f"--max-tokens must be at most {MAX_TOKENS_LIMIT}")
+    if not 0 <= args.batch_wait_ms <= 50:
+        raise LongsideError(f"--batch-wait-ms must be from 0 to 50, got {args.batch_wait_ms}")
     if args.max_resident_gb <= 0 or args.max_body_mb <= 0:
         raise LongsideError("--max-resident-gb and --max-body-mb must be > 0")
     store_dir = check_output_dir(Path(args.store) if args.store else cache_dir() / "server" / "store", "store")
@@ -89,7 +95,7 @@ def main(argv: list[str]) -> int:
                             "rows cannot share a batch); serve a checkpoint without backbone_memory_layers")
     print(f"longside serve: {info['note']}", file=sys.stderr)
     store = UserStore(model, store_dir, max_resident_bytes=int(args.max_resident_gb * (1 << 30)))
-    engine = Engine(model, store, max_batch=args.max_batch)
+    engine = Engine(model, store, max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000)
     warm = engine.warm_up()  # the first user's request would pay this; here, before listening
     print(f"longside serve: warmed up in {warm:.1f} s", file=sys.stderr)
     model_id = f"longside-{model.backbone.name}"

@@ -4,7 +4,8 @@ Requests arrive as `Job`s from any thread (`submit`); the engine thread alone to
 model and the `UserStore`. Each pass of its loop:
 
     admits waiting jobs of users not already busy (an idle engine also takes those that
-        arrive while it reads the first ones' users from disk): the chat turns admitted
+        arrive while it reads the first ones' users from disk, and, with `batch_wait_s`, those
+        that keep arriving a few milliseconds apart): the chat turns admitted
         together read their new text together (prefill: `RaggedWindows.feed`, each user's
         window and memory its own, prompts of any lengths), choose their first tokens and
         join the running batch (one row per user, each row its own length and its own
@@ -100,10 +101,20 @@ class _Document:
 class Engine:
     """Runs `model` for every user of `store`, at most `max_batch` chat turns at once."""
 
-    def __init__(self, model: "LongSideModel", store: UserStore, max_batch: int = 8):
+    def __init__(self, model: "LongSideModel", store: UserStore, max_batch: int = 8,
+                 batch_wait_s: float = 0.0, max_batch_wait_s: float = 0.05):
+        """`batch_wait_s`: an idle engine that admits a chat turn waits this long for another
+        request before reading its prompt, and again after each one that comes, up to
+        `max_batch_wait_s` in all (or until `max_batch` turns), so that turns sent together
+        read their prompts together; a lone turn waits it too. 0 (default): no wait. (Over
+        loopback on 2 cores, 8 requests sent at once arrived 20-50 ms apart: without the wait
+        the first prompt is read alone and the other 7 after it.)"""
         if max_batch < 1:
             raise LongsideError(f"max_batch must be >= 1, got {max_batch}")
+        if not 0 <= batch_wait_s <= max_batch_wait_s:
+            raise LongsideError(f"need 0 <= batch_wait_s <= max_batch_wait_s, got {batch_wait_s}, {max_batch_wait_s}")
         self.model, self.store, self.max_batch = model, store, max_batch
+        self.batch_wait_s, self.max_batch_wait_s = batch_wait_s, max_batch_wait_s
         self.batch = RaggedWindows(model)
         self._turns: list[_Turn] = []  # row i of the batch is _turns[i]
         self._documents: list[_Document] = []
@@ -269,11 +280,35 @@ class Engine:
         read = self._read_ahead(admit)
         if not idle or not any(j.kind == "chat" for j in admit):
             return
+        read += self._read_ahead(self._gather(admit))
         while read and sum(j.kind == "chat" for j in admit) < self.max_batch:
             with self._wake:
                 more = self._admissible(admit)
                 admit.extend(more)  # taken from the queue: in `admit` at once, whatever happens next
             read = self._read_ahead(more)
+
+    def _gather(self, admit: list[Job]) -> list[Job]:
+        """Take into `admit` (in place) the requests that arrive while they keep coming less
+        than `batch_wait_s` apart, for at most `max_batch_wait_s`, while chat turns have
+        room -> those taken."""
+        taken: list[Job] = []
+        if self.batch_wait_s <= 0:
+            return taken
+        deadline = time.monotonic() + self.max_batch_wait_s
+        with self._wake:
+            while sum(j.kind == "chat" for j in admit) < self.max_batch and not self._stopping:
+                more = self._admissible(admit)
+                if not more:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._wake.wait(min(self.batch_wait_s, left))
+                    more = self._admissible(admit)
+                    if not more:
+                        break
+                admit.extend(more)  # taken from the queue: in `admit` at once, whatever happens next
+                taken.extend(more)
+        return taken
 
     def _read_ahead(self, admit: list[Job]) -> int:
         """Read the users of `admit` whose sessions are on disk only, two at a time (one on
