@@ -859,7 +859,7 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void lanes
         const int8_t *qx, const float *dx, const float *sx, int64_t ldd, int64_t K, float *out) {   \
         const int64_t nb = K / 32;                                                                  \
         const __m256i low = _mm256_set1_epi8(0x0F);                                                 \
-        __m256 acc[4], off[4];                                                                      \
+        __m256 acc[8], off[8];                                                                      \
         for (int m = 0; m < MX; m++) acc[m] = off[m] = _mm256_setzero_ps();                         \
         int32_t gap[8];                                                                             \
         for (int i = 0; i < 8; i++) gap[i] = (int32_t)(rows[i] - rows[0]);                          \
@@ -905,18 +905,21 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void lanes
                                                      const uint8_t *pk, int half, const int8_t *qx,  \
                                                      const float *dx, const float *sx, int64_t ldd,  \
                                                      int64_t K, float *out) {                        \
-        for (int m = 0; m < MX; m += 4) {                                                           \
-            const int mx = MX - m < 4 ? MX - m : 4;                                                 \
+        for (int m = 0; m < MX;) {                                                                  \
+            const int mx = MX - m >= 8 ? 8 : MX - m >= 4 ? 4 : MX - m;                             \
             const int8_t *q = qx + m * K;                                                           \
             const float *d = dx + m * ldd, *s = sx + m * ldd;                                       \
             float *o = out + 8 * m;                                                                 \
+            m += mx;                                                                                \
             if (type == T_Q4_1) {                                                                   \
-                if (mx == 4) NAME##_t(T_Q4_1, 4, rows, pk, half, q, d, s, ldd, K, o);                         \
+                if (mx == 8) NAME##_t(T_Q4_1, 8, rows, pk, half, q, d, s, ldd, K, o);                         \
+                else if (mx == 4) NAME##_t(T_Q4_1, 4, rows, pk, half, q, d, s, ldd, K, o);                    \
                 else if (mx == 3) NAME##_t(T_Q4_1, 3, rows, pk, half, q, d, s, ldd, K, o);                    \
                 else if (mx == 2) NAME##_t(T_Q4_1, 2, rows, pk, half, q, d, s, ldd, K, o);                    \
                 else NAME##_t(T_Q4_1, 1, rows, pk, half, q, d, s, ldd, K, o);                                 \
             } else {                                                                                \
-                if (mx == 4) NAME##_t(T_Q4_0, 4, rows, pk, half, q, d, s, ldd, K, o);                         \
+                if (mx == 8) NAME##_t(T_Q4_0, 8, rows, pk, half, q, d, s, ldd, K, o);                         \
+                else if (mx == 4) NAME##_t(T_Q4_0, 4, rows, pk, half, q, d, s, ldd, K, o);                    \
                 else if (mx == 3) NAME##_t(T_Q4_0, 3, rows, pk, half, q, d, s, ldd, K, o);                    \
                 else if (mx == 2) NAME##_t(T_Q4_0, 2, rows, pk, half, q, d, s, ldd, K, o);                    \
                 else NAME##_t(T_Q4_0, 1, rows, pk, half, q, d, s, ldd, K, o);                                 \
