@@ -425,69 +425,152 @@ static void swiglu(const float *g, const float *u, float *y, int64_t n, int isa)
     for (int64_t i = 0; i < n; i++) y[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
-/* Returns 0, or -1 when a scratch allocation failed (nothing was written to the caches). */
+/* Scratch of one call of llama_decode_step; att and lse are the caller's where it keeps them
+ * between calls (a block's attention in one call, its memory read and the rest in the next). */
+typedef struct {
+    float *x, *qkv, *att, *lse, *gu, *y, *scores;
+    int64_t per_thread; /* floats of scores per thread */
+} Scratch;
+
+/* Block l's attention for one new token per row: norm, q/k/v, rotary, the new key/value into
+ * the cache at column n, one query head per (row, head) against its n + 1 keys -> s->att
+ * [B, H*D] and, where s->lse, each head's log-sum-exp [B, H]. kv_pre (unless NULL): block l's
+ * pre-rotary k, v [B, 2, G*D]; the memory layer's q, k, v, a copied to mq, mk, mv, ma; qm
+ * (unless NULL): the pre-rotary q rotated by cos_m, sin_m [D] (backbone memory's query) [B, H*D]. */
+static void block_attention(const int64_t *t, int64_t l, const float *h, int64_t B, int64_t d, int64_t H, int64_t G,
+                            int64_t D, const float *cos, const float *sin, int64_t n, const uint8_t *key_mask,
+                            int64_t ldm, float eps, float scaling, int64_t mem_layer, float *mq, float *mk, float *mv,
+                            float *ma, float *kv_pre, const float *cos_m, const float *sin_m, float *qm, Scratch *s,
+                            int nthreads, int isa) {
+    const int64_t nq = H * D, nkv = G * D, nqkv = nq + 2 * nkv, S = n + 1, per = H / G;
+    const float *attn_norm = (const float *)(intptr_t)t[E_ATTN_NORM];
+    float *kc = (float *)(intptr_t)t[E_KBUF], *vc = (float *)(intptr_t)t[E_VBUF];
+    const int64_t cap = t[E_CAP];
+    int nt = nthreads < 1 ? 1 : nthreads;
+    for (int64_t b = 0; b < B; b++) rms_norm(h + b * d, attn_norm, eps, d, s->x + b * d);
+    product(t + E_QKV, s->x, B, s->qkv, nqkv, d, nthreads, isa);
+    for (int64_t b = 0; b < B; b++) {
+        float *q = s->qkv + b * nqkv, *k = q + nq, *v = k + nkv;
+        if (l == mem_layer) { /* the memory layer's pre-rotary q, k, v */
+            memcpy(mq + b * nq, q, sizeof(float) * nq);
+            memcpy(mk + b * nkv, k, sizeof(float) * nkv);
+            memcpy(mv + b * nkv, v, sizeof(float) * nkv);
+        }
+        if (kv_pre) memcpy(kv_pre + b * 2 * nkv, k, sizeof(float) * 2 * nkv);
+        if (qm) {
+            memcpy(qm + b * nq, q, sizeof(float) * nq);
+            for (int64_t j = 0; j < H; j++) rotary(qm + b * nq + j * D, cos_m, sin_m, D);
+        }
+        for (int64_t j = 0; j < H; j++) rotary(q + j * D, cos + b * D, sin + b * D, D);
+        for (int64_t g = 0; g < G; g++) {
+            rotary(k + g * D, cos + b * D, sin + b * D, D);
+            memcpy(kc + ((b * G + g) * cap + n) * D, k + g * D, sizeof(float) * D);
+            memcpy(vc + ((b * G + g) * cap + n) * D, v + g * D, sizeof(float) * D);
+        }
+    }
+    /* one query head per (row, head): a few hundred keys each, spread over the threads */
+    #pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t bj = 0; bj < B * H; bj++) {
+        const int64_t b = bj / H, j = bj % H, g = j / per;
+        int me = 0;
+#ifdef _OPENMP
+        me = omp_get_thread_num();
+#endif
+        attend(s->qkv + b * nqkv + j * D, kc + (b * G + g) * cap * D, vc + (b * G + g) * cap * D, S, D,
+               key_mask ? key_mask + b * ldm : NULL, scaling, s->scores + me * s->per_thread,
+               s->att + b * nq + j * D, s->lse ? s->lse + bj : NULL, isa);
+    }
+    if (l == mem_layer) memcpy(ma, s->att, sizeof(float) * B * nq);
+}
+
+/* Backbone memory's read into a block's attention s->att [B, H*D] (log-sum-exps s->lse [B, H]):
+ * per (row, head), position-free attention of qm over the M retrieved keys/values [B, H, M, D]
+ * (mask [B, H, M] uint8: real slots) gives a_mem, lse_mem; the joint softmax over memory and
+ * window is att + w (a_mem - att), w = sigmoid(lse_mem - lse); a head that retrieved nothing
+ * keeps att (BackboneMemory._read). */
+static void memory_blend(int64_t B, int64_t H, int64_t D, int64_t M, const float *qm, const float *keys,
+                         const float *values, const uint8_t *mask, float scaling, Scratch *s, int nthreads, int isa) {
+    int nt = nthreads < 1 ? 1 : nthreads;
+    #pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t i = 0; i < B * H; i++) {
+        int me = 0;
+#ifdef _OPENMP
+        me = omp_get_thread_num();
+#endif
+        float *scores = s->scores + me * s->per_thread, *am = scores + 2 * M, lse_mem;
+        attend(qm + i * D, keys + i * M * D, values + i * M * D, M, D, mask + i * M, scaling, scores, am, &lse_mem,
+               isa);
+        if (lse_mem == -INFINITY) continue;
+        const float w = 1.0f / (1.0f + expf(s->lse[i] - lse_mem));
+        float *a = s->att + i * D;
+        for (int64_t j = 0; j < D; j++) a[j] += w * (am[j] - a[j]);
+    }
+}
+
+/* The rest of block l once s->att holds its attention: output projection and residual, norm,
+ * gate/up, SwiGLU, down and residual -> out [B, d]. */
+static void block_finish(const int64_t *t, const float *h, float *out, int64_t B, int64_t d, int64_t nq, int64_t F,
+                         float eps, Scratch *s, int nthreads, int isa) {
+    const float *ffn_norm = (const float *)(intptr_t)t[E_FFN_NORM];
+    product(t + E_O, s->att, B, s->y, d, nq, nthreads, isa);
+    for (int64_t i = 0; i < B * d; i++) out[i] = h[i] + s->y[i];
+    for (int64_t b = 0; b < B; b++) rms_norm(out + b * d, ffn_norm, eps, d, s->x + b * d);
+    product(t + E_GATE_UP, s->x, B, s->gu, 2 * F, d, nthreads, isa);
+    for (int64_t b = 0; b < B; b++) swiglu(s->gu + b * 2 * F, s->gu + b * 2 * F + F, s->x + b * F, F, isa);
+    product(t + E_DOWN, s->x, B, s->y, d, F, nthreads, isa);
+    for (int64_t i = 0; i < B * d; i++) out[i] += s->y[i];
+}
+
+/* Blocks of a Llama-style backbone for one new token per row. The whole step is one call with
+ * l0 = 0, resume = 0, l1 = L. Backbone memory splits it at the blocks that read memory, whose
+ * retrieval runs between calls: a call with l1 < L runs blocks [l0, l1) and then block l1's
+ * attention alone, leaving it in att / lse [B, H*D] / [B, H] and backbone memory's query in qm
+ * [B, H*D] (the pre-rotary q rotated by cos_m, sin_m [D]); the next call, with resume = 1 and
+ * l0 = that block, blends in what memory returned (mkeys, mvalues [B, H, M, D], mmask [B, H, M]
+ * uint8; mkeys NULL: nothing) and finishes it, then goes on. kv_pre (unless NULL): every run
+ * block's pre-rotary k, v at [l, B, 2, G*D]. att, lse NULL: this call's own scratch (then no
+ * split). Returns 0, or -1 when a scratch allocation failed (nothing was written to the caches). */
 int llama_decode_step(int64_t L, int64_t B, int64_t d, int64_t H, int64_t G, int64_t D, int64_t F,
                       const int64_t *table, float *hidden, const float *cos, const float *sin, int64_t n,
                       const uint8_t *key_mask, int64_t ldm, float eps, float scaling, int64_t mem_layer,
-                      float *mq, float *mk, float *mv, float *ma, int nthreads, int isa) {
-    const int64_t nq = H * D, nkv = G * D, nqkv = nq + 2 * nkv, S = n + 1, per = H / G;
-    float *x = (float *)malloc(sizeof(float) * B * (d > F ? d : F));
-    float *qkv = (float *)malloc(sizeof(float) * B * nqkv);
-    float *att = (float *)malloc(sizeof(float) * B * nq);
-    float *gu = (float *)malloc(sizeof(float) * B * 2 * F);
-    float *y = (float *)malloc(sizeof(float) * B * d);
+                      float *mq, float *mk, float *mv, float *ma, int64_t l0, int64_t l1, int64_t resume,
+                      float *att, float *lse, float *kv_pre, const float *cos_m, const float *sin_m, float *qm,
+                      int64_t M, const float *mkeys, const float *mvalues, const uint8_t *mmask, int nthreads,
+                      int isa) {
+    const int64_t nq = H * D, nkv = G * D, nqkv = nq + 2 * nkv, S = n + 1;
+    if (l0 < 0 || l1 > L || l0 > l1 || (resume && (l0 >= L || !att || !lse)) || (l1 < L && (!att || !lse)))
+        return -2;
     int nt = nthreads < 1 ? 1 : nthreads;
-    float *scores = (float *)malloc(sizeof(float) * nt * 2 * S);
-    if (!x || !qkv || !att || !gu || !y || !scores) {
-        free(x), free(qkv), free(att), free(gu), free(y), free(scores);
-        return -1;
-    }
-    for (int64_t l = 0; l < L; l++) {
-        const int64_t *t = table + l * TABLE_WORDS;
-        const float *h = hidden + l * B * d;
-        float *out = hidden + (l + 1) * B * d;
-        const float *attn_norm = (const float *)(intptr_t)t[E_ATTN_NORM];
-        const float *ffn_norm = (const float *)(intptr_t)t[E_FFN_NORM];
-        float *kc = (float *)(intptr_t)t[E_KBUF], *vc = (float *)(intptr_t)t[E_VBUF];
-        const int64_t cap = t[E_CAP];
-        for (int64_t b = 0; b < B; b++) rms_norm(h + b * d, attn_norm, eps, d, x + b * d);
-        product(t + E_QKV, x, B, qkv, nqkv, d, nthreads, isa);
-        for (int64_t b = 0; b < B; b++) {
-            float *q = qkv + b * nqkv, *k = q + nq, *v = k + nkv;
-            if (l == mem_layer) { /* the memory layer's pre-rotary q, k, v */
-                memcpy(mq + b * nq, q, sizeof(float) * nq);
-                memcpy(mk + b * nkv, k, sizeof(float) * nkv);
-                memcpy(mv + b * nkv, v, sizeof(float) * nkv);
-            }
-            for (int64_t j = 0; j < H; j++) rotary(q + j * D, cos + b * D, sin + b * D, D);
-            for (int64_t g = 0; g < G; g++) {
-                rotary(k + g * D, cos + b * D, sin + b * D, D);
-                memcpy(kc + ((b * G + g) * cap + n) * D, k + g * D, sizeof(float) * D);
-                memcpy(vc + ((b * G + g) * cap + n) * D, v + g * D, sizeof(float) * D);
-            }
+    Scratch s = {0};
+    s.per_thread = 2 * (S > M ? S : M) + D;
+    s.x = (float *)malloc(sizeof(float) * B * (d > F ? d : F));
+    s.qkv = (float *)malloc(sizeof(float) * B * nqkv);
+    s.att = att ? att : (float *)malloc(sizeof(float) * B * nq);
+    s.lse = lse;
+    s.gu = (float *)malloc(sizeof(float) * B * 2 * F);
+    s.y = (float *)malloc(sizeof(float) * B * d);
+    s.scores = (float *)malloc(sizeof(float) * nt * s.per_thread);
+    int rc = (!s.x || !s.qkv || !s.att || !s.gu || !s.y || !s.scores) ? -1 : 0;
+    if (!rc) {
+        int64_t l = l0;
+        if (resume) { /* block l0's attention is in att: memory, then the rest of it */
+            if (mkeys) memory_blend(B, H, D, M, qm, mkeys, mvalues, mmask, scaling, &s, nthreads, isa);
+            block_finish(table + l * TABLE_WORDS, hidden + l * B * d, hidden + (l + 1) * B * d, B, d, nq, F, eps, &s,
+                         nthreads, isa);
+            l++;
         }
-        /* one query head per (row, head): a few hundred keys each, spread over the threads */
-        #pragma omp parallel for schedule(static) num_threads(nt)
-        for (int64_t bj = 0; bj < B * H; bj++) {
-            const int64_t b = bj / H, j = bj % H, g = j / per;
-            int me = 0;
-#ifdef _OPENMP
-            me = omp_get_thread_num();
-#endif
-            attend(qkv + b * nqkv + j * D, kc + (b * G + g) * cap * D, vc + (b * G + g) * cap * D, S, D,
-                   key_mask ? key_mask + b * ldm : NULL, scaling, scores + me * 2 * S, att + b * nq + j * D, NULL, isa);
+        for (; l <= l1 && l < L; l++) {
+            const int64_t *t = table + l * TABLE_WORDS;
+            block_attention(t, l, hidden + l * B * d, B, d, H, G, D, cos, sin, n, key_mask, ldm, eps, scaling,
+                            mem_layer, mq, mk, mv, ma, kv_pre ? kv_pre + l * B * 2 * nkv : NULL, cos_m, sin_m,
+                            l == l1 ? qm : NULL, &s, nthreads, isa);
+            if (l == l1) break; /* its memory is read before the next call finishes it */
+            block_finish(t, hidden + l * B * d, hidden + (l + 1) * B * d, B, d, nq, F, eps, &s, nthreads, isa);
         }
-        if (l == mem_layer) memcpy(ma, att, sizeof(float) * B * nq);
-        product(t + E_O, att, B, y, d, nq, nthreads, isa);
-        for (int64_t i = 0; i < B * d; i++) out[i] = h[i] + y[i];
-        for (int64_t b = 0; b < B; b++) rms_norm(out + b * d, ffn_norm, eps, d, x + b * d);
-        product(t + E_GATE_UP, x, B, gu, 2 * F, d, nthreads, isa);
-        for (int64_t b = 0; b < B; b++) swiglu(gu + b * 2 * F, gu + b * 2 * F + F, x + b * F, F, isa);
-        product(t + E_DOWN, x, B, y, d, F, nthreads, isa);
-        for (int64_t i = 0; i < B * d; i++) out[i] += y[i];
     }
-    free(x), free(qkv), free(att), free(gu), free(y), free(scores);
-    return 0;
+    free(s.x), free(s.qkv), free(s.gu), free(s.y), free(s.scores);
+    if (!att) free(s.att);
+    return rc;
 }
 
 /* ------------------------------------------------------------ the side network's blocks */

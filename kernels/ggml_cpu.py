@@ -40,7 +40,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.ggml_quantize_x.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, cint]
     lib.llama_decode_step.restype = cint
     lib.llama_decode_step.argtypes = [i64] * 7 + [ptr, ptr, ptr, ptr, i64, ptr, i64, ctypes.c_float, ctypes.c_float,
-                                                  i64, ptr, ptr, ptr, ptr, cint, cint]
+                                                  i64, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr,
+                                                  ptr, i64, ptr, ptr, ptr, cint, cint]
     lib.side_decode_layers.restype = cint
     lib.side_decode_layers.argtypes = [i64] * 8 + [ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, ctypes.c_float, cint,
                                                   cint, ptr, ctypes.c_float, ptr, ctypes.c_float, ptr, ptr, cint, cint]
@@ -160,19 +161,39 @@ def key_mask_bytes(key_mask: torch.Tensor | None, B: int, S: int) -> torch.Tenso
 
 def llama_decode_step(table: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n: int,
                       key_mask: torch.Tensor | None, eps: float, scaling: float, heads: int, kv_heads: int,
-                      ffn: int, mem_layer: int, mem: tuple[torch.Tensor, ...]) -> None:
+                      ffn: int, mem_layer: int, mem: tuple[torch.Tensor, ...], *, blocks: tuple[int, int] | None = None,
+                      resume: bool = False, att: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+                      kv_pre: torch.Tensor | None = None, rot_m: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      qm: torch.Tensor | None = None,
+                      memory: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
     """Every block of a Llama-style backbone for one new token per row, in one call
     (kernels/decode_cpu.c). `table` int64 `[L, DECODE_TABLE_WORDS]` (weights, norms, each
     block's cache buffers `[B, G, cap, D]`); `hidden` float32 `[L+1, B, d]`, row 0 filled,
     the rest written; `cos, sin [B, D]`; `n` cached columns (the new key/value goes to column
     n of every buffer); `key_mask` uint8 `[B, >= n+1]` or None; `mem`: the memory layer's q,
-    k, v, attention output `[B, H*D]`, `[B, G*D]`, `[B, G*D]`, `[B, H*D]`, written."""
+    k, v, attention output `[B, H*D]`, `[B, G*D]`, `[B, G*D]`, `[B, H*D]`, written.
+
+    Backbone memory splits the step (all float32, contiguous): `blocks=(l0, l1)` runs blocks
+    [l0, l1) and, where l1 < L, block l1's attention alone into `att [B, H*D]`, `lse [B, H]`
+    and its memory query `qm [B, H*D]` (the pre-rotary q rotated by `rot_m`'s cos, sin `[D]`);
+    the next call with `resume=True` and l0 = that block blends `memory` in (keys, values
+    `[B, H, M, D]`, mask `[B, H, M]` bool: what that query retrieved; None: nothing) and
+    finishes the block. `kv_pre [L, B, 2, G*D]`: every run block's pre-rotary k, v, written."""
     L, B, d = table.shape[0], hidden.shape[1], hidden.shape[2]
     D = cos.shape[1]
+    l0, l1 = blocks if blocks is not None else (0, L)
     mask_ptr, ldm = (key_mask.data_ptr(), key_mask.stride(0)) if key_mask is not None else (None, 0)
+    ptr = (lambda t: None if t is None else t.data_ptr())
+    M = memory[0].shape[-2] if memory is not None else 0
+    mk, mv, mm = memory if memory is not None else (None, None, None)
+    cm, sm = rot_m if rot_m is not None else (None, None)
     rc = _lib().llama_decode_step(L, B, d, heads, kv_heads, D, ffn, table.data_ptr(), hidden.data_ptr(),
                                   cos.data_ptr(), sin.data_ptr(), n, mask_ptr, ldm, eps, scaling, mem_layer,
-                                  *(t.data_ptr() for t in mem), torch.get_num_threads(), _isa_level())
+                                  *(t.data_ptr() for t in mem), l0, l1, int(resume), ptr(att), ptr(lse), ptr(kv_pre),
+                                  ptr(cm), ptr(sm), ptr(qm), M, ptr(mk), ptr(mv), ptr(mm), torch.get_num_threads(),
+                                  _isa_level())
+    if rc == -2:
+        raise ValueError(f"llama_decode_step: blocks {l0}..{l1} of {L} (resume={resume}) need att and lse")
     if rc:
         raise MemoryError("llama_decode_step: could not allocate its scratch buffers")
 

@@ -178,8 +178,8 @@ class LongSideModel(nn.Module):
         if bm is None:
             return self.backbone.encode(ids, memory_layer=self.config.memory_layer, **kwargs)
         segment = segment if segment is not None else bm.segment()
-        with bm.attach(segment, read=use_memory):
-            out = self.backbone.encode(ids, memory_layer=self.config.memory_layer, **kwargs)
+        out = self.backbone.encode(ids, memory_layer=self.config.memory_layer,
+                                   block_reads=bm.block_reads(segment, read=use_memory), **kwargs)
         out.backbone_segment = segment
         return out
 

@@ -117,6 +117,48 @@ def test_incremental_decoding_equals_whole_segments(smollm2):
     assert (full[:, W:] - no_mem).abs().max() > 0.1
 
 
+def test_decode_steps_read_memory_in_c_as_the_hooked_forward_does(smollm2, monkeypatch):
+    """One token per row after the first: the C step, split at the blocks that read memory,
+    gives the hooked forward's logits and writes the same banks. Every stored chunk is
+    retrieved (64 chunks of 4), so a near-tie cannot pick another chunk in either path."""
+    from longside.kernels import ggml_cpu
+
+    model = make_model(smollm2, backbone_memory_k_chunks=64)
+    ids = ids_of(3 * W + 12, batch=2, seed=11)
+    real, splits = ggml_cpu.llama_decode_step, []
+    monkeypatch.setattr(ggml_cpu, "llama_decode_step",
+                        lambda *a, **k: (splits.append(k.get("blocks")), real(*a, **k))[1])
+
+    def decode():
+        model.init_memory(2)
+        window = LocalWindow(model, 2)
+        logits = [window.feed(ids[:, :3], all_logits=True)]
+        logits += [window.feed(ids[:, t:t + 1], all_logits=True) for t in range(3, ids.shape[1])]
+        q = torch.randn(5, smollm2.spec.num_heads, smollm2.spec.head_dim, generator=torch.Generator().manual_seed(0))
+        return torch.cat(logits, 1), {L: model.backbone_memory.banks[L][1].search(q, 4) for L in LAYERS}
+
+    c_logits, c_banks = decode()
+    # a step after the first segment: blocks 0-11, then each reading block's rest and the next
+    assert [(0, 12), (12, 20), (20, 27), (27, 30)] == splits[-4:]
+    monkeypatch.setenv("LONGSIDE_DECODE", "torch")  # every step through the hooked forward
+    splits.clear()
+    ref_logits, ref_banks = decode()
+    assert not splits
+    # fp32 rounding (C's rotary and sums against torch's) passes through three memory reads
+    # and the token cache: ~1e-3 at most on this machine, where the bare backbone's C and torch
+    # steps differ by ~1e-3; a wrong window log-sum-exp or blend would be off by > 0.1
+    torch.testing.assert_close(c_logits, ref_logits, atol=2e-2, rtol=1e-4)
+    assert (c_logits - ref_logits).abs().mean() < 1e-4
+    for L in LAYERS:
+        for x, y in zip(c_banks[L], ref_banks[L]):
+            torch.testing.assert_close(x, y, atol=1e-3, rtol=1e-3)
+    model.init_memory(2)
+    plain = LocalWindow(model, 2, use_memory=False)
+    plain.feed(ids[:, :2 * W])
+    without = plain.feed(ids[:, 2 * W:], all_logits=True)
+    assert (c_logits[:, 2 * W:] - without).abs().max() > 0.1  # memory was read
+
+
 def test_an_open_window_keeps_its_segment_through_other_calls(smollm2):
     """memorize, a whole-segment forward and a second window in between two steps of a
     window must not change what the window computes (each keeps its own segment)."""

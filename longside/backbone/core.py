@@ -286,13 +286,15 @@ class Backbone:
     # -- one segment ---------------------------------------------------------------
     def encode(self, input_ids: torch.Tensor, memory_layer: int | None = None, *,
                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-               cache: Any = None, use_cache: bool = False) -> BackboneOutput:
+               cache: Any = None, use_cache: bool = False, block_reads: Any = None) -> BackboneOutput:
         """Run `input_ids [B, T]` (int64) through the frozen model, no grad.
 
         `memory_layer` (0-based block index, negative counts from the end) selects whose
         pre-rotary keys and values are returned. `cache`/`use_cache` pass the family's
         key/value cache through for incremental decoding; a step of a few tokens of a
         Llama-family model then takes the lean path of `decode_step.py` (same outputs).
+        `block_reads`: blocks that also read memory (backbone memory's `BlockReads`): a decode
+        step takes them into the C step, anything else into hooks (`block_reads.attach()`).
         """
         if input_ids.dim() != 2:
             raise BackboneError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
@@ -311,8 +313,13 @@ class Backbone:
                 raise BackboneError(f"memory_layer {memory_layer} out of range for {n} layers")
             memory_layer %= n
         if self.spec.family == "llama" and use_cache and decode_step.can_step(self, T, attention_mask, cache):
-            return BackboneOutput.of_step(decode_step.llama_step(self, input_ids, position_ids, cache, memory_layer),
-                                          cache)
+            step = decode_step.llama_step(self, input_ids, position_ids, cache, memory_layer, block_reads=block_reads)
+            if step is not None:
+                return BackboneOutput.of_step(step, cache)
+        if block_reads is not None:
+            with block_reads.attach():
+                return self.encode(input_ids, memory_layer, attention_mask=attention_mask, position_ids=position_ids,
+                                   cache=cache, use_cache=use_cache)
         hidden: list[torch.Tensor | None] = [None] * (n + 1)
         kv: dict[str, torch.Tensor] = {}
 

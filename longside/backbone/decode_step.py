@@ -307,8 +307,10 @@ class _StepStates(Sequence):
 
 
 def _native_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor | None, cache: Any,
-                 memory_layer: int | None, key_mask: torch.Tensor | None) -> dict | None:
-    """`llama_step` for one new token per row in one C call, or None where it cannot run."""
+                 memory_layer: int | None, key_mask: torch.Tensor | None, block_reads: Any = None) -> dict | None:
+    """`llama_step` for one new token per row in one C call, or None where it cannot run.
+    With `block_reads` (backbone memory, `nn/backbone_memory.py`'s `BlockReads`), the call is
+    split at each block that reads memory: its retrieval runs between two C calls."""
     B, T = input_ids.shape
     if T != 1 or input_ids.device.type != "cpu" or not ggml_cpu.decode_in_c():
         return None
@@ -359,9 +361,13 @@ def _native_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor |
     attn = backbone.parts.layers[0].self_attn
     norm = backbone.parts.layers[0].input_layernorm
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
-    ggml_cpu.llama_decode_step(table, hidden, cos, sin, n, mask, eps, getattr(attn, "scaling", None) or D ** -0.5,
-                               H, G, backbone.parts.layers[0].mlp.gate_proj.out_features,
-                               -1 if memory_layer is None else memory_layer, mem)
+    args = (table, hidden, cos, sin, n, mask, eps, getattr(attn, "scaling", None) or D ** -0.5, H, G,
+            backbone.parts.layers[0].mlp.gate_proj.out_features, -1 if memory_layer is None else memory_layer, mem)
+    if block_reads is None:
+        ggml_cpu.llama_decode_step(*args)
+    else:
+        kv_pre = h.new_empty(L, B, 2, G * D)
+        _split_step(backbone, args, block_reads, kv_pre, h)
     if isinstance(cache, DynamicCache):
         kall, vall = cache._longside_rooms  # `_dynamic_rooms` made them
         views = []
@@ -371,6 +377,11 @@ def _native_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor |
         cache._longside_table = _StepTable(table, held, (kall, vall), views)
     else:
         cache.advance(1)
+    if block_reads is not None:  # the segment records what the hooks would have recorded
+        for i in block_reads.layers:
+            kr = cache.layers[i].keys if isinstance(cache, DynamicCache) else rooms[i][0]
+            block_reads.record(i, kv_pre[i, :, 0].view(B, 1, G, D), kv_pre[i, :, 1].view(B, 1, G, D),
+                               kr[:, :, n].unsqueeze(1))
     states = _StepStates(hidden)
     kv: dict[str, torch.Tensor] = {}
     if memory_layer is not None:
@@ -381,9 +392,32 @@ def _native_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor |
     return {"hidden": states, "final_norm": base.norm, "kv": kv}  # BackboneOutput.of_step applies it when read
 
 
+def _split_step(backbone, args: tuple, block_reads: Any, kv_pre: torch.Tensor, h: torch.Tensor) -> None:
+    """The C step with backbone memory: blocks run in C up to a block that reads memory and
+    its attention; its retrieval (`block_reads.search`, the banks' own C search) runs here;
+    the next call blends what it found into that block's attention, finishes the block and
+    goes on to the next one that reads. Without memory to read, one call."""
+    spec = backbone.spec
+    L, B, H, D = spec.num_layers, h.shape[0], spec.num_heads, spec.head_dim
+    reads = block_reads.layers if block_reads.reads() else []
+    if not reads:
+        ggml_cpu.llama_decode_step(*args, kv_pre=kv_pre)
+        return
+    att, lse, qm = h.new_empty(B, H * D), h.new_empty(B, H), h.new_empty(B, H * D)
+    cos_m, sin_m = _rotary(backbone, h, torch.full((1, 1), block_reads.distance, device=h.device))
+    split = dict(att=att, lse=lse, qm=qm, kv_pre=kv_pre, rot_m=(cos_m[0], sin_m[0]))
+    ggml_cpu.llama_decode_step(*args, blocks=(0, reads[0]), **split)
+    for i, block in enumerate(reads):
+        keys, values, mask = block_reads.search(block, qm.view(B, 1, H, D))  # [B, 1, H, M, D], [B, 1, H, M]
+        M = keys.shape[-2]
+        memory = (keys.view(B, H, M, D), values.view(B, H, M, D), mask.view(B, H, M))
+        ggml_cpu.llama_decode_step(*args, blocks=(block, reads[i + 1] if i + 1 < len(reads) else L), resume=True,
+                                   memory=memory, **split)
+
+
 @torch.no_grad()
 def llama_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor | None, cache: Any,
-               memory_layer: int | None, key_mask: torch.Tensor | None = None) -> dict:
+               memory_layer: int | None, key_mask: torch.Tensor | None = None, block_reads: Any = None) -> dict | None:
     """`input_ids [B, T]` (T <= MAX_STEP_TOKENS from `Backbone.encode`; a ragged batch's
     prefill feeds up to inference/ragged.py's FEED_TOKENS) after `cache.get_seq_length()` cached
     positions -> {"hidden": N+1 states `[B, T, d]` (a sequence: the C step's are views made when read), "last_hidden" (final norm; the one-call
@@ -396,9 +430,12 @@ def llama_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor | N
     `key_mask [B, S]` bool (S = cached + T positions; True: a real key), or `[B, T, S]` (one
     per new token): rows of a batch whose texts have different lengths (see
     inference/ragged.py) hide their padding. `cache`
-    is anything with `update(k, v, layer)` and `get_seq_length()` like a DynamicCache."""
-    native = _native_step(backbone, input_ids, position_ids, cache, memory_layer, key_mask)
-    if native is not None:
+    is anything with `update(k, v, layer)` and `get_seq_length()` like a DynamicCache.
+
+    `block_reads` (backbone memory's reads without hooks): only the one-call C step takes
+    them; where it cannot run, None (the caller runs the hooked forward instead)."""
+    native = _native_step(backbone, input_ids, position_ids, cache, memory_layer, key_mask, block_reads)
+    if native is not None or block_reads is not None:
         return native
     spec, parts = backbone.spec, backbone.parts
     base = parts.base

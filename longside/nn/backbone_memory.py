@@ -86,6 +86,11 @@ class BackboneMemory:
             for h in handles:
                 h.remove()
 
+    def block_reads(self, seg: "Segment", read: bool = True) -> "BlockReads":
+        """What `Backbone.encode` needs to let the blocks read memory in a forward (as `attach`),
+        without hooks where a decode step runs in C."""
+        return BlockReads(self, seg, read)
+
     def write(self, seg: "Segment") -> None:
         """Append `seg` (minus its sink tokens) to the banks of its rows, and empty it."""
         for L in seg.layers():
@@ -133,6 +138,36 @@ class BackboneMemory:
         P = window_kr.shape[1] - T
         local = causal_lse(bb.rotate(q, torch.arange(P, P + T, device=q.device).expand(B, T), L), window_kr)
         return a + torch.sigmoid(lse_mem - local) * has * (a_mem - a)
+
+
+class BlockReads:
+    """One forward's reads of backbone memory (`BackboneMemory.block_reads`). The C decode step
+    (backbone/decode_step.py) runs the blocks and calls `search` between them, at the blocks
+    `layers` when `reads()`, then `record`s each block's new keys/values in the segment;
+    any other forward uses `attach()`'s hooks. Both give the attention of `_read`."""
+
+    def __init__(self, bm: BackboneMemory, seg: "Segment", read: bool):
+        self.bm, self.seg, self.read = bm, seg, read
+        self.layers, self.distance = bm.layers, bm.distance
+
+    def attach(self):
+        return self.bm.attach(self.seg, self.read)
+
+    def reads(self) -> bool:
+        """Whether memory is read in this forward (reading on, and some row's bank holds tokens)."""
+        banks = self.bm.banks[self.layers[0]]
+        return self.read and any(len(banks[r]) for r in self.seg.rows)
+
+    def search(self, layer: int, qm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Block `layer`'s retrieval for memory queries `qm [B, 1, H, D]` (pre-rotary queries
+        rotated at `distance`): keys, values `[B, 1, H, M, D]` float32, mask `[B, 1, H, M]` bool."""
+        return self.bm.banks[layer].search(qm, self.bm.k_chunks, rows=self.seg.rows)
+
+    def record(self, layer: int, k: torch.Tensor, v: torch.Tensor, kr: torch.Tensor) -> None:
+        """Block `layer`'s new tokens' pre-rotary `k, v` and rotated `kr`, each `[B, T, G, D]`."""
+        if k.shape[0] != len(self.seg.rows):
+            raise LongsideError(f"a forward of {k.shape[0]} rows on a segment of {len(self.seg.rows)} memory rows")
+        self.seg.append(layer, k, v, kr)
 
 
 class Segment:
@@ -187,4 +222,4 @@ class Segment:
         return twin
 
 
-__all__ = ["BackboneMemory", "Segment"]
+__all__ = ["BackboneMemory", "BlockReads", "Segment"]
