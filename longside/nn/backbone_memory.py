@@ -33,6 +33,9 @@ from longside.memory_bank import BatchMemory
 from longside.nn.attention import attend_retrieved, causal_lse
 
 
+READ_SLICE = 128  # query tokens retrieved and attended at a time in a forward of many
+
+
 class BackboneMemory:
     """Per-block memory banks for a batch of sequences, read inside the backbone.
 
@@ -133,11 +136,17 @@ class BackboneMemory:
             return None
         bb = self.backbone
         qm = bb.rotate(q, torch.full((B, T), self.distance, device=q.device), L)
-        keys, values, mask = banks.search(qm, self.k_chunks, rows=rows)  # [B, T, H, S, D], mask [B, T, H, S]
-        a_mem, lse_mem, has = attend_retrieved(qm, keys, values, mask)
         P = window_kr.shape[1] - T
         local = causal_lse(bb.rotate(q, torch.arange(P, P + T, device=q.device).expand(B, T), L), window_kr)
-        return a + torch.sigmoid(lse_mem - local) * has * (a_mem - a)
+        out = torch.empty_like(a)
+        # a segment's queries a slice at a time: all 1,024 at once would retrieve 150 MB of
+        # float32 keys/values per block (16 chunks of 4 for each of 9 heads), fresh memory each
+        for t in range(0, T, READ_SLICE):
+            s = slice(t, t + READ_SLICE)
+            keys, values, mask = banks.search(qm[:, s], self.k_chunks, rows=rows)  # [B, t, H, S, D], [B, t, H, S]
+            a_mem, lse_mem, has = attend_retrieved(qm[:, s], keys, values, mask)
+            out[:, s] = a[:, s] + torch.sigmoid(lse_mem - local[:, s]) * has * (a_mem - a[:, s])
+        return out
 
 
 class BlockReads:
