@@ -159,6 +159,18 @@ def test_decode_steps_read_memory_in_c_as_the_hooked_forward_does(smollm2, monke
     assert (c_logits[:, 2 * W:] - without).abs().max() > 0.1  # memory was read
 
 
+def test_a_segment_reads_memory_the_same_in_slices(smollm2, monkeypatch):
+    from longside.nn import backbone_memory
+
+    model = make_model(smollm2)
+    model(ids_of(W, seed=12))
+    b = ids_of(W, seed=13)
+    whole = model(b, write_memory=False).logits
+    monkeypatch.setattr(backbone_memory, "READ_SLICE", 7)  # 64 queries in 10 slices, the last short
+    # the same reads; only the batching of its float32 sums differs (~1e-5)
+    torch.testing.assert_close(model(b, write_memory=False).logits, whole, atol=2e-4, rtol=1e-4)
+
+
 def test_an_open_window_keeps_its_segment_through_other_calls(smollm2):
     """memorize, a whole-segment forward and a second window in between two steps of a
     window must not change what the window computes (each keeps its own segment)."""
