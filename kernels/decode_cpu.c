@@ -538,7 +538,8 @@ int llama_decode_step(int64_t L, int64_t B, int64_t d, int64_t H, int64_t G, int
                       int64_t M, const float *mkeys, const float *mvalues, const uint8_t *mmask, int nthreads,
                       int isa) {
     const int64_t nq = H * D, nkv = G * D, nqkv = nq + 2 * nkv, S = n + 1;
-    if (l0 < 0 || l1 > L || l0 > l1 || (resume && (l0 >= L || !att || !lse)) || (l1 < L && (!att || !lse)))
+    if (l0 < 0 || l1 > L || l0 > l1 || (resume && (l0 >= L || !att || !lse)) || (l1 < L && (!att || !lse || !qm))
+        || (resume && mkeys && (!qm || !mvalues || !mmask)))
         return -2;
     int nt = nthreads < 1 ? 1 : nthreads;
     Scratch s = {0};

@@ -193,7 +193,8 @@ def llama_decode_step(table: torch.Tensor, hidden: torch.Tensor, cos: torch.Tens
                                   ptr(cm), ptr(sm), ptr(qm), M, ptr(mk), ptr(mv), ptr(mm), torch.get_num_threads(),
                                   _isa_level())
     if rc == -2:
-        raise ValueError(f"llama_decode_step: blocks {l0}..{l1} of {L} (resume={resume}) need att and lse")
+        raise ValueError(f"llama_decode_step: blocks {l0}..{l1} of {L} (resume={resume}) need att, lse and qm "
+                         "(and values and mask with memory keys)")
     if rc:
         raise MemoryError("llama_decode_step: could not allocate its scratch buffers")
 

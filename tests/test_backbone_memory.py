@@ -119,39 +119,47 @@ def test_incremental_decoding_equals_whole_segments(smollm2):
 
 def test_decode_steps_read_memory_in_c_as_the_hooked_forward_does(smollm2, monkeypatch):
     """One token per row after the first: the C step, split at the blocks that read memory,
-    gives the hooked forward's logits and writes the same banks. Every stored chunk is
-    retrieved (64 chunks of 4), so a near-tie cannot pick another chunk in either path."""
+    gives the hooked forward's logits and writes the same banks. Block 15, the memory layer
+    the side network reads, reads backbone memory too. Every stored chunk is retrieved (64
+    chunks of 4), so a near-tie cannot pick another chunk in either path."""
     from longside.kernels import ggml_cpu
 
-    model = make_model(smollm2, backbone_memory_k_chunks=64)
+    layers = [15, 20, 27]
+    model = make_model(smollm2, layers=layers, backbone_memory_k_chunks=64)
     ids = ids_of(3 * W + 12, batch=2, seed=11)
     real, splits = ggml_cpu.llama_decode_step, []
     monkeypatch.setattr(ggml_cpu, "llama_decode_step",
                         lambda *a, **k: (splits.append(k.get("blocks")), real(*a, **k))[1])
 
-    def decode():
+    def decode(torch_from: int | None = None):
         model.init_memory(2)
         window = LocalWindow(model, 2)
         logits = [window.feed(ids[:, :3], all_logits=True)]
-        logits += [window.feed(ids[:, t:t + 1], all_logits=True) for t in range(3, ids.shape[1])]
+        for t in range(3, ids.shape[1]):
+            if t == torch_from:  # from here on the hooked forward, in the middle of a C decoding
+                monkeypatch.setenv("LONGSIDE_DECODE", "torch")
+            logits.append(window.feed(ids[:, t:t + 1], all_logits=True))
+            assert all(window.backbone_segment.length(L) == window.n for L in layers)
+        monkeypatch.delenv("LONGSIDE_DECODE", raising=False)
         q = torch.randn(5, smollm2.spec.num_heads, smollm2.spec.head_dim, generator=torch.Generator().manual_seed(0))
-        return torch.cat(logits, 1), {L: model.backbone_memory.banks[L][1].search(q, 4) for L in LAYERS}
+        return torch.cat(logits, 1), {L: model.backbone_memory.banks[L][1].search(q, 4) for L in layers}
 
     c_logits, c_banks = decode()
-    # a step after the first segment: blocks 0-11, then each reading block's rest and the next
-    assert [(0, 12), (12, 20), (20, 27), (27, 30)] == splits[-4:]
-    monkeypatch.setenv("LONGSIDE_DECODE", "torch")  # every step through the hooked forward
+    # a step after the first segment: blocks 0-14, then each reading block's rest and the next
+    assert [(0, 15), (15, 20), (20, 27), (27, 30)] == splits[-4:]
     splits.clear()
-    ref_logits, ref_banks = decode()
+    ref_logits, ref_banks = decode(torch_from=3)  # every step through the hooked forward
     assert not splits
     # fp32 rounding (C's rotary and sums against torch's) passes through three memory reads
     # and the token cache: ~1e-3 at most on this machine, where the bare backbone's C and torch
     # steps differ by ~1e-3; a wrong window log-sum-exp or blend would be off by > 0.1
     torch.testing.assert_close(c_logits, ref_logits, atol=2e-2, rtol=1e-4)
     assert (c_logits - ref_logits).abs().mean() < 1e-4
-    for L in LAYERS:
+    for L in layers:
         for x, y in zip(c_banks[L], ref_banks[L]):
             torch.testing.assert_close(x, y, atol=1e-3, rtol=1e-3)
+    switched, _ = decode(torch_from=2 * W + 5)  # C steps with memory, then hooked ones
+    torch.testing.assert_close(switched, ref_logits, atol=2e-2, rtol=1e-4)
     model.init_memory(2)
     plain = LocalWindow(model, 2, use_memory=False)
     plain.feed(ids[:, :2 * W])

@@ -286,7 +286,8 @@ class Backbone:
     # -- one segment ---------------------------------------------------------------
     def encode(self, input_ids: torch.Tensor, memory_layer: int | None = None, *,
                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-               cache: Any = None, use_cache: bool = False, block_reads: Any = None) -> BackboneOutput:
+               cache: Any = None, use_cache: bool = False, block_reads: Any = None,
+               _hooked: bool = False) -> BackboneOutput:
         """Run `input_ids [B, T]` (int64) through the frozen model, no grad.
 
         `memory_layer` (0-based block index, negative counts from the end) selects whose
@@ -312,14 +313,17 @@ class Backbone:
             if not -n <= memory_layer < n:
                 raise BackboneError(f"memory_layer {memory_layer} out of range for {n} layers")
             memory_layer %= n
-        if self.spec.family == "llama" and use_cache and decode_step.can_step(self, T, attention_mask, cache):
+        # `_hooked`: backbone memory's hooks are on, which only the Hugging Face forward sees (a
+        # step continuing an earlier C step would skip `can_step`'s check for hooks)
+        if not _hooked and self.spec.family == "llama" and use_cache \
+                and decode_step.can_step(self, T, attention_mask, cache):
             step = decode_step.llama_step(self, input_ids, position_ids, cache, memory_layer, block_reads=block_reads)
             if step is not None:
                 return BackboneOutput.of_step(step, cache)
         if block_reads is not None:
             with block_reads.attach():
                 return self.encode(input_ids, memory_layer, attention_mask=attention_mask, position_ids=position_ids,
-                                   cache=cache, use_cache=use_cache)
+                                   cache=cache, use_cache=use_cache, _hooked=True)
         hidden: list[torch.Tensor | None] = [None] * (n + 1)
         kv: dict[str, torch.Tensor] = {}
 

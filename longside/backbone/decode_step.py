@@ -366,6 +366,8 @@ def _native_step(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor |
     if block_reads is None:
         ggml_cpu.llama_decode_step(*args)
     else:
+        if B != len(block_reads.seg.rows) or any(block_reads.seg.length(i) != n for i in block_reads.layers):
+            return None  # not the segment of this cache: the hooked forward says what is wrong
         kv_pre = h.new_empty(L, B, 2, G * D)
         _split_step(backbone, args, block_reads, kv_pre, h)
     if isinstance(cache, DynamicCache):
