@@ -173,9 +173,8 @@ class BlockReads:
         return self.bm.banks[layer].search(qm, self.bm.k_chunks, rows=self.seg.rows)
 
     def record(self, layer: int, k: torch.Tensor, v: torch.Tensor, kr: torch.Tensor) -> None:
-        """Block `layer`'s new tokens' pre-rotary `k, v` and rotated `kr`, each `[B, T, G, D]`."""
-        if k.shape[0] != len(self.seg.rows):
-            raise LongsideError(f"a forward of {k.shape[0]} rows on a segment of {len(self.seg.rows)} memory rows")
+        """Block `layer`'s new tokens' pre-rotary `k, v` and rotated `kr`, each `[B, T, G, D]`
+        (the C step has checked B against the segment's rows before it ran)."""
         self.seg.append(layer, k, v, kr)
 
 
