@@ -34,10 +34,12 @@ from longside.eval.common import book_chapters, git_commit, load_book_data, load
 
 
 @contextlib.contextmanager
-def whole_memory_reads(true_positions: bool, where: dict):
+def whole_memory_reads(true_positions: bool, where: dict, k_chunks: int | None = None, limit: int = 1 << 30):
     """While inside, backbone memory attends to every token it stored (one row), keys scored
     at its distance or (`true_positions`) at their positions in the book; `where["start"]`: the
-    book position of the segment being read."""
+    book position of the segment being read. With `k_chunks`, each query and head attends only
+    to the top `k_chunks` chunks (chunk-mean keys scored at the distance, as the bank does), at
+their true positions but never more than `limit` tokens before the query."""
     write, read = BackboneMemory.write, BackboneMemory._read
     stored: dict[int, list] = {}
 
@@ -67,6 +69,8 @@ def whole_memory_reads(true_positions: bool, where: dict):
             km = bb.rotate(K, torch.zeros_like(pos), L)
         G = K.shape[2]
         out = torch.empty_like(a)
+        if k_chunks is not None:
+            return top_chunks(self, L, q, a, local, K, V, pos, where["start"] + P, true_positions)
         for g in range(G):
             hs = slice(g * H // G, (g + 1) * H // G)
             s = torch.einsum("bthd,bnd->bhtn", qm[:, :, hs], km[:, :, g]) / math.sqrt(D)
@@ -74,6 +78,32 @@ def whole_memory_reads(true_positions: bool, where: dict):
             a_mem = torch.einsum("bhtn,bnd->bthd", torch.exp(s - lse[..., None]), V[:, :, g])
             w = torch.sigmoid(lse.transpose(1, 2)[..., None] - local[:, :, hs])
             out[:, :, hs] = a[:, :, hs] + w * (a_mem - a[:, :, hs])
+        return out
+
+    def top_chunks(self, L, q, a, local, K, V, pos, start, true_positions):
+        bb, S = self.backbone, self.banks[L][0].chunk_size
+        B, T, H, D = q.shape
+        G = K.shape[2]
+        N = K.shape[1] // S * S
+        CK = K[0, :N].reshape(N // S, S, G, D).mean(1)  # [Nc, G, D]: chunks never straddle segments
+        qd = bb.rotate(q, torch.full((B, T), self.distance), L)[0]  # [T, H, D]
+        qt = bb.rotate(q, torch.arange(start, start + T)[None], L)[0] if true_positions else qd
+        out = a.clone()
+        for h in range(H):
+            g = h // (H // G)
+            idx = (qd[:, h] @ CK[:, g].T).topk(min(k_chunks, CK.shape[0]), -1).indices  # [T, k]
+            tok = (idx[..., None] * S + torch.arange(S)).flatten(1)  # [T, k*S]
+            keys = K[0, tok, g][:, :, None]  # [T, k*S, 1, D]
+            if true_positions:  # no key further back than `limit` from its query
+                at = torch.maximum(pos[0, tok], torch.arange(start, start + T)[:, None] - limit)
+            else:
+                at = torch.zeros_like(tok)
+            keys = bb.rotate(keys, at, L)[:, :, 0]
+            sc = torch.einsum("td,tnd->tn", qt[:, h], keys) / math.sqrt(D)
+            lse = torch.logsumexp(sc, -1)
+            a_mem = torch.einsum("tn,tnd->td", torch.exp(sc - lse[:, None]), V[0, tok, g])
+            w = torch.sigmoid(lse[:, None] - local[0, :, h])
+            out[0, :, h] = a[0, :, h] + w * (a_mem - a[0, :, h])
         return out
 
     BackboneMemory.write, BackboneMemory._read = keep, read_all
@@ -88,8 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--book", type=int, default=0, help="index in the test split (0: Sense and Sensibility)")
     p.add_argument("--segments", type=int, default=8, help="segments of the book (the first is not scored)")
     p.add_argument("--blocks", default="15-29")
-    p.add_argument("--k", nargs="+", default=["0", "16", "64", "all", "true"],
-                   help="chunks per query; 0 = memory off; all / true: every stored token (see above)")
+    p.add_argument("--k", nargs="+", default=["0", "16", "64", "all", "true", "16-own", "16-true"],
+                   help="chunks per query; 0 = memory off; all / true: every stored token (see above); "
+                        "K-own / K-true: the top K chunks found here, attended at the distance / at true positions")
+    p.add_argument("--limit", type=int, default=1 << 30,
+                   help="K-true: the farthest a memory key is placed from its query (default: no limit)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     model, info = load_model()
@@ -100,13 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for k in args.k:
         kk = int(k) if k.isdigit() else None
+        top = int(k.split("-")[0]) if "-" in k else None
         model.reset_memory()
         model.use_backbone_memory(parse_blocks(args.blocks if kk != 0 else ""), k_chunks=kk or 16)
         model.reset_memory()
         where = {"start": 0}
         nll = n = 0.0
         started = time.time()
-        with whole_memory_reads(k == "true", where) if kk is None else contextlib.nullcontext():
+        with whole_memory_reads(k in ("true",) or k.endswith("-true"), where, top, args.limit) if kk is None else contextlib.nullcontext():
             for s in tqdm(range(0, len(ids), W), desc=f"k={k}", leave=False):
                 where["start"] = s
                 seg = torch.tensor([ids[s:s + W]])
