@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import sys
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", nargs="+", default=["0", "16", "64", "all", "true", "16-own", "16-true"],
                    help="chunks per query; 0 = memory off; all / true: every stored token (see above); "
                         "K-own / K-true: the top K chunks found here, attended at the distance / at true positions")
+    p.add_argument("--distance", type=int, nargs="+", default=[0],
+                   help="backbone memory's one distance (0: the checkpoint's, one window); several: one row each")
     p.add_argument("--limit", type=int, default=1 << 30,
                    help="K-true: the farthest a memory key is placed from its query (default: no limit)")
     p.add_argument("--json", help="write the results here")
@@ -131,17 +134,19 @@ def main(argv: list[str] | None = None) -> int:
     book = books[args.book]
     ids = [t for ch in book_chapters(model.backbone.tokenizer, book) for t in ch][:args.segments * W]
     rows = {}
-    for k in args.k:
+    for k, d in [(k, d) for k in args.k for d in args.distance]:
         kk = int(k) if k.isdigit() else None
         top = int(k.split("-")[0]) if "-" in k else None
         model.reset_memory()
         model.use_backbone_memory(parse_blocks(args.blocks if kk != 0 else ""), k_chunks=kk or 16)
-        model.reset_memory()
+        model.config = dataclasses.replace(model.config, backbone_memory_distance=d)
+        model.init_memory(1)
+        name = k if len(args.distance) == 1 else f"{k} d={d}"
         where = {"start": 0}
         nll = n = 0.0
         started = time.time()
         with whole_memory_reads(k in ("true",) or k.endswith("-true"), where, top, args.limit) if kk is None else contextlib.nullcontext():
-            for s in tqdm(range(0, len(ids), W), desc=f"k={k}", leave=False):
+            for s in tqdm(range(0, len(ids), W), desc=name, leave=False):
                 where["start"] = s
                 seg = torch.tensor([ids[s:s + W]])
                 with torch.no_grad():
@@ -149,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                 if s:
                     nll += out.loss.item() * out.n_tokens
                     n += out.n_tokens
-        rows[k] = {"k_chunks": kk, "ppl": math.exp(nll / n), "tokens": int(n), "seconds": round(time.time() - started, 1)}
-        print(json.dumps({k: rows[k]}), file=sys.stderr)
+        rows[name] = {"k_chunks": kk, "distance": d or W, "ppl": math.exp(nll / n), "tokens": int(n), "seconds": round(time.time() - started, 1)}
+        print(json.dumps({name: rows[name]}), file=sys.stderr)
     base = rows.get("0", {}).get("ppl")
     for r in rows.values():
         r["vs_off"] = r["ppl"] / base - 1 if base else None
