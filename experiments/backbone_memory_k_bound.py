@@ -116,7 +116,8 @@ their true positions but never more than `limit` tokens before the query."""
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--book", type=int, default=0, help="index in the test split (0: Sense and Sensibility)")
+    p.add_argument("--book", type=int, nargs="+", default=[0], help="indices in the split (test 0: Sense and Sensibility)")
+    p.add_argument("--split", default="test", help="the prepared corpus's split (test, validation, unseen)")
     p.add_argument("--segments", type=int, default=8, help="segments of the book (the first is not scored)")
     p.add_argument("--blocks", default="15-29")
     p.add_argument("--k", nargs="+", default=["0", "16", "64", "all", "true", "16-own", "16-true"],
@@ -130,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     model, info = load_model()
     W = model.config.window
-    books, data_id = load_book_data(None, "test")
-    book = books[args.book]
-    ids = [t for ch in book_chapters(model.backbone.tokenizer, book) for t in ch][:args.segments * W]
+    books, data_id = load_book_data(None, args.split)
+    streams = [[t for ch in book_chapters(model.backbone.tokenizer, books[b]) for t in ch][:args.segments * W]
+               for b in args.book]
     rows = {}
     for k, d in [(k, d) for k in args.k for d in args.distance]:
         kk = int(k) if k.isdigit() else None
@@ -145,22 +146,28 @@ def main(argv: list[str] | None = None) -> int:
         where = {"start": 0}
         nll = n = 0.0
         started = time.time()
-        with whole_memory_reads(k in ("true",) or k.endswith("-true"), where, top, args.limit) if kk is None else contextlib.nullcontext():
-            for s in tqdm(range(0, len(ids), W), desc=name, leave=False):
-                where["start"] = s
-                seg = torch.tensor([ids[s:s + W]])
-                with torch.no_grad():
-                    out = model(seg, labels=seg if s else None, return_logits=False, token_cache=False)
-                if s:
-                    nll += out.loss.item() * out.n_tokens
-                    n += out.n_tokens
-        rows[name] = {"k_chunks": kk, "distance": d or W, "ppl": math.exp(nll / n), "tokens": int(n), "seconds": round(time.time() - started, 1)}
+        for ids in streams:
+            model.reset_memory()
+            # one book at a time: the whole-memory reads keep their own copy of memory
+            with whole_memory_reads(k == "true" or k.endswith("-true"), where, top, args.limit) \
+                    if kk is None else contextlib.nullcontext():
+                for s in tqdm(range(0, len(ids), W), desc=name, leave=False):
+                    where["start"] = s
+                    seg = torch.tensor([ids[s:s + W]])
+                    with torch.no_grad():
+                        out = model(seg, labels=seg if s else None, return_logits=False, token_cache=False)
+                    if s:
+                        nll += out.loss.item() * out.n_tokens
+                        n += out.n_tokens
+        rows[name] = {"k_chunks": kk, "distance": d or W, "ppl": math.exp(nll / n), "tokens": int(n),
+                      "seconds": round(time.time() - started, 1)}
         print(json.dumps({name: rows[name]}), file=sys.stderr)
     base = rows.get("0", {}).get("ppl")
     for r in rows.values():
         r["vs_off"] = r["ppl"] / base - 1 if base else None
     report = {"experiment": "backbone_memory_k_bound", "model": info, "git_commit": git_commit(),
-              "data": {"books": data_id, "title": book["title"]}, "config": vars(args), "results": rows}
+              "data": {"books": data_id, "titles": [books[b]["title"] for b in args.book]},
+              "config": vars(args), "results": rows}
     text = json.dumps(report, indent=1)
     if args.json:
         with open(args.json, "w") as f:
