@@ -47,7 +47,7 @@ class SideNetConfig:
     # training-free; [] turns it off
     backbone_memory_layers: list[int] = field(default_factory=list)
     backbone_memory_k_chunks: int = 16  # chunks (of chunk_size tokens) each query retrieves per block
-    backbone_memory_distance: int = 0  # rotary distance memory keys are scored at (0: one window)
+    backbone_memory_distance: int = 0  # rotary distance memory keys are scored at (0: 3/4 of the window)
     # provenance (filled by LongSideModel)
     backbone: str = "smollm2-135m"
     backbone_fingerprint: str = ""

@@ -75,7 +75,7 @@ class Memory:
         if config.backbone_memory_layers:
             self.blocks = BackboneMemory(
                 backbone, config.backbone_memory_layers, rows, k_chunks=config.backbone_memory_k_chunks,
-                distance=config.backbone_memory_distance or config.window, chunk_size=config.chunk_size,
+                distance=config.backbone_memory_distance or config.window * 3 // 4, chunk_size=config.chunk_size,
                 capacity_tokens=config.capacity_tokens, index=config.index)
 
     @classmethod

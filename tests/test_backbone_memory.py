@@ -50,7 +50,7 @@ def test_memory_changes_the_next_segment_and_reset_forgets(smollm2):
 
 def test_the_edit_is_one_softmax_over_memory_and_window(smollm2):
     """Block 20 with every stored token retrieved must equal a softmax over [memory keys
-    at rotary distance W; the causal window], computed here directly."""
+    at rotary distance bm.distance; the causal window], computed here directly."""
     L = 20
     model = make_model(smollm2, layers=[L], backbone_memory_k_chunks=64)  # 64 chunks of 4 >= 60 tokens
     bm = model.backbone_memory
@@ -76,7 +76,7 @@ def test_the_edit_is_one_softmax_over_memory_and_window(smollm2):
     rep = H // k.shape[1]
     pos = torch.arange(T)[None]
     qr, kr = smollm2.rotate(q[None], pos)[0], smollm2.rotate(k[None], pos)[0]
-    qm = smollm2.rotate(q[None], torch.full((1, T), W))[0]
+    qm = smollm2.rotate(q[None], torch.full((1, T), bm.distance))[0]
     s_loc = torch.einsum("thd,shd->hts", qr, kr.repeat_interleave(rep, 1))
     s_loc = s_loc.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
     s_mem = torch.einsum("thd,mhd->htm", qm, mem_k.repeat_interleave(rep, 1))

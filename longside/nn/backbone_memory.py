@@ -11,8 +11,9 @@ retrieves from its block's bank, in one softmax with its local causal attention:
 
 which is exactly the attention over [retrieved memory; local window]. Memory keys are
 scored as if they sat `distance` tokens before the query (rotary at that relative
-offset; the default is one window): to the block they look like text that has just left
-its window, which is what they are. The edited output goes into the residual stream,
+offset; a checkpoint's default is 3/4 of its window, chosen by measurement on the validation
+books, experiments/backbone_memory_k_bound.py): to the block they look like text that has
+just left its window, which is what they are. The edited output goes into the residual stream,
 so every block above reads it as usual. Segments start at position 0, and their first
 `sink_tokens` tokens act as attention sinks; they are not written to memory, where
 every old segment's sink would otherwise outscore the text.
