@@ -25,16 +25,21 @@ import math
 import sys
 import time
 
+import importlib
+
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from longside.eval.common import book_chapters, git_commit, load_book_data, load_model, with_capacity
 
+ppl_eval = importlib.import_module("longside.eval.ppl")
 
 def carried_nll(model, ids: torch.Tensor, carry: int, use_memory: bool | None) -> torch.Tensor:
     """NLL `[N-1]` of tokens 1..N-1 of `ids [N]`, each forward reading up to the window with
-    at least `carry` earlier tokens before its new ones. `use_memory` None: the bare backbone."""
+    at least `carry` earlier tokens before its new ones. `use_memory` None: the bare backbone.
+    With backbone memory, each block's bank gets the same tokens as the memory layer's (a
+    forward's tokens already in memory are skipped as its sink tokens are)."""
     W = model.config.window
     stride = W - carry
     n = len(ids)
@@ -56,7 +61,15 @@ def carried_nll(model, ids: torch.Tensor, carry: int, use_memory: bool | None) -
                 s = written - b  # this forward's first token not yet in memory
                 part = dataclasses.replace(out, memory_keys=out.memory_keys[:, s:],
                                            memory_values=out.memory_values[:, s:])
-                model.write_segment(part, x[:, s:], None if tok_keys is None else tok_keys[:, s:])
+                bm = model.memory.blocks
+                sinks = bm.sink_tokens if bm is not None else 0
+                if bm is not None:
+                    bm.sink_tokens = max(sinks, s)
+                try:
+                    model.write_segment(part, x[:, s:], None if tok_keys is None else tok_keys[:, s:])
+                finally:
+                    if bm is not None:
+                        bm.sink_tokens = sinks
                 written = t1
         nll[t0 - 1:t1 - 1] = F.cross_entropy(logits[t0 - 1 - b:t1 - 1 - b].float(), ids[t0:t1], reduction="none")
     return nll
@@ -68,12 +81,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--memory-tokens", type=int, default=16384)
     p.add_argument("--carry", type=int, nargs="+", default=[1, 256, 512])
-    p.add_argument("--rows", nargs="+", choices=("backbone", "memory off", "memory"),
-                   default=["backbone", "memory off", "memory"])
+    p.add_argument("--rows", nargs="+", choices=("backbone", "memory off", "memory", "memory+bm"),
+                   default=["backbone", "memory off", "memory"],
+                   help="memory+bm: memory with backbone memory in blocks 15-29")
+    p.add_argument("--native", action="store_true",
+                   help="also the bare backbone at its native context, sliding by one window (eval ppl's row)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     model, info = load_model()
-    model = with_capacity(model, args.memory_tokens) if "memory" in args.rows else model
+    model = with_capacity(model, args.memory_tokens)
+    bm_model = None
+    if "memory+bm" in args.rows:
+        bm_model = with_capacity(model, args.memory_tokens)
+        bm_model.use_backbone_memory(range(15, 30))
     W = model.config.window
     if any(not 1 <= c < W for c in args.carry):
         raise SystemExit(f"--carry must lie in [1, {W - 1}]")
@@ -85,12 +105,24 @@ def main(argv: list[str] | None = None) -> int:
     for carry in args.carry:
         for row in args.rows:
             started = time.time()
-            nll = carried_nll(model, ids, carry, None if row == "backbone" else row == "memory")
+            nll = carried_nll(bm_model if row == "memory+bm" else model, ids, carry,
+                              None if row == "backbone" else row != "memory off")
             name = f"{row}, carry {carry}"
             rows[name] = {"carry": carry, "row": row, "ppl": math.exp(nll.mean()),
                           "ppl_after_1024": math.exp(nll[pos >= 1024].mean()), "tokens": len(nll),
                           "seconds": round(time.time() - started, 1)}
             print(json.dumps({name: rows[name]}), file=sys.stderr)
+    if args.native:
+        ctx = model.backbone.spec.max_positions
+        started = time.time()
+
+        class _Bar:
+            def update(self, n):
+                pass
+        nll = ppl_eval._strided_nll(model.backbone, ids, ctx, W, _Bar())
+        rows[f"backbone@{ctx}"] = {"ppl": math.exp(nll.mean()), "ppl_after_1024": math.exp(nll[pos >= 1024].mean()),
+                                   "tokens": len(nll), "seconds": round(time.time() - started, 1)}
+        print(json.dumps({f"backbone@{ctx}": rows[f"backbone@{ctx}"]}), file=sys.stderr)
     report = {"experiment": "window_carry", "model": info, "git_commit": git_commit(),
               "data": {"books": data_id, "title": book["title"]}, "config": vars(args), "results": rows}
     text = json.dumps(report, indent=1)
