@@ -1,4 +1,5 @@
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -157,6 +158,33 @@ def test_causal_lse_is_the_logsumexp_of_the_masked_grouped_scores():
         s = s.masked_fill(~torch.ones(T, P + T, dtype=torch.bool).tril(P), float("-inf"))
         want = torch.logsumexp(s, -1).transpose(1, 2).unsqueeze(-1)  # [B, T, H, 1]
         torch.testing.assert_close(causal_lse(qr, kr), want, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_lse_in_query_blocks_keeps_masks_and_gradients():
+    """A segment longer than one block of queries, padded keys (a mask per row, and one per
+    query), a query that sees no key: the same values and gradients as the scores written out."""
+    g = torch.Generator().manual_seed(1)
+    B, T, P, H, G, D = 2, 600, 37, 6, 2, 8
+    qr = torch.randn(B, T, H, D, generator=g, requires_grad=True)
+    kr = torch.randn(B, P + T, G, D, generator=g, requires_grad=True)
+    row_mask = torch.ones(B, P + T, dtype=torch.bool)
+    row_mask[1, :20] = False
+    query_mask = torch.rand(B, T, P + T, generator=g) > 0.3
+    query_mask[0, 5] = False  # sees nothing: -inf
+    for mask in (None, row_mask, query_mask):
+        s = torch.einsum("bthd,bshd->bhts", qr, kr.repeat_interleave(H // G, 2)) / math.sqrt(D)
+        see = torch.ones(T, P + T, dtype=torch.bool).tril(P)
+        if mask is not None:
+            see = see & (mask[:, None, None] if mask.dim() == 2 else mask[:, None])
+        want = torch.logsumexp(s.masked_fill(~see, float("-inf")), -1).transpose(1, 2).unsqueeze(-1)
+        got = causal_lse(qr, kr, mask)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        finite = torch.isfinite(want)
+        assert torch.equal(finite, torch.isfinite(got))
+        w = torch.randn(want.shape, generator=g)
+        grads = [torch.autograd.grad((x[finite] * w[finite]).sum(), (qr, kr)) for x in (want, got)]
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_decoding_in_c_follows_replaced_weights(monkeypatch):

@@ -29,6 +29,9 @@ def per_query(key_mask: torch.Tensor) -> torch.Tensor:
     return key_mask if key_mask.dim() == 3 else key_mask[:, None]
 
 
+_LSE_BLOCK = 256  # queries scored at a time by causal_lse
+
+
 def causal_lse(qr: torch.Tensor, kr: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """log-sum-exp `[B, T, H, 1]` of local causal scores: rotated queries `qr [B, T, H, D]` at
     positions P..P+T-1 of the window against its rotated keys `kr [B, P+T, G, D]` (P > 0
@@ -38,10 +41,22 @@ def causal_lse(qr: torch.Tensor, kr: torch.Tensor, key_mask: torch.Tensor | None
     G, P = kr.shape[2], kr.shape[1] - T
     # query head h reads kv head h // (H // G): score each kv head's queries together
     # instead of repeating its keys H // G times
-    q = qr.reshape(B, T, G, H // G, D).permute(0, 2, 3, 1, 4).reshape(B, G, H // G * T, D)
-    s = (q @ kr.permute(0, 2, 3, 1) / math.sqrt(D)).view(B, G, H // G, T, P + T)
-    causal = torch.ones(T, P + T, dtype=torch.bool, device=qr.device).tril(P)
-    if key_mask is not None:
-        causal = causal & per_query(key_mask)[:, None, None]
-    lse = torch.logsumexp(s.masked_fill(~causal, float("-inf")), -1)  # [B, G, H // G, T]
+    q = qr.reshape(B, T, G, H // G, D).permute(0, 2, 3, 1, 4)  # [B, G, H // G, T, D]
+    kt = kr.permute(0, 2, 3, 1)[:, :, None]  # [B, G, 1, D, P+T]
+    mask = None if key_mask is None else per_query(key_mask)[:, None, None]  # [B, 1, 1, T or 1, P+T]
+    # a block of queries scores only the keys it can see: a whole segment's causal half
+    # is never computed, and its [T, P+T] scores are never all alive at once
+    parts = []
+    for t0 in range(0, T, _LSE_BLOCK):
+        t1 = min(t0 + _LSE_BLOCK, T)
+        s = q[:, :, :, t0:t1] @ kt[..., :P + t1] / math.sqrt(D)  # [B, G, H // G, t, P+t1]
+        see = torch.ones(t1 - t0, P + t1, dtype=torch.bool, device=qr.device).tril(P + t0)
+        if mask is not None:
+            see = see & (mask[..., :P + t1] if mask.shape[-2] == 1 else mask[..., t0:t1, :P + t1])
+        s = s.masked_fill_(~see, float("-inf"))
+        # the shift cancels in the value and in the gradient: detached, exp may work in place
+        m = s.amax(-1, keepdim=True).detach()
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row that sees no key: -inf below
+        parts.append((s - m).exp_().sum(-1).log() + m.squeeze(-1))
+    lse = torch.cat(parts, -1)  # [B, G, H // G, T]
     return lse.reshape(B, H, T).transpose(1, 2).unsqueeze(-1)
