@@ -41,22 +41,23 @@ def causal_lse(qr: torch.Tensor, kr: torch.Tensor, key_mask: torch.Tensor | None
     G, P = kr.shape[2], kr.shape[1] - T
     # query head h reads kv head h // (H // G): score each kv head's queries together
     # instead of repeating its keys H // G times
-    q = qr.reshape(B, T, G, H // G, D).permute(0, 2, 3, 1, 4)  # [B, G, H // G, T, D]
-    kt = kr.permute(0, 2, 3, 1)[:, :, None]  # [B, G, 1, D, P+T]
+    r = H // G
+    q = qr.reshape(B, T, G, r, D).permute(0, 2, 3, 1, 4)  # [B, G, r, T, D]
+    kt = kr.permute(0, 2, 3, 1)  # [B, G, D, P+T]
     mask = None if key_mask is None else per_query(key_mask)[:, None, None]  # [B, 1, 1, T or 1, P+T]
     # a block of queries scores only the keys it can see: a whole segment's causal half
     # is never computed, and its [T, P+T] scores are never all alive at once
     parts = []
     for t0 in range(0, T, _LSE_BLOCK):
         t1 = min(t0 + _LSE_BLOCK, T)
-        s = q[:, :, :, t0:t1] @ kt[..., :P + t1] / math.sqrt(D)  # [B, G, H // G, t, P+t1]
-        see = torch.ones(t1 - t0, P + t1, dtype=torch.bool, device=qr.device).tril(P + t0)
+        qb = q[:, :, :, t0:t1].reshape(B, G, r * (t1 - t0), D)  # one product per kv head
+        s = (qb @ kt[..., :P + t1] / math.sqrt(D)).view(B, G, r, t1 - t0, P + t1)
+        see = None
+        if t1 - t0 > 1:  # one query sees every key up to its own
+            see = torch.ones(t1 - t0, P + t1, dtype=torch.bool, device=qr.device).tril(P + t0)
         if mask is not None:
-            see = see & (mask[..., :P + t1] if mask.shape[-2] == 1 else mask[..., t0:t1, :P + t1])
-        s = s.masked_fill_(~see, float("-inf"))
-        # the shift cancels in the value and in the gradient: detached, exp may work in place
-        m = s.amax(-1, keepdim=True).detach()
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row that sees no key: -inf below
-        parts.append((s - m).exp_().sum(-1).log() + m.squeeze(-1))
+            m = mask[..., :P + t1] if mask.shape[-2] == 1 else mask[..., t0:t1, :P + t1]
+            see = m if see is None else see & m
+        parts.append(torch.logsumexp(s if see is None else s.masked_fill_(~see, float("-inf")), -1))
     lse = torch.cat(parts, -1)  # [B, G, H // G, T]
     return lse.reshape(B, H, T).transpose(1, 2).unsqueeze(-1)
