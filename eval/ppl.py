@@ -89,6 +89,11 @@ def _segmented_nll(tokens: torch.Tensor, window: int, backbone, models: list, me
     for row in models:
         if row is not None:
             row[0].reset_memory()  # every book starts with an empty memory
+    # a model that carries its window reads the book as its generation does (_carried_nll)
+    carrying = [i for i, row in enumerate(models) if row is not None and row[0].config.window_carry]
+    for i in carrying:
+        nll[i] = _carried_nll(tokens, window, *models[i])
+    models = [None if i in carrying else row for i, row in enumerate(models)]
     # one encoding per segment for the rows that can read it (a row with backbone memory runs its own)
     share = any(row is None or row[0].backbone_memory is None for row in models)
     for a in range(0, n - 1, window):
@@ -96,6 +101,8 @@ def _segmented_nll(tokens: torch.Tensor, window: int, backbone, models: list, me
         targets = tokens[a + 1:a + 1 + seg.shape[1]]
         shared = backbone.encode(seg, memory_layer=memory_layer) if share else None
         for i, row in enumerate(models):
+            if i in carrying:
+                continue
             if row is None:
                 logits = blocked_logits(backbone, shared.last_hidden[0], 1024)
             else:
@@ -105,6 +112,24 @@ def _segmented_nll(tokens: torch.Tensor, window: int, backbone, models: list, me
                                encoded=shared if m.backbone_memory is None else None).logits[0]
             nll[i][a:a + len(targets)] = F.cross_entropy(logits[:len(targets)].float(), targets, reduction="none")
         bar.update(1)
+    return nll
+
+
+def _carried_nll(tokens: torch.Tensor, window: int, model, memory: bool) -> torch.Tensor:
+    """NLL of tokens 1..N-1 for a model with `config.window_carry` = c: readings of `window`
+    tokens starting every window - c, each after the first beginning with the c tokens the one
+    before ended with (read again, not written again, not scored again): how `LocalWindow`
+    reads a text. Every token but the first is scored once, as in `_segmented_nll`."""
+    n, c = len(tokens), min(model.config.window_carry, window - 1)
+    nll = torch.empty(n - 1)
+    for a in range(0, max(n - 1 - c, 1), window - c):
+        seg = tokens[a:a + window][None]
+        first = c if a else 0  # earlier positions predicted tokens the reading before scored
+        with torch.no_grad():
+            logits = model(seg, use_memory=memory, write_memory=memory, carried=first).logits[0]
+        targets = tokens[a + 1 + first:a + 1 + seg.shape[1]]
+        nll[a + first:a + first + len(targets)] = F.cross_entropy(
+            logits[first:first + len(targets)].float(), targets, reduction="none")
     return nll
 
 
@@ -190,9 +215,11 @@ def run(model, info: dict, config: PplConfig, data=None) -> dict:
         rows.append((f"backbone@{context}", {"kind": "backbone", "context": context, "stride": stride,
                                              "memory_tokens": 0}, None, False))
     if "off" in want:
-        rows.append(("longside memory 0", {"kind": "longside", "context": window, "memory_tokens": 0}, model, False))
+        rows.append(("longside memory 0", {"kind": "longside", "context": window, "memory_tokens": 0,
+                                            "carry": model.config.window_carry}, model, False))
     for cap in config.memory_tokens if "memory" in want else ():
-        rows.append((f"longside memory {cap}", {"kind": "longside", "context": window, "memory_tokens": cap},
+        rows.append((f"longside memory {cap}", {"kind": "longside", "context": window, "memory_tokens": cap,
+                                                   "carry": model.config.window_carry},
                      with_capacity(model, cap), True))
 
     cfg = dataclasses.replace(config, window=window, native_context=context, native_stride=stride)

@@ -37,6 +37,9 @@ class SideNetConfig:
     capacity_tokens: int = 65536
     index: str = "flat"
     window: int = 1024  # local segment length in tokens
+    # tokens of a full segment carried into the next one's window (read again there, not written
+    # twice), so no segment starts cold; 0: every segment starts empty (as trained)
+    window_carry: int = 0
     # token cache (longside/token_cache.py): (hidden state, next token) pairs of the same text
     token_cache: bool = True
     token_depth: float = 0.83  # keys are hidden_states[round(token_depth * N)]: block 25 of SmolLM2's 30
@@ -65,6 +68,8 @@ class SideNetConfig:
             raise CheckpointError(f"downsample must be 'prune', 'avgpool' or 'adapter', not {self.downsample!r}")
         if self.memory_attention not in ("gated", "joint"):
             raise CheckpointError(f"memory_attention must be 'gated' or 'joint', not {self.memory_attention!r}")
+        if not 0 <= self.window_carry < self.window:
+            raise CheckpointError(f"window_carry must be 0..{self.window - 1} (below the window), got {self.window_carry}")
         if self.reduction < 1 or self.layer_stride < 1 or self.k_chunks < 1 or self.chunk_size < 1:
             raise CheckpointError("reduction, layer_stride, k_chunks and chunk_size must be >= 1")
         self.backbone_memory_layers = sorted({int(L) for L in self.backbone_memory_layers})

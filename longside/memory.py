@@ -141,13 +141,18 @@ class Memory:
         return self.layer.search(queries, k_chunks, counted=counted)
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, token_keys: torch.Tensor | None = None,
-            token_ids: torch.Tensor | None = None, backbone_segment=None) -> None:
+            token_ids: torch.Tensor | None = None, backbone_segment=None, skip: int = 0) -> None:
         """Write one segment: the memory layer's `keys, values [B, T, G, D]` (and token-cache
         `token_keys [B, T, d]`, `token_ids [B, T]`) and, with backbone memory, the blocks'
-        keys/values recorded in `backbone_segment`."""
+        keys/values recorded in `backbone_segment`. Its first `skip` tokens are already in
+        memory (a window carried from the segment before, `config.window_carry`): not written."""
+        if skip:
+            keys, values = keys[:, skip:], values[:, skip:]
+            token_keys = None if token_keys is None else token_keys[:, skip:]
+            token_ids = None if token_ids is None else token_ids[:, skip:]
         self.layer.add(keys, values, token_keys=token_keys, token_ids=token_ids)
         if self.blocks is not None and backbone_segment is not None:
-            self.blocks.write(backbone_segment)
+            self.blocks.write(backbone_segment, skip)
 
     def reset(self, rows: list[int] | None = None) -> None:
         """Forget everything (or only `rows`), e.g. at document boundaries."""
@@ -192,9 +197,14 @@ class Memory:
         # with backbone memory a segment's keys depend on what its row already holds, so each
         # row encodes it reading its own memory, as `LongSideModel.forward` would
         groups = [targets] if bm is None else [[r] for r in targets]
+        # a carried window (config.window_carry): each segment after the first starts with the
+        # last `carry` tokens of the one before, read again and not written again, as
+        # `LocalWindow` reads text
+        carry = min(cfg.window_carry, W - 1)
         n = 0
-        for a in range(0, len(ids), W):
+        for a in range(0, max(len(ids) - carry, 1) if len(ids) else 0, W - carry):
             seg = torch.tensor([list(ids[a:a + W])], dtype=torch.long)
+            skip = carry if a else 0
             for group in groups:
                 if bm is None:
                     key = tuple(seg[0].tolist()) if encoded is not None else None
@@ -208,15 +218,15 @@ class Memory:
                     part = bm.segment(group)  # its own: an open window's segment is untouched
                     with bm.attach(part, read=True):
                         k, v, h = encode_memory(bb, seg, layer, self.token_layer, max(bm.layers))
-                    bm.write(part)
+                    bm.write(part, skip)
                 for r in group:
                     if h is None:
-                        self.banks[r].add(k[0], v[0])
+                        self.banks[r].add(k[0, skip:], v[0, skip:])
                     else:
-                        self.banks[r].add(k[0], v[0], token_keys=h[0], token_ids=seg[0])
+                        self.banks[r].add(k[0, skip:], v[0, skip:], token_keys=h[0, skip:], token_ids=seg[0, skip:])
             n += 1
             if bar is not None:
-                bar.update(seg.shape[1])
+                bar.update(seg.shape[1] - skip)
         return n
 
     # -- files -----------------------------------------------------------------------

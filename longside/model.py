@@ -131,6 +131,17 @@ class LongSideModel(nn.Module):
         memory = Memory(self.backbone, config, rows)  # checks the layers now, not at first use
         self.config, self._memory = config, memory
 
+    def use_window_carry(self, tokens: int) -> None:
+        """Carry the last `tokens` of each full segment into the next one's window (0: every
+        segment starts empty, as the side network was trained): see `config.window_carry` and
+        `LocalWindow`. Refused while memory holds text (it was written the other way)."""
+        if self._memory is not None and not self._memory.is_empty():
+            raise LongsideError("memory already holds text read with another window carry; call reset_memory() "
+                                "first and memorize it again")
+        rows = self._memory.rows if self._memory is not None else 1
+        config = dataclasses.replace(self.config, window_carry=tokens)  # checks the value
+        self.config, self._memory = config, Memory(self.backbone, config, rows)
+
     def drop_token_cache(self, only_copy: bool = False) -> None:
         """Switch the token cache off (memory attention alone reads memory), or with
         `only_copy` only its exact-match copy read (the neighbour vote stays): for
@@ -221,14 +232,16 @@ class LongSideModel(nn.Module):
     # -- forward -----------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 use_memory: bool = True, write_memory: bool = True, return_logits: bool = True,
-                encoded: BackboneOutput | None = None, token_cache: bool = True) -> LongSideOutput:
+                encoded: BackboneOutput | None = None, token_cache: bool = True, carried: int = 0) -> LongSideOutput:
         """One segment `input_ids [B, T]` (T <= window): read memory, predict, write the segment.
 
         The segment never retrieves itself: it is written after it is read. `encoded`: the
         `encode(input_ids)` of these ids, made once and shared by several models reading the
         same segment (e.g. one per memory capacity); not with backbone memory, whose blocks
         read this model's own memory. `token_cache=False` leaves the token cache out of this
-        read (memory attention alone); the segment is still written to it."""
+        read (memory attention alone); the segment is still written to it. `carried`: the first
+        tokens are the end of the segment before, read again as context (a carried window,
+        `config.window_carry`) and already in memory: not written again; label them -100."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0 \
                 or input_ids.shape[0] == 0:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
@@ -243,6 +256,8 @@ class LongSideModel(nn.Module):
         if T > self.config.window:
             raise LongsideError(f"segment of {T} tokens exceeds the window of {self.config.window}; "
                                 "split the text into segments (or use memorize / generate)")
+        if not 0 <= carried < T:
+            raise LongsideError(f"carried must count tokens of the segment before its new ones: 0..{T - 1}, got {carried}")
         if use_memory or write_memory:
             self.memory_for(B)
         if encoded is not None and self.config.backbone_memory_layers:
@@ -259,7 +274,7 @@ class LongSideModel(nn.Module):
         if return_logits:
             logits = self.output(h, hits)
         if write_memory:
-            self.write_segment(out, input_ids, tok_keys)
+            self.write_segment(out, input_ids, tok_keys, skip=carried)
         return LongSideOutput(logits=logits, loss=loss, n_tokens=n)
 
     def read_segment(self, input_ids: torch.Tensor, use_memory: bool, encoded: BackboneOutput | None = None,
@@ -284,11 +299,12 @@ class LongSideModel(nn.Module):
         tok_keys = self.token_keys(out)
         return out, h, tok_keys, self.search_tokens(tok_keys, input_ids) if use_memory and token_cache else None
 
-    def write_segment(self, out, input_ids: torch.Tensor, tok_keys: torch.Tensor | None) -> None:
-        """Write a segment read by `read_segment` into memory."""
+    def write_segment(self, out, input_ids: torch.Tensor, tok_keys: torch.Tensor | None, skip: int = 0) -> None:
+        """Write a segment read by `read_segment` into memory, all but its first `skip` tokens
+        (already there: a carried window's)."""
         self.memory.add(out.memory_keys, out.memory_values, token_keys=tok_keys,
                         token_ids=input_ids if tok_keys is not None else None,
-                        backbone_segment=getattr(out, "backbone_segment", None))
+                        backbone_segment=getattr(out, "backbone_segment", None), skip=skip)
 
     def output(self, h: torch.Tensor, hits=None, block: int = 256) -> torch.Tensor:
         """Final states `h [B, T, d]` -> logits `[B, T, V]` float32; with token-cache `hits`

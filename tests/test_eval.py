@@ -494,3 +494,27 @@ def test_eval_all_quick_end_to_end(tmp_path):
     assert set(report["reports"]) == {"ppl", "chapterbreak", "icl", "passkey"}
     for name in report["reports"]:
         _png(tmp_path / f"q_{name}.png")
+
+
+def test_ppl_reads_a_carried_window_as_generation_does(smollm2):
+    """With window_carry, the perplexity rows read the book as LocalWindow reads a text: the
+    NLL of every token equals the one from the logits of incremental decoding."""
+    from longside.inference.window import LocalWindow
+
+    model = LongSideModel(smollm2, SideNetConfig(window=W, capacity_tokens=4096))
+    with torch.no_grad():
+        model.side.up.weight.normal_(0, 0.01, generator=torch.Generator().manual_seed(0))
+    model.use_window_carry(32)
+    tokens = torch.randint(100, 5000, (2 * W + 40,), generator=torch.Generator().manual_seed(3))
+    got = ppl._carried_nll(tokens, W, model, True)
+    model.reset_memory()
+    logits = LocalWindow(model, 1).feed(tokens[None], all_logits=True)[0]
+    want = torch.nn.functional.cross_entropy(logits[:-1], tokens[1:], reduction="none")
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-4)
+    assert len(model.memory.banks[0]) == 2 * W - 32  # two full segments: each token once
+    with pytest.raises(Exception, match="reset_memory"):
+        model.use_window_carry(16)  # memory holds text read with another carry
+    model.reset_memory()
+    with pytest.raises(Exception, match="window_carry"):
+        model.use_window_carry(W)
+    assert _args("ppl", ["--window-carry", "8"]).window_carry == 8

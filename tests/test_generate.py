@@ -525,3 +525,76 @@ def test_bench_generate_times_backbone_memory_rows(tmp_path):
         assert r["decode_tokens_per_s"] > 0 and r["backbone_memory_layers"] == [29]
     assert "65536" in rows[2]["memory_fill"] or "times over" in rows[2]["memory_fill"]
     assert report["backbone_memory"] == "29"
+
+
+# -- a carried window ---------------------------------------------------------------------------
+C = 16  # tokens carried into the next segment
+
+
+def make_carrying_model(backbone, **kw) -> LongSideModel:
+    model = make_model(backbone)
+    return LongSideModel(backbone, SideNetConfig(window=W, capacity_tokens=4096, memory_attention="gated",
+                                                 window_carry=C, **kw), side=model.side)
+
+
+def test_a_carried_window_decodes_as_forward_reads_carried_segments(smollm2):
+    """LocalWindow with window_carry = C: after a full segment, the next one reads the last C
+    tokens again (not written twice). Its logits equal forward's on the same readings:
+    [0, W), then [W - C, 2W - C) with carried=C, then the partial rest."""
+    model = make_carrying_model(smollm2)
+    ids = ids_of(2 * W + 20)
+    model.init_memory(1)
+    starts = [0, W - C, 2 * W - 2 * C]
+    ref = []
+    for i, a in enumerate(starts):
+        carried = C if i else 0
+        ref.append(model(ids[:, a:a + W], carried=carried).logits[:, carried:])
+    ref = torch.cat(ref, 1)
+    written = len(model.memory.banks[0])
+    assert written == W + (W - C) + (ids.shape[1] - (2 * W - C))  # each token once; forward writes the partial one
+    model.init_memory(1)
+    window = LocalWindow(model, 1)
+    cuts = [0, 7, *range(11, W - 2, 13), *range(W - 2, W + 3), 2 * W - C - 1, 2 * W - C + 1, ids.shape[1]]
+    inc = torch.cat([window.feed(ids[:, a:b], all_logits=True) for a, b in zip(cuts, cuts[1:])], 1)
+    atol = max(1e-3, 5 * backbone_noise(smollm2, ids, cuts))
+    torch.testing.assert_close(inc, ref, atol=atol, rtol=1e-5)
+    assert window.carried == C and window.n == C + ids.shape[1] - (2 * W - C) and window.segments_written == 2
+    assert len(model.memory.banks[0]) == W + (W - C)  # the partial segment stays in the window
+    window.flush()  # writes all but the carried tokens
+    assert len(model.memory.banks[0]) == written and window.carried == 0
+
+
+def test_memorizing_with_a_carried_window_writes_what_decoding_writes(smollm2):
+    model = make_carrying_model(smollm2)
+    ids = ids_of(2 * W + 20, seed=7)
+    model.init_memory(1)
+    window = LocalWindow(model, 1)
+    window.feed(ids)
+    window.flush()
+    bank = model.memory.banks[0]
+    fed = bank._keys[:, :bank.num_chunks].clone(), len(bank), len(bank.tokens)
+    model.init_memory(1)
+    assert model.memory.write_ids(ids[0].tolist()) == 3
+    bank = model.memory.banks[0]
+    assert (len(bank), len(bank.tokens)) == fed[1:] == (ids.shape[1], ids.shape[1] - 1)
+    torch.testing.assert_close(bank._keys[:, :bank.num_chunks].float(), fed[0].float(), atol=2e-2, rtol=0)
+
+
+def test_a_carried_window_with_backbone_memory_stores_each_token_once(smollm2):
+    model = make_carrying_model(smollm2, backbone_memory_layers=[20])
+    model.init_memory(1)
+    window = LocalWindow(model, 1)
+    window.feed(ids_of(2 * W, seed=8))
+    sinks = model.backbone_memory.sink_tokens
+    # the first segment keeps its sink tokens out; the second its carried ones (already stored)
+    assert model.backbone_memory.lengths() == [(W - sinks) + (W - C)]
+    assert len(model.memory.banks[0]) == W + (W - C)
+
+
+def test_a_carry_must_be_below_the_window(smollm2):
+    for bad in (-1, W):
+        with pytest.raises(Exception, match="window_carry"):
+            SideNetConfig(window=W, window_carry=bad)
+    model = make_carrying_model(smollm2)
+    with pytest.raises(LongsideError, match="carried"):
+        model(ids_of(8), carried=8)

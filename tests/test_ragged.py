@@ -260,3 +260,20 @@ def test_decoding_in_c_equals_the_torch_loops(model, monkeypatch):
     loops = run(False)
     assert calls == done  # the reference never entered C
     torch.testing.assert_close(c, loops, atol=2e-4, rtol=1e-4)  # as the tests above
+
+
+def test_rows_with_a_carried_window_step_one_by_one_like_their_own_windows(model):
+    carrying = LongSideModel(model.backbone, SideNetConfig(window=W, capacity_tokens=4096, window_carry=8),
+                             side=model.side).eval()
+    pairs = [_window(carrying, t, n) for t, n in zip(TEXTS[:2], (20, 5))]
+    ragged = RaggedWindows(carrying)
+    assert not ragged.batched  # the batched step has no carry: rows keep their own windows
+    for win, _ in pairs:
+        ragged.join(win)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(30):  # both rows cross a segment boundary and carry its end
+        ids = torch.randint(0, 2000, (2,), generator=gen)
+        want = torch.cat([ref.feed(ids[b:b + 1, None]) for b, (_, ref) in enumerate(pairs)])
+        torch.testing.assert_close(ragged.step(ids), want, atol=2e-4, rtol=1e-4)
+    for row, (_, ref) in zip(ragged.rows, pairs):
+        assert row.window.carried == ref.carried == 8 and len(row.memory.banks[0]) == len(ref.memory.banks[0])

@@ -39,6 +39,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone-memory", metavar="BLOCKS",
                    help="backbone blocks that read memory themselves, e.g. 15-29 (training-free; default: the "
                         "checkpoint's setting)")
+    p.add_argument("--window-carry", type=int, metavar="TOKENS",
+                   help="carry the last TOKENS of each segment into the next one's window, so no segment starts "
+                        "cold (default: the checkpoint's setting, 0 for the shipped one)")
     p.add_argument("--token-cache", choices=("on", "nocopy", "off"), default="on",
                    help="off: leave the token cache out (memory attention alone reads memory); nocopy: leave out "
                         "only its exact-match copy read (the neighbour vote stays); on (default): the checkpoint's "
@@ -112,6 +115,9 @@ def main(argv: list[str]) -> int:
     if args.backbone_memory is not None:
         model.use_backbone_memory(parse_blocks(args.backbone_memory))
         info["side_config"] = dataclasses.asdict(model.config)  # what the run used, not what was loaded
+    if args.window_carry is not None:
+        model.use_window_carry(args.window_carry)
+        info["side_config"] = dataclasses.asdict(model.config)
     apply_token_cache(model, info, args.token_cache)
     info["backbone_memory_layers"] = model.config.backbone_memory_layers
     reports = {}

@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "its fp32 copy, or NF4")
     p.add_argument("--backbone-memory", metavar="BLOCKS",
                    help="backbone blocks that read memory themselves, e.g. 15-29 (training-free)")
+    p.add_argument("--window-carry", type=int, metavar="TOKENS",
+                   help="carry the last TOKENS of each segment into the next one's window (no segment starts cold)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the backbone's chat template")
     p.add_argument("--system", help="system prompt (with --chat)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -59,9 +61,9 @@ def main(argv: list[str]) -> int:
         if not Path(f).is_file():
             raise LongsideError(f"--memorize {f}: no such file")
     if args.backbone_only:
-        if args.memorize or args.model or args.backbone_memory:
+        if args.memorize or args.model or args.backbone_memory or args.window_carry is not None:
             raise LongsideError("--backbone-only runs the bare backbone: it has no memory and no side network; "
-                                "drop --memorize/--model/--backbone-memory or --backbone-only")
+                                "drop --memorize/--model/--backbone-memory/--window-carry or --backbone-only")
         return _backbone_only(args, prompt)
 
     model, info = load_model(args.model, quantize=args.quantize, backbone=args.backbone)
@@ -69,6 +71,9 @@ def main(argv: list[str]) -> int:
     if args.backbone_memory:
         model.use_backbone_memory(parse_blocks(args.backbone_memory))
         note += f", backbone memory in blocks {args.backbone_memory}"
+    if args.window_carry is not None:
+        model.use_window_carry(args.window_carry)
+        note += f", {args.window_carry} tokens carried into each next window"
     print(f"[{note}]", file=sys.stderr)
     if args.memorize:
         n = model.memorize([Path(f) for f in args.memorize])

@@ -90,6 +90,10 @@ def main(argv: list[str]) -> int:
     if not args.huge_pages:  # read by memory_bank/pages.py when the weights and each user's memory are allocated
         os.environ["LONGSIDE_HUGE_PAGES"] = "0"
     model, info = load_model(args.model, quantize=args.quantize)
+    if model.config.window_carry:
+        raise LongsideError(f"{args.model} carries its window (window_carry {model.config.window_carry}), which the "
+                            "server does not support yet (it memorizes documents a segment at a time); serve a "
+                            "checkpoint with window_carry 0")
     if model.config.backbone_memory_layers:
         raise LongsideError(f"{args.model} reads backbone memory, which the server does not support yet (its "
                             "rows cannot share a batch); serve a checkpoint without backbone_memory_layers")

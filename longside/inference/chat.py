@@ -173,6 +173,7 @@ class ChatSession:
                 "window": model.config.window, "side_config": _side_identity(model),
                 "system": self.system, "messages": self.messages, "fed": self._fed,
                 "window_ids": self.window.ids[0].tolist(), "segments_written": self.window.segments_written,
+                "window_carried": self.window.carried,
                 "max_new_tokens": self.config.max_new_tokens,
                 "sampling": {k: getattr(self.config, k) for k in GenerationConfig.SAMPLING},
                 "memory_sha256": files[MAIN_FILE],
@@ -242,6 +243,7 @@ class ChatSession:
         if body["window_ids"]:  # rebuild the local caches by reading the window again
             session.window.feed(torch.tensor([body["window_ids"]]))
         session.window.segments_written = body["segments_written"]
+        session.window.carried = body.get("window_carried", 0)  # already in memory: not written again
         return session
 
 
@@ -315,6 +317,10 @@ def _check_body(body: dict, model: "LongSideModel", path: Path) -> GenerationCon
     n = body["segments_written"]
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise bad("segments_written is not a count")
+    c = body.get("window_carried", 0)
+    if not isinstance(c, int) or isinstance(c, bool) or not 0 <= c <= len(ids) or (c and c != model.config.window_carry):
+        raise bad(f"window_carried must be 0 or the model's window_carry ({model.config.window_carry}), "
+                  "and no more than the window's tokens")
     sampling = body["sampling"]
     if not isinstance(sampling, dict) or set(sampling) - set(GenerationConfig.SAMPLING):
         raise bad("its sampling options are not those of GenerationConfig")
@@ -329,6 +335,8 @@ def _side_identity(model: "LongSideModel") -> dict:
     ident = {"memory_layer": c.memory_layer, "chunk_size": c.chunk_size, "memory_attention": c.memory_attention}
     if c.backbone_memory_layers:  # absent otherwise, so sessions saved before it still match
         ident["backbone_memory_layers"] = c.backbone_memory_layers
+    if c.window_carry:  # likewise
+        ident["window_carry"] = c.window_carry
     return ident
 
 

@@ -22,8 +22,9 @@ retrievals do not count as bank hits), and afterwards row b's earlier columns mo
 past that padding, so its real tokens are again its last n_b columns.
 
 A row's logits equal those its own `LocalWindow` would give to float rounding (tested),
-so rows never see each other. Llama-family backbones without backbone memory take the
-batched path (the lean decode step of backbone/decode_step.py); others step row by row.
+so rows never see each other. Llama-family backbones without backbone memory or a carried
+window take the batched path (the lean decode step of backbone/decode_step.py); others step
+row by row.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ class _Row:
 
 def batched_path(model: "LongSideModel") -> bool:
     """Whether rows of `model` can step as one batch (else they step one by one)."""
-    return model.backbone.spec.family == "llama" and not model.config.backbone_memory_layers
+    return model.backbone.spec.family == "llama" and not model.config.backbone_memory_layers \
+        and not model.config.window_carry
 
 
 class RaggedWindows:

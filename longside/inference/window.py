@@ -8,7 +8,10 @@ is written into memory whole once it is done. Generation must see text the same 
         DynamicCache, every side block's (k, v) cache, and the memory layer's pre-rotary
         keys/values of the segment grow with each token;
     when n reaches `window`, the segment's keys/values go into the memory bank and all
-        local caches restart empty (the next token is position 0 of a new segment).
+        local caches restart empty (the next token is position 0 of a new segment); with
+        `config.window_carry` = c, the new segment first reads the old one's last c tokens
+        again (positions 0..c-1, already in memory: not written twice), so that no token
+        starts cold.
 
 So memory is written once per `window` tokens, never per step, and the logits of
 incremental decoding equal those of `LongSideModel.forward` on the same segment.
@@ -38,7 +41,8 @@ class LocalWindow:
     splitting at segment boundaries, and returns the logits of the last position `[B, V]`
     (or of every position `[B, T, V]` with `all_logits=True`). All tensors float32.
 
-    Attributes: `n` (tokens in the current segment), `ids [B, n]` (their token ids),
+    Attributes: `n` (tokens in the current segment), `carried` (how many of them were carried
+    from the segment before), `ids [B, n]` (their token ids),
     `keys, values [B, n, G, D]` (the memory layer's pre-rotary keys/values, written to
     memory when the segment fills), `token_keys [B, n, d]` (the token cache's keys, or
     None), `segments_written`. With a token cache the returned logits are those of the
@@ -53,7 +57,7 @@ class LocalWindow:
             raise LongsideError(f"a memory of {memory.rows} row(s) for a batch of {batch_size}")
         self.model, self.batch_size = model, batch_size
         self.use_memory, self.write_memory = use_memory, write_memory
-        self.window = model.config.window
+        self.window, self.carry = model.config.window, model.config.window_carry
         self.layer = model.config.memory_layer
         # whose memory this window reads and writes: its own (a server's user), or the model's
         self._own_memory = memory
@@ -67,6 +71,7 @@ class LocalWindow:
         spec, B = self.model.backbone.spec, self.batch_size
         dev = self.model.backbone.device
         self.cache = DynamicCache()
+        self.carried = 0
         self.side_caches: list | None = None
         self.ids = torch.zeros(B, 0, dtype=torch.long, device=dev)
         self.keys = torch.zeros(B, 0, spec.num_kv_heads, spec.head_dim, device=dev)
@@ -92,8 +97,8 @@ class LocalWindow:
         """Write the current (possibly partial) segment to memory and start a new one."""
         if self.n and self.write_memory:
             self.memory.add(self.keys, self.values, token_keys=self.token_keys,
-                                  token_ids=self.ids if self.token_keys is not None else None,
-                                  backbone_segment=self.backbone_segment)
+                            token_ids=self.ids if self.token_keys is not None else None,
+                            backbone_segment=self.backbone_segment, skip=self.carried)
             self.segments_written += 1
         self._restart()
 
@@ -124,7 +129,11 @@ class LocalWindow:
             outs.append(self._step(ids[:, pos:pos + take], all_logits))
             pos += take
             if self.n == self.window:  # the segment is complete: it leaves the window
+                tail = self.ids[:, self.window - self.carry:].clone() if self.carry else None
                 self.flush()
+                if tail is not None:  # the new segment reads the old one's end again
+                    self._step(tail, False)
+                    self.carried = self.carry
         return torch.cat(outs, 1) if all_logits else outs[-1]
 
     def _step(self, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:

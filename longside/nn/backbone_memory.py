@@ -95,11 +95,13 @@ class BackboneMemory:
         without hooks where a decode step runs in C."""
         return BlockReads(self, seg, read)
 
-    def write(self, seg: "Segment") -> None:
-        """Append `seg` (minus its sink tokens) to the banks of its rows, and empty it."""
+    def write(self, seg: "Segment", skip: int = 0) -> None:
+        """Append `seg` to the banks of its rows, and empty it: all but its first `skip` tokens
+        (already in memory: a carried window's) and its sink tokens."""
+        first = max(self.sink_tokens, skip)
         for L in seg.layers():
             k, v, _ = seg.window(L)
-            k, v = k[:, self.sink_tokens:], v[:, self.sink_tokens:]
+            k, v = k[:, first:], v[:, first:]
             for b, r in enumerate(seg.rows):
                 self.banks[L][r].add(k[b], v[b])
         seg.clear()
