@@ -92,10 +92,11 @@ def _segmented_nll(tokens: torch.Tensor, window: int, backbone, models: list, me
     # a model that carries its window reads the book as its generation does (_carried_nll)
     carrying = [i for i, row in enumerate(models) if row is not None and row[0].config.window_carry]
     for i in carrying:
-        nll[i] = _carried_nll(tokens, window, *models[i])
-    models = [None if i in carrying else row for i, row in enumerate(models)]
+        nll[i] = _carried_nll(tokens, window, *models[i], bar=bar)
+    if len(carrying) == len(models):
+        return nll
     # one encoding per segment for the rows that can read it (a row with backbone memory runs its own)
-    share = any(row is None or row[0].backbone_memory is None for row in models)
+    share = any(row is None or row[0].backbone_memory is None for i, row in enumerate(models) if i not in carrying)
     for a in range(0, n - 1, window):
         seg = tokens[a:a + window][None]
         targets = tokens[a + 1:a + 1 + seg.shape[1]]
@@ -115,14 +116,20 @@ def _segmented_nll(tokens: torch.Tensor, window: int, backbone, models: list, me
     return nll
 
 
-def _carried_nll(tokens: torch.Tensor, window: int, model, memory: bool) -> torch.Tensor:
+def _carried_readings(n: int, window: int, carry: int) -> range:
+    """Where `_carried_nll`'s readings of a text of `n` tokens start."""
+    c = min(carry, window - 1)
+    return range(0, max(n - 1 - c, 1), window - c)
+
+
+def _carried_nll(tokens: torch.Tensor, window: int, model, memory: bool, bar=None) -> torch.Tensor:
     """NLL of tokens 1..N-1 for a model with `config.window_carry` = c: readings of `window`
     tokens starting every window - c, each after the first beginning with the c tokens the one
     before ended with (read again, not written again, not scored again): how `LocalWindow`
     reads a text. Every token but the first is scored once, as in `_segmented_nll`."""
     n, c = len(tokens), min(model.config.window_carry, window - 1)
     nll = torch.empty(n - 1)
-    for a in range(0, max(n - 1 - c, 1), window - c):
+    for a in _carried_readings(n, window, c):
         seg = tokens[a:a + window][None]
         first = c if a else 0  # earlier positions predicted tokens the reading before scored
         with torch.no_grad():
@@ -130,6 +137,8 @@ def _carried_nll(tokens: torch.Tensor, window: int, model, memory: bool) -> torc
         targets = tokens[a + 1 + first:a + 1 + seg.shape[1]]
         nll[a + first:a + first + len(targets)] = F.cross_entropy(
             logits[first:first + len(targets)].float(), targets, reduction="none")
+        if bar is not None:
+            bar.update(1)
     return nll
 
 
@@ -236,7 +245,10 @@ def run(model, info: dict, config: PplConfig, data=None) -> dict:
     native = [name for name, desc, *_ in rows if "stride" in desc]
     segmented = [(name, None if m is None else (m, memory)) for name, desc, m, memory in rows if name not in native]
     todo = [(t, ids) for t, ids in streams if t not in done]
-    steps = sum(math.ceil((len(ids) - 1) / stride) * bool(native) + math.ceil((len(ids) - 1) / window) * bool(segmented)
+    carrying = sum(1 for _, r in segmented if r is not None and r[0].config.window_carry)  # read on their own
+    steps = sum(math.ceil((len(ids) - 1) / stride) * bool(native)
+                + math.ceil((len(ids) - 1) / window) * (len(segmented) > carrying)
+                + carrying * len(_carried_readings(len(ids), window, model.config.window_carry))
                 for _, ids in todo)
     with tqdm(total=steps, desc="ppl", unit="seg") as bar:
         for title, ids in todo:
