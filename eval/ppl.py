@@ -44,6 +44,7 @@ from longside.eval.common import (
     with_capacity,
     write_json,
 )
+from longside.memory import segment_starts
 from tqdm.auto import tqdm
 
 # the rows, in order: bare backbone at the local window and at its native context,
@@ -116,12 +117,6 @@ def _segmented_nll(tokens: torch.Tensor, window: int, backbone, models: list, me
     return nll
 
 
-def _carried_readings(n: int, window: int, carry: int) -> range:
-    """Where `_carried_nll`'s readings of a text of `n` tokens start."""
-    c = min(carry, window - 1)
-    return range(0, max(n - 1 - c, 1), window - c)
-
-
 def _carried_nll(tokens: torch.Tensor, window: int, model, memory: bool, bar=None) -> torch.Tensor:
     """NLL of tokens 1..N-1 for a model with `config.window_carry` = c: readings of `window`
     tokens starting every window - c, each after the first beginning with the c tokens the one
@@ -129,7 +124,7 @@ def _carried_nll(tokens: torch.Tensor, window: int, model, memory: bool, bar=Non
     reads a text. Every token but the first is scored once, as in `_segmented_nll`."""
     n, c = len(tokens), min(model.config.window_carry, window - 1)
     nll = torch.empty(n - 1)
-    for a in _carried_readings(n, window, c):
+    for a in segment_starts(n - 1, window, c):  # readings with targets left to score
         seg = tokens[a:a + window][None]
         first = c if a else 0  # earlier positions predicted tokens the reading before scored
         with torch.no_grad():
@@ -248,7 +243,7 @@ def run(model, info: dict, config: PplConfig, data=None) -> dict:
     carrying = sum(1 for _, r in segmented if r is not None and r[0].config.window_carry)  # read on their own
     steps = sum(math.ceil((len(ids) - 1) / stride) * bool(native)
                 + math.ceil((len(ids) - 1) / window) * (len(segmented) > carrying)
-                + carrying * len(_carried_readings(len(ids), window, model.config.window_carry))
+                + carrying * len(segment_starts(len(ids) - 1, window, model.config.window_carry))
                 for _, ids in todo)
     with tqdm(total=steps, desc="ppl", unit="seg") as bar:
         for title, ids in todo:

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from longside.config import parse_blocks
 from longside.eval.common import book_chapters, git_commit, load_book_data, load_model
 from longside.nn.backbone_memory import BackboneMemory
+from longside.paths import check_output_file, write_json
 
 
 @contextlib.contextmanager
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", nargs="+", choices=("off", "injected", "direct"), default=["off", "injected", "direct"])
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    check_output_file(args.json, "--json")  # before the long work
     model, info = load_model()
     W = model.config.window
     books, data_id = load_book_data(None, "test")
@@ -123,12 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         r["vs_off"] = r["ppl"] / base - 1 if base else None
     report = {"experiment": "backbone_memory_direct", "model": info, "git_commit": git_commit(),
               "data": {"books": data_id, "title": book["title"]}, "config": vars(args), "results": rows}
-    text = json.dumps(report, indent=1)
     if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+        write_json(report, args.json)
     else:
-        print(text)
+        print(json.dumps(report, indent=1))
     return 0
 
 

@@ -32,6 +32,7 @@ from longside.nn.attention import causal_lse
 from longside.nn.backbone_memory import BackboneMemory
 from longside.config import parse_blocks
 from longside.eval.common import book_chapters, git_commit, load_book_data, load_model
+from longside.paths import check_output_file, write_json
 
 
 @contextlib.contextmanager
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="K-true: the farthest a memory key is placed from its query (default: no limit)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    check_output_file(args.json, "--json")  # before the long work
     model, info = load_model()
     W = model.config.window
     books, data_id = load_book_data(None, args.split)
@@ -168,12 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     report = {"experiment": "backbone_memory_k_bound", "model": info, "git_commit": git_commit(),
               "data": {"books": data_id, "titles": [books[b]["title"] for b in args.book]},
               "config": vars(args), "results": rows}
-    text = json.dumps(report, indent=1)
     if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+        write_json(report, args.json)
     else:
-        print(text)
+        print(json.dumps(report, indent=1))
     return 0
 
 

@@ -20,6 +20,7 @@ import torch
 
 import longside.nn.backbone_memory as backbone_memory
 from longside.eval.common import book_chapters, git_commit, load_book_data, load_model
+from longside.paths import check_output_file, write_json
 
 sys.path.insert(0, str(Path(__file__).parent))
 from causal_lse_ab import whole_matrix  # noqa: E402
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, default=2)
     p.add_argument("--json")
     args = p.parse_args(argv)
+    check_output_file(args.json, "--json")  # before the long work
     torch.set_num_threads(2)
     model, info = load_model()
     model.use_backbone_memory(range(15, 30))
@@ -57,10 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     report = {"experiment": "backbone_memory_memorize_ab", "git_commit": git_commit(), "tokens": len(ids),
               "threads": 2, "seconds": seconds, "median_s": med, "time_ratio": med["blocked"] / med["whole"],
               "tokens_per_s": {k: len(ids) / v for k, v in med.items()}, "block29_keys_close": same}
-    text = json.dumps(report, indent=1)
     if args.json:
-        Path(args.json).write_text(text + "\n")
-    print(text)
+        write_json(report, args.json)
+    print(json.dumps(report, indent=1))
     return 0
 
 

@@ -10,7 +10,6 @@ Pairs alternate the two versions; reported are the medians and their ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
@@ -18,6 +17,7 @@ import time
 import torch
 
 from longside.nn.attention import causal_lse
+from longside.paths import check_output_file, write_json
 
 
 def whole_matrix(qr: torch.Tensor, kr: torch.Tensor) -> torch.Tensor:
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json")
     args = p.parse_args(argv)
+    check_output_file(args.json, "--json")  # before the long work
     g = torch.Generator().manual_seed(0)
     report = {"experiment": "causal_lse_ab", "threads": torch.get_num_threads(), "cases": {}}
     for name, T, P in [("segment 1024", 1024, 0), ("decode step at 1000", 1, 1000)]:
@@ -55,9 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "time_ratio": med["blocked"] / med["whole"], "runs_ms": times}
         print(name, {k: round(v, 3) for k, v in med.items()}, round(med["blocked"] / med["whole"], 3))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-            f.write("\n")
+        write_json(report, args.json)
     return 0
 
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from longside.eval.common import book_chapters, git_commit, load_book_data, load_model, with_capacity
+from longside.paths import check_output_file, write_json
 
 ppl_eval = importlib.import_module("longside.eval.ppl")
 
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="also the bare backbone at its native context, sliding by one window (eval ppl's row)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    check_output_file(args.json, "--json")  # before the long work
     model, info = load_model()
     model = with_capacity(model, args.memory_tokens)
     bm_model = None
@@ -125,12 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({f"backbone@{ctx}": rows[f"backbone@{ctx}"]}), file=sys.stderr)
     report = {"experiment": "window_carry", "model": info, "git_commit": git_commit(),
               "data": {"books": data_id, "title": book["title"]}, "config": vars(args), "results": rows}
-    text = json.dumps(report, indent=1)
     if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+        write_json(report, args.json)
     else:
-        print(text)
+        print(json.dumps(report, indent=1))
     return 0
 
 

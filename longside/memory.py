@@ -51,6 +51,14 @@ def is_bank_file(name: str) -> bool:
     return name == MAIN_FILE or re.fullmatch(r"backbone_block\d+\.lsmb", name) is not None
 
 
+
+def segment_starts(n: int, window: int, carry: int = 0) -> range:
+    """Where the segments of a text of `n` tokens start when each after the first begins with
+    the last `carry` tokens of the one before (`config.window_carry`; 0: back to back):
+    every window - carry tokens, as long as tokens are left that no segment has read yet."""
+    carry = min(carry, window - 1)
+    return range(0, max(n - carry, 1) if n else 0, window - carry)
+
 class Memory:
     """The memory of `rows` sequences for one backbone and side configuration.
 
@@ -202,7 +210,7 @@ class Memory:
         # `LocalWindow` reads text
         carry = min(cfg.window_carry, W - 1)
         n = 0
-        for a in range(0, max(len(ids) - carry, 1) if len(ids) else 0, W - carry):
+        for a in segment_starts(len(ids), W, carry):
             seg = torch.tensor([list(ids[a:a + W])], dtype=torch.long)
             skip = carry if a else 0
             for group in groups:

@@ -122,37 +122,31 @@ class LongSideModel(nn.Module):
         """Let blocks `layers` of the backbone read memory themselves ([] switches it off);
         needs no training (see `longside.nn.backbone_memory`). Refused while memory holds
         text, which was written without it: reset or start a new memory first."""
-        if self._memory is not None and not self._memory.is_empty():
-            raise LongsideError("memory already holds text written without this setting; call reset_memory() "
-                                "first and memorize it again")
-        rows = self._memory.rows if self._memory is not None else 1
-        config = dataclasses.replace(self.config, backbone_memory_layers=list(layers),
-                                     backbone_memory_k_chunks=k_chunks or self.config.backbone_memory_k_chunks)
-        memory = Memory(self.backbone, config, rows)  # checks the layers now, not at first use
-        self.config, self._memory = config, memory
+        self._reconfigure("written without this setting", backbone_memory_layers=list(layers),
+                          backbone_memory_k_chunks=k_chunks or self.config.backbone_memory_k_chunks)
 
     def use_window_carry(self, tokens: int) -> None:
         """Carry the last `tokens` of each full segment into the next one's window (0: every
         segment starts empty, as the side network was trained): see `config.window_carry` and
         `LocalWindow`. Refused while memory holds text (it was written the other way)."""
-        if self._memory is not None and not self._memory.is_empty():
-            raise LongsideError("memory already holds text read with another window carry; call reset_memory() "
-                                "first and memorize it again")
-        rows = self._memory.rows if self._memory is not None else 1
-        config = dataclasses.replace(self.config, window_carry=tokens)  # checks the value
-        self.config, self._memory = config, Memory(self.backbone, config, rows)
+        self._reconfigure("read with another window carry", window_carry=tokens)
 
     def drop_token_cache(self, only_copy: bool = False) -> None:
         """Switch the token cache off (memory attention alone reads memory), or with
         `only_copy` only its exact-match copy read (the neighbour vote stays): for
         measuring what each read path gives. Refused while memory holds text."""
+        self._reconfigure("written with the token cache", **({"token_copy_k": 0} if only_copy else {"token_cache": False}))
+
+    def _reconfigure(self, held: str, **change) -> None:
+        """The config with `change` (checked by the config) and a new empty memory of as many
+        rows; refused while memory holds text, which was `held` (e.g. "written without this
+        setting")."""
         if self._memory is not None and not self._memory.is_empty():
-            raise LongsideError("memory already holds text written with the token cache; call reset_memory() "
-                                "first and memorize it again")
-        change = {"token_copy_k": 0} if only_copy else {"token_cache": False}
+            raise LongsideError(f"memory already holds text {held}; call reset_memory() first and memorize it again")
         rows = self._memory.rows if self._memory is not None else 1
-        self.config = dataclasses.replace(self.config, **change)
-        self._memory = Memory(self.backbone, self.config, rows)
+        config = dataclasses.replace(self.config, **change)
+        memory = Memory(self.backbone, config, rows)  # checks what the config cannot (backbone memory's blocks)
+        self.config, self._memory = config, memory
 
     def reset_memory(self, rows: list[int] | None = None) -> None:
         """Forget everything (or only `rows`), e.g. at document boundaries."""
