@@ -32,6 +32,17 @@ from longside.server.store import UserStore
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+def _check_servable(model, path: str | None) -> None:
+    """Refuse a checkpoint whose settings the server cannot keep for every user."""
+    if model.config.window_carry:
+        raise LongsideError(f"{path} carries its window (window_carry {model.config.window_carry}), which the "
+                            "server does not support yet (it memorizes documents a segment at a time); serve a "
+                            "checkpoint with window_carry 0")
+    if model.config.backbone_memory_layers:
+        raise LongsideError(f"{path} reads backbone memory, which the server does not support yet (its "
+                            "rows cannot share a batch); serve a checkpoint without backbone_memory_layers")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="longside serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,14 +100,12 @@ def main(argv: list[str]) -> int:
     port = sock.getsockname()[1]
     if not args.huge_pages:  # read by memory_bank/pages.py when the weights and each user's memory are allocated
         os.environ["LONGSIDE_HUGE_PAGES"] = "0"
-    model, info = load_model(args.model, quantize=args.quantize)
-    if model.config.window_carry:
-        raise LongsideError(f"{args.model} carries its window (window_carry {model.config.window_carry}), which the "
-                            "server does not support yet (it memorizes documents a segment at a time); serve a "
-                            "checkpoint with window_carry 0")
-    if model.config.backbone_memory_layers:
-        raise LongsideError(f"{args.model} reads backbone memory, which the server does not support yet (its "
-                            "rows cannot share a batch); serve a checkpoint without backbone_memory_layers")
+    try:
+        model, info = load_model(args.model, quantize=args.quantize)
+        _check_servable(model, args.model)
+    except BaseException:
+        sock.close()
+        raise
     print(f"longside serve: {info['note']}", file=sys.stderr)
     store = UserStore(model, store_dir, max_resident_bytes=int(args.max_resident_gb * (1 << 30)))
     engine = Engine(model, store, max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000)
