@@ -188,7 +188,7 @@ class Memory:
         return total
 
     def write_ids(self, ids, *, window: int | None = None, rows: list[int] | None = None, bar=None,
-                  encoded: dict | None = None) -> int:
+                  encoded: dict | None = None, carried: int = 0) -> int:
         """Write token ids `ids` (a sequence of ints) into the memory of `rows` (every row
         when None) in segments of `window` tokens (default `config.window`), oldest first;
         returns the number of segments. What is written equals what `LongSideModel.forward`
@@ -196,7 +196,11 @@ class Memory:
 
         `encoded`: a dict the caller keeps to reuse encodings of identical segments across
         calls (a segment's keys depend on its tokens alone; not used with backbone memory,
-        whose keys also depend on what the row already holds)."""
+        whose keys also depend on what the row already holds).
+
+        `carried`: the first segment starts with this many tokens that are already in memory
+        (the end of a segment written before, as the next one of a longer text reads them
+        with `config.window_carry`): read again, not written again."""
         targets = self.check_rows(rows)
         cfg, bb, bm = self.config, self._backbone, self.blocks
         W, layer = window or cfg.window, cfg.memory_layer
@@ -209,10 +213,12 @@ class Memory:
         # last `carry` tokens of the one before, read again and not written again, as
         # `LocalWindow` reads text
         carry = min(cfg.window_carry, W - 1)
+        if not 0 <= carried < max(len(ids), 1):
+            raise LongsideError(f"carried {carried}: must be 0..{len(ids) - 1} (fewer than the tokens given)")
         n = 0
         for a in segment_starts(len(ids), W, carry):
             seg = torch.tensor([list(ids[a:a + W])], dtype=torch.long)
-            skip = carry if a else 0
+            skip = carry if a else carried
             for group in groups:
                 if bm is None:
                     key = tuple(seg[0].tolist()) if encoded is not None else None

@@ -262,18 +262,34 @@ def test_decoding_in_c_equals_the_torch_loops(model, monkeypatch):
     torch.testing.assert_close(c, loops, atol=2e-4, rtol=1e-4)  # as the tests above
 
 
-def test_rows_with_a_carried_window_step_one_by_one_like_their_own_windows(model):
+def test_rows_with_a_carried_window_step_together_like_their_own_windows(model):
     carrying = LongSideModel(model.backbone, SideNetConfig(window=W, capacity_tokens=4096, window_carry=8),
                              side=model.side).eval()
-    pairs = [_window(carrying, t, n) for t, n in zip(TEXTS[:2], (20, 5))]
+    pairs = [_window(carrying, t, n) for t, n in zip(TEXTS[:3], (20, 5, 30))]  # the third has carried
     ragged = RaggedWindows(carrying)
-    assert not ragged.batched  # the batched step has no carry: rows keep their own windows
+    assert ragged.batched
     for win, _ in pairs:
         ragged.join(win)
+    refs = [ref for _, ref in pairs]
     gen = torch.Generator().manual_seed(2)
-    for _ in range(30):  # both rows cross a segment boundary and carry its end
-        ids = torch.randint(0, 2000, (2,), generator=gen)
-        want = torch.cat([ref.feed(ids[b:b + 1, None]) for b, (_, ref) in enumerate(pairs)])
+    for step in range(34):  # every row crosses a segment boundary and carries its end
+        if step == 11:  # a row leaves with its carried tokens and goes on alone
+            alone, ref_alone = ragged.leave(2), refs.pop(2)
+            assert alone.carried == ref_alone.carried and alone.n == ref_alone.n
+        if step == 20:  # prompts of different lengths, one across a boundary
+            chunks = [torch.randint(0, 2000, (t,), generator=gen) for t in (23, 3)]
+            want = torch.cat([ref.feed(c[None]) for c, ref in zip(chunks, refs)])
+            torch.testing.assert_close(ragged.feed(chunks), want, atol=2e-4, rtol=1e-4)
+        ids = torch.randint(0, 2000, (len(refs),), generator=gen)
+        want = torch.cat([ref.feed(ids[b:b + 1, None]) for b, ref in enumerate(refs)])
         torch.testing.assert_close(ragged.step(ids), want, atol=2e-4, rtol=1e-4)
-    for row, (_, ref) in zip(ragged.rows, pairs):
-        assert row.window.carried == ref.carried == 8 and len(row.memory.banks[0]) == len(ref.memory.banks[0])
+        if step >= 11:
+            t = ids[:1, None]
+            torch.testing.assert_close(alone.feed(t), ref_alone.feed(t), atol=2e-4, rtol=1e-4)
+    for row, ref in zip(ragged.rows, refs):  # each token stored once, as its own window stores it
+        assert row.carried == ref.carried == 8 and row.segments_written == ref.segments_written >= 2
+        assert len(row.memory.banks[0]) == len(ref.memory.banks[0])
+    for b in reversed(range(len(refs))):  # and they leave as their own windows are
+        win, ref = ragged.leave(b), refs[b]
+        assert (win.n, win.carried) == (ref.n, ref.carried)
+        torch.testing.assert_close(win.ids, ref.ids)

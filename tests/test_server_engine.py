@@ -5,6 +5,7 @@ float rounding)."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -13,6 +14,8 @@ import pytest
 from longside import load_model
 from longside.errors import LongsideError
 from longside.inference.sampling import GenerationConfig
+from longside.memory import Memory
+from longside.model import LongSideModel
 from longside.server.engine import Engine, Job
 from longside.server.store import UserStore
 
@@ -26,6 +29,14 @@ QUESTIONS = {"ann": "Where is my boat?", "ben": "What do I repair, and on which 
 @pytest.fixture(scope="module")
 def model(smollm2):
     return load_model(backbone=smollm2)[0]
+
+
+@pytest.fixture(scope="module")
+def carrying(model):
+    """The shipped side network in a 32-token window that carries its last 8: every prompt
+    and document crosses segment boundaries."""
+    config = dataclasses.replace(model.config, window=32, window_carry=8)
+    return LongSideModel(model.backbone, config, side=model.side).eval()
 
 
 def _serve(model, root, arrive: str, warm: bool = False, **engine_options) -> tuple[dict, dict, list]:
@@ -167,3 +178,31 @@ def test_requests_a_few_ms_apart_wait_for_each_other(model, tmp_path):
 def test_batch_wait_is_checked(model, tmp_path):
     with pytest.raises(LongsideError, match="batch_wait_s"):
         Engine(model, UserStore(model, tmp_path), batch_wait_s=0.1, max_batch_wait_s=0.05)
+
+
+def test_a_carried_window_is_served_as_alone_and_documents_stored_as_memorize_stores_them(carrying, tmp_path):
+    alone, _, _ = _serve(carrying, tmp_path / "alone", "one by one")
+    together, stats, ends = _serve(carrying, tmp_path / "together", "waiting")
+    assert stats["prompts_together"] == len(NOTES) and [e["type"] for e in ends] == ["done"] * len(NOTES)
+    assert together == alone and len(set(together.values())) == len(NOTES)
+    # a document memorized a segment at a time, as the whole of it at once
+    store, text = UserStore(carrying, tmp_path / "docs"), " ".join(NOTES.values())
+    engine, done, events = Engine(carrying, store).start(), threading.Event(), []
+
+    def emit(e):
+        events.append(e)
+        if e["type"] in ("result", "error"):
+            done.set()
+    try:
+        engine.submit(Job("memorize", "ann", emit=emit, name="notes.txt", text=text))
+        assert done.wait(120) and events[-1]["type"] == "result", events[-1]
+    finally:
+        engine.stop()
+    progress = [e["tokens_done"] for e in events if e["type"] == "progress"]
+    whole = Memory(carrying.backbone, carrying.config, 1)
+    whole.memorize(text, progress=False, as_text=True)
+    assert len(progress) == len(range(0, progress[-1] - 8, 24)) >= 3  # segments start every 32 - 8
+    assert progress[-1] == len(whole.banks[0]) == len(store.session("ann").memory.banks[0])
+    whole.save(tmp_path / "whole.bank")
+    store.session("ann").memory.save(tmp_path / "served.bank")
+    assert (tmp_path / "whole.bank").read_bytes() == (tmp_path / "served.bank").read_bytes()

@@ -34,10 +34,6 @@ _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 def _check_servable(model, path: str | None) -> None:
     """Refuse a checkpoint whose settings the server cannot keep for every user."""
-    if model.config.window_carry:
-        raise LongsideError(f"{path} carries its window (window_carry {model.config.window_carry}), which the "
-                            "server does not support yet (it memorizes documents a segment at a time); serve a "
-                            "checkpoint with window_carry 0")
     if model.config.backbone_memory_layers:
         raise LongsideError(f"{path} reads backbone memory, which the server does not support yet (its "
                             "rows cannot share a batch); serve a checkpoint without backbone_memory_layers")

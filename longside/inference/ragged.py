@@ -12,7 +12,9 @@ every `step` feeds one token per row through backbone and side network as one ba
         from the backbone's attention, the side blocks' and the memory layer's causal
         softmax; positions, rotary angles and memory retrieval are per row;
     a row whose segment fills writes it to its own bank and restarts at n_b = 0 (its old
-        columns become padding); columns no row uses are dropped now and then.
+        columns become padding), or, with a carried window (`config.window_carry` = c),
+        at n_b = c: its own window reads the old segment's last c tokens again and they take
+        the row's last c columns; columns no row uses are dropped now and then.
 
 `feed` reads several tokens per row at once, as many as each row has (users joining with
 prompts of different lengths, read together instead of one by one): the T new columns
@@ -22,9 +24,8 @@ retrievals do not count as bank hits), and afterwards row b's earlier columns mo
 past that padding, so its real tokens are again its last n_b columns.
 
 A row's logits equal those its own `LocalWindow` would give to float rounding (tested),
-so rows never see each other. Llama-family backbones without backbone memory or a carried
-window take the batched path (the lean decode step of backbone/decode_step.py); others step
-row by row.
+so rows never see each other. Llama-family backbones without backbone memory take the
+batched path (the lean decode step of backbone/decode_step.py); others step row by row.
 """
 
 from __future__ import annotations
@@ -105,13 +106,13 @@ class _Row:
     memory: Memory
     n: int  # tokens in the row's current segment (its last n columns)
     segments_written: int
+    carried: int = 0  # of the n, how many the segment before ended with (already in memory)
     window: LocalWindow | None = None  # the row's own window, when rows step one by one
 
 
 def batched_path(model: "LongSideModel") -> bool:
     """Whether rows of `model` can step as one batch (else they step one by one)."""
-    return model.backbone.spec.family == "llama" and not model.config.backbone_memory_layers \
-        and not model.config.window_carry
+    return model.backbone.spec.family == "llama" and not model.config.backbone_memory_layers
 
 
 class RaggedWindows:
@@ -125,7 +126,7 @@ class RaggedWindows:
 
     def __init__(self, model: "LongSideModel", *, use_memory: bool = True, write_memory: bool = True):
         self.model, self.use_memory, self.write_memory = model, use_memory, write_memory
-        self.window = model.config.window
+        self.window, self.carry = model.config.window, min(model.config.window_carry, model.config.window - 1)
         self.batched = batched_path(model)
         self.rows: list[_Row] = []
         self._empty()
@@ -162,46 +163,49 @@ class RaggedWindows:
             raise LongsideError(f"a row joins from a batch-1 window, got a batch of {window.batch_size}")
         if window.backbone_segment is not None:
             raise LongsideError("windows with backbone memory step one by one; they cannot join a batch")
-        row = _Row(window.memory, window.n, window.segments_written)
+        row = _Row(window.memory, window.n, window.segments_written, window.carried)
         if not self.batched:
             row.window = window
             self.rows.append(row)
             return len(self.rows) - 1
-        n, S = window.n, self.columns
-        if n > S:
-            self._pad_left(n - S)
-            S = n
+        S = max(window.n, self.columns)
+        if S > self.columns:
+            self._pad_left(S - self.columns)
         spec = self.model.backbone.spec
         G, D = spec.num_kv_heads, spec.head_dim
 
-        def place(t: torch.Tensor | None, shape: tuple, dim: int) -> torch.Tensor:
-            """The row's last n entries along `dim`, padded on the left to S."""
-            out = torch.zeros(shape, dtype=t.dtype if t is not None else torch.float32, device=self.ids.device)
-            if n:
-                out.narrow(dim, S - n, n).copy_(t)
-            return out
+        def empty_row(t: torch.Tensor, dim: int) -> torch.Tensor:
+            """`t`'s first S columns along `dim`, with one more row of zeros."""
+            t = t.narrow(dim, 0, S)
+            return torch.cat([t, t.new_zeros((1, *t.shape[1:]))])
 
-        L = spec.num_layers
-        for i in range(L):
-            k = window.cache.layers[i].keys if n else None
-            v = window.cache.layers[i].values if n else None
-            new_k, new_v = place(k, (1, G, S, D), 2), place(v, (1, G, S, D), 2)
-            self.cache.keys[i] = torch.cat([self.cache.keys[i][:, :, :S], new_k])
-            self.cache.values[i] = torch.cat([self.cache.values[i][:, :, :S], new_v])
-        self.cache.lengths = [S] * L
-        for j, blk in enumerate(self.model.side.blocks):
-            k = window.side_caches[j][0] if n else None
-            v = window.side_caches[j][1] if n else None
-            hd = blk.head_dim
-            self.side_caches[j] = (torch.cat([self.side_caches[j][0], place(k, (1, G, S, hd), 2)]),
-                                   torch.cat([self.side_caches[j][1], place(v, (1, G, S, hd), 2)]))
-        self.ids = torch.cat([self.ids, place(window.ids, (1, S), 1).long()])
-        self.keys = torch.cat([self.keys, place(window.keys, (1, S, G, D), 1)])
-        self.values = torch.cat([self.values, place(window.values, (1, S, G, D), 1)])
+        for i in range(spec.num_layers):
+            self.cache.keys[i], self.cache.values[i] = empty_row(self.cache.keys[i], 2), empty_row(self.cache.values[i], 2)
+        self.cache.lengths = [S] * spec.num_layers
+        self.side_caches = [(empty_row(k, 2), empty_row(v, 2)) for k, v in self.side_caches]
+        self.ids, self.keys, self.values = (empty_row(t, 1) for t in (self.ids, self.keys, self.values))
         if self.token_keys is not None:
-            self.token_keys = torch.cat([self.token_keys, place(window.token_keys, (1, S, spec.hidden_size), 1)])
+            self.token_keys = empty_row(self.token_keys, 1)
         self.rows.append(row)
+        self._place(len(self.rows) - 1, window)
         return len(self.rows) - 1
+
+    def _place(self, b: int, window: LocalWindow) -> None:
+        """Copy a batch-1 window's n tokens into row `b`'s last n columns (S >= n; the row's
+        other columns are padding)."""
+        n, S = window.n, self.columns
+        if not n:
+            return
+        cols = slice(S - n, S)
+        for i in range(len(self.cache.keys)):
+            self.cache.keys[i][b, :, cols] = window.cache.layers[i].keys[0]
+            self.cache.values[i][b, :, cols] = window.cache.layers[i].values[0]
+        for (k, v), (wk, wv) in zip(self.side_caches, window.side_caches):
+            k[b, :, cols], v[b, :, cols] = wk[0], wv[0]
+        self.ids[b, cols] = window.ids[0]
+        self.keys[b, cols], self.values[b, cols] = window.keys[0], window.values[0]
+        if self.token_keys is not None:
+            self.token_keys[b, cols] = window.token_keys[0]
 
     def leave(self, i: int) -> LocalWindow:
         """Remove row `i` -> its state as a batch-1 `LocalWindow` (its own memory)."""
@@ -212,7 +216,7 @@ class RaggedWindows:
             return row.window
         model, S, n = self.model, self.columns, row.n
         win = LocalWindow(model, 1, use_memory=self.use_memory, write_memory=self.write_memory, memory=row.memory)
-        win.segments_written = row.segments_written
+        win.segments_written, win.carried = row.segments_written, row.carried
         if n:
             cols = slice(S - n, S)
             cache = DynamicCache()
@@ -414,11 +418,19 @@ class RaggedWindows:
                 move(t, 0)
 
     def _flush(self, b: int) -> None:
-        """Write row `b`'s full segment to its memory; the row restarts at position 0."""
-        row, W = self.rows[b], self.window
+        """Write row `b`'s full segment to its memory; the row restarts at position 0, or
+        after reading the segment's last `carry` tokens again as its own window would."""
+        row, W, c = self.rows[b], self.window, self.carry
         if self.write_memory:
             tk = self.token_keys[b:b + 1, -W:] if self.token_keys is not None else None
             row.memory.add(self.keys[b:b + 1, -W:], self.values[b:b + 1, -W:], token_keys=tk,
-                           token_ids=self.ids[b:b + 1, -W:] if tk is not None else None)
+                           token_ids=self.ids[b:b + 1, -W:] if tk is not None else None, skip=row.carried)
             row.segments_written += 1
-        row.n = 0
+        row.n = row.carried = 0
+        if c:
+            tail = self.ids[b:b + 1, -c:].clone()
+            # the row's own batch-1 window reads them (one row's prefill; the others wait)
+            alone = LocalWindow(self.model, 1, use_memory=self.use_memory, write_memory=False, memory=row.memory)
+            alone._step(tail, False)
+            self._place(b, alone)
+            row.n = row.carried = c

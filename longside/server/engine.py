@@ -386,10 +386,12 @@ class Engine:
             raise LongsideError(f"unknown job {job.kind!r}")
 
     def _memorize_segment(self, doc: _Document) -> None:
-        W = self.model.config.window
-        part = doc.ids[doc.done:doc.done + W]
-        doc.session.memory.write_ids(part, rows=[0])
-        doc.done += len(part)
+        # one segment of what `Memory.write_ids` would write for the whole document: with a
+        # carried window each after the first reads the end of the one before again
+        W, c = self.model.config.window, min(self.model.config.window_carry, self.model.config.window - 1)
+        start = max(doc.done - c, 0)
+        doc.session.memory.write_ids(doc.ids[start:start + W], rows=[0], carried=doc.done - start)
+        doc.done = min(start + W, len(doc.ids))
         doc.job.emit({"type": "progress", "tokens_done": doc.done, "tokens_total": len(doc.ids)})
         if doc.done < len(doc.ids) and not doc.job.cancelled:
             return
