@@ -213,8 +213,10 @@ class Memory:
         # last `carry` tokens of the one before, read again and not written again, as
         # `LocalWindow` reads text
         carry = min(cfg.window_carry, W - 1)
-        if not 0 <= carried < max(len(ids), 1):
-            raise LongsideError(f"carried {carried}: must be 0..{len(ids) - 1} (fewer than the tokens given)")
+        if isinstance(carried, bool) or not isinstance(carried, int) or \
+                not 0 <= carried < max(min(len(ids), W), 1):
+            raise LongsideError(f"carried {carried!r}: must be an int from 0 to {max(min(len(ids), W) - 1, 0)} "
+                                "(fewer than the tokens given and than a segment)")
         n = 0
         for a in segment_starts(len(ids), W, carry):
             seg = torch.tensor([list(ids[a:a + W])], dtype=torch.long)

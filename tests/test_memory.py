@@ -70,9 +70,11 @@ def test_a_batch_of_another_size_needs_an_empty_memory(model):
 def test_a_segment_written_after_its_carried_tokens_stores_only_the_new_ones(model):
     memory = Memory(model.backbone, model.config, 1)
     ids = list(range(100, 140))
-    for bad in (-1, 40):
+    for bad in (-1, 40, 64, True, 2.0):
         with pytest.raises(LongsideError, match="carried"):
             memory.write_ids(ids, carried=bad)
     assert memory.lengths() == [0]
     memory.write_ids(ids, carried=10)  # the first 10 are the end of a segment written before
     assert memory.lengths() == [30]
+    with pytest.raises(LongsideError, match="carried"):  # more than a segment: nothing would be new
+        memory.write_ids(list(range(200)), carried=64)

@@ -103,6 +103,9 @@ class _Cache:
 
 @dataclass
 class _Row:
+    """A row's own state; for rows that step one by one, `window` holds it (n, carried and
+    segments_written here are then those it joined with)."""
+
     memory: Memory
     n: int  # tokens in the row's current segment (its last n columns)
     segments_written: int
