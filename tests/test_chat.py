@@ -231,10 +231,19 @@ def test_a_session_with_a_carried_window_resumes_it(model, tmp_path):
     while chat.window.segments_written < 2 or chat.window.carried == 0:
         chat.send(f"Tell me fact number {len(chat.messages)} about whales.")
     chat.save(tmp_path / "s")
+    saved_tokens = chat.stats()["memory_tokens"]
     expected, stats = chat.send("Which facts?"), chat.stats()
     resumed = ChatSession.load(tmp_path / "s", carrying)
     assert resumed.window.carried == 16
     assert resumed.send("Which facts?") == expected
     assert resumed.stats()["memory_tokens"] == stats["memory_tokens"]
-    with pytest.raises(LongsideError, match="another side network configuration"):
-        ChatSession.load(tmp_path / "s", model)  # a model that does not carry
+    # a model that does not carry resumes it too: the carried tokens are in memory already
+    plain = ChatSession.load(tmp_path / "s", model)
+    assert plain.window.carried == 16 and plain.stats()["memory_tokens"] == saved_tokens
+    before = plain.window.segments_written
+    while plain.window.segments_written == before:
+        plain.send("Another fact, please.")
+    # its segment went into memory without the 16 carried tokens, and nothing is carried on
+    assert plain.window.carried == 0
+    written = plain.window.segments_written - before
+    assert plain.stats()["memory_tokens"] == saved_tokens + (W - 16) + (written - 1) * W

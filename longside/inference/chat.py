@@ -204,7 +204,8 @@ class ChatSession:
         if body["owner"] != model.backbone.owner_id(model.config.memory_layer):
             raise SessionError(f"session {path} was made with {body['owner']!r}, this model is "
                                f"{model.backbone.owner_id(model.config.memory_layer)!r}; load it with that model")
-        if body["window"] != model.config.window or body["side_config"] != _side_identity(model):
+        saved = {k: v for k, v in body["side_config"].items() if k != "window_carry"}  # sessions of session 33
+        if body["window"] != model.config.window or saved != _side_identity(model):
             raise SessionError(f"session {path} was made with another side network configuration; "
                                "load it with the model that saved it")
         blocks = body.get("backbone_memory_sha256", {})
@@ -318,9 +319,8 @@ def _check_body(body: dict, model: "LongSideModel", path: Path) -> GenerationCon
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise bad("segments_written is not a count")
     c = body.get("window_carried", 0)
-    if not isinstance(c, int) or isinstance(c, bool) or not 0 <= c <= len(ids) or (c and c != model.config.window_carry):
-        raise bad(f"window_carried must be 0 or the model's window_carry ({model.config.window_carry}), "
-                  "and no more than the window's tokens")
+    if not isinstance(c, int) or isinstance(c, bool) or not 0 <= c <= len(ids):
+        raise bad("window_carried must be a count of no more than the window's tokens")
     sampling = body["sampling"]
     if not isinstance(sampling, dict) or set(sampling) - set(GenerationConfig.SAMPLING):
         raise bad("its sampling options are not those of GenerationConfig")
@@ -335,8 +335,10 @@ def _side_identity(model: "LongSideModel") -> dict:
     ident = {"memory_layer": c.memory_layer, "chunk_size": c.chunk_size, "memory_attention": c.memory_attention}
     if c.backbone_memory_layers:  # absent otherwise, so sessions saved before it still match
         ident["backbone_memory_layers"] = c.backbone_memory_layers
-    if c.window_carry:  # likewise
-        ident["window_carry"] = c.window_carry
+    # not window_carry: a memory written with one carry reads as well with another, and the
+    # window's carried tokens (already in memory) are skipped at its next flush whatever the
+    # model's carry, so a session resumes under a changed carry (a server switching it keeps
+    # its users)
     return ident
 
 
