@@ -260,3 +260,8 @@ def test_serve_refuses_a_checkpoint_it_cannot_serve_and_frees_the_port(tmp_path)
         serve_cli.main(["--model", str(tmp_path / "ckpt"), "--port", str(port), "--store", str(tmp_path / "store")])
     with socket.socket() as again:
         again.bind(("127.0.0.1", port))
+
+
+def test_serve_refuses_a_window_carry_the_window_cannot_hold(tmp_path):
+    with pytest.raises(LongsideError, match="window_carry"):
+        serve_cli.main(["--window-carry", "1024", "--port", "0", "--store", str(tmp_path / "store")])

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", metavar="DIR", help="side-network checkpoint (default: the shipped one)")
     p.add_argument("--quantize", choices=["native", "fp32", "nf4"], help="backbone weights (default: native)")
+    p.add_argument("--window-carry", type=int, metavar="TOKENS",
+                   help="carry the last TOKENS of each full segment into the next window, so no segment starts "
+                        "cold (default: the checkpoint's setting; users saved under another carry resume under it)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--store", metavar="DIR", help="where users' memories live (default: the longside cache)")
@@ -98,6 +101,8 @@ def main(argv: list[str]) -> int:
         os.environ["LONGSIDE_HUGE_PAGES"] = "0"
     try:
         model, info = load_model(args.model, quantize=args.quantize)
+        if args.window_carry is not None:
+            model.use_window_carry(args.window_carry)
         _check_servable(model, args.model)
     except BaseException:
         sock.close()
