@@ -129,7 +129,7 @@ class RaggedWindows:
 
     def __init__(self, model: "LongSideModel", *, use_memory: bool = True, write_memory: bool = True):
         self.model, self.use_memory, self.write_memory = model, use_memory, write_memory
-        self.window, self.carry = model.config.window, min(model.config.window_carry, model.config.window - 1)
+        self.window, self.carry = model.config.window, model.config.window_carry  # config: carry < window
         self.batched = batched_path(model)
         self.rows: list[_Row] = []
         self._empty()
@@ -175,7 +175,6 @@ class RaggedWindows:
         if S > self.columns:
             self._pad_left(S - self.columns)
         spec = self.model.backbone.spec
-        G, D = spec.num_kv_heads, spec.head_dim
 
         def empty_row(t: torch.Tensor, dim: int) -> torch.Tensor:
             """`t`'s first S columns along `dim`, with one more row of zeros."""

@@ -388,7 +388,7 @@ class Engine:
     def _memorize_segment(self, doc: _Document) -> None:
         # one segment of what `Memory.write_ids` would write for the whole document: with a
         # carried window each after the first reads the end of the one before again
-        W, c = self.model.config.window, min(self.model.config.window_carry, self.model.config.window - 1)
+        W, c = self.model.config.window, self.model.config.window_carry  # config: c < W
         start = max(doc.done - c, 0)
         doc.session.memory.write_ids(doc.ids[start:start + W], rows=[0], carried=doc.done - start)
         doc.done = min(start + W, len(doc.ids))
