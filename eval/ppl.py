@@ -118,11 +118,11 @@ def _segmented_nll(tokens: torch.Tensor, window: int, backbone, models: list, me
 
 
 def _carried_nll(tokens: torch.Tensor, window: int, model, memory: bool, bar=None) -> torch.Tensor:
-    """NLL of tokens 1..N-1 for a model with `config.window_carry` = c: readings of `window`
+    """NLL of tokens 1..N-1 for a model with `config.window_carry` (c = `config.carry_for(window)`): readings of `window`
     tokens starting every window - c, each after the first beginning with the c tokens the one
     before ended with (read again, not written again, not scored again): how `LocalWindow`
     reads a text. Every token but the first is scored once, as in `_segmented_nll`."""
-    n, c = len(tokens), min(model.config.window_carry, window - 1)
+    n, c = len(tokens), model.config.carry_for(window)
     nll = torch.empty(n - 1)
     for a in segment_starts(n - 1, window, c):  # readings with targets left to score
         seg = tokens[a:a + window][None]
@@ -220,10 +220,10 @@ def run(model, info: dict, config: PplConfig, data=None) -> dict:
                                              "memory_tokens": 0}, None, False))
     if "off" in want:
         rows.append(("longside memory 0", {"kind": "longside", "context": window, "memory_tokens": 0,
-                                            "carry": model.config.window_carry}, model, False))
+                                            "carry": model.config.carry_for(window)}, model, False))
     for cap in config.memory_tokens if "memory" in want else ():
         rows.append((f"longside memory {cap}", {"kind": "longside", "context": window, "memory_tokens": cap,
-                                                   "carry": model.config.window_carry},
+                                                   "carry": model.config.carry_for(window)},
                      with_capacity(model, cap), True))
 
     cfg = dataclasses.replace(config, window=window, native_context=context, native_stride=stride)
@@ -243,7 +243,7 @@ def run(model, info: dict, config: PplConfig, data=None) -> dict:
     carrying = sum(1 for _, r in segmented if r is not None and r[0].config.window_carry)  # read on their own
     steps = sum(math.ceil((len(ids) - 1) / stride) * bool(native)
                 + math.ceil((len(ids) - 1) / window) * (len(segmented) > carrying)
-                + carrying * len(segment_starts(len(ids) - 1, window, model.config.window_carry))
+                + carrying * len(segment_starts(len(ids) - 1, window, model.config.carry_for(window)))
                 for _, ids in todo)
     with tqdm(total=steps, desc="ppl", unit="seg") as bar:
         for title, ids in todo:

@@ -100,6 +100,13 @@ class SideNetConfig:
             if not ok:
                 raise CheckpointError(f"side-network config field {f.name!r} must be {kind}, got {v!r}")
 
+    def carry_for(self, window: int) -> int:
+        """The carry of a reading in segments of `window` tokens: `window_carry` where `window`
+        is the model's, scaled down with a shorter one (an evaluation's `--window`), so each
+        segment still brings the same share of new tokens (at 256 of 1024 carrying 256: 64
+        carried, 192 new) rather than one. Always below `window`."""
+        return self.window_carry * min(window, self.window) // self.window
+
     def token_layer(self, num_layers: int) -> int:
         """Index into `hidden_states` (0 = embeddings, i = output of block i-1) of the token-cache keys."""
         return max(1, min(num_layers, round(self.token_depth * num_layers)))

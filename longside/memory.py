@@ -211,8 +211,8 @@ class Memory:
         groups = [targets] if bm is None else [[r] for r in targets]
         # a carried window (config.window_carry): each segment after the first starts with the
         # last `carry` tokens of the one before, read again and not written again, as
-        # `LocalWindow` reads text
-        carry = min(cfg.window_carry, W - 1)
+        # `LocalWindow` reads text; a shorter window carries its share (config.carry_for)
+        carry = cfg.carry_for(W)
         if isinstance(carried, bool) or not isinstance(carried, int) or \
                 not 0 <= carried < max(min(len(ids), W), 1):
             raise LongsideError(f"carried {carried!r}: must be an int from 0 to {max(min(len(ids), W) - 1, 0)} "

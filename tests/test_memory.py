@@ -78,3 +78,17 @@ def test_a_segment_written_after_its_carried_tokens_stores_only_the_new_ones(mod
     assert memory.lengths() == [30]
     with pytest.raises(LongsideError, match="carried"):  # more than a segment: nothing would be new
         memory.write_ids(list(range(200)), carried=64)
+
+
+def test_a_shorter_write_window_carries_its_share_not_one_token_steps(model):
+    """Written in segments shorter than the model's window (an evaluation's `--window`), a
+    carried window scales with the segment: 64-token model carrying 32, 16-token segments
+    carry 8 and bring 8 new tokens each, not 15 carried and 1 new."""
+    carrying = LongSideModel(model.backbone, SideNetConfig(window=64, capacity_tokens=4096, window_carry=32),
+                             side=model.side)
+    assert [carrying.config.carry_for(w) for w in (64, 16, 1, 200)] == [32, 8, 0, 32]
+    memory = Memory(carrying.backbone, carrying.config, 1)
+    ids = list(range(100, 260))
+    assert memory.write_ids(ids, window=16) == len(range(0, 160 - 8, 8)) == 19  # not ~145
+    assert memory.lengths() == [160]  # every token once: carried ones are not written twice
+    assert memory.write_ids(ids, window=64) == len(range(0, 160 - 32, 32)) == 4
