@@ -41,7 +41,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "checkpoint's setting)")
     p.add_argument("--window-carry", type=int, metavar="TOKENS",
                    help="carry the last TOKENS of each segment into the next one's window, so no segment starts "
-                        "cold (default: the checkpoint's setting, 0 for the shipped one)")
+                        "cold (default: the checkpoint's setting, 256 for the shipped one; 0: every segment starts "
+                        "empty)")
     p.add_argument("--token-cache", choices=("on", "nocopy", "off"), default="on",
                    help="off: leave the token cache out (memory attention alone reads memory); nocopy: leave out "
                         "only its exact-match copy read (the neighbour vote stays); on (default): the checkpoint's "

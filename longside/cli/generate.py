@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone-memory", metavar="BLOCKS",
                    help="backbone blocks that read memory themselves, e.g. 15-29 (training-free)")
     p.add_argument("--window-carry", type=int, metavar="TOKENS",
-                   help="carry the last TOKENS of each segment into the next one's window (no segment starts cold)")
+                   help="carry the last TOKENS of each segment into the next one's window (no segment starts cold; "
+                        "default: the checkpoint's setting, 256 for the shipped one; 0 switches it off)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the backbone's chat template")
     p.add_argument("--system", help="system prompt (with --chat)")
     p.add_argument("--max-new-tokens", type=int, default=128)
