@@ -118,8 +118,8 @@ def _segmented_nll(tokens: torch.Tensor, window: int, backbone, models: list, me
 
 
 def _carried_nll(tokens: torch.Tensor, window: int, model, memory: bool, bar=None) -> torch.Tensor:
-    """NLL of tokens 1..N-1 for a model with `config.window_carry` (c = `config.carry_for(window)`): readings of `window`
-    tokens starting every window - c, each after the first beginning with the c tokens the one
+    """NLL of tokens 1..N-1 for a model with `config.window_carry`, c = `config.carry_for(window)`:
+    readings of `window` tokens starting every window - c, each after the first beginning with the c tokens the one
     before ended with (read again, not written again, not scored again): how `LocalWindow`
     reads a text. Every token but the first is scored once, as in `_segmented_nll`."""
     n, c = len(tokens), model.config.carry_for(window)
