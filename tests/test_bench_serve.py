@@ -28,5 +28,10 @@ def test_bench_writes_the_median_pair(tmp_path):
     assert warm["concurrent_over_sequential_tokens_per_s"] == sorted(p["ratio"] for p in warm["pairs"])[0]
     assert warm["sequential"]["tokens"] == warm["concurrent"]["tokens"] == 2 * 4
     assert r["sequential"]["tokens"] == r["concurrent"]["tokens"] == 2 * 4
+    # users start on disk and are read before their turns; in the resident pairs none is
+    for mode in ("sequential", "concurrent"):
+        assert r[mode]["engine"]["users_read_ahead"] == 2 and r[mode]["engine"]["read_ahead_s"] > 0
+        assert warm[mode]["engine"]["users_read_ahead"] == 0
+        assert r[mode]["engine"]["prefill_s"] > 0 and r[mode]["engine"]["step_s"] > 0
     assert r["restart"]["users_identical_checksum"] == 2
     assert r["isolation"]["cross_user_reads"] == 0 and r["isolation"]["failed"] == 0

@@ -110,6 +110,9 @@ def test_prompts_read_together_answer_as_alone(model, tmp_path):
     alone, alone_stats, alone_ends = _serve(model, tmp_path / "alone", "one by one")
     together, stats, ends = _serve(model, tmp_path / "together", "waiting")
     assert alone_stats["prompts_together"] == 0 and stats["prompts_together"] == len(NOTES)
+    for st in (alone_stats, stats):  # every user came from disk: read ahead, then prompts and steps timed
+        assert st["users_read_ahead"] == len(NOTES)
+        assert st["read_ahead_s"] > 0 and st["prefill_s"] > 0 and st["step_s"] > 0
     assert [e["type"] for e in ends + alone_ends] == ["done"] * 2 * len(NOTES)
     assert all(e["usage"]["completion_tokens"] == 8 for e in ends)
     assert together == alone
@@ -168,6 +171,7 @@ def test_requests_a_few_ms_apart_wait_for_each_other(model, tmp_path):
     # three prompts are read together; without the wait the first is read alone
     replies, stats, ends = _serve(model, tmp_path / "gathered", "apart", batch_wait_s=0.5, max_batch_wait_s=2.0)
     assert stats["prompts_together"] == len(NOTES)
+    assert stats["users_read_ahead"] == 0 and stats["read_ahead_s"] == 0  # users in RAM: nothing read
     assert [e["type"] for e in ends] == ["done"] * len(NOTES)
     _, stats, _ = _serve(model, tmp_path / "at once", "apart", batch_wait_s=0)
     assert stats["prompts_together"] < len(NOTES)

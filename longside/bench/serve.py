@@ -13,8 +13,10 @@
    Reported: each pair's total new tokens / wall time and their ratio; the headline ratio
    is the median pair's (the lower one of the middle two for an even count; target
    >= 3x), with its time to first token p50 / p95 and how many users the engine decoded
-   per step. Every user starts on disk, so both modes include reading the 8 memories
-   into RAM (on this VM 0.04-0.5 s a user, growing with the process's fresh pages).
+   per step, and the engine's seconds in each phase (`engine`: users read from disk before
+   their turns, prompts read, batch steps). Every user starts on disk, so both modes
+   include reading the 8 memories into RAM (on this VM 0.04-0.5 s a user, growing with
+   the process's fresh pages).
    Each repeat also runs a resident pair (`resident`): the same turns after one
    untimed memory listing per user has read every memory into RAM, as on a server that
    has served its users before; it measures the batching alone.
@@ -106,12 +108,14 @@ def main(argv: list[str]) -> int:
                         if resident:  # untimed: every memory read into RAM, the conversations unchanged
                             for u in users:
                                 _memory(s.url, headers[u])
-                        if mode == "sequential":
-                            seq = _turns(s.url, headers, prompts, new_tokens, concurrent=False)
-                            continue
                         stats0 = httpx.get(s.url + "/v1/stats", headers=headers[users[0]]).json()
-                        con = _turns(s.url, headers, prompts, new_tokens, concurrent=True)
+                        result = _turns(s.url, headers, prompts, new_tokens, concurrent=mode == "concurrent")
                         stats1 = httpx.get(s.url + "/v1/stats", headers=headers[users[0]]).json()
+                        result["engine"] = {k: round(stats1[k] - stats0[k], 3) for k in _PHASES}
+                        if mode == "sequential":
+                            seq = result
+                            continue
+                        con = result
                         before = {u: _memory(s.url, headers[u]) for u in users}  # the last one's: restarted below
                 steps = stats1["steps"] - stats0["steps"]
                 (resident_pairs if resident else pairs).append(
@@ -152,6 +156,11 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+# the engine's time in each phase of a mode's turns (Engine.stats): users read from disk
+# before their turns began, prompts read, batch steps
+_PHASES = ("users_read_ahead", "read_ahead_s", "prefill_s", "step_s")
+
+
 def _median(pairs: list[dict]) -> dict:
     """The median pair by ratio (the lower of the middle two for an even count)."""
     return sorted(pairs, key=lambda p: p["ratio"])[(len(pairs) - 1) // 2]
@@ -160,7 +169,8 @@ def _median(pairs: list[dict]) -> dict:
 def _pair_row(p: dict) -> dict:
     return {"sequential_tokens_per_s": p["sequential"]["tokens_per_s"],
             "concurrent_tokens_per_s": p["concurrent"]["tokens_per_s"], "ratio": p["ratio"],
-            "concurrent_ttft_p50_s": p["concurrent"]["ttft_p50_s"], "mean_rows_per_step": p["mean_rows_per_step"]}
+            "concurrent_ttft_p50_s": p["concurrent"]["ttft_p50_s"], "mean_rows_per_step": p["mean_rows_per_step"],
+            "sequential_engine": p["sequential"]["engine"], "concurrent_engine": p["concurrent"]["engine"]}
 
 
 def _given(value: int | None, default: int) -> int:

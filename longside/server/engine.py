@@ -131,6 +131,8 @@ class Engine:
         self.steps = 0  # batch steps taken (and rows stepped): for the bench
         self.rows_stepped = 0
         self.prompts_together = 0  # chat prompts read together with others
+        # seconds the engine thread spent in each phase (for the bench: where a burst's time goes)
+        self.users_read_ahead, self.read_ahead_s, self.prefill_s, self.step_s = 0, 0.0, 0.0, 0.0
 
     def warm_up(self) -> float:
         """Run what a first request would otherwise pay for once (kernel tables, fused
@@ -198,7 +200,9 @@ class Engine:
         """Counters for a bench or a health check (read without locking: a snapshot)."""
         return {"steps": self.steps, "rows_stepped": self.rows_stepped, "decoding": len(self._turns),
                 "memorizing": len(self._documents), "waiting": len(self._waiting),
-                "prompts_together": self.prompts_together,
+                "prompts_together": self.prompts_together, "users_read_ahead": self.users_read_ahead,
+                "read_ahead_s": round(self.read_ahead_s, 4), "prefill_s": round(self.prefill_s, 4),
+                "step_s": round(self.step_s, 4),
                 "resident_users": len(self.store.resident()), "max_batch": self.max_batch,
                 "batched": self.batch.batched}
 
@@ -257,7 +261,9 @@ class Engine:
         for job in admit:
             self._guard(job, lambda j: self._admit(j, starting))
         if starting:
+            t = time.perf_counter()
             self._prefill(starting)
+            self.prefill_s += time.perf_counter() - t
         for doc in list(self._documents):
             self._guard(doc.job, lambda _j, d=doc: self._memorize_segment(d))
         if self._turns:
@@ -327,7 +333,15 @@ class Engine:
                 pass  # an invalid name, an unreadable directory: its job fails with the reason when admitted
         if not users:
             return 0
+        t = time.perf_counter()
+        if not self._read_users(users):
+            return 0
+        self.users_read_ahead += len(users)
+        self.read_ahead_s += time.perf_counter() - t
+        return len(users)
 
+    def _read_users(self, users: list[str]) -> bool:
+        """Read `users` into `self._read` -> False where the reader thread is gone (none read)."""
         def read(user: str) -> "SavedSession | Exception":
             try:
                 return self.store.read(user)
@@ -337,12 +351,12 @@ class Engine:
         try:
             theirs = {u: self._reader.submit(read, u) for u in users[1::2]}
         except RuntimeError:  # the pool is shut down or broken: each is read when admitted
-            return 0
+            return False
         for u in users[0::2]:
             self._read[u] = read(u)
         for u, future in theirs.items():
             self._read[u] = future.result()
-        return len(users)
+        return True
 
     def _session(self, user: str) -> "ChatSession":
         return self.store.session(user, self._read.pop(user, None))
@@ -473,7 +487,9 @@ class Engine:
             turn.finish = "length" if not turn.job.cancelled else "cancelled"
 
     def _step(self) -> None:
-        logits = self.batch.step(torch.tensor([t.chosen[-1] for t in self._turns]))
+        t0 = time.perf_counter()
+        logits = self.batch.step(torch.tensor([turn.chosen[-1] for turn in self._turns]))
+        self.step_s += time.perf_counter() - t0
         self.steps += 1
         self.rows_stepped += len(self._turns)
         failed = {}
