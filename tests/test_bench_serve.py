@@ -33,5 +33,11 @@ def test_bench_writes_the_median_pair(tmp_path):
         assert r[mode]["engine"]["users_read_ahead"] == 2 and r[mode]["engine"]["read_ahead_s"] > 0
         assert warm[mode]["engine"]["users_read_ahead"] == 0
         assert r[mode]["engine"]["prefill_s"] > 0 and r[mode]["engine"]["step_s"] > 0
+    # each pair's rows per step is its concurrent phase's, whichever phase ran last (the
+    # second pair runs the concurrent one first); one after another, every step has one row
+    for row in r["pairs"] + warm["pairs"]:
+        seq, con = row["sequential_engine"], row["concurrent_engine"]
+        assert seq["rows_stepped"] == seq["steps"] > 0
+        assert row["mean_rows_per_step"] == round(con["rows_stepped"] / con["steps"], 2)
     assert r["restart"]["users_identical_checksum"] == 2
     assert r["isolation"]["cross_user_reads"] == 0 and r["isolation"]["failed"] == 0

@@ -117,12 +117,11 @@ def main(argv: list[str]) -> int:
                             continue
                         con = result
                         before = {u: _memory(s.url, headers[u]) for u in users}  # the last one's: restarted below
-                steps = stats1["steps"] - stats0["steps"]
+                steps, rows = con["engine"]["steps"], con["engine"]["rows_stepped"]  # the concurrent phase's
                 (resident_pairs if resident else pairs).append(
                     {"sequential": seq, "concurrent": con,
                      "ratio": round(con["tokens_per_s"] / seq["tokens_per_s"], 2),
-                     "mean_rows_per_step": round((stats1["rows_stepped"] - stats0["rows_stepped"]) / steps, 2)
-                     if steps else None})
+                     "mean_rows_per_step": round(rows / steps, 2) if steps else None})
         _log("restart")  # the last pair's concurrent store
         with running_server(tmp / "concurrent", keys=keys) as s:
             after = {u: _memory(s.url, headers[u]) for u in users}
@@ -156,9 +155,9 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-# the engine's time in each phase of a mode's turns (Engine.stats): users read from disk
-# before their turns began, prompts read, batch steps
-_PHASES = ("users_read_ahead", "read_ahead_s", "prefill_s", "step_s")
+# the engine's counters over a mode's turns (Engine.stats): batch steps and rows stepped,
+# users read from disk before their turns began, and seconds reading them, reading prompts, stepping
+_PHASES = ("steps", "rows_stepped", "users_read_ahead", "read_ahead_s", "prefill_s", "step_s")
 
 
 def _median(pairs: list[dict]) -> dict:
