@@ -333,30 +333,25 @@ class Engine:
                 pass  # an invalid name, an unreadable directory: its job fails with the reason when admitted
         if not users:
             return 0
-        t = time.perf_counter()
-        if not self._read_users(users):
-            return 0
-        self.users_read_ahead += len(users)
-        self.read_ahead_s += time.perf_counter() - t
-        return len(users)
 
-    def _read_users(self, users: list[str]) -> bool:
-        """Read `users` into `self._read` -> False where the reader thread is gone (none read)."""
         def read(user: str) -> "SavedSession | Exception":
             try:
                 return self.store.read(user)
             except Exception as e:  # raised when the user's job asks for the session
                 return e
 
+        t = time.perf_counter()
         try:
             theirs = {u: self._reader.submit(read, u) for u in users[1::2]}
         except RuntimeError:  # the pool is shut down or broken: each is read when admitted
-            return False
+            return 0
         for u in users[0::2]:
             self._read[u] = read(u)
         for u, future in theirs.items():
             self._read[u] = future.result()
-        return True
+        self.users_read_ahead += len(users)
+        self.read_ahead_s += time.perf_counter() - t
+        return len(users)
 
     def _session(self, user: str) -> "ChatSession":
         return self.store.session(user, self._read.pop(user, None))
@@ -487,9 +482,9 @@ class Engine:
             turn.finish = "length" if not turn.job.cancelled else "cancelled"
 
     def _step(self) -> None:
-        t0 = time.perf_counter()
+        t = time.perf_counter()
         logits = self.batch.step(torch.tensor([turn.chosen[-1] for turn in self._turns]))
-        self.step_s += time.perf_counter() - t0
+        self.step_s += time.perf_counter() - t
         self.steps += 1
         self.rows_stepped += len(self._turns)
         failed = {}
