@@ -15,6 +15,12 @@ commit 7519938), B in their C calls (`logit_stats`, `memory_read_step`):
 
     python experiments/decode_ab.py --reads [--rows 8] [--memory-tokens 16384] [--json PATH]
 
+With `--head`, one build and one model: A multiplies by the LM head's Q8_0 blocks in the file's
+order (four weight rows per pass), B by the same blocks in the lanes layout (16 rows as the
+lanes of a vector, kernels/ggml_cpu.c); the head's layout is switched before each step.
+
+    python experiments/decode_ab.py --head [--rows 8] [--memory-tokens 16384] [--json PATH]
+
 A batch of `--rows` users (RaggedWindows, as the server decodes them), each with a memory of
 its own (`--memory-tokens`: real keys of 4,096 memorized tokens of the held-out books,
 repeated) and a prompt of about `--prompt-tokens` tokens (row b: 5 b more, so rows differ);
@@ -46,6 +52,7 @@ from longside.bench.generate import QUICK_FILL, _texts
 from longside.inference.ragged import RaggedWindows
 from longside.inference.window import LocalWindow
 from longside.kernels import ggml_cpu
+from longside.kernels.ggml import unpack_lanes
 from longside.kernels.gguf_linear import GGUFLinear
 from longside.loading import load_model
 from longside.memory import Memory
@@ -80,6 +87,7 @@ def main() -> None:
     ap.add_argument("a", nargs="?", help="library A (not with --reads)")
     ap.add_argument("b", nargs="?", help="library B (not with --reads)")
     ap.add_argument("--reads", action="store_true", help="A: statistics and memory read in torch; B: in C")
+    ap.add_argument("--head", action="store_true", help="A: the LM head's blocks in the file's order; B: as lanes")
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--memory-tokens", type=int, default=16384)
     ap.add_argument("--prompt-tokens", type=int, default=60)
@@ -89,9 +97,13 @@ def main() -> None:
     check_output_file(args.json, "--json")
     run = RunRecord.start(["python", "experiments/decode_ab.py", *sys.argv[1:]])
     torch.set_num_threads(2)
-    if args.reads == bool(args.a or args.b) or (not args.reads and not (args.a and args.b)):
-        ap.error("give two libraries, or --reads alone")
-    if args.reads:
+    same_build = args.reads or args.head
+    if args.reads and args.head or same_build == bool(args.a or args.b) or (not same_build and not (args.a and args.b)):
+        ap.error("give two libraries, or --reads or --head alone")
+    if args.head:
+        args.a, args.b = "head in file order", "head as lanes"
+        libs = [ggml_cpu._lib()] * 2
+    elif args.reads:
         args.a, args.b = "torch reads", "C reads"
         libs = [ggml_cpu._lib()] * 2
         paths = [(_torch_stats, lambda *a, **k: None), (token_cache._logit_stats, MemoryReader._read_step)]
@@ -100,8 +112,13 @@ def main() -> None:
     current = [libs[0]]
     ggml_cpu._lib = lambda: current[0]
     file_order = mock.patch.object(GGUFLinear, "pack_lanes", lambda self: False)
-    with contextlib.nullcontext() if args.reads else file_order:
+    with contextlib.nullcontext() if same_build else file_order:
         model, _ = load_model()
+    head = model.backbone.parts.lm_head
+    if args.head:
+        if not head.packed:
+            ap.error("the LM head is not in the lanes layout here (Q8_0 is packed where AVX-512 VNNI runs)")
+        layouts = [(unpack_lanes(head.blocks, head.qtype), False), (head.blocks, True)]
     ids, _ = _texts(QUICK_FILL + 2048 + 1024, model.backbone.tokenizer)
     W, layer = model.config.window, model.config.memory_layer
     segments = []
@@ -137,6 +154,7 @@ def main() -> None:
 
     timed("llama_decode_step")
     timed("side_decode_layers")
+    timed("gemv_int8")  # the LM head's product (and any other int8 product a step makes)
     nxt = torch.zeros(args.rows, dtype=torch.long)
     for _ in range(8):
         nxt = batch.step(nxt).argmax(-1)
@@ -147,6 +165,8 @@ def main() -> None:
         current[0] = libs[which[0]]
         if args.reads:
             token_cache._logit_stats, MemoryReader._read_step = paths[which[0]]
+        if args.head:
+            head.blocks, head.packed = layouts[which[0]]
         t = time.perf_counter()
         nxt = batch.step(nxt).argmax(-1)
         steps.append(time.perf_counter() - t)
@@ -157,8 +177,10 @@ def main() -> None:
             "backbone_c_ms": round(statistics.median(times[("llama_decode_step", w)]) * 1e3, 2),
             "side_c_ms": round(statistics.median(times[("side_decode_layers", w)]) * 1e3 *
                                len(times[("side_decode_layers", w)]) / n, 2),
+            "int8_products_ms": round(sum(times[("gemv_int8", w)]) * 1e3 / n, 2),
             "step_ms": round(statistics.median(steps[w::2]) * 1e3, 2)}
-    report = {"benchmark": ("torch against C reads" if args.reads else "two kernel builds") +
+    report = {"benchmark": ("torch against C reads" if args.reads else "the LM head's layouts" if args.head
+                            else "two kernel builds") +
               ", alternating decode steps of one batch", "rows": args.rows,
               "memory_tokens": args.memory_tokens, "prompt_tokens": args.prompt_tokens, "steps": args.steps,
               "columns_at_end": batch.columns, "per_library": per_step,

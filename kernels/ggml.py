@@ -16,10 +16,10 @@ Block formats (ggml type id, elements, bytes; f16 = IEEE half, little-endian):
   sub-block j (32 elements) = (d*sc[j]) * nibble - dmin*min[j].
 - Q6_K (14, 256, 210): ql[128], qh[64], scales int8[16], d f16; element = (d*scale) * (q6 - 32).
 
-Q4_0 and Q4_1 weights may be held in the *lanes* layout (`pack_lanes`): the same bytes of
-each group of 16 rows reordered so that the decode kernel reads, per block, the 16 rows'
-codes already transposed (64 bytes per code dword: that dword of rows 0..15), then the 16
-rows' d and (Q4_1) m halves. A group of 16 rows keeps its 16 x row_bytes bytes, so a packed
+Q4_0, Q4_1 and Q8_0 weights may be held in the *lanes* layout (`pack_lanes`): the same bytes
+of each group of 16 rows reordered so that the decode kernel reads, per block, the 16 rows'
+codes already transposed (64 bytes per code dword: that dword of rows 0..15; 4 dwords for
+Q4, 8 for Q8_0), then the 16 rows' d and (Q4_1) m halves. A group of 16 rows keeps its 16 x row_bytes bytes, so a packed
 weight is still uint8 `[N, row_bytes]`, its row ranges at multiples of 16 are packed weights
 too, and nothing is dequantized or re-quantized: `unpack_lanes` gives the file's bytes back.
 
@@ -61,7 +61,7 @@ def type_info(qtype: str) -> tuple[int, int, int]:
 
 # the layout the decode kernel reads: groups of LANE_ROWS rows (kernels/ggml_cpu.c)
 LANE_ROWS = 16
-LANE_TYPES = ("Q4_0", "Q4_1")
+LANE_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 
 
 @dataclass
@@ -96,25 +96,26 @@ class GGMLWeight:
 
 
 def can_pack_lanes(qtype: str, n_rows: int) -> bool:
-    """True where `pack_lanes` applies: Q4_0 / Q4_1 with rows a multiple of `LANE_ROWS`."""
+    """True where `pack_lanes` applies: Q4_0 / Q4_1 / Q8_0 with rows a multiple of `LANE_ROWS`."""
     return qtype in LANE_TYPES and n_rows % LANE_ROWS == 0 and n_rows > 0
 
 
-def _lane_shape(blocks: torch.Tensor, qtype: str) -> tuple[int, int, int]:
-    """(groups of 16 rows, blocks per row, the codes' offset in a block: its f16 halves' bytes)."""
+def _lane_shape(blocks: torch.Tensor, qtype: str) -> tuple[int, int, int, int]:
+    """(groups of 16 rows, blocks per row, the codes' offset in a block: its f16 halves' bytes,
+    code dwords per block)."""
     n, rb = blocks.shape
-    return n // LANE_ROWS, rb // type_info(qtype)[2], 4 if qtype == "Q4_1" else 2
+    return n // LANE_ROWS, rb // type_info(qtype)[2], 4 if qtype == "Q4_1" else 2, 8 if qtype == "Q8_0" else 4
 
 
 def pack_lanes(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
-    """File-order uint8 `[N, row_bytes]` (Q4_0/Q4_1, N a multiple of 16) -> the lanes layout,
-    same shape: per 16 rows and block, 4 x 64 bytes (code dword j of rows 0..15), then the 16
-    d halves, then (Q4_1) the 16 m halves."""
+    """File-order uint8 `[N, row_bytes]` (Q4_0/Q4_1/Q8_0, N a multiple of 16) -> the lanes
+    layout, same shape: per 16 rows and block, 4 (Q8_0: 8) x 64 bytes (code dword j of rows
+    0..15), then the 16 d halves, then (Q4_1) the 16 m halves."""
     if not can_pack_lanes(qtype, blocks.shape[0]):
         raise LongsideError(f"cannot pack {qtype} blocks of {blocks.shape[0]} rows into lanes")
-    g, nb, off = _lane_shape(blocks, qtype)
+    g, nb, off, cw = _lane_shape(blocks, qtype)
     b = blocks.reshape(g, LANE_ROWS, nb, -1)
-    codes = b[..., off:].reshape(g, LANE_ROWS, nb, 4, 4).permute(0, 2, 3, 1, 4).reshape(g, nb, 64 * 4)
+    codes = b[..., off:].reshape(g, LANE_ROWS, nb, cw, 4).permute(0, 2, 3, 1, 4).reshape(g, nb, 64 * cw)
     halves = b[..., :off].reshape(g, LANE_ROWS, nb, off // 2, 2).permute(0, 2, 3, 1, 4).reshape(g, nb, LANE_ROWS * off)
     return torch.cat([codes, halves], -1).reshape(blocks.shape).contiguous()
 
@@ -123,11 +124,26 @@ def unpack_lanes(packed: torch.Tensor, qtype: str) -> torch.Tensor:
     """The inverse of `pack_lanes`: the file's bytes back, uint8 `[N, row_bytes]`."""
     if not can_pack_lanes(qtype, packed.shape[0]):
         raise LongsideError(f"{qtype} blocks of {packed.shape[0]} rows are not in the lanes layout")
-    g, nb, off = _lane_shape(packed, qtype)
+    g, nb, off, cw = _lane_shape(packed, qtype)
     p = packed.reshape(g, nb, -1)
-    codes = p[..., :256].reshape(g, nb, 4, LANE_ROWS, 4).permute(0, 3, 1, 2, 4).reshape(g, LANE_ROWS, nb, 16)
-    halves = p[..., 256:].reshape(g, nb, off // 2, LANE_ROWS, 2).permute(0, 3, 1, 2, 4).reshape(g, LANE_ROWS, nb, off)
-    return torch.cat([halves, codes], -1).reshape(packed.shape).contiguous()
+    codes = p[..., :64 * cw].reshape(g, nb, cw, LANE_ROWS, 4).permute(0, 3, 1, 2, 4).reshape(g, LANE_ROWS, nb, 4 * cw)
+    halves = p[..., 64 * cw:].reshape(g, nb, off // 2, LANE_ROWS, 2).permute(0, 3, 1, 2, 4)
+    return torch.cat([halves.reshape(g, LANE_ROWS, nb, off), codes], -1).reshape(packed.shape).contiguous()
+
+
+def lane_rows(packed: torch.Tensor, qtype: str, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows [n]` int64 of a lanes-packed weight in the file's order, uint8
+    `[n, row_bytes]` (an embedding's lookup without unpacking the whole table)."""
+    if not can_pack_lanes(qtype, packed.shape[0]):
+        raise LongsideError(f"{qtype} blocks of {packed.shape[0]} rows are not in the lanes layout")
+    g, nb, off, cw = _lane_shape(packed, qtype)
+    p = packed.reshape(g, nb, -1)
+    grp, lane = rows // LANE_ROWS, rows % LANE_ROWS
+    codes = p[grp, :, :64 * cw].reshape(-1, nb, cw, LANE_ROWS, 4)  # [n, nb, cw, 16, 4]
+    halves = p[grp, :, 64 * cw:].reshape(-1, nb, off // 2, LANE_ROWS, 2)
+    pick = lambda t: t.gather(3, lane.view(-1, 1, 1, 1, 1).expand(*t.shape[:3], 1, t.shape[4])).squeeze(3)
+    return torch.cat([pick(halves).reshape(-1, nb, off), pick(codes).reshape(-1, nb, 4 * cw)], -1) \
+        .reshape(len(rows), -1).contiguous()
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:

@@ -10,11 +10,12 @@
  *                      the scaled block sum, llama.cpp's Q8_1 idea): integer dot products
  *                      per block (vpmaddubsw, or vpdpbusd where AVX-VNNI exists), one fp32
  *                      FMA per block. Q4_0, Q4_1 with 8 or 16 weight rows as the lanes of
- *                      a vector; Q8_0 four weight rows per pass.
+ *                      a vector; Q8_0 four weight rows per pass, or, packed (the LM head,
+ *                      AVX-512 VNNI), 16 rows as lanes.
  *   ggml_gemv_f32:     y = x W^T from fp32 activations, fused per type with AVX2 (equal
  *                      to decode-then-dot up to summation order). Any type.
  *
- * A type id with LANES_PACKED set means Q4_0 / Q4_1 blocks in the lanes layout
+ * A type id with LANES_PACKED set means Q4_0 / Q4_1 / Q8_0 blocks in the lanes layout
  * (kernels/ggml.py pack_lanes; rows a multiple of LANE_ROWS): every entry point takes it, the
  * int8 kernel reads it as it is, the others unpack one row at a time (same bits).
  */
@@ -85,27 +86,30 @@ static inline int block_bytes(int type) {
 
 int ggml_block_bytes(int type) { return block_bytes(type); }
 
-/* Strips LANES_PACKED from *type; 1 if it was set on a type that has the layout (Q4_0, Q4_1):
- * on any other type the bit is ignored, so no row is unpacked from a layout it cannot have */
+/* Strips LANES_PACKED from *type; 1 if it was set on a type that has the layout (Q4_0, Q4_1,
+ * Q8_0): on any other type the bit is ignored, so no row is unpacked from a layout it cannot have */
 static inline int lanes_packed(int *type) {
     const int bit = *type & LANES_PACKED;
     *type &= ~LANES_PACKED;
-    return bit && (*type == T_Q4_0 || *type == T_Q4_1);
+    return bit && (*type == T_Q4_0 || *type == T_Q4_1 || *type == T_Q8_0);
 }
 
-/* Row n of a lanes-packed Q4_0 / Q4_1 weight into out[row_bytes], its blocks as in the file.
- * A group of LANE_ROWS rows holds, per block: 4 x 64 bytes (code dword j of rows 0..15), the
- * rows' d halves, then (Q4_1) their m halves. */
+/* Code dwords per block: 4 for Q4_0 / Q4_1 (16 bytes of nibbles), 8 for Q8_0 (32 bytes) */
+static inline int code_dwords(int type) { return type == T_Q8_0 ? 8 : 4; }
+
+/* Row n of a lanes-packed Q4_0 / Q4_1 / Q8_0 weight into out[row_bytes], its blocks as in the
+ * file. A group of LANE_ROWS rows holds, per block: code_dwords x 64 bytes (code dword j of
+ * rows 0..15), the rows' d halves, then (Q4_1) their m halves. */
 static void unpack_row(int type, const uint8_t *w, int64_t row_bytes, int64_t n, uint8_t *out) {
-    const int bb = block_bytes(type), off = type == T_Q4_1 ? 4 : 2;
+    const int bb = block_bytes(type), off = type == T_Q4_1 ? 4 : 2, cw = code_dwords(type);
     const int64_t nb = row_bytes / bb, r = n % LANE_ROWS;
     const uint8_t *group = w + (n - r) * row_bytes;
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *src = group + b * LANE_ROWS * bb;
+        const uint8_t *src = group + b * LANE_ROWS * bb, *halves = src + 64 * cw;
         uint8_t *dst = out + b * bb;
-        memcpy(dst, src + 256 + 2 * r, 2);
-        if (off == 4) memcpy(dst + 2, src + 288 + 2 * r, 2);
-        for (int j = 0; j < 4; j++) memcpy(dst + off + 4 * j, src + 64 * j + 4 * r, 4);
+        memcpy(dst, halves + 2 * r, 2);
+        if (off == 4) memcpy(dst + 2, halves + 32 + 2 * r, 2);
+        for (int j = 0; j < cw; j++) memcpy(dst + off + 4 * j, src + 64 * j + 4 * r, 4);
     }
 }
 
@@ -1112,6 +1116,130 @@ static void gemv_q4_lanes(int type, int packed, const uint8_t *w, int64_t row_by
     }
 }
 
+/* ---------------------------------------------------- Q8_0 rows as SIMD lanes (the LM head)
+ *
+ * A lanes-packed Q8_0 weight: per 16 rows and block, 8 x 64 bytes (code dword j of rows
+ * 0..15), then the rows' 16 d halves (kernels/ggml.py pack_lanes). Per (weight row, x row)
+ * the arithmetic is, on every path:
+ *   per block b: p_b = the exact int32 sum of codes times x bytes;
+ *   acc = fma(float(p_b), dw_b * dx_b, acc);   y = acc
+ * AVX-512 VNNI multiplies codes + 128 (unsigned, as vpdpbusd wants them) by x and starts from
+ * -128 times the block's x sum: the same integer, eight instructions per 16 rows and x row
+ * for a block, the codes loaded once for every x row. A weight is packed only where AVX-512
+ * VNNI runs (kernels/gguf_linear.py); other instruction sets, asked for by LONGSIDE_GGML_ISA,
+ * take the scalar loop: the same bits. */
+
+static void lanes_scalar_q8(const uint8_t *row, const int8_t *qx, const float *dx, int64_t ldd, int64_t M,
+                            float *y, int64_t ldy, int64_t n, int64_t K) {
+    const int64_t nb = K / 32;
+    for (int64_t m = 0; m < M; m++) {
+        float acc = 0.0f;
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = row + b * 34;
+            const int8_t *codes = (const int8_t *)(blk + 2), *xb = qx + m * K + b * 32;
+            int p = 0;
+            for (int i = 0; i < 32; i++) p += codes[i] * xb[i];
+            acc = fmaf((float)p, f16(blk) * dx[m * ldd + b], acc);
+        }
+        y[m * ldy + n] = acc;
+    }
+}
+
+#if HAVE_AVXVNNI
+__attribute__((target(AVX512_TARGET), always_inline)) static inline void q8_lanes16_t(
+    const int MX, const uint8_t *pk, const int8_t *qx, const float *dx, const int32_t *xs, int64_t ldd, int64_t K,
+    float *out) {
+    const int64_t nb = K / 32;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512 acc[LANES_MAX_MX];
+    for (int m = 0; m < MX; m++) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = pk + b * LANE_ROWS * 34;
+        __m512i W[8];
+        for (int j = 0; j < 8; j++) W[j] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(blk + 64 * j)), flip);
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 512)));
+        for (int m = 0; m < MX; m++) {
+            const int8_t *xb = qx + m * K + b * 32;
+            __m512i p0 = _mm512_set1_epi32(-128 * xs[m * ldd + b]), p1 = _mm512_setzero_si512();
+            for (int j = 0; j < 8; j += 2) {
+                int32_t a0, a1;
+                memcpy(&a0, xb + 4 * j, 4), memcpy(&a1, xb + 4 * j + 4, 4);
+                p0 = _mm512_dpbusd_epi32(p0, W[j], _mm512_set1_epi32(a0));
+                p1 = _mm512_dpbusd_epi32(p1, W[j + 1], _mm512_set1_epi32(a1));
+            }
+            const __m512 d = _mm512_mul_ps(dw, _mm512_set1_ps(dx[m * ldd + b]));
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(p0, p1)), d, acc[m]);
+        }
+    }
+    for (int m = 0; m < MX; m++) _mm512_storeu_ps(out + 16 * m, acc[m]);
+}
+
+/* one packed group of 16 rows against MX x rows (passes of up to LANES_MAX_MX) -> out[MX, 16] */
+__attribute__((target(AVX512_TARGET))) static void q8_lanes16_avx512(int MX, const uint8_t *pk, const int8_t *qx,
+                                                                     const float *dx, const int32_t *xs, int64_t ldd,
+                                                                     int64_t K, float *out) {
+    for (int m = 0; m < MX; m += LANES_MAX_MX) {
+        const int mx = MX - m < LANES_MAX_MX ? MX - m : LANES_MAX_MX;
+        const int8_t *q = qx + m * K;
+        const float *d = dx + m * ldd;
+        const int32_t *s = xs + m * ldd;
+        float *o = out + 16 * m;
+        switch (mx) {
+        case 8: q8_lanes16_t(8, pk, q, d, s, ldd, K, o); break;
+        case 7: q8_lanes16_t(7, pk, q, d, s, ldd, K, o); break;
+        case 6: q8_lanes16_t(6, pk, q, d, s, ldd, K, o); break;
+        case 5: q8_lanes16_t(5, pk, q, d, s, ldd, K, o); break;
+        case 4: q8_lanes16_t(4, pk, q, d, s, ldd, K, o); break;
+        case 3: q8_lanes16_t(3, pk, q, d, s, ldd, K, o); break;
+        case 2: q8_lanes16_t(2, pk, q, d, s, ldd, K, o); break;
+        default: q8_lanes16_t(1, pk, q, d, s, ldd, K, o);
+        }
+    }
+}
+#endif
+
+/* y[m, n] = sum_k x[m, k] W[n, k] for a lanes-packed Q8_0 W (N a multiple of LANE_ROWS) */
+static void gemv_q8_lanes(const uint8_t *w, int64_t row_bytes, const int8_t *qx, const float *dx, int64_t ldd,
+                          int64_t M, float *y, int64_t ldy, int64_t N, int64_t K, int nthreads, int isa) {
+    const int nt = pick_threads(N * K, nthreads);
+    if (!(HAVE_AVXVNNI && isa == 3)) {
+        #pragma omp parallel num_threads(nt)
+        {
+            uint8_t *tmp = (uint8_t *)malloc((size_t)row_bytes);
+            #pragma omp for schedule(static)
+            for (int64_t n = 0; n < N; n++)
+                lanes_scalar_q8(file_row(T_Q8_0, 1, w, row_bytes, n, tmp), qx, dx, ldd, M, y, ldy, n, K);
+            free(tmp);
+        }
+        return;
+    }
+#if HAVE_AVXVNNI
+    const int64_t nb = K / 32, groups = N / LANE_ROWS, mb = M < 64 ? M : 64;
+    int32_t *xs = (int32_t *)malloc(sizeof(int32_t) * M * ldd); /* each x block's integer sum */
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < nb; b++) {
+            int32_t t = 0;
+            for (int i = 0; i < 32; i++) t += qx[m * K + b * 32 + i];
+            xs[m * ldd + b] = t;
+        }
+    #pragma omp parallel num_threads(nt)
+    {
+        float out[16 * 64];
+        #pragma omp for schedule(static)
+        for (int64_t g = 0; g < groups; g++) {
+            const uint8_t *pk = w + g * LANE_ROWS * row_bytes;
+            for (int64_t m0 = 0; m0 < M; m0 += mb) {
+                const int MX = (int)(M - m0 < mb ? M - m0 : mb);
+                q8_lanes16_avx512(MX, pk, qx + m0 * K, dx + m0 * ldd, xs + m0 * ldd, ldd, K, out);
+                for (int m = 0; m < MX; m++)
+                    for (int r = 0; r < LANE_ROWS; r++) y[(m0 + m) * ldy + g * LANE_ROWS + r] = out[m * 16 + r];
+            }
+        }
+    }
+    free(xs);
+#endif
+}
+
 /* one Q8_0 row against one quantized x row, plain C (the order differs from the SIMD tiles) */
 static float row_dot_scalar_q8_0(const uint8_t *row, const int8_t *qx, const float *dx, int64_t nb) {
     float acc = 0.0f;
@@ -1134,6 +1262,10 @@ static void gemv_q8(int type, const uint8_t *w, int64_t row_bytes, const int8_t 
                     const float *sx, int64_t ldd, int64_t M, float *y, int64_t ldy, int64_t N, int64_t K,
                     int nthreads, int isa) {
     const int packed = lanes_packed(&type);
+    if (type == T_Q8_0 && packed) {
+        gemv_q8_lanes(w, row_bytes, qx, dx, ldd, M, y, ldy, N, K, nthreads, isa);
+        return;
+    }
     if (type == T_Q4_0 || type == T_Q4_1) {
         gemv_q4_lanes(type, packed, w, row_bytes, qx, dx, sx, ldd, M, y, ldy, N, K, nthreads, isa);
         return;

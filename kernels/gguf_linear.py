@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from gguf import GGUFReader, MODEL_ARCH_NAMES, get_tensor_name_map
 from longside.kernels import ggml_cpu
-from longside.kernels.ggml import (GGML_TYPES, GGMLWeight, can_pack_lanes, dequantize_reference, llama_row_order,
-                                   pack_lanes, type_info, unpack_lanes)
+from longside.kernels.ggml import (GGML_TYPES, GGMLWeight, can_pack_lanes, dequantize_reference, lane_rows,
+                                   llama_row_order, pack_lanes, type_info, unpack_lanes)
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -131,9 +131,12 @@ class GGUFLinear(nn.Module):
 
     def pack_lanes(self) -> bool:
         """Hold the blocks in the lanes layout (same bytes, reordered in groups of 16 rows) where
-        the type and row count allow it and the compiled kernels can read it; True if packed."""
+        the type and row count allow it and the compiled kernels can read it; True if packed.
+        Q8_0 only where its int8 products run on AVX-512 VNNI (ggml_cpu.c: elsewhere a packed
+        Q8_0 weight is read by the scalar loop)."""
         if self.packed or self.blocks.device.type != "cpu" or not ggml_cpu.available() \
-                or not can_pack_lanes(self.qtype, self.out_features):
+                or not can_pack_lanes(self.qtype, self.out_features) \
+                or (self.qtype == "Q8_0" and ggml_cpu.isa() != "avx512"):
             return self.packed
         self.blocks, self.packed = pack_lanes(self.blocks, self.qtype), True
         return True
@@ -192,17 +195,44 @@ class GGUFEmbedding(nn.Module):
         self.register_buffer("blocks", torch.zeros(num_embeddings, embedding_dim // elems * nbytes, dtype=torch.uint8))
         self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).reshape(()), persistent=False)
         self._scaled = float(scale) != 1.0
+        self.packed = False  # the blocks of a tied LM head packed into lanes (`share_head`)
+
+    def share_head(self, head: "GGUFLinear") -> None:
+        """Read the table from a tied LM head's blocks, in whatever layout the head keeps them
+        (one copy of the table in memory)."""
+        if head.qtype != self.qtype or (head.out_features, head.in_features) != (self.num_embeddings, self.embedding_dim):
+            raise LongsideError(f"a {head.qtype} head [{head.out_features}, {head.in_features}] is not this "
+                                f"embedding's table ({self.qtype} [{self.num_embeddings}, {self.embedding_dim}])")
+        self.blocks, self.packed = head.blocks, head.packed
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # the file's bytes, as GGUFLinear's
+        if self.packed:
+            destination[prefix + "blocks"] = unpack_lanes(self.blocks.detach(), self.qtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.packed and prefix + "blocks" in state_dict:
+            with torch.no_grad():
+                self.blocks.copy_(pack_lanes(self.blocks, self.qtype))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        packed = self.packed and self.blocks.device.type == "cpu"
         if input_ids.numel() == 1 and self.blocks.device.type == "cpu" and self.blocks.is_contiguous() \
                 and ggml_cpu.available():  # a decode step's token: its row decoded in place, no gather
             t = int(input_ids.reshape(()))
             if not 0 <= t < self.num_embeddings:
                 raise IndexError(f"token id {t} out of range for an embedding of {self.num_embeddings}")
-            table = GGMLWeight(self.blocks, self.qtype, (self.num_embeddings, self.embedding_dim))
+            table = GGMLWeight(self.blocks, self.qtype, (self.num_embeddings, self.embedding_dim), packed)
             out = ggml_cpu.dequantize_rows(table, t, t + 1).reshape(*input_ids.shape, self.embedding_dim)
             return out * self.scale if self._scaled else out
-        rows = self.blocks.index_select(0, input_ids.reshape(-1))
+        if packed:
+            ids = input_ids.reshape(-1)
+            if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < self.num_embeddings):
+                raise IndexError(f"token ids out of range for an embedding of {self.num_embeddings}")
+            rows = lane_rows(self.blocks, self.qtype, ids)
+        else:
+            rows = self.blocks.index_select(0, input_ids.reshape(-1))
         w = GGMLWeight(rows, self.qtype, (rows.shape[0], self.embedding_dim))
         out = dequantize_ggml(w).to(self.blocks.device).reshape(*input_ids.shape, self.embedding_dim)
         return out * self.scale if self._scaled else out
@@ -327,9 +357,9 @@ def load_gguf_layers(model: nn.Module, path: str | Path, activations: str = "int
         if tuple(lin.weight.shape) != w.shape:
             raise LongsideError(f"{path}: {name} is {w.shape} in the file, {tuple(lin.weight.shape)} in the model")
         new = GGUFLinear.from_weight(w, lin.bias, activations)  # a tied head holds the embedding's very blocks
-        if w is not shared_blocks and lin is not head:  # the embedding reads rows, a tied head shares
-            new.pack_lanes()                               # its blocks: file order
-        if w is shared_blocks:
+        new.pack_lanes()
+        if w is shared_blocks:  # and the embedding reads them in the head's layout: one copy
+            model.get_submodule(embed_name).share_head(new)
             report["layers"] += 1
             report["types"][w.qtype] = report["types"].get(w.qtype, 0) + 1
         else:

@@ -17,7 +17,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from longside.errors import LongsideError
 from longside.kernels import ggml_cpu
 from longside.kernels.ggml import (GGML_TYPES, GGMLWeight, dequantize_blocks, dequantize_reference, llama_row_order,
-                                   pack_lanes, random_weight, unpack_lanes)
+                                   lane_rows, pack_lanes, random_weight, unpack_lanes)
 from longside.kernels.gguf_linear import FUSED_MAX_M, INT8_MAX_M, GGUFEmbedding, GGUFLinear, dequantize_ggml, matmul_ggml
 
 TYPES = list(GGML_TYPES)
@@ -221,41 +221,47 @@ def test_lanes_layout_is_the_file_bytes_reordered():
     """`pack_lanes` moves bytes only: per 16 rows and block, code dword j of every row, then
     the rows' d (and Q4_1's m) halves; `unpack_lanes` gives the file's bytes back; other types
     and row counts are refused."""
-    for qtype, bb, off in (("Q4_0", 18, 2), ("Q4_1", 20, 4)):
+    for qtype, bb, off, dwords in (("Q4_0", 18, 2, 4), ("Q4_1", 20, 4, 4), ("Q8_0", 34, 2, 8)):
         w = random_weight(qtype, 48, 96, seed=1)
         p = pack_lanes(w.blocks, qtype)
         assert p.shape == w.blocks.shape and torch.equal(unpack_lanes(p, qtype), w.blocks)
         assert torch.equal(p.flatten().sort().values, w.blocks.flatten().sort().values)
         group = p[16:32].flatten()  # rows 16..31; block 2, row 16 + 5
         blk = group[2 * 16 * bb:3 * 16 * bb]
+        halves = 64 * dwords
         assert torch.equal(blk[64 * 3 + 4 * 5:64 * 3 + 4 * 5 + 4], w.blocks[21, 2 * bb + off + 12:2 * bb + off + 16])
-        assert torch.equal(blk[256 + 2 * 5:256 + 2 * 5 + 2], w.blocks[21, 2 * bb:2 * bb + 2])
+        assert torch.equal(blk[halves + 2 * 5:halves + 2 * 5 + 2], w.blocks[21, 2 * bb:2 * bb + 2])
         if qtype == "Q4_1":
-            assert torch.equal(blk[288 + 2 * 5:288 + 2 * 5 + 2], w.blocks[21, 2 * bb + 2:2 * bb + 4])
+            assert torch.equal(blk[halves + 32 + 2 * 5:halves + 32 + 2 * 5 + 2], w.blocks[21, 2 * bb + 2:2 * bb + 4])
+        if qtype == "Q8_0":  # the last code dword of row 21, block 2
+            assert torch.equal(blk[64 * 7 + 4 * 5:64 * 7 + 4 * 5 + 4], w.blocks[21, 3 * bb - 4:3 * bb])
         packed = GGMLWeight(p, qtype, (48, 96), packed=True)
         assert torch.equal(dequantize_reference(packed), dequantize_reference(w))
+        rows = torch.tensor([21, 0, 47, 21, 16])  # an embedding's lookup, straight from the packed bytes
+        assert torch.equal(lane_rows(p, qtype, rows), w.blocks[rows])
     with pytest.raises(LongsideError, match="lanes"):
         GGMLWeight(random_weight("Q4_1", 40, 64).blocks, "Q4_1", (40, 64), packed=True)
     with pytest.raises(LongsideError, match="lanes"):
-        pack_lanes(random_weight("Q8_0", 32, 64).blocks, "Q8_0")
+        pack_lanes(random_weight("Q5_0", 32, 64).blocks, "Q5_0")
 
 
 @needs_c
 def test_lanes_layout_gives_the_file_orders_bits_on_every_path():
     """A packed weight multiplies to the same bits as the file's order: int8 activations on the
-    plain C loop, AVX2 (8 lanes: each half of a packed group) and AVX-512, 1..17 x rows; fp32
-    activations and row ranges of the exact dequantization (unpacked a row at a time)."""
+    plain C loop, AVX2 (8 lanes: each half of a packed group) and AVX-512, 1..17 x rows (Q4;
+    packed Q8_0 has its own, test_q8_rows_as_lanes...); fp32 activations and row ranges of the
+    exact dequantization (unpacked a row at a time)."""
     code = """
 import torch
 from longside.kernels import ggml_cpu
 from longside.kernels.ggml import GGMLWeight, dequantize_reference, pack_lanes, random_weight
 g = torch.Generator().manual_seed(0)
-for qtype in ("Q4_0", "Q4_1"):
+for qtype in ("Q4_0", "Q4_1", "Q8_0"):
     for n, k in ((48, 288), (32, 96)):
         w = random_weight(qtype, n, k, seed=7)
         p = GGMLWeight(pack_lanes(w.blocks, qtype), qtype, (n, k), packed=True)
         x = torch.randn(17, k, generator=g)
-        for m in range(1, 18):
+        for m in range(1, 18 if qtype != "Q8_0" else 1):  # packed Q8_0 has its own int8 arithmetic
             assert torch.equal(ggml_cpu.gemv_int8(x[:m], p), ggml_cpu.gemv_int8(x[:m], w)), (qtype, n, m)
         assert torch.equal(ggml_cpu.gemv_f32(x[:5], p), ggml_cpu.gemv_f32(x[:5], w)), qtype
         assert torch.equal(ggml_cpu.dequantize_rows(p, 3, n - 2), dequantize_reference(w)[3:n - 2]), qtype
@@ -267,16 +273,46 @@ print(ggml_cpu.isa(), "ok")
 
 @needs_c
 def test_the_packed_bit_is_ignored_on_types_without_the_layout():
-    """The C entry points read a Q8_0 weight in the file's order even with the lanes bit set
-    (only Q4_0/Q4_1 can be packed; Python refuses the rest before it gets there)."""
-    lib, w, x = ggml_cpu._lib(), random_weight("Q8_0", 32, 64, seed=2), torch.randn(3, 64)
-    tid = GGML_TYPES["Q8_0"][0]
+    """The C entry points read a Q5_0 weight in the file's order even with the lanes bit set
+    (only Q4_0/Q4_1/Q8_0 can be packed; Python refuses the rest before it gets there)."""
+    lib, w, x = ggml_cpu._lib(), random_weight("Q5_0", 32, 64, seed=2), torch.randn(3, 64)
+    tid = GGML_TYPES["Q5_0"][0]
     for packed_bit in (0, ggml_cpu.LANES_PACKED):
         y, d = torch.empty(3, 32), torch.empty(32, 64)
-        lib.ggml_gemv_int8(tid | packed_bit, w.blocks.data_ptr(), w.row_bytes, x.data_ptr(), 64, 3, y.data_ptr(), 32,
-                           32, 64, 1, ggml_cpu._isa_level())
+        lib.ggml_gemv_f32(tid | packed_bit, w.blocks.data_ptr(), w.row_bytes, x.data_ptr(), 64, 3, y.data_ptr(), 32,
+                          32, 64, 1, int(ggml_cpu._isa_level() > 0))
         lib.ggml_dequant_rows(tid | packed_bit, w.blocks.data_ptr(), w.row_bytes, d.data_ptr(), 0, 32, 64, 1)
-        assert torch.equal(y, ggml_cpu.gemv_int8(x, w)) and torch.equal(d, dequantize_reference(w))
+        assert torch.equal(y, ggml_cpu.gemv_f32(x, w)) and torch.equal(d, dequantize_reference(w))
+
+
+@needs_c
+def test_q8_rows_as_lanes_give_the_scalar_bits_on_every_path():
+    """A lanes-packed Q8_0 weight (the LM head) on int8 activations: exact integer block sums
+    (AVX-512 VNNI: codes + 128 from -128 times the x sum) and one fma per block in block order,
+    so the plain C loop and AVX-512 give the same bits, a row of a batch has the bits of the
+    row alone (1..17 x rows: past one pass of 8), two threads equal one, and the product is as
+    close to the exact one as the file order's."""
+    code = """
+import hashlib, torch
+from longside.kernels import ggml_cpu
+from longside.kernels.ggml import GGMLWeight, dequantize_reference, pack_lanes, random_weight
+w = random_weight("Q8_0", 48, 288, seed=4)
+p = GGMLWeight(pack_lanes(w.blocks, "Q8_0"), "Q8_0", (48, 288), packed=True)
+x = torch.randn(17, 288, generator=torch.Generator().manual_seed(0)) * 3
+y = ggml_cpu.gemv_int8(x, p)
+for m in range(1, 18):
+    assert torch.equal(ggml_cpu.gemv_int8(x[:m], p), y[:m]), m
+    assert torch.equal(ggml_cpu.gemv_int8(x[m - 1:m], p), y[m - 1:m]), m
+torch.set_num_threads(1)
+assert torch.equal(ggml_cpu.gemv_int8(x, p), y)
+torch.set_num_threads(2)
+exact = x @ dequantize_reference(w).T
+err = lambda a: float((a - exact).abs().max() / exact.abs().max())
+assert err(y) < 2e-2 and err(y) < 1.5 * err(ggml_cpu.gemv_int8(x, w)) + 1e-6, (err(y), err(ggml_cpu.gemv_int8(x, w)))
+print(ggml_cpu.isa(), hashlib.sha256(y.numpy().tobytes()).hexdigest())
+"""
+    outs = _printed_per_isa(code, ("scalar", "avx2", "avx512"))
+    assert len(set(outs.values())) == 1, outs
 
 
 @needs_c
@@ -308,7 +344,8 @@ def test_gguf_linear_paths(qtype):
     assert torch.equal(exact.dequantize(), ref)
     fast = GGUFLinear.from_weight(w, bias)
     lanes = GGUFLinear.from_weight(w, bias)
-    assert lanes.pack_lanes() == (qtype in ("Q4_0", "Q4_1")) and torch.equal(lanes.dequantize(), ref)
+    packs = qtype in ("Q4_0", "Q4_1") or (qtype == "Q8_0" and ggml_cpu.isa() == "avx512")
+    assert lanes.pack_lanes() == packs and torch.equal(lanes.dequantize(), ref)
     # a state dict holds the file's bytes in either layout, and loads into either
     state = lanes.state_dict()
     assert torch.equal(state["blocks"], w.blocks) and torch.equal(fast.state_dict()["blocks"], w.blocks)
@@ -329,7 +366,10 @@ def test_gguf_linear_paths(qtype):
             err = (fast(x, int8_max_m=bound) - want).abs().max()
             assert err <= (3e-2 if int8 else 1e-5) * scale  # int8 activations round x
             assert int8 or err <= 1e-5 * scale
-            assert torch.equal(lanes(x, int8_max_m=bound), fast(x, int8_max_m=bound))
+            if int8 and qtype == "Q8_0" and lanes.packed:  # its own arithmetic (rows as lanes), as close
+                assert (lanes(x, int8_max_m=bound) - want).abs().max() <= 3e-2 * scale
+            else:
+                assert torch.equal(lanes(x, int8_max_m=bound), fast(x, int8_max_m=bound))
     # gradient w.r.t. the input only, through the exact weight
     x = torch.randn(4, 256, requires_grad=True)
     exact(x).pow(2).sum().backward()
