@@ -29,6 +29,7 @@ too, and nothing is dequantized or re-quantized: `unpack_lanes` gives the file's
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -133,17 +134,29 @@ def unpack_lanes(packed: torch.Tensor, qtype: str) -> torch.Tensor:
 
 def lane_rows(packed: torch.Tensor, qtype: str, rows: torch.Tensor) -> torch.Tensor:
     """Rows `rows [n]` int64 of a lanes-packed weight in the file's order, uint8
-    `[n, row_bytes]` (an embedding's lookup without unpacking the whole table)."""
+    `[n, row_bytes]` (an embedding's lookup without unpacking the whole table): one gather."""
     if not can_pack_lanes(qtype, packed.shape[0]):
         raise LongsideError(f"{qtype} blocks of {packed.shape[0]} rows are not in the lanes layout")
-    g, nb, off, cw = _lane_shape(packed, qtype)
-    p = packed.reshape(g, nb, -1)
-    grp, lane = rows // LANE_ROWS, rows % LANE_ROWS
-    codes = p[grp, :, :64 * cw].reshape(-1, nb, cw, LANE_ROWS, 4)  # [n, nb, cw, 16, 4]
-    halves = p[grp, :, 64 * cw:].reshape(-1, nb, off // 2, LANE_ROWS, 2)
-    pick = lambda t: t.gather(3, lane.view(-1, 1, 1, 1, 1).expand(*t.shape[:3], 1, t.shape[4])).squeeze(3)
-    return torch.cat([pick(halves).reshape(-1, nb, off), pick(codes).reshape(-1, nb, 4 * cw)], -1) \
-        .reshape(len(rows), -1).contiguous()
+    rb = packed.shape[1]
+    where = _lane_offsets(qtype, rb).to(packed.device)[rows % LANE_ROWS]  # [n, row_bytes] within the group
+    return packed.reshape(-1)[where + (rows // LANE_ROWS * LANE_ROWS * rb)[:, None]]
+
+
+@functools.cache
+def _lane_offsets(qtype: str, row_bytes: int) -> torch.Tensor:
+    """int64 `[LANE_ROWS, row_bytes]`: where byte j of lane l's row (file order) lies in its
+    packed group (`pack_lanes` of a group whose bytes are their own offsets)."""
+    g = torch.arange(LANE_ROWS * row_bytes, dtype=torch.int64).reshape(LANE_ROWS, row_bytes)
+    _, _, bb = type_info(qtype)
+    nb, off = row_bytes // bb, 4 if qtype == "Q4_1" else 2
+    cw = 8 if qtype == "Q8_0" else 4
+    b = g.reshape(1, LANE_ROWS, nb, bb)
+    codes = b[..., off:].reshape(1, LANE_ROWS, nb, cw, 4).permute(0, 2, 3, 1, 4).reshape(1, nb, 64 * cw)
+    halves = b[..., :off].reshape(1, LANE_ROWS, nb, off // 2, 2).permute(0, 2, 3, 1, 4).reshape(1, nb, LANE_ROWS * off)
+    packed_pos = torch.cat([codes, halves], -1).reshape(-1)  # packed position p holds file offset packed_pos[p]
+    where = torch.empty_like(packed_pos)
+    where[packed_pos] = torch.arange(packed_pos.numel())
+    return where.reshape(LANE_ROWS, row_bytes)
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
