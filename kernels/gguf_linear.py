@@ -217,16 +217,15 @@ class GGUFEmbedding(nn.Module):
                 self.blocks.copy_(pack_lanes(self.blocks, self.qtype))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        packed = self.packed and self.blocks.device.type == "cpu"
         if input_ids.numel() == 1 and self.blocks.device.type == "cpu" and self.blocks.is_contiguous() \
                 and ggml_cpu.available():  # a decode step's token: its row decoded in place, no gather
             t = int(input_ids.reshape(()))
             if not 0 <= t < self.num_embeddings:
                 raise IndexError(f"token id {t} out of range for an embedding of {self.num_embeddings}")
-            table = GGMLWeight(self.blocks, self.qtype, (self.num_embeddings, self.embedding_dim), packed)
+            table = GGMLWeight(self.blocks, self.qtype, (self.num_embeddings, self.embedding_dim), self.packed)
             out = ggml_cpu.dequantize_rows(table, t, t + 1).reshape(*input_ids.shape, self.embedding_dim)
             return out * self.scale if self._scaled else out
-        if packed:
+        if self.packed:  # on any device: a moved head unpacks its own copy, these bytes stay packed
             ids = input_ids.reshape(-1)
             if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < self.num_embeddings):
                 raise IndexError(f"token ids out of range for an embedding of {self.num_embeddings}")

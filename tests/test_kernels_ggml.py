@@ -404,6 +404,30 @@ def test_gguf_embedding_rows_and_scale():
             emb(bad)
 
 
+@needs_c
+def test_gguf_embedding_reads_a_packed_tied_head():
+    """A tied head packed into lanes lends the embedding its bytes (one table in memory): rows
+    (a prompt's, and a decode step's one token) decode as from the file's order, a bad id is
+    refused, the state dict holds the file's bytes, and a head of another shape is refused."""
+    w = random_weight("Q8_0", 48, 64, seed=6)
+    ref = dequantize_reference(w)
+    head = GGUFLinear.from_weight(w)
+    head.blocks, head.packed = pack_lanes(w.blocks, "Q8_0"), True  # packed whatever this CPU runs
+    emb = GGUFEmbedding(48, 64, "Q8_0")
+    emb.share_head(head)
+    assert emb.blocks is head.blocks and emb.packed
+    ids = torch.tensor([[3, 0, 47], [17, 17, 16]])
+    assert torch.equal(emb(ids), ref[ids])
+    for one in (torch.tensor([[47]]), torch.tensor(21)):
+        assert torch.equal(emb(one), ref[one])
+    for bad in (torch.tensor([[48, 1]]), torch.tensor([-1]), torch.tensor([[48]])):
+        with pytest.raises(IndexError):
+            emb(bad)
+    assert torch.equal(emb.state_dict()["blocks"], w.blocks)
+    with pytest.raises(LongsideError, match="not this embedding"):
+        GGUFEmbedding(32, 64, "Q8_0").share_head(head)
+
+
 def test_reference_fallback_warns_when_kernel_missing(monkeypatch):
     monkeypatch.setattr(ggml_cpu, "available", lambda: False)
     w = random_weight("Q4_0", 8, 64)
