@@ -56,6 +56,7 @@ from longside.kernels.ggml import unpack_lanes
 from longside.kernels.gguf_linear import GGUFLinear
 from longside.loading import load_model
 from longside.memory import Memory
+from longside.memory_bank import pages
 from longside.nn import token_cache
 from longside.nn.memory_attention import MemoryReader
 from longside.paths import check_output_file, write_json
@@ -118,7 +119,12 @@ def main() -> None:
     if args.head:
         if not head.packed:
             ap.error("the LM head is not in the lanes layout here (Q8_0 is packed where AVX-512 VNNI runs)")
-        layouts = [(unpack_lanes(head.blocks, head.qtype), False), (head.blocks, True)]
+        def own_pages(t: torch.Tensor) -> torch.Tensor:  # both layouts in fresh 2 MB-advised memory, alike
+            out = pages.empty(tuple(t.shape), t.dtype)
+            out.copy_(t)
+            return out
+
+        layouts = [(own_pages(unpack_lanes(head.blocks, head.qtype)), False), (own_pages(head.blocks), True)]
     ids, _ = _texts(QUICK_FILL + 2048 + 1024, model.backbone.tokenizer)
     W, layer = model.config.window, model.config.memory_layer
     segments = []

@@ -137,6 +137,9 @@ def lane_rows(packed: torch.Tensor, qtype: str, rows: torch.Tensor) -> torch.Ten
     `[n, row_bytes]` (an embedding's lookup without unpacking the whole table): one gather."""
     if not can_pack_lanes(qtype, packed.shape[0]):
         raise LongsideError(f"{qtype} blocks of {packed.shape[0]} rows are not in the lanes layout")
+    rows = rows.long()
+    if rows.numel() and not (0 <= int(rows.min()) and int(rows.max()) < packed.shape[0]):
+        raise IndexError(f"row ids out of range for {packed.shape[0]} rows")
     rb = packed.shape[1]
     where = _lane_offsets(qtype, rb).to(packed.device)[rows % LANE_ROWS]  # [n, row_bytes] within the group
     return packed.reshape(-1)[where + (rows // LANE_ROWS * LANE_ROWS * rb)[:, None]]

@@ -149,9 +149,7 @@ class GGUFLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.packed and prefix + "blocks" in state_dict:  # file bytes in: back to this layer's layout
-            with torch.no_grad():
-                self.blocks.copy_(pack_lanes(self.blocks, self.qtype))
+        _repack_loaded(self, state_dict, prefix)
 
     def ggml_weight(self) -> GGMLWeight:
         if self.packed and self.blocks.device.type != "cpu":  # the lanes layout is the CPU kernels'
@@ -183,6 +181,21 @@ class GGUFLinear(nn.Module):
                 f"activations={self.activations}")
 
 
+def _repack_loaded(layer: nn.Module, state_dict: dict, prefix: str) -> None:
+    """After a state dict (the file's bytes) loaded into a packed layer: back to the lanes
+    layout. In place, so a tied head and embedding still share one table; but where the load
+    assigned the caller's own tensor (`assign=True`), a packed copy, never the caller's bytes
+    rewritten (two keys may hold that one tensor: packing it twice would scramble it)."""
+    key = prefix + "blocks"
+    if not layer.packed or key not in state_dict:
+        return
+    if layer.blocks is state_dict[key]:
+        layer.blocks = pack_lanes(layer.blocks, layer.qtype)
+    else:
+        with torch.no_grad():
+            layer.blocks.copy_(pack_lanes(layer.blocks, layer.qtype))
+
+
 class GGUFEmbedding(nn.Module):
     """A token embedding whose table is a GGUF tensor's blocks: looked-up rows are decoded
     exactly. `scale` multiplies the result (Gemma's sqrt(d) embedding scale; 1 otherwise).
@@ -212,9 +225,7 @@ class GGUFEmbedding(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.packed and prefix + "blocks" in state_dict:
-            with torch.no_grad():
-                self.blocks.copy_(pack_lanes(self.blocks, self.qtype))
+        _repack_loaded(self, state_dict, prefix)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.numel() == 1 and self.blocks.device.type == "cpu" and self.blocks.is_contiguous() \
@@ -226,10 +237,7 @@ class GGUFEmbedding(nn.Module):
             out = ggml_cpu.dequantize_rows(table, t, t + 1).reshape(*input_ids.shape, self.embedding_dim)
             return out * self.scale if self._scaled else out
         if self.packed:  # on any device: a moved head unpacks its own copy, these bytes stay packed
-            ids = input_ids.reshape(-1)
-            if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < self.num_embeddings):
-                raise IndexError(f"token ids out of range for an embedding of {self.num_embeddings}")
-            rows = lane_rows(self.blocks, self.qtype, ids)
+            rows = lane_rows(self.blocks, self.qtype, input_ids.reshape(-1))  # IndexError for a bad id
         else:
             rows = self.blocks.index_select(0, input_ids.reshape(-1))
         w = GGMLWeight(rows, self.qtype, (rows.shape[0], self.embedding_dim))
@@ -356,7 +364,8 @@ def load_gguf_layers(model: nn.Module, path: str | Path, activations: str = "int
         if tuple(lin.weight.shape) != w.shape:
             raise LongsideError(f"{path}: {name} is {w.shape} in the file, {tuple(lin.weight.shape)} in the model")
         new = GGUFLinear.from_weight(w, lin.bias, activations)  # a tied head holds the embedding's very blocks
-        new.pack_lanes()
+        if w.qtype != "Q8_0" or lin is head:  # Q8_0 lanes are measured for the head alone (its exact
+            new.pack_lanes()                    # fp32 products unpack rows: slower at a few rows)
         if w is shared_blocks:  # and the embedding reads them in the head's layout: one copy
             model.get_submodule(embed_name).share_head(new)
             report["layers"] += 1
