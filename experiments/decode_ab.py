@@ -101,11 +101,8 @@ def main() -> None:
     same_build = args.reads or args.head
     if args.reads and args.head or same_build == bool(args.a or args.b) or (not same_build and not (args.a and args.b)):
         ap.error("give two libraries, or --reads or --head alone")
-    if args.head:
-        args.a, args.b = "head in file order", "head as lanes"
-        libs = [ggml_cpu._lib()] * 2
-    elif args.reads:
-        args.a, args.b = "torch reads", "C reads"
+    if same_build:
+        args.a, args.b = ("head in file order", "head as lanes") if args.head else ("torch reads", "C reads")
         libs = [ggml_cpu._lib()] * 2
         paths = [(_torch_stats, lambda *a, **k: None), (token_cache._logit_stats, MemoryReader._read_step)]
     else:
@@ -115,8 +112,8 @@ def main() -> None:
     file_order = mock.patch.object(GGUFLinear, "pack_lanes", lambda self: False)
     with contextlib.nullcontext() if same_build else file_order:
         model, _ = load_model()
-    head = model.backbone.parts.lm_head
     if args.head:
+        head = model.backbone.parts.lm_head
         if not head.packed:
             ap.error("the LM head is not in the lanes layout here (Q8_0 is packed where AVX-512 VNNI runs)")
         def own_pages(t: torch.Tensor) -> torch.Tensor:  # both layouts in fresh 2 MB-advised memory, alike

@@ -109,9 +109,9 @@ def _lane_shape(blocks: torch.Tensor, qtype: str) -> tuple[int, int, int, int]:
 
 
 def pack_lanes(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
-    """File-order uint8 `[N, row_bytes]` (Q4_0/Q4_1/Q8_0, N a multiple of 16) -> the lanes
-    layout, same shape: per 16 rows and block, 4 (Q8_0: 8) x 64 bytes (code dword j of rows
-    0..15), then the 16 d halves, then (Q4_1) the 16 m halves."""
+    """File-order uint8 `[N, row_bytes]` (Q4_0/Q4_1/Q8_0, N a multiple of 16; another dtype
+    moves alike) -> the lanes layout, same shape: per 16 rows and block, 4 (Q8_0: 8) x 64
+    bytes (code dword j of rows 0..15), then the 16 d halves, then (Q4_1) the 16 m halves."""
     if not can_pack_lanes(qtype, blocks.shape[0]):
         raise LongsideError(f"cannot pack {qtype} blocks of {blocks.shape[0]} rows into lanes")
     g, nb, off, cw = _lane_shape(blocks, qtype)
@@ -149,15 +149,8 @@ def lane_rows(packed: torch.Tensor, qtype: str, rows: torch.Tensor) -> torch.Ten
 def _lane_offsets(qtype: str, row_bytes: int) -> torch.Tensor:
     """int64 `[LANE_ROWS, row_bytes]`: where byte j of lane l's row (file order) lies in its
     packed group (`pack_lanes` of a group whose bytes are their own offsets)."""
-    g = torch.arange(LANE_ROWS * row_bytes, dtype=torch.int64).reshape(LANE_ROWS, row_bytes)
-    _, _, bb = type_info(qtype)
-    nb, off = row_bytes // bb, 4 if qtype == "Q4_1" else 2
-    cw = 8 if qtype == "Q8_0" else 4
-    b = g.reshape(1, LANE_ROWS, nb, bb)
-    codes = b[..., off:].reshape(1, LANE_ROWS, nb, cw, 4).permute(0, 2, 3, 1, 4).reshape(1, nb, 64 * cw)
-    halves = b[..., :off].reshape(1, LANE_ROWS, nb, off // 2, 2).permute(0, 2, 3, 1, 4).reshape(1, nb, LANE_ROWS * off)
-    packed_pos = torch.cat([codes, halves], -1).reshape(-1)  # packed position p holds file offset packed_pos[p]
-    where = torch.empty_like(packed_pos)
+    packed_pos = pack_lanes(torch.arange(LANE_ROWS * row_bytes).reshape(LANE_ROWS, row_bytes), qtype).reshape(-1)
+    where = torch.empty_like(packed_pos)  # packed position p holds file offset packed_pos[p]
     where[packed_pos] = torch.arange(packed_pos.numel())
     return where.reshape(LANE_ROWS, row_bytes)
 
