@@ -7,7 +7,8 @@
                                                   # (each with its own copy of ~19k tokens of memory),
                                                   # and a cProfile of 8
     python experiments/serve_profile.py long      # batch steps of 1 and 8 rows whose windows hold ~940 tokens
-    python experiments/serve_profile.py prefill   # 8 users' chat prompts read one by one, then together
+    python experiments/serve_profile.py prefill   # 8 users' chat prompts read one by one (exact, then
+                                                  # the batch's path), then together, and how far apart
     python experiments/serve_profile.py reader    # 8-row steps before and after a read on a reader
                                                   # thread (one torch thread there, or default)
     python experiments/serve_profile.py search    # one row's memory reads in a decode step, torch's
@@ -194,7 +195,10 @@ def long_windows() -> None:
 
 def prefill() -> None:
     """8 users' chat prompts (each user its own copy of ~19k tokens of memory), read one by
-    one (`LocalWindow.feed` each) and together (`RaggedWindows.feed`, as the engine does)."""
+    one by their own windows (`LocalWindow.feed`: exact activations), one by one by the
+    batch's path (`RaggedWindows.feed` of one row: what the engine does for a lone prompt
+    since session 40) and together (`RaggedWindows.feed` of eight); then how far the last
+    position's next-token distributions of the three are apart."""
     model, _ = load_model()
     mem = Memory(model.backbone, model.config, 1)
     mem.memorize(_book(70000), progress=False, as_text=True)
@@ -207,24 +211,40 @@ def prefill() -> None:
     ids = ChatSession(model, memory=mems[0]).begin([{"role": "user", "content": PROMPT}])[0]
 
     def one_by_one():
+        return [LocalWindow(model, 1, memory=m, write_memory=False).feed(ids[None]) for m in mems]
+
+    def one_by_one_batch_path():
+        out = []
         for m in mems:
-            LocalWindow(model, 1, memory=m, write_memory=False).feed(ids[None])
+            group = RaggedWindows(model, write_memory=False)
+            group.join(LocalWindow(model, 1, memory=m, write_memory=False))
+            out.append(group.feed([ids]))
+            group.leave(0)
+        return out
 
     def together():
         group = RaggedWindows(model, write_memory=False)
         for m in mems:
             group.join(LocalWindow(model, 1, memory=m, write_memory=False))
-        group.feed([ids] * len(mems))
+        logits = group.feed([ids] * len(mems))
         for _ in mems:
             group.leave(0)
+        return list(logits.split(1))
 
-    for f in (one_by_one, together) * 2:
+    for f in (one_by_one, one_by_one_batch_path, together) * 2:
         f()
         t = time.perf_counter()
         for _ in range(3):
             f()
         print(f"8 prompts of {len(ids)} tokens, {f.__name__.replace('_', ' ')}: "
               f"{(time.perf_counter() - t) / 3 * 1000:.0f} ms", flush=True)
+    exact, alone, among = (torch.cat(f()).float().log_softmax(-1) for f in (one_by_one, one_by_one_batch_path,
+                                                                             together))
+    for name, a, b in (("exact vs batch path alone", exact, alone), ("batch path alone vs among 8", alone, among)):
+        kl = (a.exp() * (a - b)).sum(-1).max().item()
+        same = (a.argmax(-1) == b.argmax(-1)).sum().item()
+        print(f"{name}: largest KL {kl:.2e} nats, largest |log p| difference {(a - b).abs().max().item():.2e}, "
+              f"first tokens the same {same}/8", flush=True)
 
 
 def reader() -> None:

@@ -14,6 +14,7 @@ import pytest
 from longside import load_model
 from longside.errors import LongsideError
 from longside.inference.sampling import GenerationConfig
+from longside.kernels.gguf_linear import set_activations
 from longside.memory import Memory
 from longside.model import LongSideModel
 from longside.server.engine import Engine, Job
@@ -39,11 +40,13 @@ def carrying(model):
     return LongSideModel(model.backbone, config, side=model.side).eval()
 
 
-def _serve(model, root, arrive: str, warm: bool = False, **engine_options) -> tuple[dict, dict, list]:
+def _serve(model, root, arrive: str, warm: bool = False, config: GenerationConfig | None = None,
+           **engine_options) -> tuple[dict, dict, list]:
     """arrive: "waiting" (all queued before the engine starts), "while reading" (the others
     sent while an idle engine reads the first one's user from disk), "one by one" (each
     after the previous answer), "apart" (users in RAM, sent 0.1 s apart to an idle engine).
-    warm: `Engine.warm_up` first, as `longside serve` does."""
+    warm: `Engine.warm_up` first, as `longside serve` does. config: each turn's (default 8
+    tokens, greedy)."""
     store = UserStore(model, root)
     for user, text in NOTES.items():
         store.session(user).memorize(text, progress=False)
@@ -67,7 +70,7 @@ def _serve(model, root, arrive: str, warm: bool = False, **engine_options) -> tu
                 ends.append(e)
                 done.set()
         jobs.append((Job("chat", user, emit=emit, messages=[{"role": "user", "content": QUESTIONS[user]}],
-                         config=GenerationConfig(max_new_tokens=8), ignore_eos=True), done))
+                         config=config or GenerationConfig(max_new_tokens=8), ignore_eos=True), done))
     if arrive == "waiting":  # all waiting before the engine starts: its first pass admits them all
         for job, _ in jobs:
             engine.submit(job)
@@ -117,6 +120,28 @@ def test_prompts_read_together_answer_as_alone(model, tmp_path):
     assert all(e["usage"]["completion_tokens"] == 8 for e in ends)
     assert together == alone
     assert len(set(together.values())) == len(NOTES)  # three users, three different replies
+
+
+@pytest.fixture
+def int8_model(model):
+    """The shipped model with the server's own products: int8 activations, as loaded."""
+    set_activations(model.backbone.model, "int8")
+    try:
+        yield model
+    finally:
+        set_activations(model.backbone.model, "fp32")
+
+
+def test_on_int8_products_a_sampled_reply_is_the_same_alone_or_with_others(int8_model, tmp_path):
+    # a lone user's prompt is read by the batch's path too (not by its own window's exact
+    # products, whose first token can differ): a user's reply does not depend on whether
+    # other users' prompts came in the same pass
+    config = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=1.0, seed=7)
+    alone, alone_stats, _ = _serve(int8_model, tmp_path / "alone", "one by one", config=config)
+    together, stats, ends = _serve(int8_model, tmp_path / "together", "waiting", config=config)
+    assert alone_stats["prompts_together"] == 0 and stats["prompts_together"] == len(NOTES)
+    assert [e["type"] for e in ends] == ["done"] * len(NOTES)
+    assert together == alone
 
 
 def test_warming_up_stores_nothing_and_changes_no_reply(model, tmp_path):

@@ -51,8 +51,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("longside.server")
 
 MAX_WAITING = 16  # requests of one user queued at once
-# chat turns admitted together read their prompts together up to this many tokens each;
-# a longer prompt is read alone (the prefill's BLAS products already have rows enough)
+# chat prompts up to this many tokens are read by the batch's path (`_prefill`), together
+# when several begin; a longer one is read by its own window (the prefill's BLAS products
+# already have rows enough)
 PREFILL_TOGETHER_TOKENS = 512
 
 
@@ -428,11 +429,16 @@ class Engine:
 
     def _prefill(self, starting: list[tuple[_Turn, torch.Tensor]]) -> None:
         """Read the begun turns' prompts into their users' windows, choose each first token,
-        and let the turns that go on join the batch. Short prompts are read together (one
-        forward for all: ~2x faster than one by one for 8 chat prompts); a failure there
-        fails those turns (their users reload from disk), as a failed batch step does."""
+        and let the turns that go on join the batch. Short prompts are read by the batch's
+        own path (`RaggedWindows.feed`, the products the decode steps use), together when
+        several begin (one forward for all: ~2x faster than one by one for 8 chat prompts)
+        and alone too: a reply then does not depend on whether another user's prompt came
+        in the same pass (a row's logits are the same alone or among others, to float
+        rounding; `LocalWindow.feed` reads with exact activations, and its first token can
+        differ), and a lone user's prompt is read ~2x sooner. A failure there fails those
+        turns (their users reload from disk), as a failed batch step does."""
         together = [(t, ids) for t, ids in starting if ids.shape[1] <= PREFILL_TOGETHER_TOKENS]
-        if len(together) < 2 or not self.batch.batched:
+        if not self.batch.batched:
             together = []
         for turn, ids in starting:
             if not any(turn is t for t, _ in together):
@@ -445,7 +451,7 @@ class Engine:
                 group.join(turn.session.window)
             logits = group.feed([ids[0] for _, ids in together])
             windows = [group.leave(0) for _ in together]
-            self.prompts_together += len(together)
+            self.prompts_together += len(together) if len(together) > 1 else 0
         except Exception as e:
             log.exception("reading %d prompts together failed", len(together))
             for turn, _ in together:
