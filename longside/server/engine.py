@@ -148,10 +148,10 @@ class Engine:
         memory.write_ids(tokenize(tok, "The keeper of the lighthouse wrote down every ship that passed the rock. " * 8))
         sessions = [ChatSession(model, memory=memory) for _ in range(2)]
         prompts = [s.begin([{"role": "user", "content": f"Which ship passed {n}?"}]) for n, s in enumerate(sessions)]
-        logits = sessions[0].window.feed(prompts[0])  # one prompt alone, as a lone user's
+        logits = sessions[0].window.feed(prompts[0])  # one prompt by its own window, as a long prompt's
         batch = RaggedWindows(model)
         batch.join(sessions[1].window)
-        batch.feed([prompts[1][0]])  # a prompt on the batch path (prompts read together), then two rows step
+        batch.feed([prompts[1][0]])  # a prompt on the batch path (short prompts'), then two rows step
         batch.join(sessions[0].window)
         cfg, generator = GenerationConfig(), make_generator(0)
         ids = torch.cat([logits.argmax(-1)] * 2)
