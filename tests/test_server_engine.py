@@ -191,6 +191,49 @@ def test_a_failed_admission_answers_its_requests_and_the_engine_goes_on(model, t
         engine.stop()
 
 
+def test_a_lone_prompt_that_fails_to_read_fails_its_turn_alone_and_keeps_the_saved_memory(model, tmp_path,
+                                                                                          monkeypatch):
+    # a lone short prompt is read by the batch's path (a group of one): its failure is that
+    # turn's error, the user comes back as last saved, and the next turn is served
+    from longside.inference.ragged import RaggedWindows
+
+    store = UserStore(model, tmp_path)
+    store.session("ann").memorize(NOTES["ann"], progress=False)
+    store.save("ann")
+    saved = {f.name: f.read_bytes() for f in store.path("ann").iterdir()}
+    feed, calls = RaggedWindows.feed, []
+
+    def failing_once(self, ids):
+        calls.append(len(ids))
+        if len(calls) == 1:
+            raise RuntimeError("out of scratch space")
+        return feed(self, ids)
+    monkeypatch.setattr(RaggedWindows, "feed", failing_once)
+    engine = Engine(model, store).start()
+    try:
+        ends = []
+        for _ in range(2):
+            done, events = threading.Event(), []
+
+            def emit(e, events=events, done=done):
+                events.append(e)
+                if e["type"] in ("done", "error"):
+                    done.set()
+            engine.submit(Job("chat", "ann", emit=emit, messages=[{"role": "user", "content": QUESTIONS["ann"]}],
+                              config=GenerationConfig(max_new_tokens=3), ignore_eos=True))
+            assert done.wait(120)
+            ends.append(events[-1])
+            if len(ends) == 1:
+                # nothing of the failed turn was stored (the files, read here: the store is the engine's)
+                assert {f.name: f.read_bytes() for f in store.path("ann").iterdir()} == saved
+    finally:
+        engine.stop()
+    assert calls == [1, 1]  # each lone prompt went to the batch's path, as a group of one
+    assert ends[0]["type"] == "error" and ends[0]["status"] == 500
+    assert "reading the prompt failed" in ends[0]["message"] and "out of scratch space" in ends[0]["message"]
+    assert ends[1]["type"] == "done" and ends[1]["usage"]["completion_tokens"] == 3
+
+
 def test_requests_a_few_ms_apart_wait_for_each_other(model, tmp_path):
     # an idle engine waits `batch_wait_s` for another request after each: 0.1 s apart, the
     # three prompts are read together; without the wait the first is read alone
