@@ -22,3 +22,19 @@ def smollm2():
     bb = load_backbone("smollm2-135m")
     set_activations(bb.model, "fp32")
     return bb
+
+
+@pytest.fixture
+def int8_activations(smollm2):
+    """For one test, the suite's backbone on the int8 products that `longside serve` and
+    `longside chat` decode with (as loaded); each layer's own setting is put back after."""
+    from longside.kernels.gguf_linear import GGUFLinear, set_activations
+
+    layers = [m for m in smollm2.model.modules() if isinstance(m, GGUFLinear)]
+    saved = [(m.activations, m.int8_max_m) for m in layers]
+    set_activations(smollm2.model, "int8")
+    try:
+        yield smollm2
+    finally:
+        for m, (activations, int8_max_m) in zip(layers, saved):
+            m.activations, m.int8_max_m = activations, int8_max_m

@@ -294,3 +294,27 @@ def test_rows_with_a_carried_window_step_together_like_their_own_windows(model):
         win, ref = ragged.leave(b), refs[b]
         assert (win.n, win.carried) == (ref.n, ref.carried)
         torch.testing.assert_close(win.ids, ref.ids)
+
+
+def test_on_int8_products_a_row_reads_and_steps_the_same_whatever_the_batch_holds(model, int8_activations,
+                                                                                  monkeypatch):
+    # past INT8_MAX_M rows a product (the LM head past FUSED_MAX_M) goes in slabs, not to exact
+    # tiles, so a row's logits do not depend on how many rows came with it; the limits are
+    # lowered here so that three rows cross them
+    from longside.backbone import core, decode_step
+
+    monkeypatch.setattr(decode_step, "INT8_MAX_M", 24)
+    monkeypatch.setattr(core, "FUSED_MAX_M", 2)
+    ids = [torch.randint(0, 2000, (n,), generator=torch.Generator().manual_seed(n)) for n in (20, 5, 11)]
+
+    def run(rows: list[int]) -> list[torch.Tensor]:
+        ragged = RaggedWindows(model)
+        for i in rows:
+            ragged.join(LocalWindow(model, 1, memory=_memory(model, TEXTS[i])))
+        out = [ragged.feed([ids[i] for i in rows])]  # 3 rows x 20 columns: 60 rows in each product
+        for t in (42, 7, 1999):
+            out.append(ragged.step(torch.full((len(rows),), t)))
+        return out
+
+    for alone, among in zip(run([0]), run([0, 1, 2])):
+        assert (alone[0] - among[0]).abs().max() < 1e-4

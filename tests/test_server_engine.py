@@ -14,7 +14,6 @@ import pytest
 from longside import load_model
 from longside.errors import LongsideError
 from longside.inference.sampling import GenerationConfig
-from longside.kernels.gguf_linear import set_activations
 from longside.memory import Memory
 from longside.model import LongSideModel
 from longside.server.engine import Engine, Job
@@ -123,13 +122,9 @@ def test_prompts_read_together_answer_as_alone(model, tmp_path):
 
 
 @pytest.fixture
-def int8_model(model):
+def int8_model(model, int8_activations):
     """The shipped model with the server's own products: int8 activations, as loaded."""
-    set_activations(model.backbone.model, "int8")
-    try:
-        yield model
-    finally:
-        set_activations(model.backbone.model, "fp32")
+    return model
 
 
 def test_on_int8_products_a_sampled_reply_is_the_same_alone_or_with_others(int8_model, tmp_path):
@@ -194,7 +189,8 @@ def test_a_failed_admission_answers_its_requests_and_the_engine_goes_on(model, t
 def test_a_lone_prompt_that_fails_to_read_fails_its_turn_alone_and_keeps_the_saved_memory(model, tmp_path,
                                                                                           monkeypatch):
     # a lone short prompt is read by the batch's path (a group of one): its failure is that
-    # turn's error, the user comes back as last saved, and the next turn is served
+    # turn's error (500, or 400 with the reason for a LongsideError, as a turn's own failure
+    # is answered), the user comes back as last saved, and the next turn is served
     from longside.inference.ragged import RaggedWindows
 
     store = UserStore(model, tmp_path)
@@ -202,17 +198,18 @@ def test_a_lone_prompt_that_fails_to_read_fails_its_turn_alone_and_keeps_the_sav
     store.save("ann")
     saved = {f.name: f.read_bytes() for f in store.path("ann").iterdir()}
     feed, calls = RaggedWindows.feed, []
+    failures = [RuntimeError("out of scratch space"), LongsideError("that prompt cannot be read")]
 
-    def failing_once(self, ids):
+    def failing_twice(self, ids):
         calls.append(len(ids))
-        if len(calls) == 1:
-            raise RuntimeError("out of scratch space")
+        if len(calls) <= len(failures):
+            raise failures[len(calls) - 1]
         return feed(self, ids)
-    monkeypatch.setattr(RaggedWindows, "feed", failing_once)
+    monkeypatch.setattr(RaggedWindows, "feed", failing_twice)
     engine = Engine(model, store).start()
     try:
         ends = []
-        for _ in range(2):
+        for _ in range(3):
             done, events = threading.Event(), []
 
             def emit(e, events=events, done=done):
@@ -223,15 +220,17 @@ def test_a_lone_prompt_that_fails_to_read_fails_its_turn_alone_and_keeps_the_sav
                               config=GenerationConfig(max_new_tokens=3), ignore_eos=True))
             assert done.wait(120)
             ends.append(events[-1])
-            if len(ends) == 1:
+            if len(ends) <= len(failures):
                 # nothing of the failed turn was stored (the files, read here: the store is the engine's)
                 assert {f.name: f.read_bytes() for f in store.path("ann").iterdir()} == saved
     finally:
         engine.stop()
-    assert calls == [1, 1]  # each lone prompt went to the batch's path, as a group of one
+    assert calls == [1, 1, 1]  # each lone prompt went to the batch's path, as a group of one
     assert ends[0]["type"] == "error" and ends[0]["status"] == 500
     assert "reading the prompt failed" in ends[0]["message"] and "out of scratch space" in ends[0]["message"]
-    assert ends[1]["type"] == "done" and ends[1]["usage"]["completion_tokens"] == 3
+    assert ends[1]["type"] == "error" and ends[1]["status"] == 400
+    assert ends[1]["message"] == "that prompt cannot be read"
+    assert ends[2]["type"] == "done" and ends[2]["usage"]["completion_tokens"] == 3
 
 
 def test_requests_a_few_ms_apart_wait_for_each_other(model, tmp_path):

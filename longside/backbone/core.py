@@ -221,9 +221,18 @@ class Backbone:
     def lm_head(self, hidden: torch.Tensor, decode: bool = False) -> torch.Tensor:
         """Normed `[..., d]` -> logits `[..., V]` float32; differentiable w.r.t. input.
         `decode`: one position per row of a decode step, where a GGUF head on int8
-        activations takes them (up to `FUSED_MAX_M` rows); otherwise its logits are exact."""
+        activations takes them, in slabs of at most `FUSED_MAX_M` rows (each row's logits
+        then the same whatever the batch's size); otherwise its logits are exact."""
         head = self.parts.lm_head
-        logits = head(hidden, int8_max_m=FUSED_MAX_M) if decode and isinstance(head, GGUFLinear) else head(hidden)
+        if decode and isinstance(head, GGUFLinear):
+            rows = hidden.reshape(-1, hidden.shape[-1])
+            if rows.shape[0] <= FUSED_MAX_M:
+                logits = head(hidden, int8_max_m=FUSED_MAX_M)
+            else:
+                logits = torch.cat([head(slab, int8_max_m=FUSED_MAX_M) for slab in rows.split(FUSED_MAX_M)])
+                logits = logits.view(*hidden.shape[:-1], logits.shape[-1])
+        else:
+            logits = head(hidden)
         cap = getattr(self.parts.text_config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap

@@ -161,10 +161,18 @@ def _fused_blocks(backbone) -> list[_Fused]:
 
 
 def _product(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A block's product in this step: GGUF layers on int8 activations take the int8 kernel up
-    to INT8_MAX_M rows (the prompts read here, one user's or several users' together: 1.5-5.7x
-    the exact tiles), where segment reads elsewhere keep exact tiles."""
-    return layer(x, int8_max_m=INT8_MAX_M) if isinstance(layer, GGUFLinear) else layer(x)
+    """A block's product in this step. GGUF layers on int8 activations take the int8 kernel
+    (the prompts read here, one user's or several users' together: 1.5-5.7x the exact tiles),
+    in slabs of at most INT8_MAX_M rows: the kernel's rows do not depend on each other, so a
+    row's product is the same whatever else the batch holds (switching to exact tiles past a
+    size would make it depend on how many rows came). Segment reads elsewhere keep exact tiles."""
+    if not isinstance(layer, GGUFLinear):
+        return layer(x)
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] <= INT8_MAX_M or layer.activations != "int8" or layer.qtype not in ggml_cpu.INT8_TYPES:
+        return layer(x, int8_max_m=INT8_MAX_M)
+    y = torch.cat([layer(slab, int8_max_m=INT8_MAX_M) for slab in rows.split(INT8_MAX_M)])
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:

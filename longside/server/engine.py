@@ -435,8 +435,9 @@ class Engine:
         and alone too: a reply then does not depend on whether another user's prompt came
         in the same pass (a row's logits are the same alone or among others, to float
         rounding; `LocalWindow.feed` reads with exact activations, and its first token can
-        differ), and a lone user's prompt is read ~2x sooner. A failure there fails those
-        turns (their users reload from disk), as a failed batch step does."""
+        differ), and a lone user's prompt is read 2-4x sooner (`python
+        experiments/serve_profile.py prefill`). A failure there fails those turns (their users
+        reload from disk), as a failed batch step does."""
         together = [(t, ids) for t, ids in starting if ids.shape[1] <= PREFILL_TOGETHER_TOKENS]
         if not self.batch.batched:
             together = []
@@ -452,10 +453,14 @@ class Engine:
             logits = group.feed([ids[0] for _, ids in together])
             windows = [group.leave(0) for _ in together]
             self.prompts_together += len(together) if len(together) > 1 else 0
-        except Exception as e:
-            log.exception("reading %d prompts together failed", len(together))
+        except Exception as e:  # answered as `_guard` answers a turn's own failure
+            if isinstance(e, LongsideError):
+                status, message = 400, str(e)
+            else:
+                log.exception("reading %d prompt(s) on the batch's path failed", len(together))
+                status, message = 500, f"reading the prompt failed: {type(e).__name__}: {e}"
             for turn, _ in together:
-                self._fail(turn.job, 500, f"reading the prompt failed: {type(e).__name__}: {e}")
+                self._fail(turn.job, status, message)
             return
         for b, (turn, _) in enumerate(together):
             turn.session.window = windows[b]
