@@ -39,5 +39,9 @@ def test_bench_writes_the_median_pair(tmp_path):
         seq, con = row["sequential_engine"], row["concurrent_engine"]
         assert seq["rows_stepped"] == seq["steps"] > 0
         assert row["mean_rows_per_step"] == round(con["rows_stepped"] / con["steps"], 2)
+    # greedy replies: each user's is the same alone and with the other at once
+    assert r["same_replies"] == {"users": 2, "pairs": [2, 2], "resident_pairs": [2, 2]}
+    assert all(row["same_replies"] == 2 for row in r["pairs"] + warm["pairs"])
+    assert "replies" not in r["sequential"] and "replies" not in r["concurrent"]
     assert r["restart"]["users_identical_checksum"] == 2
     assert r["isolation"]["cross_user_reads"] == 0 and r["isolation"]["failed"] == 0

@@ -10,7 +10,9 @@
    Steps 2 and 3 alternate `--repeats` times, each on fresh copies, the concurrent one
    first in every other pair (a shared machine's speed drifts within minutes: one pair
    alone has moved the ratio by a quarter).
-   Reported: each pair's total new tokens / wall time and their ratio; the headline ratio
+   Reported: each pair's total new tokens / wall time and their ratio, and for how many
+   users the (greedy) reply was the same in both modes (`same_replies`: it should not depend
+   on who else came, beyond float rounding); the headline ratio
    is the median pair's (the lower one of the middle two for an even count; target
    >= 3x), with its time to first token p50 / p95 and how many users the engine decoded
    per step, and the engine's seconds in each phase (`engine`: users read from disk before
@@ -118,10 +120,14 @@ def main(argv: list[str]) -> int:
                         con = result
                         before = {u: _memory(s.url, headers[u]) for u in users}  # the last one's: restarted below
                 steps, rows = con["engine"]["steps"], con["engine"]["rows_stepped"]  # the concurrent phase's
+                # greedy turns: a user's reply should not depend on whether the others came at once
+                alone, together = seq.pop("replies"), con.pop("replies")
+                same = sum(alone[u] == together[u] for u in users)
                 (resident_pairs if resident else pairs).append(
                     {"sequential": seq, "concurrent": con,
                      "ratio": round(con["tokens_per_s"] / seq["tokens_per_s"], 2),
-                     "mean_rows_per_step": round(rows / steps, 2) if steps else None})
+                     "mean_rows_per_step": round(rows / steps, 2) if steps else None,
+                     "same_replies": same})
         _log("restart")  # the last pair's concurrent store
         with running_server(tmp / "concurrent", keys=keys) as s:
             after = {u: _memory(s.url, headers[u]) for u in users}
@@ -142,6 +148,8 @@ def main(argv: list[str]) -> int:
                      "concurrent_over_sequential_tokens_per_s": warm["ratio"],
                      "mean_rows_per_step": warm["mean_rows_per_step"],
                      "pairs": [_pair_row(p) for p in resident_pairs]},
+        "same_replies": {"users": users_n, "pairs": [p["same_replies"] for p in pairs],
+                         "resident_pairs": [p["same_replies"] for p in resident_pairs]},
         "restart": {"users_identical_checksum": same, "users": users_n,
                     "memory_tokens": {u: after[u]["tokens"] for u in users}},
         "isolation": isolation,
@@ -169,7 +177,8 @@ def _pair_row(p: dict) -> dict:
     return {"sequential_tokens_per_s": p["sequential"]["tokens_per_s"],
             "concurrent_tokens_per_s": p["concurrent"]["tokens_per_s"], "ratio": p["ratio"],
             "concurrent_ttft_p50_s": p["concurrent"]["ttft_p50_s"], "mean_rows_per_step": p["mean_rows_per_step"],
-            "sequential_engine": p["sequential"]["engine"], "concurrent_engine": p["concurrent"]["engine"]}
+            "same_replies": p["same_replies"], "sequential_engine": p["sequential"]["engine"],
+            "concurrent_engine": p["concurrent"]["engine"]}
 
 
 def _given(value: int | None, default: int) -> int:
@@ -206,9 +215,9 @@ def _prepare(store: Path, keys: Path, users, headers, passwords, mem_tokens: int
 
 
 def _turn(url: str, headers: dict, messages: list, new_tokens: int, t_start: float) -> dict:
-    """One streamed chat turn -> new tokens, time to first token and end (from t_start)."""
+    """One streamed chat turn -> new tokens, its text, time to first token and end (from t_start)."""
     body = {"model": "longside", "messages": messages, "max_tokens": new_tokens, "stream": True, "ignore_eos": True}
-    first, usage = None, None
+    first, usage, text = None, None, []
     with httpx.stream("POST", url + "/v1/chat/completions", headers=headers, json=body, timeout=3600) as r:
         if r.status_code != 200:
             raise LongsideError(f"chat failed: {r.status_code} {r.read().decode()[:300]}")
@@ -218,10 +227,13 @@ def _turn(url: str, headers: dict, messages: list, new_tokens: int, t_start: flo
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise LongsideError(f"chat failed: {chunk['error']}")
-            if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                first = time.perf_counter() - t_start
+            piece = chunk["choices"][0]["delta"].get("content") if chunk["choices"] else None
+            if piece:
+                first = time.perf_counter() - t_start if first is None else first
+                text.append(piece)
             usage = chunk.get("usage") or usage
-    return {"tokens": usage["completion_tokens"], "ttft_s": first, "end_s": time.perf_counter() - t_start}
+    return {"tokens": usage["completion_tokens"], "text": "".join(text), "ttft_s": first,
+            "end_s": time.perf_counter() - t_start}
 
 
 def _turns(url: str, headers: dict, prompts: dict, new_tokens: int, concurrent: bool) -> dict:
@@ -238,7 +250,8 @@ def _turns(url: str, headers: dict, prompts: dict, new_tokens: int, concurrent: 
     wall = time.perf_counter() - t0
     tokens = sum(r["tokens"] for r in results)
     ttft = sorted(r["ttft_s"] for r in results if r["ttft_s"] is not None)
-    return {"wall_s": round(wall, 2), "tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
+    replies = {u: r.pop("text") for u, r in zip(prompts, results)}  # pool.map keeps the order
+    return {"wall_s": round(wall, 2), "tokens": tokens, "tokens_per_s": round(tokens / wall, 2), "replies": replies,
             "ttft_p50_s": round(statistics.median(ttft), 3) if ttft else None,
             "ttft_p95_s": round(ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))], 3) if ttft else None,
             "ttft_s": [round(t, 3) for t in ttft]}
