@@ -318,3 +318,16 @@ def test_on_int8_products_a_row_reads_and_steps_the_same_whatever_the_batch_hold
 
     for alone, among in zip(run([0]), run([0, 1, 2])):
         assert (alone[0] - among[0]).abs().max() < 1e-4
+
+
+def test_a_row_on_the_models_memory_leaves_on_it(model):
+    # a window without a memory of its own reads the model's (a `longside chat` session):
+    # after a turn on the batch's path it still does, and follows a memory the model is given
+    model.init_memory(1)
+    ragged = RaggedWindows(model)
+    ragged.join(LocalWindow(model, 1))
+    ragged.feed([torch.tensor([5, 6, 7])])
+    back = ragged.leave(0)
+    assert back.memory is model.memory
+    model.init_memory(1)
+    assert back.memory is model.memory

@@ -13,6 +13,7 @@ import pytest
 
 from longside import load_model
 from longside.errors import LongsideError
+from longside.inference.chat import ChatSession
 from longside.inference.sampling import GenerationConfig
 from longside.memory import Memory
 from longside.model import LongSideModel
@@ -137,6 +138,20 @@ def test_on_int8_products_a_sampled_reply_is_the_same_alone_or_with_others(int8_
     assert alone_stats["prompts_together"] == 0 and stats["prompts_together"] == len(NOTES)
     assert [e["type"] for e in ends] == ["done"] * len(NOTES)
     assert together == alone
+
+
+def test_on_int8_products_a_chat_session_gives_the_reply_the_server_gives(int8_model, tmp_path):
+    # a ChatSession (`longside chat`) reads a prompt as the server does: the same memory,
+    # question and seed give the same sampled reply (the server's goes on past an end of
+    # text, `ignore_eos`; the session's stops there)
+    config = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=1.0, seed=7)
+    served, _, ends = _serve(int8_model, tmp_path / "served", "one by one", config=config)
+    assert [e["type"] for e in ends] == ["done"] * len(NOTES)
+    for user, text in NOTES.items():
+        session = ChatSession(int8_model, config=config, memory=Memory(int8_model.backbone, int8_model.config, 1))
+        session.memorize(text, progress=False)
+        reply = session.send(QUESTIONS[user])
+        assert reply and served[user].startswith(reply)
 
 
 def test_warming_up_stores_nothing_and_changes_no_reply(model, tmp_path):

@@ -34,6 +34,7 @@ import torch
 from longside.backbone import plain_text, tokenize
 from longside.errors import LongsideError, MemoryBankError, SessionError
 from longside.inference.generate import decode_loop, eos_ids
+from longside.inference.ragged import read_prompt
 from longside.inference.sampling import GenerationConfig, TextPieces, make_generator
 from longside.inference.window import LocalWindow
 from longside.memory import MAIN_FILE, Memory, block_file, is_bank_file
@@ -95,8 +96,11 @@ class ChatSession:
         pieces = TextPieces(self.model.backbone.tokenizer, [])
         chosen: list[int] = []
         try:
+            # on the batch's path, as `longside serve` reads a prompt: the same reply there
+            self.window, logits = read_prompt(self.window, ids)
             for t, texts in decode_loop(self.window, ids, self.config,
-                                        eos_ids(self.model, self.config.eos_token_id), self._gen, [pieces]):
+                                        eos_ids(self.model, self.config.eos_token_id), self._gen, [pieces],
+                                        logits=logits):
                 chosen.append(int(t[0]))
                 if texts[0]:
                     yield texts[0]

@@ -74,9 +74,10 @@ def encode_prompt(model: "LongSideModel", prompt, chat: bool = False, system: st
 
 def decode_loop(window: LocalWindow, prompt_ids: torch.Tensor, cfg: GenerationConfig, eos: Sequence[int],
                 generator: torch.Generator | None, pieces: list[TextPieces] | None = None,
-                ) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """The generation loop over a `LocalWindow`: feed `prompt_ids [B, T]`, then choose and
-    feed tokens one at a time.
+                logits: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """The generation loop over a `LocalWindow`: feed `prompt_ids [B, T]` (unless the caller
+    has read them already: `logits [B, V]` after them), then choose and feed tokens one at a
+    time.
 
     Yields, per step, the chosen tokens `[B]` int64 and each row's new text (from
     `pieces`, one `TextPieces` per row, else empty strings). A row ends at an `eos` token
@@ -85,7 +86,7 @@ def decode_loop(window: LocalWindow, prompt_ids: torch.Tensor, cfg: GenerationCo
     feeds it with whatever comes next.
     """
     B, max_new_tokens = prompt_ids.shape[0], cfg.max_new_tokens
-    logits = window.feed(prompt_ids)
+    logits = window.feed(prompt_ids) if logits is None else logits
     # the tokens so far feed the repetition penalty alone: kept only where it is on
     seen = prompt_ids.to(logits.device) if cfg.repetition_penalty != 1.0 else None
     done = [False] * B

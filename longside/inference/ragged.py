@@ -51,6 +51,10 @@ if TYPE_CHECKING:
 _COMPACT_AT = 64
 # at most this many tokens per row in one `feed` step (bounds the [B, heads, T, S] scores)
 FEED_TOKENS = 128
+# prompts of up to this many tokens are read on the batch's path (`read_prompt`, and several
+# users' together in the server); a longer one by its own window, whose BLAS products
+# already have rows enough
+PROMPT_TOKENS = 512
 
 
 class _Cache:
@@ -111,11 +115,29 @@ class _Row:
     segments_written: int
     carried: int = 0  # of the n, how many the segment before ended with (already in memory)
     window: LocalWindow | None = None  # the row's own window, when rows step one by one
+    own_memory: bool = True  # False: the row reads the model's memory (`LocalWindow(memory=None)`)
 
 
 def batched_path(model: "LongSideModel") -> bool:
     """Whether rows of `model` can step as one batch (else they step one by one)."""
     return model.backbone.spec.family == "llama" and not model.config.backbone_memory_layers
+
+
+def read_prompt(window: LocalWindow, ids: torch.Tensor) -> tuple[LocalWindow, torch.Tensor]:
+    """Read a batch-1 window's new tokens `ids [1, T]` -> (the window after them, logits
+    `[1, V]` after the last). Up to PROMPT_TOKENS tokens on the batch's path (a
+    `RaggedWindows` of one row): the products decode steps use, so a reply is the same read
+    here, alone in `longside serve` or among other users' prompts there (to float rounding),
+    and 2-4x sooner than the window's exact read (`python experiments/serve_profile.py
+    prefill`). Longer ones, other windows and models without the batched path: `window.feed`.
+    Use the returned window afterwards, not the one passed in."""
+    if window.batch_size != 1 or ids.shape[1] > PROMPT_TOKENS or window.backbone_segment is not None \
+            or not batched_path(window.model):
+        return window, window.feed(ids)
+    group = RaggedWindows(window.model, use_memory=window.use_memory, write_memory=window.write_memory)
+    group.join(window)
+    logits = group.feed([ids[0]])
+    return group.leave(0), logits
 
 
 class RaggedWindows:
@@ -166,7 +188,8 @@ class RaggedWindows:
             raise LongsideError(f"a row joins from a batch-1 window, got a batch of {window.batch_size}")
         if window.backbone_segment is not None:
             raise LongsideError("windows with backbone memory step one by one; they cannot join a batch")
-        row = _Row(window.memory, window.n, window.segments_written, window.carried)
+        row = _Row(window.memory, window.n, window.segments_written, window.carried,
+                   own_memory=window._own_memory is not None)
         if not self.batched:
             row.window = window
             self.rows.append(row)
@@ -217,7 +240,8 @@ class RaggedWindows:
         if row.window is not None:
             return row.window
         model, S, n = self.model, self.columns, row.n
-        win = LocalWindow(model, 1, use_memory=self.use_memory, write_memory=self.write_memory, memory=row.memory)
+        win = LocalWindow(model, 1, use_memory=self.use_memory, write_memory=self.write_memory,
+                          memory=row.memory if row.own_memory else None)
         win.segments_written, win.carried = row.segments_written, row.carried
         if n:
             cols = slice(S - n, S)

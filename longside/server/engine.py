@@ -39,7 +39,7 @@ from longside.backbone import tokenize
 from longside.errors import LongsideError
 from longside.inference.chat import ChatSession
 from longside.inference.generate import eos_ids
-from longside.inference.ragged import RaggedWindows
+from longside.inference.ragged import PROMPT_TOKENS, RaggedWindows
 from longside.inference.sampling import GenerationConfig, TextPieces, make_generator, next_token
 from longside.memory import Memory
 from longside.server.store import UserStore, now
@@ -51,10 +51,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("longside.server")
 
 MAX_WAITING = 16  # requests of one user queued at once
-# chat prompts up to this many tokens are read by the batch's path (`_prefill`), together
-# when several begin; a longer one is read by its own window (the prefill's BLAS products
-# already have rows enough)
-PREFILL_TOGETHER_TOKENS = 512
 
 
 class TooBusy(LongsideError):
@@ -438,7 +434,7 @@ class Engine:
         differ), and a lone user's prompt is read 2-4x sooner (`python
         experiments/serve_profile.py prefill`). A failure there fails those turns (their users
         reload from disk), as a failed batch step does."""
-        together = [(t, ids) for t, ids in starting if ids.shape[1] <= PREFILL_TOGETHER_TOKENS]
+        together = [(t, ids) for t, ids in starting if ids.shape[1] <= PROMPT_TOKENS]
         if not self.batch.batched:
             together = []
         for turn, ids in starting:
