@@ -109,6 +109,20 @@ def _serve(model, root, arrive: str, warm: bool = False, config: GenerationConfi
     return {u: "".join(r) for u, r in replies.items()}, engine.stats(), ends
 
 
+def _ask(engine: Engine, user: str, tokens: int) -> dict:
+    """The user's question as one chat turn of `tokens` tokens -> its last event."""
+    done, events = threading.Event(), []
+
+    def emit(e):
+        events.append(e)
+        if e["type"] in ("done", "error"):
+            done.set()
+    engine.submit(Job("chat", user, emit=emit, messages=[{"role": "user", "content": QUESTIONS[user]}],
+                      config=GenerationConfig(max_new_tokens=tokens), ignore_eos=True))
+    assert done.wait(120)
+    return events[-1]
+
+
 def test_prompts_read_together_answer_as_alone(model, tmp_path):
     alone, alone_stats, alone_ends = _serve(model, tmp_path / "alone", "one by one")
     together, stats, ends = _serve(model, tmp_path / "together", "waiting")
@@ -184,18 +198,10 @@ def test_a_failed_admission_answers_its_requests_and_the_engine_goes_on(model, t
     engine.start()
     try:
         for expect in ("error", "done"):
-            done, events = threading.Event(), []
-
-            def emit(e, events=events, done=done):
-                events.append(e)
-                if e["type"] in ("done", "error"):
-                    done.set()
-            engine.submit(Job("chat", "ann", emit=emit, messages=[{"role": "user", "content": QUESTIONS["ann"]}],
-                              config=GenerationConfig(max_new_tokens=2), ignore_eos=True))
-            assert done.wait(120)
-            assert events[-1]["type"] == expect
+            end = _ask(engine, "ann", 2)
+            assert end["type"] == expect
             if expect == "error":
-                assert events[-1]["status"] == 500 and "disk unplugged" in events[-1]["message"]
+                assert end["status"] == 500 and "disk unplugged" in end["message"]
             engine._read_ahead = read
     finally:
         engine.stop()
@@ -225,16 +231,7 @@ def test_a_lone_prompt_that_fails_to_read_fails_its_turn_alone_and_keeps_the_sav
     try:
         ends = []
         for _ in range(3):
-            done, events = threading.Event(), []
-
-            def emit(e, events=events, done=done):
-                events.append(e)
-                if e["type"] in ("done", "error"):
-                    done.set()
-            engine.submit(Job("chat", "ann", emit=emit, messages=[{"role": "user", "content": QUESTIONS["ann"]}],
-                              config=GenerationConfig(max_new_tokens=3), ignore_eos=True))
-            assert done.wait(120)
-            ends.append(events[-1])
+            ends.append(_ask(engine, "ann", 3))
             if len(ends) <= len(failures):
                 # nothing of the failed turn was stored (the files, read here: the store is the engine's)
                 assert {f.name: f.read_bytes() for f in store.path("ann").iterdir()} == saved
