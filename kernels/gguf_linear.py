@@ -151,6 +151,17 @@ class GGUFLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         _repack_loaded(self, state_dict, prefix)
 
+    def in_slabs(self, x: torch.Tensor, max_m: int) -> torch.Tensor:
+        """`self(x, int8_max_m=max_m)` on at most `max_m` rows of x at a time: every row takes
+        the same kernel however many rows x has (one call past max_m rows would switch them all
+        to exact tiles), and the kernels' rows do not depend on each other, so a row's product
+        is the same whatever else a batch holds. x `[..., in]` -> `[..., out]`."""
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] <= max_m:
+            return self(x, int8_max_m=max_m)
+        y = torch.cat([self(slab, int8_max_m=max_m) for slab in rows.split(max_m)])
+        return y.view(*x.shape[:-1], y.shape[-1])
+
     def ggml_weight(self) -> GGMLWeight:
         if self.packed and self.blocks.device.type != "cpu":  # the lanes layout is the CPU kernels'
             self.blocks, self.packed = unpack_lanes(self.blocks, self.qtype), False

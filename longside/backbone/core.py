@@ -224,15 +224,7 @@ class Backbone:
         activations takes them, in slabs of at most `FUSED_MAX_M` rows (each row's logits
         then the same whatever the batch's size); otherwise its logits are exact."""
         head = self.parts.lm_head
-        if decode and isinstance(head, GGUFLinear):
-            rows = hidden.reshape(-1, hidden.shape[-1])
-            if rows.shape[0] <= FUSED_MAX_M:
-                logits = head(hidden, int8_max_m=FUSED_MAX_M)
-            else:
-                logits = torch.cat([head(slab, int8_max_m=FUSED_MAX_M) for slab in rows.split(FUSED_MAX_M)])
-                logits = logits.view(*hidden.shape[:-1], logits.shape[-1])
-        else:
-            logits = head(hidden)
+        logits = head.in_slabs(hidden, FUSED_MAX_M) if decode and isinstance(head, GGUFLinear) else head(hidden)
         cap = getattr(self.parts.text_config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap

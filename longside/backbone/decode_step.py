@@ -168,11 +168,9 @@ def _product(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     size would make it depend on how many rows came). Segment reads elsewhere keep exact tiles."""
     if not isinstance(layer, GGUFLinear):
         return layer(x)
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] <= INT8_MAX_M or layer.activations != "int8" or layer.qtype not in ggml_cpu.INT8_TYPES:
-        return layer(x, int8_max_m=INT8_MAX_M)
-    y = torch.cat([layer(slab, int8_max_m=INT8_MAX_M) for slab in rows.split(INT8_MAX_M)])
-    return y.view(*x.shape[:-1], y.shape[-1])
+    if layer.activations == "int8" and layer.qtype in ggml_cpu.INT8_TYPES:
+        return layer.in_slabs(x, INT8_MAX_M)
+    return layer(x, int8_max_m=INT8_MAX_M)
 
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
