@@ -50,6 +50,10 @@ class TrainConfig:
     distill_kl: float = 1.0
     distill_attn: float = 0.0
     init_from: str | None = None  # start from this checkpoint's side network (and its side config)
+    # False: the next-token loss reads the side network's output alone, the token cache left
+    # out. With the cache in the loss its copy read already names a recalled fact, so the
+    # loss asks nothing of memory attention on exactly the tokens that need memory.
+    token_cache_in_loss: bool = True
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

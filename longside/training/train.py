@@ -131,7 +131,7 @@ def segment_loss(model: LongSideModel, ids: torch.Tensor, labels: torch.Tensor, 
     hook = model.side.reader.into_side.register_forward_pre_hook(lambda _m, args: read.append(args[0])) \
         if targets is not None else None
     try:
-        out, h, tok_keys, hits = model.read_segment(ids, use_memory=True)
+        out, h, tok_keys, hits = model.read_segment(ids, use_memory=True, token_cache=cfg.token_cache_in_loss)
     finally:
         if hook is not None:
             hook.remove()
