@@ -40,6 +40,15 @@ class SideNetConfig:
     # tokens of a full segment carried into the next one's window (read again there, not written
     # twice), so no segment starts cold; 0: every segment starts empty (as trained)
     window_carry: int = 0
+    # the first tokens of each forward are the backbone's attention sinks: their keys/values are
+    # not written to the memory layer's bank (position-free, a sink's key outscores the text in
+    # every later search and memory attention reads the sink); the token cache keeps them.
+    # 0 (every token written) is how the checkpoints before session 41 were trained and read
+    memory_sink_tokens: int = 0
+    # memory attention scores memory keys as if they sat this many tokens before the query
+    # (rotary at that offset, as backbone memory does); 0: position-free, as LongMem and the
+    # checkpoints before session 41
+    memory_distance: int = 0
     # token cache (longside/token_cache.py): (hidden state, next token) pairs of the same text
     token_cache: bool = True
     token_depth: float = 0.83  # keys are hidden_states[round(token_depth * N)]: block 25 of SmolLM2's 30
@@ -70,6 +79,11 @@ class SideNetConfig:
             raise CheckpointError(f"memory_attention must be 'gated' or 'joint', not {self.memory_attention!r}")
         if not 0 <= self.window_carry < self.window:
             raise CheckpointError(f"window_carry must be 0..{self.window - 1} (below the window), got {self.window_carry}")
+        if not 0 <= self.memory_sink_tokens < self.window:
+            raise CheckpointError(f"memory_sink_tokens must be 0..{self.window - 1} (below the window), "
+                                  f"got {self.memory_sink_tokens}")
+        if self.memory_distance < 0:
+            raise CheckpointError(f"memory_distance must be >= 0, got {self.memory_distance}")
         if self.reduction < 1 or self.layer_stride < 1 or self.k_chunks < 1 or self.chunk_size < 1:
             raise CheckpointError("reduction, layer_stride, k_chunks and chunk_size must be >= 1")
         self.backbone_memory_layers = sorted({int(L) for L in self.backbone_memory_layers})

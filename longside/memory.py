@@ -153,12 +153,15 @@ class Memory:
         """Write one segment: the memory layer's `keys, values [B, T, G, D]` (and token-cache
         `token_keys [B, T, d]`, `token_ids [B, T]`) and, with backbone memory, the blocks'
         keys/values recorded in `backbone_segment`. Its first `skip` tokens are already in
-        memory (a window carried from the segment before, `config.window_carry`): not written."""
+        memory (a window carried from the segment before, `config.window_carry`): not written.
+        Of the first `config.memory_sink_tokens` (the forward's attention sinks) only the
+        token-cache pairs are written."""
+        sinks = max(0, self.config.memory_sink_tokens - skip)
         if skip:
             keys, values = keys[:, skip:], values[:, skip:]
             token_keys = None if token_keys is None else token_keys[:, skip:]
             token_ids = None if token_ids is None else token_ids[:, skip:]
-        self.layer.add(keys, values, token_keys=token_keys, token_ids=token_ids)
+        self.layer.add(keys, values, token_keys=token_keys, token_ids=token_ids, sinks=sinks)
         if self.blocks is not None and backbone_segment is not None:
             self.blocks.write(backbone_segment, skip)
 

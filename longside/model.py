@@ -131,6 +131,18 @@ class LongSideModel(nn.Module):
         `LocalWindow`. Refused while memory holds text (it was written the other way)."""
         self._reconfigure("read with another window carry", window_carry=tokens)
 
+    def use_memory_sink_tokens(self, tokens: int) -> None:
+        """Write memory without the keys/values of each forward's first `tokens` (the
+        backbone's attention sinks; see `config.memory_sink_tokens`). Refused while memory
+        holds text (it was written the other way)."""
+        self._reconfigure("written with another sink setting", memory_sink_tokens=tokens)
+
+    def use_memory_distance(self, tokens: int) -> None:
+        """Score memory keys as if they sat `tokens` before the query (0: position-free; see
+        `config.memory_distance`). Refused while memory holds text."""
+        self._reconfigure("read at another distance", memory_distance=tokens)
+        self.side.reader.distance = tokens
+
     def drop_token_cache(self, only_copy: bool = False) -> None:
         """Switch the token cache off (memory attention alone reads memory), or with
         `only_copy` only its exact-match copy read (the neighbour vote stays): for

@@ -178,9 +178,11 @@ class MemoryBank:
 
     # -- writing -----------------------------------------------------------------------
     def add(self, keys: torch.Tensor, values: torch.Tensor, token_keys: torch.Tensor | None = None,
-            token_ids: torch.Tensor | None = None) -> None:
+            token_ids: torch.Tensor | None = None, sinks: int = 0) -> None:
         """Append `keys, values [T, H_kv, D]` (any float dtype; stored in `dtype`), and, in a
         bank with a token memory, the same tokens' `token_keys [T, token_dim]` and ids `[T]`.
+        The first `sinks` tokens go to the token memory only: attention sinks, whose keys
+        would outscore the text in every search.
 
         Keys are the memory layer's pre-rotary keys. The first tokens top up the partial
         last chunk; the rest form new chunks (the last may be partial). Past capacity the
@@ -192,10 +194,14 @@ class MemoryBank:
             raise MemoryBankError("pass token_keys and token_ids exactly when the bank has a token memory "
                                   f"(token_dim={self.tokens.dim if self.tokens else None})")
         T = keys.shape[0]
+        if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+            raise MemoryBankError(f"sinks must be an int >= 0, got {sinks!r}")
         if T == 0:
             return
         if self.tokens is not None and token_keys.shape[0] != T:
             raise MemoryBankError(f"token_keys hold {token_keys.shape[0]} tokens, keys {T}")
+        keys, values = keys[sinks:], values[sinks:]
+        T = keys.shape[0]  # the keys written (may be none: a short forward of sinks only)
         S = self.chunk_size
         keys = keys.detach().to(self.device, self.dtype)
         values = values.detach().to(self.device, self.dtype)
@@ -209,6 +215,8 @@ class MemoryBank:
         with self._lock:
             if self.tokens is not None:
                 self.tokens.add(token_keys, token_ids)
+            if T == 0:
+                return
             pos = 0
             if self._partial >= 0:
                 pos = self._top_up(keys, values)

@@ -49,16 +49,16 @@ class BatchMemory:
             raise MemoryBankError(f"{name} must be [B={B}, T, H, D], got {shape}")
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, token_keys: torch.Tensor | None = None,
-            token_ids: torch.Tensor | None = None) -> None:
+            token_ids: torch.Tensor | None = None, sinks: int = 0) -> None:
         """`keys, values [B, T, H_kv, D]`: row b goes to bank b; with token memories also
-        `token_keys [B, T, token_dim]` and `token_ids [B, T]`."""
+        `token_keys [B, T, token_dim]` and `token_ids [B, T]`. `sinks`: see `MemoryBank.add`."""
         self._check_batch(keys, "keys")
         self._check_batch(values, "values")
         for b, (bank, k, v) in enumerate(zip(self.banks, keys, values)):
             if token_keys is None:
-                bank.add(k, v)
+                bank.add(k, v, sinks=sinks)
             else:
-                bank.add(k, v, token_keys=token_keys[b], token_ids=token_ids[b])
+                bank.add(k, v, token_keys=token_keys[b], token_ids=token_ids[b], sinks=sinks)
 
     def search_tokens(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`queries [B, T, token_dim]` -> similarities `[B, T, k']` float32 and next-token

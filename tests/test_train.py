@@ -114,6 +114,30 @@ def test_loss_falls_on_real_text(smollm2):
     assert losses[-1] < losses[0] - 0.1
 
 
+def test_token_cache_in_loss_chooses_what_the_loss_scores(smollm2):
+    """False scores the side network's own output: the loss a reader with the token cache
+    left out gets. With memory holding the same text the two losses differ (the copy read)."""
+    from longside.config import SideNetConfig
+    from longside.model import LongSideModel
+    from longside.training.config import TrainConfig
+    from longside.training.train import segment_loss
+
+    torch.manual_seed(0)
+    model = LongSideModel(smollm2, SideNetConfig(window=64, capacity_tokens=1024))
+    ids = torch.from_numpy(tokenized_books(smollm2, "train")[0][:64].astype(np.int64))[None]
+    got, want = {}, {}
+    for in_loss in (True, False):
+        cfg = TrainConfig(segment=64, side=model.config, token_cache_in_loss=in_loss)
+        with torch.no_grad():
+            model.reset_memory()
+            model(ids, use_memory=True, write_memory=True, return_logits=False)
+            want[in_loss] = model(ids, labels=ids, write_memory=False, return_logits=False,
+                                  token_cache=in_loss).loss.item()
+            got[in_loss] = segment_loss(model, ids, ids, cfg, None)[0].item()
+    assert got == pytest.approx(want, rel=1e-5)
+    assert want[True] < want[False] - 0.5  # the text is in memory: the cache's copy read names it
+
+
 @pytest.mark.slow
 def test_tiny_preset_end_to_end(tmp_path, smollm2):
     cfg = preset("tiny", out=str(tmp_path / "run"))

@@ -39,6 +39,7 @@ class MemoryInputs:
     key_mask: torch.Tensor | None = None  # [B, P+T] or [B, T, P+T] bool: real keys (rows of different lengths)
     rotated_keys: torch.Tensor | None = None  # [B, P+T, G, D]: `keys` already rotated (the backbone's cache)
     rotary: Callable | None = None  # () -> cos, sin [B, T, D] float32: what `rotate` multiplies with
+    rotate_at: Callable | None = None  # (x [B, T, h, D], distance) -> x rotated at that position, every token
 
 
 class MemoryReader(nn.Module):
@@ -51,11 +52,17 @@ class MemoryReader(nn.Module):
     rotary) attention either by a learned per-head gate (two softmaxes, LongMem) or by one
     joint softmax. What memory changes, `out_proj(A - A_local)`, enters the side stream;
     with an empty bank it is exactly zero.
+
+    `distance` > 0 scores memory keys as if they sat that many tokens before the query (the
+    query rotated at that position; keys are stored before rotation), as backbone memory
+    does: position-free scores (distance 0) let heads that attend by position put all their
+    weight on whichever memory key happens to align with the unrotated query.
     """
 
-    def __init__(self, side_dim: int, spec: BackboneSpec, mode: str, gate_init: float, into_side: torch.Tensor):
+    def __init__(self, side_dim: int, spec: BackboneSpec, mode: str, gate_init: float, into_side: torch.Tensor,
+                 distance: int = 0):
         super().__init__()
-        self.mode, self.heads, self.head_dim = mode, spec.num_heads, spec.head_dim
+        self.mode, self.heads, self.head_dim, self.distance = mode, spec.num_heads, spec.head_dim, distance
         self.q_delta = nn.Linear(side_dim, spec.num_heads * spec.head_dim, bias=False)
         nn.init.zeros_(self.q_delta.weight)
         self.gate = nn.Parameter(torch.full((spec.num_heads,), float(gate_init)))
@@ -67,18 +74,22 @@ class MemoryReader(nn.Module):
         """x `[B, T, s]` side state -> `[B, T, s]` memory contribution."""
         B, T, _ = x.shape
         q = mem.queries + _linear(self.q_delta, x).view(B, T, self.heads, self.head_dim)
-        keys, values, mask = mem.retrieve(q.detach())
+        if self.distance and mem.rotate_at is None:
+            raise LongsideError("this memory reader scores memory at a rotary distance; its inputs lack rotate_at")
+        qm = mem.rotate_at(q, self.distance) if self.distance else q  # what memory keys are scored with
+        keys, values, mask = mem.retrieve(qm.detach())
         if keys.shape[3] == 0 or not bool(mask.any()):
             return x.new_zeros(x.shape)
-        delta = self._read_step(q, keys, values, mask, mem) if T == 1 else None
+        delta = self._read_step(q, qm, keys, values, mask, mem) if T == 1 else None
         if delta is None:
-            delta = self._read(q, keys, values, mask, mem)
+            delta = self._read(q, qm, keys, values, mask, mem)
         return _linear(self.into_side, mem.out_proj(delta.flatten(2)))
 
-    def _read(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-              mem: MemoryInputs) -> torch.Tensor:
-        """What memory changes in the layer's attention output, `[B, T, H, D]`."""
-        a_mem, lse_mem, has = attend_retrieved(q, keys, values, mask)
+    def _read(self, q: torch.Tensor, qm: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+              mask: torch.Tensor, mem: MemoryInputs) -> torch.Tensor:
+        """What memory changes in the layer's attention output, `[B, T, H, D]`; `q` the
+        pre-rotary query, `qm` the one memory keys are scored with."""
+        a_mem, lse_mem, has = attend_retrieved(qm, keys, values, mask)
         if self.mode == "gated":
             w = torch.sigmoid(self.gate).view(1, 1, -1, 1) * has
         else:
@@ -87,8 +98,8 @@ class MemoryReader(nn.Module):
             w = torch.sigmoid(lse_mem - local) * has
         return w * (a_mem - mem.attn)
 
-    def _read_step(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                   mem: MemoryInputs) -> torch.Tensor | None:
+    def _read_step(self, q: torch.Tensor, qm: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                   mask: torch.Tensor, mem: MemoryInputs) -> torch.Tensor | None:
         """`_read` for one token per row in one C call (a decode step: the ~30 small torch ops
         of `_read` cost more than their arithmetic), or None where it cannot run (gradients,
         another device or layout)."""
@@ -100,8 +111,8 @@ class MemoryReader(nn.Module):
         if self.mode == "gated":  # the gate replaces the local log-sum-exp: no local keys read
             gate, qr = self.gate.detach().float().contiguous(), q
         else:
-            cs = mem.rotary() if mem.rotary is not None else None
-            if cs is not None and cs[0].dtype == torch.float32:  # rotated in the call
+            cs = mem.rotary() if mem.rotary is not None and qm is q else None
+            if cs is not None and cs[0].dtype == torch.float32:  # rotated in the call (it rotates `qm`)
                 qr, rot = None, (cs[0][:, 0].contiguous(), cs[1][:, 0].contiguous())
             else:
                 qr = mem.rotate(q)
@@ -111,7 +122,7 @@ class MemoryReader(nn.Module):
                 kr = kr.contiguous()
         try:
             key_mask = None if kr is None else ggml_cpu.key_mask_bytes(mem.key_mask, B, kr.shape[2])
-            delta = ggml_cpu.memory_read_step(q[:, 0].contiguous(), None if qr is None else qr[:, 0].contiguous(),
+            delta = ggml_cpu.memory_read_step(qm[:, 0].contiguous(), None if qr is None else qr[:, 0].contiguous(),
                                               keys[:, 0], values[:, 0], mask[:, 0], kr, key_mask,
                                               mem.attn[:, 0].contiguous(), gate, D ** -0.5, rotary=rot)
         except ValueError:
@@ -167,4 +178,5 @@ def memory_inputs(backbone: Backbone, out: BackboneOutput, layer: int, retrieve:
         queries=out.memory_queries, attn=out.memory_attn, keys=keys, retrieve=retrieve,
         out_proj=lambda a: backbone.attn_output(layer, a), rotate=lambda x: backbone.rotate(x, positions, layer),
         rotate_keys=rotate_keys, key_mask=key_mask, rotated_keys=None if rotated is None else rotated.transpose(1, 2),
-        rotary=lambda: backbone.rotary(positions, layer))
+        rotary=lambda: backbone.rotary(positions, layer),
+        rotate_at=lambda x, d: backbone.rotate(x, torch.full(x.shape[:2], d, device=x.device), layer))

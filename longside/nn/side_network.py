@@ -144,7 +144,7 @@ class SideNetwork(nn.Module):
         self.blocks = nn.ModuleList(SideBlock(s, spec.num_heads, spec.num_kv_heads, hd,
                                               spec.intermediate_size // r) for _ in self.layer_map)
         self.reader = MemoryReader(s, spec, config.memory_attention, config.memory_gate_init,
-                                   self._into_side_init(config.downsample, d, s, keep))
+                                   self._into_side_init(config.downsample, d, s, keep), config.memory_distance)
         self.token_reader = TokenCacheReader(copy=config.token_copy_k > 0, spread=config.token_spread) if config.token_cache else None
         self.norm = RMSNorm(s)
         self.up = nn.Linear(s, d, bias=False)

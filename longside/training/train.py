@@ -40,6 +40,9 @@ from longside.training.teacher import DocumentTargets, TeacherTargets, distill_t
 
 
 _PROVENANCE = ("backbone", "backbone_fingerprint", "extra")
+# how memory is written and scored, not the side network's weights: a run from a checkpoint may
+# change them (the checkpoint it writes keeps the new settings)
+_MEMORY_USE = ("memory_sink_tokens", "memory_distance")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -112,10 +115,15 @@ def build_model(cfg: TrainConfig, backbone: Backbone) -> LongSideModel:
     src = SHIPPED_CHECKPOINT if cfg.init_from == "shipped" else Path(cfg.init_from)
     model = LongSideModel.from_pretrained(src, backbone=backbone)
     mine, theirs, default = (dataclasses.asdict(c) for c in (cfg.side, model.config, SideNetConfig()))
-    clash = {k: v for k, v in mine.items() if k not in _PROVENANCE and v != default[k] and v != theirs[k]}
+    changed = {k: v for k, v in mine.items() if k not in _PROVENANCE and v != default[k] and v != theirs[k]}
+    clash = {k: v for k, v in changed.items() if k not in _MEMORY_USE}
     if clash:
         raise LongsideError(f"init_from {src} brings its own side network; the side settings {clash} differ from "
                             "its side_config.json; drop them (or train a new side network without init_from)")
+    if "memory_sink_tokens" in changed:
+        model.use_memory_sink_tokens(changed["memory_sink_tokens"])
+    if "memory_distance" in changed:
+        model.use_memory_distance(changed["memory_distance"])
     return model
 
 
