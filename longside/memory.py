@@ -238,11 +238,13 @@ class Memory:
                     with bm.attach(part, read=True):
                         k, v, h = encode_memory(bb, seg, layer, self.token_layer, max(bm.layers))
                     bm.write(part, skip)
+                sinks = max(0, cfg.memory_sink_tokens - skip)  # as `add` holds them back
                 for r in group:
                     if h is None:
-                        self.banks[r].add(k[0, skip:], v[0, skip:])
+                        self.banks[r].add(k[0, skip:], v[0, skip:], sinks=sinks)
                     else:
-                        self.banks[r].add(k[0, skip:], v[0, skip:], token_keys=h[0, skip:], token_ids=seg[0, skip:])
+                        self.banks[r].add(k[0, skip:], v[0, skip:], token_keys=h[0, skip:], token_ids=seg[0, skip:],
+                                          sinks=sinks)
             n += 1
             if bar is not None:
                 bar.update(seg.shape[1] - skip)

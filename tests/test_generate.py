@@ -20,8 +20,8 @@ from longside.model import LongSideModel
 W = 64
 
 
-def make_model(backbone, mode: str = "gated", std: float = 0.01) -> LongSideModel:
-    model = LongSideModel(backbone, SideNetConfig(window=W, capacity_tokens=4096, memory_attention=mode))
+def make_model(backbone, mode: str = "gated", std: float = 0.01, **side) -> LongSideModel:
+    model = LongSideModel(backbone, SideNetConfig(window=W, capacity_tokens=4096, memory_attention=mode, **side))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # an untrained side network adds exactly zero; make it matter
         model.side.up.weight.copy_(torch.randn(model.side.up.weight.shape, generator=g) * std)
@@ -66,9 +66,10 @@ def backbone_noise(bb, ids: torch.Tensor, cuts: list[int]) -> float:
 
 
 # -- incremental decoding -------------------------------------------------------------------
-@pytest.mark.parametrize("mode", ["gated", "joint"])
-def test_incremental_logits_match_full_segments(smollm2, mode):
-    model = make_model(smollm2, mode)
+@pytest.mark.parametrize("mode, side", [("gated", {}), ("joint", {}),
+                                        ("joint", {"memory_sink_tokens": 4, "memory_distance": 48})])
+def test_incremental_logits_match_full_segments(smollm2, mode, side):
+    model = make_model(smollm2, mode, **side)
     ids = ids_of(W + 16, batch=2)
     model.init_memory(2)
     full = torch.cat([model(ids[:, :W]).logits, model(ids[:, W:]).logits], 1)  # read, then write

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from longside.config import SideNetConfig
-from longside.errors import LongsideError
+from longside.errors import CheckpointError, LongsideError
 from longside.memory import Memory, read_texts
 from longside.model import LongSideModel
 
@@ -92,3 +92,22 @@ def test_a_shorter_write_window_carries_its_share_not_one_token_steps(model):
     assert memory.write_ids(ids, window=16) == len(range(0, 160 - 8, 8)) == 19  # not ~145
     assert memory.lengths() == [160]  # every token once: carried ones are not written twice
     assert memory.write_ids(ids, window=64) == len(range(0, 160 - 32, 32)) == 4
+
+
+def test_sink_tokens_are_the_first_of_each_forward_not_of_each_write(model):
+    """memory_sink_tokens: each forward's first tokens leave the memory layer's bank (the
+    token cache keeps them); a carried window's forward starts with tokens written before,
+    so only the sinks past its carried ones are held back."""
+    sinks = LongSideModel(model.backbone, SideNetConfig(window=64, capacity_tokens=4096, memory_sink_tokens=4),
+                          side=model.side)
+    memory = Memory(sinks.backbone, sinks.config, 1)
+    memory.write_ids(list(range(100, 140)))  # one forward of 40
+    plain = Memory(model.backbone, model.config, 1)
+    plain.write_ids(list(range(100, 140)))
+    assert memory.lengths() == [36] and len(memory.banks[0].tokens) == len(plain.banks[0].tokens)
+    memory.write_ids(list(range(200, 240)), carried=2)  # 38 new, its positions 2 and 3 are sinks
+    assert memory.lengths() == [36 + 36]
+    memory.write_ids(list(range(300, 340)), carried=10)  # past the sinks: all 30 new written
+    assert memory.lengths() == [102]
+    with pytest.raises(CheckpointError, match="memory_sink_tokens"):
+        SideNetConfig(window=64, memory_sink_tokens=64)

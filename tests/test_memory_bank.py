@@ -489,3 +489,20 @@ def test_an_ivf_index_that_does_not_list_the_chunks_is_refused(tmp_path):
     bank.save(tmp_path / "bad.lsmb")
     with pytest.raises(MemoryBankError, match="does not list"):
         MemoryBank.load(tmp_path / "bad.lsmb")
+
+
+def test_sink_tokens_go_to_the_token_memory_only():
+    """`sinks`: the first tokens of a write are left out of the chunks (attention sinks),
+    not out of the token memory; a write of sinks only adds no chunk."""
+    banks = [MemoryBank(2, 8, chunk_size=4, capacity_tokens=64, dtype=torch.float32, token_dim=4) for _ in range(2)]
+    tk = torch.randn(13, 4)
+    for bank, sinks in zip(banks, (4, 0)):
+        bank.add(tagged(0, 10), tagged(0, 10), token_keys=tk[:10], token_ids=torch.arange(10), sinks=sinks)
+        bank.add(tagged(10, 3), tagged(10, 3), token_keys=tk[10:], token_ids=torch.arange(10, 13), sinks=sinks)
+    assert len(banks[0]) == 6 and stored_tokens(banks[0]) == [[4, 5, 6, 7], [8, 9]]
+    assert len(banks[1]) == 13
+    assert len(banks[0].tokens) == len(banks[1].tokens) > 0  # the token memory took every token
+    for bad in (-1, 1.5, True):
+        with pytest.raises(MemoryBankError, match="sinks"):
+            banks[0].add(tagged(20, 2), tagged(20, 2), token_keys=tk[:2], token_ids=torch.arange(2), sinks=bad)
+    assert len(banks[0]) == 6 and len(banks[0].tokens) == len(banks[1].tokens)

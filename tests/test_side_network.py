@@ -118,6 +118,32 @@ def test_cache_matches_full_segment():
     assert torch.allclose(torch.cat([first, rest], 1), full, atol=1e-5)
 
 
+def test_a_reader_at_a_distance_scores_memory_with_the_query_rotated_there():
+    """distance d: the memory read equals the position-free read of the query rotated at
+    position d (what it is defined as); d = 0 is the position-free read itself."""
+    bb = _tiny()
+    side = _side(bb, memory_attention="joint", memory_distance=7)
+    with torch.no_grad():
+        side.reader.q_delta.weight.normal_(0, 0.1)
+    past = bb.encode(torch.randint(0, 96, (1, 12)), memory_layer=1)
+    out = bb.encode(torch.randint(0, 96, (1, 6)), memory_layer=1)
+    seen = []
+    base = _brute_retrieve(past.memory_keys, past.memory_values)
+
+    def retrieve(q):
+        seen.append(q)
+        return base(q)
+    mem = memory_inputs(bb, out, 1, retrieve)
+    x = torch.randn(1, 6, 32)
+    with torch.no_grad():
+        side.reader(x, mem)
+        q = out.memory_queries + side.reader.q_delta(x).view(1, 6, *out.memory_queries.shape[2:])
+        torch.testing.assert_close(seen[-1], bb.rotate(q, torch.full((1, 6), 7), 1))
+        side.reader.distance = 0
+        side.reader(x, mem)
+        torch.testing.assert_close(seen[-1], q)
+
+
 def test_bad_configs():
     bb = _tiny()
     with pytest.raises(CheckpointError, match="reduction"):
@@ -283,19 +309,20 @@ def test_side_decoding_in_c_equals_torch_on_each_path(isa, spread, monkeypatch):
     assert (got - want).abs().max() <= 1e-5 * added.abs().max(), (got - want).abs().max()
 
 
+@pytest.mark.parametrize("distance", [0, 5])
 @pytest.mark.parametrize("isa", [0, 1, 3])
 @pytest.mark.parametrize("mode", ["joint", "gated"])
-def test_memory_read_of_one_token_per_row_in_c_equals_torch(mode, isa, monkeypatch):
+def test_memory_read_of_one_token_per_row_in_c_equals_torch(mode, isa, distance, monkeypatch):
     """A decode step's memory read in one C call gives the torch read's values, on each
     instruction-set path the CPU has (0 scalar, 1 AVX2, 3 AVX-512): two rows of different
     lengths (the short one padded on the left), a head that retrieved nothing, masked slots
-    holding garbage."""
+    holding garbage; memory keys scored position-free and at a rotary distance."""
     from types import SimpleNamespace
 
 
     _use_isa(isa, monkeypatch)
     bb = _tiny()
-    side = _side(bb, memory_attention=mode)
+    side = _side(bb, memory_attention=mode, memory_distance=distance)
     with torch.no_grad():
         side.reader.q_delta.weight.normal_(0, 0.1)
         side.reader.gate.normal_(0, 1.0)
@@ -329,6 +356,10 @@ def test_memory_read_of_one_token_per_row_in_c_equals_torch(mode, isa, monkeypat
     assert calls == [1, 1] and want.abs().sum() > 0
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(rotated, want, atol=2e-6, rtol=1e-5)
+    if distance:  # the distance changes what is read (in both paths)
+        side.reader.distance = 0
+        with torch.no_grad():
+            assert (side.reader(x, mem) - want).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("isa", [0, 1])

@@ -162,3 +162,8 @@ def test_init_from_takes_the_checkpoints_side_network_and_refuses_other_settings
     assert torch.equal(model.side.up.weight, src.side.up.weight) and model.config.window == 64
     with pytest.raises(LongsideError, match="brings its own side network"):
         build_model(preset("tiny", init_from=str(tmp_path / "ckpt"), side={"reduction": 2}), smollm2)
+    # how memory is written and scored may change: the weights stay the checkpoint's
+    again = build_model(preset("tiny", init_from=str(tmp_path / "ckpt"),
+                               side={"memory_sink_tokens": 4, "memory_distance": 48}), smollm2)
+    assert (again.config.memory_sink_tokens, again.config.memory_distance, again.side.reader.distance) == (4, 48, 48)
+    assert torch.equal(again.side.up.weight, src.side.up.weight)
