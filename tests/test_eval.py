@@ -520,3 +520,21 @@ def test_ppl_reads_a_carried_window_as_generation_does(smollm2):
     with pytest.raises(Exception, match="window_carry"):
         model.use_window_carry(W)
     assert _args("ppl", ["--window-carry", "8"]).window_carry == 8
+
+
+def test_cli_reads_memory_with_the_sinks_and_distance_asked_for(tmp_path, smollm2, monkeypatch):
+    """--memory-sinks / --memory-distance reach the model the evaluation runs and its report;
+    a value out of range is refused with the setting's name."""
+    seen = {}
+
+    def fake_run(model, info, cfg, data=None):
+        seen.update(sinks=model.config.memory_sink_tokens, distance=model.side.reader.distance, info=info)
+        return {"evaluation": "ppl"}
+    monkeypatch.setattr(ppl, "run", fake_run)
+    monkeypatch.setattr(cli, "load_model", lambda path: (LongSideModel(smollm2, SideNetConfig(window=W)), {}))
+    assert cli.main(["ppl", "--memory-sinks", "4", "--memory-distance", "48", "--json", str(tmp_path / "r.json")]) == 0
+    assert (seen["sinks"], seen["distance"]) == (4, 48)
+    assert seen["info"]["side_config"]["memory_sink_tokens"] == 4 and seen["info"]["side_config"]["memory_distance"] == 48
+    from longside.errors import CheckpointError
+    with pytest.raises(CheckpointError, match="memory_distance"):
+        cli.main(["ppl", "--memory-distance", "-1"])

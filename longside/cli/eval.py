@@ -43,6 +43,12 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="carry the last TOKENS of each segment into the next one's window, so no segment starts "
                         "cold (default: the checkpoint's setting, 256 for the shipped one; 0: every segment starts "
                         "empty)")
+    p.add_argument("--memory-sinks", type=int, metavar="TOKENS",
+                   help="leave each forward's first TOKENS (the backbone's attention sinks) out of memory "
+                        "attention's bank (default: the checkpoint's setting, 0 for the shipped one)")
+    p.add_argument("--memory-distance", type=int, metavar="TOKENS",
+                   help="memory attention scores memory keys as if they sat TOKENS before the query (rotary; "
+                        "default: the checkpoint's setting, 0 = position-free for the shipped one)")
     p.add_argument("--token-cache", choices=("on", "nocopy", "off"), default="on",
                    help="off: leave the token cache out (memory attention alone reads memory); nocopy: leave out "
                         "only its exact-match copy read (the neighbour vote stays); on (default): the checkpoint's "
@@ -116,9 +122,11 @@ def main(argv: list[str]) -> int:
     if args.backbone_memory is not None:
         model.use_backbone_memory(parse_blocks(args.backbone_memory))
         info["side_config"] = dataclasses.asdict(model.config)  # what the run used, not what was loaded
-    if args.window_carry is not None:
-        model.use_window_carry(args.window_carry)
-        info["side_config"] = dataclasses.asdict(model.config)
+    for value, use in ((args.window_carry, model.use_window_carry), (args.memory_sinks, model.use_memory_sink_tokens),
+                       (args.memory_distance, model.use_memory_distance)):
+        if value is not None:
+            use(value)
+            info["side_config"] = dataclasses.asdict(model.config)
     apply_token_cache(model, info, args.token_cache)
     info["backbone_memory_layers"] = model.config.backbone_memory_layers
     reports = {}
