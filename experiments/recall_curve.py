@@ -91,7 +91,7 @@ def main() -> None:
         ax.set_ylabel(f"next-token loss (mean over {args.window} steps)")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-        save_figure(fig, args.plot)
+        save_figure(plt, fig, args.plot)
 
 
 if __name__ == "__main__":
