@@ -156,7 +156,7 @@ class Memory:
         memory (a window carried from the segment before, `config.window_carry`): not written.
         Of the first `config.memory_sink_tokens` (the forward's attention sinks) only the
         token-cache pairs are written."""
-        sinks = max(0, self.config.memory_sink_tokens - skip)
+        sinks = self._sinks_after(skip)
         if skip:
             keys, values = keys[:, skip:], values[:, skip:]
             token_keys = None if token_keys is None else token_keys[:, skip:]
@@ -164,6 +164,11 @@ class Memory:
         self.layer.add(keys, values, token_keys=token_keys, token_ids=token_ids, sinks=sinks)
         if self.blocks is not None and backbone_segment is not None:
             self.blocks.write(backbone_segment, skip)
+
+    def _sinks_after(self, skip: int) -> int:
+        """How many of a forward's tokens past its first `skip` (carried, already written) are
+        its attention sinks, held out of the memory layer's bank (`config.memory_sink_tokens`)."""
+        return max(0, self.config.memory_sink_tokens - skip)
 
     def reset(self, rows: list[int] | None = None) -> None:
         """Forget everything (or only `rows`), e.g. at document boundaries."""
@@ -238,7 +243,7 @@ class Memory:
                     with bm.attach(part, read=True):
                         k, v, h = encode_memory(bb, seg, layer, self.token_layer, max(bm.layers))
                     bm.write(part, skip)
-                sinks = max(0, cfg.memory_sink_tokens - skip)  # as `add` holds them back
+                sinks = self._sinks_after(skip)
                 for r in group:
                     if h is None:
                         self.banks[r].add(k[0, skip:], v[0, skip:], sinks=sinks)
