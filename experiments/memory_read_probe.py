@@ -7,13 +7,16 @@ alone (token cache off). At each position that predicts an answer token, per hea
 memory layer:
 
 - `w`: memory's share of the joint softmax, sigmoid(lse_mem - lse_local);
+- `gap`: lse_mem - lse_local itself (the mean; a head that retrieved nothing counts -30), what
+  a bias on memory's log-sum-exp would have to make up for memory to get weight;
 - `sink`: the share of the memory read that falls on the first 4 tokens of the written
   segment (the backbone's attention sinks);
 - `fact`: the share on the key's sentence; `next`: on a token of the sentence equal to the
   token being predicted (a read that could copy it).
 
 Rows: the checkpoint as shipped (position-free, every token written), with
-`memory_sink_tokens` 4, and with sinks 4 and `memory_distance` 768. Positions of retrieved
+`memory_sink_tokens` 4, with sinks 4 and `memory_distance` 768, and with those and the
+reader's learned query correction zeroed (`reset_memory_query`: the backbone's own query). Positions of retrieved
 tokens are recovered as the written token whose stored value is nearest (values are kept in
 float16, so the nearest is the token itself).
 
@@ -37,7 +40,8 @@ from longside.provenance import RunRecord
 from longside.training.data import recall_document, tokenized_books
 
 SINKS = 4
-SETTINGS = {"as shipped": (0, 0), "sinks 4": (4, 0), "sinks 4, distance 768": (4, 768)}
+SETTINGS = {"as shipped": (0, 0, False), "sinks 4": (4, 0, False), "sinks 4, distance 768": (4, 768, False),
+            "sinks 4, distance 768, backbone query": (4, 768, True)}
 
 
 def probe(model: LongSideModel, books, docs: int, segment: int, seed: int) -> dict:
@@ -77,7 +81,7 @@ def probe(model: LongSideModel, books, docs: int, segment: int, seed: int) -> di
             w = torch.sigmoid(seen["lse"] - seen["local"])[0, :, :, 0]  # [T, H]
             for t in answer.tolist():
                 target = ids[0, segment + t + 1].item()
-                row = {"w": w[t]}
+                row = {"w": w[t], "gap": (seen["lse"] - seen["local"])[0, t, :, 0].clamp(min=-30)}
                 for part in ("sink", "fact", "next"):
                     row[part] = torch.zeros(H)
                 for h in range(H):
@@ -106,6 +110,7 @@ def main() -> None:
     p.add_argument("--docs", type=int, default=8)
     p.add_argument("--segment", type=int, default=1024)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     p.add_argument("--json")
     args = p.parse_args()
     check_output_file(args.json, "--json")
@@ -113,10 +118,13 @@ def main() -> None:
     backbone = load_backbone("smollm2-135m")
     books = tokenized_books(backbone, "train")
     rows = {}
-    for name, (sinks, distance) in SETTINGS.items():
+    for name in args.settings:
+        sinks, distance, reset = SETTINGS[name]
         model = LongSideModel.from_pretrained(args.model, backbone=backbone)
         model.use_memory_sink_tokens(sinks)
         model.use_memory_distance(distance)
+        if reset:
+            model.reset_memory_query()
         rows[name] = probe(model, books, args.docs, args.segment, args.seed)
         print(name, json.dumps(rows[name]), file=sys.stderr)
     report = {"docs": args.docs, "segment": args.segment, "seed": args.seed, "model": args.model or "shipped",

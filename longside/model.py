@@ -143,6 +143,14 @@ class LongSideModel(nn.Module):
         self._reconfigure("read at another distance", memory_distance=tokens)
         self.side.reader.distance = tokens
 
+    def reset_memory_query(self) -> None:
+        """Zero the memory reader's learned query correction, so memory is searched and read
+        with the backbone's own query at the memory layer. A correction learned for
+        position-free scores (`memory_distance` 0) steers the query away from the text once
+        memory is scored at a distance (`experiments/memory_read_probe.py`)."""
+        with torch.no_grad():
+            self.side.reader.q_delta.weight.zero_()
+
     def drop_token_cache(self, only_copy: bool = False) -> None:
         """Switch the token cache off (memory attention alone reads memory), or with
         `only_copy` only its exact-match copy read (the neighbour vote stays): for

@@ -167,3 +167,17 @@ def test_init_from_takes_the_checkpoints_side_network_and_refuses_other_settings
                                side={"memory_sink_tokens": 4, "memory_distance": 48}), smollm2)
     assert (again.config.memory_sink_tokens, again.config.memory_distance, again.side.reader.distance) == (4, 48, 48)
     assert torch.equal(again.side.up.weight, src.side.up.weight)
+
+
+def test_reset_memory_query_zeroes_only_the_readers_query_correction(tmp_path, smollm2):
+    src = LongSideModel(smollm2, preset("tiny").side)
+    with torch.no_grad():
+        src.side.reader.q_delta.weight.normal_(0, 0.01)
+        src.side.up.weight.normal_(0, 0.01)
+    src.save_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    kept = build_model(preset("tiny", init_from=str(tmp_path / "ckpt")), smollm2)
+    assert torch.equal(kept.side.reader.q_delta.weight, src.side.reader.q_delta.weight)
+    reset = build_model(preset("tiny", init_from=str(tmp_path / "ckpt"), reset_memory_query=True,
+                               side={"memory_distance": 48}), smollm2)
+    assert not reset.side.reader.q_delta.weight.any()
+    assert torch.equal(reset.side.up.weight, src.side.up.weight) and reset.side.reader.distance == 48

@@ -50,6 +50,9 @@ class TrainConfig:
     distill_kl: float = 1.0
     distill_attn: float = 0.0
     init_from: str | None = None  # start from this checkpoint's side network (and its side config)
+    # with init_from: zero its memory reader's query correction (LongSideModel.reset_memory_query),
+    # e.g. when the run scores memory at a distance the checkpoint was not trained with
+    reset_memory_query: bool = False
     # False: the next-token loss reads the side network's output alone, the token cache left
     # out. With the cache in the loss its copy read already names a recalled fact, so the
     # loss asks nothing of memory attention on exactly the tokens that need memory.

@@ -124,6 +124,8 @@ def build_model(cfg: TrainConfig, backbone: Backbone) -> LongSideModel:
         model.use_memory_sink_tokens(changed["memory_sink_tokens"])
     if "memory_distance" in changed:
         model.use_memory_distance(changed["memory_distance"])
+    if cfg.reset_memory_query:
+        model.reset_memory_query()
     return model
 
 
