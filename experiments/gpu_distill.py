@@ -2,8 +2,9 @@
 
     python experiments/gpu_distill.py --minutes 6 --batch-size 8 --out /tmp/gpu_distill --json /tmp/gpu_distill.json
 
-It is `longside train --preset smollm2-135m-distill` (the shipped side network trained
-further against the backbone with SmolLM2's native 8k window in view), with three changes
+It is `longside train --preset smollm2-135m-distill-rotary` (the shipped side network
+trained further against the backbone with SmolLM2's native 8k window in view, memory read at
+a rotary distance; `--preset smollm2-135m-distill` for the position-free read), with three changes
 for a GPU: rows of `--batch-size` documents at once, teacher targets computed when read
 and never stored (`teacher_store=False`; a GPU computes a document's in milliseconds,
 storing them would fill a disk at ~20 MB per document), and the backbone as its
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, required=True, help="wall time for the whole script")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--preset", default="smollm2-135m-distill-rotary",
+                   help="a distillation preset (default: memory read at a rotary distance with the backbone's query)")
     p.add_argument("--lr", type=float, default=None, help="default: the preset's")
     p.add_argument("--probe-steps", type=int, default=30)
     p.add_argument("--reserve-s", type=float, default=45.0, help="kept for the final validation and save")
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         probe_dir = out.with_name(out.name + "-probe")
-        probe = train(preset("smollm2-135m-distill", **common, out=str(probe_dir), max_steps=args.probe_steps,
+        probe = train(preset(args.preset, **common, out=str(probe_dir), max_steps=args.probe_steps,
                              eval_every=10 ** 6, save_every=10 ** 6), backbone=backbone, progress=False)
         history = json.loads((probe_dir / "history.json").read_text())
         rate = _steps_per_s(history, skip=min(5, args.probe_steps // 3))
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         result["plan"] = {"max_steps": steps, "seconds_left": round(left, 1)}
         print(json.dumps(result, indent=1), flush=True)
         report.write_text(json.dumps(result, indent=1))
-        cfg = preset("smollm2-135m-distill", **common, out=str(out), max_steps=steps, eval_every=args.eval_every,
+        cfg = preset(args.preset, **common, out=str(out), max_steps=steps, eval_every=args.eval_every,
                      save_every=args.save_every, warmup_steps=max(20, steps // 50))
         result["final"] = train(cfg, max_minutes=max(left, 30) / 60, backbone=backbone, progress=False)
     except Exception:  # the error goes into the report; the last checkpoint saved is still copied below

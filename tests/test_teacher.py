@@ -181,3 +181,12 @@ def test_reset_memory_query_zeroes_only_the_readers_query_correction(tmp_path, s
                                side={"memory_distance": 48}), smollm2)
     assert not reset.side.reader.q_delta.weight.any()
     assert torch.equal(reset.side.up.weight, src.side.up.weight) and reset.side.reader.distance == 48
+
+
+def test_the_rotary_distillation_preset_reads_memory_with_the_backbones_query(smollm2):
+    model = build_model(preset("smollm2-135m-distill-rotary"), smollm2)
+    assert (model.config.memory_sink_tokens, model.config.memory_distance, model.side.reader.distance) == (4, 768, 768)
+    assert not model.side.reader.q_delta.weight.any()
+    shipped = build_model(preset("smollm2-135m-distill"), smollm2)
+    assert shipped.side.reader.q_delta.weight.any() and shipped.config.memory_distance == 0
+    assert torch.equal(model.side.up.weight, shipped.side.up.weight)
