@@ -7,7 +7,8 @@ alone (token cache off). At each position that predicts an answer token, per hea
 memory layer:
 
 - `w`: memory's share of the joint softmax, sigmoid(lse_mem - lse_local);
-- `gap`: lse_mem - lse_local itself (the mean; a head that retrieved nothing counts -30), what
+- `gap`: lse_mem - lse_local itself (the mean, each position's gap floored at -30, so a mean near -30
+  is an upper bound; a head that retrieved nothing counts -30), what
   a bias on memory's log-sum-exp would have to make up for memory to get weight;
 - `sink`: the share of the memory read that falls on the first 4 tokens of the written
   segment (the backbone's attention sinks);

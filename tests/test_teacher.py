@@ -3,6 +3,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from longside.errors import LongsideError
 from longside.model import LongSideModel
@@ -181,6 +182,25 @@ def test_reset_memory_query_zeroes_only_the_readers_query_correction(tmp_path, s
                                side={"memory_distance": 48}), smollm2)
     assert not reset.side.reader.q_delta.weight.any()
     assert torch.equal(reset.side.up.weight, src.side.up.weight) and reset.side.reader.distance == 48
+    with pytest.raises(LongsideError, match="init_from"):
+        preset("tiny", reset_memory_query=True)  # a new side network has no correction to reset
+
+
+def test_a_resumed_run_keeps_its_trained_query_after_a_reset(tmp_path, smollm2):
+    """The reset applies to the init_from checkpoint once; resuming reloads the run's own query."""
+    src = LongSideModel(smollm2, preset("tiny").side)
+    with torch.no_grad():
+        src.side.reader.q_delta.weight.normal_(0, 0.01)
+    src.save_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    common = {"init_from": str(tmp_path / "ckpt"), "reset_memory_query": True, "save_every": 2, "eval_every": 100}
+    train(preset("tiny", max_steps=4, out=str(tmp_path / "full"), **common), backbone=smollm2, progress=False)
+    train(preset("tiny", max_steps=2, out=str(tmp_path / "half"), **common), backbone=smollm2, progress=False)
+    trained = load_file(str(tmp_path / "half" / "model" / "side_model.safetensors"))["reader.q_delta.weight"]
+    assert trained.any()  # two steps moved it off zero: a second reset on resume would show
+    train(preset("tiny", max_steps=4, out=str(tmp_path / "half"), **common), resume=tmp_path / "half",
+          backbone=smollm2, progress=False)
+    a, b = (load_file(str(tmp_path / run / "model" / "side_model.safetensors")) for run in ("full", "half"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_the_rotary_distillation_preset_reads_memory_with_the_backbones_query(smollm2):

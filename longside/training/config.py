@@ -82,6 +82,9 @@ class TrainConfig:
         if self.teacher_cache and not self.teacher_store:
             raise LongsideError(f"teacher_cache {self.teacher_cache!r} names a store, but teacher_store is False "
                                 "(targets computed when read, none kept); drop one of the two")
+        if self.reset_memory_query and not self.init_from:
+            raise LongsideError("reset_memory_query zeroes the query correction of an init_from checkpoint; a new "
+                                "side network starts with none: set init_from or drop reset_memory_query")
         if self.distill:
             longest = max(self.max_book_segments, self.synthetic_max_segments) * self.segment
             if longest > self.teacher_window or self.teacher_window % self.segment:
@@ -124,8 +127,8 @@ PRESETS: dict[str, dict] = {
     # The same, with memory read the way backbone memory reads it: the backbone's attention
     # sinks held out of the bank, memory keys scored at a rotary distance, and the reader's
     # query correction (learned for position-free scores) restarted at the backbone's own query.
-    # Its memory-layer error falls to 0.70 by step 100 (the preset above: 0.89 at step 150);
-    # docs/results.md#backbone-query.
+    # Its memory-layer error is 0.70 over steps 126-151 (the preset above: 0.91; with sinks and
+    # distance but the checkpoint's query, 0.80); docs/results.md#backbone-query.
     "smollm2-135m-distill-rotary": {"out": "runs/smollm2-135m-distill-rotary", "max_steps": 600, "warmup_steps": 20,
                                     "lr": 5e-4, "synthetic_share": 0.3, "synthetic_max_segments": 4,
                                     "max_book_segments": 8, "eval_every": 200, "eval_segments": 6,
