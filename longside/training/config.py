@@ -109,6 +109,12 @@ class TrainConfig:
         return cls(side=side, **raw)
 
 
+# The shipped checkpoint, trained further against the long-context backbone (teacher.py):
+# 8-segment documents, so the teacher (SmolLM2's native 8k) sees each whole document.
+_DISTILL = {"out": "runs/smollm2-135m-distill", "max_steps": 600, "warmup_steps": 20, "lr": 5e-4,
+            "synthetic_share": 0.3, "synthetic_max_segments": 4, "max_book_segments": 8, "eval_every": 200,
+            "eval_segments": 6, "save_every": 25, "distill": True, "distill_attn": 1.0, "init_from": "shipped"}
+
 PRESETS: dict[str, dict] = {
     # The shipped checkpoint: SmolLM2-135M, r=4 (side width 144), 10 side layers, memory at
     # block 15, 1024-token segments. Sized for this 2-core CPU (see docs/results.md for wall time).
@@ -118,22 +124,13 @@ PRESETS: dict[str, dict] = {
                      "synthetic_share": 0.5, "synthetic_max_segments": 4, "max_book_segments": 16,
                      "eval_every": 300, "eval_segments": 4, "save_every": 50,
                      "side": {"memory_attention": "joint", "window_carry": 256}},
-    # The shipped checkpoint, trained further against the long-context backbone (teacher.py):
-    # 8-segment documents, so the teacher (SmolLM2's native 8k) sees each whole document.
-    "smollm2-135m-distill": {"out": "runs/smollm2-135m-distill", "max_steps": 600, "warmup_steps": 20,
-                             "lr": 5e-4, "synthetic_share": 0.3, "synthetic_max_segments": 4,
-                             "max_book_segments": 8, "eval_every": 200, "eval_segments": 6, "save_every": 25,
-                             "distill": True, "distill_attn": 1.0, "init_from": "shipped"},
+    "smollm2-135m-distill": _DISTILL,
     # The same, with memory read the way backbone memory reads it: the backbone's attention
     # sinks held out of the bank, memory keys scored at a rotary distance, and the reader's
     # query correction (learned for position-free scores) restarted at the backbone's own query.
     # Its memory-layer error is 0.70 over steps 126-151 (the preset above: 0.91; with sinks and
     # distance but the checkpoint's query, 0.80); docs/results.md#backbone-query.
-    "smollm2-135m-distill-rotary": {"out": "runs/smollm2-135m-distill-rotary", "max_steps": 600, "warmup_steps": 20,
-                                    "lr": 5e-4, "synthetic_share": 0.3, "synthetic_max_segments": 4,
-                                    "max_book_segments": 8, "eval_every": 200, "eval_segments": 6,
-                                    "save_every": 25, "distill": True, "distill_attn": 1.0, "init_from": "shipped",
-                                    "reset_memory_query": True,
+    "smollm2-135m-distill-rotary": {**_DISTILL, "out": "runs/smollm2-135m-distill-rotary", "reset_memory_query": True,
                                     "side": {"memory_sink_tokens": 4, "memory_distance": 768}},
     # A few steps on short segments: for tests and smoke runs.
     "tiny": {"segment": 64, "max_steps": 6, "warmup_steps": 2, "eval_every": 3, "eval_segments": 2,
