@@ -143,6 +143,17 @@ class LongSideModel(nn.Module):
         self._reconfigure("read at another distance", memory_distance=tokens)
         self.side.reader.distance = tokens
 
+    def use_memory_layer(self, layer: int) -> None:
+        """Read memory at backbone block `layer` instead: its pre-rotary keys/values are what
+        memory stores, and the side network reads them before its first layer past that
+        block. The side weights stay; the reader's query correction is zeroed (it was learned
+        for another block's queries), so memory is read with the block's own query. Refused
+        while memory holds text (it holds another block's keys). Where a perfect read is
+        worth most: `experiments/oracle_read.py` (docs/results.md#memory-block)."""
+        self._reconfigure("written at another block", memory_layer=layer)
+        self.side.move_memory_read(self.config)
+        self.reset_memory_query()
+
     def reset_memory_query(self) -> None:
         """Zero the memory reader's learned query correction, so memory is searched and read
         with the backbone's own query at the memory layer. A correction learned for

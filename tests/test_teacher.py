@@ -210,3 +210,39 @@ def test_the_rotary_distillation_preset_reads_memory_with_the_backbones_query(sm
     shipped = build_model(preset("smollm2-135m-distill"), smollm2)
     assert shipped.side.reader.q_delta.weight.any() and shipped.config.memory_distance == 0
     assert torch.equal(model.side.up.weight, shipped.side.up.weight)
+
+
+def test_a_checkpoint_moved_to_another_memory_block_keeps_its_weights_and_reads_there(tmp_path, smollm2, book):
+    src = LongSideModel(smollm2, preset("tiny").side)
+    with torch.no_grad():
+        src.side.reader.q_delta.weight.normal_(0, 0.01)
+        src.side.up.weight.normal_(0, 0.01)
+    src.save_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    assert src.side.memory_index == 5  # side layers read blocks 3, 6, ..., 30: block 15's read before h[18]
+    moved = build_model(preset("tiny", init_from=str(tmp_path / "ckpt"), side={"memory_layer": 20}), smollm2)
+    assert (moved.config.memory_layer, moved.side.memory_index) == (20, 6)  # before h[21]
+    assert not moved.side.reader.q_delta.weight.any()  # learned for block 15's queries
+    assert torch.equal(moved.side.up.weight, src.side.up.weight)
+    # memory now holds block 20's keys: a bank of block 15 is refused, and the read changes the output
+    text, ids = smollm2.tokenizer.decode(_doc(book, 400).tolist()), torch.from_numpy(_doc(book, 64, 3000))[None]
+    src.memorize(text, progress=False)
+    src.save_memory(tmp_path / "m15.bank")
+    with pytest.raises(LongsideError, match="block|owner|layer"):
+        moved.load_memory(tmp_path / "m15.bank")
+    moved.memorize(text, progress=False)
+    with torch.no_grad():
+        on = moved(ids, use_memory=True, write_memory=False).logits
+        off = moved(ids, use_memory=False, write_memory=False).logits
+    assert not torch.allclose(on, off)
+    saved = tmp_path / "moved"
+    moved.save_pretrained(saved, dtype=torch.float32)
+    again = LongSideModel.from_pretrained(saved, backbone=smollm2)
+    assert (again.config.memory_layer, again.side.memory_index) == (20, 6)
+    with pytest.raises(LongsideError, match="memory already holds text"):
+        moved.use_memory_layer(15)
+
+
+def test_the_block20_preset_reads_memory_at_block_20_with_the_backbones_query(smollm2):
+    model = build_model(preset("smollm2-135m-distill-block20"), smollm2)
+    assert (model.config.memory_layer, model.config.memory_distance, model.config.memory_sink_tokens) == (20, 768, 4)
+    assert not model.side.reader.q_delta.weight.any() and model.side.memory_index == 6

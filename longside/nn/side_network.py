@@ -125,15 +125,11 @@ class SideNetwork(nn.Module):
             raise CheckpointError(f"reduction {r} must divide the width {spec.hidden_size}, the "
                                   f"intermediate size {spec.intermediate_size} and half the head width "
                                   f"{spec.head_dim // 2}")
-        if not 0 <= config.memory_layer < spec.num_layers:
-            raise CheckpointError(f"memory_layer {config.memory_layer} out of range for "
-                                  f"{spec.num_layers} backbone blocks")
-        self.config, self.spec = config, spec
+        self.spec = spec
         d, s, hd = spec.hidden_size, spec.hidden_size // r, spec.head_dim // r
         self.layer_map = [min(config.layer_stride * (j + 1), spec.num_layers)
                           for j in range(math.ceil(spec.num_layers / config.layer_stride))]
-        # the memory read sits before the first side layer that reads past the memory block
-        self.memory_index = next(j for j, l in enumerate(self.layer_map) if l > config.memory_layer)
+        self.move_memory_read(config)
         keep, pairs = self._selection(spec, backbone, config)
         inv_freq = 1.0 / (_rope_theta(backbone) ** (torch.arange(0, spec.head_dim, 2).float() / spec.head_dim))
         self.register_buffer("inv_freq", inv_freq[pairs], persistent=False)
@@ -150,6 +146,15 @@ class SideNetwork(nn.Module):
         self.up = nn.Linear(s, d, bias=False)
         self.final_gate = nn.Parameter(torch.zeros(()))
         self._init_weights(backbone if config.init == "prune" else None, pairs)
+
+    def move_memory_read(self, config: SideNetConfig) -> None:
+        """Take `config` (its `memory_layer` may differ from the current one): the memory read
+        sits before the first side layer that reads past the memory block. No weight changes."""
+        if not 0 <= config.memory_layer < self.spec.num_layers:
+            raise CheckpointError(f"memory_layer {config.memory_layer} out of range for "
+                                  f"{self.spec.num_layers} backbone blocks")
+        self.config = config
+        self.memory_index = next(j for j, l in enumerate(self.layer_map) if l > config.memory_layer)
 
     # -- initialisation ------------------------------------------------------------
     @staticmethod

@@ -115,6 +115,14 @@ _DISTILL = {"out": "runs/smollm2-135m-distill", "max_steps": 600, "warmup_steps"
             "synthetic_share": 0.3, "synthetic_max_segments": 4, "max_book_segments": 8, "eval_every": 200,
             "eval_segments": 6, "save_every": 25, "distill": True, "distill_attn": 1.0, "init_from": "shipped"}
 
+# The distillation preset with memory read the way backbone memory reads it: the backbone's
+# attention sinks held out of the bank, memory keys scored at a rotary distance, and the reader's
+# query correction (learned for position-free scores) restarted at the backbone's own query.
+# Its memory-layer error is 0.70 over steps 126-151 (the preset above: 0.91; with sinks and
+# distance but the checkpoint's query, 0.80); docs/results.md#backbone-query.
+_ROTARY = {**_DISTILL, "out": "runs/smollm2-135m-distill-rotary", "reset_memory_query": True,
+           "side": {"memory_sink_tokens": 4, "memory_distance": 768}}
+
 PRESETS: dict[str, dict] = {
     # The shipped checkpoint: SmolLM2-135M, r=4 (side width 144), 10 side layers, memory at
     # block 15, 1024-token segments. Sized for this 2-core CPU (see docs/results.md for wall time).
@@ -125,13 +133,13 @@ PRESETS: dict[str, dict] = {
                      "eval_every": 300, "eval_segments": 4, "save_every": 50,
                      "side": {"memory_attention": "joint", "window_carry": 256}},
     "smollm2-135m-distill": _DISTILL,
-    # The same, with memory read the way backbone memory reads it: the backbone's attention
-    # sinks held out of the bank, memory keys scored at a rotary distance, and the reader's
-    # query correction (learned for position-free scores) restarted at the backbone's own query.
-    # Its memory-layer error is 0.70 over steps 126-151 (the preset above: 0.91; with sinks and
-    # distance but the checkpoint's query, 0.80); docs/results.md#backbone-query.
-    "smollm2-135m-distill-rotary": {**_DISTILL, "out": "runs/smollm2-135m-distill-rotary", "reset_memory_query": True,
-                                    "side": {"memory_sink_tokens": 4, "memory_distance": 768}},
+    "smollm2-135m-distill-rotary": _ROTARY,
+    # The same, reading memory at block 20 instead of 15: a perfect read (the teacher's
+    # attention) there alone is worth -4.3% perplexity, at block 15 -0.9%
+    # (experiments/oracle_read.py, docs/results.md#memory-block). The read moves to side layer 6
+    # (of 10); the side weights are the shipped ones, the query correction starts at zero.
+    "smollm2-135m-distill-block20": {**_ROTARY, "out": "runs/smollm2-135m-distill-block20",
+                                     "side": {**_ROTARY["side"], "memory_layer": 20}},
     # A few steps on short segments: for tests and smoke runs.
     "tiny": {"segment": 64, "max_steps": 6, "warmup_steps": 2, "eval_every": 3, "eval_segments": 2,
              "save_every": 3, "synthetic_max_segments": 3, "max_book_segments": 4,

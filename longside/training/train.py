@@ -40,9 +40,9 @@ from longside.training.teacher import DocumentTargets, TeacherTargets, distill_t
 
 
 _PROVENANCE = ("backbone", "backbone_fingerprint", "extra")
-# how memory is written and scored, not the side network's weights: a run from a checkpoint may
-# change them (the checkpoint it writes keeps the new settings)
-_MEMORY_USE = ("memory_sink_tokens", "memory_distance")
+# where memory is read and how it is written and scored, not the side network's weights: a run
+# from a checkpoint may change them (the checkpoint it writes keeps the new settings)
+_MEMORY_USE = ("memory_layer", "memory_sink_tokens", "memory_distance")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -120,6 +120,8 @@ def build_model(cfg: TrainConfig, backbone: Backbone) -> LongSideModel:
     if clash:
         raise LongsideError(f"init_from {src} brings its own side network; the side settings {clash} differ from "
                             "its side_config.json; drop them (or train a new side network without init_from)")
+    if "memory_layer" in changed:  # zeroes the query correction: it was learned for the other block
+        model.use_memory_layer(changed["memory_layer"])
     if "memory_sink_tokens" in changed:
         model.use_memory_sink_tokens(changed["memory_sink_tokens"])
     if "memory_distance" in changed:
