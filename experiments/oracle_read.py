@@ -34,13 +34,16 @@ not the reader, is what throws the read away. CPU, a few minutes.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from longside.eval.common import save_figure
 from longside.model import LongSideModel
 from longside.paths import check_output_file, write_json
 from longside.provenance import RunRecord
@@ -62,8 +65,16 @@ def main() -> None:
                                                             "0-29"],
                     help="blocks whose attention output is the teacher's: comma lists and a-b ranges")
     ap.add_argument("--json")
+    ap.add_argument("--plot", help="a PNG of the rows' change against backbone@1024")
+    ap.add_argument("--replot", metavar="JSON", help="only draw --plot from a report this script wrote")
     args = ap.parse_args()
     check_output_file(args.json, "--json")
+    check_output_file(args.plot, "--plot")
+    if args.replot:
+        if not args.plot:
+            ap.error("--replot needs --plot")
+        _plot(json.loads(Path(args.replot).read_text())["ppl"], args.plot)
+        return
     run = RunRecord.start()
     torch.set_grad_enabled(False)
     model = LongSideModel.from_pretrained(args.model)
@@ -154,6 +165,29 @@ def main() -> None:
                     "reader_cosine_mean": float(np.mean(cos)) if cos else None,
                     "layer_sets": {r: b for r, b in sets.items()}, "model": args.model or "shipped",
                     "run": run.finish()}, args.json)
+    if args.plot:
+        _plot(ppl, args.plot)
+
+
+def _plot(ppl: dict, path: str) -> None:
+    """One bar per row: its perplexity change against backbone@1024 (%), the teacher's as a line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = ppl["backbone@1024"]
+    rows = [r for r in ppl if r not in ("backbone@1024", "teacher") and "blocks 0-" not in r]
+    labels = [r.replace("backbone + teacher attention at blocks ", "teacher attn @ ") for r in rows]
+    change = [100 * (ppl[r] / base - 1) for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.5))
+    ax.barh(range(len(rows)), change, color=["tab:orange" if "side" in r else "tab:blue" for r in rows])
+    ax.axvline(100 * (ppl["teacher"] / base - 1), color="k", ls="--", label="teacher (whole document in view)")
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("perplexity vs backbone@1024 (%)")
+    ax.legend(loc="lower left", fontsize=8)
+    ax.set_title("what a perfect memory read is worth, by where it is read")
+    save_figure(plt, fig, path)
 
 
 if __name__ == "__main__":
