@@ -9,7 +9,7 @@ one segment at a time, does not. `attn_delta` = o_proj(teacher's attention outpu
 o_proj(student's) is exactly what `MemoryReader` is built to add there (its output before
 `into_side` is o_proj(A - A_local)), and what the distillation's attn term trains it toward.
 Rows, each over segments 2..n of `--docs` documents of `--segments` x 1024 tokens from the
-validation books, token cache off (the side network alone):
+validation books (`--split`), token cache off (the side network alone):
 
 - backbone@1024: the backbone on each segment alone;
 - teacher: the backbone with the whole document in view (the bound);
@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--layer-sets", nargs="*", default=["15", "7,15,23", "3,7,11,15,19,23,27", "0-14", "15-29",
                                                             "0-29"],
                     help="blocks whose attention output is the teacher's: comma lists and a-b ranges")
+    ap.add_argument("--split", default="validation", choices=["validation", "test", "unseen"],
+                    help="whose books the documents come from (test: Austen, unseen: Moby-Dick)")
     ap.add_argument("--json")
     ap.add_argument("--plot", help="a PNG of the rows' change against backbone@1024")
     ap.add_argument("--replot", metavar="JSON", help="only draw --plot from a report this script wrote")
@@ -82,7 +84,7 @@ def main() -> None:
     bb, S, layer = model.backbone, 1024, model.config.memory_layer
     L = S * args.segments
     teacher = TeacherTargets(None, bb, window=L, segment=S, top_k=1, memory_layer=layer)
-    books = [b for b in tokenized_books(bb, "validation") if len(b) >= L]
+    books = [b for b in tokenized_books(bb, args.split) if len(b) >= L]
     docs = []
     for b in books:  # up to --docs documents, spread over the validation books
         for start in range(0, len(b) - L + 1, L):
@@ -162,6 +164,7 @@ def main() -> None:
     print(f"cosine(reader's output, teacher's change), mean over segments: {np.mean(cos):.3f}")
     if args.json:
         write_json({"ppl": ppl, "tokens": tot[rows[0]][1], "docs": len(docs), "segments": args.segments,
+                    "split": args.split,
                     "reader_cosine_mean": float(np.mean(cos)) if cos else None,
                     "layer_sets": {r: b for r, b in sets.items()}, "model": args.model or "shipped",
                     "run": run.finish()}, args.json)
