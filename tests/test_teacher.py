@@ -240,6 +240,10 @@ def test_a_checkpoint_moved_to_another_memory_block_keeps_its_weights_and_reads_
     assert (again.config.memory_layer, again.side.memory_index) == (20, 6)
     with pytest.raises(LongsideError, match="memory already holds text"):
         moved.use_memory_layer(15)
+    moved.reset_memory()
+    with pytest.raises(LongsideError, match="block 0..29"):
+        moved.use_memory_layer(30)  # refused before anything changes
+    assert (moved.config.memory_layer, moved.side.memory_index) == (20, 6)
 
 
 def test_the_block20_preset_reads_memory_at_block_20_with_the_backbones_query(smollm2):

@@ -137,8 +137,8 @@ PRESETS: dict[str, dict] = {
     # The same, reading memory at block 20 instead of 15: a perfect read (the teacher's
     # attention) there alone, carried by the backbone's blocks above, is worth -4.3% perplexity,
     # at block 15 -0.9% (experiments/oracle_read.py). The read moves to side layer 6 (of 10); the
-    # side weights are the shipped ones, the query correction starts at zero. Distilled, the side
-    # network makes about 2% of a perfect read here as at block 15: docs/results.md#memory-block.
+    # side weights are the shipped ones, the query correction starts at zero. Distilled, a perfect read
+    # lowers the side network's perplexity by ~2% here as at block 15: docs/results.md#memory-block.
     "smollm2-135m-distill-block20": {**_ROTARY, "out": "runs/smollm2-135m-distill-block20",
                                      "side": {**_ROTARY["side"], "memory_layer": 20}},
     # A few steps on short segments: for tests and smoke runs.
