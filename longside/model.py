@@ -150,11 +150,9 @@ class LongSideModel(nn.Module):
         for another block's queries), so memory is read with the block's own query. Refused
         while memory holds text (it holds another block's keys). Where a perfect read is
         worth most: `experiments/oracle_read.py` (docs/results.md#memory-block)."""
-        n = self.backbone.spec.num_layers
-        if not 0 <= layer < n:  # checked before anything changes
-            raise LongsideError(f"memory_layer must be a block 0..{n - 1} of {self.backbone.name}, got {layer}")
+        index = self.side.memory_index_for(layer)  # a block the backbone lacks is refused before anything changes
         self._reconfigure("written at another block", memory_layer=layer)
-        self.side.move_memory_read(self.config)
+        self.side.config, self.side.memory_index = self.config, index
         self.reset_memory_query()
 
     def reset_memory_query(self) -> None:

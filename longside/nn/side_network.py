@@ -129,7 +129,7 @@ class SideNetwork(nn.Module):
         d, s, hd = spec.hidden_size, spec.hidden_size // r, spec.head_dim // r
         self.layer_map = [min(config.layer_stride * (j + 1), spec.num_layers)
                           for j in range(math.ceil(spec.num_layers / config.layer_stride))]
-        self.move_memory_read(config)
+        self.config, self.memory_index = config, self.memory_index_for(config.memory_layer)
         keep, pairs = self._selection(spec, backbone, config)
         inv_freq = 1.0 / (_rope_theta(backbone) ** (torch.arange(0, spec.head_dim, 2).float() / spec.head_dim))
         self.register_buffer("inv_freq", inv_freq[pairs], persistent=False)
@@ -147,14 +147,13 @@ class SideNetwork(nn.Module):
         self.final_gate = nn.Parameter(torch.zeros(()))
         self._init_weights(backbone if config.init == "prune" else None, pairs)
 
-    def move_memory_read(self, config: SideNetConfig) -> None:
-        """Take `config` (its `memory_layer` may differ from the current one): the memory read
-        sits before the first side layer that reads past the memory block. No weight changes."""
-        if not 0 <= config.memory_layer < self.spec.num_layers:
-            raise CheckpointError(f"memory_layer {config.memory_layer} out of range for "
-                                  f"{self.spec.num_layers} backbone blocks")
-        self.config = config
-        self.memory_index = next(j for j, l in enumerate(self.layer_map) if l > config.memory_layer)
+    def memory_index_for(self, layer: int) -> int:
+        """The side layer that a memory read at backbone block `layer` sits before: the first
+        that reads past that block."""
+        n = self.spec.num_layers
+        if not 0 <= layer < n:
+            raise CheckpointError(f"memory_layer must be a block 0..{n - 1} of the backbone's {n}, got {layer}")
+        return next(j for j, l in enumerate(self.layer_map) if l > layer)
 
     # -- initialisation ------------------------------------------------------------
     @staticmethod
