@@ -16,6 +16,8 @@ validation books (`--split`), token cache off (the side network alone):
 - backbone + oracle at the memory layer: the student backbone with `attn_delta` added to
   block 15's attention output, the frozen blocks above it carrying it on (what a reader in
   the backbone could give, like backbone memory);
+- backbone + side's read at the memory layer: the same, with the side network's own reader
+  output in place of the teacher's change (a trained reader writing into the backbone);
 - side, memory off / side, memory read / side + oracle read: the side network with no memory,
   with its memory reader over the earlier segments (memory written as in evaluation), and with
   the reader's output replaced by `attn_delta` (what a perfect reader at the same place gives
@@ -90,7 +92,8 @@ def main() -> None:
         for start in range(0, len(b) - L + 1, L):
             docs.append(b[start:start + L].astype(np.int64))
     docs = docs[:: max(1, len(docs) // args.docs)][: args.docs]
-    rows = ["backbone@1024", "teacher", "backbone + oracle at the memory layer", "side, memory off",
+    rows = ["backbone@1024", "teacher", "backbone + oracle at the memory layer",
+            "backbone + side's read at the memory layer", "side, memory off",
             "side, memory read", "side + oracle read"]
     tot = {r: [0.0, 0] for r in rows}
     cos: list[float] = []
@@ -156,6 +159,14 @@ def main() -> None:
                     tot[row][1] += out.n_tokens
                 if read:
                     cos.append(float(F.cosine_similarity(read[0].flatten(), delta.flatten(), dim=0)))
+                    handle = o_proj.register_forward_hook(lambda _m, _a, o, r=read[0]: o + r)
+                    try:  # the reader's own output where the oracle row puts the teacher's change
+                        h_own = bb.encode(seg[None], memory_layer=layer).hidden_states[-1]
+                    finally:
+                        handle.remove()
+                    n, k = _nll(bb.lm_head(bb.final_norm(h_own))[0], seg)
+                    tot["backbone + side's read at the memory layer"][0] += n
+                    tot["backbone + side's read at the memory layer"][1] += k
             model(seg[None], use_memory=use, write_memory=True, return_logits=False)  # write it, as evaluation does
     ppl = {r: math.exp(v[0] / v[1]) for r, v in tot.items()}
     base = ppl["backbone@1024"]
