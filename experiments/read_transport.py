@@ -29,13 +29,16 @@ CPU: a few minutes per ten documents.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from longside.eval.common import save_figure
 from longside.model import LongSideModel
 from longside.nn.backbone_memory import BackboneMemory
 from longside.paths import check_output_file, write_json
@@ -109,8 +112,16 @@ def main() -> None:
     ap.add_argument("--ridge", nargs="*", type=float, default=[1e-2, 1e-1, 1.0, 10.0],
                     help="ridge weights, relative to the mean diagonal of X'X; one chosen per row on validation")
     ap.add_argument("--json")
+    ap.add_argument("--plot", help="a PNG: per block set, each row's change against backbone@1024, both splits")
+    ap.add_argument("--replot", metavar="JSON", help="only draw --plot from a report this script wrote")
     args = ap.parse_args()
     check_output_file(args.json, "--json")
+    check_output_file(args.plot, "--plot")
+    if args.replot:
+        if not args.plot:
+            ap.error("--replot needs --plot")
+        _plot(json.loads(Path(args.replot).read_text()), args.plot)
+        return
     run = RunRecord.start()
     torch.set_grad_enabled(False)
     model = LongSideModel.from_pretrained()  # the shipped checkpoint's backbone and memory settings
@@ -202,6 +213,41 @@ def main() -> None:
     if args.json:
         write_json({**report, "ridge_chosen": chosen, "fit_docs": args.fit_docs, "docs": args.docs,
                     "segments": args.segments, "layer_sets": sets, "run": run.finish()}, args.json)
+    if args.plot:
+        _plot({**report, "layer_sets": sets}, args.plot)
+
+
+_ROWS = [("backbone + teacher attention at blocks {}", "perfect read, carried by the blocks above", "tab:blue"),
+         ("backbone memory at blocks {}", "own read (backbone memory), carried by the blocks", "tab:cyan"),
+         ("linear transport of perfect reads at {}", "perfect read, linear map to the output", "tab:orange"),
+         ("linear transport of own reads at {}", "own read, linear map to the output", "tab:red")]
+
+
+def _plot(report: dict, path: str) -> None:
+    """Grouped bars: per split and block set, the four ways a read reaches the output."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(report["layer_sets"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
+    for ax, split in zip(axes, ("validation", "test")):
+        ppl, chosen = report[split]["ppl"], report[split].get("chosen", {})
+        base, w = ppl["backbone@1024"], 0.2
+        for j, (row, label, color) in enumerate(_ROWS):
+            vals = [chosen.get(row.format(t), ppl.get(row.format(t), float("nan"))) for t in sets]
+            ax.bar([i + (j - 1.5) * w for i in range(len(sets))], [100 * (v / base - 1) for v in vals], w,
+                   label=label, color=color)
+        ax.axhline(100 * (ppl["teacher"] / base - 1), color="k", ls="--", lw=1, label="teacher")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xticks(range(len(sets)), [f"blocks {t}" for t in sets], fontsize=8)
+        ax.set_title({"validation": "validation books", "test": "Austen (test)"}[split])
+    axes[0].set_ylabel("perplexity vs backbone@1024 (%)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=3)
+    fig.set_layout_engine("tight", rect=(0, 0.1, 1, 1))  # room for the legend below
+    fig.suptitle("a memory read reaches the output through the backbone's blocks, not through a linear map")
+    save_figure(plt, fig, path)
 
 
 if __name__ == "__main__":
