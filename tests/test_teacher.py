@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from longside.errors import LongsideError
+from longside.inference.window import LocalWindow
 from longside.model import LongSideModel
 from longside.training.config import preset
 from longside.training.data import tokenized_books
@@ -250,3 +251,13 @@ def test_the_block20_preset_reads_memory_at_block_20_with_the_backbones_query(sm
     model = build_model(preset("smollm2-135m-distill-block20"), smollm2)
     assert (model.config.memory_layer, model.config.memory_distance, model.config.memory_sink_tokens) == (20, 768, 4)
     assert not model.side.reader.q_delta.weight.any() and model.side.memory_index == 6
+
+
+def test_a_window_made_before_the_memory_block_moved_is_refused(smollm2):
+    model = LongSideModel(smollm2, preset("tiny").side)
+    ids = torch.arange(100, 116)[None]
+    early = LocalWindow(model)
+    model.use_memory_layer(20)
+    with pytest.raises(LongsideError, match="made when memory was read at block 15.*make a new window"):
+        early.feed(ids)
+    assert LocalWindow(model).feed(ids).shape == (1, smollm2.spec.vocab_size)

@@ -122,6 +122,10 @@ class LocalWindow:
         token, or `[B, T, V]` of every token when `all_logits`."""
         if ids.dim() != 2 or ids.shape[0] != self.batch_size or ids.shape[1] == 0:
             raise LongsideError(f"expected token ids [batch={self.batch_size}, tokens>=1], got {tuple(ids.shape)}")
+        if self.layer != self.model.config.memory_layer:  # its keys, and what it would write, are another block's
+            raise LongsideError(f"this window was made when memory was read at block {self.layer}; the model now "
+                                f"reads it at block {self.model.config.memory_layer} (use_memory_layer): make a new "
+                                "window")
         ids = ids.to(self.model.backbone.device)
         outs, pos = [], 0
         while pos < ids.shape[1]:
