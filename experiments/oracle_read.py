@@ -18,6 +18,9 @@ validation books (`--split`), token cache off (the side network alone):
   the backbone could give, like backbone memory);
 - backbone + side's read at the memory layer: the same, with the side network's own reader
   output in place of the teacher's change (a trained reader writing into the backbone);
+- with `--backbone-memory X`: backbone memory at blocks X (banks written from the memory-free
+  forward), and the same with the memory layer's read replaced by the side reader's output
+  (whether a trained reader improves on the training-free one among the others);
 - side, memory off / side, memory read / side + oracle read: the side network with no memory,
   with its memory reader over the earlier segments (memory written as in evaluation), and with
   the reader's output replaced by `attn_delta` (what a perfect reader at the same place gives
@@ -47,10 +50,17 @@ from tqdm.auto import tqdm
 
 from longside.eval.common import save_figure
 from longside.model import LongSideModel
+from longside.nn.backbone_memory import BackboneMemory
 from longside.paths import check_output_file, write_json
 from longside.provenance import RunRecord
 from longside.training.data import tokenized_books
 from longside.training.teacher import TeacherTargets
+
+
+def _blocks(text: str) -> list[int]:
+    """"17,20,23" or "15-29" (or both, comma-separated) -> sorted block indices."""
+    return sorted({b for part in text.split(",") for b in (range(int(part.split("-")[0]), int(part.split("-")[1]) + 1)
+                                                          if "-" in part else [int(part)])})
 
 
 def _nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
@@ -66,6 +76,9 @@ def main() -> None:
     ap.add_argument("--layer-sets", nargs="*", default=["15", "7,15,23", "3,7,11,15,19,23,27", "0-14", "15-29",
                                                             "0-29"],
                     help="blocks whose attention output is the teacher's: comma lists and a-b ranges")
+    ap.add_argument("--backbone-memory", metavar="BLOCKS",
+                    help="also score backbone memory at these blocks (e.g. 15-29), alone and with the memory "
+                         "layer's read the side reader's instead of its own")
     ap.add_argument("--split", default="validation", choices=["validation", "test", "unseen"],
                     help="whose books the documents come from (test: Austen, unseen: Moby-Dick)")
     ap.add_argument("--json")
@@ -101,11 +114,19 @@ def main() -> None:
     projs = [bb.parts.out_proj(block) for block in bb.parts.layers]
     sets = {}
     for text in args.layer_sets:
-        blocks = sorted({b for part in text.split(",") for b in (range(int(part.split("-")[0]), int(part.split("-")[1]) + 1)
-                                                                  if "-" in part else [int(part)])})
-        sets[f"backbone + teacher attention at blocks {text}"] = blocks
+        sets[f"backbone + teacher attention at blocks {text}"] = _blocks(text)
     rows += list(sets)
     tot.update({r: [0.0, 0] for r in sets})
+    bm = None
+    if args.backbone_memory:
+        cfg = model.config
+        bm_blocks = _blocks(args.backbone_memory)
+        bm = BackboneMemory(bb, bm_blocks, 1, k_chunks=cfg.backbone_memory_k_chunks, distance=3 * cfg.window // 4,
+                            chunk_size=cfg.chunk_size, capacity_tokens=cfg.capacity_tokens, sink_tokens=4)
+        bm_rows = [f"backbone memory at blocks {args.backbone_memory}",
+                   f"backbone memory at blocks {args.backbone_memory}, block {layer}'s read the side reader's"]
+        rows += bm_rows
+        tot.update({r: [0.0, 0] for r in bm_rows})
     for doc in tqdm(docs, desc="documents"):
         ids = torch.from_numpy(doc)
         target = teacher.document(doc)  # attn_delta [L, d] float16
@@ -117,6 +138,8 @@ def main() -> None:
             for c in caps:
                 c.remove()
         model.reset_memory()
+        if bm is not None:
+            bm.reset()
         for i in range(args.segments):
             seg, delta = ids[i * S:(i + 1) * S], target.attn_delta[i * S:(i + 1) * S].float()[None]
             use = i > 0  # segment 0: nothing earlier to read; scored from segment 1 on
@@ -167,6 +190,26 @@ def main() -> None:
                     n, k = _nll(bb.lm_head(bb.final_norm(h_own))[0], seg)
                     tot["backbone + side's read at the memory layer"][0] += n
                     tot["backbone + side's read at the memory layer"][1] += k
+                if bm is not None and read:
+                    for row, own in zip(bm_rows, (False, True)):
+                        scratch = bm.segment()  # never written: the banks hold the earlier segments
+                        edits = [e for b in bm_blocks if not (own and b == layer)
+                                 for e in bb.edit_attention(b, bm._editor(b, scratch, read=True))]
+                        if own:  # the reader read from the memory-free forward, as in the row above
+                            edits.append(o_proj.register_forward_hook(lambda _m, _a, o, r=read[0]: o + r))
+                        try:
+                            hs = bb.encode(seg[None]).hidden_states[-1]
+                        finally:
+                            for e in edits:
+                                e.remove()
+                        n, k = _nll(bb.lm_head(bb.final_norm(hs))[0], seg)
+                        tot[row][0] += n
+                        tot[row][1] += k
+            if bm is not None:  # backbone memory's banks: this segment's keys from the memory-free forward
+                wseg = bm.segment()
+                with bm.attach(wseg, read=False):
+                    bb.encode(seg[None])
+                bm.write(wseg)
             model(seg[None], use_memory=use, write_memory=True, return_logits=False)  # write it, as evaluation does
     ppl = {r: math.exp(v[0] / v[1]) for r, v in tot.items()}
     base = ppl["backbone@1024"]
