@@ -121,7 +121,8 @@ def main() -> None:
     if args.backbone_memory:
         cfg = model.config
         bm_blocks = _blocks(args.backbone_memory)
-        bm = BackboneMemory(bb, bm_blocks, 1, k_chunks=cfg.backbone_memory_k_chunks, distance=3 * cfg.window // 4,
+        bm = BackboneMemory(bb, bm_blocks, 1, k_chunks=cfg.backbone_memory_k_chunks,
+                            distance=cfg.backbone_memory_distance or 3 * cfg.window // 4,
                             chunk_size=cfg.chunk_size, capacity_tokens=cfg.capacity_tokens, sink_tokens=4)
         bm_rows = [f"backbone memory at blocks {args.backbone_memory}",
                    f"backbone memory at blocks {args.backbone_memory}, block {layer}'s read the side reader's"]

@@ -129,7 +129,8 @@ def main() -> None:
     sets = {t: _blocks(t) for t in args.layer_sets}
     union = sorted({b for bs in sets.values() for b in bs})
     L, d = S * args.segments, bb.spec.hidden_size
-    bm = BackboneMemory(bb, union, 1, k_chunks=cfg.backbone_memory_k_chunks, distance=3 * cfg.window // 4,
+    bm = BackboneMemory(bb, union, 1, k_chunks=cfg.backbone_memory_k_chunks,
+                        distance=cfg.backbone_memory_distance or 3 * cfg.window // 4,
                         chunk_size=cfg.chunk_size, capacity_tokens=cfg.capacity_tokens, sink_tokens=4)
     score = lambda h, ids: float(F.cross_entropy(bb.lm_head(bb.final_norm(h[None]))[0, :-1].float(), ids[1:],
                                                   reduction="sum"))
@@ -246,7 +247,7 @@ def _plot(report: dict, path: str) -> None:
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=3)
     fig.set_layout_engine("tight", rect=(0, 0.1, 1, 1))  # room for the legend below
-    fig.suptitle("a memory read reaches the output through the backbone's blocks, not through a linear map")
+    fig.suptitle("how a memory read reaches the output: through the backbone's blocks, or a fitted linear map")
     save_figure(plt, fig, path)
 
 

@@ -256,8 +256,12 @@ def test_the_block20_preset_reads_memory_at_block_20_with_the_backbones_query(sm
 def test_a_window_made_before_the_memory_block_moved_is_refused(smollm2):
     model = LongSideModel(smollm2, preset("tiny").side)
     ids = torch.arange(100, 116)[None]
-    early = LocalWindow(model)
+    early, fed = LocalWindow(model), LocalWindow(model)
+    fed.feed(ids)  # block 15's keys in its window, not yet in memory
     model.use_memory_layer(20)
     with pytest.raises(LongsideError, match="made when memory was read at block 15.*make a new window"):
         early.feed(ids)
+    with pytest.raises(LongsideError, match="made when memory was read at block 15"):
+        fed.flush()  # they must not enter a memory of block 20's keys
+    assert model.memory.is_empty()
     assert LocalWindow(model).feed(ids).shape == (1, smollm2.spec.vocab_size)

@@ -96,6 +96,7 @@ class LocalWindow:
     def flush(self) -> None:
         """Write the current (possibly partial) segment to memory and start a new one."""
         if self.n and self.write_memory:
+            self._check_block()
             self.memory.add(self.keys, self.values, token_keys=self.token_keys,
                             token_ids=self.ids if self.token_keys is not None else None,
                             backbone_segment=self.backbone_segment, skip=self.carried)
@@ -116,16 +117,19 @@ class LocalWindow:
             twin.backbone_segment = self.backbone_segment.fork()
         return twin
 
+    def _check_block(self) -> None:
+        if self.layer != self.model.config.memory_layer:  # its keys, and what it would write, are another block's
+            raise LongsideError(f"this window was made when memory was read at block {self.layer}; the model now "
+                                f"reads it at block {self.model.config.memory_layer} (use_memory_layer): make a new "
+                                "window")
+
     @torch.no_grad()
     def feed(self, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """Run `ids [B, T]` (int64, T >= 1) through the window; logits `[B, V]` of the last
         token, or `[B, T, V]` of every token when `all_logits`."""
         if ids.dim() != 2 or ids.shape[0] != self.batch_size or ids.shape[1] == 0:
             raise LongsideError(f"expected token ids [batch={self.batch_size}, tokens>=1], got {tuple(ids.shape)}")
-        if self.layer != self.model.config.memory_layer:  # its keys, and what it would write, are another block's
-            raise LongsideError(f"this window was made when memory was read at block {self.layer}; the model now "
-                                f"reads it at block {self.model.config.memory_layer} (use_memory_layer): make a new "
-                                "window")
+        self._check_block()
         ids = ids.to(self.model.backbone.device)
         outs, pos = [], 0
         while pos < ids.shape[1]:
