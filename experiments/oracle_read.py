@@ -57,10 +57,17 @@ from longside.training.data import tokenized_books
 from longside.training.teacher import TeacherTargets
 
 
-def _blocks(text: str) -> list[int]:
+def parse_blocks(text: str) -> list[int]:
     """"17,20,23" or "15-29" (or both, comma-separated) -> sorted block indices."""
     return sorted({b for part in text.split(",") for b in (range(int(part.split("-")[0]), int(part.split("-")[1]) + 1)
                                                           if "-" in part else [int(part)])})
+
+
+def documents(bb, split: str, n: int, length: int) -> list[np.ndarray]:
+    """Up to `n` documents of `length` token ids (int64), spread evenly over the split's books."""
+    docs = [b[s:s + length].astype(np.int64) for b in tokenized_books(bb, split) if len(b) >= length
+            for s in range(0, len(b) - length + 1, length)]
+    return docs[:: max(1, len(docs) // n)][:n]
 
 
 def _nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
@@ -99,12 +106,7 @@ def main() -> None:
     bb, S, layer = model.backbone, 1024, model.config.memory_layer
     L = S * args.segments
     teacher = TeacherTargets(None, bb, window=L, segment=S, top_k=1, memory_layer=layer)
-    books = [b for b in tokenized_books(bb, args.split) if len(b) >= L]
-    docs = []
-    for b in books:  # up to --docs documents, spread over the validation books
-        for start in range(0, len(b) - L + 1, L):
-            docs.append(b[start:start + L].astype(np.int64))
-    docs = docs[:: max(1, len(docs) // args.docs)][: args.docs]
+    docs = documents(bb, args.split, args.docs, L)
     rows = ["backbone@1024", "teacher", "backbone + oracle at the memory layer",
             "backbone + side's read at the memory layer", "side, memory off",
             "side, memory read", "side + oracle read"]
@@ -114,13 +116,13 @@ def main() -> None:
     projs = [bb.parts.out_proj(block) for block in bb.parts.layers]
     sets = {}
     for text in args.layer_sets:
-        sets[f"backbone + teacher attention at blocks {text}"] = _blocks(text)
+        sets[f"backbone + teacher attention at blocks {text}"] = parse_blocks(text)
     rows += list(sets)
     tot.update({r: [0.0, 0] for r in sets})
     bm = None
     if args.backbone_memory:
         cfg = model.config
-        bm_blocks = _blocks(args.backbone_memory)
+        bm_blocks = parse_blocks(args.backbone_memory)
         bm = BackboneMemory(bb, bm_blocks, 1, k_chunks=cfg.backbone_memory_k_chunks,
                             distance=cfg.backbone_memory_distance or 3 * cfg.window // 4,
                             chunk_size=cfg.chunk_size, capacity_tokens=cfg.capacity_tokens, sink_tokens=4)

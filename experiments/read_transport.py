@@ -18,10 +18,17 @@ through the LM head. Rows, over segments 2..n of documents of `--segments` x 102
 token cache and side network off (the backbone alone):
 
 - backbone@1024, teacher (the bound);
-- backbone + teacher attention at blocks S: the read carried by the frozen blocks (session 43);
-- residual carry at S: h_N + sum_b delta_b, no map (what the residual stream alone carries);
-- linear transport at S: h_N + delta W_S, the ridge weight chosen per set on the validation
-  documents (`--select validation`), scored on the validation and the test (Austen) documents.
+- backbone + teacher attention at blocks S: the perfect read carried by the frozen blocks
+  (session 43);
+- backbone memory at blocks S: its own reads carried by the blocks (fed back, as it runs);
+- residual carry of perfect reads at S: h_N + sum_b delta_b, no map;
+- linear transport of perfect / own reads at S: h_N + delta W_S, W_S fitted to that kind of
+  read, where an own read is what backbone memory's block b reads in the memory-free forward,
+  o_proj(edited - local attention), not fed back;
+- perfect-read map on own reads at S: the map fitted to perfect reads, given own ones.
+
+Every map row is scored for each `--ridge` weight; the one chosen per row on the validation
+documents is reported (`chosen`) for both the validation and the test (Austen) documents.
 
 CPU: a few minutes per ten documents.
 """
@@ -33,7 +40,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -43,21 +49,13 @@ from longside.model import LongSideModel
 from longside.nn.backbone_memory import BackboneMemory
 from longside.paths import check_output_file, write_json
 from longside.provenance import RunRecord
-from longside.training.data import tokenized_books
+from oracle_read import documents, parse_blocks  # this folder's: run as a script
 
 S = 1024
 
 
-def _blocks(text: str) -> list[int]:
-    return sorted({b for part in text.split(",") for b in (range(int(part.split("-")[0]), int(part.split("-")[1]) + 1)
-                                                          if "-" in part else [int(part)])})
-
-
-def _documents(bb, split: str, n: int, length: int, skip: int = 0) -> list[torch.Tensor]:
-    """`n` documents of `length` tokens spread over the split's books (after the first `skip`)."""
-    docs = [torch.from_numpy(b[s:s + length].astype(np.int64)) for b in tokenized_books(bb, split) if len(b) >= length
-            for s in range(0, len(b) - length + 1, length)]
-    return docs[skip:][:: max(1, len(docs[skip:]) // n)][:n]
+def _documents(bb, split: str, n: int, length: int) -> list[torch.Tensor]:
+    return [torch.from_numpy(d) for d in documents(bb, split, n, length)]
 
 
 def _reads(bb, bm: BackboneMemory, doc: torch.Tensor, segments: int, blocks: list[int]):
@@ -126,7 +124,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     model = LongSideModel.from_pretrained()  # the shipped checkpoint's backbone and memory settings
     bb, cfg = model.backbone, model.config
-    sets = {t: _blocks(t) for t in args.layer_sets}
+    sets = {t: parse_blocks(t) for t in args.layer_sets}
     union = sorted({b for bs in sets.values() for b in bs})
     L, d = S * args.segments, bb.spec.hidden_size
     bm = BackboneMemory(bb, union, 1, k_chunks=cfg.backbone_memory_k_chunks,
@@ -149,7 +147,7 @@ def main() -> None:
                     xty[t, k] += (x.T @ y).double()
     maps = {}
     for key in list(xtx):
-        a, scale = xtx.pop(key), None
+        a = xtx.pop(key)
         scale = float(a.diagonal().mean())
         eye = torch.eye(a.shape[0], dtype=torch.float64)
         maps[key] = {r: torch.linalg.solve(a + r * scale * eye, xty[key]).float() for r in args.ridge}
