@@ -13,7 +13,11 @@ which is exactly the attention over [retrieved memory; local window]. Memory key
 scored as if they sat `distance` tokens before the query (rotary at that relative
 offset; a checkpoint's default is 3/4 of its window, chosen by measurement on the validation
 books, experiments/backbone_memory_k_bound.py): to the block they look like text that has
-just left its window, which is what they are. The edited output goes into the residual stream,
+just left its window, which is what they are. A block may carry a trained query map
+`A [H, D, D]` (`query_maps`, zero when untrained): memory is then searched and scored with
+`q + q A_h^T` per head, while the local attention keeps the block's own query; training
+(longside/training/query_maps.py) fits A to the long-context teacher's attention output at
+that block, with no gradient through the backbone. The edited output goes into the residual stream,
 so every block above reads it as usual. Segments start at position 0, and their first
 `sink_tokens` tokens act as attention sinks; they are not written to memory, where
 every old segment's sink would otherwise outscore the text.
@@ -49,7 +53,7 @@ class BackboneMemory:
 
     def __init__(self, backbone: Backbone, layers: Sequence[int], batch_size: int, *, k_chunks: int = 16,
                  distance: int = 1024, chunk_size: int = 4, capacity_tokens: int = 65536, index: str = "flat",
-                 sink_tokens: int = 4):
+                 sink_tokens: int = 4, query_maps: dict[int, torch.Tensor] | None = None):
         spec = backbone.spec
         if spec.family != "llama":
             raise LongsideError(f"backbone memory reads inside Llama-style attention only; {backbone.name!r} is "
@@ -61,6 +65,15 @@ class BackboneMemory:
             raise LongsideError("backbone memory needs k_chunks >= 1, distance >= 0 and sink_tokens >= 0")
         self.backbone, self.layers = backbone, sorted(set(layers))
         self.k_chunks, self.distance, self.sink_tokens = k_chunks, distance, sink_tokens
+        self.query_maps: dict[int, torch.Tensor] = {}
+        for L, A in (query_maps or {}).items():
+            if L not in self.layers:
+                continue  # a map for a block that does not read memory now: unused
+            if tuple(A.shape) != (spec.num_heads, spec.head_dim, spec.head_dim):
+                raise LongsideError(f"query map of block {L} is {tuple(A.shape)}, expected "
+                                    f"[{spec.num_heads}, {spec.head_dim}, {spec.head_dim}] for this backbone")
+            self.query_maps[L] = A.detach().float().to(backbone.device)
+        self._rotated_maps: dict[int, torch.Tensor] = {}  # the maps in the rotated frame (C decode step)
         self.banks = {L: BatchMemory(batch_size, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
                                      chunk_size=chunk_size, capacity_tokens=capacity_tokens, index=index,
                                      owner=backbone.owner_id(L), device=backbone.device)
@@ -112,6 +125,29 @@ class BackboneMemory:
         for bank in self.banks.values():
             bank.reset(rows)
 
+    def memory_query(self, L: int, q: torch.Tensor, A: torch.Tensor | None = None) -> torch.Tensor:
+        """Block `L`'s memory query `[B, T, H, D]` (pre-rotary, rotated at `distance`): its
+        own query `q [B, T, H, D]` through its query map (`A`, default the stored one)."""
+        A = self.query_maps.get(L) if A is None else A
+        if A is not None:
+            q = q + torch.einsum("bthd,hed->bthe", q, A.to(q.dtype))
+        return self.backbone.rotate(q, torch.full(q.shape[:2], self.distance, device=q.device), L)
+
+    def map_rotated_query(self, L: int, qm: torch.Tensor) -> None:
+        """Apply block `L`'s query map in place to `qm [B, T, H, D]`, the block's own query
+        already rotated at `distance` (the C decode step's): rotation R is linear and
+        orthogonal, so rotate(q + q A^T) = qm + qm R^T A^T R with R = rotate(I)."""
+        A = self.query_maps.get(L)
+        if A is None:
+            return
+        Bm = self._rotated_maps.get(L)
+        if Bm is None:
+            D = A.shape[-1]
+            eye = torch.eye(D, device=A.device).view(1, D, 1, D)
+            R = self.backbone.rotate(eye, torch.full((1, D), self.distance, device=A.device), L)[0, :, 0]  # x @ R
+            Bm = self._rotated_maps[L] = R.T @ A.transpose(1, 2) @ R  # [H, D, D]: qm' = qm + qm @ Bm[h]
+        qm += torch.einsum("bthd,hde->bthe", qm, Bm.to(qm.dtype))
+
     # -- the edit inside one block -------------------------------------------------------
     def _editor(self, L: int, seg: "Segment", read: bool):
         def edit(kv: dict) -> torch.Tensor | None:
@@ -126,30 +162,36 @@ class BackboneMemory:
             _, _, window_kr = seg.append(L, k, v, kr)
             if not read:
                 return None
-            return self._read(L, seg.rows, q, window_kr, a)
+            return self.read(L, seg.rows, q, window_kr, a)
         return edit
 
-    def _read(self, L: int, rows: list[int], q: torch.Tensor, window_kr: torch.Tensor,
-              a: torch.Tensor) -> torch.Tensor | None:
+    def read(self, L: int, rows: list[int], q: torch.Tensor, window_kr: torch.Tensor,
+              a: torch.Tensor, A: torch.Tensor | None = None) -> torch.Tensor | None:
         """q, a `[B, T, H, D]` of the new tokens at positions P..P+T-1; window_kr `[B, P+T, G,
-        D]` the segment's keys so far, rotated at their positions -> the edited attention output."""
+        D]` the segment's keys so far, rotated at their positions -> the edited attention output.
+        `A`: a query map to read with instead of the stored one (training: gradients reach it,
+        through the scores of the retrieved keys; retrieval itself is not differentiable)."""
         B, T, H, D = q.shape
         banks = self.banks[L]
         if not any(len(banks[r]) for r in rows):
             return None
         bb = self.backbone
-        qm = bb.rotate(q, torch.full((B, T), self.distance, device=q.device), L)
+        qm = self.memory_query(L, q, A)
         P = window_kr.shape[1] - T
         local = causal_lse(bb.rotate(q, torch.arange(P, P + T, device=q.device).expand(B, T), L), window_kr)
-        out = torch.empty_like(a)
+        out, parts = torch.empty_like(a), []
         # a segment's queries a slice at a time: all 1,024 at once would retrieve 150 MB of
         # float32 keys/values per block (16 chunks of 4 for each of 9 heads), fresh memory each
         for t in range(0, T, READ_SLICE):
             s = slice(t, t + READ_SLICE)
-            keys, values, mask = banks.search(qm[:, s], self.k_chunks, rows=rows)  # [B, t, H, S, D], [B, t, H, S]
+            keys, values, mask = banks.search(qm[:, s].detach(), self.k_chunks, rows=rows)  # [B, t, H, S, D], [B, t, H, S]
             a_mem, lse_mem, has = attend_retrieved(qm[:, s], keys, values, mask)
-            out[:, s] = a[:, s] + torch.sigmoid(lse_mem - local[:, s]) * has * (a_mem - a[:, s])
-        return out
+            part = a[:, s] + torch.sigmoid(lse_mem - local[:, s]) * has * (a_mem - a[:, s])
+            if part.requires_grad:  # training a query map: no in-place writes into the graph
+                parts.append(part)
+            else:
+                out[:, s] = part
+        return torch.cat(parts, 1) if parts else out
 
 
 class BlockReads:
@@ -172,7 +214,9 @@ class BlockReads:
 
     def search(self, layer: int, qm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Block `layer`'s retrieval for memory queries `qm [B, 1, H, D]` (pre-rotary queries
-        rotated at `distance`): keys, values `[B, 1, H, M, D]` float32, mask `[B, 1, H, M]` bool."""
+        rotated at `distance`): keys, values `[B, 1, H, M, D]` float32, mask `[B, 1, H, M]` bool.
+        A block with a query map maps `qm` first, in place: the C step scores memory with it."""
+        self.bm.map_rotated_query(layer, qm)
         return self.bm.banks[layer].search(qm, self.bm.k_chunks, rows=self.seg.rows)
 
     def record(self, layer: int, k: torch.Tensor, v: torch.Tensor, kr: torch.Tensor) -> None:

@@ -1,0 +1,176 @@
+"""Train backbone memory's query maps against the long-context teacher, block by block.
+
+Backbone memory (nn/backbone_memory.py) lets blocks of the frozen backbone read their own
+old keys/values; every block above carries what a read adds to the output, which is why a
+read there is worth far more than the same read handed to the side network
+(docs/results.md#read-transport). Untrained, each block searches and scores memory with
+its own query. A query map `A [H, D, D]` per block (zero: untrained) changes that query,
+and so which memory is found and how much weight it gets against the local window.
+
+The target is local to each block: the teacher, the same frozen backbone with the whole
+document in its window, gives block L's attention output (after o_proj) for every token;
+the student reads the document one segment at a time, its earlier segments in memory. For
+block L the loss is
+
+    |o(a'_L) - o(t_L)|^2 / |o(a_L) - o(t_L)|^2      summed over the segment's tokens
+
+where a_L is the block's local attention, a'_L the same after its memory read (the map's
+only way in) and t_L the teacher's: the share of the teacher's change the read leaves
+unexplained (1: as if memory were off; below 1: closer to the teacher). Each block's loss is
+taken and back-propagated inside that block's read, on inputs the backbone computed under
+`no_grad`, so no gradient ever passes through the backbone, and the blocks train in one
+forward that feeds every block's read to the blocks above, as inference does. Memory is
+written from that same forward, as `Memory` writes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from longside.backbone import Backbone
+from longside.errors import LongsideError
+from longside.nn.backbone_memory import BackboneMemory
+
+
+@dataclass
+class QueryMapConfig:
+    """What `train_query_maps` fits: blocks, documents of `segments` x `segment` tokens
+    (the teacher sees each whole), optimiser. Backbone memory's own settings (k_chunks,
+    distance, chunk size) come from the model's config, as inference reads it."""
+
+    blocks: list[int] = field(default_factory=lambda: list(range(15, 30)))
+    segment: int = 1024
+    segments: int = 4
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    epochs: int = 1
+
+
+def block_memory(backbone: Backbone, config, blocks: Sequence[int],
+                 maps: dict[int, torch.Tensor] | None = None) -> BackboneMemory:
+    """One row of backbone memory at `blocks`, set as `Memory` sets it from a model's `config`."""
+    return BackboneMemory(backbone, blocks, 1, k_chunks=config.backbone_memory_k_chunks,
+                          distance=config.backbone_memory_distance or config.window * 3 // 4,
+                          chunk_size=config.chunk_size, capacity_tokens=config.capacity_tokens,
+                          index=config.index, query_maps=maps)
+
+
+def teacher_attention(backbone: Backbone, ids: torch.Tensor, blocks: Sequence[int]) -> dict[int, torch.Tensor]:
+    """The teacher's attention outputs after o_proj at `blocks`, each `[N, d]` float32, for
+    one document `ids [N]` read whole (N must fit the backbone's context)."""
+    if ids.shape[0] > backbone.spec.max_positions:
+        raise LongsideError(f"a teacher document of {ids.shape[0]} tokens exceeds the backbone's context of "
+                            f"{backbone.spec.max_positions}; use fewer or shorter segments")
+    out: dict[int, torch.Tensor] = {}
+    hooks = [backbone.parts.out_proj(backbone.parts.layers[b]).register_forward_hook(
+        lambda _m, _a, o, b=b: out.__setitem__(b, o[0].detach().float())) for b in blocks]
+    try:
+        backbone.encode(ids[None].to(backbone.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def train_query_maps(backbone: Backbone, model_config, docs: Sequence[np.ndarray], config: QueryMapConfig,
+                     maps: dict[int, torch.Tensor] | None = None, progress: bool = True):
+    """Fit one query map per block of `config.blocks` on `docs` (token ids, each
+    `segments * segment` long), starting from `maps` (default zero). Returns (maps
+    `{block: [H, D, D] float32}`, history: one dict per document with each block's mean loss
+    over the segments that read memory)."""
+    spec = backbone.spec
+    S, n = config.segment, config.segments
+    shape = (spec.num_heads, spec.head_dim, spec.head_dim)
+    params = {b: torch.nn.Parameter(maps[b].detach().float().clone() if maps and b in maps else torch.zeros(shape))
+              for b in config.blocks}
+    opt = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
+    history = []
+    bar = tqdm(total=len(docs) * config.epochs, desc="query maps", disable=not progress)
+    for _ in range(config.epochs):
+        for doc in docs:
+            ids = torch.as_tensor(np.asarray(doc, dtype=np.int64))
+            if ids.shape[0] != S * n:
+                raise LongsideError(f"a training document must be {n} segments of {S} tokens, got {ids.shape[0]}")
+            target = teacher_attention(backbone, ids, config.blocks)
+            bm = block_memory(backbone, model_config, config.blocks)
+            losses: dict[int, list[float]] = {b: [] for b in config.blocks}
+            for i in range(n):
+                seg = bm.segment()
+                edits = [h for b in config.blocks
+                         for h in backbone.edit_attention(b, _training_edit(bm, b, seg, params[b],
+                                                                            target[b][i * S:(i + 1) * S], losses[b]))]
+                opt.zero_grad(set_to_none=True)
+                try:
+                    backbone.encode(ids[None, i * S:(i + 1) * S].to(backbone.device))
+                finally:
+                    for h in edits:
+                        h.remove()
+                if i:
+                    opt.step()
+                bm.write(seg)
+            history.append({b: float(np.mean(v)) for b, v in losses.items() if v})
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean([np.mean(v) for v in losses.values() if v]):.3f}")
+    bar.close()
+    return {b: p.detach().clone() for b, p in params.items()}, history
+
+
+@torch.no_grad()
+def block_memory_nll(backbone: Backbone, model_config, docs: Sequence[np.ndarray], blocks: Sequence[int],
+                     maps: dict[int, torch.Tensor] | None, segment: int = 1024, progress: bool = True) -> dict:
+    """The frozen backbone alone (no side network, no token cache) over `docs`, one segment
+    at a time: summed next-token loss of every segment after the first, with memory off
+    ("off") and with backbone memory at `blocks` read with `maps` ("memory"; None: untrained),
+    memory written from the reading forward as `Memory` writes it. -> {"off": [nll, n],
+    "memory": [nll, n]}."""
+    tot = {"off": [0.0, 0], "memory": [0.0, 0]}
+    head = lambda out: backbone.lm_head(out.last_hidden)[0].float()  # noqa: E731
+    for doc in tqdm(docs, desc="scoring", disable=not progress):
+        ids = torch.as_tensor(np.asarray(doc, dtype=np.int64)).to(backbone.device)
+        bm = block_memory(backbone, model_config, blocks, maps)
+        for i in range(0, ids.shape[0] // segment):
+            seg_ids = ids[None, i * segment:(i + 1) * segment]
+            seg = bm.segment()
+            with bm.attach(seg, read=i > 0):
+                out = backbone.encode(seg_ids)
+            bm.write(seg)
+            if i == 0:
+                continue
+            for row, o in (("memory", out), ("off", backbone.encode(seg_ids))):
+                tot[row][0] += float(F.cross_entropy(head(o)[:-1], seg_ids[0, 1:], reduction="sum"))
+                tot[row][1] += seg_ids.shape[1] - 1
+    return tot
+
+
+def _training_edit(bm: BackboneMemory, L: int, seg, A: torch.nn.Parameter, target: torch.Tensor, losses: list):
+    """Block L's edit during training: record the tokens, read memory with map `A`, take the
+    block's local loss against the teacher's `target [T, d]` and back-propagate it into `A`."""
+    backbone = bm.backbone
+    o_proj = backbone.parts.out_proj(backbone.parts.layers[L]).forward  # not __call__: the block's hooks read its input
+
+    def edit(kv: dict) -> torch.Tensor | None:
+        q, k, v, a = kv["q"], kv["k"], kv["v"], kv["a"]
+        B, T = k.shape[:2]
+        P = seg.length(L)
+        kr = backbone.rotate(k, torch.arange(P, P + T, device=k.device).expand(B, T), L)
+        _, _, window_kr = seg.append(L, k, v, kr)
+        if not any(len(bm.banks[L][r]) for r in seg.rows):
+            return None
+        with torch.enable_grad():
+            edited = bm.read(L, seg.rows, q, window_kr, a, A=A)
+            t = target.to(a.device)
+            base = ((o_proj(a.flatten(2)[0]) - t) ** 2).sum()
+            loss = ((o_proj(edited.flatten(2)[0]) - t) ** 2).sum() / base.clamp_min(1e-6)
+            loss.backward()
+        losses.append(float(loss))
+        return edited.detach()
+    return edit
+
+
+__all__ = ["QueryMapConfig", "block_memory", "block_memory_nll", "teacher_attention", "train_query_maps"]
