@@ -53,7 +53,7 @@ from longside.model import LongSideModel
 from longside.nn.backbone_memory import BackboneMemory
 from longside.paths import check_output_file, write_json
 from longside.provenance import RunRecord
-from longside.training.data import tokenized_books
+from longside.training.data import book_documents
 from longside.training.teacher import TeacherTargets
 
 
@@ -65,9 +65,7 @@ def parse_blocks(text: str) -> list[int]:
 
 def documents(bb, split: str, n: int, length: int) -> list[np.ndarray]:
     """Up to `n` documents of `length` token ids (int64), spread evenly over the split's books."""
-    docs = [b[s:s + length].astype(np.int64) for b in tokenized_books(bb, split) if len(b) >= length
-            for s in range(0, len(b) - length + 1, length)]
-    return docs[:: max(1, len(docs) // n)][:n]
+    return book_documents(bb, split, n, length)
 
 
 def _nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:

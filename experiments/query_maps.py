@@ -21,12 +21,13 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from longside.config import parse_blocks
 from longside.eval.common import save_figure
 from longside.model import LongSideModel
 from longside.paths import check_output_file, write_json
 from longside.provenance import RunRecord
+from longside.training.data import book_documents
 from longside.training.query_maps import QueryMapConfig, block_memory_nll, train_query_maps
-from oracle_read import documents, parse_blocks
 
 
 def main() -> None:
@@ -54,7 +55,7 @@ def main() -> None:
     model = LongSideModel.from_pretrained(args.model)
     bb, blocks = model.backbone, parse_blocks(args.blocks)
     cfg = QueryMapConfig(blocks=blocks, lr=args.lr, epochs=args.epochs)
-    train = documents(bb, "train", args.train_docs, cfg.segment * cfg.segments)
+    train = book_documents(bb, "train", args.train_docs, cfg.segment * cfg.segments)
     maps, history = train_query_maps(bb, model.config, train, cfg)
     if args.save:
         save_file({f"block.{b}": m.contiguous() for b, m in maps.items()}, args.save,
@@ -62,7 +63,7 @@ def main() -> None:
     report = {"blocks": blocks, "train_docs": len(train), "train_tokens": len(train) * cfg.segment * cfg.segments,
               "config": vars(cfg), "history": [{str(b): v for b, v in h.items()} for h in history], "splits": {}}
     for split in ("validation", "test"):
-        docs = documents(bb, split, args.docs, cfg.segment * cfg.segments)
+        docs = book_documents(bb, split, args.docs, cfg.segment * cfg.segments)
         untrained = block_memory_nll(bb, model.config, docs, blocks, None)
         trained = block_memory_nll(bb, model.config, docs, blocks, maps)
         assert untrained["off"] == trained["off"]
@@ -84,10 +85,11 @@ def _plot(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     hist = report["history"]
-    for b in map(str, report["blocks"]):
+    colours = plt.cm.viridis(np.linspace(0, 0.95, len(report["blocks"])))
+    for b, c in zip(map(str, report["blocks"]), colours):
         ys = [h[b] for h in hist if b in h]
         k = max(1, len(ys) // 8)
-        left.plot(np.convolve(ys, np.ones(k) / k, mode="valid"), label=f"block {b}", lw=1)
+        left.plot(np.convolve(ys, np.ones(k) / k, mode="valid"), label=f"block {b}", lw=1, color=c)
     left.set(xlabel="training document", ylabel="unexplained share of the teacher's change",
              title="each block's loss (running mean)")
     left.legend(fontsize=6, ncol=3)
@@ -99,7 +101,9 @@ def _plot(report: dict, path: str) -> None:
         right.bar(x + 0.4 * j, vals, 0.4, label=row)
     right.set_xticks(x + 0.2, [names[s] for s in report["splits"]])
     right.set(ylabel="perplexity vs backbone@1024 (%)", title=f"blocks {report['blocks'][0]}-{report['blocks'][-1]}")
-    right.legend()
+    right.set_ylim(1.35 * min(min(100 * (s["ppl"][r] / s["ppl"]["backbone@1024"] - 1) for r in rows)
+                              for s in report["splits"].values()), 0)
+    right.legend(loc="lower right", fontsize=8)
     save_figure(plt, fig, path)
 
 

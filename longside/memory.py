@@ -67,7 +67,10 @@ class Memory:
     `layer` (a `BatchMemory`: row b of a batch reads and writes bank b only).
     """
 
-    def __init__(self, backbone: Backbone, config: SideNetConfig, rows: int = 1):
+    def __init__(self, backbone: Backbone, config: SideNetConfig, rows: int = 1,
+                 query_maps: dict[int, "torch.Tensor"] | None = None):
+        """`query_maps`: backbone memory's trained query maps by block (`LongSideModel.query_maps`);
+        blocks without one read with their own query."""
         if not isinstance(rows, int) or rows < 1:
             raise LongsideError(f"a memory needs at least one row (batch_size >= 1), got {rows!r}")
         spec = backbone.spec
@@ -84,7 +87,7 @@ class Memory:
             self.blocks = BackboneMemory(
                 backbone, config.backbone_memory_layers, rows, k_chunks=config.backbone_memory_k_chunks,
                 distance=config.backbone_memory_distance or config.window * 3 // 4, chunk_size=config.chunk_size,
-                capacity_tokens=config.capacity_tokens, index=config.index)
+                capacity_tokens=config.capacity_tokens, index=config.index, query_maps=query_maps)
 
     @classmethod
     def stack(cls, memories: list["Memory"]) -> "Memory":

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -33,6 +33,8 @@ from longside.paths import atomic_dir, recover
 SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoints" / "smollm2-135m"
 _WEIGHTS = "side_model.safetensors"
 _CONFIG = "side_config.json"
+_QUERY_MAPS = "query_maps.safetensors"  # optional: backbone memory's trained query maps
+_QUERY_MAPS_FORMAT = "longside-query-maps-v1"
 
 
 @dataclass
@@ -66,6 +68,8 @@ class LongSideModel(nn.Module):
         self.backbone = backbone  # a plain attribute: not a submodule, never in state_dict
         self.config = config
         self.side = side if side is not None else SideNetwork(config, backbone.spec, backbone)
+        # backbone memory's trained query maps {block: [H, D, D] float32} (`use_query_maps`)
+        self.query_maps: dict[int, torch.Tensor] = {}
         self._memory: Memory | None = None  # made on first use (`memory`)
         # what forward calls: `side` itself, or its data-parallel wrapper during training
         self.side_runner: nn.Module | None = None
@@ -77,8 +81,13 @@ class LongSideModel(nn.Module):
     def memory(self) -> Memory:
         """The model's `Memory` (one row per sequence), created with one row on first use."""
         if self._memory is None:
-            self._memory = Memory(self.backbone, self.config, 1)
+            self._memory = self.new_memory(1)
         return self._memory
+
+    def new_memory(self, rows: int = 1, config: SideNetConfig | None = None) -> Memory:
+        """A fresh, empty `Memory` of `rows` sequences for this model (its config unless
+        `config`, its query maps), not attached to the model (a chat session's, a server's)."""
+        return Memory(self.backbone, config or self.config, rows, query_maps=self.query_maps)
 
     @property
     def has_memory(self) -> bool:
@@ -92,7 +101,7 @@ class LongSideModel(nn.Module):
 
     def init_memory(self, batch_size: int = 1) -> Memory:
         """A fresh, empty memory with one row per sequence of a `batch_size` batch."""
-        self._memory = Memory(self.backbone, self.config, batch_size)
+        self._memory = self.new_memory(batch_size)
         return self._memory
 
     def memory_for(self, batch_size: int) -> Memory:
@@ -112,7 +121,7 @@ class LongSideModel(nn.Module):
         """A scratch memory for the duration of a `with` block (validation, probes); the
         model's own memory is put back afterwards, untouched."""
         saved = self._memory
-        self._memory = Memory(self.backbone, self.config, batch_size)
+        self._memory = self.new_memory(batch_size)
         try:
             yield self._memory
         finally:
@@ -124,6 +133,25 @@ class LongSideModel(nn.Module):
         text, which was written without it: reset or start a new memory first."""
         self._reconfigure("written without this setting", backbone_memory_layers=list(layers),
                           backbone_memory_k_chunks=k_chunks or self.config.backbone_memory_k_chunks)
+
+    def use_query_maps(self, maps: dict[int, torch.Tensor] | None) -> None:
+        """Read backbone memory with trained query maps `{block: [H, D, D]}` (see
+        `longside.training.query_maps`; `{}` or None: every block's own query). Refused while
+        memory holds text, which was written reading the other way."""
+        spec, maps = self.backbone.spec, dict(maps or {})
+        shape = (spec.num_heads, spec.head_dim, spec.head_dim)
+        for b, A in maps.items():
+            if not isinstance(b, int) or not 0 <= b < spec.num_layers or tuple(A.shape) != shape \
+                    or not bool(torch.isfinite(A).all()):
+                raise LongsideError(f"a query map must be a finite {list(shape)} tensor for a block 0..{spec.num_layers - 1}; "
+                                    f"got block {b!r}, shape {list(getattr(A, 'shape', []))}")
+        old = self.query_maps
+        self.query_maps = {b: A.detach().float().to(self.backbone.device) for b, A in sorted(maps.items())}
+        try:
+            self._reconfigure("read with other query maps")
+        except LongsideError:
+            self.query_maps = old
+            raise
 
     def use_window_carry(self, tokens: int) -> None:
         """Carry the last `tokens` of each full segment into the next one's window (0: every
@@ -177,7 +205,7 @@ class LongSideModel(nn.Module):
             raise LongsideError(f"memory already holds text {held}; call reset_memory() first and memorize it again")
         rows = self._memory.rows if self._memory is not None else 1
         config = dataclasses.replace(self.config, **change)
-        memory = Memory(self.backbone, config, rows)  # checks what the config cannot (backbone memory's blocks)
+        memory = self.new_memory(rows, config)  # checks what the config cannot (backbone memory's blocks)
         self.config, self._memory = config, memory
 
     def reset_memory(self, rows: list[int] | None = None) -> None:
@@ -380,6 +408,10 @@ class LongSideModel(nn.Module):
                    for k, v in self.side.state_dict().items()}
         with atomic_dir(path, marker=_CONFIG) as tmp:
             save_file(tensors, str(tmp / _WEIGHTS), metadata={"format": "longside-side-v1"})
+            if self.query_maps:
+                # float32 whatever `dtype`: small, and what was measured is what loads
+                save_file({f"block.{b}": A.float().contiguous() for b, A in self.query_maps.items()},
+                          str(tmp / _QUERY_MAPS), metadata={"format": _QUERY_MAPS_FORMAT})
             self.config.to_json(tmp / _CONFIG)
 
     @classmethod
@@ -405,10 +437,31 @@ class LongSideModel(nn.Module):
             raise CheckpointError(f"{path} does not match this side network (missing {sorted(missing)[:3]}, "
                                   f"unexpected {sorted(extra)[:3]}): saved by another longside version?")
         model.side.load_state_dict({k: v.float() for k, v in state.items()})
+        if (path / _QUERY_MAPS).exists():
+            try:
+                model.use_query_maps(_load_query_maps(path / _QUERY_MAPS))
+            except LongsideError as e:
+                if isinstance(e, CheckpointError):
+                    raise
+                raise CheckpointError(f"{path / _QUERY_MAPS}: {e}; re-fit it or delete it") from None
         return model
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.side.parameters() if p.requires_grad]
+
+
+def _load_query_maps(path: Path) -> dict[int, torch.Tensor]:
+    """`{block: [H, D, D] float32}` from a checkpoint's query-map file, or a clear error."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            fmt = (f.metadata() or {}).get("format")
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is corrupt or truncated ({e}); re-fit it (`longside fit-query-maps`) "
+                              "or delete it to read backbone memory untrained") from None
+    if fmt != _QUERY_MAPS_FORMAT or not all(k.startswith("block.") and k[6:].isdigit() for k in state):
+        raise CheckpointError(f"{path} is not a longside query-map file (format {fmt!r}); re-fit it or delete it")
+    return {int(k[6:]): v.float() for k, v in state.items()}
 
 
 def state_hash(model: LongSideModel) -> str:
@@ -417,5 +470,8 @@ def state_hash(model: LongSideModel) -> str:
     for k, v in sorted(model.side.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().float().cpu().numpy().tobytes())
+    for b, A in sorted(model.query_maps.items()):
+        h.update(f"query_map.{b}".encode())
+        h.update(A.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 

@@ -117,15 +117,21 @@ def test_incremental_decoding_equals_whole_segments(smollm2):
     assert (full[:, W:] - no_mem).abs().max() > 0.1
 
 
-def test_decode_steps_read_memory_in_c_as_the_hooked_forward_does(smollm2, monkeypatch):
+@pytest.mark.parametrize("mapped", [False, True], ids=["own-query", "query-maps"])
+def test_decode_steps_read_memory_in_c_as_the_hooked_forward_does(smollm2, monkeypatch, mapped):
     """One token per row after the first: the C step, split at the blocks that read memory,
     gives the hooked forward's logits and writes the same banks. Block 15, the memory layer
     the side network reads, reads backbone memory too. Every stored chunk is retrieved (64
-    chunks of 4), so a near-tie cannot pick another chunk in either path."""
+    chunks of 4), so a near-tie cannot pick another chunk in either path. With query maps
+    (`mapped`, blocks 15 and 27) the C step maps its rotated query between its calls."""
     from longside.kernels import ggml_cpu
 
     layers = [15, 20, 27]
     model = make_model(smollm2, layers=layers, backbone_memory_k_chunks=64)
+    if mapped:
+        spec, g = smollm2.spec, torch.Generator().manual_seed(5)
+        model.use_query_maps({L: 0.3 * torch.randn(spec.num_heads, spec.head_dim, spec.head_dim, generator=g)
+                              / spec.head_dim ** 0.5 for L in (15, 27)})
     ids = ids_of(3 * W + 12, batch=2, seed=11)
     real, splits = ggml_cpu.llama_decode_step, []
     monkeypatch.setattr(ggml_cpu, "llama_decode_step",

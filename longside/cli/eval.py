@@ -39,6 +39,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone-memory", metavar="BLOCKS",
                    help="backbone blocks that read memory themselves, e.g. 15-29 (training-free; default: the "
                         "checkpoint's setting)")
+    p.add_argument("--query-maps", choices=("on", "off"), default="on",
+                   help="off: backbone memory searches and scores memory with each block's own query, leaving out "
+                        "the checkpoint's trained query maps (`longside fit-query-maps`); on (default): its setting")
     p.add_argument("--window-carry", type=int, metavar="TOKENS",
                    help="carry the last TOKENS of each segment into the next one's window, so no segment starts "
                         "cold (default: the checkpoint's setting, 256 for the shipped one; 0: every segment starts "
@@ -128,7 +131,10 @@ def main(argv: list[str]) -> int:
             use(value)
             info["side_config"] = dataclasses.asdict(model.config)
     apply_token_cache(model, info, args.token_cache)
+    if args.query_maps == "off":
+        model.use_query_maps({})
     info["backbone_memory_layers"] = model.config.backbone_memory_layers
+    info["query_maps"] = sorted(b for b in model.query_maps if b in model.config.backbone_memory_layers)
     reports = {}
     for name in names:
         module = importlib.import_module(EVALUATIONS[name][0])

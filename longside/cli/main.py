@@ -20,6 +20,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("longside.cli.data", "prepare and inspect the corpora (prepare, stats)"),
     "train": ("longside.cli.train", "train the side network"),
     "fit-cache": ("longside.cli.fit_cache", "fit the token cache's gate on validation books"),
+    "fit-query-maps": ("longside.cli.fit_query_maps", "train backbone memory's query maps against the long-context teacher"),
     "eval": ("longside.cli.eval", "evaluations: ppl, chapterbreak, icl, passkey, all"),
     "serve": ("longside.cli.serve", "an OpenAI-compatible server; every user keeps a memory"),
     "keys": ("longside.cli.keys", "API keys for `longside serve` (add, list, remove)"),

@@ -218,7 +218,7 @@ class ChatSession:
                 raise SessionError(f"{path / name} is missing: the session directory is incomplete")
         config = _check_body(body, model, path)
         try:
-            reader = Memory(model.backbone, model.config, 1)  # its own: nothing shared is touched
+            reader = model.new_memory(1)  # its own: nothing shared is touched
             bank, block_banks = reader.read_files(path / _MEMORY, path, [int(L) for L in blocks])
         except MemoryBankError as e:
             raise SessionError(f"session {path}: {e} (the memory does not match its checksum or cannot be "
@@ -238,7 +238,7 @@ class ChatSession:
         window is rebuilt by reading its tokens again."""
         body = saved.body
         # everything was read and checked: only now does the session's memory replace the model's
-        memory = Memory(model.backbone, model.config, 1) if own_memory else model.init_memory(1)
+        memory = model.new_memory(1) if own_memory else model.init_memory(1)
         memory.put_row(0, saved.bank, saved.block_banks)
         session = cls(model, body["system"], config=saved.config.updated(seed=seed),
                       memory=memory if own_memory else None)

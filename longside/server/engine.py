@@ -41,7 +41,6 @@ from longside.inference.chat import ChatSession
 from longside.inference.generate import eos_ids
 from longside.inference.ragged import PROMPT_TOKENS, RaggedWindows
 from longside.inference.sampling import GenerationConfig, TextPieces, make_generator, next_token
-from longside.memory import Memory
 from longside.server.store import UserStore, now
 
 if TYPE_CHECKING:
@@ -140,7 +139,7 @@ class Engine:
         t = time.perf_counter()
         model = self.model
         tok = model.backbone.tokenizer
-        memory = Memory(model.backbone, model.config, 1)
+        memory = model.new_memory(1)
         memory.write_ids(tokenize(tok, "The keeper of the lighthouse wrote down every ship that passed the rock. " * 8))
         sessions = [ChatSession(model, memory=memory) for _ in range(2)]
         prompts = [s.begin([{"role": "user", "content": f"Which ship passed {n}?"}]) for n, s in enumerate(sessions)]

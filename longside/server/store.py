@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from longside.errors import LongsideError, SessionError
 from longside.inference.chat import ChatSession, SavedSession, saved_memory_sha256
-from longside.memory import MAIN_FILE, Memory
+from longside.memory import MAIN_FILE
 from longside.paths import recover
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ class UserStore:
             session = ChatSession.resume(saved or self.read(user), self.model, own_memory=True)
         else:
             # decoding options come with each request (the engine), not from the session
-            session = ChatSession(self.model, memory=Memory(self.model.backbone, self.model.config, 1))
+            session = ChatSession(self.model, memory=self.model.new_memory(1))
             session.meta = {"documents": [], "created": now()}
         self._resident[user] = session
         return session

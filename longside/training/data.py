@@ -72,6 +72,14 @@ PASSKEY_TEMPLATE = ("\nThe pass key is {key}. Remember it. {key} is the pass key
                     "\nWhat is the pass key? The pass key is")
 
 
+
+def book_documents(backbone: Backbone, split: str, n: int, length: int) -> list[np.ndarray]:
+    """Up to `n` documents of `length` token ids (int64): consecutive non-overlapping
+    stretches of the split's books, `n` picked evenly across all of them."""
+    docs = [b[s:s + length].astype(np.int64) for b in tokenized_books(backbone, split) if len(b) >= length
+            for s in range(0, len(b) - length + 1, length)]
+    return docs[:: max(1, len(docs) // n)][:n]
+
 def recall_document(tokenizer, books: list[np.ndarray], length: int, rng: np.random.Generator, *,
                     fact_before: int, template: tuple[str, str] = PASSKEY_TEMPLATE,
                     digits: int = 5) -> tuple[np.ndarray, np.ndarray]:

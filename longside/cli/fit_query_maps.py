@@ -1,0 +1,60 @@
+"""`longside fit-query-maps`: train backbone memory's query maps against the long-context teacher.
+
+Each block of `--blocks` gets a map that changes the query it searches and scores memory
+with (longside/training/query_maps.py); it is fitted, block by block, toward the frozen
+backbone's own attention output with the whole document in its window, on documents of the
+training books (never the validation or test books). No gradient passes through the
+backbone. The checkpoint is saved with the maps and with backbone memory on at those blocks:
+
+    longside fit-query-maps --out runs/mapped --docs 48 --json results/fit_query_maps.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from longside.config import parse_blocks
+from longside.errors import LongsideError
+from longside.loading import load_model
+from longside.paths import check_output_dir, check_output_file, write_json
+from longside.training.data import book_documents
+from longside.training.query_maps import QueryMapConfig, train_query_maps
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="longside fit-query-maps", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="checkpoint directory (default: the shipped one)")
+    p.add_argument("--out", required=True, help="where to save the checkpoint with its maps")
+    p.add_argument("--blocks", default="15-29", help="blocks that read memory, e.g. 15-29 (default)")
+    p.add_argument("--docs", type=int, default=48, help="training documents of 4 x the window (default 48)")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the documents (default 1)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--json", help="write the fit report here")
+    args = p.parse_args(argv)
+    check_output_dir(args.out, "--out")
+    check_output_file(args.json, "--json")
+    if args.docs < 1 or args.epochs < 1 or not args.lr > 0:
+        raise LongsideError(f"--docs and --epochs must be >= 1 and --lr > 0, got {args.docs}, {args.epochs}, {args.lr}")
+    started = time.time()
+    model, info = load_model(args.model)
+    blocks = parse_blocks(args.blocks)
+    config = QueryMapConfig(blocks=blocks, segment=model.config.window, lr=args.lr, epochs=args.epochs)
+    model.use_backbone_memory(blocks)  # refuses blocks the backbone lacks before any work
+    docs = book_documents(model.backbone, "train", args.docs, config.segment * config.segments)
+    maps, history = train_query_maps(model.backbone, model.config, docs, config)
+    model.use_query_maps(maps)
+    model.save_pretrained(args.out)
+    first, last = history[0], history[-1]
+    result = {"model": info["note"], "out": str(args.out), "blocks": blocks, "docs": len(docs),
+              "tokens": len(docs) * config.segment * config.segments, "epochs": args.epochs, "lr": args.lr,
+              "loss_first_doc": sum(first.values()) / len(first), "loss_last_doc": sum(last.values()) / len(last),
+              "history": [{str(b): v for b, v in h.items()} for h in history],
+              "wall_s": round(time.time() - started, 1)}
+    print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
+    if args.json:
+        write_json(result, args.json)
+    return 0

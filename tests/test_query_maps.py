@@ -1,0 +1,138 @@
+"""Backbone memory's trained query maps (training/query_maps.py, nn/backbone_memory.py).
+
+Real SmolLM2 backbone with a 64-token window, so each test runs in seconds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from longside.config import SideNetConfig
+from longside.errors import CheckpointError, LongsideError
+from longside.model import LongSideModel, state_hash
+from longside.training.query_maps import (QueryMapConfig, block_memory, block_memory_nll, teacher_attention,
+                                          train_query_maps)
+
+W = 64
+LAYERS = [15, 20]
+
+
+def make_model(backbone, layers=LAYERS) -> LongSideModel:
+    cfg = SideNetConfig(window=W, capacity_tokens=4096, backbone_memory_layers=list(layers), token_cache=False)
+    return LongSideModel(backbone, cfg).eval()
+
+
+def random_maps(spec, layers=LAYERS, scale=0.3, seed=0) -> dict[int, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shape = (spec.num_heads, spec.head_dim, spec.head_dim)
+    return {L: scale * torch.randn(shape, generator=g) / spec.head_dim ** 0.5 for L in layers}
+
+
+def repeated_doc(seed: int, repeats: int = 3) -> np.ndarray:
+    """One random segment of W tokens said `repeats` times: memory holds the answer."""
+    x = np.random.default_rng(seed).integers(100, 5000, W)
+    return np.concatenate([x] * repeats).astype(np.int64)
+
+
+def test_zero_maps_read_as_the_block_query(smollm2):
+    ids = torch.as_tensor(repeated_doc(1, 2))[None]
+    spec = smollm2.spec
+    logits = []
+    for maps in ({}, {L: torch.zeros(spec.num_heads, spec.head_dim, spec.head_dim) for L in LAYERS},
+                 random_maps(spec)):
+        model = make_model(smollm2)
+        model.use_query_maps(maps)
+        model(ids[:, :W])
+        logits.append(model(ids[:, W:], write_memory=False).logits)
+    assert torch.equal(logits[0], logits[1])
+    assert (logits[0] - logits[2]).abs().max() > 1e-3  # a map changes the read
+
+
+def test_the_rotated_query_is_mapped_like_the_pre_rotary_one(smollm2):
+    """The C decode step maps the query after its rotation at `distance`: the same query."""
+    spec = smollm2.spec
+    bm = block_memory(smollm2, make_model(smollm2).config, LAYERS, random_maps(spec))
+    q = torch.randn(2, 3, spec.num_heads, spec.head_dim, generator=torch.Generator().manual_seed(1))
+    for L in LAYERS:
+        qm = smollm2.rotate(q, torch.full((2, 3), bm.distance), L)
+        bm.map_rotated_query(L, qm)
+        torch.testing.assert_close(qm, bm.memory_query(L, q), atol=1e-5, rtol=1e-5)
+
+
+def test_training_fits_the_teacher_and_never_touches_the_backbone(smollm2):
+    """Each block's loss (the share of the teacher's change its read leaves unexplained) falls
+    over passes on text that memory holds; the backbone's weights get no gradient."""
+    model = make_model(smollm2)
+    before = {k: v.clone() for k, v in smollm2.model.state_dict().items() if v.is_floating_point()}
+    cfg = QueryMapConfig(blocks=LAYERS, segment=W, segments=3, lr=1e-2, epochs=4)
+    maps, history = train_query_maps(smollm2, model.config, [repeated_doc(2)], cfg, progress=False)
+    for L in LAYERS:
+        assert history[-1][L] < history[0][L] - 0.02, (L, [h[L] for h in history])
+        assert maps[L].abs().max() > 0
+    assert all(p.grad is None for p in smollm2.model.parameters())
+    after = smollm2.model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    # the backbone alone reads the held-out copy better with the maps than without
+    doc = [repeated_doc(3)]
+    trained = block_memory_nll(smollm2, model.config, doc, LAYERS, maps, segment=W, progress=False)
+    untrained = block_memory_nll(smollm2, model.config, doc, LAYERS, None, segment=W, progress=False)
+    assert trained["off"] == untrained["off"]
+    assert trained["memory"][0] < untrained["memory"][0]
+
+
+def test_training_documents_must_fit(smollm2):
+    model = make_model(smollm2)
+    with pytest.raises(LongsideError, match="3 segments of 64"):
+        train_query_maps(smollm2, model.config, [repeated_doc(1, 2)], QueryMapConfig(blocks=[20], segment=W, segments=3),
+                         progress=False)
+    with pytest.raises(LongsideError, match="exceeds the backbone's context"):
+        teacher_attention(smollm2, torch.zeros(smollm2.spec.max_positions + 1, dtype=torch.int64), [20])
+
+
+def test_maps_are_saved_loaded_and_refused_when_bad(smollm2, tmp_path):
+    model = make_model(smollm2)
+    bare = state_hash(model)
+    maps = random_maps(smollm2.spec)
+    model.use_query_maps(maps)
+    assert state_hash(model) != bare
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = LongSideModel.from_pretrained(tmp_path / "ckpt", backbone=smollm2)
+    assert sorted(loaded.query_maps) == LAYERS
+    for L in LAYERS:
+        assert torch.equal(loaded.query_maps[L], maps[L])
+    mapped = state_hash(loaded)  # provenance tells a mapped checkpoint from its bare side weights
+    # memory written with one reading is never read with another
+    loaded(torch.as_tensor(repeated_doc(4, 1))[None])
+    with pytest.raises(LongsideError, match="reset_memory"):
+        loaded.use_query_maps({})
+    assert sorted(loaded.query_maps) == LAYERS
+    loaded.reset_memory()
+    loaded.use_query_maps({})
+    assert state_hash(loaded) != mapped
+    with pytest.raises(LongsideError, match="finite"):
+        make_model(smollm2).use_query_maps({20: torch.zeros(3, 3)})
+    path = tmp_path / "ckpt" / "query_maps.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="fit-query-maps"):
+        LongSideModel.from_pretrained(tmp_path / "ckpt", backbone=smollm2)
+    from safetensors.torch import save_file
+    save_file({"block.20": torch.zeros(2, 2)}, str(path), metadata={"format": "longside-query-maps-v1"})
+    with pytest.raises(CheckpointError, match="query_maps.safetensors"):
+        LongSideModel.from_pretrained(tmp_path / "ckpt", backbone=smollm2)
+
+
+def test_fit_query_maps_command_saves_a_mapped_checkpoint(smollm2, tmp_path, monkeypatch):
+    import json
+
+    from longside.cli import fit_query_maps as cli
+
+    monkeypatch.setattr(cli, "load_model", lambda path: (make_model(smollm2, layers=[]), {"note": "test"}))
+    monkeypatch.setattr(cli, "book_documents", lambda bb, split, n, length: [repeated_doc(5, length // W)] * n)
+    out, report = tmp_path / "mapped", tmp_path / "fit.json"
+    assert cli.main(["--out", str(out), "--blocks", "20", "--docs", "1", "--json", str(report)]) == 0
+    loaded = LongSideModel.from_pretrained(out, backbone=smollm2)
+    assert loaded.config.backbone_memory_layers == [20] and sorted(loaded.query_maps) == [20]
+    assert json.loads(report.read_text())["blocks"] == [20]
+    with pytest.raises(LongsideError, match="--docs"):
+        cli.main(["--out", str(tmp_path / "again"), "--docs", "0"])
