@@ -68,8 +68,6 @@ class LongSideModel(nn.Module):
         self.backbone = backbone  # a plain attribute: not a submodule, never in state_dict
         self.config = config
         self.side = side if side is not None else SideNetwork(config, backbone.spec, backbone)
-        # backbone memory's trained query maps {block: [H, D, D] float32} (`use_query_maps`)
-        self.query_maps: dict[int, torch.Tensor] = {}
         self._memory: Memory | None = None  # made on first use (`memory`)
         # what forward calls: `side` itself, or its data-parallel wrapper during training
         self.side_runner: nn.Module | None = None
@@ -83,6 +81,12 @@ class LongSideModel(nn.Module):
         if self._memory is None:
             self._memory = self.new_memory(1)
         return self._memory
+
+    @property
+    def query_maps(self) -> dict[int, torch.Tensor]:
+        """Backbone memory's trained query maps `{block: [H, D, D] float32}` (`use_query_maps`);
+        they belong to the side network, so models sharing it share them."""
+        return self.side.query_maps
 
     def new_memory(self, rows: int = 1, config: SideNetConfig | None = None) -> Memory:
         """A fresh, empty `Memory` of `rows` sequences for this model (its config unless
@@ -145,12 +149,12 @@ class LongSideModel(nn.Module):
                     or not bool(torch.isfinite(A).all()):
                 raise LongsideError(f"a query map must be a finite {list(shape)} tensor for a block 0..{spec.num_layers - 1}; "
                                     f"got block {b!r}, shape {list(getattr(A, 'shape', []))}")
-        old = self.query_maps
-        self.query_maps = {b: A.detach().float().to(self.backbone.device) for b, A in sorted(maps.items())}
+        old = self.side.query_maps
+        self.side.query_maps = {b: A.detach().float().to(self.backbone.device) for b, A in sorted(maps.items())}
         try:
             self._reconfigure("read with other query maps")
         except LongsideError:
-            self.query_maps = old
+            self.side.query_maps = old
             raise
 
     def use_window_carry(self, tokens: int) -> None:

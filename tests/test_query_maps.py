@@ -136,3 +136,14 @@ def test_fit_query_maps_command_saves_a_mapped_checkpoint(smollm2, tmp_path, mon
     assert json.loads(report.read_text())["blocks"] == [20]
     with pytest.raises(LongsideError, match="--docs"):
         cli.main(["--out", str(tmp_path / "again"), "--docs", "0"])
+
+
+def test_a_model_built_on_the_same_side_network_reads_with_its_maps(smollm2):
+    """Evaluations build a model per memory capacity on the shared side network."""
+    from longside.eval.common import with_capacity
+
+    model = make_model(smollm2)
+    model.use_query_maps(random_maps(smollm2.spec))
+    other = with_capacity(model, 2048)
+    assert other.query_maps is model.query_maps
+    assert sorted(other.backbone_memory.query_maps) == LAYERS

@@ -130,6 +130,10 @@ class SideNetwork(nn.Module):
         self.layer_map = [min(config.layer_stride * (j + 1), spec.num_layers)
                           for j in range(math.ceil(spec.num_layers / config.layer_stride))]
         self.config, self.memory_index = config, self.memory_index_for(config.memory_layer)
+        # backbone memory's trained query maps {block: [H, D, D] float32}, set by
+        # `LongSideModel.use_query_maps`: they travel with these weights (a model built on this
+        # side network reads with them), saved beside them, not in this module's state_dict
+        self.query_maps: dict[int, torch.Tensor] = {}
         keep, pairs = self._selection(spec, backbone, config)
         inv_freq = 1.0 / (_rope_theta(backbone) ** (torch.arange(0, spec.head_dim, 2).float() / spec.head_dim))
         self.register_buffer("inv_freq", inv_freq[pairs], persistent=False)
