@@ -5,8 +5,9 @@
 Fits one query map per block (longside/training/query_maps.py: each block's read trained
 toward the long-context teacher's attention output there, no gradient through the backbone)
 on documents of 4 x 1024 tokens from the training books, then scores the frozen backbone
-alone (no side network, no token cache) one segment at a time over `--docs` documents of the
-validation books and of Austen (test), segments 2-4: memory off, backbone memory untrained,
+alone (no side network, no token cache) over `--docs` documents of the validation books and of
+Austen (test), in windows of 1024 tokens that carry `--carry` tokens from the one before (as
+`eval ppl` reads), every token past the first window: memory off, backbone memory untrained,
 backbone memory with the maps. Writes the maps with `--save` (a safetensors file).
 """
 
@@ -36,8 +37,13 @@ def main() -> None:
     ap.add_argument("--train-docs", type=int, default=48)
     ap.add_argument("--docs", type=int, default=4, help="scored documents per split")
     ap.add_argument("--blocks", default="15-29")
+    ap.add_argument("--segments", type=int, default=4, help="document length in windows (the teacher reads it whole: "
+                                                            "at most the backbone's context)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--carry", type=int, default=None,
+                    help="tokens each window after the first carries from the one before, in training and scoring "
+                         "(default: the checkpoint's window_carry, 256 for the shipped one; 0: cold windows)")
     ap.add_argument("--save", help="write the trained maps here (safetensors)")
     ap.add_argument("--json")
     ap.add_argument("--plot", help="PNG: each block's training loss, and the scored rows")
@@ -54,7 +60,8 @@ def main() -> None:
     torch.set_grad_enabled(False)
     model = LongSideModel.from_pretrained(args.model)
     bb, blocks = model.backbone, parse_blocks(args.blocks)
-    cfg = QueryMapConfig(blocks=blocks, lr=args.lr, epochs=args.epochs)
+    carry = model.config.carry_for(model.config.window) if args.carry is None else args.carry
+    cfg = QueryMapConfig(blocks=blocks, segment=model.config.window, segments=args.segments, carry=carry, lr=args.lr, epochs=args.epochs)
     train = book_documents(bb, "train", args.train_docs, cfg.segment * cfg.segments)
     maps, history = train_query_maps(bb, model.config, train, cfg)
     if args.save:
@@ -64,8 +71,8 @@ def main() -> None:
               "config": vars(cfg), "history": [{str(b): v for b, v in h.items()} for h in history], "splits": {}}
     for split in ("validation", "test"):
         docs = book_documents(bb, split, args.docs, cfg.segment * cfg.segments)
-        untrained = block_memory_nll(bb, model.config, docs, blocks, None)
-        trained = block_memory_nll(bb, model.config, docs, blocks, maps)
+        untrained = block_memory_nll(bb, model.config, docs, blocks, None, cfg.segment, carry)
+        trained = block_memory_nll(bb, model.config, docs, blocks, maps, cfg.segment, carry)
         assert untrained["off"] == trained["off"]
         ppl = {row: math.exp(v[0] / v[1]) for row, v in (("backbone@1024", untrained["off"]),
                                                           ("backbone memory, untrained", untrained["memory"]),

@@ -42,14 +42,17 @@ def main(argv: list[str]) -> int:
     started = time.time()
     model, info = load_model(args.model)
     blocks = parse_blocks(args.blocks)
-    config = QueryMapConfig(blocks=blocks, segment=model.config.window, lr=args.lr, epochs=args.epochs)
+    # windows read as this checkpoint reads a text: maps fitted on cold windows over-weight memory
+    # where a carried window already holds the recent text (docs/results.md#query-maps)
+    config = QueryMapConfig(blocks=blocks, segment=model.config.window, lr=args.lr, epochs=args.epochs,
+                            carry=model.config.carry_for(model.config.window))
     model.use_backbone_memory(blocks)  # refuses blocks the backbone lacks before any work
     docs = book_documents(model.backbone, "train", args.docs, config.segment * config.segments)
     maps, history = train_query_maps(model.backbone, model.config, docs, config)
     model.use_query_maps(maps)
     model.save_pretrained(args.out)
     first, last = history[0], history[-1]
-    result = {"model": info["note"], "out": str(args.out), "blocks": blocks, "docs": len(docs),
+    result = {"model": info["note"], "out": str(args.out), "blocks": blocks, "docs": len(docs), "carry": config.carry,
               "tokens": len(docs) * config.segment * config.segments, "epochs": args.epochs, "lr": args.lr,
               "loss_first_doc": sum(first.values()) / len(first), "loss_last_doc": sum(last.values()) / len(last),
               "history": [{str(b): v for b, v in h.items()} for h in history],

@@ -35,18 +35,21 @@ from tqdm.auto import tqdm
 
 from longside.backbone import Backbone
 from longside.errors import LongsideError
+from longside.memory import segment_starts
 from longside.nn.backbone_memory import BackboneMemory
 
 
 @dataclass
 class QueryMapConfig:
     """What `train_query_maps` fits: blocks, documents of `segments` x `segment` tokens
-    (the teacher sees each whole), optimiser. Backbone memory's own settings (k_chunks,
+    (the teacher sees each whole) read in windows of `segment` tokens as a model with
+    `window_carry = carry` reads them (`carry_for` of its config), optimiser. Backbone memory's own settings (k_chunks,
     distance, chunk size) come from the model's config, as inference reads it."""
 
     blocks: list[int] = field(default_factory=lambda: list(range(15, 30)))
     segment: int = 1024
     segments: int = 4
+    carry: int = 0  # each window after the first starts with the last `carry` tokens of the one before
     lr: float = 2e-3
     weight_decay: float = 0.0
     epochs: int = 1
@@ -100,20 +103,21 @@ def train_query_maps(backbone: Backbone, model_config, docs: Sequence[np.ndarray
             target = teacher_attention(backbone, ids, config.blocks)
             bm = block_memory(backbone, model_config, config.blocks)
             losses: dict[int, list[float]] = {b: [] for b in config.blocks}
-            for i in range(n):
+            for j, a in enumerate(segment_starts(len(ids), S, config.carry)):
+                first = config.carry if j else 0  # read again, already in memory
                 seg = bm.segment()
                 edits = [h for b in config.blocks
                          for h in backbone.edit_attention(b, _training_edit(bm, b, seg, params[b],
-                                                                            target[b][i * S:(i + 1) * S], losses[b]))]
+                                                                            target[b][a:a + S], losses[b]))]
                 opt.zero_grad(set_to_none=True)
                 try:
-                    backbone.encode(ids[None, i * S:(i + 1) * S].to(backbone.device))
+                    backbone.encode(ids[None, a:a + S].to(backbone.device))
                 finally:
                     for h in edits:
                         h.remove()
-                if i:
+                if j:
                     opt.step()
-                bm.write(seg)
+                bm.write(seg, skip=first)
             history.append({b: float(np.mean(v)) for b, v in losses.items() if v})
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean([np.mean(v) for v in losses.values() if v]):.3f}")
@@ -123,28 +127,33 @@ def train_query_maps(backbone: Backbone, model_config, docs: Sequence[np.ndarray
 
 @torch.no_grad()
 def block_memory_nll(backbone: Backbone, model_config, docs: Sequence[np.ndarray], blocks: Sequence[int],
-                     maps: dict[int, torch.Tensor] | None, segment: int = 1024, progress: bool = True) -> dict:
-    """The frozen backbone alone (no side network, no token cache) over `docs`, one segment
-    at a time: summed next-token loss of every segment after the first, with memory off
-    ("off") and with backbone memory at `blocks` read with `maps` ("memory"; None: untrained),
-    memory written from the reading forward as `Memory` writes it. -> {"off": [nll, n],
-    "memory": [nll, n]}."""
+                     maps: dict[int, torch.Tensor] | None, segment: int = 1024, carry: int = 0,
+                     progress: bool = True) -> dict:
+    """The frozen backbone alone (no side network, no token cache) over `docs`, in windows of
+    `segment` tokens, each after the first starting with the last `carry` of the one before
+    (as `eval ppl` reads a text): summed next-token loss of every token past the first window,
+    with memory off ("off") and with backbone memory at `blocks` read with `maps` ("memory";
+    None: untrained), memory written from the reading forward as `Memory` writes it.
+    -> {"off": [nll, n], "memory": [nll, n]}."""
     tot = {"off": [0.0, 0], "memory": [0.0, 0]}
     head = lambda out: backbone.lm_head(out.last_hidden)[0].float()  # noqa: E731
     for doc in tqdm(docs, desc="scoring", disable=not progress):
         ids = torch.as_tensor(np.asarray(doc, dtype=np.int64)).to(backbone.device)
         bm = block_memory(backbone, model_config, blocks, maps)
-        for i in range(0, ids.shape[0] // segment):
-            seg_ids = ids[None, i * segment:(i + 1) * segment]
+        for j, a in enumerate(segment_starts(len(ids) - 1, segment, carry)):
+            first = carry if j else 0
+            win = ids[None, a:a + segment]
             seg = bm.segment()
-            with bm.attach(seg, read=i > 0):
-                out = backbone.encode(seg_ids)
-            bm.write(seg)
-            if i == 0:
+            with bm.attach(seg, read=j > 0):
+                out = backbone.encode(win)
+            bm.write(seg, skip=first)
+            if j == 0:
                 continue
-            for row, o in (("memory", out), ("off", backbone.encode(seg_ids))):
-                tot[row][0] += float(F.cross_entropy(head(o)[:-1], seg_ids[0, 1:], reduction="sum"))
-                tot[row][1] += seg_ids.shape[1] - 1
+            targets = ids[a + 1 + first:a + 1 + win.shape[1]]
+            for row, o in (("memory", out), ("off", backbone.encode(win))):
+                logits = head(o)[first:first + len(targets)]
+                tot[row][0] += float(F.cross_entropy(logits, targets, reduction="sum"))
+                tot[row][1] += len(targets)
     return tot
 
 
