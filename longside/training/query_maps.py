@@ -108,7 +108,7 @@ def train_query_maps(backbone: Backbone, model_config, docs: Sequence[np.ndarray
                 seg = bm.segment()
                 edits = [h for b in config.blocks
                          for h in backbone.edit_attention(b, _training_edit(bm, b, seg, params[b],
-                                                                            target[b][a:a + S], losses[b]))]
+                                                                            target[b][a:a + S], losses[b], first))]
                 opt.zero_grad(set_to_none=True)
                 try:
                     backbone.encode(ids[None, a:a + S].to(backbone.device))
@@ -157,9 +157,12 @@ def block_memory_nll(backbone: Backbone, model_config, docs: Sequence[np.ndarray
     return tot
 
 
-def _training_edit(bm: BackboneMemory, L: int, seg, A: torch.nn.Parameter, target: torch.Tensor, losses: list):
+def _training_edit(bm: BackboneMemory, L: int, seg, A: torch.nn.Parameter, target: torch.Tensor, losses: list,
+                   first: int = 0):
     """Block L's edit during training: record the tokens, read memory with map `A`, take the
-    block's local loss against the teacher's `target [T, d]` and back-propagate it into `A`."""
+    block's local loss against the teacher's `target [T, d]` over the window's tokens from
+    `first` on (a carried window's first tokens are scored by the window before: their
+    errors, the largest of the window, would otherwise set the map) and back-propagate it into `A`."""
     backbone = bm.backbone
     o_proj = backbone.parts.out_proj(backbone.parts.layers[L]).forward  # not __call__: the block's hooks read its input
 
@@ -173,9 +176,9 @@ def _training_edit(bm: BackboneMemory, L: int, seg, A: torch.nn.Parameter, targe
             return None
         with torch.enable_grad():
             edited = bm.read(L, seg.rows, q, window_kr, a, A=A)
-            t = target.to(a.device)
-            base = ((o_proj(a.flatten(2)[0]) - t) ** 2).sum()
-            loss = ((o_proj(edited.flatten(2)[0]) - t) ** 2).sum() / base.clamp_min(1e-6)
+            t = target[first:].to(a.device)
+            base = ((o_proj(a.flatten(2)[0, first:]) - t) ** 2).sum()
+            loss = ((o_proj(edited.flatten(2)[0, first:]) - t) ** 2).sum() / base.clamp_min(1e-6)
             loss.backward()
         losses.append(float(loss))
         return edited.detach()
