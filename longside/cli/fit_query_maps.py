@@ -7,6 +7,12 @@ training books (never the validation or test books). No gradient passes through 
 backbone. The checkpoint is saved with the maps and with backbone memory on at those blocks:
 
     longside fit-query-maps --out runs/mapped --docs 48 --json results/fit_query_maps.json
+
+Windows are read as the checkpoint reads a text (its window carry). Measured in session 45
+(docs/results.md#query-maps): maps fitted with cold windows lower the backbone's perplexity by
+about two points more than untrained backbone memory on short memories; with the shipped
+carried windows they did not help. Score a fit before you use it (`longside eval ppl
+--model DIR --query-maps on|off`).
 """
 
 from __future__ import annotations
