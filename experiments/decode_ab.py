@@ -55,7 +55,6 @@ from longside.kernels import ggml_cpu
 from longside.kernels.ggml import unpack_lanes
 from longside.kernels.gguf_linear import GGUFLinear
 from longside.loading import load_model
-from longside.memory import Memory
 from longside.memory_bank import pages
 from longside.nn import token_cache
 from longside.nn.memory_attention import MemoryReader
@@ -132,7 +131,7 @@ def main() -> None:
             segments.append((k[0], v[0], h[0], seg[0]))
     batch = RaggedWindows(model)
     for b in range(args.rows):
-        memory = Memory(model.backbone, model.config, 1)
+        memory = model.new_memory(1)
         bank = memory.banks[0]
         while len(bank) < args.memory_tokens:
             for k, v, h, s in segments:

@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--blocks", default="15-29")
     ap.add_argument("--segments", type=int, default=4, help="document length in windows (the teacher reads it whole: "
                                                             "at most the backbone's context)")
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--carry", type=int, default=None,
                     help="tokens each window after the first carries from the one before, in training and scoring "

@@ -48,7 +48,6 @@ from longside.inference.ragged import RaggedWindows
 from longside.inference.sampling import GenerationConfig
 from longside.inference.window import LocalWindow
 from longside.kernels import ggml_cpu
-from longside.memory import Memory
 from longside.server.engine import Engine, Job
 from longside.server.store import UserStore
 
@@ -114,13 +113,13 @@ def products() -> None:
 def steps() -> None:
     model, _ = load_model()
     tok = model.backbone.tokenizer
-    mem = Memory(model.backbone, model.config, 1)
+    mem = model.new_memory(1)
     mem.memorize(_book(70000), progress=False, as_text=True)
     path = Path(tempfile.mkdtemp()) / "memory.safetensors"
     mem.save(path)
     mems = []  # each row its own copy, as each user of a server has its own bank
     for _ in range(8):
-        mems.append(Memory(model.backbone, model.config, 1))
+        mems.append(model.new_memory(1))
         mems[-1].load(path)
     ids = torch.tensor([tok(PROMPT)["input_ids"]])
 
@@ -169,7 +168,7 @@ def long_windows() -> None:
     """Batch steps of 1 and 8 rows (each its own copy of ~19k tokens of memory) whose windows
     already hold 900 tokens of a book: a long conversation's decoding."""
     model, _ = load_model()
-    mem = Memory(model.backbone, model.config, 1)
+    mem = model.new_memory(1)
     mem.memorize(_book(70000), progress=False, as_text=True)
     path = Path(tempfile.mkdtemp()) / "memory.safetensors"
     mem.save(path)
@@ -177,7 +176,7 @@ def long_windows() -> None:
     for rows in (1, 8):
         ragged = RaggedWindows(model, write_memory=False)
         for _ in range(rows):
-            m = Memory(model.backbone, model.config, 1)
+            m = model.new_memory(1)
             m.load(path)
             w = LocalWindow(model, 1, memory=m, write_memory=False)
             w.feed(ids)
@@ -200,13 +199,13 @@ def prefill() -> None:
     since session 40) and together (`RaggedWindows.feed` of eight); then how far the last
     position's next-token distributions of the three are apart."""
     model, _ = load_model()
-    mem = Memory(model.backbone, model.config, 1)
+    mem = model.new_memory(1)
     mem.memorize(_book(70000), progress=False, as_text=True)
     path = Path(tempfile.mkdtemp()) / "memory.safetensors"
     mem.save(path)
     mems = []
     for _ in range(8):
-        mems.append(Memory(model.backbone, model.config, 1))
+        mems.append(model.new_memory(1))
         mems[-1].load(path)
     ids = ChatSession(model, memory=mems[0]).begin([{"role": "user", "content": PROMPT}])[0]
 
@@ -251,7 +250,7 @@ def reader() -> None:
     """8-row batch steps before and after a user is read on a reader thread (as the engine's
     `_read_ahead` does): with torch on one OpenMP thread there, and with a default thread."""
     model, _ = load_model()
-    mem = Memory(model.backbone, model.config, 1)
+    mem = model.new_memory(1)
     mem.memorize(_book(70000), progress=False, as_text=True)
     path = Path(tempfile.mkdtemp()) / "memory.safetensors"
     mem.save(path)
@@ -261,7 +260,7 @@ def reader() -> None:
     ids = torch.tensor([model.backbone.tokenizer(PROMPT)["input_ids"]])
     ragged = RaggedWindows(model, write_memory=False)
     for _ in range(8):
-        m = Memory(model.backbone, model.config, 1)
+        m = model.new_memory(1)
         m.load(path)
         w = LocalWindow(model, 1, memory=m, write_memory=False)
         w.feed(ids)
@@ -292,13 +291,13 @@ def search() -> None:
     timed on one bank and round-robin over 8 copies (as 8 users' banks in a step, which do not
     all stay in cache)."""
     model, _ = load_model()
-    mem = Memory(model.backbone, model.config, 1)
+    mem = model.new_memory(1)
     mem.memorize(_book(70000), progress=False, as_text=True)
     path = Path(tempfile.mkdtemp()) / "memory.safetensors"
     mem.save(path)
     banks = []
     for _ in range(8):
-        m = Memory(model.backbone, model.config, 1)
+        m = model.new_memory(1)
         m.load(path)
         banks.append(m.banks[0])
     cfg, spec = model.config, model.backbone.spec
@@ -334,7 +333,7 @@ def agree() -> None:
     by the token-cache keys (and chunk keys) of the ~12.5k tokens that follow it."""
     model, _ = load_model()
     book = _book(120000)
-    mem, after = Memory(model.backbone, model.config, 1), Memory(model.backbone, model.config, 1)
+    mem, after = model.new_memory(1), model.new_memory(1)
     mem.memorize(book[:70000], progress=False, as_text=True)
     after.memorize(book[70000:], progress=False, as_text=True)
     bank, later = mem.banks[0], after.banks[0]

@@ -13,7 +13,8 @@ import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from types import MappingProxyType
+from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -83,10 +84,10 @@ class LongSideModel(nn.Module):
         return self._memory
 
     @property
-    def query_maps(self) -> dict[int, torch.Tensor]:
+    def query_maps(self) -> Mapping[int, torch.Tensor]:
         """Backbone memory's trained query maps `{block: [H, D, D] float32}` (`use_query_maps`);
         they belong to the side network, so models sharing it share them."""
-        return self.side.query_maps
+        return MappingProxyType(self.side.query_maps)  # read-only: change them with use_query_maps
 
     def new_memory(self, rows: int = 1, config: SideNetConfig | None = None) -> Memory:
         """A fresh, empty `Memory` of `rows` sequences for this model (its config unless
@@ -145,15 +146,15 @@ class LongSideModel(nn.Module):
         spec, maps = self.backbone.spec, dict(maps or {})
         shape = (spec.num_heads, spec.head_dim, spec.head_dim)
         for b, A in maps.items():
-            if not isinstance(b, int) or not 0 <= b < spec.num_layers or tuple(A.shape) != shape \
-                    or not bool(torch.isfinite(A).all()):
+            if not isinstance(b, int) or not 0 <= b < spec.num_layers or not isinstance(A, torch.Tensor) \
+                    or tuple(A.shape) != shape or not bool(torch.isfinite(A).all()):
                 raise LongsideError(f"a query map must be a finite {list(shape)} tensor for a block 0..{spec.num_layers - 1}; "
                                     f"got block {b!r}, shape {list(getattr(A, 'shape', []))}")
         old = self.side.query_maps
         self.side.query_maps = {b: A.detach().float().to(self.backbone.device) for b, A in sorted(maps.items())}
         try:
             self._reconfigure("read with other query maps")
-        except LongsideError:
+        except BaseException:
             self.side.query_maps = old
             raise
 
@@ -463,7 +464,7 @@ def _load_query_maps(path: Path) -> dict[int, torch.Tensor]:
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is corrupt or truncated ({e}); re-fit it (`longside fit-query-maps`) "
                               "or delete it to read backbone memory untrained") from None
-    if fmt != _QUERY_MAPS_FORMAT or not all(k.startswith("block.") and k[6:].isdigit() for k in state):
+    if fmt != _QUERY_MAPS_FORMAT or not all(k.startswith("block.") and k[6:].isascii() and k[6:].isdigit() for k in state):
         raise CheckpointError(f"{path} is not a longside query-map file (format {fmt!r}); re-fit it or delete it")
     return {int(k[6:]): v.float() for k, v in state.items()}
 

@@ -83,6 +83,9 @@ def test_training_fits_the_teacher_and_never_touches_the_backbone(smollm2):
 
 def test_training_documents_must_fit(smollm2):
     model = make_model(smollm2)
+    with pytest.raises(LongsideError, match="carry must be"):
+        train_query_maps(smollm2, model.config, [repeated_doc(1)], QueryMapConfig(blocks=[20], segment=W, segments=3,
+                                                                                   carry=W), progress=False)
     with pytest.raises(LongsideError, match="3 segments of 64"):
         train_query_maps(smollm2, model.config, [repeated_doc(1, 2)], QueryMapConfig(blocks=[20], segment=W, segments=3),
                          progress=False)
@@ -110,8 +113,9 @@ def test_maps_are_saved_loaded_and_refused_when_bad(smollm2, tmp_path):
     loaded.reset_memory()
     loaded.use_query_maps({})
     assert state_hash(loaded) != mapped
-    with pytest.raises(LongsideError, match="finite"):
-        make_model(smollm2).use_query_maps({20: torch.zeros(3, 3)})
+    for bad in ({20: torch.zeros(3, 3)}, {20: "not a tensor"}, {99: torch.zeros(9, 64, 64)}):
+        with pytest.raises(LongsideError, match="finite"):
+            make_model(smollm2).use_query_maps(bad)
     path = tmp_path / "ckpt" / "query_maps.safetensors"
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="fit-query-maps"):
@@ -145,5 +149,7 @@ def test_a_model_built_on_the_same_side_network_reads_with_its_maps(smollm2):
     model = make_model(smollm2)
     model.use_query_maps(random_maps(smollm2.spec))
     other = with_capacity(model, 2048)
-    assert other.query_maps is model.query_maps
+    assert sorted(other.query_maps) == LAYERS and all(other.query_maps[L] is model.query_maps[L] for L in LAYERS)
+    with pytest.raises(TypeError):
+        other.query_maps[20] = torch.zeros(1)  # read-only: use_query_maps checks what it takes
     assert sorted(other.backbone_memory.query_maps) == LAYERS

@@ -39,19 +39,23 @@ def main(argv: list[str]) -> int:
     p.add_argument("--docs", type=int, default=48, help="training documents of 4 x the window (default 48)")
     p.add_argument("--epochs", type=int, default=1, help="passes over the documents (default 1)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--segments", type=int, default=4,
+                   help="document length in windows; the teacher reads each whole (default 4)")
+    p.add_argument("--carry", type=int, help="tokens each window carries from the one before (default: the "
+                                             "checkpoint's window carry; 0: cold windows, where session 45 measured a gain)")
     p.add_argument("--json", help="write the fit report here")
     args = p.parse_args(argv)
     check_output_dir(args.out, "--out")
     check_output_file(args.json, "--json")
-    if args.docs < 1 or args.epochs < 1 or not args.lr > 0:
-        raise LongsideError(f"--docs and --epochs must be >= 1 and --lr > 0, got {args.docs}, {args.epochs}, {args.lr}")
+    if args.docs < 1 or args.epochs < 1 or args.segments < 2 or not args.lr > 0:
+        raise LongsideError(f"--docs and --epochs must be >= 1, --segments >= 2 and --lr > 0, got {args.docs}, "
+                            f"{args.epochs}, {args.segments}, {args.lr}")
     started = time.time()
     model, info = load_model(args.model)
     blocks = parse_blocks(args.blocks)
-    # windows read as this checkpoint reads a text: maps fitted on cold windows over-weight memory
-    # where a carried window already holds the recent text (docs/results.md#query-maps)
-    config = QueryMapConfig(blocks=blocks, segment=model.config.window, lr=args.lr, epochs=args.epochs,
-                            carry=model.config.carry_for(model.config.window))
+    carry = model.config.carry_for(model.config.window) if args.carry is None else args.carry
+    config = QueryMapConfig(blocks=blocks, segment=model.config.window, segments=args.segments, lr=args.lr,
+                            epochs=args.epochs, carry=carry)
     model.use_backbone_memory(blocks)  # refuses blocks the backbone lacks before any work
     docs = book_documents(model.backbone, "train", args.docs, config.segment * config.segments)
     maps, history = train_query_maps(model.backbone, model.config, docs, config)

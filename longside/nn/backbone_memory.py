@@ -135,8 +135,9 @@ class BackboneMemory:
 
     def map_rotated_query(self, L: int, qm: torch.Tensor) -> None:
         """Apply block `L`'s query map in place to `qm [B, T, H, D]`, the block's own query
-        already rotated at `distance` (the C decode step's): rotation R is linear and
-        orthogonal, so rotate(q + q A^T) = qm + qm R^T A^T R with R = rotate(I)."""
+        already rotated at `distance` (the C decode step's): rotation is linear, x -> x R with
+        R = rotate(I), so rotate(q + q A^T) = qm + qm R^-1 A^T R (R^-1 = R^T for plain rotary;
+        the inverse also holds where a rope scaling folds a factor into cos and sin)."""
         A = self.query_maps.get(L)
         if A is None:
             return
@@ -145,7 +146,7 @@ class BackboneMemory:
             D = A.shape[-1]
             eye = torch.eye(D, device=A.device).view(1, D, 1, D)
             R = self.backbone.rotate(eye, torch.full((1, D), self.distance, device=A.device), L)[0, :, 0]  # x @ R
-            Bm = self._rotated_maps[L] = R.T @ A.transpose(1, 2) @ R  # [H, D, D]: qm' = qm + qm @ Bm[h]
+            Bm = self._rotated_maps[L] = torch.linalg.inv(R) @ A.transpose(1, 2) @ R  # [H, D, D]: qm' = qm + qm @ Bm[h]
         qm += torch.einsum("bthd,hde->bthe", qm, Bm.to(qm.dtype))
 
     # -- the edit inside one block -------------------------------------------------------

@@ -50,7 +50,7 @@ class QueryMapConfig:
     segment: int = 1024
     segments: int = 4
     carry: int = 0  # each window after the first starts with the last `carry` tokens of the one before
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 0.0
     epochs: int = 1
 
@@ -90,8 +90,11 @@ def train_query_maps(backbone: Backbone, model_config, docs: Sequence[np.ndarray
     spec = backbone.spec
     S, n = config.segment, config.segments
     shape = (spec.num_heads, spec.head_dim, spec.head_dim)
-    params = {b: torch.nn.Parameter(maps[b].detach().float().clone() if maps and b in maps else torch.zeros(shape))
-              for b in config.blocks}
+    if not 0 <= config.carry < S:
+        raise LongsideError(f"carry must be 0..{S - 1} tokens of a {S}-token window, got {config.carry}")
+    dev = backbone.device
+    params = {b: torch.nn.Parameter(maps[b].detach().float().to(dev).clone() if maps and b in maps
+                                    else torch.zeros(shape, device=dev)) for b in config.blocks}
     opt = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
     history = []
     bar = tqdm(total=len(docs) * config.epochs, desc="query maps", disable=not progress)
@@ -135,6 +138,8 @@ def block_memory_nll(backbone: Backbone, model_config, docs: Sequence[np.ndarray
     with memory off ("off") and with backbone memory at `blocks` read with `maps` ("memory";
     None: untrained), memory written from the reading forward as `Memory` writes it.
     -> {"off": [nll, n], "memory": [nll, n]}."""
+    if not 0 <= carry < segment:
+        raise LongsideError(f"carry must be 0..{segment - 1} tokens of a {segment}-token window, got {carry}")
     tot = {"off": [0.0, 0], "memory": [0.0, 0]}
     head = lambda out: backbone.lm_head(out.last_hidden)[0].float()  # noqa: E731
     for doc in tqdm(docs, desc="scoring", disable=not progress):
