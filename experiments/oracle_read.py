@@ -39,6 +39,7 @@ not the reader, is what throws the read away. CPU, a few minutes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -48,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from longside.config import parse_blocks
 from longside.eval.common import save_figure
 from longside.model import LongSideModel
 from longside.nn.backbone_memory import BackboneMemory
@@ -55,17 +57,6 @@ from longside.paths import check_output_file, write_json
 from longside.provenance import RunRecord
 from longside.training.data import book_documents
 from longside.training.teacher import TeacherTargets
-
-
-def parse_blocks(text: str) -> list[int]:
-    """"17,20,23" or "15-29" (or both, comma-separated) -> sorted block indices."""
-    return sorted({b for part in text.split(",") for b in (range(int(part.split("-")[0]), int(part.split("-")[1]) + 1)
-                                                          if "-" in part else [int(part)])})
-
-
-def documents(bb, split: str, n: int, length: int) -> list[np.ndarray]:
-    """Up to `n` documents of `length` token ids (int64), spread evenly over the split's books."""
-    return book_documents(bb, split, n, length)
 
 
 def _nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
@@ -104,7 +95,7 @@ def main() -> None:
     bb, S, layer = model.backbone, 1024, model.config.memory_layer
     L = S * args.segments
     teacher = TeacherTargets(None, bb, window=L, segment=S, top_k=1, memory_layer=layer)
-    docs = documents(bb, args.split, args.docs, L)
+    docs = book_documents(bb, args.split, args.docs, L)
     rows = ["backbone@1024", "teacher", "backbone + oracle at the memory layer",
             "backbone + side's read at the memory layer", "side, memory off",
             "side, memory read", "side + oracle read"]
@@ -121,9 +112,7 @@ def main() -> None:
     if args.backbone_memory:
         cfg = model.config
         bm_blocks = parse_blocks(args.backbone_memory)
-        bm = BackboneMemory(bb, bm_blocks, 1, k_chunks=cfg.backbone_memory_k_chunks,
-                            distance=cfg.backbone_memory_distance or 3 * cfg.window // 4,
-                            chunk_size=cfg.chunk_size, capacity_tokens=cfg.capacity_tokens, sink_tokens=4)
+        bm = BackboneMemory.from_config(bb, dataclasses.replace(cfg, backbone_memory_layers=bm_blocks), 1)
         bm_rows = [f"backbone memory at blocks {args.backbone_memory}",
                    f"backbone memory at blocks {args.backbone_memory}, block {layer}'s read the side reader's"]
         rows += bm_rows

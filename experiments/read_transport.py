@@ -36,6 +36,7 @@ CPU: a few minutes per ten documents.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -44,18 +45,19 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from longside.config import parse_blocks
 from longside.eval.common import save_figure
 from longside.model import LongSideModel
 from longside.nn.backbone_memory import BackboneMemory
 from longside.paths import check_output_file, write_json
 from longside.provenance import RunRecord
-from oracle_read import documents, parse_blocks  # this folder's: run as a script
+from longside.training.data import book_documents
 
 S = 1024
 
 
 def _documents(bb, split: str, n: int, length: int) -> list[torch.Tensor]:
-    return [torch.from_numpy(d) for d in documents(bb, split, n, length)]
+    return [torch.from_numpy(d) for d in book_documents(bb, split, n, length)]
 
 
 def _reads(bb, bm: BackboneMemory, doc: torch.Tensor, segments: int, blocks: list[int]):
@@ -127,9 +129,7 @@ def main() -> None:
     sets = {t: parse_blocks(t) for t in args.layer_sets}
     union = sorted({b for bs in sets.values() for b in bs})
     L, d = S * args.segments, bb.spec.hidden_size
-    bm = BackboneMemory(bb, union, 1, k_chunks=cfg.backbone_memory_k_chunks,
-                        distance=cfg.backbone_memory_distance or 3 * cfg.window // 4,
-                        chunk_size=cfg.chunk_size, capacity_tokens=cfg.capacity_tokens, sink_tokens=4)
+    bm = BackboneMemory.from_config(bb, dataclasses.replace(cfg, backbone_memory_layers=union), 1)
     score = lambda h, ids: float(F.cross_entropy(bb.lm_head(bb.final_norm(h[None]))[0, :-1].float(), ids[1:],
                                                   reduction="sum"))
     kinds = ("perfect", "own")

@@ -84,10 +84,7 @@ class Memory:
             device=backbone.device)  # on the GPU with a GPU backbone: no host round trip per segment
         self.blocks: BackboneMemory | None = None
         if config.backbone_memory_layers:
-            self.blocks = BackboneMemory(
-                backbone, config.backbone_memory_layers, rows, k_chunks=config.backbone_memory_k_chunks,
-                distance=config.backbone_memory_distance or config.window * 3 // 4, chunk_size=config.chunk_size,
-                capacity_tokens=config.capacity_tokens, index=config.index, query_maps=query_maps)
+            self.blocks = BackboneMemory.from_config(backbone, config, rows, query_maps)
 
     @classmethod
     def stack(cls, memories: list["Memory"]) -> "Memory":

@@ -443,11 +443,10 @@ class LongSideModel(nn.Module):
                                   f"unexpected {sorted(extra)[:3]}): saved by another longside version?")
         model.side.load_state_dict({k: v.float() for k, v in state.items()})
         if (path / _QUERY_MAPS).exists():
+            maps = _load_query_maps(path / _QUERY_MAPS)
             try:
-                model.use_query_maps(_load_query_maps(path / _QUERY_MAPS))
+                model.use_query_maps(maps)
             except LongsideError as e:
-                if isinstance(e, CheckpointError):
-                    raise
                 raise CheckpointError(f"{path / _QUERY_MAPS}: {e}; re-fit it or delete it") from None
         return model
 

@@ -11,8 +11,8 @@ import torch
 from longside.config import SideNetConfig
 from longside.errors import CheckpointError, LongsideError
 from longside.model import LongSideModel, state_hash
-from longside.training.query_maps import (QueryMapConfig, block_memory, block_memory_nll, teacher_attention,
-                                          train_query_maps)
+from longside.nn.backbone_memory import BackboneMemory
+from longside.training.query_maps import QueryMapConfig, block_memory_nll, teacher_attention, train_query_maps
 
 W = 64
 LAYERS = [15, 20]
@@ -52,7 +52,7 @@ def test_zero_maps_read_as_the_block_query(smollm2):
 def test_the_rotated_query_is_mapped_like_the_pre_rotary_one(smollm2):
     """The C decode step maps the query after its rotation at `distance`: the same query."""
     spec = smollm2.spec
-    bm = block_memory(smollm2, make_model(smollm2).config, LAYERS, random_maps(spec))
+    bm = BackboneMemory.from_config(smollm2, make_model(smollm2).config, 1, random_maps(spec))
     q = torch.randn(2, 3, spec.num_heads, spec.head_dim, generator=torch.Generator().manual_seed(1))
     for L in LAYERS:
         qm = smollm2.rotate(q, torch.full((2, 3), bm.distance), L)

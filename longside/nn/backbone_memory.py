@@ -79,6 +79,15 @@ class BackboneMemory:
                                      owner=backbone.owner_id(L), device=backbone.device)
                       for L in self.layers}
 
+    @classmethod
+    def from_config(cls, backbone: Backbone, config, rows: int,
+                    query_maps: dict[int, torch.Tensor] | None = None) -> "BackboneMemory":
+        """Backbone memory of `rows` sequences as a model's `SideNetConfig` sets it
+        (`backbone_memory_*`, chunk size, capacity, index; distance 0 means 3/4 of the window)."""
+        return cls(backbone, config.backbone_memory_layers, rows, k_chunks=config.backbone_memory_k_chunks,
+                   distance=config.backbone_memory_distance or config.window * 3 // 4, chunk_size=config.chunk_size,
+                   capacity_tokens=config.capacity_tokens, index=config.index, query_maps=query_maps)
+
     def __len__(self) -> int:
         return len(self.banks[self.layers[0]])
 
@@ -155,16 +164,21 @@ class BackboneMemory:
             q, k, v, a = kv["q"], kv["k"], kv["v"], kv["a"]
             if k.shape[0] != len(seg.rows):
                 raise LongsideError(f"a forward of {k.shape[0]} rows on a segment of {len(seg.rows)} memory rows")
-            B, T = k.shape[:2]
-            P = seg.length(L)
-            # rotated once, at its position in the segment: decoding a token does not
-            # rotate the whole window again
-            kr = self.backbone.rotate(k, torch.arange(P, P + T, device=k.device).expand(B, T), L)
-            _, _, window_kr = seg.append(L, k, v, kr)
+            window_kr = self.record_tokens(L, seg, k, v)
             if not read:
                 return None
             return self.read(L, seg.rows, q, window_kr, a)
         return edit
+
+    def record_tokens(self, L: int, seg: "Segment", k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Record block `L`'s new tokens' pre-rotary `k, v [B, T, G, D]` in `seg` -> the
+        segment's keys so far rotated at their positions, `[B, P+T, G, D]`."""
+        B, T = k.shape[:2]
+        P = seg.length(L)
+        # rotated once, at its position in the segment: decoding a token does not
+        # rotate the whole window again
+        kr = self.backbone.rotate(k, torch.arange(P, P + T, device=k.device).expand(B, T), L)
+        return seg.append(L, k, v, kr)[2]
 
     def read(self, L: int, rows: list[int], q: torch.Tensor, window_kr: torch.Tensor,
               a: torch.Tensor, A: torch.Tensor | None = None) -> torch.Tensor | None:

@@ -25,6 +25,7 @@ written from that same forward, as `Memory` writes it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -53,15 +54,6 @@ class QueryMapConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     epochs: int = 1
-
-
-def block_memory(backbone: Backbone, config, blocks: Sequence[int],
-                 maps: dict[int, torch.Tensor] | None = None) -> BackboneMemory:
-    """One row of backbone memory at `blocks`, set as `Memory` sets it from a model's `config`."""
-    return BackboneMemory(backbone, blocks, 1, k_chunks=config.backbone_memory_k_chunks,
-                          distance=config.backbone_memory_distance or config.window * 3 // 4,
-                          chunk_size=config.chunk_size, capacity_tokens=config.capacity_tokens,
-                          index=config.index, query_maps=maps)
 
 
 def teacher_attention(backbone: Backbone, ids: torch.Tensor, blocks: Sequence[int]) -> dict[int, torch.Tensor]:
@@ -104,7 +96,7 @@ def train_query_maps(backbone: Backbone, model_config, docs: Sequence[np.ndarray
             if ids.shape[0] != S * n:
                 raise LongsideError(f"a training document must be {n} segments of {S} tokens, got {ids.shape[0]}")
             target = teacher_attention(backbone, ids, config.blocks)
-            bm = block_memory(backbone, model_config, config.blocks)
+            bm = BackboneMemory.from_config(backbone, dataclasses.replace(model_config, backbone_memory_layers=config.blocks), 1)
             losses: dict[int, list[float]] = {b: [] for b in config.blocks}
             for j, a in enumerate(segment_starts(len(ids), S, config.carry)):
                 first = config.carry if j else 0  # read again, already in memory
@@ -144,7 +136,7 @@ def block_memory_nll(backbone: Backbone, model_config, docs: Sequence[np.ndarray
     head = lambda out: backbone.lm_head(out.last_hidden)[0].float()  # noqa: E731
     for doc in tqdm(docs, desc="scoring", disable=not progress):
         ids = torch.as_tensor(np.asarray(doc, dtype=np.int64)).to(backbone.device)
-        bm = block_memory(backbone, model_config, blocks, maps)
+        bm = BackboneMemory.from_config(backbone, dataclasses.replace(model_config, backbone_memory_layers=list(blocks)), 1, maps)
         for j, a in enumerate(segment_starts(len(ids) - 1, segment, carry)):
             first = carry if j else 0
             win = ids[None, a:a + segment]
@@ -172,15 +164,12 @@ def _training_edit(bm: BackboneMemory, L: int, seg, A: torch.nn.Parameter, targe
     o_proj = backbone.parts.out_proj(backbone.parts.layers[L]).forward  # not __call__: the block's hooks read its input
 
     def edit(kv: dict) -> torch.Tensor | None:
-        q, k, v, a = kv["q"], kv["k"], kv["v"], kv["a"]
-        B, T = k.shape[:2]
-        P = seg.length(L)
-        kr = backbone.rotate(k, torch.arange(P, P + T, device=k.device).expand(B, T), L)
-        _, _, window_kr = seg.append(L, k, v, kr)
-        if not any(len(bm.banks[L][r]) for r in seg.rows):
-            return None
+        q, a = kv["q"], kv["a"]
+        window_kr = bm.record_tokens(L, seg, kv["k"], kv["v"])
         with torch.enable_grad():
             edited = bm.read(L, seg.rows, q, window_kr, a, A=A)
+            if edited is None:  # nothing in memory yet
+                return None
             t = target[first:].to(a.device)
             base = ((o_proj(a.flatten(2)[0, first:]) - t) ** 2).sum()
             loss = ((o_proj(edited.flatten(2)[0, first:]) - t) ** 2).sum() / base.clamp_min(1e-6)
@@ -190,4 +179,4 @@ def _training_edit(bm: BackboneMemory, L: int, seg, A: torch.nn.Parameter, targe
     return edit
 
 
-__all__ = ["QueryMapConfig", "block_memory", "block_memory_nll", "teacher_attention", "train_query_maps"]
+__all__ = ["QueryMapConfig", "block_memory_nll", "teacher_attention", "train_query_maps"]
