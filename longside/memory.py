@@ -272,6 +272,8 @@ class Memory:
             files = self.write_files(tmp, row)
             body = {"format": _FORMAT, "version": _VERSION, "backbone_memory_layers": self.blocks.layers,
                     "sha256": files}
+            if maps := self.blocks.maps_digest():  # absent otherwise, so memories saved before maps still load
+                body["query_maps"] = maps
             (tmp / _MANIFEST).write_text(json.dumps(body, indent=1))
 
     def write_files(self, directory: Path, row: int) -> dict[str, str]:
@@ -304,6 +306,13 @@ class Memory:
                 f"{path} was saved with backbone memory in blocks {saved_layers or 'none'}, but this model reads "
                 f"{layers or 'none'}; load it into a model with the same blocks (model.use_backbone_memory(...) "
                 "or backbone_memory_layers in side_config.json), or memorize the text again")
+        want = self.blocks.maps_digest() if self.blocks is not None else None
+        if saved is not None and saved["query_maps"] != want:
+            raise MemoryBankError(
+                f"{path} was written reading backbone memory with "
+                f"{'query maps ' + saved['query_maps'] if saved['query_maps'] else 'no query maps'}, but this model "
+                f"reads with {'query maps ' + want if want else 'none'}; load it into the model that saved it "
+                "(model.use_query_maps), or memorize the text again")
         main = path / MAIN_FILE if saved is not None else path
         bank, blocks = self.read_files(main, path if saved is not None else None, saved_layers)
         self.put_row(row, bank, blocks)
@@ -349,6 +358,9 @@ def _read_manifest(path: Path) -> dict:
             raise MemoryBankError(f"{path} is memory format version {body['version']}; this longside reads "
                                   f"version {_VERSION}: use the longside that saved it")
         files, layers = dict(body["sha256"]), [int(L) for L in body["backbone_memory_layers"]]
+        maps = body.get("query_maps")
+        if maps is not None and not isinstance(maps, str):
+            raise TypeError(f"query_maps is {maps!r}")
     except MemoryBankError:
         raise
     except FileNotFoundError:
@@ -367,7 +379,7 @@ def _read_manifest(path: Path) -> dict:
         if not ok:
             raise MemoryBankError(f"{path / name} does not match its checksum in {_MANIFEST} (corrupt, or a "
                                   "file from another save); memorize the text again")
-    return {"backbone_memory_layers": layers}
+    return {"backbone_memory_layers": layers, "query_maps": maps}
 
 
 # one word with a path separator, or one word ending in a text file's extension

@@ -599,3 +599,23 @@ def test_a_carry_must_be_below_the_window(smollm2):
     model = make_carrying_model(smollm2)
     with pytest.raises(LongsideError, match="carried"):
         model(ids_of(8), carried=8)
+
+
+@pytest.mark.parametrize("change", ["drop_token_cache", "use_window_carry", "use_memory_distance"])
+def test_a_window_made_before_a_setting_changed_is_refused(smollm2, change):
+    """A changed setting brings a new, empty memory: an old window must not read it the old way
+    nor write its half-read segment into it."""
+    model = make_model(smollm2, mode="joint")
+    early, fed = LocalWindow(model), LocalWindow(model)
+    fed.feed(ids_of(16))
+    {"drop_token_cache": lambda: model.drop_token_cache(),
+     "use_window_carry": lambda: model.use_window_carry(16),
+     "use_memory_distance": lambda: model.use_memory_distance(48)}[change]()
+    field = {"drop_token_cache": "token_cache", "use_window_carry": "window_carry",
+             "use_memory_distance": "memory_distance"}[change]
+    with pytest.raises(LongsideError, match=rf"settings changed \({field}\).*make a new window"):
+        early.feed(ids_of(4))
+    with pytest.raises(LongsideError, match="settings changed"):
+        fed.flush()
+    assert model.memory.is_empty()
+    assert LocalWindow(model).feed(ids_of(4)).shape == (1, smollm2.spec.vocab_size)

@@ -153,3 +153,40 @@ def test_a_model_built_on_the_same_side_network_reads_with_its_maps(smollm2):
     with pytest.raises(TypeError):
         other.query_maps[20] = torch.zeros(1)  # read-only: use_query_maps checks what it takes
     assert sorted(other.backbone_memory.query_maps) == LAYERS
+
+
+def test_memory_and_sessions_written_with_maps_are_refused_by_a_model_with_other_maps(smollm2, tmp_path):
+    """Keys above a mapped block depend on its map: a saved memory or chat records the maps."""
+    from longside.errors import MemoryBankError, SessionError
+    from longside.inference.chat import ChatSession
+
+    ids = list(range(100, 100 + 2 * W))
+    mapped = make_model(smollm2)
+    mapped.use_query_maps(random_maps(smollm2.spec))
+    mapped.memory.write_ids(ids)
+    mapped.save_memory(tmp_path / "mapped.lsmb")
+    saved = mapped.memory.blocks.lengths()
+    chat = ChatSession(mapped, max_new_tokens=2)
+    chat.memorize("The harbour master keeps the blue ledger.")
+    chat.save(tmp_path / "mapped.session")
+    plain = make_model(smollm2)
+    plain.memory.write_ids(ids)
+    plain.save_memory(tmp_path / "plain.lsmb")
+    held = plain.memory.blocks.lengths()
+    for model, path, want in ((plain, "mapped.lsmb", "with query maps [0-9a-f]{16}, but this model reads with none"),
+                              (mapped, "plain.lsmb", "with no query maps, but this model reads with query maps"),
+                              (make_model(smollm2), "mapped.lsmb", "reads with none")):
+        with pytest.raises(MemoryBankError, match=want):
+            model.load_memory(tmp_path / path)
+    assert plain.memory.blocks.lengths() == held  # what it held stays
+    other = make_model(smollm2)
+    other.use_query_maps(random_maps(smollm2.spec, seed=1))
+    with pytest.raises(MemoryBankError, match="with query maps"):
+        other.load_memory(tmp_path / "mapped.lsmb")
+    with pytest.raises(SessionError, match="another side network configuration"):
+        ChatSession.load(tmp_path / "mapped.session", plain)
+    again = make_model(smollm2)
+    again.use_query_maps(mapped.query_maps)  # the same maps: both load
+    again.load_memory(tmp_path / "mapped.lsmb")
+    assert again.memory.blocks.lengths() == saved
+    assert ChatSession.load(tmp_path / "mapped.session", again).messages == chat.messages

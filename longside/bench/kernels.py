@@ -40,7 +40,6 @@ from longside.errors import LongsideError
 from longside.kernels import cpu, ggml_cpu
 from longside.kernels.ggml import GGML_TYPES, GGMLWeight, can_pack_lanes, pack_lanes, random_weight
 from longside.kernels.gguf_linear import FUSED_MAX_M as GGML_FUSED_MAX_M, INT8_MAX_M as GGML_INT8_MAX_M
-from longside.kernels.gguf_linear import matmul_ggml
 from longside.kernels.nf4 import quantize_nf4
 from longside.kernels.ops import CPU_FUSED_MAX_M, dequantize, matmul_nf4
 from longside.paths import check_output_file, write_json

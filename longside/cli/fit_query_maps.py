@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 from longside.config import parse_blocks
 from longside.errors import LongsideError

@@ -39,6 +39,7 @@ from longside.inference.sampling import GenerationConfig, TextPieces, make_gener
 from longside.inference.window import LocalWindow
 from longside.memory import MAIN_FILE, Memory, block_file, is_bank_file
 from longside.memory_bank import MemoryBank
+from longside.nn.backbone_memory import query_maps_digest
 from longside.paths import atomic_dir, recover
 
 if TYPE_CHECKING:
@@ -339,6 +340,9 @@ def _side_identity(model: "LongSideModel") -> dict:
     ident = {"memory_layer": c.memory_layer, "chunk_size": c.chunk_size, "memory_attention": c.memory_attention}
     if c.backbone_memory_layers:  # absent otherwise, so sessions saved before it still match
         ident["backbone_memory_layers"] = c.backbone_memory_layers
+        maps = query_maps_digest({L: A for L, A in model.query_maps.items() if L in c.backbone_memory_layers})
+        if maps:  # keys written above a mapped block depend on its map
+            ident["query_maps"] = maps
     # not window_carry: a memory written with one carry reads as well with another, and the
     # window's carried tokens (already in memory) are skipped at its next flush whatever the
     # model's carry, so a session resumes under a changed carry (a server switching it keeps

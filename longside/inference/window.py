@@ -20,6 +20,7 @@ incremental decoding equal those of `LongSideModel.forward` on the same segment.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import TYPE_CHECKING
 
 import torch
@@ -59,6 +60,10 @@ class LocalWindow:
         self.use_memory, self.write_memory = use_memory, write_memory
         self.window, self.carry = model.config.window, model.config.window_carry
         self.layer = model.config.memory_layer
+        # the settings its caches were made under: every `use_*`/`drop_token_cache` replaces the
+        # model's config (and its memory), and a window kept across that would read and write
+        # the new memory the old way
+        self._config = model.config
         # whose memory this window reads and writes: its own (a server's user), or the model's
         self._own_memory = memory
         if memory is None and (use_memory or write_memory):
@@ -96,7 +101,7 @@ class LocalWindow:
     def flush(self) -> None:
         """Write the current (possibly partial) segment to memory and start a new one."""
         if self.n and self.write_memory:
-            self._check_block()
+            self._check_current()
             self.memory.add(self.keys, self.values, token_keys=self.token_keys,
                             token_ids=self.ids if self.token_keys is not None else None,
                             backbone_segment=self.backbone_segment, skip=self.carried)
@@ -117,11 +122,12 @@ class LocalWindow:
             twin.backbone_segment = self.backbone_segment.fork()
         return twin
 
-    def _check_block(self) -> None:
-        if self.layer != self.model.config.memory_layer:  # its keys, and what it would write, are another block's
-            raise LongsideError(f"this window was made when memory was read at block {self.layer}; the model now "
-                                f"reads it at block {self.model.config.memory_layer} (use_memory_layer): make a new "
-                                "window")
+    def _check_current(self) -> None:
+        if self.model.config is not self._config:
+            changed = [f.name for f in dataclasses.fields(self._config)
+                       if getattr(self._config, f.name) != getattr(self.model.config, f.name)]
+            raise LongsideError("this window was made before the model's settings changed "
+                                f"({', '.join(changed) or 'query maps'}); make a new window (a chat: a new ChatSession)")
 
     @torch.no_grad()
     def feed(self, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
@@ -129,7 +135,7 @@ class LocalWindow:
         token, or `[B, T, V]` of every token when `all_logits`."""
         if ids.dim() != 2 or ids.shape[0] != self.batch_size or ids.shape[1] == 0:
             raise LongsideError(f"expected token ids [batch={self.batch_size}, tokens>=1], got {tuple(ids.shape)}")
-        self._check_block()
+        self._check_current()
         ids = ids.to(self.model.backbone.device)
         outs, pos = [], 0
         while pos < ids.shape[1]:

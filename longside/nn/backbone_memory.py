@@ -28,6 +28,7 @@ Llama-style backbones only (rotary, plain causal attention scaled by 1/sqrt(D)).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from typing import Iterator, Sequence
 
 import torch
@@ -39,6 +40,18 @@ from longside.nn.attention import attend_retrieved, causal_lse
 
 
 READ_SLICE = 128  # query tokens retrieved and attended at a time in a forward of many
+
+
+def query_maps_digest(maps: dict[int, torch.Tensor] | None) -> str | None:
+    """A short sha256 of query maps `{block: [H, D, D]}` (None when there are none: every
+    block reads with its own query)."""
+    if not maps:
+        return None
+    h = hashlib.sha256()
+    for L, A in sorted(maps.items()):
+        h.update(f"{L}:".encode())
+        h.update(A.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 class BackboneMemory:
@@ -90,6 +103,12 @@ class BackboneMemory:
 
     def __len__(self) -> int:
         return len(self.banks[self.layers[0]])
+
+    def maps_digest(self) -> str | None:
+        """`query_maps_digest` of the maps this memory reads with. Keys written above a mapped
+        block depend on its map, so a saved memory records this and is refused by a model
+        reading with other maps."""
+        return query_maps_digest(self.query_maps)
 
     def lengths(self) -> list[int]:
         """Tokens stored per row (the same in every block)."""
@@ -292,4 +311,4 @@ class Segment:
         return twin
 
 
-__all__ = ["BackboneMemory", "BlockReads", "Segment"]
+__all__ = ["BackboneMemory", "BlockReads", "Segment", "query_maps_digest"]

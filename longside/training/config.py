@@ -102,11 +102,15 @@ class TrainConfig:
         side = raw.pop("side", {})
         if not isinstance(side, dict):
             raise LongsideError(f"the training config's \"side\" must be an object of SideNetConfig fields, got {side!r}")
-        side = SideNetConfig(**side)
+        given, side = set(side), SideNetConfig(**side)
         known = {f.name for f in dataclasses.fields(cls)}
         if set(raw) - known:
             raise LongsideError(f"unknown training options {sorted(set(raw) - known)}")
-        return cls(side=side, **raw)
+        cfg = cls(side=side, **raw)
+        # which side settings were written out: with init_from, those (and only those) that
+        # differ from the checkpoint's change it, even where they equal SideNetConfig's default
+        cfg.side_given = frozenset(given)
+        return cfg
 
 
 # The shipped checkpoint, trained further against the long-context backbone (teacher.py):

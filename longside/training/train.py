@@ -115,7 +115,11 @@ def build_model(cfg: TrainConfig, backbone: Backbone) -> LongSideModel:
     src = SHIPPED_CHECKPOINT if cfg.init_from == "shipped" else Path(cfg.init_from)
     model = LongSideModel.from_pretrained(src, backbone=backbone)
     mine, theirs, default = (dataclasses.asdict(c) for c in (cfg.side, model.config, SideNetConfig()))
-    changed = {k: v for k, v in mine.items() if k not in _PROVENANCE and v != default[k] and v != theirs[k]}
+    # a setting counts as asked for when the config names it (`TrainConfig.from_dict`: a
+    # preset's or a JSON file's "side"); built in Python, when it is not SideNetConfig's default
+    given = getattr(cfg, "side_given", None)
+    changed = {k: v for k, v in mine.items() if k not in _PROVENANCE and v != theirs[k]
+               and (k in given if given is not None else v != default[k])}
     clash = {k: v for k, v in changed.items() if k not in _MEMORY_USE}
     if clash:
         raise LongsideError(f"init_from {src} brings its own side network; the side settings {clash} differ from "
