@@ -126,8 +126,9 @@ class LocalWindow:
         if self.model.config is not self._config:
             changed = [f.name for f in dataclasses.fields(self._config)
                        if getattr(self._config, f.name) != getattr(self.model.config, f.name)]
-            raise LongsideError("this window was made before the model's settings changed "
-                                f"({', '.join(changed) or 'query maps'}); make a new window (a chat: a new ChatSession)")
+            what = ", ".join(changed) or "query maps, or a setting made again"
+            raise LongsideError(f"this window was made before the model's settings changed ({what}); make a new "
+                                "window (a chat: a new ChatSession)")
 
     @torch.no_grad()
     def feed(self, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
