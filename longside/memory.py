@@ -308,10 +308,11 @@ class Memory:
                 "or backbone_memory_layers in side_config.json), or memorize the text again")
         want = self.blocks.maps_digest() if self.blocks is not None else None
         if saved is not None and saved["query_maps"] != want:
+            have = f"query maps {saved['query_maps']}" if saved["query_maps"] else \
+                "no query maps recorded (none, or saved before session 46 recorded them)"
             raise MemoryBankError(
-                f"{path} was written reading backbone memory with "
-                f"{'query maps ' + saved['query_maps'] if saved['query_maps'] else 'no query maps'}, but this model "
-                f"reads with {'query maps ' + want if want else 'none'}; load it into the model that saved it "
+                f"{path} was written reading backbone memory with {have}, but this model reads with "
+                f"{'query maps ' + want if want else 'none'}; load it into the model that saved it "
                 "(model.use_query_maps), or memorize the text again")
         main = path / MAIN_FILE if saved is not None else path
         bank, blocks = self.read_files(main, path if saved is not None else None, saved_layers)

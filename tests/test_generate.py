@@ -601,7 +601,8 @@ def test_a_carry_must_be_below_the_window(smollm2):
         model(ids_of(8), carried=8)
 
 
-@pytest.mark.parametrize("change", ["drop_token_cache", "use_window_carry", "use_memory_distance"])
+@pytest.mark.parametrize("change", ["drop_token_cache", "use_window_carry", "use_memory_distance", "use_query_maps",
+                                    "the same carry again"])
 def test_a_window_made_before_a_setting_changed_is_refused(smollm2, change):
     """A changed setting brings a new, empty memory: an old window must not read it the old way
     nor write its half-read segment into it."""
@@ -610,9 +611,11 @@ def test_a_window_made_before_a_setting_changed_is_refused(smollm2, change):
     fed.feed(ids_of(16))
     {"drop_token_cache": lambda: model.drop_token_cache(),
      "use_window_carry": lambda: model.use_window_carry(16),
-     "use_memory_distance": lambda: model.use_memory_distance(48)}[change]()
+     "use_memory_distance": lambda: model.use_memory_distance(48),
+     "use_query_maps": lambda: model.use_query_maps({}),
+     "the same carry again": lambda: model.use_window_carry(model.config.window_carry)}[change]()
     field = {"drop_token_cache": "token_cache", "use_window_carry": "window_carry",
-             "use_memory_distance": "memory_distance"}[change]
+             "use_memory_distance": "memory_distance"}.get(change, "query maps, or a setting made again")
     with pytest.raises(LongsideError, match=rf"settings changed \({field}\).*make a new window"):
         early.feed(ids_of(4))
     with pytest.raises(LongsideError, match="settings changed"):

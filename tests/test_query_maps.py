@@ -174,7 +174,7 @@ def test_memory_and_sessions_written_with_maps_are_refused_by_a_model_with_other
     plain.save_memory(tmp_path / "plain.lsmb")
     held = plain.memory.blocks.lengths()
     for model, path, want in ((plain, "mapped.lsmb", "with query maps [0-9a-f]{16}, but this model reads with none"),
-                              (mapped, "plain.lsmb", "with no query maps, but this model reads with query maps"),
+                              (mapped, "plain.lsmb", "no query maps recorded.*but this model reads with query maps"),
                               (make_model(smollm2), "mapped.lsmb", "reads with none")):
         with pytest.raises(MemoryBankError, match=want):
             model.load_memory(tmp_path / path)
@@ -183,8 +183,22 @@ def test_memory_and_sessions_written_with_maps_are_refused_by_a_model_with_other
     other.use_query_maps(random_maps(smollm2.spec, seed=1))
     with pytest.raises(MemoryBankError, match="with query maps"):
         other.load_memory(tmp_path / "mapped.lsmb")
+    plain_chat = ChatSession(make_model(smollm2), max_new_tokens=2)
+    plain_chat.memorize("The harbour master keeps the blue ledger.")
+    plain_chat.save(tmp_path / "plain.session")
+    for model, session in ((plain, "mapped.session"), (other, "mapped.session"), (mapped, "plain.session")):
+        with pytest.raises(SessionError, match="another side network configuration"):
+            ChatSession.load(tmp_path / session, model)
+    # a session records the maps its own memory was written with, not the model's later ones
+    switched = make_model(smollm2)
+    switched.use_query_maps(mapped.query_maps)
+    own = ChatSession(switched, max_new_tokens=2, memory=switched.new_memory(1))
+    own.memorize("The harbour master keeps the blue ledger.")
+    switched.use_query_maps(other.query_maps)  # the model's own memory is empty: allowed
+    own.save(tmp_path / "own.session")
     with pytest.raises(SessionError, match="another side network configuration"):
-        ChatSession.load(tmp_path / "mapped.session", plain)
+        ChatSession.load(tmp_path / "own.session", switched)
+    assert len(ChatSession.load(tmp_path / "own.session", mapped, own_memory=True).memory.banks[0]) > 0
     again = make_model(smollm2)
     again.use_query_maps(mapped.query_maps)  # the same maps: both load
     again.load_memory(tmp_path / "mapped.lsmb")

@@ -175,7 +175,7 @@ class ChatSession:
             body = {
                 "format": FORMAT, "version": VERSION,
                 "owner": model.backbone.owner_id(model.config.memory_layer),
-                "window": model.config.window, "side_config": _side_identity(model),
+                "window": model.config.window, "side_config": _side_identity(model, memory),
                 "system": self.system, "messages": self.messages, "fed": self._fed,
                 "window_ids": self.window.ids[0].tolist(), "segments_written": self.window.segments_written,
                 "window_carried": self.window.carried,
@@ -335,12 +335,18 @@ def _check_body(body: dict, model: "LongSideModel", path: Path) -> GenerationCon
         raise bad(f"its generation options are invalid ({e})") from None
 
 
-def _side_identity(model: "LongSideModel") -> dict:
+def _side_identity(model: "LongSideModel", memory: "Memory | None" = None) -> dict:
+    """What a saved session must match in the model that loads it. `memory`: the session's
+    memory being saved (its query maps are the ones its keys were written with; default: the
+    maps the model reads with now)."""
     c = model.config
     ident = {"memory_layer": c.memory_layer, "chunk_size": c.chunk_size, "memory_attention": c.memory_attention}
     if c.backbone_memory_layers:  # absent otherwise, so sessions saved before it still match
         ident["backbone_memory_layers"] = c.backbone_memory_layers
-        maps = query_maps_digest({L: A for L, A in model.query_maps.items() if L in c.backbone_memory_layers})
+        if memory is not None and memory.blocks is not None:
+            maps = memory.blocks.maps_digest()
+        else:
+            maps = query_maps_digest({L: A for L, A in model.query_maps.items() if L in c.backbone_memory_layers})
         if maps:  # keys written above a mapped block depend on its map
             ident["query_maps"] = maps
     # not window_carry: a memory written with one carry reads as well with another, and the

@@ -186,6 +186,7 @@ class RaggedWindows:
         """Take over `window` (batch 1, with its own memory) as a new last row -> its index."""
         if window.batch_size != 1:
             raise LongsideError(f"a row joins from a batch-1 window, got a batch of {window.batch_size}")
+        window._check_current()  # a window made under other settings must not carry them into the batch
         if window.backbone_segment is not None:
             raise LongsideError("windows with backbone memory step one by one; they cannot join a batch")
         row = _Row(window.memory, window.n, window.segments_written, window.carried,
