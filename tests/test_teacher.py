@@ -218,6 +218,23 @@ def test_a_resumed_run_keeps_its_trained_query_after_a_reset(tmp_path, smollm2):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_resume_that_would_read_memory_another_way_is_refused(tmp_path, smollm2):
+    """A run trained with the checkpoint's memory distance must not resume at another one."""
+    import dataclasses
+
+    from longside.errors import CheckpointError
+
+    src = LongSideModel(smollm2, dataclasses.replace(preset("tiny").side, memory_distance=48))
+    src.save_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    common = {"init_from": str(tmp_path / "ckpt"), "save_every": 2, "eval_every": 100, "out": str(tmp_path / "run")}
+    train(preset("tiny", max_steps=2, **common), backbone=smollm2, progress=False)
+    with pytest.raises(CheckpointError, match="trained with memory_distance=48.*memory_distance=0"):
+        train(preset("tiny", max_steps=4, side={"memory_distance": 0}, **common), resume=tmp_path / "run",
+              backbone=smollm2, progress=False)
+    result = train(preset("tiny", max_steps=4, **common), resume=tmp_path / "run", backbone=smollm2, progress=False)
+    assert result["step"] == 4
+
+
 def test_the_rotary_distillation_preset_reads_memory_with_the_backbones_query(smollm2):
     model = build_model(preset("smollm2-135m-distill-rotary"), smollm2)
     assert (model.config.memory_sink_tokens, model.config.memory_distance, model.side.reader.distance) == (4, 768, 768)

@@ -311,6 +311,13 @@ def _load_state(path: Path, model: LongSideModel, opt, sched):
         raise CheckpointError(f"{path} holds no training state to resume (train_state.json missing){old}")
     try:
         meta = json.loads((path / "train_state.json").read_text())
+        saved = json.loads((path / "model" / "side_config.json").read_text())
+        moved = {k: (saved[k], getattr(model.config, k)) for k in _MEMORY_USE if k in saved
+                 and saved[k] != getattr(model.config, k)}
+        if moved:  # weights trained reading memory one way must not go on reading it another
+            raise CheckpointError(f"{path} was trained with {', '.join(f'{k}={a!r}' for k, (a, _) in moved.items())}, "
+                                  f"but this run's config gives {', '.join(f'{k}={b!r}' for k, (_, b) in moved.items())}; "
+                                  "resume with the run's own train_config.json, or start anew")
         if meta.get("format") != _STATE_FORMAT:
             raise CheckpointError(f"{path / 'train_state.json'} is format {meta.get('format')!r}, not {_STATE_FORMAT}")
         tensors = load_file(str(path / "train_state.safetensors"))
