@@ -39,7 +39,6 @@ from longside.inference.sampling import GenerationConfig, TextPieces, make_gener
 from longside.inference.window import LocalWindow
 from longside.memory import MAIN_FILE, Memory, block_file, is_bank_file
 from longside.memory_bank import MemoryBank
-from longside.nn.backbone_memory import query_maps_digest
 from longside.paths import atomic_dir, recover
 
 if TYPE_CHECKING:
@@ -210,7 +209,8 @@ class ChatSession:
             raise SessionError(f"session {path} was made with {body['owner']!r}, this model is "
                                f"{model.backbone.owner_id(model.config.memory_layer)!r}; load it with that model")
         saved = {k: v for k, v in body["side_config"].items() if k != "window_carry"}  # sessions of session 33
-        if body["window"] != model.config.window or saved != _side_identity(model):
+        reader = model.new_memory(1)  # its own: nothing shared is touched
+        if body["window"] != model.config.window or saved != _side_identity(model, reader):
             raise SessionError(f"session {path} was made with another side network configuration; "
                                "load it with the model that saved it")
         blocks = body.get("backbone_memory_sha256", {})
@@ -219,7 +219,6 @@ class ChatSession:
                 raise SessionError(f"{path / name} is missing: the session directory is incomplete")
         config = _check_body(body, model, path)
         try:
-            reader = model.new_memory(1)  # its own: nothing shared is touched
             bank, block_banks = reader.read_files(path / _MEMORY, path, [int(L) for L in blocks])
         except MemoryBankError as e:
             raise SessionError(f"session {path}: {e} (the memory does not match its checksum or cannot be "
@@ -335,19 +334,14 @@ def _check_body(body: dict, model: "LongSideModel", path: Path) -> GenerationCon
         raise bad(f"its generation options are invalid ({e})") from None
 
 
-def _side_identity(model: "LongSideModel", memory: "Memory | None" = None) -> dict:
-    """What a saved session must match in the model that loads it. `memory`: the session's
-    memory being saved (its query maps are the ones its keys were written with; default: the
-    maps the model reads with now)."""
+def _side_identity(model: "LongSideModel", memory: Memory) -> dict:
+    """What a saved session must match in the model that loads it; `memory`: the session's
+    (saving) or one of the loading model's (its query maps are those its keys are written with)."""
     c = model.config
     ident = {"memory_layer": c.memory_layer, "chunk_size": c.chunk_size, "memory_attention": c.memory_attention}
     if c.backbone_memory_layers:  # absent otherwise, so sessions saved before it still match
         ident["backbone_memory_layers"] = c.backbone_memory_layers
-        if memory is not None and memory.blocks is not None:
-            maps = memory.blocks.maps_digest()
-        else:
-            maps = query_maps_digest({L: A for L, A in model.query_maps.items() if L in c.backbone_memory_layers})
-        if maps:  # keys written above a mapped block depend on its map
+        if maps := memory.blocks.maps_digest():  # keys written above a mapped block depend on its map
             ident["query_maps"] = maps
     # not window_carry: a memory written with one carry reads as well with another, and the
     # window's carried tokens (already in memory) are skipped at its next flush whatever the

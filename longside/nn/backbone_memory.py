@@ -42,18 +42,6 @@ from longside.nn.attention import attend_retrieved, causal_lse
 READ_SLICE = 128  # query tokens retrieved and attended at a time in a forward of many
 
 
-def query_maps_digest(maps: dict[int, torch.Tensor] | None) -> str | None:
-    """A short sha256 of query maps `{block: [H, D, D]}` (None when there are none: every
-    block reads with its own query)."""
-    if not maps:
-        return None
-    h = hashlib.sha256()
-    for L, A in sorted(maps.items()):
-        h.update(f"{L}:".encode())
-        h.update(A.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 class BackboneMemory:
     """Per-block memory banks for a batch of sequences, read inside the backbone.
 
@@ -105,10 +93,16 @@ class BackboneMemory:
         return len(self.banks[self.layers[0]])
 
     def maps_digest(self) -> str | None:
-        """`query_maps_digest` of the maps this memory reads with. Keys written above a mapped
-        block depend on its map, so a saved memory records this and is refused by a model
-        reading with other maps."""
-        return query_maps_digest(self.query_maps)
+        """A short sha256 of the query maps this memory reads with (None: none, every block
+        reads with its own query). Keys written above a mapped block depend on its map, so a
+        saved memory records this and is refused by a model reading with other maps."""
+        if not self.query_maps:
+            return None
+        h = hashlib.sha256()
+        for L, A in sorted(self.query_maps.items()):
+            h.update(f"{L}:".encode())
+            h.update(A.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def lengths(self) -> list[int]:
         """Tokens stored per row (the same in every block)."""
@@ -311,4 +305,4 @@ class Segment:
         return twin
 
 
-__all__ = ["BackboneMemory", "BlockReads", "Segment", "query_maps_digest"]
+__all__ = ["BackboneMemory", "BlockReads", "Segment"]
