@@ -3,7 +3,8 @@
     python experiments/query_maps.py [--train-docs 48] [--docs 4] [--blocks 15-29] [--json PATH] [--plot PNG]
 
 Fits one query map per block (longside/training/query_maps.py: each block's read trained
-toward the long-context teacher's attention output there, no gradient through the backbone)
+toward the long-context teacher's attention output there, no gradient through the backbone;
+with `--loss output`, toward the teacher's next-token distribution, through the blocks above)
 on documents of 4 x 1024 tokens from the training books, then scores the frozen backbone
 alone (no side network, no token cache) over `--docs` documents of the validation books and of
 Austen (test), in windows of 1024 tokens that carry `--carry` tokens from the one before (as
@@ -44,6 +45,9 @@ def main() -> None:
     ap.add_argument("--carry", type=int, default=None,
                     help="tokens each window after the first carries from the one before, in training and scoring "
                          "(default: the checkpoint's window_carry, 256 for the shipped one; 0: cold windows)")
+    ap.add_argument("--loss", choices=("block", "output"), default="block",
+                    help="block: each block's read against the teacher's attention output there (default); "
+                         "output: KL from the teacher's next-token distribution plus next-token loss")
     ap.add_argument("--save", help="write the trained maps here (safetensors)")
     ap.add_argument("--json")
     ap.add_argument("--plot", help="PNG: each block's training loss, and the scored rows")
@@ -61,7 +65,8 @@ def main() -> None:
     model = LongSideModel.from_pretrained(args.model)
     bb, blocks = model.backbone, parse_blocks(args.blocks)
     carry = model.config.carry_for(model.config.window) if args.carry is None else args.carry
-    cfg = QueryMapConfig(blocks=blocks, segment=model.config.window, segments=args.segments, carry=carry, lr=args.lr, epochs=args.epochs)
+    cfg = QueryMapConfig(blocks=blocks, segment=model.config.window, segments=args.segments, carry=carry, lr=args.lr, epochs=args.epochs,
+                         loss=args.loss)
     train = book_documents(bb, "train", args.train_docs, cfg.segment * cfg.segments)
     maps, history = train_query_maps(bb, model.config, train, cfg)
     if args.save:
@@ -92,13 +97,15 @@ def _plot(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     hist = report["history"]
-    colours = plt.cm.viridis(np.linspace(0, 0.95, len(report["blocks"])))
-    for b, c in zip(map(str, report["blocks"]), colours):
+    output = report["config"].get("loss") == "output"
+    curves = ["kl", "ce"] if output else list(map(str, report["blocks"]))
+    colours = plt.cm.viridis(np.linspace(0, 0.95, len(curves)))
+    for b, c in zip(curves, colours):
         ys = [h[b] for h in hist if b in h]
         k = max(1, len(ys) // 8)
-        left.plot(np.convolve(ys, np.ones(k) / k, mode="valid"), label=f"block {b}", lw=1, color=c)
-    left.set(xlabel="training document", ylabel="unexplained share of the teacher's change",
-             title="each block's loss (running mean)")
+        left.plot(np.convolve(ys, np.ones(k) / k, mode="valid"), label=b if output else f"block {b}", lw=1, color=c)
+    left.set(xlabel="training document", title="the loss (running mean)" if output else "each block's loss (running mean)",
+             ylabel="nats per scored token" if output else "unexplained share of the teacher's change")
     left.legend(fontsize=6, ncol=3)
     names = {"validation": "validation", "test": "Austen"}
     rows = ["backbone memory, untrained", "backbone memory, trained maps"]

@@ -81,6 +81,28 @@ def test_training_fits_the_teacher_and_never_touches_the_backbone(smollm2):
     assert trained["memory"][0] < untrained["memory"][0]
 
 
+def test_output_loss_fits_the_teacher_through_the_blocks_above_and_never_touches_the_backbone(smollm2):
+    """loss="output": the KL from the teacher's next-token distribution falls over passes,
+    every map gets a gradient (the lower one only through the blocks above it), and the
+    backbone's weights get none."""
+    model = make_model(smollm2)
+    before = {k: v.clone() for k, v in smollm2.model.state_dict().items() if v.is_floating_point()}
+    cfg = QueryMapConfig(blocks=LAYERS, segment=W, segments=3, carry=16, lr=1e-2, epochs=4, loss="output")
+    maps, history = train_query_maps(smollm2, model.config, [repeated_doc(2)], cfg, progress=False)
+    assert history[-1]["kl"] < history[0]["kl"] - 0.02, [h["kl"] for h in history]
+    assert all(maps[L].abs().max() > 0 for L in LAYERS)
+    assert all(p.grad is None for p in smollm2.model.parameters())
+    after = smollm2.model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    doc = [repeated_doc(3)]
+    trained = block_memory_nll(smollm2, model.config, doc, LAYERS, maps, segment=W, carry=16, progress=False)
+    untrained = block_memory_nll(smollm2, model.config, doc, LAYERS, None, segment=W, carry=16, progress=False)
+    assert trained["memory"][0] < untrained["memory"][0]
+    with pytest.raises(LongsideError, match="'block' or 'output'"):
+        train_query_maps(smollm2, model.config, [repeated_doc(2)], QueryMapConfig(blocks=[20], segment=W, segments=3,
+                                                                                   loss="logits"), progress=False)
+
+
 def test_training_documents_must_fit(smollm2):
     model = make_model(smollm2)
     with pytest.raises(LongsideError, match="carry must be"):

@@ -21,6 +21,13 @@ taken and back-propagated inside that block's read, on inputs the backbone compu
 `no_grad`, so no gradient ever passes through the backbone, and the blocks train in one
 forward that feeds every block's read to the blocks above, as inference does. Memory is
 written from that same forward, as `Memory` writes it.
+
+With `loss="output"` the maps are fitted to the output instead: the KL divergence from the
+teacher's next-token distribution plus the next-token loss, over the tokens a window scores.
+Its gradient reaches each map through the frozen blocks above its block (their weights get
+none), so a map learns what the blocks make of its read, not only how close the read comes to
+the teacher's attention: the objective perplexity measures, at the cost of a backward through
+the upper blocks and the LM head.
 """
 
 from __future__ import annotations
@@ -54,6 +61,16 @@ class QueryMapConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     epochs: int = 1
+    loss: str = "block"  # "block": each block's read against the teacher's attention there; "output": KL + next-token loss
+
+
+def teacher_output(backbone: Backbone, ids: torch.Tensor) -> torch.Tensor:
+    """The teacher's normed last hidden state `[N, d]` float32 for one document `ids [N]` read
+    whole (N must fit the backbone's context): its next-token distribution, `lm_head` away."""
+    if ids.shape[0] > backbone.spec.max_positions:
+        raise LongsideError(f"a teacher document of {ids.shape[0]} tokens exceeds the backbone's context of "
+                            f"{backbone.spec.max_positions}; use fewer or shorter segments")
+    return backbone.encode(ids[None].to(backbone.device)).last_hidden[0].float()
 
 
 def teacher_attention(backbone: Backbone, ids: torch.Tensor, blocks: Sequence[int]) -> dict[int, torch.Tensor]:
@@ -78,12 +95,15 @@ def train_query_maps(backbone: Backbone, model_config, docs: Sequence[np.ndarray
     """Fit one query map per block of `config.blocks` on `docs` (token ids, each
     `segments * segment` long), starting from `maps` (default zero). Returns (maps
     `{block: [H, D, D] float32}`, history: one dict per document with each block's mean loss
-    over the segments that read memory)."""
+    over the segments that read memory, or with `loss="output"` its mean "kl" and "ce" per
+    scored token)."""
     spec = backbone.spec
     S, n = config.segment, config.segments
     shape = (spec.num_heads, spec.head_dim, spec.head_dim)
     if not 0 <= config.carry < S:
         raise LongsideError(f"carry must be 0..{S - 1} tokens of a {S}-token window, got {config.carry}")
+    if config.loss not in ("block", "output"):
+        raise LongsideError(f"query map loss must be 'block' or 'output', got {config.loss!r}")
     dev = backbone.device
     params = {b: torch.nn.Parameter(maps[b].detach().float().to(dev).clone() if maps and b in maps
                                     else torch.zeros(shape, device=dev)) for b in config.blocks}
@@ -95,8 +115,13 @@ def train_query_maps(backbone: Backbone, model_config, docs: Sequence[np.ndarray
             ids = torch.as_tensor(np.asarray(doc, dtype=np.int64))
             if ids.shape[0] != S * n:
                 raise LongsideError(f"a training document must be {n} segments of {S} tokens, got {ids.shape[0]}")
-            target = teacher_attention(backbone, ids, config.blocks)
             bm = BackboneMemory.from_config(backbone, dataclasses.replace(model_config, backbone_memory_layers=config.blocks), 1)
+            if config.loss == "output":
+                history.append(_fit_output(backbone, bm, ids, config, params, opt))
+                bar.update(1)
+                bar.set_postfix(kl=f"{history[-1]['kl']:.3f}")
+                continue
+            target = teacher_attention(backbone, ids, config.blocks)
             losses: dict[int, list[float]] = {b: [] for b in config.blocks}
             for j, a in enumerate(segment_starts(len(ids), S, config.carry)):
                 first = config.carry if j else 0  # read again, already in memory
@@ -118,6 +143,59 @@ def train_query_maps(backbone: Backbone, model_config, docs: Sequence[np.ndarray
             bar.set_postfix(loss=f"{np.mean([np.mean(v) for v in losses.values() if v]):.3f}")
     bar.close()
     return {b: p.detach().clone() for b, p in params.items()}, history
+
+
+def _fit_output(backbone: Backbone, bm: BackboneMemory, ids: torch.Tensor, config: QueryMapConfig,
+                params: dict[int, torch.nn.Parameter], opt: torch.optim.Optimizer) -> dict[str, float]:
+    """One document, `loss="output"`: a step per window that reads memory, on the KL from the
+    teacher's next-token distribution plus the next-token loss over the window's scored tokens
+    (from `carry` on after the first, as `eval ppl` scores). -> mean {"kl", "ce"} per token."""
+    S, N = config.segment, ids.shape[0]
+    teacher = teacher_output(backbone, ids)
+    ids = ids.to(backbone.device)
+    sums = {"kl": 0.0, "ce": 0.0, "n": 0}
+    for j, a in enumerate(segment_starts(N, S, config.carry)):
+        first = config.carry if j else 0
+        win = ids[None, a:a + S]
+        seg = bm.segment()
+        if j == 0:  # nothing in memory to read: only written
+            with bm.attach(seg, read=False):
+                backbone.encode(win)
+            bm.write(seg)
+            continue
+        end = min(win.shape[1], N - 1 - a)  # positions with a next token
+        edits = [h for b in config.blocks for h in backbone.edit_attention(b, _output_edit(bm, b, seg, params[b]))]
+        opt.zero_grad(set_to_none=True)
+        try:
+            with torch.enable_grad():
+                # the Hugging Face forward itself, with grad: `encode` runs under no_grad
+                hidden = backbone.parts.base(input_ids=win, use_cache=False).last_hidden_state[0, first:end]
+                logp = F.log_softmax(backbone.lm_head(hidden).float(), -1)
+                with torch.no_grad():
+                    logq = F.log_softmax(backbone.lm_head(teacher[a + first:a + end]).float(), -1)
+                kl = (logq.exp() * (logq - logp)).sum(-1).mean()
+                ce = F.nll_loss(logp, ids[a + first + 1:a + end + 1])
+                (kl + ce).backward()
+        finally:
+            for h in edits:
+                h.remove()
+        opt.step()
+        bm.write(seg, skip=first)
+        sums["kl"] += float(kl.detach()) * (end - first)
+        sums["ce"] += float(ce.detach()) * (end - first)
+        sums["n"] += end - first
+    n = max(sums.pop("n"), 1)
+    return {k: v / n for k, v in sums.items()}
+
+
+def _output_edit(bm: BackboneMemory, L: int, seg, A: torch.nn.Parameter):
+    """Block L's edit for `loss="output"`: read memory with map `A` and hand the read on with
+    its graph, so the loss at the output reaches `A` through the blocks above. Keys and values
+    are recorded without one: memory is data, written after the step."""
+    def edit(kv: dict) -> torch.Tensor | None:
+        window_kr = bm.record_tokens(L, seg, kv["k"].detach(), kv["v"].detach())
+        return bm.read(L, seg.rows, kv["q"], window_kr, kv["a"], A=A)
+    return edit
 
 
 @torch.no_grad()
@@ -179,4 +257,4 @@ def _training_edit(bm: BackboneMemory, L: int, seg, A: torch.nn.Parameter, targe
     return edit
 
 
-__all__ = ["QueryMapConfig", "block_memory_nll", "teacher_attention", "train_query_maps"]
+__all__ = ["QueryMapConfig", "block_memory_nll", "teacher_attention", "teacher_output", "train_query_maps"]
