@@ -98,14 +98,14 @@ def _plot(report: dict, path: str) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     hist = report["history"]
     output = report["config"].get("loss") == "output"
-    curves = ["kl", "ce"] if output else list(map(str, report["blocks"]))
+    curves = ["kl"] if output else list(map(str, report["blocks"]))  # each document's own difficulty sets its ce
     colours = plt.cm.viridis(np.linspace(0, 0.95, len(curves)))
     for b, c in zip(curves, colours):
         ys = [h[b] for h in hist if b in h]
         k = max(1, len(ys) // 8)
-        left.plot(np.convolve(ys, np.ones(k) / k, mode="valid"), label=b if output else f"block {b}", lw=1, color=c)
+        left.plot(np.convolve(ys, np.ones(k) / k, mode="valid"), label="KL" if output else f"block {b}", lw=1, color=c)
     left.set(xlabel="training document", title="the loss (running mean)" if output else "each block's loss (running mean)",
-             ylabel="nats per scored token" if output else "unexplained share of the teacher's change")
+             ylabel="KL from the teacher, nats per scored token" if output else "unexplained share of the teacher's change")
     left.legend(fontsize=6, ncol=3)
     names = {"validation": "validation", "test": "Austen"}
     rows = ["backbone memory, untrained", "backbone memory, trained maps"]

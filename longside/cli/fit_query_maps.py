@@ -1,18 +1,21 @@
 """`longside fit-query-maps`: train backbone memory's query maps against the long-context teacher.
 
 Each block of `--blocks` gets a map that changes the query it searches and scores memory
-with (longside/training/query_maps.py); it is fitted, block by block, toward the frozen
-backbone's own attention output with the whole document in its window, on documents of the
-training books (never the validation or test books). No gradient passes through the
-backbone. The checkpoint is saved with the maps and with backbone memory on at those blocks:
+with (longside/training/query_maps.py), fitted toward the frozen backbone with the whole
+document in its window (the teacher), on documents of the training books (never the
+validation or test books). `--loss output` (the default): the maps together, toward the
+teacher's next-token distribution, the gradient passing through the frozen blocks above each
+map (their weights get none); `--loss block`: each block's read toward the teacher's attention
+output at that block, no gradient through the backbone. The checkpoint is saved with the maps
+and with backbone memory on at those blocks:
 
-    longside fit-query-maps --out runs/mapped --docs 48 --json results/fit_query_maps.json
+    longside fit-query-maps --out runs/mapped --docs 24 --json results/fit_query_maps.json
 
-Windows are read as the checkpoint reads a text (its window carry). Measured in session 45
-(docs/results.md#query-maps): maps fitted with cold windows lower the backbone's perplexity by
-about two points more than untrained backbone memory on short memories; with the shipped
-carried windows they did not help. Score a fit before you use it (`longside eval ppl
---model DIR --query-maps on|off`).
+Windows are read as the checkpoint reads a text (its window carry). Measured
+(docs/results.md#query-maps): with the shipped carried windows, maps fitted by the output loss
+lower the backbone's perplexity beyond untrained backbone memory (session 47); fitted block by
+block they helped only with cold windows on short memories (session 45). Score a fit before
+you use it (`longside eval ppl --model DIR --query-maps on|off`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ def main(argv: list[str]) -> int:
                    help="document length in windows; the teacher reads each whole (default 4)")
     p.add_argument("--carry", type=int, help="tokens each window carries from the one before (default: the "
                                              "checkpoint's window carry; 0: cold windows, where session 45 measured a gain)")
+    p.add_argument("--loss", choices=("output", "block"), default="output",
+                   help="output: the teacher's next-token distribution, through the blocks above (default); "
+                        "block: each block's attention output")
     p.add_argument("--json", help="write the fit report here")
     args = p.parse_args(argv)
     check_output_dir(args.out, "--out")
@@ -54,16 +60,18 @@ def main(argv: list[str]) -> int:
     blocks = parse_blocks(args.blocks)
     carry = model.config.carry_for(model.config.window) if args.carry is None else args.carry
     config = QueryMapConfig(blocks=blocks, segment=model.config.window, segments=args.segments, lr=args.lr,
-                            epochs=args.epochs, carry=carry)
+                            epochs=args.epochs, carry=carry, loss=args.loss)
     model.use_backbone_memory(blocks)  # refuses blocks the backbone lacks before any work
     docs = book_documents(model.backbone, "train", args.docs, config.segment * config.segments)
     maps, history = train_query_maps(model.backbone, model.config, docs, config)
     model.use_query_maps(maps)
     model.save_pretrained(args.out)
     first, last = history[0], history[-1]
+    # output loss: the KL from the teacher per scored token; block loss: the blocks' mean share left unexplained
+    summary = (lambda h: h["kl"]) if args.loss == "output" else (lambda h: sum(h.values()) / len(h))
     result = {"model": info["note"], "out": str(args.out), "blocks": blocks, "docs": len(docs), "carry": config.carry,
               "tokens": len(docs) * config.segment * config.segments, "epochs": args.epochs, "lr": args.lr,
-              "loss_first_doc": sum(first.values()) / len(first), "loss_last_doc": sum(last.values()) / len(last),
+              "loss": args.loss, "loss_first_doc": summary(first), "loss_last_doc": summary(last),
               "history": [{str(b): v for b, v in h.items()} for h in history],
               "wall_s": round(time.time() - started, 1)}
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
