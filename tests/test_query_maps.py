@@ -98,6 +98,12 @@ def test_output_loss_fits_the_teacher_through_the_blocks_above_and_never_touches
     trained = block_memory_nll(smollm2, model.config, doc, LAYERS, maps, segment=W, carry=16, progress=False)
     untrained = block_memory_nll(smollm2, model.config, doc, LAYERS, None, segment=W, carry=16, progress=False)
     assert trained["memory"][0] < untrained["memory"][0]
+    # a last window holding only carried tokens scores nothing: no NaN in the maps or the reported loss
+    maps, hist = train_query_maps(smollm2, model.config, [repeated_doc(2, 2)],
+                                  QueryMapConfig(blocks=[20], segment=W, segments=2, carry=1, loss="output"),
+                                  progress=False)
+    assert torch.isfinite(maps[20]).all() and maps[20].abs().max() > 0
+    assert all(np.isfinite(v) for h in hist for v in h.values()), hist
     with pytest.raises(LongsideError, match="'block' or 'output'"):
         train_query_maps(smollm2, model.config, [repeated_doc(2)], QueryMapConfig(blocks=[20], segment=W, segments=3,
                                                                                    loss="logits"), progress=False)

@@ -164,15 +164,22 @@ def _fit_output(backbone: Backbone, bm: BackboneMemory, ids: torch.Tensor, confi
             bm.write(seg)
             continue
         end = min(win.shape[1], N - 1 - a)  # positions with a next token
-        edits = [h for b in config.blocks for h in backbone.edit_attention(b, _output_edit(bm, b, seg, params[b]))]
+        if end <= first:  # a last window holding only carried tokens: nothing to score (a mean of none is NaN)
+            with bm.attach(seg, read=False):
+                backbone.encode(win)
+            bm.write(seg, skip=first)
+            continue
         opt.zero_grad(set_to_none=True)
+        edits: list = []
         try:
+            for b in config.blocks:
+                edits += backbone.edit_attention(b, _output_edit(bm, b, seg, params[b]))
             with torch.enable_grad():
                 # the Hugging Face forward itself, with grad: `encode` runs under no_grad
                 hidden = backbone.parts.base(input_ids=win, use_cache=False).last_hidden_state[0, first:end]
                 logp = F.log_softmax(backbone.lm_head(hidden).float(), -1)
                 with torch.no_grad():
-                    logq = F.log_softmax(backbone.lm_head(teacher[a + first:a + end]).float(), -1)
+                    logq = F.log_softmax(backbone.lm_head(teacher[a + first:a + end].to(hidden.dtype)).float(), -1)
                 kl = (logq.exp() * (logq - logp)).sum(-1).mean()
                 ce = F.nll_loss(logp, ids[a + first + 1:a + end + 1])
                 (kl + ce).backward()
@@ -191,7 +198,8 @@ def _fit_output(backbone: Backbone, bm: BackboneMemory, ids: torch.Tensor, confi
 def _output_edit(bm: BackboneMemory, L: int, seg, A: torch.nn.Parameter):
     """Block L's edit for `loss="output"`: read memory with map `A` and hand the read on with
     its graph, so the loss at the output reaches `A` through the blocks above. Keys and values
-    are recorded without one: memory is data, written after the step."""
+    are recorded without one: memory is data, written after the step (so the window's own keys
+    pass no gradient into the read's weight against the window: a slightly truncated gradient)."""
     def edit(kv: dict) -> torch.Tensor | None:
         window_kr = bm.record_tokens(L, seg, kv["k"].detach(), kv["v"].detach())
         return bm.read(L, seg.rows, kv["q"], window_kr, kv["a"], A=A)
