@@ -157,9 +157,10 @@ def test_decode_steps_read_memory_in_c_as_the_hooked_forward_does(smollm2, monke
     ref_logits, ref_banks = decode(torch_from=3)  # every step through the hooked forward
     assert not splits
     # fp32 rounding (C's rotary and sums against torch's) passes through three memory reads
-    # and the token cache: ~1e-3 at most on this machine, where the bare backbone's C and torch
-    # steps differ by ~1e-3; a wrong window log-sum-exp or blend would be off by > 0.1
-    torch.testing.assert_close(c_logits, ref_logits, atol=2e-2, rtol=1e-4)
+    # and the token cache: ~1e-3 on most logits, where the bare backbone's C and torch steps
+    # differ by ~1e-3, and up to 0.036 on 3 of 20M logits on an AVX2-only machine (session 47);
+    # a wrong window log-sum-exp or blend would be off by > 0.1, and the mean below catches drift
+    torch.testing.assert_close(c_logits, ref_logits, atol=5e-2, rtol=1e-4)
     assert (c_logits - ref_logits).abs().mean() < 1e-4
     for L in layers:
         for x, y in zip(c_banks[L], ref_banks[L]):
