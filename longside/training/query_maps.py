@@ -158,13 +158,10 @@ def _fit_output(backbone: Backbone, bm: BackboneMemory, ids: torch.Tensor, confi
         first = config.carry if j else 0
         win = ids[None, a:a + S]
         seg = bm.segment()
-        if j == 0:  # nothing in memory to read: only written
-            with bm.attach(seg, read=False):
-                backbone.encode(win)
-            bm.write(seg)
-            continue
         end = min(win.shape[1], N - 1 - a)  # positions with a next token
-        if end <= first:  # a last window holding only carried tokens: nothing to score (a mean of none is NaN)
+        # the first window has no memory to read; a last one holding only carried tokens has nothing
+        # to score (a mean of none is NaN): both are only written
+        if j == 0 or end <= first:
             with bm.attach(seg, read=False):
                 backbone.encode(win)
             bm.write(seg, skip=first)
